@@ -1,0 +1,4 @@
+"""``python -m pase`` (and ``torchrun -m pase``) runs the CLI."""
+from pase.cli import main
+
+main()

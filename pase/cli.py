@@ -1,0 +1,183 @@
+"""The ``pase`` command line: typer commands that print rich tables.
+
+Commands parse and validate their options here and call library functions; user errors
+(``PaseError``) print one clear line and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pase import __version__
+from pase.errors import InputShapeError, PaseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="pase: plan and run parallel training of diffusion UNets.")
+# Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+console = Console(width=shutil.get_terminal_size((150, 24)).columns)
+err_console = Console(stderr=True, width=shutil.get_terminal_size((150, 24)).columns)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"pase {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """pase: plan and run parallel training of diffusion UNets."""
+
+
+def parse_input_shapes(values: list[str]) -> tuple[dict[str, tuple[int, ...]], list[tuple[int, ...]]]:
+    """``name=8,4,64,64`` overrides a zoo input; a bare ``8,3,32,32`` is a positional input of a user model."""
+    named: dict[str, tuple[int, ...]] = {}
+    positional: list[tuple[int, ...]] = []
+    for value in values:
+        name, _, shape_text = value.rpartition("=")
+        try:
+            shape = tuple(int(part) for part in shape_text.replace("x", ",").split(",") if part.strip())
+        except ValueError:
+            raise InputShapeError(
+                f"--input-shape {value!r} is not a shape: write comma-separated integers, batch first, "
+                "e.g. 8,3,32,32 (or name=8,3,32,32 to override one input of a zoo model)") from None
+        if any(d <= 0 for d in shape):
+            raise InputShapeError(f"--input-shape {value!r} has a non-positive extent; every extent must be >= 1")
+        if name:
+            named[name] = shape
+        else:
+            positional.append(shape)
+    return named, positional
+
+
+def _human(value: float, unit: str = "") -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(value) < 1000 or prefix == "P":
+            return f"{value:.3g} {prefix}{unit}".strip()
+        value /= 1000
+    return f"{value:.3g}"
+
+
+def _bytes(value: float) -> str:
+    if abs(value) < 1024:
+        return f"{int(value)} B"
+    for prefix in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or prefix == "TiB":
+            return f"{value:.3g} {prefix}"
+        value /= 1024
+    return f"{value:.3g}"
+
+
+@app.command()
+def models() -> None:
+    """List the built-in model zoo."""
+    from pase.models.zoo import ZOO
+
+    table = Table(title="pase model zoo (built from configs, no downloads)")
+    for column in ("name", "family", "inputs (B = batch)", "description"):
+        table.add_column(column)
+    for spec in ZOO.values():
+        inputs = ", ".join(f"{i.name} ({', '.join(map(str, i.shape))})" for i in spec.inputs)
+        table.add_row(spec.name, spec.family, inputs, spec.description)
+    console.print(table)
+
+
+@app.command()
+def graph(
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (see `pase models`) or "
+                                        "package.module:factory for your own nn.Module.")] = "sd15-unet",
+    batch: Annotated[int | None, typer.Option("--batch", "-b", min=1,
+                                              help="Batch size to capture with (default: the model's).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the LayerGraph as JSON here.")] = None,
+    dtype: Annotated[str, typer.Option(help="Capture dtype: fp32, bf16 or fp16.")] = "fp32",
+    capture: Annotated[str, typer.Option(help="auto (torch.export, then symbolic_trace), export or "
+                                         "symbolic_trace.")] = "auto",
+    input_shape: Annotated[list[str] | None, typer.Option(
+        "--input-shape", help="Input shape, batch first: name=8,4,64,64 overrides a zoo input; for "
+        "module:factory models give one per positional input (e.g. 8,3,32,32 and 8).")] = None,
+    layers: Annotated[bool, typer.Option("--layers", help="Print every layer, not only blocks.")] = False,
+) -> None:
+    """Capture a model's layer graph and print its blocks: parameters, FLOPs and activation bytes."""
+    import torch
+
+    from pase.graph import extract_model
+
+    if dtype not in DTYPES:
+        raise PaseError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if capture not in ("auto", "export", "symbolic_trace"):
+        raise PaseError(f"unknown --capture {capture!r}; choose auto, export or symbolic_trace")
+    named, positional = parse_input_shapes(input_shape or [])
+    with err_console.status(f"capturing {model} on the meta device ({capture}) ..."):
+        layer_graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[dtype]), method=capture,
+                                    input_shapes=named or None, user_input_shapes=positional or None)
+    meta = layer_graph.meta
+    per_sample = max(layer_graph.batch, 1)
+    table = Table(title=f"{model}: {len(layer_graph)} layers, {layer_graph.graph.number_of_edges()} tensor edges "
+                        f"(captured with {meta['capture']} in {meta['capture_seconds']:.1f} s, batch "
+                        f"{layer_graph.batch}, {meta['dtype']})")
+    table.add_column("block" if not layers else "layer")
+    if layers:
+        table.add_column("op")
+    for column in ("layers" if not layers else "dims", "params", "fwd / sample", "fwd+bwd / sample",
+                   "outputs (whole batch)"):
+        table.add_column(column, justify="right" if column != "dims" else "left")
+    if layers:
+        for layer_id, data in layer_graph.layers():
+            dims = " ".join(f"{k}={v}" for k, v in data["dims"].items())
+            table.add_row(layer_id, data["op"], dims, _human(data["param_count"]),
+                          _human(data["flops_fwd"] / per_sample, "FLOP"),
+                          _human((data["flops_fwd"] + data["flops_bwd"]) / per_sample, "FLOP"),
+                          _bytes(data["out_bytes"]))
+    else:
+        for block in layer_graph.blocks():
+            table.add_row(block.block, str(block.layers), _human(block.params),
+                          _human(block.flops_fwd / per_sample, "FLOP"),
+                          _human((block.flops_fwd + block.flops_bwd) / per_sample, "FLOP"), _bytes(block.out_bytes))
+    table.add_section()
+    table.add_row("total", *([""] if layers else []), str(len(layer_graph)), _human(layer_graph.param_count),
+                  _human(meta["flops_fwd"] / per_sample, "FLOP"),
+                  _human((meta["flops_fwd"] + meta["flops_bwd"]) / per_sample, "FLOP"),
+                  _bytes(layer_graph.total("out_bytes")), style="bold")
+    console.print(table)
+    console.print(f"{len(layer_graph.skip_edges())} skip-connection edges from encoder to decoder; "
+                  f"{_human(layer_graph.param_count)} parameters "
+                  f"({_bytes(layer_graph.total('param_bytes'))} in {meta['dtype']}).")
+    if json_path is not None:
+        layer_graph.to_json(json_path)
+        console.print(f"wrote {json_path}")
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one red line and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except PaseError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Model -> LayerGraph: capture with torch.export (or symbolic_trace) and group ops into layers.
+
+``extract(model, example_inputs)`` works on any module; ``extract_model(name)`` builds a zoo
+model on the meta device first, so SD-size UNets are captured without allocating weights.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from pase.graph.build import build_layer_graph
+from pase.graph.capture import CAPTURE_METHODS, capture
+from pase.graph.layer_graph import SCHEMA_VERSION, LayerGraph
+
+__all__ = ["CAPTURE_METHODS", "SCHEMA_VERSION", "LayerGraph", "extract", "extract_model"]
+
+
+def extract(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    method: str = "auto",
+    name: str | None = None,
+) -> LayerGraph:
+    """Capture ``model(*example_inputs, **example_kwargs)`` and group it into a ``LayerGraph``.
+
+    Pass meta-device inputs (and a meta model) to avoid any real compute. ``method`` is
+    "auto" (torch.export, then symbolic_trace), "export" or "symbolic_trace".
+    """
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    started = time.perf_counter()
+    op_graph = capture(model, args, example_kwargs, method)
+    tensors = [t for t in (*args, *_flat_values(example_kwargs or {})) if isinstance(t, torch.Tensor)]
+    batch = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    info = {
+        "model": name or type(model).__name__,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "capture": op_graph.method,
+        "batch": batch,
+        "dtype": str(floats[0] if floats else torch.float32).replace("torch.", ""),
+        "inputs": {op.attrs.get("input", op.name): list(op.out.shape) for op in op_graph.ops
+                   if op.op == "input" and op.tensor_out is not None},
+        "model_param_count": sum(p.numel() for p in model.parameters()),
+    }
+    graph = build_layer_graph(op_graph, model, info)
+    graph.graph["capture_seconds"] = round(time.perf_counter() - started, 3)
+    layer_graph = LayerGraph(graph)
+    graph.graph.update(flops_fwd=layer_graph.total("flops_fwd"), flops_bwd=layer_graph.total("flops_bwd"),
+                       param_count=layer_graph.param_count)
+    return layer_graph
+
+
+def extract_model(
+    name: str,
+    batch: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    method: str = "auto",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    user_input_shapes: list[tuple[int, ...]] | None = None,
+) -> LayerGraph:
+    """Build a zoo model (or ``module:factory``) on the meta device and extract its graph."""
+    from pase.models.zoo import resolve_model
+
+    spec = resolve_model(name, user_input_shapes)
+    with torch.device("meta"):
+        model = spec.build()
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)
+    args, kwargs = spec.example_inputs(batch or spec.default_batch, dtype=dtype, device="meta", shapes=input_shapes)
+    return extract(model, args, kwargs, method=method, name=name)
+
+
+def _flat_values(mapping: dict[str, Any]) -> list[Any]:
+    values: list[Any] = []
+    for value in mapping.values():
+        values.extend(_flat_values(value) if isinstance(value, dict) else [value])
+    return values

@@ -1,0 +1,210 @@
+"""The built-in model zoo: diffusion UNets built from plain configs, never downloaded.
+
+Each entry is a ``ModelSpec``: a config you can print, a builder, and named example
+inputs with the shapes the model expects (``B`` is the batch). Models are built on whatever
+device is current, so ``with torch.device("meta")`` builds SD-size UNets without allocating
+their weights. ``resolve_model`` also accepts ``package.module:factory`` for a user's model.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pase.errors import InputShapeError, UnknownModelError
+
+BATCH = "B"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One named example input: its shape with ``"B"`` for the batch, and its dtype kind."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    kind: str = "float"  # "float" follows the capture dtype; "long" stays integer
+    keyword: str | None = None  # nested keyword, e.g. SDXL's added_cond_kwargs["text_embeds"]
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == BATCH else int(d) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    family: str  # "diffusers.UNet2DModel", "diffusers.UNet2DConditionModel", "pase.PaseUNet", "user"
+    config: dict[str, Any]
+    inputs: tuple[InputSpec, ...]
+    build_fn: Callable[[dict[str, Any]], nn.Module] = field(repr=False)
+    default_batch: int = 8
+
+    def build(self) -> nn.Module:
+        """Build on the current device (use ``torch.device('meta')`` for large models)."""
+        return self.build_fn(dict(self.config))
+
+    def example_inputs(
+        self,
+        batch: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "meta",
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        """Positional and keyword example inputs; ``shapes`` overrides are validated first."""
+        shapes = dict(shapes or {})
+        unknown = set(shapes) - {spec.name for spec in self.inputs}
+        if unknown:
+            raise InputShapeError(
+                f"model {self.name!r} has no input named {sorted(unknown)}; its inputs are "
+                + ", ".join(f"{s.name} {_fmt_shape(s.shape)}" for s in self.inputs)
+            )
+        args: list[torch.Tensor] = []
+        kwargs: dict[str, Any] = {}
+        for spec in self.inputs:
+            shape = shapes.get(spec.name, spec.concrete(batch))
+            self._check_shape(spec, tuple(shape), batch)
+            if spec.kind == "long":
+                tensor = torch.zeros(shape, dtype=torch.long, device=device)
+            else:
+                tensor = torch.zeros(shape, dtype=dtype, device=device)
+            if spec.keyword is None and not kwargs:
+                args.append(tensor)
+            elif spec.keyword is None:
+                kwargs[spec.name] = tensor
+            else:
+                kwargs.setdefault(spec.keyword, {})[spec.name] = tensor
+        return tuple(args), kwargs
+
+    def _check_shape(self, spec: InputSpec, shape: tuple[int, ...], batch: int) -> None:
+        expected = spec.concrete(batch)
+        if len(shape) != len(expected) or any(
+            want != BATCH and got != exp for got, exp, want in zip(shape, expected, spec.shape)
+        ):
+            raise InputShapeError(
+                f"input {spec.name!r} of model {self.name!r} has shape {tuple(shape)}, but the model "
+                f"expects {_fmt_shape(spec.shape)} (B = batch, any size). Fix the shape you passed "
+                f"for {spec.name!r}, or pick a model whose config matches your data."
+            )
+
+
+def _fmt_shape(shape: tuple[int | str, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _unet2d(config: dict[str, Any]) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**config)
+
+
+def _unet2d_condition(config: dict[str, Any]) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**config)
+
+
+def _pase_unet(config: dict[str, Any]) -> nn.Module:
+    from pase.models.pase_unet import PaseUNet, PaseUNetConfig
+
+    return PaseUNet(PaseUNetConfig(**config))
+
+
+UNET_TINY = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+)
+# google/ddpm-cifar10-32's config.json (Ho et al. 2020's CIFAR-10 model, 35.7M parameters).
+DDPM_CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    act_fn="silu", attention_head_dim=None, center_input_sample=False, downsample_padding=0,
+    flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32,
+    time_embedding_type="positional",
+)
+# Stable Diffusion 1.5's unet/config.json (859.5M parameters).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, act_fn="silu", center_input_sample=False, downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32,
+)
+# Stable Diffusion XL base 1.0's unet/config.json (2.57B parameters).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, act_fn="silu", center_input_sample=False, downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, norm_num_groups=32,
+)
+
+_UNCOND_INPUTS = lambda c, s: (  # noqa: E731 - tiny helper used by three zoo entries
+    InputSpec("sample", (BATCH, c, s, s)),
+    InputSpec("timestep", (BATCH,), kind="long"),
+)
+
+ZOO: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("unet-tiny", "diffusers UNet2DModel, 2 levels, 0.70M params (tests)", "diffusers.UNet2DModel",
+                  UNET_TINY, _UNCOND_INPUTS(3, 32), _unet2d),
+        ModelSpec("ddpm-cifar10", "diffusers UNet2DModel, DDPM CIFAR-10 config, 35.7M params", "diffusers.UNet2DModel",
+                  DDPM_CIFAR10, _UNCOND_INPUTS(3, 32), _unet2d),
+        ModelSpec("sd15-unet", "diffusers UNet2DConditionModel, Stable Diffusion 1.5, 860M params",
+                  "diffusers.UNet2DConditionModel", SD15_UNET,
+                  (*_UNCOND_INPUTS(4, 64), InputSpec("encoder_hidden_states", (BATCH, 77, 768))), _unet2d_condition),
+        ModelSpec("sdxl-unet", "diffusers UNet2DConditionModel, Stable Diffusion XL base, 2.57B params",
+                  "diffusers.UNet2DConditionModel", SDXL_UNET,
+                  (*_UNCOND_INPUTS(4, 128), InputSpec("encoder_hidden_states", (BATCH, 77, 2048)),
+                   InputSpec("text_embeds", (BATCH, 1280), keyword="added_cond_kwargs"),
+                   InputSpec("time_ids", (BATCH, 6), keyword="added_cond_kwargs")), _unet2d_condition),
+        ModelSpec("pase-unet", "pase's plain-PyTorch UNet (symbolic_trace-able), 0.43M params", "pase.PaseUNet",
+                  {}, _UNCOND_INPUTS(3, 32), _pase_unet),
+    )
+}
+
+
+def resolve_model(name: str, input_shapes: list[tuple[int, ...]] | None = None) -> ModelSpec:
+    """A zoo entry by name, or a user model from ``package.module:factory``.
+
+    A user factory is called with no arguments and must return an ``nn.Module``; its inputs
+    come from ``input_shapes`` (full shapes, batch first), passed positionally.
+    """
+    if name in ZOO:
+        return ZOO[name]
+    if ":" not in name:
+        raise UnknownModelError(
+            f"unknown model {name!r}. Built-in models: {', '.join(ZOO)}. "
+            "For your own model pass 'package.module:factory' with --input-shape."
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownModelError(
+            f"cannot load model factory {name!r}: {exc}. Give 'package.module:factory' where the module "
+            "is importable (on PYTHONPATH) and factory() returns an nn.Module."
+        ) from exc
+    if not input_shapes:
+        raise InputShapeError(
+            f"model {name!r} is not in the zoo, so pase does not know its inputs: pass one --input-shape "
+            "per positional input, batch first (e.g. --input-shape 8,3,32,32 --input-shape 8)."
+        )
+    inputs = tuple(InputSpec(f"input{i}", tuple(shape)) for i, shape in enumerate(input_shapes))
+    return ModelSpec(name, f"user model from {name}", "user", {}, inputs, lambda _cfg: _call_factory(factory, name),
+                     default_batch=input_shapes[0][0] if input_shapes[0] else 1)
+
+
+def _call_factory(factory: Callable[[], Any], name: str) -> nn.Module:
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise UnknownModelError(f"factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

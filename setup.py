@@ -1,0 +1,39 @@
+"""Installable package for pase: a parallelization planner and runtime for diffusion UNets."""
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def read_version() -> str:
+    """Single source of truth: pase/_version.py (importing pase would import torch)."""
+    namespace: dict[str, str] = {}
+    exec((ROOT / "pase" / "_version.py").read_text(), namespace)
+    return namespace["__version__"]
+
+
+setup(
+    name="pase",
+    version=read_version(),
+    description="Parallelization planner and runtime for diffusion models in PyTorch",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["pase", "pase.models", "cost_models", "strategies", "tools"],
+    package_data={"cost_models": ["data/*.json", "data/*.yaml"]},
+    install_requires=[
+        # A range, not a pin: users bring the CUDA build that matches their driver.
+        "torch>=2.5,<3",
+        "networkx>=3.2",
+        "numpy>=1.26",
+        "nvidia-ml-py>=12.535",
+        "diffusers>=0.30",
+        "typer>=0.12",
+        "rich>=13.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["pase=pase.cli:main"]},
+)

@@ -1,0 +1,87 @@
+"""Bad input gets an error that names what is wrong and what to do, never a deep traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pase.errors import GraphCaptureError, InputShapeError, UnknownModelError
+from pase.graph import extract, extract_model
+
+
+def test_unknown_model_lists_the_zoo() -> None:
+    with pytest.raises(UnknownModelError) as info:
+        extract_model("sd99-unet")
+    for name in ("unet-tiny", "ddpm-cifar10", "sd15-unet", "sdxl-unet", "pase-unet"):
+        assert name in str(info.value)
+
+
+def test_wrong_zoo_input_shape_names_input_and_expectation() -> None:
+    with pytest.raises(InputShapeError) as info:
+        extract_model("sd15-unet", 2, input_shapes={"encoder_hidden_states": (2, 77, 1024)})
+    message = str(info.value)
+    assert "encoder_hidden_states" in message and "(B, 77, 768)" in message and "(2, 77, 1024)" in message
+
+
+def test_wrong_user_input_shape_names_module_and_input() -> None:
+    from user_models import TinyConvNet
+
+    with torch.device("meta"):
+        model = TinyConvNet()
+    with pytest.raises(InputShapeError) as info:
+        extract(model, (torch.zeros(2, 4, 8, 8, device="meta"),))
+    message = str(info.value)
+    assert "'x'" in message and "'stem'" in message and "3 channels" in message
+
+
+def test_untraceable_model_names_module_and_op() -> None:
+    from user_models import DataDependentNet
+
+    with torch.device("meta"):
+        model = DataDependentNet()
+    with pytest.raises(GraphCaptureError) as info:
+        extract(model, (torch.zeros(2, 3, 8, 8, device="meta"),))
+    message = str(info.value)
+    assert "export" in message and "symbolic_trace" in message
+    assert "module 'gate' (Gate)" in message
+    assert "if x.mean() > 0" in message
+    assert "torch.where" in message
+
+
+def test_user_model_without_shapes_is_told_how() -> None:
+    with pytest.raises(InputShapeError, match="--input-shape"):
+        extract_model("user_models:tiny_convnet")
+
+
+def run_cli(*args: str, tests_dir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(tests_dir), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "pase", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_cli_reports_errors_in_one_line(tests_dir) -> None:
+    result = run_cli("graph", "--model", "user_models:tiny_convnet", "--input-shape", "2,4,8,8",
+                     tests_dir=tests_dir)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr and "'stem'" in result.stderr
+
+
+def test_cli_graph_writes_json_readable_without_pase(tests_dir, tmp_path) -> None:
+    out = tmp_path / "g.json"
+    result = run_cli("graph", "--model", "user_models:tiny_convnet", "--input-shape", "2,3,8,8", "--json", str(out),
+                     tests_dir=tests_dir)
+    assert result.returncode == 0, result.stderr
+    assert "stem" in result.stdout and "total" in result.stdout
+    import json
+
+    import networkx as nx
+
+    data = json.loads(out.read_text())
+    assert data["schema_version"] == 1
+    graph = nx.node_link_graph(data, directed=True, multigraph=True, edges="edges")
+    assert graph.nodes["stem"]["dims"]["c_out"] == 8
+    assert {"op", "module", "dims", "flops_fwd", "flops_bwd", "param_bytes", "out_bytes"} <= set(graph.nodes["head"])

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pase.graph import LayerGraph, extract_model
+
+
+def test_round_trip(tmp_path) -> None:
+    graph = extract_model("unet-tiny", 2)
+    path = tmp_path / "sub" / "g.json"
+    graph.to_json(path)
+    loaded = LayerGraph.from_json(path)
+    assert list(loaded.layers()) == list(graph.layers())
+    assert loaded.graph.number_of_edges() == graph.graph.number_of_edges()
+    assert loaded.meta["flops_fwd"] == graph.meta["flops_fwd"]
+    assert [p.name for p in path.parent.iterdir()] == ["g.json"]  # no temp file left behind
+
+
+def test_rejects_other_files_and_versions(tmp_path) -> None:
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"schema": "something-else"}))
+    with pytest.raises(ValueError, match="not a pase layer graph"):
+        LayerGraph.from_json(path)
+    path.write_text(json.dumps({"schema": "pase.layer_graph", "schema_version": 99}))
+    with pytest.raises(ValueError, match="re-run"):
+        LayerGraph.from_json(path)
