@@ -167,3 +167,14 @@ def test_zoo_configs_are_plain_data() -> None:
 
     for spec in ZOO.values():
         json.dumps(spec.config)
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test_parameters_used_through_views_are_owned(method: str) -> None:
+    from user_models import ParamViews
+
+    with torch.device("meta"):
+        model = ParamViews()
+    graph = extract(model, (torch.zeros(2, 16, 8, device="meta"),), method=method)
+    assert graph.param_count == 16 * 8 + 8 * 8 + 8
+    assert graph.meta["flops_fwd"] == 2 * 2 * 16 * 8 * 8

@@ -42,3 +42,17 @@ def data_dependent() -> nn.Module:
 
 def not_a_module() -> str:
     return "oops"
+
+
+class ParamViews(nn.Module):
+    """Parameters used through views and elementwise ops, not as a module's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(16, 8))
+        self.proj = nn.Parameter(torch.zeros(8, 8))
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.pos[None] * 2.0
+        return torch.nn.functional.linear(h, self.proj.t()) * self.scale

@@ -42,6 +42,7 @@ class _Value:
     axis_map: AxisMap  # this value's axes -> base tensor axes
     views: list[str]
     requires_grad: bool
+    params: tuple[str, ...] = ()  # for constants: the parameters they were computed from
 
 
 @dataclass
@@ -82,7 +83,7 @@ class _Builder:
             return self.values[name]
         param = self.graph.params.get(name)
         if param is not None:
-            return _Value(None, name, param.meta, param.meta, [], [], [], param.trainable)
+            return _Value(None, name, param.meta, param.meta, [], [], [], param.trainable, (name,))
         raise KeyError(f"operand {name!r} was never produced")  # a capture bug, not user input
 
     def run(self) -> None:
@@ -162,8 +163,9 @@ class _Builder:
 
     def add_view(self, op: OpNode) -> None:
         source = self.value(op.operands[0]) if op.operands else None
-        if source is None or source.layer is None:
-            self.values[op.name] = _Value(None, op.name, op.out, op.tensor_out, [], [], [], False)
+        if source is None or source.layer is None:  # a view of a constant or of a parameter
+            self.values[op.name] = _Value(None, op.name, op.out, op.tensor_out, [], [], [],
+                                          bool(source and source.requires_grad), source.params if source else ())
             return
         out = op.tensor_out
         if out is None:  # a view producing a tuple (chunk, split, unbind): resolved at getitem
@@ -244,16 +246,17 @@ class _Builder:
         operands = [self.value(o) for o in op.operands]
         producers = {v.layer for v in operands if v.layer is not None}
         if out is None or not producers:
-            self.values[op.name] = _Value(None, op.name, op.out, out, [], [], [],
-                                          any(v.requires_grad for v in operands))
+            rg = any(v.requires_grad for v in operands)
+            params = tuple(p for v in operands for p in v.params)
+            self.values[op.name] = _Value(None, op.name, op.out, out, [], [], [], rg, params)
             return
         only = self.layers[next(iter(producers))] if len(producers) == 1 else None
         if only is not None and only.op not in NON_FUSING_KINDS:
             only.fused_ops.append(op.op)
             only.pointwise_elems += out.numel
-            for name, value in zip(op.operands, operands):
-                if value.layer is None and name in self.graph.params:
-                    self.own_param(only, name)
+            for value in operands:
+                for param in value.params if value.layer is None else ():
+                    self.own_param(only, param)
             self.produce_fused(op, only, operands, out)
             return
         kind = "concat" if op.op in CONCAT_OPS else "elementwise"
@@ -307,10 +310,10 @@ class _Builder:
 
     def connect(self, name: str, value: _Value, layer: _Layer, dim_map: list | None, slot: int) -> None:
         if value.layer is None:
-            if name in self.graph.params:
-                self.own_param(layer, name)
-                if dim_map is not None:
-                    layer.params[name]["map"] = list(dim_map)
+            for param in value.params:
+                self.own_param(layer, param)
+            if name in self.graph.params and dim_map is not None:
+                layer.params[name]["map"] = list(dim_map)
             return
         if value.layer == layer.id:
             return
@@ -321,19 +324,14 @@ class _Builder:
         meta = value.meta if isinstance(value.meta, TensorMeta) else value.base_meta
         base = value.base_meta or meta
         assert meta is not None and base is not None
-        src_layer = self.layers[value.layer]
         self.edges.append({
             "src": value.layer, "dst": layer.id, "slot": slot, "tensor": value.base,
             "shape": list(base.shape), "dst_shape": list(meta.shape), "dtype": str(meta.dtype).replace("torch.", ""),
             "dtype_bytes": meta.itemsize, "bytes": min(meta.numel, base.numel) * meta.itemsize,
-            "src_map": [list(a) for a in self.base_axes(src_layer, value)],
+            "src_map": [list(a) for a in self.values[value.base].axes],
             "dst_map": list(dim_map) if dim_map is not None else [None] * len(meta.shape),
             "axis_map": [list(a) for a in value.axis_map], "views": list(value.views),
         })
-
-    def base_axes(self, layer: _Layer, value: _Value) -> list[tuple[str, ...]]:
-        base = self.values.get(value.base)
-        return base.axes if base is not None else []
 
     # ---------------------------------------------------------------- output
     def to_networkx(self, extra: dict[str, Any]) -> nx.MultiDiGraph:

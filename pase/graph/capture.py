@@ -172,8 +172,7 @@ def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
                 submodule = graph_module.get_submodule(node.target)
                 canonical = _MODULE_CANONICAL.get(type(submodule), f"module:{type(submodule).__name__}")
                 operands += [param(f"{node.target}.{n}", p) for n, p in submodule.named_parameters()]
-                attrs = _module_attrs(submodule, canonical, node, args_meta=[_meta_of(a.meta.get("tensor_meta"))
-                                                                              for a in _nodes_in(node.args, {})])
+                attrs = _module_attrs(submodule, canonical, node)
                 path = node.target
             else:
                 canonical = node.target if node.op == "call_method" else _canonical_function(node.target)
@@ -198,7 +197,7 @@ def _get_attr(root: nn.Module, target: str) -> Any:
     return value
 
 
-def _module_attrs(module: nn.Module, canonical: str, node: torch.fx.Node, args_meta: list) -> dict[str, Any]:
+def _module_attrs(module: nn.Module, canonical: str, node: torch.fx.Node) -> dict[str, Any]:
     if isinstance(module, nn.modules.conv._ConvNd):
         return {"stride": list(module.stride), "padding": module.padding if isinstance(module.padding, str)
                 else list(module.padding), "dilation": list(module.dilation), "groups": module.groups,

@@ -146,28 +146,28 @@ SDXL_UNET = dict(
     flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, norm_num_groups=32,
 )
 
-_UNCOND_INPUTS = lambda c, s: (  # noqa: E731 - tiny helper used by three zoo entries
-    InputSpec("sample", (BATCH, c, s, s)),
-    InputSpec("timestep", (BATCH,), kind="long"),
-)
+def _unconditional_inputs(channels: int, size: int) -> tuple[InputSpec, ...]:
+    return InputSpec("sample", (BATCH, channels, size, size)), InputSpec("timestep", (BATCH,), kind="long")
+
 
 ZOO: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("unet-tiny", "diffusers UNet2DModel, 2 levels, 0.70M params (tests)", "diffusers.UNet2DModel",
-                  UNET_TINY, _UNCOND_INPUTS(3, 32), _unet2d),
+                  UNET_TINY, _unconditional_inputs(3, 32), _unet2d),
         ModelSpec("ddpm-cifar10", "diffusers UNet2DModel, DDPM CIFAR-10 config, 35.7M params", "diffusers.UNet2DModel",
-                  DDPM_CIFAR10, _UNCOND_INPUTS(3, 32), _unet2d),
+                  DDPM_CIFAR10, _unconditional_inputs(3, 32), _unet2d),
         ModelSpec("sd15-unet", "diffusers UNet2DConditionModel, Stable Diffusion 1.5, 860M params",
                   "diffusers.UNet2DConditionModel", SD15_UNET,
-                  (*_UNCOND_INPUTS(4, 64), InputSpec("encoder_hidden_states", (BATCH, 77, 768))), _unet2d_condition),
+                  (*_unconditional_inputs(4, 64), InputSpec("encoder_hidden_states", (BATCH, 77, 768))),
+                  _unet2d_condition),
         ModelSpec("sdxl-unet", "diffusers UNet2DConditionModel, Stable Diffusion XL base, 2.57B params",
                   "diffusers.UNet2DConditionModel", SDXL_UNET,
-                  (*_UNCOND_INPUTS(4, 128), InputSpec("encoder_hidden_states", (BATCH, 77, 2048)),
+                  (*_unconditional_inputs(4, 128), InputSpec("encoder_hidden_states", (BATCH, 77, 2048)),
                    InputSpec("text_embeds", (BATCH, 1280), keyword="added_cond_kwargs"),
                    InputSpec("time_ids", (BATCH, 6), keyword="added_cond_kwargs")), _unet2d_condition),
         ModelSpec("pase-unet", "pase's plain-PyTorch UNet (symbolic_trace-able), 0.43M params", "pase.PaseUNet",
-                  {}, _UNCOND_INPUTS(3, 32), _pase_unet),
+                  {}, _unconditional_inputs(3, 32), _pase_unet),
     )
 }
 
