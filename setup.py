@@ -31,6 +31,7 @@ setup(
         "diffusers>=0.30",
         "typer>=0.12",
         "rich>=13.7",
+        "pyyaml>=6",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

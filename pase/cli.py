@@ -158,6 +158,15 @@ def graph(
         console.print(f"wrote {json_path}")
 
 
+def _register_subcommands() -> None:
+    from pase.cli_hw import hw_app
+
+    app.add_typer(hw_app, name="hw")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     """Console-script entry point: user errors become one red line and exit status 2."""
     try:

@@ -1,0 +1,76 @@
+"""Achieved rates the cost model prices with, and where each figure came from.
+
+A measured calibration profile wins; without one, a rate is the catalog peak times the
+efficiency for that op kind (or the link's NCCL-effective bandwidth for collectives). Every
+``Rate`` carries a ``source`` string, so reports can say which figures were measured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cost_models.calibrate import BUS_FACTOR
+from cost_models.cluster import Cluster
+
+MEMORY_BOUND_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm", "elementwise", "concat", "upsample",
+                                "downsample", "input"})
+
+
+@dataclass(frozen=True)
+class Rate:
+    value: float  # FLOP/s, bytes/s, or GB/s for collectives (stated by the caller)
+    source: str
+
+
+@dataclass(frozen=True)
+class CollectiveRate:
+    alpha_s: float  # per-call latency
+    busbw_gbps: float
+    source: str
+
+    def seconds(self, op: str, nbytes: float, group: int) -> float:
+        """nccl-tests convention: time = alpha + bytes x bus factor / busbw."""
+        if group <= 1:
+            return 0.0
+        return self.alpha_s + nbytes * BUS_FACTOR[op](group) / (self.busbw_gbps * 1e9)
+
+
+class HardwareRates:
+    """Rates for one cluster, from ``profile`` (a calibration JSON) when given."""
+
+    def __init__(self, cluster: Cluster, profile: dict[str, Any] | None = None, precision: str = "bf16") -> None:
+        self.cluster = cluster
+        self.profile = profile
+        self.precision = precision
+        self.profile_name = f"calibration {profile['fingerprint']['id']} ({profile['created']})" if profile else None
+
+    def compute(self, kind: str) -> Rate:
+        """FLOP/s for matmul-like kinds; memory-bound kinds are priced by ``memory(kind)``."""
+        measured = (self.profile or {}).get("compute", {}).get(kind, {})
+        if "flops_per_second" in measured:
+            return Rate(measured["flops_per_second"], f"measured: {self.profile_name}")
+        peak = self.cluster.gpu.peak_tflops(self.precision)
+        efficiency = self.cluster.efficiency.get(kind, self.cluster.efficiency.get("matmul", 0.5))
+        return Rate(peak * 1e12 * efficiency,
+                    f"catalog: {self.cluster.gpu.id} {self.precision} peak {peak:g} TFLOPS x efficiency {efficiency:g}")
+
+    def memory(self, kind: str = "elementwise") -> Rate:
+        measured = (self.profile or {}).get("compute", {}).get(kind, {})
+        if "bytes_per_second" in measured:
+            return Rate(measured["bytes_per_second"], f"measured: {self.profile_name}")
+        efficiency = self.cluster.efficiency.get("memory_bound", 0.7)
+        peak = self.cluster.gpu.memory_bw_gbps
+        return Rate(peak * 1e9 * efficiency, f"catalog: {self.cluster.gpu.id} memory {peak:g} GB/s x {efficiency:g}")
+
+    def collective(self, op: str, ranks: list[int]) -> CollectiveRate:
+        """Latency and bus bandwidth of ``op`` over these global ranks (a ring: its slowest hop)."""
+        measured = (self.profile or {}).get("collectives", {}).get(op)
+        if measured and measured.get("group_size") == len(ranks):
+            return CollectiveRate(measured["alpha_us"] / 1e6, measured["busbw_gbps"], f"measured: {self.profile_name}")
+        if len(ranks) <= 1:
+            return CollectiveRate(0.0, float("inf"), "no communication")
+        hops = [self.cluster.path(a, b) for a, b in zip(ranks, ranks[1:] + ranks[:1])]
+        slowest = min(hops, key=lambda h: h.effective_gbps)
+        steps = 2 * (len(ranks) - 1) if op == "all_reduce" else max(1, len(ranks) - 1)
+        return CollectiveRate(steps * max(h.latency_us for h in hops) / 1e6, slowest.effective_gbps,
+                              f"topology: ring over {slowest.label} links at {slowest.effective_gbps:g} GB/s effective")

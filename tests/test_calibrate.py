@@ -1,0 +1,89 @@
+"""Calibration with 2 gloo processes, and how rates choose measured over catalog figures."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from cost_models.calibrate import BUS_FACTOR, fit_alpha_beta, load_profile
+from cost_models.cluster import parse_spec
+from cost_models.rates import HardwareRates
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    """One real calibration run through the CLI: 2 gloo processes under a hard timeout."""
+    out = tmp_path_factory.mktemp("calibration") / "profile.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pase", "hw", "calibrate", "--nproc", "2", "--sizes", "4K,64K,1M",
+         "--iterations", "3", "--model", "unet-tiny", "--out", str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "busbw" in result.stdout and "saved" in result.stdout
+    return load_profile(out)
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_every_measured_quantity_is_positive_and_finite(profile) -> None:
+    assert profile["backend"] == "gloo" and profile["world_size"] == 2
+    assert set(profile["collectives"]) == set(BUS_FACTOR)
+    for op, entry in profile["collectives"].items():
+        assert [p["bytes"] for p in entry["points"]] == [4096, 65536, 1 << 20], op
+        for point in entry["points"]:
+            assert all(_positive(point[k]) for k in ("seconds", "algbw_gbps", "busbw_gbps")), (op, point)
+            assert point["busbw_gbps"] == pytest.approx(point["algbw_gbps"] * BUS_FACTOR[op](2))
+        assert all(_positive(entry[k]) for k in ("alpha_us", "algbw_gbps", "busbw_gbps")), op
+    assert {"conv", "linear", "attention", "group_norm"} <= set(profile["compute"])
+    for kind, entry in profile["compute"].items():
+        rate = entry.get("flops_per_second", entry.get("bytes_per_second"))
+        assert _positive(rate), kind
+        assert entry["samples"] and all(_positive(s["seconds"]) for s in entry["samples"])
+    assert _positive(profile["memory_bandwidth"]["bytes_per_second"])
+    assert len(profile["fingerprint"]["id"]) == 12
+
+
+def test_rates_prefer_the_profile_and_say_so(profile) -> None:
+    cluster = parse_spec("2xL40S")
+    measured = HardwareRates(cluster, profile)
+    catalog = HardwareRates(cluster)
+    assert measured.compute("conv").value == pytest.approx(profile["compute"]["conv"]["flops_per_second"])
+    assert measured.compute("conv").source.startswith("measured")
+    assert catalog.compute("conv").source.startswith("catalog")
+    assert catalog.compute("conv").value == pytest.approx(362e12 * cluster.efficiency["conv"])
+    ring = measured.collective("all_reduce", [0, 1])
+    assert ring.source.startswith("measured") and ring.busbw_gbps == profile["collectives"]["all_reduce"]["busbw_gbps"]
+    assert catalog.collective("all_reduce", [0, 1]).source.startswith("topology")
+
+
+def test_alpha_beta_fit_recovers_a_known_line() -> None:
+    alpha, algbw = 20e-6, 5e9  # 20 us and 5 GB/s
+    points = [{"bytes": b, "seconds": alpha + b / algbw, "algbw_gbps": b / (alpha + b / algbw) / 1e9,
+               "busbw_gbps": 0.0} for b in (1 << 12, 1 << 16, 1 << 20, 1 << 24)]
+    for p in points:
+        p["busbw_gbps"] = p["algbw_gbps"]
+    fit = fit_alpha_beta(points, bus_factor=1.0)
+    assert fit["alpha_us"] == pytest.approx(20, rel=1e-6)
+    assert fit["algbw_gbps"] == pytest.approx(5, rel=1e-6)
+
+
+def test_collective_time_follows_nccl_tests_convention() -> None:
+    from cost_models.rates import CollectiveRate
+
+    rate = CollectiveRate(alpha_s=1e-5, busbw_gbps=100, source="test")
+    assert rate.seconds("all_reduce", 1e9, 8) == pytest.approx(1e-5 + 1e9 * 2 * 7 / 8 / 100e9)
+    assert rate.seconds("all_reduce", 1e9, 1) == 0.0
+
+
+def test_profile_file_is_json(profile, tmp_path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    assert load_profile(path)["format"] == "pase-calibration"
+    path.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(Exception, match="not a pase calibration profile"):
+        load_profile(path)

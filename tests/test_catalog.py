@@ -1,0 +1,119 @@
+"""The hardware catalog and Cluster descriptions: specs, files, overrides, topology."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cost_models.catalog import Catalog, UnknownHardwareError
+from cost_models.cluster import ClusterSpecError, load_cluster, parse_spec
+
+REFERENCE_GPUS = ("V100-SXM2", "V100-PCIe", "A100-40GB-SXM", "A100-80GB-SXM", "A100-40GB-PCIe", "A100-80GB-PCIe",
+                  "H100-SXM", "H100-PCIe", "H100-NVL", "H200-SXM", "H200-NVL", "B200", "GB200", "L4", "L40S", "A10",
+                  "RTX3090", "RTXA6000", "RTX6000-Ada", "RTX4090", "RTX5090", "MI300X")
+
+
+def test_catalog_has_every_reference_gpu_with_its_figures() -> None:
+    catalog = Catalog.load()
+    for gpu_id in REFERENCE_GPUS:
+        gpu = catalog.gpu(gpu_id)
+        assert gpu.bf16_tflops > 0 and gpu.fp32_tflops > 0 and gpu.memory_gb > 0 and gpu.memory_bw_gbps > 0
+        assert gpu.tdp_w > 0 and gpu.pcie_gen in (3, 4, 5)
+        assert gpu.price is not None and gpu.price.low <= gpu.price.typical <= gpu.price.high
+        assert gpu.price.as_of and gpu.price.source and gpu.sources
+    for network in ("IB-HDR", "IB-NDR400", "IB-XDR", "RoCE-100", "RoCE-200", "RoCE-400"):
+        assert catalog.network(network).gbps > 0
+    for generation in ("2", "3", "4", "5"):
+        assert catalog.nvlink(generation)["per_link_gbps"] > 0
+    for generation in (3, 4, 5, 6):
+        assert catalog.pcie(generation)["x16_gbps"] > 0
+
+
+def test_geforce_rates_are_fp32_accumulate_and_v100_has_no_bf16() -> None:
+    catalog = Catalog.load()
+    assert catalog.gpu("RTX4090").peak_tflops("bf16") == pytest.approx(165.2)
+    assert catalog.gpu("V100-SXM2").peak_tflops("bf16") == catalog.gpu("V100-SXM2").fp16_tflops
+
+
+@pytest.mark.parametrize("spec,nodes,gpus,gpu_id,network", [
+    ("8xH100-SXM", 1, 8, "H100-SXM", None),
+    ("4xL40S-PCIe", 1, 4, "L40S", None),
+    ("2x8xA100-80GB-SXM+IB-NDR400x4", 2, 8, "A100-80GB-SXM", "IB-NDR400"),
+    ("16xRTX4090", 1, 16, "RTX4090", None),
+    ("6xH100-SXM", 1, 6, "H100-SXM", None),
+    ("12xRTX4090", 1, 12, "RTX4090", None),
+])
+def test_spec_strings(spec: str, nodes: int, gpus: int, gpu_id: str, network: str | None) -> None:
+    cluster = parse_spec(spec)
+    assert (cluster.nodes, cluster.gpus_per_node, cluster.gpu.id) == (nodes, gpus, gpu_id)
+    assert cluster.world_size == nodes * gpus
+    assert (cluster.network.id if cluster.network else None) == network
+    matrix = cluster.topology_matrix()
+    assert len(matrix) == gpus and all(len(row) == gpus for row in matrix)
+    assert all(matrix[i][j].effective_gbps > 0 for i in range(gpus) for j in range(gpus))
+
+
+def test_network_nics_per_node() -> None:
+    cluster = parse_spec("2x8xA100-80GB-SXM+IB-NDR400x4")
+    assert cluster.nics_per_node == 4
+    cross = cluster.path(0, 8)
+    assert cross.label == "NET" and cross.bandwidth_gbps == pytest.approx(50 * 4 / 8)
+    assert cluster.path(0, 1).label.startswith("NV")
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("8xH100-SMX", "Did you mean H100-SXM"),
+    ("eight H100s", "Grammar: [NODESx]GPUSxGPU"),
+    ("0xH100-SXM", "zero GPUs"),
+    ("0x8xH100-SXM+IB-HDR", "zero nodes"),
+    ("2x8xH100-SXM", "names no network"),
+    ("16xH100-SXM", "at most 8 GPUs"),
+    ("2x8xH100-SXM+IB-NDR800", "unknown network"),
+])
+def test_bad_specs_say_what_to_do(spec: str, needle: str) -> None:
+    with pytest.raises((ClusterSpecError, UnknownHardwareError)) as info:
+        parse_spec(spec)
+    assert needle in str(info.value)
+
+
+def test_links_are_ordered_as_hardware_is() -> None:
+    a100_pcie = parse_spec("8xA100-80GB-PCIe")
+    bridged, same_socket, cross_socket = a100_pcie.path(0, 1), a100_pcie.path(0, 2), a100_pcie.path(0, 5)
+    assert bridged.label == "NV12" and bridged.effective_gbps > same_socket.effective_gbps
+    assert same_socket.effective_gbps >= cross_socket.effective_gbps and cross_socket.label == "SYS"
+    sxm = parse_spec("8xH100-SXM").path(0, 7)
+    assert sxm.label == "NV18" and sxm.effective_gbps == pytest.approx(18 * 20.6)
+    # GeForce has no peer-to-peer: the same PCIe path carries half as much
+    assert parse_spec("2xRTX4090").path(0, 1).effective_gbps == pytest.approx(parse_spec("2xL40S").path(0, 1)
+                                                                             .effective_gbps / 2)
+
+
+def test_system_files_json_and_yaml(tmp_path) -> None:
+    yaml_file = tmp_path / "box.yaml"
+    yaml_file.write_text(
+        "name: lab-box\nnodes: 2\ngpus_per_node: 4\n"
+        "gpu: {id: MyGPU-1, bf16_tflops: 100, fp32_tflops: 20, memory_gb: 32, memory_bw_gbps: 900, pcie_gen: 5}\n"
+        "network: {type: RoCE-200, nics_per_node: 2}\nprice_usd_per_gpu_hour: 0.9\nefficiency: {conv: 0.4}\n")
+    cluster = load_cluster(str(yaml_file))
+    assert cluster.spec == "lab-box" and cluster.world_size == 8 and cluster.gpu.id == "MyGPU-1"
+    assert cluster.price.typical == 0.9 and cluster.efficiency["conv"] == 0.4
+    assert cluster.path(0, 4).label == "NET"
+    json_file = tmp_path / "box.json"
+    json_file.write_text(json.dumps(parse_spec("4xL40S").to_dict()))
+    again = load_cluster(str(json_file))
+    assert [[p.label for p in row] for row in again.topology_matrix()] == \
+        [[p.label for p in row] for row in parse_spec("4xL40S").topology_matrix()]
+
+
+def test_user_overrides_and_gpu_files(tmp_path) -> None:
+    extra = tmp_path / "mine.json"
+    extra.write_text(json.dumps({"gpus": {"H100-SXM": {"price_usd_per_gpu_hour": {"low": 1, "typical": 1.5,
+                                                                                   "high": 2, "as_of": "2026-11",
+                                                                                   "source": "our contract"}}}}))
+    catalog = Catalog.load([extra])
+    assert catalog.gpu("H100-SXM").price.typical == 1.5
+    assert catalog.gpu("H100-SXM").bf16_tflops == pytest.approx(989.4)  # other figures kept
+    cluster = parse_spec("8xH100-SXM").with_overrides(price=2.25, efficiency={"attention": 0.3})
+    assert cluster.price.typical == 2.25 and cluster.efficiency["attention"] == 0.3
+    with pytest.raises(Exception, match="efficiency"):
+        parse_spec("8xH100-SXM").with_overrides(efficiency={"conv": 1.5})
