@@ -154,7 +154,10 @@ def graph(
                   f"{_human(layer_graph.param_count)} parameters "
                   f"({_bytes(layer_graph.total('param_bytes'))} in {meta['dtype']}).")
     if json_path is not None:
-        layer_graph.to_json(json_path)
+        try:
+            layer_graph.to_json(json_path)
+        except OSError as exc:
+            raise PaseError(f"cannot write --json {json_path}: {exc.strerror or exc}") from None
         console.print(f"wrote {json_path}")
 
 
@@ -168,24 +171,13 @@ _register_subcommands()
 
 
 def main() -> None:
-    """Console-script entry point: user errors become one red line and exit status 2."""
+    """Console-script entry point. typer reports usage errors itself (exit 2); user errors that
+    pase detects (``PaseError``) become one red line and exit status 2 too."""
     try:
-        app(standalone_mode=False)
+        app()
     except PaseError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

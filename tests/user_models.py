@@ -56,3 +56,52 @@ class ParamViews(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.pos[None] * 2.0
         return torch.nn.functional.linear(h, self.proj.t()) * self.scale
+
+
+class ViewsAndContractions(nn.Module):
+    """einsum, .mT, movedim and a matrix-vector product: ops whose axis maps and FLOPs are easy to get wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(16, 32))
+        self.v = nn.Parameter(torch.zeros(32))
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.einsum("bsc,cd->bsd", x, self.w)  # (B, 64, 32)
+        z = t @ self.v  # (B, 64): torch.matmul with a 1-D operand
+        moved = torch.movedim(self.proj(y), 1, 2)  # (B, 5, 6) -> (B, 6, 5)
+        return z, moved.mT
+
+
+class ConvBatchNorm(nn.Module):
+    """BatchNorm's running statistics are buffers, not parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class OptionalContext(nn.Module):
+    """A None default decides a branch: symbolic_trace needs it fixed at trace time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.attn(x, context, context, need_weights=False)[0]
+
+
+class Embedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(100, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids)

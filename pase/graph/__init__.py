@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pase.errors import InputShapeError
 from pase.graph.build import build_layer_graph
 from pase.graph.capture import CAPTURE_METHODS, capture
 from pase.graph.layer_graph import SCHEMA_VERSION, LayerGraph
@@ -68,11 +69,18 @@ def extract_model(
     from pase.models.zoo import resolve_model
 
     spec = resolve_model(name, user_input_shapes)
+    if spec.family == "user" and input_shapes:
+        raise InputShapeError(f"{name!r} is your own model: give its --input-shape values positionally, in "
+                              f"forward()'s argument order (e.g. --input-shape 8,3,32,32), not as name=shape")
+    if spec.family != "user" and user_input_shapes:
+        raise InputShapeError(
+            f"{name!r} is a zoo model with named inputs; override one as name=shape, e.g. --input-shape "
+            f"{spec.inputs[0].name}={','.join(str(d if d != 'B' else 8) for d in spec.inputs[0].shape)}")
     with torch.device("meta"):
         model = spec.build()
     if any(p.dtype != dtype for p in model.parameters()):
         model = model.to(dtype)
-    args, kwargs = spec.example_inputs(batch or spec.default_batch, dtype=dtype, device="meta", shapes=input_shapes)
+    args, kwargs = spec.example_inputs(batch, dtype=dtype, device="meta", shapes=input_shapes)
     return extract(model, args, kwargs, method=method, name=name)
 
 

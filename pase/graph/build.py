@@ -88,13 +88,13 @@ class _Builder:
 
     def run(self) -> None:
         for op in self.graph.ops:
-            if op.op in IGNORED_OPS or op.out is None:
+            if op.out is None:
                 continue
             if op.op == "input":
                 self.add_input(op)
             elif op.op in SOURCE_OPS:
                 self.values[op.name] = _Value(None, op.name, op.out, op.tensor_out, [], [], [], False)
-            elif op.op in VIEW_OPS:
+            elif op.op in VIEW_OPS or op.op in IGNORED_OPS:  # an ignored op that yields a tensor passes it on
                 self.add_view(op)
             elif layer_kind(op.op) is not None or op.op.startswith("module:"):
                 self.add_anchor(op, layer_kind(op.op) or "other")
@@ -223,6 +223,11 @@ class _Builder:
         for edge in self.edges:
             if edge["dst"] == layer.id:
                 edge["dst_map"] = [rename.get(d, d) if d else d for d in edge["dst_map"]]
+            if edge["src"] == layer.id:
+                edge["src_map"] = [[rename.get(d, d) for d in axis] for axis in edge["src_map"]]
+        for value in self.values.values():
+            if value.layer == layer.id:
+                value.axes = [tuple(rename.get(d, d) for d in axis) for axis in value.axes]
         v_meta = metas[1]
         batch = [d for d in rule.dims if rule.roles[d] in ("batch", "head")]
         d_v = "d" if v_meta.shape[-1] == rule.dims["d"] else rule.add("dv", v_meta.shape[-1], "out_channel")
@@ -286,12 +291,22 @@ class _Builder:
                     if mapped is not None:
                         axes[int(mapped)] = tuple(sorted(set(axes[int(mapped)]) | set(value.axes[i])))
         rule = layer.rule
-        for j, extent in enumerate(out.shape):  # axes the fused op created (broadcast): new layer dims
-            if not axes[j] and extent != 1:
+        for j, extent in enumerate(out.shape):
+            if axes[j] and any(rule.dims[name] == extent for name in axes[j]):
+                axes[j] = tuple(name for name in axes[j] if rule.dims[name] == extent)
+            elif extent != 1:  # created by broadcast, or resized (chunk, cat, pad): a dimension of its own
                 name, role = generic_names(len(out.shape))[j]
-                while name in rule.dims:
-                    name = f"{name}{j}"
-                axes[j] = (rule.add(name, extent, role),)
+                if axes[j]:
+                    name, role = f"{axes[j][0]}_{extent}", rule.roles[axes[j][0]]
+                    role = "channel" if role in ("out_channel", "reduction") else role
+                base, suffix = name, 1
+                while name in rule.dims and rule.dims[name] != extent:
+                    name, suffix = f"{base}_{suffix}", suffix + 1
+                if name not in rule.dims:
+                    rule.add(name, extent, role)
+                axes[j] = (name,)
+            else:
+                axes[j] = ()
         rule.out_map = [a[0] if a else None for a in axes]
         rg = any(v.requires_grad for v in operands)
         self.values[op.name] = _Value(layer.id, op.name, op.out, out, axes, [(i,) for i in range(len(out.shape))],
@@ -300,9 +315,11 @@ class _Builder:
 
     # ---------------------------------------------------------------- edges and params
     def own_param(self, layer: _Layer, name: str) -> None:
+        """Attach a parameter (or buffer) to the layer that reads it; one owner each, so sums are exact."""
         param = self.graph.params[name]
         if name in self.owned_params:
-            layer.params.setdefault(name, {"shape": list(param.meta.shape), "shared": True})
+            layer.params.setdefault(name, {"shape": list(param.meta.shape), "shared": True,
+                                           "trainable": param.trainable})
             return
         self.owned_params.add(name)
         layer.params[name] = {"shape": list(param.meta.shape), "numel": param.meta.numel,
@@ -353,8 +370,10 @@ class _Builder:
                 layer.id, index=layer.index, op=layer.op, module=layer.module, module_class=layer.module_class,
                 block=layer.block, dims=dict(rule.dims), roles=dict(rule.roles),
                 tensors={"operands": [m for m in rule.operand_maps], "output": list(rule.out_map)},
-                params=layer.params, param_count=sum(p.get("numel", 0) for p in layer.params.values()),
-                param_bytes=sum(p.get("bytes", 0) for p in layer.params.values()),
+                params=layer.params,
+                param_count=sum(p.get("numel", 0) for p in layer.params.values() if p["trainable"]),
+                param_bytes=sum(p.get("bytes", 0) for p in layer.params.values() if p["trainable"]),
+                buffer_bytes=sum(p.get("bytes", 0) for p in layer.params.values() if not p["trainable"]),
                 flops_fwd=layer.flops_fwd, flops_bwd=layer.flops_bwd, pointwise_elems=layer.pointwise_elems,
                 out_bytes=sum(leaving[layer.id].values()), fused_ops=layer.fused_ops, anchor=layer.anchor,
                 attrs=_jsonable(layer.attrs), is_output=any(o["layer"] == layer.id for o in outputs),

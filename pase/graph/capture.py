@@ -41,7 +41,8 @@ _MODULE_CANONICAL: dict[type[nn.Module], str] = {
     nn.Mish: "mish", nn.Dropout: "dropout", nn.Identity: "identity", nn.Softmax: "softmax",
     nn.Flatten: "flatten",
 }
-_SHAPE_ERROR_WORDS = ("shape", "size", "channels", "expected input", "mat1 and mat2", "must match", "dimension")
+_SHAPE_ERROR_WORDS = ("shape", "size", "channels", "expected input", "mat1 and mat2", "must match", "dimension",
+                      "reduction dim", "cannot be multiplied")
 
 
 def capture(
@@ -74,14 +75,14 @@ def _quiet_torch_logs() -> Iterator[None]:
     if os.environ.get("PASE_DEBUG"):
         yield
         return
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # torch's loggers carry their own levels and handlers bound to the real stderr: disable them all
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(previous)
 
 
 # --------------------------------------------------------------------------- torch.export
@@ -135,11 +136,13 @@ def _module_of(stack: dict | None) -> tuple[str, str]:
 # --------------------------------------------------------------------------- symbolic_trace
 
 def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
-    graph_module = torch.fx.symbolic_trace(model)
-    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     bound.apply_defaults()
-    ShapeProp(graph_module).propagate(*(bound.arguments.get(p.target) for p in placeholders))
+    # non-tensor arguments (None defaults, flags) are fixed at trace time, so branches on them resolve
+    concrete = {name: value for name, value in bound.arguments.items() if not isinstance(value, torch.Tensor)}
+    graph_module = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    ShapeProp(graph_module).propagate(*(bound.arguments.get(p.target.lstrip("*")) for p in placeholders))
 
     modules = dict(model.named_modules())
     trainable = {name for name, _ in model.named_parameters()}
@@ -171,12 +174,15 @@ def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
             if node.op == "call_module":
                 submodule = graph_module.get_submodule(node.target)
                 canonical = _MODULE_CANONICAL.get(type(submodule), f"module:{type(submodule).__name__}")
-                operands += [param(f"{node.target}.{n}", p) for n, p in submodule.named_parameters()]
+                operands += [param(f"{node.target}.{n}", p) for n, p in
+                             (*submodule.named_parameters(), *submodule.named_buffers())]
                 attrs = _module_attrs(submodule, canonical, node)
                 path = node.target
             else:
                 canonical = node.target if node.op == "call_method" else _canonical_function(node.target)
                 canonical = _FUNCTION_ALIASES.get(canonical, canonical)
+                if canonical == "getattr":  # a tensor-valued attribute: x.mT, x.T, x.real ...
+                    canonical = str(node.args[1]) if str(node.args[1]) in PERMUTING_VIEWS else "alias"
                 attrs = _attrs(canonical, node.args, node.kwargs)
                 path = stack_path
             module = modules.get(path)
@@ -252,7 +258,15 @@ def _attrs(canonical: str, args: tuple, kwargs: dict) -> dict[str, Any]:
             return {"swap": (int(arg(1, "dim0")), int(arg(2, "dim1")))}
         if canonical == "t":
             return {"swap": (0, 1)}
+        if canonical in ("mT", "mH", "adjoint"):
+            return {"swap": (-2, -1)}
+        if canonical in ("T", "H"):
+            return {"reverse": True}
+        if canonical == "movedim":
+            return {"movedim": (arg(1, "source"), arg(2, "destination"))}
         return {}
+    if canonical == "einsum":
+        return {"equation": str(arg(0, "equation"))}
     if canonical in ("cat", "concat", "stack"):
         return {"dim": int(arg(1, "dim", 0))}
     if canonical == "getitem" and isinstance(arg(1, "index"), int):
@@ -286,6 +300,8 @@ def _culprit(model: nn.Module, exc: BaseException) -> tuple[str | None, nn.Modul
     Walks the traceback: a frame whose ``self`` is one of the model's modules names the
     module; the last frame outside torch's own files names the operation.
     """
+    while exc.__cause__ is not None:  # ShapeProp and friends wrap the error that matters
+        exc = exc.__cause__
     names = {id(m): name for name, m in model.named_modules()}
     torch_dir = os.path.dirname(torch.__file__)
     module_name = module = line = None
@@ -329,6 +345,8 @@ def _input_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tupl
 
 def _raise_if_shape_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> None:
     """Turn a shape mismatch inside a known layer into an error naming the input and the expectation."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     if not isinstance(exc, (RuntimeError, ValueError)):
         return
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -353,6 +371,8 @@ def _explain_failures(model: nn.Module, failures: list[tuple[str, BaseException]
     lines = [f"could not capture {type(model).__name__}'s forward with {' or '.join(m for m, _ in failures)}:"]
     for method, exc in failures:
         name, module, line, _ = _culprit(model, exc)
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         where = _describe_module(name, module)
         lines.append(f"  - {method}: {type(exc).__name__} in {where}" + (f" at {line}" if line else "")

@@ -12,7 +12,7 @@ ANCHOR_KINDS: dict[str, str] = {
     **dict.fromkeys(("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
                      "conv_transpose3d", "_convolution"), "conv"),
     **dict.fromkeys(("linear", "addmm"), "linear"),
-    **dict.fromkeys(("matmul", "bmm", "mm", "baddbmm"), "matmul"),
+    **dict.fromkeys(("matmul", "bmm", "mm", "baddbmm", "einsum"), "matmul"),
     **dict.fromkeys(("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                      "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
                      "_scaled_dot_product_cudnn_attention", "multi_head_attention_forward"), "attention"),
@@ -34,10 +34,11 @@ VIEW_OPS = frozenset({
     "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "slice", "select", "narrow", "getitem",
     "chunk", "split", "split_with_sizes", "unbind", "tensor_split", "as_strided", "movedim", "view_as",
     "reshape_as", "contiguous", "clone", "alias", "detach", "to", "_to_copy", "type_as", "float", "half",
-    "bfloat16", "double", "type", "lift_fresh_copy", "dropout_eval", "identity",
+    "bfloat16", "double", "type", "lift_fresh_copy", "dropout_eval", "identity", "mT", "mH", "T", "H", "adjoint",
+    "real", "constant_pad_nd_view",
 })
 # Views whose axis map cannot be read off the shapes alone: they carry a permutation.
-PERMUTING_VIEWS = frozenset({"permute", "transpose", "t", "swapaxes", "movedim"})
+PERMUTING_VIEWS = frozenset({"permute", "transpose", "t", "swapaxes", "movedim", "mT", "mH", "T", "H", "adjoint"})
 
 # Ops that create tensors from nothing but constants: not layers, and they carry no data edge.
 SOURCE_OPS = frozenset({

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from math import prod
 
+from torch import broadcast_shapes
+
 from pase.graph.ir import TensorMeta
 
 ROLES = ("batch", "out_channel", "reduction", "channel", "spatial", "head", "sequence", "kernel", "other")
@@ -118,18 +120,91 @@ def linear_rule(operands: list[TensorMeta | None], out: TensorMeta) -> LayerRule
 
 
 def matmul_rule(a: TensorMeta, b: TensorMeta, out: TensorMeta) -> LayerRule:
-    """``a @ b`` with broadcast batch dims; m/o/k become q/kv/d if the layer turns into attention."""
+    """``a @ b`` with torch.matmul's 1-D and broadcast-batch rules; m/o/k become q/kv/d if the layer
+    turns into attention."""
     rule = LayerRule({}, {}, [], [])
-    batch_shape = out.shape[:-2]
+    a_batch, b_batch = (a.shape[:-2] if len(a.shape) > 1 else ()), (b.shape[:-2] if len(b.shape) > 1 else ())
+    batch_shape = tuple(broadcast_shapes(a_batch, b_batch))
     batch = [rule.add(name, e, role) for (name, role), e in zip(_batch_names(len(batch_shape)), batch_shape)]
     m = rule.add("m", a.shape[-2] if len(a.shape) > 1 else 1, "sequence")
     k = rule.add("k", a.shape[-1], "reduction")
     o = rule.add("o", b.shape[-1] if len(b.shape) > 1 else 1, "out_channel")
-    rule.operand_maps = [batch[len(batch) - (len(a.shape) - 2):] + [m, k] if len(a.shape) > 1 else [k],
-                         batch[len(batch) - (len(b.shape) - 2):] + [k, o] if len(b.shape) > 1 else [k]]
-    rule.out_map = [*batch, m, o][-len(out.shape):] if out.shape else []
+    a_lead = [d if a_batch[i] != 1 or batch_shape[len(batch_shape) - len(a_batch) + i] == 1 else None
+              for i, d in enumerate(batch[len(batch) - len(a_batch):])]
+    b_lead = [d if b_batch[i] != 1 or batch_shape[len(batch_shape) - len(b_batch) + i] == 1 else None
+              for i, d in enumerate(batch[len(batch) - len(b_batch):])]
+    rule.operand_maps = [a_lead + [m, k] if len(a.shape) > 1 else [k], b_lead + [k, o] if len(b.shape) > 1 else [k]]
+    rule.out_map = [*batch] + ([m] if len(a.shape) > 1 else []) + ([o] if len(b.shape) > 1 else [])
     rule.flops_fwd = 2 * prod(batch_shape) * rule.dims["m"] * rule.dims["o"] * rule.dims["k"]
     rule.grad_flops = [rule.flops_fwd, rule.flops_fwd]
+    return rule
+
+
+def einsum_rule(equation: str, operands: list[TensorMeta | None], out: TensorMeta) -> LayerRule:
+    """Index letters become dimensions: in every operand and the output -> batch; in the output
+    -> out_channel (or sequence when only the first operand has it); summed away -> reduction.
+    FLOPs contract operands left to right, 2 per multiply-add, as the bmm calls torch lowers to."""
+    terms, output = _einsum_terms(equation, operands)
+    rule = LayerRule({}, {}, [], [])
+    extents: dict[str, int] = {}
+    for term, meta in zip(terms, operands):
+        for letter, extent in zip(term, meta.shape if meta else ()):
+            extents[letter] = max(extents.get(letter, 1), extent)
+    for letter, extent in extents.items():
+        in_all = all(letter in term for term in terms)
+        if letter not in output:
+            role = "reduction"
+        elif in_all or (output.index(letter) == 0 and letter in terms[0]):
+            role = "batch"
+        else:
+            role = "sequence" if letter in terms[0] else "out_channel"
+        rule.add(letter, extent, role)
+    rule.operand_maps = [list(term) for term in terms]
+    rule.out_map = list(output)
+    flops, live = 0, set(terms[0])
+    for index, term in enumerate(terms[1:], start=1):
+        joined = live | set(term)
+        flops += 2 * prod(extents[letter] for letter in joined)
+        needed = set(output).union(*terms[index + 1:])
+        live = {letter for letter in joined if letter in needed}
+    rule.flops_fwd = flops if len(terms) > 1 else 0
+    rule.grad_flops = [rule.flops_fwd] * len(terms)
+    return rule
+
+
+def _einsum_terms(equation: str, operands: list[TensorMeta | None]) -> tuple[list[str], str]:
+    equation = equation.replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    spare = iter("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    ellipsis = "".join(next(spare) for _ in range(max((len(m.shape) - len(t.replace("...", "")))
+                                                      for t, m in zip(terms, operands) if m and "..." in t)
+                                                  if "..." in equation else 0))
+    terms = [t.replace("...", ellipsis[len(ellipsis) - (len(m.shape) - len(t.replace("...", ""))):] if m else "")
+             for t, m in zip(terms, operands)]
+    if not _:
+        counts = {c: sum(t.count(c) for t in terms) for c in "".join(terms)}
+        output = ellipsis + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ellipsis))
+    return terms, output.replace("...", ellipsis)
+
+
+def embedding_rule(operands: list[TensorMeta | None], out: TensorMeta) -> LayerRule:
+    """A table lookup: index dims keep their names, the table is (vocab, c_out); no FLOPs."""
+    rule = LayerRule({}, {}, [], [])
+    index_slot = next(i for i, m in enumerate(operands) if m is not None and not m.dtype.is_floating_point)
+    indices = operands[index_slot]
+    lead = [rule.add(name, e, role) for (name, role), e in zip(generic_names(len(indices.shape) + 1)[:-1],
+                                                               indices.shape)]
+    weight = operands[1 - index_slot] if len(operands) > 1 else None
+    vocab = rule.add("vocab", weight.shape[0] if weight else 0, "reduction")
+    c_out = rule.add("c_out", out.shape[-1], "out_channel")
+    maps: list[DimMap | None] = [None] * len(operands)
+    maps[index_slot] = list(lead)
+    if weight is not None:
+        maps[1 - index_slot] = [vocab, c_out]
+    rule.operand_maps = maps
+    rule.out_map = [*lead, c_out]
+    rule.grad_flops = [0] * len(operands)
     return rule
 
 
@@ -194,6 +269,10 @@ def anchor_rule(kind: str, canonical: str, operands: list[TensorMeta | None], ou
         return rule
     if kind == "linear":
         return linear_rule(operands, out)
+    if canonical == "einsum" and "equation" in attrs:
+        return einsum_rule(attrs["equation"], operands, out)
+    if kind == "embedding":
+        return embedding_rule(operands, out)
     if kind == "matmul":
         offset = 1 if canonical == "baddbmm" else 0
         rule = matmul_rule(operands[offset], operands[offset + 1], out)  # type: ignore[arg-type]

@@ -16,6 +16,10 @@ def view_axis_map(op: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
     """The axis map of one view op from ``in_shape`` to ``out_shape``."""
     if "perm" in attrs:
         return [(p % len(in_shape),) for p in attrs["perm"]]
+    if attrs.get("reverse"):
+        return [(i,) for i in reversed(range(len(in_shape)))]
+    if "movedim" in attrs:
+        return [(p,) for p in movedim_permutation(len(in_shape), *attrs["movedim"])]
     if "swap" in attrs:
         perm = list(range(len(in_shape)))
         a, b = (d % len(in_shape) for d in attrs["swap"])
@@ -29,6 +33,17 @@ def view_axis_map(op: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
     if prod(in_shape) == prod(out_shape):
         return reshape_axis_map(in_shape, out_shape)
     return _greedy_axis_map(in_shape, out_shape)
+
+
+def movedim_permutation(ndim: int, source: int | list[int], destination: int | list[int]) -> list[int]:
+    """``torch.movedim``'s result as a permutation: out axis i comes from input axis perm[i]."""
+    sources = [s % ndim for s in (source if isinstance(source, (list, tuple)) else [source])]
+    destinations = [d % ndim for d in (destination if isinstance(destination, (list, tuple)) else [destination])]
+    perm: list[int | None] = [None] * ndim
+    for s, d in zip(sources, destinations):
+        perm[d] = s
+    rest = iter(i for i in range(ndim) if i not in sources)
+    return [p if p is not None else next(rest) for p in perm]
 
 
 def broadcast_axis_map(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> AxisMap:

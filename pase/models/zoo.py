@@ -49,12 +49,16 @@ class ModelSpec:
 
     def example_inputs(
         self,
-        batch: int,
+        batch: int | None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "meta",
         shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
-        """Positional and keyword example inputs; ``shapes`` overrides are validated first."""
+        """Positional and keyword example inputs; ``shapes`` overrides are validated first.
+
+        The batch follows the overrides when ``batch`` is None (``sample=4,3,32,32`` means batch 4
+        for every input); overrides that disagree with each other or with ``batch`` are an error.
+        """
         shapes = dict(shapes or {})
         unknown = set(shapes) - {spec.name for spec in self.inputs}
         if unknown:
@@ -62,6 +66,7 @@ class ModelSpec:
                 f"model {self.name!r} has no input named {sorted(unknown)}; its inputs are "
                 + ", ".join(f"{s.name} {_fmt_shape(s.shape)}" for s in self.inputs)
             )
+        batch = self._batch_of(shapes, batch)
         args: list[torch.Tensor] = []
         kwargs: dict[str, Any] = {}
         for spec in self.inputs:
@@ -78,6 +83,16 @@ class ModelSpec:
             else:
                 kwargs.setdefault(spec.keyword, {})[spec.name] = tensor
         return tuple(args), kwargs
+
+    def _batch_of(self, shapes: dict[str, tuple[int, ...]], batch: int | None) -> int:
+        implied = {name: shape[0] for name, shape in shapes.items()
+                   if shape and next(s for s in self.inputs if s.name == name).shape[:1] == (BATCH,)}
+        sizes = set(implied.values()) | ({batch} if batch is not None else set())
+        if len(sizes) > 1:
+            given = ", ".join(f"{name} has batch {size}" for name, size in implied.items())
+            raise InputShapeError(f"the batch sizes disagree: {given}" + (f", --batch is {batch}" if batch else "")
+                                  + "; give every input the same batch (first dimension)")
+        return sizes.pop() if sizes else self.default_batch
 
     def _check_shape(self, spec: InputSpec, shape: tuple[int, ...], batch: int) -> None:
         expected = spec.concrete(batch)
