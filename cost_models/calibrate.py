@@ -1,9 +1,10 @@
 """``pase hw calibrate``: measure what this machine achieves, and save it as a calibration profile.
 
-Collectives (all-reduce, all-gather, reduce-scatter, send/recv) are swept over message sizes
-with torch.distributed — NCCL on GPUs, gloo on CPU — and reported as nccl-tests does (algbw =
-bytes / time; busbw = algbw x 2(n-1)/n for all-reduce, x (n-1)/n for all-gather and
-reduce-scatter, x 1 for send/recv), then fitted to latency + bytes / bandwidth. Compute is
+Collectives (all-reduce, all-gather, reduce-scatter, send/recv) are swept over message sizes and
+group sizes (2, 4, ... up to the world) with torch.distributed — NCCL on GPUs, gloo on CPU — and
+reported as nccl-tests does (algbw = bytes / time; busbw = algbw x 2(n-1)/n for all-reduce,
+x (n-1)/n for all-gather and reduce-scatter, x 1 for send/recv), then fitted to latency +
+bytes / bandwidth. Compute is
 timed on the layer kinds and shapes of a LayerGraph (forward + backward; CUDA events on GPU,
 ``perf_counter`` on CPU) and reported as achieved FLOP/s per op kind; norm/elementwise kinds
 as achieved bytes/s. The profile is JSON keyed by a hardware fingerprint.
@@ -173,9 +174,18 @@ def _worker(rank: int, world: int, backend: str, port: int, config: CalibrationC
     dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         sizes = config.resolved_sizes()
-        steps = len(BUS_FACTOR) * len(sizes) + sum(len(v) for v in graph["layers"].values()) + 1
+        groups = group_sizes(world)
+        measured_ops = [(g, op) for g in groups for op in BUS_FACTOR if op != "send_recv" or g == 2]
+        steps = len(measured_ops) * len(sizes) + sum(len(v) for v in graph["layers"].values()) + 1
         bar = _Progress(steps, enabled=progress and rank == 0)
-        collectives = {op: measure_collective(op, sizes, device, config, bar) for op in BUS_FACTOR}
+        collectives: dict[str, dict[str, Any]] = {op: {} for op in BUS_FACTOR}
+        for size in groups:  # every rank creates every group; ranks outside one wait at the barrier
+            group = dist.new_group(list(range(size))) if size < world else None
+            if rank < size:
+                for g, op in measured_ops:
+                    if g == size:
+                        collectives[op][str(size)] = measure_collective(op, sizes, device, config, bar, group, size)
+            dist.barrier()
         compute = measure_compute(graph, device, config, bar)
         memory = measure_memory_bandwidth(device, config)
         bar.advance("memory bandwidth")
@@ -213,12 +223,12 @@ class _Progress:
 
 # ---------------------------------------------------------------------- collectives
 
-def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp)
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any = None) -> None:
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp, group=group)
 
 
-def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor) -> None:
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, inp)
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: Any = None) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, inp, group=group)
 
 
 def _sync(device: torch.device) -> None:
@@ -226,15 +236,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _collective_call(op: str, data: torch.Tensor, chunk: torch.Tensor, rank: int) -> Callable[[], None]:
-    """One call of ``op`` on ``data`` (the full buffer) and ``chunk`` (one rank's share)."""
+def group_sizes(world: int) -> list[int]:
+    """Group sizes to measure: powers of two up to the world, and the world itself (e.g. 2, 4, 6)."""
+    return sorted({2 ** k for k in range(1, world.bit_length()) if 2 ** k <= world} | {world})
+
+
+def _collective_call(op: str, data: torch.Tensor, chunk: torch.Tensor, rank: int,
+                     group: Any = None) -> Callable[[], None]:
+    """One call of ``op`` on ``data`` (the full buffer) and ``chunk`` (one rank's share) within ``group``."""
     def call() -> None:
         if op == "all_reduce":
-            dist.all_reduce(data)
+            dist.all_reduce(data, group=group)
         elif op == "all_gather":
-            _all_gather(data, chunk)
+            _all_gather(data, chunk, group)
         elif op == "reduce_scatter":
-            _reduce_scatter(chunk, data)
+            _reduce_scatter(chunk, data, group)
         elif rank == 0:  # send/recv ping-pong between ranks 0 and 1: one-way time is half the round trip
             dist.send(data, 1)
             dist.recv(data, 1)
@@ -246,19 +262,20 @@ def _collective_call(op: str, data: torch.Tensor, chunk: torch.Tensor, rank: int
 
 
 def measure_collective(op: str, sizes: list[int], device: torch.device, config: CalibrationConfig,
-                       bar: _Progress) -> dict[str, Any]:
-    """Time ``op`` at each size; seconds per call is the slowest rank's mean, as nccl-tests reports."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+                       bar: _Progress, group: Any = None, world: int | None = None) -> dict[str, Any]:
+    """Time ``op`` at each size within ``group`` (ranks 0..world-1); seconds per call is the slowest
+    rank's mean, as nccl-tests reports."""
+    world, rank = world or dist.get_world_size(), dist.get_rank()
     points = []
     for size in sizes:
-        elements = max(world, size // 4 // world * world)  # fp32, divisible by the world size
+        elements = max(world, size // 4 // world * world)  # fp32, divisible by the group size
         nbytes = elements * 4
         call = _collective_call(op, torch.ones(elements, device=device),
-                                torch.empty(elements // world, device=device), rank)
+                                torch.empty(elements // world, device=device), rank, group)
         for _ in range(config.warmup):
             call()
         _sync(device)
-        dist.barrier()
+        dist.barrier(group=group)
         started = time.perf_counter()
         for _ in range(config.iterations):
             call()
@@ -267,7 +284,7 @@ def measure_collective(op: str, sizes: list[int], device: torch.device, config: 
         if op == "send_recv":
             seconds /= 2
         slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
         seconds = float(slowest.item())
         algbw = nbytes / seconds / 1e9
         points.append({"bytes": nbytes, "seconds": seconds, "algbw_gbps": algbw,

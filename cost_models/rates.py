@@ -35,6 +35,17 @@ class CollectiveRate:
         return self.alpha_s + nbytes * BUS_FACTOR[op](group) / (self.busbw_gbps * 1e9)
 
 
+def profile_mismatch(cluster: Cluster, profile: dict[str, Any]) -> str | None:
+    """Why ``profile`` cannot price ``cluster`` (measured on other devices), or None when it can."""
+    devices = profile.get("fingerprint", {}).get("devices", [])
+    names = {cluster.gpu.id, cluster.gpu.name, *cluster.gpu.nvml_names}
+    if devices and all(device in names for device in devices):
+        return None
+    return (f"calibration profile {profile.get('fingerprint', {}).get('id')} was measured on {sorted(set(devices))}, "
+            f"not on {cluster.gpu.id}; calibrate on that hardware (`pase hw calibrate`) or leave --profile out to "
+            "price with catalog figures")
+
+
 class HardwareRates:
     """Rates for one cluster, from ``profile`` (a calibration JSON) when given."""
 
@@ -64,8 +75,8 @@ class HardwareRates:
 
     def collective(self, op: str, ranks: list[int]) -> CollectiveRate:
         """Latency and bus bandwidth of ``op`` over these global ranks (a ring: its slowest hop)."""
-        measured = (self.profile or {}).get("collectives", {}).get(op)
-        if measured and measured.get("group_size") == len(ranks):
+        measured = (self.profile or {}).get("collectives", {}).get(op, {}).get(str(len(ranks)))
+        if measured:
             return CollectiveRate(measured["alpha_us"] / 1e6, measured["busbw_gbps"], f"measured: {self.profile_name}")
         if len(ranks) <= 1:
             return CollectiveRate(0.0, float("inf"), "no communication")

@@ -87,12 +87,16 @@ def show(
     """Describe one cluster: GPUs, links (a topology matrix like nvidia-smi topo -m), network, rates."""
     from cost_models.calibrate import load_profile
     from cost_models.cluster import load_cluster
+    from cost_models.rates import profile_mismatch
 
     cluster = load_cluster(spec, _catalog(gpu_file)).with_overrides(price, parse_efficiency(efficiency or []))
     if as_json:
         print(json.dumps(cluster.to_dict(), indent=1))
         return
-    print_cluster(cluster, load_profile(profile) if profile else None, precision)
+    measured = load_profile(profile) if profile else None
+    if measured is not None and (reason := profile_mismatch(cluster, measured)):
+        raise PaseError(reason)
+    print_cluster(cluster, measured, precision)
 
 
 def print_cluster(cluster, profile=None, precision: str = "bf16") -> None:  # noqa: ANN001 - Cluster, dict
@@ -261,14 +265,16 @@ def print_profile(profile: dict) -> None:
     fingerprint = profile["fingerprint"]
     table = Table(title=f"collectives over {profile['world_size']} {profile['device']} processes "
                         f"({profile['backend']}), as nccl-tests reports them")
-    for column in ("op", "bytes", "time us", "algbw GB/s", "busbw GB/s"):
+    for column in ("op x group size", "bytes", "time us", "algbw GB/s", "busbw GB/s"):
         table.add_column(column, justify="right")
-    for op, entry in profile["collectives"].items():
-        for point in entry["points"]:
-            table.add_row(op, f"{point['bytes']:,}", f"{point['seconds'] * 1e6:.1f}", f"{point['algbw_gbps']:.3f}",
-                          f"{point['busbw_gbps']:.3f}")
-        table.add_row(f"[bold]{op} fit[/]", "", f"alpha {entry['alpha_us']:.1f}", f"{entry['algbw_gbps']:.3f}",
-                      f"{entry['busbw_gbps']:.3f}", end_section=True)
+    for op, by_group in profile["collectives"].items():
+        for group, entry in by_group.items():
+            name = f"{op} x{group}"
+            for point in entry["points"]:
+                table.add_row(name, f"{point['bytes']:,}", f"{point['seconds'] * 1e6:.1f}",
+                              f"{point['algbw_gbps']:.3f}", f"{point['busbw_gbps']:.3f}")
+            table.add_row(f"[bold]{name} fit[/]", "", f"alpha {entry['alpha_us']:.1f}", f"{entry['algbw_gbps']:.3f}",
+                          f"{entry['busbw_gbps']:.3f}", end_section=True)
     console.print(table)
     compute = Table(title=f"compute, forward + backward, per layer kind of {profile['layer_graph']['model']}")
     for column in ("kind", "achieved", "layers timed"):

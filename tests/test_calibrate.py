@@ -33,7 +33,9 @@ def _positive(value: float) -> bool:
 def test_every_measured_quantity_is_positive_and_finite(profile) -> None:
     assert profile["backend"] == "gloo" and profile["world_size"] == 2
     assert set(profile["collectives"]) == set(BUS_FACTOR)
-    for op, entry in profile["collectives"].items():
+    for op, by_group in profile["collectives"].items():
+        assert list(by_group) == ["2"], op
+        entry = by_group["2"]
         assert [p["bytes"] for p in entry["points"]] == [4096, 65536, 1 << 20], op
         for point in entry["points"]:
             assert all(_positive(point[k]) for k in ("seconds", "algbw_gbps", "busbw_gbps")), (op, point)
@@ -57,8 +59,16 @@ def test_rates_prefer_the_profile_and_say_so(profile) -> None:
     assert catalog.compute("conv").source.startswith("catalog")
     assert catalog.compute("conv").value == pytest.approx(362e12 * cluster.efficiency["conv"])
     ring = measured.collective("all_reduce", [0, 1])
-    assert ring.source.startswith("measured") and ring.busbw_gbps == profile["collectives"]["all_reduce"]["busbw_gbps"]
+    assert ring.source.startswith("measured")
+    assert ring.busbw_gbps == profile["collectives"]["all_reduce"]["2"]["busbw_gbps"]
     assert catalog.collective("all_reduce", [0, 1]).source.startswith("topology")
+
+
+def test_a_profile_from_other_hardware_is_refused(profile) -> None:
+    from cost_models.rates import profile_mismatch
+
+    reason = profile_mismatch(parse_spec("8xH100-SXM"), profile)
+    assert reason and "cpu" in reason and "H100-SXM" in reason
 
 
 def test_alpha_beta_fit_recovers_a_known_line() -> None:
@@ -87,3 +97,11 @@ def test_profile_file_is_json(profile, tmp_path) -> None:
     path.write_text(json.dumps({"format": "other"}))
     with pytest.raises(Exception, match="not a pase calibration profile"):
         load_profile(path)
+
+
+def test_group_sizes() -> None:
+    from cost_models.calibrate import group_sizes
+
+    assert group_sizes(2) == [2]
+    assert group_sizes(8) == [2, 4, 8]
+    assert group_sizes(6) == [2, 4, 6]
