@@ -18,8 +18,6 @@ from typing import Any
 
 from pase.errors import PaseError
 
-CATALOG_FORMAT = "pase-hardware-catalog"
-
 
 class UnknownHardwareError(PaseError):
     """A GPU or network name the catalog does not know."""

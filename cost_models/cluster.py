@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +95,13 @@ class Cluster:
             return PathInfo(per_gpu, per_gpu * self.network.achieved_fraction, self.network.latency_us, "NET")
         return self.local_paths()[(local_a, local_b)]
 
+    @cached_property
+    def _local_paths(self) -> dict[tuple[int, int], PathInfo]:
+        return _widest_paths(self.fabric, self.gpus_per_node)
+
     def local_paths(self) -> dict[tuple[int, int], PathInfo]:
-        """Widest path (max-min effective bandwidth) between every pair of GPUs of one node."""
-        cached = getattr(self, "_local_paths", None)
-        if cached is None:
-            cached = _widest_paths(self.fabric, self.gpus_per_node)
-            self._local_paths = cached
-        return cached
+        """Widest path (max-min effective bandwidth) between every pair of GPUs of one node (cached)."""
+        return self._local_paths
 
     def topology_matrix(self) -> list[list[PathInfo]]:
         n = self.gpus_per_node
