@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -117,3 +120,22 @@ def test_user_overrides_and_gpu_files(tmp_path) -> None:
     assert cluster.price.typical == 2.25 and cluster.efficiency["attention"] == 0.3
     with pytest.raises(Exception, match="efficiency"):
         parse_spec("8xH100-SXM").with_overrides(efficiency={"conv": 1.5})
+
+
+def _pase(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pase", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_cli_hw_list_and_show(tmp_path) -> None:
+    listing = _pase("hw", "list")
+    assert listing.returncode == 0, listing.stderr
+    for gpu_id in ("H100-SXM", "MI300X", "RTX4090", "IB-NDR400"):
+        assert gpu_id in listing.stdout
+    extra = tmp_path / "gpus.yaml"
+    extra.write_text("gpus:\n  MyGPU: {bf16_tflops: 50, fp32_tflops: 10, memory_gb: 16, memory_bw_gbps: 500}\n")
+    shown = _pase("hw", "show", "2xMyGPU", "--gpu-file", str(extra), "--price", "0.5")
+    assert shown.returncode == 0, shown.stderr
+    assert "MyGPU" in shown.stdout and "$0.5" in shown.stdout and "GPU1" in shown.stdout
+    bad = _pase("hw", "show", "8xH100-SMX")
+    assert bad.returncode == 2 and "Did you mean H100-SXM" in bad.stderr and "Traceback" not in bad.stderr
