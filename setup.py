@@ -32,6 +32,7 @@ setup(
         "typer>=0.12",
         "rich>=13.7",
         "pyyaml>=6",
+        "orjson>=3.9",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

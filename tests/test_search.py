@@ -1,0 +1,110 @@
+"""The exact search: brute-force equality, the cost-graph file format and `pase search`."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pase.search import CostGraph, CostGraphError, brute_force, solve
+
+
+def random_graph(rng: np.random.Generator, max_vertices: int = 8, max_configs: int = 4) -> CostGraph:
+    n = int(rng.integers(1, max_vertices + 1))
+    sizes = [int(rng.integers(1, max_configs + 1)) for _ in range(n)]
+    edges = []
+    for _ in range(int(rng.integers(0, 2 * n + 1)) if n > 1 else 0):
+        s, d = (int(x) for x in rng.choice(n, 2, replace=False))
+        edges.append((s, d, np.round(rng.random((sizes[s], sizes[d])) * 10, 2)))
+    if n > 1 and rng.random() < 0.5:  # a multi-edge: the same pair twice, once reversed
+        s, d = edges[0][:2] if edges else (0, 1)
+        edges.append((d, s, np.round(rng.random((sizes[d], sizes[s])) * 10, 2)))
+    costs = [np.round(rng.random(k) * 10, 2) for k in sizes]
+    return CostGraph("random", 4, [f"v{i}" for i in range(n)], ["op"] * n,
+                     [[[c] for c in range(k)] for k in sizes], costs, edges)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_elimination_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(40):  # 160 random graphs in all, up to 8 vertices, with multi-edges
+        graph = random_graph(rng)
+        exact = brute_force(graph)
+        for prune in (True, False):
+            found = solve(graph, prune=prune)
+            assert found.optimum == pytest.approx(exact.optimum, abs=1e-9)
+            assert graph.objective(found.assignment) == pytest.approx(found.optimum, abs=1e-9)
+
+
+def test_multi_edges_are_all_paid() -> None:
+    one = np.array([[0.0, 5.0], [5.0, 0.0]])
+    graph = CostGraph("pair", 2, ["a", "b"], ["x", "x"], [[[1], [2]], [[1], [2]]],
+                      [np.array([0.0, 1.0]), np.array([1.0, 0.0])], [(0, 1, one), (0, 1, one), (1, 0, one.T)])
+    solution = solve(graph)
+    assert solution.optimum == pytest.approx(1.0)  # disagreeing would pay 3 x 5
+    assert graph.objective([0, 1]) == pytest.approx(15.0)
+
+
+def test_infeasible_configurations_are_avoided() -> None:
+    inf = np.inf
+    graph = CostGraph("inf", 2, ["a", "b"], ["x", "x"], [[[1], [2]], [[1], [2]]],
+                      [np.array([0.0, inf]), np.array([0.0, 0.0])], [(0, 1, np.array([[inf, 2.0], [0.0, 0.0]]))])
+    solution = solve(graph)
+    assert solution.assignment == [0, 1] and solution.optimum == pytest.approx(2.0)
+
+
+def test_file_round_trip(tmp_path) -> None:
+    graph = random_graph(np.random.default_rng(7), max_vertices=6)
+    for name in ("g.json", "g.json.gz"):
+        path = tmp_path / name
+        graph.save(path)
+        loaded = CostGraph.load(path)
+        assert loaded.ids == graph.ids and loaded.sizes == graph.sizes
+        assert solve(loaded).optimum == pytest.approx(solve(graph).optimum)
+
+
+def _file(tmp_path, data) -> str:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+GOOD = {"format": "pase-cost-graph", "version": 1, "name": "g", "devices": 2,
+        "vertices": [{"id": "a", "op": "conv", "configs": [[1], [2]], "cost": [1, 2]},
+                     {"id": "b", "op": "conv", "configs": [[1], [2]], "cost": [3, 4]}],
+        "edges": [{"src": "a", "dst": "b", "cost": [[0, 1], [1, 0]]}], "extra": "ignored"}
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d.update(format="other"), "not a pase-cost-graph"),
+    (lambda d: d.update(version=2), "version 2"),
+    (lambda d: d["vertices"][1].update(cost=[3, 4, 5]), "vertex #1 ('b'): 2 configs but 3 costs"),
+    (lambda d: d["edges"][0].update(dst="zz"), "unknown dst vertex 'zz'"),
+    (lambda d: d["edges"][0].update(cost=[[0, 1]]), "edge #0 (a -> b): cost matrix is 1x2"),
+    (lambda d: d["vertices"][0].update(cost=["x", 1]), "vertex #0 ('a') cost must be a list of numbers"),
+    (lambda d: d["vertices"].append({"id": "a", "cost": [1]}), "duplicate vertex id"),
+    (lambda d: d["edges"].append({"src": "a", "dst": "a", "cost": [[0, 0], [0, 0]]}), "two different vertices"),
+])
+def test_invalid_files_name_the_problem(tmp_path, mutate, needle: str) -> None:
+    data = json.loads(json.dumps(GOOD))
+    mutate(data)
+    with pytest.raises(CostGraphError) as info:
+        CostGraph.load(_file(tmp_path, data))
+    assert needle in str(info.value)
+
+
+def test_cli_search_json(tmp_path) -> None:
+    path = tmp_path / "g.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(GOOD).encode()))
+    result = subprocess.run([sys.executable, "-m", "pase", "search", "--cost-graph", str(path), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["optimum"] == pytest.approx(4.0) and answer["assignment"] == {"a": 0, "b": 0}
+    assert answer["seconds"] >= 0
+    bad = subprocess.run([sys.executable, "-m", "pase", "search", "--cost-graph", str(tmp_path / "none.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
