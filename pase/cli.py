@@ -162,6 +162,116 @@ def graph(
 
 
 @app.command()
+def plan(
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model or package.module:factory.")] = "sd15-unet",
+    cluster: Annotated[str, typer.Option("--cluster", "-c", help="Cluster spec (e.g. 8xH100-SXM, "
+                                         "2x8xA100-80GB-SXM+IB-NDR400x4) or a JSON/YAML system file.")]
+    = "8xH100-SXM",
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Global batch per training step.")] = 64,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the plan JSON here.")] = None,
+    explain: Annotated[str | None, typer.Option(help="Show the best alternatives for this layer id.")] = None,
+    only: Annotated[str | None, typer.Option(help="Restrict to dp (batch splits only) or tensor "
+                                             "(no batch splits).")] = None,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state.")] = False,
+    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Recompute activations inside blocks.")] = False,
+    precision: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
+    memory_fraction: Annotated[float, typer.Option(min=0.05, max=1.0, help="Share of GPU memory a plan may "
+                                                   "use.")] = 0.9,
+    profile: Annotated[Path | None, typer.Option(help="Calibration profile to price with.")] = None,
+    gpu_file: Annotated[list[Path] | None, typer.Option("--gpu-file", help="Extra catalog entries.")] = None,
+    input_shape: Annotated[list[str] | None, typer.Option("--input-shape", help="As for `pase graph`.")] = None,
+) -> None:
+    """Plan how to split every layer of a model over a cluster, and compare with DDP and FSDP."""
+    import torch
+
+    from cost_models.calibrate import load_profile
+    from cost_models.catalog import Catalog
+    from cost_models.cluster import load_cluster
+    from cost_models.rates import profile_mismatch
+    from pase.graph import extract_model
+    from pase.planner import PlanOptions, plan_graph
+
+    if only not in (None, "dp", "tensor"):
+        raise PaseError(f"--only must be dp or tensor, not {only!r}")
+    if precision not in DTYPES:
+        raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
+    target = load_cluster(cluster, Catalog.load(gpu_file or []))
+    measured = load_profile(profile) if profile else None
+    if measured is not None and (reason := profile_mismatch(target, measured)):
+        raise PaseError(reason)
+    named, positional = parse_input_shapes(input_shape or [])
+    with err_console.status(f"capturing {model} at batch {batch} ...") as status:
+        graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[precision]), input_shapes=named or None,
+                              user_input_shapes=positional or None)
+        options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
+                              checkpointing=checkpoint)
+        result = plan_graph(graph, target, profile=measured, options=options,
+                            progress=lambda what: status.update(f"{what} ..."))
+    print_plan(result)
+    if explain:
+        _print_explain(graph, target, measured, options, result, explain)
+    if json_path is not None:
+        try:
+            result.save(json_path)
+        except OSError as exc:
+            raise PaseError(f"cannot write --json {json_path}: {exc.strerror or exc}") from None
+        console.print(f"wrote {json_path}")
+
+
+def print_plan(result) -> None:  # noqa: ANN001 - pase.plan.Plan
+    from pase.planner import summarize_blocks
+
+    table = Table(title=f"plan for {result.model} on {result.cluster} ({result.devices} devices), global batch "
+                        f"{result.batch}, {result.precision}")
+    for column in ("block", "layers", "split (most layers)", "time ms", "memory GiB"):
+        table.add_column(column, justify="left" if column in ("block", "split (most layers)") else "right")
+    for block in summarize_blocks(result):
+        split, count = block["splits"].most_common(1)[0]
+        others = f" (+{block['layers'] - count} other)" if count < block["layers"] else ""
+        table.add_row(block["block"], str(block["layers"]), split + others, f"{block['seconds'] * 1e3:.2f}",
+                      f"{block['memory'] / 2**30:.2f}")
+    console.print(table)
+    compare = Table(title="predicted step (same cost model for every row)")
+    for column in ("strategy", "step ms", "samples/s", "compute ms", "communication ms", "memory GiB/device"):
+        compare.add_column(column, justify="left" if column == "strategy" else "right")
+    rows = [("pase plan", result.predicted), *((name, p) for name, p in result.baselines.items())]
+    for name, prediction in rows:
+        if prediction is None:
+            compare.add_row(name, "does not fit", "", "", "", "")
+            continue
+        compare.add_row(name, f"{prediction.step_seconds * 1e3:.2f}", f"{prediction.samples_per_second:,.0f}",
+                        f"{prediction.compute_seconds * 1e3:.2f}", f"{prediction.communication_seconds * 1e3:.2f}",
+                        f"{prediction.memory_bytes_per_device / 2**30:.2f}")
+    console.print(compare)
+    best = [p for p in result.baselines.values() if p]
+    if best:
+        speedup = min(p.step_seconds for p in best) / result.predicted.step_seconds
+        console.print(f"pase plan is {speedup:.2f}x the best pure data-parallel baseline. Search "
+                      f"{result.search['seconds']:.2f} s over {result.search['configs']:,} configurations "
+                      f"(elimination width {result.search['width']}, largest table "
+                      f"{result.search['largest_table']:,}); rates: {result.options['rates']}.")
+
+
+def _print_explain(graph, target, measured, options, result, layer_id: str) -> None:  # noqa: ANN001
+    from cost_models.layer_costs import CostModel, CostOptions
+    from cost_models.rates import HardwareRates
+    from pase.planner import explain as explain_layer
+    from pase.planner import price_graph
+
+    model = CostModel(target, HardwareRates(target, measured, options.precision),
+                      CostOptions(precision=options.precision, fsdp=options.fsdp, checkpointing=options.checkpointing))
+    rows = explain_layer(graph, result, price_graph(graph, model, options), layer_id)
+    table = Table(title=f"alternatives for {layer_id} (every other layer as planned; layer + its re-layouts)")
+    for column in ("split", "seconds", "vs plan", "memory GiB", ""):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(" ".join(f"{d}={f}" for d, f in row["splits"].items()), f"{row['seconds'] * 1e3:.3f} ms",
+                      f"{row['delta_seconds'] * 1e3:+.3f} ms", f"{row['memory_bytes'] / 2**30:.3f}",
+                      "chosen" if row["chosen"] else "")
+    console.print(table)
+
+
+@app.command()
 def search(
     cost_graph: Annotated[Path, typer.Option("--cost-graph", help="A pase-cost-graph v1 file (JSON or gzip JSON).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print {optimum, assignment, seconds} as JSON.")] = False,

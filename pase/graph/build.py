@@ -61,6 +61,7 @@ class _Layer:
     flops_bwd: int = 0
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+    input_maps: list[list[str | None]] = field(default_factory=list)  # one per activation edge in
 
 
 class _Builder:
@@ -228,6 +229,7 @@ class _Builder:
         for value in self.values.values():
             if value.layer == layer.id:
                 value.axes = [tuple(rename.get(d, d) for d in axis) for axis in value.axes]
+        layer.input_maps = [[rename.get(d, d) if d else d for d in m] for m in layer.input_maps]
         v_meta = metas[1]
         batch = [d for d in rule.dims if rule.roles[d] in ("batch", "head")]
         d_v = "d" if v_meta.shape[-1] == rule.dims["d"] else rule.add("dv", v_meta.shape[-1], "out_channel")
@@ -338,6 +340,8 @@ class _Builder:
         if key in self.edge_keys:
             return
         self.edge_keys.add(key)
+        if dim_map is not None:
+            layer.input_maps.append(list(dim_map))
         meta = value.meta if isinstance(value.meta, TensorMeta) else value.base_meta
         base = value.base_meta or meta
         assert meta is not None and base is not None
@@ -369,7 +373,8 @@ class _Builder:
             graph.add_node(
                 layer.id, index=layer.index, op=layer.op, module=layer.module, module_class=layer.module_class,
                 block=layer.block, dims=dict(rule.dims), roles=dict(rule.roles),
-                tensors={"operands": [m for m in rule.operand_maps], "output": list(rule.out_map)},
+                tensors={"operands": [m for m in rule.operand_maps], "inputs": layer.input_maps,
+                         "output": list(rule.out_map)},
                 params=layer.params,
                 param_count=sum(p.get("numel", 0) for p in layer.params.values() if p["trainable"]),
                 param_bytes=sum(p.get("bytes", 0) for p in layer.params.values() if p["trainable"]),

@@ -1,0 +1,222 @@
+"""Per-layer and per-edge costs of parallel configurations, in seconds and bytes (vectorised).
+
+For a layer and every configuration of its ``SplitSpace``:
+- compute: forward + backward FLOPs of the local shard at the kind's achieved rate, or the
+  bytes it touches at memory bandwidth if that is slower (a roofline), plus fused pointwise
+  work at memory bandwidth;
+- collectives, from the layer's tensor maps (PaSE's three all-reduces, generalised): an
+  output missing a split dimension holds partial sums (forward all-reduce over that group);
+  an activation input missing one gets partial gradients (backward all-reduce); a weight
+  missing one is replicated there, so its gradient is all-reduced over that group (data
+  parallelism), or reduce-scattered and all-gathered twice under FSDP;
+- halo exchange for spatially split convolutions, statistics all-reduce for split norms;
+- memory per device: weights, gradients and optimizer state of the local weight shard
+  (divided by the replica group under FSDP) plus the activations kept for backward.
+For an edge and every (producer, consumer) configuration pair: the re-layout volume that must
+move (the consumer's local block minus its overlap with the producer's, forward activation
+and backward gradient) at the cluster's per-device bandwidth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from cost_models.cluster import Cluster
+from cost_models.rates import HardwareRates
+from strategies.splits import SplitSpace
+
+COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
+NORM_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm"})
+TRAINING_BYTES_PER_PARAM = 16  # mixed-precision AdamW: bf16 weight + grad, fp32 master + two moments
+GRADIENT_BUCKET_BYTES = 25 * 2**20  # DDP/FSDP fuse gradient collectives into buckets of about this size
+
+
+@dataclass
+class CostOptions:
+    precision: str = "bf16"
+    fsdp: bool = False
+    checkpointing: bool = False
+    bytes_per_param: int = TRAINING_BYTES_PER_PARAM
+
+
+@dataclass
+class CostModel:
+    cluster: Cluster
+    rates: HardwareRates
+    options: CostOptions = field(default_factory=CostOptions)
+
+    def __post_init__(self) -> None:
+        self.devices = self.cluster.world_size
+        self._collective = lru_cache(maxsize=None)(self._collective_uncached)
+        self.relayout_gbps = self.rates.collective("all_gather", list(range(self.devices))).busbw_gbps \
+            if self.devices > 1 else float("inf")
+
+    # ------------------------------------------------------------------ collectives
+    def _collective_uncached(self, op: str, group: int, stride: int) -> tuple[float, float]:
+        ranks = [(i * stride) % self.devices for i in range(group)]
+        rate = self.rates.collective(op, ranks)
+        return rate.alpha_s, rate.busbw_gbps
+
+    def collective_seconds(self, op: str, nbytes: np.ndarray, group: np.ndarray, stride: np.ndarray,
+                           bucketed: bool = False) -> np.ndarray:
+        """Time of ``op`` on ``nbytes`` per device over groups of ``group`` ranks spaced ``stride`` apart.
+
+        ``bucketed`` collectives (weight gradients) share their latency with the rest of a
+        gradient bucket, as DDP and FSDP fuse them: each pays its share of one call's latency.
+        """
+        out = np.zeros(np.broadcast(nbytes, group, stride).shape)
+        nbytes, group, stride = np.broadcast_arrays(nbytes, group, stride)
+        factor = {"all_reduce": lambda g: 2 * (g - 1) / g, "all_gather": lambda g: (g - 1) / g,
+                  "reduce_scatter": lambda g: (g - 1) / g, "send_recv": lambda g: 1.0}[op]
+        for g, s in {(int(g), int(s)) for g, s in zip(group.ravel(), stride.ravel()) if g > 1}:
+            alpha, busbw = self._collective(op, g, s)
+            where = (group == g) & (stride == s)
+            latency = alpha * np.minimum(1.0, nbytes[where] / GRADIENT_BUCKET_BYTES) if bucketed else alpha
+            out[where] = latency + nbytes[where] * factor(g) / (busbw * 1e9)
+        return out
+
+    # ------------------------------------------------------------------ layers
+    def layer_costs(self, layer: dict[str, Any], space: SplitSpace, block_output: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(compute seconds, communication seconds, bytes per device) for every configuration of
+        ``layer``. O(K * dims)."""
+        f = self._factor_table(layer, space)  # (K, D) over all layer dims
+        dims = list(layer["dims"])
+        extent = np.array([layer["dims"][d] for d in dims], dtype=np.float64)
+        used = f.prod(axis=1)
+        itemsize = 2 if self.options.precision in ("bf16", "fp16") else 4
+        maps = layer["tensors"]
+        out_map = maps["output"]
+
+        def local(tensor_map: list) -> np.ndarray:
+            """Elements of a tensor over ``tensor_map`` held by one device."""
+            idx = [dims.index(d) for d in tensor_map if d in dims]
+            return (extent[idx].prod() / f[:, idx].prod(axis=1)) if idx else np.ones(len(f))
+
+        def missing(tensor_map: list, among: set[str] | None = None) -> np.ndarray:
+            """Product of the splits of dimensions (``among`` these) a tensor does not run over."""
+            idx = [i for i, d in enumerate(dims) if d not in tensor_map and (among is None or d in among)]
+            return f[:, idx].prod(axis=1) if idx else np.ones(len(f), dtype=np.int64)
+
+        def gradient_group(weight_map: list) -> np.ndarray:
+            """Devices whose gradients of this weight differ and must be summed: the splits of the dims
+            its gradient contraction sums over (output dims for a bias or scale, output and input dims
+            for a weight)."""
+            summed = set(out_map) if set(weight_map) <= set(out_map) else set(out_map).union(*map(set, activations))
+            return missing(weight_map, summed)
+
+        kind = layer["op"]
+        flops = float(layer["flops_fwd"] + layer["flops_bwd"])
+        activations = maps.get("inputs", [])
+        weights = [p for p in layer["params"].values() if p.get("trainable") and "map" in p and "numel" in p]
+        out_local = local(out_map)
+        touched = out_local + sum((local(m) for m in activations), np.zeros(len(f)))
+        weight_local = sum((p["numel"] / np.maximum(1, self._weight_split(p["map"], dims, f)) for p in weights),
+                           np.zeros(len(f)))
+        memory_rate = self.rates.memory(kind).value
+        seconds = np.zeros(len(f))
+        if kind in COMPUTE_KINDS and flops > 0:
+            compute_rate = self.rates.compute(kind).value
+            seconds += np.maximum(flops / used / compute_rate, 3 * (touched + weight_local) * itemsize / memory_rate)
+        pointwise = float(layer.get("pointwise_elems", 0)) * itemsize * 4  # fwd read+write, bwd read+write
+        seconds += pointwise / used / memory_rate
+        if self.options.checkpointing and not block_output and kind in COMPUTE_KINDS:
+            seconds += float(layer["flops_fwd"]) / used / self.rates.compute(kind).value  # recompute forward
+
+        # collectives from the tensor maps
+        comm = self.collective_seconds("all_reduce", out_local * itemsize, missing(out_map), 1)
+        for m in activations:
+            comm += self.collective_seconds("all_reduce", local(m) * itemsize, missing(m), 1)
+        for p in weights:
+            replicas = gradient_group(p["map"])
+            shard = p["numel"] / self._weight_split(p["map"], dims, f) * itemsize
+            stride = np.maximum(1, used // np.maximum(1, replicas))
+            if self.options.fsdp:
+                comm += self.collective_seconds("reduce_scatter", shard, replicas, stride, bucketed=True)
+                comm += 2 * self.collective_seconds("all_gather", shard, replicas, stride, bucketed=True)
+            else:
+                comm += self.collective_seconds("all_reduce", shard, replicas, stride, bucketed=True)
+        comm += self._halo_seconds(layer, dims, f, extent, itemsize)
+        comm += self._norm_stats_seconds(layer, dims, f, extent)
+
+        # memory per device
+        state = weight_local * self.options.bytes_per_param
+        if self.options.fsdp and weights:
+            replicas = np.max(np.stack([gradient_group(p["map"]) for p in weights]), axis=0)
+            state = state / replicas
+        saved = out_local * itemsize
+        if self.options.checkpointing and not block_output:
+            saved = np.zeros(len(f))
+        return seconds, comm, state + saved
+
+    @staticmethod
+    def _weight_split(weight_map: list, dims: list[str], f: np.ndarray) -> np.ndarray:
+        idx = [dims.index(d) for d in weight_map if d in dims]
+        return f[:, idx].prod(axis=1) if idx else np.ones(len(f), dtype=np.int64)
+
+    @staticmethod
+    def _factor_table(layer: dict[str, Any], space: SplitSpace) -> np.ndarray:
+        dims = list(layer["dims"])
+        table = np.ones((len(space), len(dims)), dtype=np.int64)
+        for j, name in enumerate(space.dims):
+            table[:, dims.index(name)] = space.factors[:, j]
+        return table
+
+    def _halo_seconds(self, layer: dict[str, Any], dims: list[str], f: np.ndarray, extent: np.ndarray,
+                      itemsize: int) -> np.ndarray:
+        if layer["op"] != "conv" or "h" not in dims:
+            return np.zeros(len(f))
+        kh = layer["dims"].get("kh", 1)
+        if kh <= 1:
+            return np.zeros(len(f))
+        h, w = dims.index("h"), dims.index("w")
+        n, c_in = dims.index("n"), dims.index("c_in")
+        split = f[:, h] * f[:, w]
+        rows = (kh // 2) * (extent[w] / f[:, w] + extent[h] / f[:, h])  # halo cells around the local tile
+        nbytes = 2 * rows * (extent[c_in] / f[:, c_in]) * (extent[n] / f[:, n]) * itemsize
+        return np.where(split > 1, 2 * self.collective_seconds("send_recv", nbytes, np.where(split > 1, 2, 1), 1), 0.0)
+
+    def _norm_stats_seconds(self, layer: dict[str, Any], dims: list[str], f: np.ndarray,
+                            extent: np.ndarray) -> np.ndarray:
+        if layer["op"] not in NORM_KINDS:
+            return np.zeros(len(f))
+        spatial = [i for i, d in enumerate(dims) if layer["roles"][d] in ("spatial", "sequence")]
+        if not spatial:
+            return np.zeros(len(f))
+        group = f[:, spatial].prod(axis=1)
+        n = dims.index("n") if "n" in dims else None
+        stats = 2 * 4 * (extent[n] / f[:, n] if n is not None else 1) * int(layer.get("attrs", {}).get("groups", 32))
+        return 2 * self.collective_seconds("all_reduce", stats, group, 1)
+
+    # ------------------------------------------------------------------ edges
+    def edge_costs(self, edge: dict[str, Any], producer: dict[str, Any], src: SplitSpace, consumer: dict[str, Any],
+                   dst: SplitSpace) -> np.ndarray:
+        """Re-layout seconds for every (producer config, consumer config) pair: (K_src, K_dst)."""
+        shape = np.array(edge["shape"], dtype=np.float64)
+        if self.devices <= 1 or not len(shape):
+            return np.zeros((len(src), len(dst)))
+        fp = self._factor_table(producer, src)
+        fc = self._factor_table(consumer, dst)
+        pdims, cdims = list(producer["dims"]), list(consumer["dims"])
+        axes = len(shape)
+        s_split = np.ones((len(src), axes))
+        for a, names in enumerate(edge["src_map"]):
+            for name in names:
+                if name in pdims:
+                    s_split[:, a] *= fp[:, pdims.index(name)]
+        t_split = np.ones((len(dst), axes))
+        for j, name in enumerate(edge["dst_map"]):
+            base_axes = edge["axis_map"][j] if j < len(edge["axis_map"]) else []
+            if name in cdims and base_axes:
+                t_split[:, base_axes[0]] *= fc[:, cdims.index(name)]
+        s_block = shape / np.maximum(1, np.minimum(s_split, shape))
+        t_block = shape / np.maximum(1, np.minimum(t_split, shape))
+        target = t_block.prod(axis=1)
+        overlap = np.minimum(s_block[:, None, :], t_block[None, :, :]).prod(axis=2)
+        moved = np.maximum(0.0, target[None, :] - overlap)
+        fraction = min(1.0, edge["bytes"] / max(1.0, shape.prod() * edge["dtype_bytes"]))
+        itemsize = 2 if self.options.precision in ("bf16", "fp16") else edge["dtype_bytes"]
+        return 2 * moved * fraction * itemsize / (self.relayout_gbps * 1e9)

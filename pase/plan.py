@@ -1,0 +1,78 @@
+"""``Plan``: what the search chose, as versioned plain JSON (loading one never executes code)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pase.errors import PaseError
+
+PLAN_SCHEMA = "pase.plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerChoice:
+    id: str
+    op: str
+    block: str
+    splits: dict[str, int]  # dimension -> split factor (absent = 1)
+    seconds: float
+    memory_bytes: float
+
+
+@dataclass
+class Prediction:
+    step_seconds: float
+    samples_per_second: float
+    memory_bytes_per_device: float
+    compute_seconds: float = 0.0
+    communication_seconds: float = 0.0
+
+
+@dataclass
+class Plan:
+    model: str
+    model_fingerprint: str
+    cluster: str
+    devices: int
+    batch: int
+    precision: str
+    options: dict[str, Any]
+    layers: list[LayerChoice]
+    predicted: Prediction
+    baselines: dict[str, Prediction | None] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["baselines"] = {k: (asdict(v) if v else None) for k, v in self.baselines.items()}
+        return {"schema": PLAN_SCHEMA, "schema_version": PLAN_VERSION, **data}
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.to_dict(), handle, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if data.get("schema") != PLAN_SCHEMA:
+            raise PaseError(f"not a pase plan (schema {data.get('schema')!r})")
+        if data.get("schema_version") != PLAN_VERSION:
+            raise PaseError(f"plan schema version {data.get('schema_version')} is not supported (this pase reads "
+                            f"{PLAN_VERSION}); re-run `pase plan`")
+        body = {k: v for k, v in data.items() if k not in ("schema", "schema_version")}
+        body["layers"] = [LayerChoice(**layer) for layer in body["layers"]]
+        body["predicted"] = Prediction(**body["predicted"])
+        body["baselines"] = {k: (Prediction(**v) if v else None) for k, v in body.get("baselines", {}).items()}
+        return cls(**body)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_dict(json.loads(Path(path).read_text()))

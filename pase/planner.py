@@ -1,0 +1,257 @@
+"""The planner: LayerGraph + Cluster -> cost graph -> exact search -> Plan (with DDP/FSDP baselines).
+
+Per layer, every configuration of its split space is priced by ``cost_models.layer_costs``;
+per edge, every configuration pair's re-layout. The exact min-sum search minimises the step
+time. The per-device memory limit is enforced by Lagrangian relaxation: memory enters the
+vertex costs with a price that is raised (doubling, then bisection) until the optimum fits; a
+plan that cannot fit even at minimum memory is reported with what would help.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from cost_models.cluster import Cluster
+from cost_models.layer_costs import CostModel, CostOptions
+from cost_models.rates import HardwareRates
+from pase.errors import PaseError
+from pase.graph import LayerGraph
+from pase.plan import LayerChoice, Plan, Prediction
+from pase.search import CostGraph, solve
+from strategies.splits import SplitSpace, split_space
+
+
+class PlanDoesNotFit(PaseError):
+    """No configuration of the model fits the devices' memory."""
+
+
+@dataclass
+class PlanOptions:
+    precision: str = "bf16"
+    memory_fraction: float = 0.9
+    only: str | None = None  # "dp" or "tensor"
+    fsdp: bool = False
+    checkpointing: bool = False
+    min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
+
+
+@dataclass
+class PricedGraph:
+    """Everything the search and the reports need, computed once per (graph, cluster, options)."""
+
+    ids: list[str]
+    spaces: list[SplitSpace]
+    compute: list[np.ndarray]
+    comm: list[np.ndarray]
+    memory: list[np.ndarray]
+    edges: list[tuple[int, int, np.ndarray]]
+
+    def cost_graph(self, memory_price: float, name: str, devices: int) -> CostGraph:
+        costs = [c + m + memory_price * mem for c, m, mem in zip(self.compute, self.comm, self.memory)]
+        configs = [space.factors.tolist() for space in self.spaces]
+        return CostGraph(name, devices, self.ids, [""] * len(self.ids), configs, costs, self.edges)
+
+    def totals(self, assignment: list[int]) -> tuple[float, float, float, float]:
+        """(compute, layer communication, re-layout, memory) of an assignment."""
+        compute = sum(float(c[k]) for c, k in zip(self.compute, assignment))
+        comm = sum(float(c[k]) for c, k in zip(self.comm, assignment))
+        relayout = sum(float(m[assignment[s], assignment[d]]) for s, d, m in self.edges)
+        memory = sum(float(m[k]) for m, k in zip(self.memory, assignment))
+        return compute, comm, relayout, memory
+
+
+def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
+                progress: Callable[[str], None] | None = None) -> PricedGraph:
+    devices = model.devices
+    layers = list(graph.layers())
+    ids = [layer_id for layer_id, _ in layers]
+    index = {layer_id: i for i, layer_id in enumerate(ids)}
+    spaces = [split_space(data, devices, options.min_chunk, options.only) for _, data in layers]
+    block_outputs = _block_outputs(graph)
+    compute, comm, memory = [], [], []
+    for (layer_id, data), space in zip(layers, spaces):
+        c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs)
+        compute.append(c)
+        comm.append(m)
+        memory.append(mem)
+    if progress:
+        progress("pricing re-layouts")
+    edges = []
+    for src, dst, data in graph.graph.edges(data=True):
+        s, d = index[src], index[dst]
+        edges.append((s, d, model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])))
+    return PricedGraph(ids, spaces, compute, comm, memory, edges)
+
+
+def _block_outputs(graph: LayerGraph) -> set[str]:
+    outputs = {o["layer"] for o in graph.meta.get("outputs", [])}
+    for src, dst in graph.graph.edges():
+        if graph[src]["block"] != graph[dst]["block"]:
+            outputs.add(src)
+    return outputs
+
+
+def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
+               options: PlanOptions | None = None, progress: Callable[[str], None] | None = None) -> Plan:
+    """The fastest plan that fits memory, with DDP and FSDP priced by the same model."""
+    options = options or PlanOptions()
+    started = time.perf_counter()
+    rates = HardwareRates(cluster, profile, options.precision)
+    cost_options = CostOptions(precision=options.precision, fsdp=options.fsdp, checkpointing=options.checkpointing)
+    model = CostModel(cluster, rates, cost_options)
+    if progress:
+        progress(f"pricing {len(graph)} layers on {cluster.world_size} devices")
+    priced = price_graph(graph, model, options, progress)
+    limit = cluster.gpu.memory_bytes * options.memory_fraction
+    if progress:
+        progress("searching")
+    assignment, stats, price = _search_under_memory(priced, limit, cluster)
+    searched = time.perf_counter()
+    predicted = _prediction(priced, assignment, graph.batch)
+    baselines = {
+        "ddp": _baseline(graph, cluster, rates, options, priced, fsdp=False, limit=limit),
+        "fsdp": _baseline(graph, cluster, rates, options, priced, fsdp=True, limit=limit),
+    }
+    layers = []
+    for v, (layer_id, data) in enumerate(graph.layers()):
+        k = assignment[v]
+        layers.append(LayerChoice(layer_id, data["op"], data["block"], priced.spaces[v].config(k),
+                                  float(priced.compute[v][k] + priced.comm[v][k]), float(priced.memory[v][k])))
+    return Plan(
+        model=str(graph.meta.get("model")), model_fingerprint=fingerprint(graph), cluster=cluster.spec,
+        devices=cluster.world_size, batch=graph.batch, precision=options.precision,
+        options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
+                 "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
+                 "memory_limit_bytes": limit, "rates": rates.compute("conv").source},
+        layers=layers, predicted=predicted, baselines=baselines,
+        search={"seconds": round(searched - started, 3), "width": stats.width, "largest_table": stats.largest_table,
+                "pruned_configs": stats.pruned_configs, "memory_price": price,
+                "configs": int(sum(len(s) for s in priced.spaces))},
+    )
+
+
+def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster):
+    name, devices = "plan", cluster.world_size
+    solution = solve(priced.cost_graph(0.0, name, devices))
+    memory = priced.totals(solution.assignment)[3]
+    if memory <= limit:
+        return solution.assignment, solution.stats, 0.0
+    lean = solve(priced.cost_graph(1.0, name, devices) if False else _memory_only(priced, name, devices))
+    least = priced.totals(lean.assignment)[3]
+    if least > limit:
+        raise PlanDoesNotFit(
+            f"no plan fits: the leanest needs {least / 2**30:.1f} GiB per device, and {cluster.gpu.id} leaves "
+            f"{limit / 2**30:.1f} GiB ({cluster.gpu.memory_gb:g} GB x memory fraction). Try more devices, a smaller "
+            "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).")
+    step = max(sum(float(c.min()) for c in priced.compute), 1e-9)
+    low, high = 0.0, step / max(limit, 1.0)
+    best = lean
+    while True:  # raise the memory price until the optimum fits
+        candidate = solve(priced.cost_graph(high, name, devices))
+        if priced.totals(candidate.assignment)[3] <= limit:
+            best = candidate
+            break
+        low, high = high, high * 4
+        if high > 1e6:
+            break
+    for _ in range(8):  # bisect towards the cheapest price that still fits
+        middle = (low + high) / 2
+        candidate = solve(priced.cost_graph(middle, name, devices))
+        if priced.totals(candidate.assignment)[3] <= limit:
+            best, high = candidate, middle
+        else:
+            low = middle
+    return best.assignment, best.stats, high
+
+
+def _memory_only(priced: PricedGraph, name: str, devices: int) -> CostGraph:
+    """Minimise memory alone (re-layouts free): the leanest plan there is."""
+    configs = [space.factors.tolist() for space in priced.spaces]
+    zero_edges = [(s, d, np.zeros_like(m)) for s, d, m in priced.edges]
+    return CostGraph(name, devices, priced.ids, [""] * len(priced.ids), configs, list(priced.memory), zero_edges)
+
+
+def _prediction(priced: PricedGraph, assignment: list[int], batch: int) -> Prediction:
+    compute, comm, relayout, memory = priced.totals(assignment)
+    step = compute + comm + relayout
+    return Prediction(step_seconds=step, samples_per_second=batch / step if step > 0 else 0.0,
+                      memory_bytes_per_device=memory, compute_seconds=compute, communication_seconds=comm + relayout)
+
+
+def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions,
+              priced: PricedGraph, fsdp: bool, limit: float) -> Prediction | None:
+    """Pure data parallelism (batch split p ways everywhere), as DDP or FSDP, under the same model."""
+    devices = cluster.world_size
+    assignment = []
+    for (_, data), space in zip(graph.layers(), priced.spaces):
+        batch_dims = [d for d in space.dims if data["roles"][d] == "batch"]
+        wanted = {batch_dims[0]: devices} if batch_dims and devices > 1 else {}
+        k = space.index_of(wanted)
+        if k is None:
+            return None
+        assignment.append(k)
+    if not fsdp:
+        result = _prediction(priced, assignment, graph.batch)
+    else:
+        model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=True,
+                                                      checkpointing=options.checkpointing))
+        block_outputs = _block_outputs(graph)
+        compute = comm = memory = 0.0
+        for (layer_id, data), space, k in zip(graph.layers(), priced.spaces, assignment):
+            one = SplitSpace(space.dims, space.factors[k:k + 1])
+            c, m, mem = model.layer_costs(data, one, block_output=layer_id in block_outputs)
+            compute, comm, memory = compute + float(c[0]), comm + float(m[0]), memory + float(mem[0])
+        relayout = sum(float(m[assignment[s], assignment[d]]) for s, d, m in priced.edges)
+        step = compute + comm + relayout
+        result = Prediction(step, graph.batch / step if step else 0.0, memory, compute, comm + relayout)
+    return result if result.memory_bytes_per_device <= limit else None
+
+
+def fingerprint(graph: LayerGraph) -> str:
+    """Identifies the model structure a plan was made for (layer ids and dimensions)."""
+    text = json.dumps([(layer_id, data["op"], data["dims"]) for layer_id, data in graph.layers()], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def summarize_blocks(plan: Plan) -> list[dict[str, Any]]:
+    """Per block: the most common split, time and memory (for the plan table)."""
+    blocks: dict[str, dict[str, Any]] = {}
+    for layer in plan.layers:
+        block = blocks.setdefault(layer.block, {"block": layer.block, "layers": 0, "seconds": 0.0, "memory": 0.0,
+                                                "splits": Counter()})
+        block["layers"] += 1
+        block["seconds"] += layer.seconds
+        block["memory"] += layer.memory_bytes
+        block["splits"][" ".join(f"{d}={f}" for d, f in sorted(layer.splits.items())) or "replicated"] += 1
+    return list(blocks.values())
+
+
+def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, top: int = 5) -> list[dict[str, Any]]:
+    """The cheapest alternatives for one layer with every other layer kept as planned."""
+    if layer_id not in priced.ids:
+        close = [i for i in priced.ids if layer_id in i][:5]
+        raise PaseError(f"no layer {layer_id!r} in this model" + (f"; did you mean {', '.join(close)}?" if close
+                                                                   else "; see `pase graph --layers`"))
+    v = priced.ids.index(layer_id)
+    chosen = [priced.spaces[i].index_of(layer.splits) for i, layer in enumerate(plan.layers)]
+    total = priced.compute[v] + priced.comm[v]
+    for s, d, m in priced.edges:
+        if s == v:
+            total = total + m[:, chosen[d]]
+        elif d == v:
+            total = total + m[chosen[s], :]
+    order = np.argsort(total)[:top]
+    base = float(total[chosen[v]])
+    return [{"splits": priced.spaces[v].config(int(k)) or {"replicated": 1}, "seconds": float(total[k]),
+             "delta_seconds": float(total[k]) - base, "memory_bytes": float(priced.memory[v][k]),
+             "chosen": int(k) == chosen[v]} for k in order]
+
+
+__all__ = ["PlanDoesNotFit", "PlanOptions", "explain", "plan_graph", "price_graph", "replace", "summarize_blocks"]

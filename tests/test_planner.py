@@ -1,0 +1,151 @@
+"""The planner's cost model (hand-computed cases), the memory limit, plan JSON and `pase plan`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cost_models.cluster import cluster_from_dict, parse_spec
+from cost_models.layer_costs import GRADIENT_BUCKET_BYTES, CostModel, CostOptions
+from cost_models.rates import HardwareRates
+from pase.graph import extract, extract_model
+from pase.plan import Plan
+from pase.planner import PlanDoesNotFit, PlanOptions, plan_graph
+from strategies.splits import SplitSpace, split_space
+
+
+def one_layer(module: nn.Module, *shape: int):
+    with torch.device("meta"):
+        module = module
+    graph = extract(module, (torch.zeros(*shape, device="meta"),))
+    return next(data for _, data in graph.layers() if data["op"] != "input")
+
+
+def model_for(spec: str) -> CostModel:
+    cluster = parse_spec(spec)
+    return CostModel(cluster, HardwareRates(cluster), CostOptions(precision="fp32"))
+
+
+def test_batch_split_conv_costs_a_pth_of_compute_plus_its_gradient_all_reduce() -> None:
+    with torch.device("meta"):
+        conv = nn.Conv2d(256, 256, 3, padding=1)
+    layer = one_layer(conv, 64, 256, 64, 64)
+    model = model_for("8xH100-SXM")
+    space = SplitSpace(("n",), np.array([[1], [8]]))
+    compute, comm, _ = model.layer_costs(layer, space)
+    assert compute[1] == pytest.approx(compute[0] / 8)
+    assert comm[0] == 0.0
+    weight_bytes = (256 * 256 * 9 + 256) * 4  # fp32 gradients of weight and bias, one bucketed all-reduce each
+    ring = model.rates.collective("all_reduce", list(range(8)))
+    expected = sum(ring.alpha_s * min(1.0, b / GRADIENT_BUCKET_BYTES) + b * 2 * 7 / 8 / (ring.busbw_gbps * 1e9)
+                   for b in (256 * 256 * 9 * 4, 256 * 4))
+    assert comm[1] == pytest.approx(expected)
+    assert weight_bytes == 256 * 256 * 9 * 4 + 256 * 4
+
+
+def test_split_input_channel_linear_pays_the_reduce_of_its_output() -> None:
+    with torch.device("meta"):
+        linear = nn.Linear(1024, 512)
+    layer = one_layer(linear, 8, 77, 1024)
+    model = model_for("8xH100-SXM")
+    space = SplitSpace(("c_in",), np.array([[1], [2]]))
+    _, comm, memory = model.layer_costs(layer, space)
+    ring = model.rates.collective("all_reduce", [0, 1])
+    out_bytes = 8 * 77 * 512 * 4  # the whole output is a partial sum on each of the 2 devices
+    assert comm[0] == 0.0
+    assert comm[1] == pytest.approx(ring.alpha_s + out_bytes * 2 * 1 / 2 / (ring.busbw_gbps * 1e9))
+    assert memory[1] < memory[0]  # the weight is sharded over c_in
+
+
+def test_relayout_is_free_only_between_matching_layouts() -> None:
+    graph = extract_model("unet-tiny", 8)
+    model = model_for("4xL40S")
+    src, dst, edge = next((s, d, e) for s, d, e in graph.graph.edges(data=True)
+                          if graph[s]["op"] == "conv" and graph[d]["op"] == "group_norm")
+    s_space, d_space = split_space(graph[src], 4), split_space(graph[dst], 4)
+    costs = model.edge_costs(edge, graph[src], s_space, graph[dst], d_space)
+    same = costs[s_space.index_of({"n": 4}), d_space.index_of({"n": 4})]
+    different = costs[s_space.index_of({"n": 4}), d_space.index_of({"c": 4})]
+    replicate_to_split = costs[s_space.index_of({}), d_space.index_of({"n": 4})]
+    assert same == 0.0 and replicate_to_split == 0.0  # a replicated tensor already holds every shard
+    assert different > 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    graph = extract_model("unet-tiny", 16)
+    return graph, plan_graph(graph, parse_spec("4xL40S"))
+
+
+def test_plan_is_never_worse_than_its_baselines(tiny_plan) -> None:
+    _, plan = tiny_plan
+    assert plan.devices == 4 and len(plan.layers) == 104
+    for baseline in plan.baselines.values():
+        assert baseline is not None
+        assert plan.predicted.step_seconds <= baseline.step_seconds * (1 + 1e-9)
+    assert plan.predicted.samples_per_second == pytest.approx(16 / plan.predicted.step_seconds)
+    assert plan.baselines["fsdp"].memory_bytes_per_device < plan.baselines["ddp"].memory_bytes_per_device
+
+
+def test_plan_json_round_trip(tiny_plan, tmp_path) -> None:
+    _, plan = tiny_plan
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1 and data["predicted"]["step_seconds"] > 0
+    assert set(data["baselines"]) == {"ddp", "fsdp"}
+    assert Plan.load(path) == plan
+
+
+def test_only_dp_splits_only_the_batch() -> None:
+    graph = extract_model("unet-tiny", 16)
+    plan = plan_graph(graph, parse_spec("4xL40S"), options=PlanOptions(only="dp"))
+    for layer in plan.layers:
+        assert set(layer.splits) <= {"n"}, layer
+
+
+def test_a_plan_that_cannot_fit_says_what_would() -> None:
+    graph = extract_model("unet-tiny", 16)
+    tiny_gpu = cluster_from_dict({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.01,
+                                          "memory_bw_gbps": 100}, "gpus_per_node": 2})
+    with pytest.raises(PlanDoesNotFit) as info:
+        plan_graph(graph, tiny_gpu)
+    message = str(info.value)
+    assert "GiB per device" in message and "--checkpoint" in message and "--fsdp" in message
+
+
+def test_memory_limit_is_enforced() -> None:
+    graph = extract_model("unet-tiny", 64)
+    roomy = cluster_from_dict({"gpu": {"id": "Roomy", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 80,
+                                       "memory_bw_gbps": 100}, "gpus_per_node": 4})
+    free = plan_graph(graph, roomy)
+    limit_gb = free.predicted.memory_bytes_per_device * 0.8 / 0.9 / 1e9
+    tight = cluster_from_dict({"gpu": {"id": "Tight", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": limit_gb,
+                                       "memory_bw_gbps": 100}, "gpus_per_node": 4})
+    try:
+        constrained = plan_graph(graph, tight)
+    except PlanDoesNotFit:
+        return  # nothing fits in 80%: the limit was enforced by refusing
+    assert constrained.predicted.memory_bytes_per_device <= tight.gpu.memory_bytes * 0.9 + 1
+    assert constrained.predicted.step_seconds >= free.predicted.step_seconds - 1e-12
+
+
+def test_cli_plan(tmp_path) -> None:
+    out = tmp_path / "plan.json"
+    result = subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "4xL40S",
+                             "--batch", "16", "--json", str(out), "--explain", "conv_in"],
+                            capture_output=True, text=True, timeout=180, env={"COLUMNS": "200", **_env()})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pase plan" in result.stdout and "ddp" in result.stdout and "alternatives for conv_in" in result.stdout
+    assert Plan.load(out).cluster == "4xL40S"
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
