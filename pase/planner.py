@@ -139,11 +139,11 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
 
 def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster):
     name, devices = "plan", cluster.world_size
-    solution = solve(priced.cost_graph(0.0, name, devices))
+    solution = solve(priced.cost_graph(0.0, name, devices), dtype=np.float32)
     memory = priced.totals(solution.assignment)[3]
     if memory <= limit:
         return solution.assignment, solution.stats, 0.0
-    lean = solve(priced.cost_graph(1.0, name, devices) if False else _memory_only(priced, name, devices))
+    lean = solve(_memory_only(priced, name, devices), dtype=np.float32)
     least = priced.totals(lean.assignment)[3]
     if least > limit:
         raise PlanDoesNotFit(
@@ -154,7 +154,7 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster):
     low, high = 0.0, step / max(limit, 1.0)
     best = lean
     while True:  # raise the memory price until the optimum fits
-        candidate = solve(priced.cost_graph(high, name, devices))
+        candidate = solve(priced.cost_graph(high, name, devices), dtype=np.float32)
         if priced.totals(candidate.assignment)[3] <= limit:
             best = candidate
             break
@@ -163,7 +163,7 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster):
             break
     for _ in range(8):  # bisect towards the cheapest price that still fits
         middle = (low + high) / 2
-        candidate = solve(priced.cost_graph(middle, name, devices))
+        candidate = solve(priced.cost_graph(middle, name, devices), dtype=np.float32)
         if priced.totals(candidate.assignment)[3] <= limit:
             best, high = candidate, middle
         else:

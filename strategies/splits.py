@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from math import prod
 
 import numpy as np
 
@@ -93,7 +94,6 @@ def split_space(layer: dict, devices: int, min_chunk: dict[str, int] | None = No
         if len(options) > 1:
             candidates.append((name, options))
     names = tuple(name for name, _ in candidates)
-    rows = [combo for combo in itertools.product(*(opts for _, opts in candidates))
-            if devices % int(np.prod(combo, dtype=np.int64)) == 0]
+    rows = [combo for combo in itertools.product(*(opts for _, opts in candidates)) if devices % prod(combo) == 0]
     factors = np.array(rows if rows else [()], dtype=np.int64).reshape(len(rows) or 1, len(names))
     return SplitSpace(names, factors)

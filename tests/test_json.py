@@ -26,3 +26,17 @@ def test_rejects_other_files_and_versions(tmp_path) -> None:
     path.write_text(json.dumps({"schema": "pase.layer_graph", "schema_version": 99}))
     with pytest.raises(ValueError, match="re-run"):
         LayerGraph.from_json(path)
+
+
+def test_graph_cache_hits_and_misses(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PASE_CACHE_DIR", str(tmp_path))
+    first = extract_model("unet-tiny", 2, use_cache=True)
+    assert "cached" not in first.meta
+    again = extract_model("unet-tiny", 2, use_cache=True)
+    assert again.meta["cached"].startswith(str(tmp_path))
+    assert list(again.layers()) == list(first.layers())
+    other = extract_model("unet-tiny", 4, use_cache=True)
+    assert "cached" not in other.meta and other.batch == 4
+    assert len(list((tmp_path / "graphs").glob("*.json"))) == 2
+    (next((tmp_path / "graphs").glob("*.json"))).write_text("{broken")
+    extract_model("unet-tiny", 2, use_cache=True)  # a corrupt entry is captured again, not an error

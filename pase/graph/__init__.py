@@ -64,11 +64,20 @@ def extract_model(
     method: str = "auto",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     user_input_shapes: list[tuple[int, ...]] | None = None,
+    use_cache: bool = False,
 ) -> LayerGraph:
-    """Build a zoo model (or ``module:factory``) on the meta device and extract its graph."""
-    from pase.models.zoo import resolve_model
+    """Build a zoo model (or ``module:factory``) on the meta device and extract its graph.
+
+    ``use_cache`` reads and writes the on-disk graph cache (zoo models only; see ``cache``).
+    """
+    from pase.graph import cache
+    from pase.models.zoo import ZOO, resolve_model
 
     spec = resolve_model(name, user_input_shapes)
+    key = cache.cache_key(name, spec.config, batch, dtype, method, input_shapes) if use_cache and name in ZOO \
+        else None
+    if key is not None and (hit := cache.load(key)) is not None:
+        return hit
     if spec.family == "user" and input_shapes:
         raise InputShapeError(f"{name!r} is your own model: give its --input-shape values positionally, in "
                               f"forward()'s argument order (e.g. --input-shape 8,3,32,32), not as name=shape")
@@ -81,7 +90,10 @@ def extract_model(
     if any(p.dtype != dtype for p in model.parameters()):
         model = model.to(dtype)
     args, kwargs = spec.example_inputs(batch, dtype=dtype, device="meta", shapes=input_shapes)
-    return extract(model, args, kwargs, method=method, name=name)
+    graph = extract(model, args, kwargs, method=method, name=name)
+    if key is not None:
+        cache.store(key, graph)
+    return graph
 
 
 def _flat_values(mapping: dict[str, Any]) -> list[Any]:

@@ -131,8 +131,14 @@ def _undominated(unary: np.ndarray, incident: list[np.ndarray]) -> np.ndarray:
     return mask
 
 
-def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31) -> Solution:
-    """The exact optimum of ``graph`` and one assignment that reaches it."""
+def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31,
+          dtype: type = np.float64) -> Solution:
+    """The exact optimum of ``graph`` and one assignment that reaches it.
+
+    ``dtype=np.float32`` halves the memory traffic of the tables; the reported optimum is always
+    re-evaluated in float64, but float32 sums may break near-ties differently (the planner uses it
+    on estimated costs; the cost-graph CLI keeps float64).
+    """
     started = time.perf_counter()
     stats = SearchStats()
     pairs = pairwise_factors(graph)
@@ -173,7 +179,7 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
                             "exact search at this device count")
         stats.width = max(stats.width, len(rest) + 1)
         stats.largest_table = max(stats.largest_table, entries)
-        best, argmin = _eliminate(v, rest, group, sizes)
+        best, argmin = _eliminate(v, rest, group, sizes, dtype)
         pointers.append((v, rest, argmin))
         if rest:
             fid = len(factors)
@@ -193,7 +199,8 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
     return Solution(graph.objective(assignment), assignment, stats)
 
 
-def _eliminate(v: int, rest: tuple[int, ...], group: list[Factor], sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def _eliminate(v: int, rest: tuple[int, ...], group: list[Factor], sizes: list[int],
+               dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
     """min over v of the sum of ``group`` (tables over subsets of rest + v), and its argmin, both over rest."""
     scope = (*rest, v)
     shape = tuple(sizes[u] for u in scope)
@@ -203,11 +210,11 @@ def _eliminate(v: int, rest: tuple[int, ...], group: list[Factor], sizes: list[i
         return np.min(total), np.argmin(total)
     lead = shape[0]
     step = max(1, CHUNK_ELEMENTS // max(1, prod(shape[1:])))
-    best = np.empty(shape[:-1], dtype=np.float64)
+    best = np.empty(shape[:-1], dtype=dtype)
     argmin = np.empty(shape[:-1], dtype=np.int32)
     for start in range(0, lead, step):
         stop = min(lead, start + step)
-        block = np.zeros((stop - start, *shape[1:]), dtype=np.float64)
+        block = np.zeros((stop - start, *shape[1:]), dtype=dtype)
         for table in aligned:
             block += table[start:stop] if table.shape[0] != 1 else table
         argmin[start:stop] = np.argmin(block, axis=-1)
