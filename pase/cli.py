@@ -180,8 +180,8 @@ def plan(
     profile: Annotated[Path | None, typer.Option(help="Calibration profile to price with.")] = None,
     gpu_file: Annotated[list[Path] | None, typer.Option("--gpu-file", help="Extra catalog entries.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option("--input-shape", help="As for `pase graph`.")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Capture again instead of reusing the cached "
-                                           "layer graph of a zoo model.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Capture again (and refresh the cache) instead "
+                                           "of reusing the cached layer graph of a zoo model.")] = False,
 ) -> None:
     """Plan how to split every layer of a model over a cluster, and compare with DDP and FSDP."""
     import torch
@@ -204,7 +204,7 @@ def plan(
     named, positional = parse_input_shapes(input_shape or [])
     with err_console.status(f"capturing {model} at batch {batch} ...") as status:
         graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[precision]), input_shapes=named or None,
-                              user_input_shapes=positional or None, use_cache=not no_cache)
+                              user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
                               checkpointing=checkpoint)
         result = plan_graph(graph, target, profile=measured, options=options,
@@ -220,7 +220,7 @@ def plan(
         console.print(f"wrote {json_path}")
 
 
-def print_plan(result) -> None:  # noqa: ANN001 - pase.plan.Plan
+def print_plan(result) -> None:  # noqa: ANN001 - pase.plans.Plan
     from pase.planner import summarize_blocks
 
     table = Table(title=f"plan for {result.model} on {result.cluster} ({result.devices} devices), global batch "

@@ -23,7 +23,7 @@ from cost_models.layer_costs import CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.plan import LayerChoice, Plan, Prediction
+from pase.plans import LayerChoice, Plan, Prediction
 from pase.search import CostGraph, solve
 from strategies.splits import SplitSpace, split_space
 

@@ -14,8 +14,8 @@ from cost_models.cluster import cluster_from_dict, parse_spec
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.graph import extract, extract_model
-from pase.plan import Plan
 from pase.planner import PlanDoesNotFit, PlanOptions, plan_graph
+from pase.plans import Plan
 from strategies.splits import SplitSpace, split_space
 
 
@@ -149,3 +149,16 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_python_api_plans_a_module_at_any_batch() -> None:
+    import pase
+    from pase.models.pase_unet import PaseUNet
+
+    with torch.device("meta"):
+        model = PaseUNet()
+    x, t = torch.zeros(2, 3, 32, 32, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    plan = pase.plan(model, (x, t), cluster="4xL40S", batch=32, precision="fp32")
+    assert plan.batch == 32 and plan.devices == 4 and plan.predicted.step_seconds > 0
+    with pytest.raises(Exception, match="unknown plan option"):
+        pase.plan(model, (x, t), cluster="4xL40S", warp_speed=True)

@@ -65,10 +65,12 @@ def extract_model(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     user_input_shapes: list[tuple[int, ...]] | None = None,
     use_cache: bool = False,
+    refresh_cache: bool = False,
 ) -> LayerGraph:
     """Build a zoo model (or ``module:factory``) on the meta device and extract its graph.
 
-    ``use_cache`` reads and writes the on-disk graph cache (zoo models only; see ``cache``).
+    ``use_cache`` reads and writes the on-disk graph cache (zoo models only; see ``cache``);
+    ``refresh_cache`` captures again and overwrites the entry.
     """
     from pase.graph import cache
     from pase.models.zoo import ZOO, resolve_model
@@ -76,7 +78,7 @@ def extract_model(
     spec = resolve_model(name, user_input_shapes)
     key = cache.cache_key(name, spec.config, batch, dtype, method, input_shapes) if use_cache and name in ZOO \
         else None
-    if key is not None and (hit := cache.load(key)) is not None:
+    if key is not None and not refresh_cache and (hit := cache.load(key)) is not None:
         return hit
     if spec.family == "user" and input_shapes:
         raise InputShapeError(f"{name!r} is your own model: give its --input-shape values positionally, in "

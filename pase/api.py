@@ -1,0 +1,63 @@
+"""The Python API: plan a model you hold, with the same search and cost model as `pase plan`."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pase.errors import PaseError
+
+
+def plan(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    cluster: Any = "8xH100-SXM",
+    batch: int | None = None,
+    profile: dict[str, Any] | str | Path | None = None,
+    **options: Any,
+) -> Any:
+    """Plan ``model`` on ``cluster`` (a spec string, a system-file path or a ``Cluster``).
+
+    ``example_inputs`` fix the shapes (use meta tensors for big models). ``batch`` replaces the
+    leading (batch) dimension of every input that has the examples' batch size, so one example
+    serves any global batch. ``options`` are ``PlanOptions`` fields (precision, fsdp,
+    checkpointing, only, memory_fraction). Returns a ``pase.plans.Plan``.
+    """
+    from cost_models.calibrate import load_profile
+    from cost_models.cluster import Cluster, load_cluster
+    from pase.graph import extract
+    from pase.planner import PlanOptions, plan_graph
+
+    allowed = {f.name for f in fields(PlanOptions)}
+    unknown = set(options) - allowed
+    if unknown:
+        raise PaseError(f"unknown plan option(s) {sorted(unknown)}; choose from {sorted(allowed)}")
+    target = cluster if isinstance(cluster, Cluster) else load_cluster(str(cluster))
+    measured = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if batch is not None:
+        args, kwargs = _with_batch(args, kwargs, batch)
+    graph = extract(model, args, kwargs)
+    return plan_graph(graph, target, profile=measured, options=PlanOptions(**options))
+
+
+def _with_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()]
+    if not tensors:
+        raise PaseError("batch= needs at least one tensor input whose first dimension is the batch")
+    old = tensors[0].shape[0]
+
+    def resize(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == old:
+            return torch.zeros((batch, *value.shape[1:]), dtype=value.dtype, device="meta")
+        if isinstance(value, dict):
+            return {k: resize(v) for k, v in value.items()}
+        return value
+
+    return tuple(resize(a) for a in args), {k: resize(v) for k, v in kwargs.items()}
