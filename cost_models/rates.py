@@ -82,6 +82,11 @@ class HardwareRates:
             return CollectiveRate(0.0, float("inf"), "no communication")
         hops = [self.cluster.path(a, b) for a, b in zip(ranks, ranks[1:] + ranks[:1])]
         slowest = min(hops, key=lambda h: h.effective_gbps)
-        steps = 2 * (len(ranks) - 1) if op == "all_reduce" else max(1, len(ranks) - 1)
-        return CollectiveRate(steps * max(h.latency_us for h in hops) / 1e6, slowest.effective_gbps,
+        # a ring pass crosses every hop once; all-reduce makes two passes (reduce-scatter, all-gather),
+        # so latency adds up hop by hop: NVLink hops cost little, the few network hops dominate
+        passes = 2 if op == "all_reduce" else 1
+        per_pass = sum(h.latency_us for h in hops) * (len(ranks) - 1) / len(ranks)
+        if op == "send_recv":
+            passes, per_pass = 1, hops[0].latency_us
+        return CollectiveRate(passes * per_pass / 1e6, slowest.effective_gbps,
                               f"topology: ring over {slowest.label} links at {slowest.effective_gbps:g} GB/s effective")
