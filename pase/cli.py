@@ -251,7 +251,10 @@ def print_plan(result) -> None:  # noqa: ANN001 - pase.plans.Plan
         console.print(f"pase plan is {speedup:.2f}x the best pure data-parallel baseline. Search "
                       f"{result.search['seconds']:.2f} s over {result.search['configs']:,} configurations "
                       f"(elimination width {result.search['width']}, largest table "
-                      f"{result.search['largest_table']:,}); rates: {result.options['rates']}.")
+                      f"{result.search['largest_table']:,}"
+                      + (f", conditioned on hubs {', '.join(result.search['conditioned_on'])}"
+                         if result.search.get("conditioned_on") else "")
+                      + f"); rates: {result.options['rates']}.")
 
 
 def _print_explain(graph, target, measured, options, result, layer_id: str) -> None:  # noqa: ANN001

@@ -133,6 +133,7 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
         layers=layers, predicted=predicted, baselines=baselines,
         search={"seconds": round(searched - started, 3), "width": stats.width, "largest_table": stats.largest_table,
                 "pruned_configs": stats.pruned_configs, "memory_price": price,
+                "conditioned_on": list(stats.conditioned_on),
                 "configs": int(sum(len(s) for s in priced.spaces))},
     )
 

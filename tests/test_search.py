@@ -108,3 +108,25 @@ def test_cli_search_json(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "pase", "search", "--cost-graph", str(tmp_path / "none.json")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_conditioning_on_hubs_is_exact(seed: int) -> None:
+    """A star-shaped hub (like the timestep embedding) conditioned outside the elimination."""
+    rng = np.random.default_rng(100 + seed)
+    conditioned = 0
+    for _ in range(40):
+        n = int(rng.integers(3, 9))
+        sizes = [int(rng.integers(2, 4)) for _ in range(n)]
+        edges = [(0, v, np.round(rng.random((sizes[0], sizes[v])) * 5, 2)) for v in range(1, n)]
+        for _ in range(int(rng.integers(0, n))):
+            s, d = (int(x) for x in rng.choice(n, 2, replace=False))
+            edges.append((s, d, np.round(rng.random((sizes[s], sizes[d])) * 5, 2)))
+        graph = CostGraph("star", 4, [f"v{i}" for i in range(n)], ["op"] * n,
+                          [[[c] for c in range(k)] for k in sizes], [np.round(rng.random(k) * 5, 2) for k in sizes],
+                          edges)
+        exact = brute_force(graph)
+        found = solve(graph, hub_degree=2)
+        conditioned += bool(found.stats.conditioned_on)
+        assert found.optimum == pytest.approx(exact.optimum, abs=1e-9)
+    assert conditioned > 0

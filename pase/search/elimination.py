@@ -40,6 +40,7 @@ class SearchStats:
     largest_table: int = 0  # entries of the largest table built
     pruned_configs: int = 0
     seconds: float = 0.0
+    conditioned_on: list[str] = field(default_factory=list)  # hub vertices fixed outside the elimination
 
 
 @dataclass
@@ -132,8 +133,15 @@ def _undominated(unary: np.ndarray, incident: list[np.ndarray]) -> np.ndarray:
 
 
 def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31,
-          dtype: type = np.float64) -> Solution:
+          dtype: type = np.float64, hub_degree: int = 12) -> Solution:
     """The exact optimum of ``graph`` and one assignment that reaches it.
+
+    Hubs — vertices with at least ``hub_degree`` neighbours, like a UNet's timestep embedding
+    and text context — would join almost every table. When that makes tables large, the search
+    conditions on them instead: it fixes each combination of hub configurations outside the
+    elimination, folds the hub edges into their neighbours' costs, eliminates the rest, and
+    keeps the best combination. Both ways are exact; conditioning is chosen when it shrinks the
+    largest table without more than doubling the total work.
 
     ``dtype=np.float32`` halves the memory traffic of the tables; the reported optimum is always
     re-evaluated in float64, but float32 sums may break near-ties differently (the planner uses it
@@ -155,9 +163,83 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
     for a, b in pairs:
         neighbours[a].add(b)
         neighbours[b].add(a)
-    order = elimination_order(sizes, neighbours)
-    stats.order = order
 
+    hubs = [v for v in range(len(sizes)) if len(neighbours[v]) >= hub_degree and sizes[v] > 1]
+    order = elimination_order(sizes, neighbours)
+    plain_work, plain_peak = _order_work(sizes, neighbours, order)
+    if hubs:
+        rest_neighbours = [set() if v in hubs else neighbours[v] - set(hubs) for v in range(len(sizes))]
+        rest_order = [v for v in elimination_order(sizes, rest_neighbours) if v not in hubs]
+        combos = prod(sizes[h] for h in hubs)
+        rest_work, rest_peak = _order_work(sizes, rest_neighbours, rest_order)
+        if rest_peak < plain_peak and combos * rest_work <= 2 * plain_work:
+            return _solve_conditioned(graph, factors, sizes, kept, hubs, rest_order, stats, started,
+                                      max_table_entries, dtype)
+    stats.order = order
+    constant, choice = _eliminate_all(graph, factors, sizes, order, stats, max_table_entries, dtype)
+    if not np.isfinite(constant):
+        raise PaseError("no assignment has a finite cost: every combination is infeasible")
+    assignment = [int(kept[v][c]) for v, c in enumerate(choice)]
+    stats.seconds = time.perf_counter() - started
+    return Solution(graph.objective(assignment), assignment, stats)
+
+
+def _order_work(sizes: list[int], neighbours: list[set[int]], order: list[int]) -> tuple[float, float]:
+    """(total table entries, largest table) that eliminating in ``order`` would build. O(V * d^2)."""
+    adjacency = [set(n) for n in neighbours]
+    total = peak = 0.0
+    for v in order:
+        nbrs = adjacency[v]
+        entries = float(prod(sizes[u] for u in nbrs)) * sizes[v]
+        total, peak = total + entries, max(peak, entries)
+        for a in nbrs:
+            adjacency[a] |= nbrs - {a}
+            adjacency[a].discard(v)
+    return total, peak
+
+
+def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int], kept: list[np.ndarray],
+                       hubs: list[int], order: list[int], stats: SearchStats, started: float,
+                       max_table_entries: int, dtype: type) -> Solution:
+    """min over hub configurations of (hub costs + optimum of the rest with the hubs fixed)."""
+    hub_set = set(hubs)
+    best_value, best_choice = float("inf"), None
+    for combo in itertools.product(*(range(sizes[h]) for h in hubs)):
+        fixed = dict(zip(hubs, combo))
+        conditioned: list[Factor] = []
+        constant = 0.0
+        for factor in factors:
+            if not hub_set.intersection(factor.scope):
+                conditioned.append(factor)
+                continue
+            index = tuple(fixed.get(u, slice(None)) for u in factor.scope)
+            table = factor.table[index]
+            scope = tuple(u for u in factor.scope if u not in hub_set)
+            if scope:
+                conditioned.append(Factor(scope, table))
+            else:
+                constant += float(table)
+        if not np.isfinite(constant):
+            continue
+        value, choice = _eliminate_all(graph, conditioned, sizes, order, stats, max_table_entries, dtype)
+        if constant + value < best_value:
+            best_value = constant + value
+            best_choice = choice
+            for h, c in fixed.items():
+                best_choice[h] = c
+    if best_choice is None or not np.isfinite(best_value):
+        raise PaseError("no assignment has a finite cost: every combination is infeasible")
+    stats.order = [*order, *hubs]
+    stats.conditioned_on = [graph.ids[h] for h in hubs]
+    assignment = [int(kept[v][c]) for v, c in enumerate(best_choice)]
+    stats.seconds = time.perf_counter() - started
+    return Solution(graph.objective(assignment), assignment, stats)
+
+
+def _eliminate_all(graph: CostGraph, factors: list[Factor], sizes: list[int], order: list[int],
+                   stats: SearchStats, max_table_entries: int, dtype: type) -> tuple[float, list[int]]:
+    """Eliminate ``order`` over ``factors``; returns (optimum, configuration index per variable)."""
+    factors = list(factors)
     by_var: list[set[int]] = [set() for _ in sizes]
     for fid, factor in enumerate(factors):
         for v in factor.scope:
@@ -179,6 +261,9 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
                             "exact search at this device count")
         stats.width = max(stats.width, len(rest) + 1)
         stats.largest_table = max(stats.largest_table, entries)
+        if not group:  # a variable no factor mentions (its cost was folded away): any choice
+            pointers.append((v, (), np.int64(0)))
+            continue
         best, argmin = _eliminate(v, rest, group, sizes, dtype)
         pointers.append((v, rest, argmin))
         if rest:
@@ -189,14 +274,12 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
                 by_var[u].add(fid)
         else:
             constant += float(best)
+    for factor in alive.values():  # factors over no eliminated variable (cannot happen unless order is partial)
+        constant += float(np.min(factor.table))
     choice = [0] * len(sizes)
     for v, rest, argmin in reversed(pointers):
         choice[v] = int(argmin[tuple(choice[u] for u in rest)]) if rest else int(argmin)
-    assignment = [int(kept[v][c]) for v, c in enumerate(choice)]
-    if not np.isfinite(constant):
-        raise PaseError("no assignment has a finite cost: every combination is infeasible")
-    stats.seconds = time.perf_counter() - started
-    return Solution(graph.objective(assignment), assignment, stats)
+    return constant, choice
 
 
 def _eliminate(v: int, rest: tuple[int, ...], group: list[Factor], sizes: list[int],
