@@ -181,15 +181,25 @@ class CostModel:
 
     def _norm_stats_seconds(self, layer: dict[str, Any], dims: list[str], f: np.ndarray,
                             extent: np.ndarray) -> np.ndarray:
-        if layer["op"] not in NORM_KINDS:
+        """Mean and variance are reduced over the dims a norm normalises: a split there needs an
+        all-reduce of the statistics (forward and backward); a split elsewhere needs none."""
+        kind = layer["op"]
+        if kind not in NORM_KINDS:
             return np.zeros(len(f))
-        spatial = [i for i, d in enumerate(dims) if layer["roles"][d] in ("spatial", "sequence")]
-        if not spatial:
+        reduced_roles = {"group_norm": ("spatial",), "layer_norm": ("channel",),
+                         "batch_norm": ("batch", "spatial")}[kind]
+        reduced = [i for i, d in enumerate(dims) if layer["roles"][d] in reduced_roles]
+        kept = [i for i in range(len(dims)) if i not in reduced and layer["roles"][dims[i]] != "channel"]
+        if not reduced:
             return np.zeros(len(f))
-        group = f[:, spatial].prod(axis=1)
-        n = dims.index("n") if "n" in dims else None
-        stats = 2 * 4 * (extent[n] / f[:, n] if n is not None else 1) * int(layer.get("attrs", {}).get("groups", 32))
-        return 2 * self.collective_seconds("all_reduce", stats, group, 1)
+        group = f[:, reduced].prod(axis=1)
+        statistics = (extent[kept].prod() / f[:, kept].prod(axis=1)) if kept else np.ones(len(f))
+        if kind == "group_norm":
+            statistics = statistics * int(layer.get("attrs", {}).get("groups", 32))
+        elif kind == "batch_norm":
+            statistics = extent[[i for i, d in enumerate(dims) if layer["roles"][d] == "channel"]].prod() \
+                * np.ones(len(f))
+        return 2 * self.collective_seconds("all_reduce", 2 * 4 * statistics, group, 1)
 
     # ------------------------------------------------------------------ edges
     def edge_costs(self, edge: dict[str, Any], producer: dict[str, Any], src: SplitSpace, consumer: dict[str, Any],
@@ -211,12 +221,17 @@ class CostModel:
         for j, name in enumerate(edge["dst_map"]):
             base_axes = edge["axis_map"][j] if j < len(edge["axis_map"]) else []
             if name in cdims and base_axes:
-                t_split[:, base_axes[0]] *= fc[:, cdims.index(name)]
+                # a tensor covering part of the consumer's dimension (one input of a concat) is read
+                # by fewer device groups: its effective split shrinks by the share it covers
+                share = edge["dst_shape"][j] / max(1, consumer["dims"][name])
+                t_split[:, base_axes[0]] *= np.maximum(1.0, fc[:, cdims.index(name)] * min(1.0, share))
         s_block = shape / np.maximum(1, np.minimum(s_split, shape))
         t_block = shape / np.maximum(1, np.minimum(t_split, shape))
         target = t_block.prod(axis=1)
+        source = s_block.prod(axis=1)
         overlap = np.minimum(s_block[:, None, :], t_block[None, :, :]).prod(axis=2)
-        moved = np.maximum(0.0, target[None, :] - overlap)
+        # forward: the consumer gathers its block; backward: the producer gathers the gradient of its own
+        moved = np.maximum(0.0, target[None, :] - overlap) + np.maximum(0.0, source[:, None] - overlap)
         fraction = min(1.0, edge["bytes"] / max(1.0, shape.prod() * edge["dtype_bytes"]))
         itemsize = 2 if self.options.precision in ("bf16", "fp16") else edge["dtype_bytes"]
-        return 2 * moved * fraction * itemsize / (self.relayout_gbps * 1e9)
+        return moved * fraction * itemsize / (self.relayout_gbps * 1e9)

@@ -48,7 +48,7 @@ def plan(
 
 
 def _with_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()]
+    tensors = [t for t in _flatten((*args, *kwargs.values())) if isinstance(t, torch.Tensor) and t.dim()]
     if not tensors:
         raise PaseError("batch= needs at least one tensor input whose first dimension is the batch")
     old = tensors[0].shape[0]
@@ -58,6 +58,16 @@ def _with_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> tu
             return torch.zeros((batch, *value.shape[1:]), dtype=value.dtype, device="meta")
         if isinstance(value, dict):
             return {k: resize(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(resize(v) for v in value)
         return value
 
     return tuple(resize(a) for a in args), {k: resize(v) for k, v in kwargs.items()}
+
+
+def _flatten(values: Any) -> list[Any]:
+    if isinstance(values, dict):
+        values = list(values.values())
+    if isinstance(values, (list, tuple)):
+        return [leaf for value in values for leaf in _flatten(value)]
+    return [values]

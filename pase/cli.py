@@ -193,8 +193,6 @@ def plan(
     from pase.graph import extract_model
     from pase.planner import PlanOptions, plan_graph
 
-    if only not in (None, "dp", "tensor"):
-        raise PaseError(f"--only must be dp or tensor, not {only!r}")
     if precision not in DTYPES:
         raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
     target = load_cluster(cluster, Catalog.load(gpu_file or []))
@@ -239,7 +237,7 @@ def print_plan(result) -> None:  # noqa: ANN001 - pase.plans.Plan
     rows = [("pase plan", result.predicted), *((name, p) for name, p in result.baselines.items())]
     for name, prediction in rows:
         if prediction is None:
-            compare.add_row(name, "does not fit", "", "", "", "")
+            compare.add_row(name, result.baseline_notes.get(name, "does not fit"), "", "", "", "")
             continue
         compare.add_row(name, f"{prediction.step_seconds * 1e3:.2f}", f"{prediction.samples_per_second:,.0f}",
                         f"{prediction.compute_seconds * 1e3:.2f}", f"{prediction.communication_seconds * 1e3:.2f}",
@@ -266,7 +264,8 @@ def _print_explain(graph, target, measured, options, result, layer_id: str) -> N
     model = CostModel(target, HardwareRates(target, measured, options.precision),
                       CostOptions(precision=options.precision, fsdp=options.fsdp, checkpointing=options.checkpointing))
     rows = explain_layer(graph, result, price_graph(graph, model, options), layer_id)
-    table = Table(title=f"alternatives for {layer_id} (every other layer as planned; layer + its re-layouts)")
+    table = Table(title=f"alternatives for {layer_id} (every other layer as planned; layer + its re-layouts"
+                        + (", memory priced as in the search" if result.search.get("memory_price") else "") + ")")
     for column in ("split", "seconds", "vs plan", "memory GiB", ""):
         table.add_column(column)
     for row in rows:

@@ -41,6 +41,14 @@ class PlanOptions:
     checkpointing: bool = False
     min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
 
+    def __post_init__(self) -> None:
+        if self.only not in (None, "dp", "tensor"):
+            raise PaseError(f"only must be 'dp' or 'tensor' (or None), not {self.only!r}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise PaseError(f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
+        if not 0 < self.memory_fraction <= 1:
+            raise PaseError(f"memory_fraction must be in (0, 1], not {self.memory_fraction}")
+
 
 @dataclass
 class PricedGraph:
@@ -115,10 +123,11 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
     assignment, stats, price = _search_under_memory(priced, limit, cluster)
     searched = time.perf_counter()
     predicted = _prediction(priced, assignment, graph.batch)
-    baselines = {
-        "ddp": _baseline(graph, cluster, rates, options, priced, fsdp=False, limit=limit),
-        "fsdp": _baseline(graph, cluster, rates, options, priced, fsdp=True, limit=limit),
-    }
+    baselines, notes = {}, {}
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        baselines[name], note = _baseline(graph, cluster, rates, options, fsdp=fsdp, limit=limit)
+        if note:
+            notes[name] = note
     layers = []
     for v, (layer_id, data) in enumerate(graph.layers()):
         k = assignment[v]
@@ -130,7 +139,7 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
         options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
                  "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
                  "memory_limit_bytes": limit, "rates": rates.compute("conv").source},
-        layers=layers, predicted=predicted, baselines=baselines,
+        layers=layers, predicted=predicted, baselines=baselines, baseline_notes=notes,
         search={"seconds": round(searched - started, 3), "width": stats.width, "largest_table": stats.largest_table,
                 "pruned_configs": stats.pruned_configs, "memory_price": price,
                 "conditioned_on": list(stats.conditioned_on),
@@ -186,33 +195,35 @@ def _prediction(priced: PricedGraph, assignment: list[int], batch: int) -> Predi
                       memory_bytes_per_device=memory, compute_seconds=compute, communication_seconds=comm + relayout)
 
 
-def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions,
-              priced: PricedGraph, fsdp: bool, limit: float) -> Prediction | None:
-    """Pure data parallelism (batch split p ways everywhere), as DDP or FSDP, under the same model."""
+def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions, fsdp: bool,
+              limit: float) -> tuple[Prediction | None, str | None]:
+    """Pure data parallelism (batch split p ways everywhere), as DDP or FSDP, under the same cost
+    model (and whatever ``--only`` restricts the plan to). Returns (prediction, why it is missing)."""
     devices = cluster.world_size
-    assignment = []
-    for (_, data), space in zip(graph.layers(), priced.spaces):
-        batch_dims = [d for d in space.dims if data["roles"][d] == "batch"]
-        wanted = {batch_dims[0]: devices} if batch_dims and devices > 1 else {}
-        k = space.index_of(wanted)
-        if k is None:
-            return None
-        assignment.append(k)
-    if not fsdp:
-        result = _prediction(priced, assignment, graph.batch)
-    else:
-        model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=True,
-                                                      checkpointing=options.checkpointing))
-        block_outputs = _block_outputs(graph)
-        compute = comm = memory = 0.0
-        for (layer_id, data), space, k in zip(graph.layers(), priced.spaces, assignment):
-            one = SplitSpace(space.dims, space.factors[k:k + 1])
-            c, m, mem = model.layer_costs(data, one, block_output=layer_id in block_outputs)
-            compute, comm, memory = compute + float(c[0]), comm + float(m[0]), memory + float(mem[0])
-        relayout = sum(float(m[assignment[s], assignment[d]]) for s, d, m in priced.edges)
-        step = compute + comm + relayout
-        result = Prediction(step, graph.batch / step if step else 0.0, memory, compute, comm + relayout)
-    return result if result.memory_bytes_per_device <= limit else None
+    model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=fsdp,
+                                                  checkpointing=options.checkpointing))
+    block_outputs = _block_outputs(graph)
+    spaces: dict[str, SplitSpace] = {}
+    compute = comm = memory = 0.0
+    for layer_id, data in graph.layers():
+        batch_dims = [d for d in data["dims"] if data["roles"][d] == "batch"]
+        wanted: dict[str, int] = {}
+        if devices > 1 and batch_dims:
+            extent = data["dims"][batch_dims[0]]
+            if extent % devices:
+                return None, f"the batch ({extent} in {layer_id}) does not divide over {devices} devices"
+            wanted = {batch_dims[0]: devices}
+        space = SplitSpace(tuple(wanted), np.array([list(wanted.values())], dtype=np.int64).reshape(1, len(wanted)))
+        spaces[layer_id] = space
+        c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs)
+        compute, comm, memory = compute + float(c[0]), comm + float(m[0]), memory + float(mem[0])
+    relayout = sum(float(model.edge_costs(edge, graph[s], spaces[s], graph[d], spaces[d])[0, 0])
+                   for s, d, edge in graph.graph.edges(data=True))
+    step = compute + comm + relayout
+    prediction = Prediction(step, graph.batch / step if step else 0.0, memory, compute, comm + relayout)
+    if memory > limit:
+        return None, f"needs {memory / 2**30:.1f} GiB per device, over the {limit / 2**30:.1f} GiB limit"
+    return prediction, None
 
 
 def fingerprint(graph: LayerGraph) -> str:
@@ -242,7 +253,8 @@ def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, t
                                                                    else "; see `pase graph --layers`"))
     v = priced.ids.index(layer_id)
     chosen = [priced.spaces[i].index_of(layer.splits) for i, layer in enumerate(plan.layers)]
-    total = priced.compute[v] + priced.comm[v]
+    price = float(plan.search.get("memory_price", 0.0))  # memory was priced when the limit was binding
+    total = priced.compute[v] + priced.comm[v] + price * priced.memory[v]
     for s, d, m in priced.edges:
         if s == v:
             total = total + m[:, chosen[d]]

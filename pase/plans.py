@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Plan:
     layers: list[LayerChoice]
     predicted: Prediction
     baselines: dict[str, Prediction | None] = field(default_factory=dict)
+    baseline_notes: dict[str, str] = field(default_factory=dict)  # why a baseline is null
     search: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,12 +68,22 @@ class Plan:
         if data.get("schema_version") != PLAN_VERSION:
             raise PaseError(f"plan schema version {data.get('schema_version')} is not supported (this pase reads "
                             f"{PLAN_VERSION}); re-run `pase plan`")
-        body = {k: v for k, v in data.items() if k not in ("schema", "schema_version")}
-        body["layers"] = [LayerChoice(**layer) for layer in body["layers"]]
-        body["predicted"] = Prediction(**body["predicted"])
-        body["baselines"] = {k: (Prediction(**v) if v else None) for k, v in body.get("baselines", {}).items()}
-        return cls(**body)
+        known = {f.name for f in fields(cls)}
+        body = {k: v for k, v in data.items() if k in known}  # unknown keys (newer writers) are ignored
+        try:
+            body["layers"] = [LayerChoice(**_known(LayerChoice, layer)) for layer in body["layers"]]
+            body["predicted"] = Prediction(**_known(Prediction, body["predicted"]))
+            body["baselines"] = {k: (Prediction(**_known(Prediction, v)) if v else None)
+                                 for k, v in body.get("baselines", {}).items()}
+            return cls(**body)
+        except (KeyError, TypeError) as exc:
+            raise PaseError(f"malformed plan file: {exc}; re-run `pase plan --json`") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}

@@ -72,8 +72,46 @@ def test_relayout_is_free_only_between_matching_layouts() -> None:
     same = costs[s_space.index_of({"n": 4}), d_space.index_of({"n": 4})]
     different = costs[s_space.index_of({"n": 4}), d_space.index_of({"c": 4})]
     replicate_to_split = costs[s_space.index_of({}), d_space.index_of({"n": 4})]
-    assert same == 0.0 and replicate_to_split == 0.0  # a replicated tensor already holds every shard
-    assert different > 0.0
+    split_to_replicate = costs[s_space.index_of({"n": 4}), d_space.index_of({})]
+    assert same == 0.0 and different > 0.0
+    # forward is free from a replicated producer, but its backward gathers the whole gradient:
+    # the same volume as gathering a split tensor into a replicated consumer
+    assert replicate_to_split > 0.0 and replicate_to_split == pytest.approx(split_to_replicate)
+
+
+def test_concat_inputs_cover_part_of_the_split_channel() -> None:
+    graph = extract_model("sd15-unet", 2)
+    model = model_for("4xL40S")
+    checked = 0
+    for src, dst, edge in graph.graph.edges(data=True):
+        if graph[dst]["op"] != "concat" or graph[src]["op"] == "input":
+            continue
+        s_space, d_space = split_space(graph[src], 4), split_space(graph[dst], 4)
+        channel = next((d for d in s_space.dims if graph[src]["roles"][d] in ("channel", "out_channel")), None)
+        k_src = s_space.index_of({channel: 2}) if channel else None
+        k_dst = d_space.index_of({"c": 2})
+        if k_src is None or k_dst is None:
+            continue
+        assert edge["dst_shape"][1] < graph[dst]["dims"]["c"]  # this input is part of the concat's channels
+        costs = model.edge_costs(edge, graph[src], s_space, graph[dst], d_space)
+        assert costs[k_src, k_dst] > 0.0  # channel shards do not line up across a concat
+        checked += 1
+    assert checked
+
+
+def test_norm_statistics_follow_what_is_normalised() -> None:
+    graph = extract_model("sd15-unet", 2)
+    model = model_for("8xH100-SXM")
+    layer_norm = next(d for _, d in graph.layers() if d["op"] == "layer_norm")
+    space = SplitSpace(("s",), np.array([[1], [8]]))
+    _, comm, _ = model.layer_costs(layer_norm, space)
+    # LayerNorm normalises each token over channels: a sequence split needs no statistics all-reduce
+    # (which would cost at least one collective latency, ~10 us); only the scale/shift gradients
+    # (2 x 320 values, summed over tokens) are reduced, in a shared gradient bucket
+    assert 0.0 < comm[1] < 1e-6
+    group_norm = next(d for _, d in graph.layers() if d["op"] == "group_norm" and d["dims"].get("h", 0) >= 32)
+    _, comm, _ = model.layer_costs(group_norm, SplitSpace(("h",), np.array([[1], [2]])))
+    assert comm[1] > 0.0  # GroupNorm reduces over height and width
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +138,29 @@ def test_plan_json_round_trip(tiny_plan, tmp_path) -> None:
     assert data["schema_version"] == 1 and data["predicted"]["step_seconds"] > 0
     assert set(data["baselines"]) == {"ddp", "fsdp"}
     assert Plan.load(path) == plan
+
+
+def test_baselines_are_priced_on_their_own_terms() -> None:
+    graph = extract_model("unet-tiny", 16)
+    fsdp_plan = plan_graph(graph, parse_spec("4xL40S"), options=PlanOptions(fsdp=True))
+    ddp, fsdp = fsdp_plan.baselines["ddp"], fsdp_plan.baselines["fsdp"]
+    assert ddp.memory_bytes_per_device > fsdp.memory_bytes_per_device  # --fsdp must not turn DDP into FSDP
+    tensor_plan = plan_graph(graph, parse_spec("4xL40S"), options=PlanOptions(only="tensor"))
+    assert tensor_plan.baselines["ddp"].compute_seconds == pytest.approx(ddp.compute_seconds)
+    odd = plan_graph(extract_model("unet-tiny", 6), parse_spec("4xL40S"))
+    assert odd.baselines["ddp"] is None and "does not divide" in odd.baseline_notes["ddp"]
+
+
+def test_plan_files_ignore_unknown_keys_and_reject_broken_ones(tiny_plan, tmp_path) -> None:
+    from pase.errors import PaseError
+
+    _, plan = tiny_plan
+    data = plan.to_dict()
+    data["written_by_a_newer_pase"] = True
+    assert Plan.from_dict(data) == plan
+    del data["predicted"]["step_seconds"]
+    with pytest.raises(PaseError, match="malformed plan"):
+        Plan.from_dict(data)
 
 
 def test_only_dp_splits_only_the_batch() -> None:

@@ -56,6 +56,15 @@ def test_infeasible_configurations_are_avoided() -> None:
     assert solution.assignment == [0, 1] and solution.optimum == pytest.approx(2.0)
 
 
+def test_infeasible_costs_survive_a_file_round_trip(tmp_path) -> None:
+    graph = CostGraph("inf", 2, ["a"], ["x"], [[[1], [2]]], [np.array([np.inf, np.inf])], [])
+    path = tmp_path / "inf.json"
+    graph.save(path)
+    assert np.isinf(CostGraph.load(path).vertex_costs[0]).all()
+    with pytest.raises(Exception, match="infeasible"):
+        solve(CostGraph.load(path))
+
+
 def test_file_round_trip(tmp_path) -> None:
     graph = random_graph(np.random.default_rng(7), max_vertices=6)
     for name in ("g.json", "g.json.gz"):

@@ -22,6 +22,7 @@ import numpy as np
 from pase.errors import PaseError
 
 FORMAT = "pase-cost-graph"
+INFEASIBLE = 1e308  # written for +inf, so that JSON readers of every language can load the file
 VERSION = 1
 
 
@@ -158,9 +159,10 @@ def _array(value: Any, ndim: int, where: str) -> np.ndarray:
         raise CostGraphError(f"{where} contains NaN")
     if (array == -np.inf).any():
         raise CostGraphError(f"{where} contains -inf")
+    array[array >= INFEASIBLE] = np.inf  # the file's spelling of an infeasible choice
     return array
 
 
 def _floats(array: np.ndarray) -> list[float]:
     """Finite floats for JSON readers of every language: an infeasible (inf) cost is written as 1e308."""
-    return [x if math.isfinite(x) else 1e308 for x in array.tolist()]
+    return [x if math.isfinite(x) else INFEASIBLE for x in array.tolist()]
