@@ -237,16 +237,18 @@ def print_plan(result) -> None:  # noqa: ANN001 - pase.plans.Plan
     rows = [("pase plan", result.predicted), *((name, p) for name, p in result.baselines.items())]
     for name, prediction in rows:
         if prediction is None:
-            compare.add_row(name, result.baseline_notes.get(name, "does not fit"), "", "", "", "")
+            compare.add_row(name, "n/a", "", "", "", "")
             continue
         compare.add_row(name, f"{prediction.step_seconds * 1e3:.2f}", f"{prediction.samples_per_second:,.0f}",
                         f"{prediction.compute_seconds * 1e3:.2f}", f"{prediction.communication_seconds * 1e3:.2f}",
                         f"{prediction.memory_bytes_per_device / 2**30:.2f}")
     console.print(compare)
+    for name, note in result.baseline_notes.items():
+        console.print(f"{name}: n/a because {note}")
     best = [p for p in result.baselines.values() if p]
     if best:
         speedup = min(p.step_seconds for p in best) / result.predicted.step_seconds
-        console.print(f"pase plan is {speedup:.2f}x the best pure data-parallel baseline. Search "
+        console.print(f"pase plan runs at {speedup:.2f}x the speed of the best pure data-parallel baseline. Search "
                       f"{result.search['seconds']:.2f} s over {result.search['configs']:,} configurations "
                       f"(elimination width {result.search['width']}, largest table "
                       f"{result.search['largest_table']:,}"
