@@ -245,6 +245,8 @@ def print_plan(result) -> None:  # noqa: ANN001 - pase.plans.Plan
     console.print(compare)
     for name, note in result.baseline_notes.items():
         console.print(f"{name}: n/a because {note}")
+    if result.search.get("space_note"):
+        console.print(f"note: {result.search['space_note']}")
     best = [p for p in result.baselines.values() if p]
     if best:
         speedup = min(p.step_seconds for p in best) / result.predicted.step_seconds

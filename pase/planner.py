@@ -25,6 +25,7 @@ from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.plans import LayerChoice, Plan, Prediction
 from pase.search import CostGraph, solve
+from pase.search.elimination import estimate_work
 from strategies.splits import SplitSpace, split_space
 
 
@@ -120,7 +121,7 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     if progress:
         progress("searching")
-    assignment, stats, price = _search_under_memory(priced, limit, cluster)
+    assignment, stats, price, space_note = _search_under_memory(priced, limit, cluster)
     searched = time.perf_counter()
     predicted = _prediction(priced, assignment, graph.batch)
     baselines, notes = {}, {}
@@ -142,17 +143,17 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
         layers=layers, predicted=predicted, baselines=baselines, baseline_notes=notes,
         search={"seconds": round(searched - started, 3), "width": stats.width, "largest_table": stats.largest_table,
                 "pruned_configs": stats.pruned_configs, "memory_price": price,
-                "conditioned_on": list(stats.conditioned_on),
+                "conditioned_on": list(stats.conditioned_on), "space_note": space_note,
                 "configs": int(sum(len(s) for s in priced.spaces))},
     )
 
 
 def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster):
     name, devices = "plan", cluster.world_size
-    solution = solve(priced.cost_graph(0.0, name, devices), dtype=np.float32)
+    solution, note = _solve_priced(priced, 0.0, devices)
     memory = priced.totals(solution.assignment)[3]
     if memory <= limit:
-        return solution.assignment, solution.stats, 0.0
+        return solution.assignment, solution.stats, 0.0, note
     lean = solve(_memory_only(priced, name, devices), dtype=np.float32)
     least = priced.totals(lean.assignment)[3]
     if least > limit:
@@ -162,23 +163,54 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster):
             "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).")
     step = max(sum(float(c.min()) for c in priced.compute), 1e-9)
     low, high = 0.0, step / max(limit, 1.0)
-    best = lean
-    while True:  # raise the memory price until the optimum fits
-        candidate = solve(priced.cost_graph(high, name, devices), dtype=np.float32)
+    best, best_note, best_price = lean, "memory-minimal plan: no memory price gave a faster plan that fits", None
+    while high <= 1e6:  # raise the memory price until the optimum fits
+        candidate, note = _solve_priced(priced, high, devices)
         if priced.totals(candidate.assignment)[3] <= limit:
-            best = candidate
+            best, best_note, best_price = candidate, note, high
             break
         low, high = high, high * 4
-        if high > 1e6:
-            break
+    if best_price is None:
+        return best.assignment, best.stats, None, best_note
     for _ in range(8):  # bisect towards the cheapest price that still fits
         middle = (low + high) / 2
-        candidate = solve(priced.cost_graph(middle, name, devices), dtype=np.float32)
+        candidate, note = _solve_priced(priced, middle, devices)
         if priced.totals(candidate.assignment)[3] <= limit:
-            best, high = candidate, middle
+            best, best_note, high = candidate, note, middle
         else:
             low = middle
-    return best.assignment, best.stats, high
+    return best.assignment, best.stats, high, best_note
+
+
+SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)
+
+
+def _solve_priced(priced: PricedGraph, memory_price: float, devices: int):
+    """Exact search over the layer spaces, seeded with an incumbent.
+
+    First the configurations that use all devices (or one) are solved; that plan's cost bounds
+    the full search, which drops every configuration that provably cannot beat it. When even
+    then the full space (with configurations leaving devices idle) would build a table over
+    ``SEARCH_TABLE_BUDGET`` entries, the all-devices optimum is returned and the plan says so:
+    it is exact over that smaller space. Returns (solution, space note or None).
+    """
+    full = priced.cost_graph(memory_price, "plan", devices)
+    keep = [np.flatnonzero(np.isin(space.factors.prod(axis=1), (1, devices))) for space in priced.spaces]
+    if not all(k.size for k in keep):
+        return solve(full, dtype=np.float32), None
+    restricted = CostGraph("plan-full-use", devices, full.ids, full.ops,
+                           [[full.configs[v][i] for i in k] for v, k in enumerate(keep)],
+                           [full.vertex_costs[v][k] for v, k in enumerate(keep)],
+                           [(s, d, m[np.ix_(keep[s], keep[d])]) for s, d, m in full.edges])
+    seed = solve(restricted, dtype=np.float32)
+    seed.assignment = [int(keep[v][c]) for v, c in enumerate(seed.assignment)]
+    incumbent = full.objective(seed.assignment)
+    _, peak = estimate_work(full, incumbent)
+    if peak > SEARCH_TABLE_BUDGET:
+        return seed, (f"configurations leaving devices idle were left out: exact search over them would build "
+                      f"tables of {peak:,.0f} entries (budget {SEARCH_TABLE_BUDGET:,}); the plan is exact over "
+                      "configurations that use all devices or one")
+    return solve(full, dtype=np.float32, incumbent=incumbent), None
 
 
 def _memory_only(priced: PricedGraph, name: str, devices: int) -> CostGraph:
@@ -253,7 +285,7 @@ def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, t
                                                                    else "; see `pase graph --layers`"))
     v = priced.ids.index(layer_id)
     chosen = [priced.spaces[i].index_of(layer.splits) for i, layer in enumerate(plan.layers)]
-    price = float(plan.search.get("memory_price", 0.0))  # memory was priced when the limit was binding
+    price = float(plan.search.get("memory_price") or 0.0)  # memory was priced when the limit was binding
     total = priced.compute[v] + priced.comm[v] + price * priced.memory[v]
     for s, d, m in priced.edges:
         if s == v:
