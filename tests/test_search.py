@@ -139,3 +139,12 @@ def test_conditioning_on_hubs_is_exact(seed: int) -> None:
         conditioned += bool(found.stats.conditioned_on)
         assert found.optimum == pytest.approx(exact.optimum, abs=1e-9)
     assert conditioned > 0
+
+
+def test_an_incumbent_only_removes_configurations_that_cannot_win() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        graph = random_graph(rng)
+        exact = brute_force(graph)
+        for incumbent in (exact.optimum, exact.optimum + 1.0, graph.objective([0] * len(graph.sizes))):
+            assert solve(graph, incumbent=incumbent).optimum == pytest.approx(exact.optimum, abs=1e-9)
