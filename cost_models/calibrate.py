@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.multiprocessing.spawn import ProcessException
 
+from pase import atomic
 from pase.errors import PaseError
 
 PROFILE_FORMAT = "pase-calibration"
@@ -449,12 +450,7 @@ def _assemble(config: CalibrationConfig, backend: str, world: int, collectives: 
 def save_profile(profile: dict[str, Any], path: str | Path | None = None) -> Path:
     """Write atomically to ``path`` or to the per-user cache under the fingerprint id."""
     target = Path(path) if path else default_profile_dir() / f"{profile['fingerprint']['id']}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(profile, handle, indent=1)
-    os.replace(tmp, target)
-    return target
+    return atomic.write_text(target, json.dumps(profile, indent=1))
 
 
 def load_profile(path: str | Path) -> dict[str, Any]:

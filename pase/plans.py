@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pase import atomic
 from pase.errors import PaseError
 
 PLAN_SCHEMA = "pase.plan"
@@ -54,12 +53,7 @@ class Plan:
         return {"schema": PLAN_SCHEMA, "schema_version": PLAN_VERSION, **data}
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:

@@ -8,14 +8,14 @@ one producer pays for both.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
+
+from pase import atomic
 
 SCHEMA = "pase.layer_graph"
 SCHEMA_VERSION = 1
@@ -97,16 +97,7 @@ class LayerGraph:
 
     def to_json(self, path: str | Path) -> None:
         """Write atomically (temp file + rename), so a crash never leaves half a graph."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.to_dict(), handle)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerGraph:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pase import atomic
 from pase.errors import PaseError
 
 FORMAT = "pase-cost-graph"
@@ -65,11 +64,7 @@ class CostGraph:
         payload = json.dumps(self.to_dict(), separators=(",", ":")).encode()
         if path.suffix == ".gz":
             payload = gzip.compress(payload, compresslevel=6)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
+        atomic.write_bytes(path, payload)
 
     @classmethod
     def load(cls, path: str | Path) -> CostGraph:
