@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.table import Table
 
 from pase import __version__
 from pase.errors import InputShapeError, PaseError
+
+if TYPE_CHECKING:
+    from pase.plans import Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pase: plan and run parallel training of diffusion UNets.")
@@ -218,7 +221,7 @@ def plan(
         console.print(f"wrote {json_path}")
 
 
-def print_plan(result) -> None:  # noqa: ANN001 - pase.plans.Plan
+def print_plan(result: Plan) -> None:
     from pase.planner import summarize_blocks
 
     table = Table(title=f"plan for {result.model} on {result.cluster} ({result.devices} devices), global batch "

@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.plans import LayerChoice, Plan, Prediction
 from pase.search import CostGraph, solve
-from pase.search.elimination import estimate_work
+from pase.search.elimination import SearchStats, Solution, estimate_work
 from strategies.splits import SplitSpace, split_space
 
 
@@ -148,7 +148,9 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
     )
 
 
-def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster):
+def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster
+                         ) -> tuple[list[int], SearchStats, float | None, str | None]:
+    """(assignment, search stats, memory price used, note on the space searched) under ``limit``."""
     name, devices = "plan", cluster.world_size
     solution, note = _solve_priced(priced, 0.0, devices)
     memory = priced.totals(solution.assignment)[3]
@@ -185,7 +187,7 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster):
 SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)
 
 
-def _solve_priced(priced: PricedGraph, memory_price: float, devices: int):
+def _solve_priced(priced: PricedGraph, memory_price: float, devices: int) -> tuple[Solution, str | None]:
     """Exact search over the layer spaces, seeded with an incumbent.
 
     First the configurations that use all devices (or one) are solved; that plan's cost bounds
@@ -299,4 +301,4 @@ def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, t
              "chosen": int(k) == chosen[v]} for k in order]
 
 
-__all__ = ["PlanDoesNotFit", "PlanOptions", "explain", "plan_graph", "price_graph", "replace", "summarize_blocks"]
+__all__ = ["PlanDoesNotFit", "PlanOptions", "explain", "plan_graph", "price_graph", "summarize_blocks"]
