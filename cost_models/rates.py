@@ -12,9 +12,6 @@ from typing import Any
 from cost_models.calibrate import BUS_FACTOR
 from cost_models.cluster import Cluster
 
-MEMORY_BOUND_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm", "elementwise", "concat", "upsample",
-                                "downsample", "input"})
-
 
 @dataclass(frozen=True)
 class Rate:

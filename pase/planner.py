@@ -25,7 +25,7 @@ from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.plans import LayerChoice, Plan, Prediction
 from pase.search import CostGraph, solve
-from pase.search.elimination import SearchStats, Solution, estimate_work
+from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
 from strategies.splits import SplitSpace, split_space
 
 
@@ -207,12 +207,12 @@ def _solve_priced(priced: PricedGraph, memory_price: float, devices: int) -> tup
     seed = solve(restricted, dtype=np.float32)
     seed.assignment = [int(keep[v][c]) for v, c in enumerate(seed.assignment)]
     incumbent = full.objective(seed.assignment)
-    _, peak = estimate_work(full, incumbent)
-    if peak > SEARCH_TABLE_BUDGET:
+    try:
+        return solve(full, dtype=np.float32, incumbent=incumbent, max_table_entries=SEARCH_TABLE_BUDGET), None
+    except TableBudgetExceeded as exceeded:
         return seed, (f"configurations leaving devices idle were left out: exact search over them would build "
-                      f"tables of {peak:,.0f} entries (budget {SEARCH_TABLE_BUDGET:,}); the plan is exact over "
-                      "configurations that use all devices or one")
-    return solve(full, dtype=np.float32, incumbent=incumbent), None
+                      f"tables of {exceeded.peak:,.0f} entries (budget {SEARCH_TABLE_BUDGET:,}); the plan is exact "
+                      "over configurations that use all devices or one")
 
 
 def _memory_only(priced: PricedGraph, name: str, devices: int) -> CostGraph:

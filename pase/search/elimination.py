@@ -27,6 +27,14 @@ from pase.search.cost_graph import CostGraph
 CHUNK_ELEMENTS = 1 << 24  # combine tables in slices of at most this many entries
 
 
+class TableBudgetExceeded(PaseError):
+    """Exact elimination would build a table larger than allowed; raised before any is built."""
+
+    def __init__(self, message: str, peak: float) -> None:
+        super().__init__(message)
+        self.peak = peak
+
+
 @dataclass
 class Factor:
     scope: tuple[int, ...]
@@ -150,20 +158,6 @@ def bound_masks(graph: CostGraph, pairs: dict[tuple[int, int], np.ndarray], incu
     return [bound <= incumbent + slack for bound in bounds]
 
 
-def estimate_work(graph: CostGraph, incumbent: float | None = None) -> tuple[float, float]:
-    """(total table entries, largest table) an exact solve would build after pruning, without solving."""
-    pairs = pairwise_factors(graph)
-    masks, _ = prune_dominated(graph, pairs)
-    if incumbent is not None and np.isfinite(incumbent):
-        masks = [m & b if (m & b).any() else m for m, b in zip(masks, bound_masks(graph, pairs, incumbent))]
-    sizes = [int(m.sum()) for m in masks]
-    neighbours: list[set[int]] = [set() for _ in sizes]
-    for a, b in pairs:
-        neighbours[a].add(b)
-        neighbours[b].add(a)
-    return _order_work(sizes, neighbours, elimination_order(sizes, neighbours))
-
-
 def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31,
           dtype: type = np.float64, hub_degree: int = 12, incumbent: float | None = None) -> Solution:
     """The exact optimum of ``graph`` and one assignment that reaches it.
@@ -208,17 +202,18 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
 
     hubs = [v for v in range(len(sizes)) if len(neighbours[v]) >= hub_degree and sizes[v] > 1]
     order = elimination_order(sizes, neighbours)
-    plain_work, plain_peak = _order_work(sizes, neighbours, order)
+    plain_work, plain_peak, plain_at = _order_work(sizes, neighbours, order)
     if hubs:
         rest_neighbours = [set() if v in hubs else neighbours[v] - set(hubs) for v in range(len(sizes))]
         rest_order = [v for v in elimination_order(sizes, rest_neighbours) if v not in hubs]
         combos = prod(sizes[h] for h in hubs)
-        rest_work, rest_peak = _order_work(sizes, rest_neighbours, rest_order)
+        rest_work, rest_peak, rest_at = _order_work(sizes, rest_neighbours, rest_order)
         if rest_peak < plain_peak and combos * rest_work <= 2 * plain_work:
-            return _solve_conditioned(graph, factors, sizes, kept, hubs, rest_order, stats, started,
-                                      max_table_entries, dtype)
+            _check_budget(graph, rest_peak, rest_at, max_table_entries)
+            return _solve_conditioned(graph, factors, sizes, kept, hubs, rest_order, stats, started, dtype)
+    _check_budget(graph, plain_peak, plain_at, max_table_entries)
     stats.order = order
-    constant, choice = _eliminate_all(graph, factors, sizes, order, stats, max_table_entries, dtype)
+    constant, choice = _eliminate_all(factors, sizes, order, stats, dtype)
     if not np.isfinite(constant):
         raise PaseError("no assignment has a finite cost: every combination is infeasible")
     assignment = [int(kept[v][c]) for v, c in enumerate(choice)]
@@ -226,23 +221,37 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
     return Solution(graph.objective(assignment), assignment, stats)
 
 
-def _order_work(sizes: list[int], neighbours: list[set[int]], order: list[int]) -> tuple[float, float]:
-    """(total table entries, largest table) that eliminating in ``order`` would build. O(V * d^2)."""
+def _check_budget(graph: CostGraph, peak: float, at: int, limit: int) -> None:
+    if peak > limit:
+        raise TableBudgetExceeded(
+            f"the search would build a table of {peak:,.0f} entries (limit {limit:,}) when eliminating vertex "
+            f"{graph.ids[at]!r}; the graph is too densely connected for exact search at this device count", peak)
+
+
+def _order_work(sizes: list[int], neighbours: list[set[int]], order: list[int]) -> tuple[float, float, int]:
+    """(total table entries, largest table, the vertex that builds it) of eliminating in ``order``.
+
+    These are exactly the tables the elimination builds, so budgets are checked before any is.
+    O(V * d^2).
+    """
     adjacency = [set(n) for n in neighbours]
     total = peak = 0.0
+    at = order[0] if order else 0
     for v in order:
         nbrs = adjacency[v]
         entries = float(prod(sizes[u] for u in nbrs)) * sizes[v]
-        total, peak = total + entries, max(peak, entries)
+        total += entries
+        if entries > peak:
+            peak, at = entries, v
         for a in nbrs:
             adjacency[a] |= nbrs - {a}
             adjacency[a].discard(v)
-    return total, peak
+    return total, peak, at
 
 
 def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int], kept: list[np.ndarray],
                        hubs: list[int], order: list[int], stats: SearchStats, started: float,
-                       max_table_entries: int, dtype: type) -> Solution:
+                       dtype: type) -> Solution:
     """min over hub configurations of (hub costs + optimum of the rest with the hubs fixed)."""
     hub_set = set(hubs)
     best_value, best_choice = float("inf"), None
@@ -263,7 +272,7 @@ def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int]
                 constant += float(table)
         if not np.isfinite(constant):
             continue
-        value, choice = _eliminate_all(graph, conditioned, sizes, order, stats, max_table_entries, dtype)
+        value, choice = _eliminate_all(conditioned, sizes, order, stats, dtype)
         if constant + value < best_value:
             best_value = constant + value
             best_choice = choice
@@ -278,8 +287,8 @@ def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int]
     return Solution(graph.objective(assignment), assignment, stats)
 
 
-def _eliminate_all(graph: CostGraph, factors: list[Factor], sizes: list[int], order: list[int],
-                   stats: SearchStats, max_table_entries: int, dtype: type) -> tuple[float, list[int]]:
+def _eliminate_all(factors: list[Factor], sizes: list[int], order: list[int], stats: SearchStats,
+                   dtype: type) -> tuple[float, list[int]]:
     """Eliminate ``order`` over ``factors``; returns (optimum, configuration index per variable)."""
     factors = list(factors)
     by_var: list[set[int]] = [set() for _ in sizes]
@@ -297,10 +306,6 @@ def _eliminate_all(graph: CostGraph, factors: list[Factor], sizes: list[int], or
                 by_var[u].discard(fid)
         rest = tuple(sorted({u for f in group for u in f.scope} - {v}))
         entries = prod(sizes[u] for u in rest) * sizes[v]
-        if entries > max_table_entries:
-            raise PaseError(f"the search would build a table of {entries:,} entries (limit {max_table_entries:,}) "
-                            f"when eliminating vertex {graph.ids[v]!r}; the graph is too densely connected for "
-                            "exact search at this device count")
         stats.width = max(stats.width, len(rest) + 1)
         stats.largest_table = max(stats.largest_table, entries)
         if not group:  # a variable no factor mentions (its cost was folded away): any choice
