@@ -18,6 +18,8 @@ from pase import __version__
 from pase.errors import InputShapeError, PaseError
 
 if TYPE_CHECKING:
+    from pase.graph import LayerGraph
+    from pase.planner import PricedGraph
     from pase.plans import Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -194,7 +196,7 @@ def plan(
     from cost_models.cluster import load_cluster
     from cost_models.rates import profile_mismatch
     from pase.graph import extract_model
-    from pase.planner import PlanOptions, plan_graph
+    from pase.planner import PlanOptions, plan_and_price
 
     if precision not in DTYPES:
         raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
@@ -208,11 +210,11 @@ def plan(
                               user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
                               checkpointing=checkpoint)
-        result = plan_graph(graph, target, profile=measured, options=options,
-                            progress=lambda what: status.update(f"{what} ..."))
+        result, priced = plan_and_price(graph, target, profile=measured, options=options,
+                                        progress=lambda what: status.update(f"{what} ..."))
     print_plan(result)
     if explain:
-        _print_explain(graph, target, measured, options, result, explain)
+        _print_explain(graph, result, priced, explain)
     if json_path is not None:
         try:
             result.save(json_path)
@@ -262,15 +264,10 @@ def print_plan(result: Plan) -> None:
                       + f"); rates: {result.options['rates']}.")
 
 
-def _print_explain(graph, target, measured, options, result, layer_id: str) -> None:  # noqa: ANN001
-    from cost_models.layer_costs import CostModel, CostOptions
-    from cost_models.rates import HardwareRates
+def _print_explain(graph: LayerGraph, result: Plan, priced: PricedGraph, layer_id: str) -> None:
     from pase.planner import explain as explain_layer
-    from pase.planner import price_graph
 
-    model = CostModel(target, HardwareRates(target, measured, options.precision),
-                      CostOptions(precision=options.precision, fsdp=options.fsdp, checkpointing=options.checkpointing))
-    rows = explain_layer(graph, result, price_graph(graph, model, options), layer_id)
+    rows = explain_layer(graph, result, priced, layer_id)
     table = Table(title=f"alternatives for {layer_id} (every other layer as planned; layer + its re-layouts"
                         + (", memory priced as in the search" if result.search.get("memory_price") else "") + ")")
     for column in ("split", "seconds", "vs plan", "memory GiB", ""):

@@ -110,6 +110,13 @@ def _block_outputs(graph: LayerGraph) -> set[str]:
 def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
                options: PlanOptions | None = None, progress: Callable[[str], None] | None = None) -> Plan:
     """The fastest plan that fits memory, with DDP and FSDP priced by the same model."""
+    return plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)[0]
+
+
+def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
+                   options: PlanOptions | None = None, progress: Callable[[str], None] | None = None
+                   ) -> tuple[Plan, PricedGraph]:
+    """``plan_graph``, also returning the priced graph (for ``explain`` without pricing twice)."""
     options = options or PlanOptions()
     started = time.perf_counter()
     rates = HardwareRates(cluster, profile, options.precision)
@@ -134,7 +141,7 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
         k = assignment[v]
         layers.append(LayerChoice(layer_id, data["op"], data["block"], priced.spaces[v].config(k),
                                   float(priced.compute[v][k] + priced.comm[v][k]), float(priced.memory[v][k])))
-    return Plan(
+    plan = Plan(
         model=str(graph.meta.get("model")), model_fingerprint=fingerprint(graph), cluster=cluster.spec,
         devices=cluster.world_size, batch=graph.batch, precision=options.precision,
         options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
@@ -146,6 +153,7 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
                 "conditioned_on": list(stats.conditioned_on), "space_note": space_note,
                 "configs": int(sum(len(s) for s in priced.spaces))},
     )
+    return plan, priced
 
 
 def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster
@@ -301,4 +309,5 @@ def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, t
              "chosen": int(k) == chosen[v]} for k in order]
 
 
-__all__ = ["PlanDoesNotFit", "PlanOptions", "explain", "plan_graph", "price_graph", "summarize_blocks"]
+__all__ = ["PlanDoesNotFit", "PlanOptions", "explain", "plan_and_price", "plan_graph", "price_graph",
+           "summarize_blocks"]
