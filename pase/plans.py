@@ -8,6 +8,7 @@ from typing import Any
 
 from pase import atomic
 from pase.errors import PaseError
+from pase.schema import check_header
 
 PLAN_SCHEMA = "pase.plan"
 PLAN_VERSION = 1
@@ -57,11 +58,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        if data.get("schema") != PLAN_SCHEMA:
-            raise PaseError(f"not a pase plan (schema {data.get('schema')!r})")
-        if data.get("schema_version") != PLAN_VERSION:
-            raise PaseError(f"plan schema version {data.get('schema_version')} is not supported (this pase reads "
-                            f"{PLAN_VERSION}); re-run `pase plan`")
+        check_header(data, PLAN_SCHEMA, PLAN_VERSION, "pase plan", "pase plan --json")
         known = {f.name for f in fields(cls)}
         body = {k: v for k, v in data.items() if k in known}  # unknown keys (newer writers) are ignored
         try:

@@ -16,6 +16,7 @@ from typing import Any
 import networkx as nx
 
 from pase import atomic
+from pase.schema import check_header
 
 SCHEMA = "pase.layer_graph"
 SCHEMA_VERSION = 1
@@ -101,11 +102,7 @@ class LayerGraph:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerGraph:
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"not a pase layer graph (schema {data.get('schema')!r}, want {SCHEMA!r})")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"layer graph schema version {data.get('schema_version')} is not supported "
-                             f"(this pase reads version {SCHEMA_VERSION}); re-run `pase graph --json`")
+        check_header(data, SCHEMA, SCHEMA_VERSION, "pase layer graph", "pase graph --json", error=ValueError)
         payload = {k: v for k, v in data.items() if k not in ("schema", "schema_version")}
         return cls(nx.node_link_graph(payload, directed=True, multigraph=True, edges="edges"))
 
