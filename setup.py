@@ -1,7 +1,7 @@
 """Installable package for pase: a parallelization planner and runtime for diffusion UNets."""
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -20,7 +20,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["pase", "pase.models", "cost_models", "strategies", "tools"],
+    packages=find_packages(include=["pase", "pase.*", "cost_models", "cost_models.*", "strategies", "strategies.*", "tools", "tools.*"]),
     package_data={"cost_models": ["data/*.json", "data/*.yaml"]},
     install_requires=[
         # A range, not a pin: users bring the CUDA build that matches their driver.
