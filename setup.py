@@ -20,7 +20,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pase", "pase.*", "cost_models", "cost_models.*", "strategies", "strategies.*", "tools", "tools.*"]),
+    packages=find_packages(include=[f"{top}{sub}" for top in ("pase", "cost_models", "strategies", "tools")
+                                    for sub in ("", ".*")]),
     package_data={"cost_models": ["data/*.json", "data/*.yaml"]},
     install_requires=[
         # A range, not a pin: users bring the CUDA build that matches their driver.

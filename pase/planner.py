@@ -41,12 +41,15 @@ class PlanOptions:
     fsdp: bool = False
     checkpointing: bool = False
     min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
+    search_gap: float = 2e-3  # relative distance from the optimum the search may stop at (0: exact, slower)
 
     def __post_init__(self) -> None:
         if self.only not in (None, "dp", "tensor"):
             raise PaseError(f"only must be 'dp' or 'tensor' (or None), not {self.only!r}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise PaseError(f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
+        if not 0 <= self.search_gap < 0.5:
+            raise PaseError(f"search_gap must be in [0, 0.5), not {self.search_gap}")
         if not 0 < self.memory_fraction <= 1:
             raise PaseError(f"memory_fraction must be in (0, 1], not {self.memory_fraction}")
 
@@ -128,7 +131,7 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     if progress:
         progress("searching")
-    assignment, stats, price, space_note = _search_under_memory(priced, limit, cluster)
+    assignment, stats, price, space_note = _search_under_memory(priced, limit, cluster, options.search_gap)
     searched = time.perf_counter()
     predicted = _prediction(priced, assignment, graph.batch)
     baselines, notes = {}, {}
@@ -145,22 +148,24 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
         model=str(graph.meta.get("model")), model_fingerprint=fingerprint(graph), cluster=cluster.spec,
         devices=cluster.world_size, batch=graph.batch, precision=options.precision,
         options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
+                 "search_gap": options.search_gap,
                  "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
                  "memory_limit_bytes": limit, "rates": rates.compute("conv").source},
         layers=layers, predicted=predicted, baselines=baselines, baseline_notes=notes,
         search={"seconds": round(searched - started, 3), "width": stats.width, "largest_table": stats.largest_table,
                 "pruned_configs": stats.pruned_configs, "memory_price": price,
                 "conditioned_on": list(stats.conditioned_on), "space_note": space_note,
+                "proved_gap": stats.proved_gap, "hub_combos_solved": stats.hub_combos_solved,
                 "configs": int(sum(len(s) for s in priced.spaces))},
     )
     return plan, priced
 
 
-def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster
+def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, gap: float
                          ) -> tuple[list[int], SearchStats, float | None, str | None]:
     """(assignment, search stats, memory price used, note on the space searched) under ``limit``."""
     name, devices = "plan", cluster.world_size
-    solution, note = _solve_priced(priced, 0.0, devices)
+    solution, note = _solve_priced(priced, 0.0, devices, gap)
     memory = priced.totals(solution.assignment)[3]
     if memory <= limit:
         return solution.assignment, solution.stats, 0.0, note
@@ -175,7 +180,7 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster
     low, high = 0.0, step / max(limit, 1.0)
     best, best_note, best_price = lean, "memory-minimal plan: no memory price gave a faster plan that fits", None
     while high <= 1e6:  # raise the memory price until the optimum fits
-        candidate, note = _solve_priced(priced, high, devices)
+        candidate, note = _solve_priced(priced, high, devices, gap)
         if priced.totals(candidate.assignment)[3] <= limit:
             best, best_note, best_price = candidate, note, high
             break
@@ -184,7 +189,7 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster
         return best.assignment, best.stats, None, best_note
     for _ in range(8):  # bisect towards the cheapest price that still fits
         middle = (low + high) / 2
-        candidate, note = _solve_priced(priced, middle, devices)
+        candidate, note = _solve_priced(priced, middle, devices, gap)
         if priced.totals(candidate.assignment)[3] <= limit:
             best, best_note, high = candidate, note, middle
         else:
@@ -195,31 +200,29 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster
 SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)
 
 
-def _solve_priced(priced: PricedGraph, memory_price: float, devices: int) -> tuple[Solution, str | None]:
-    """Exact search over the layer spaces, seeded with an incumbent.
+def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: float
+                  ) -> tuple[Solution, str | None]:
+    """The search over the full layer spaces, configurations leaving devices idle included.
 
-    First the configurations that use all devices (or one) are solved; that plan's cost bounds
-    the full search, which drops every configuration that provably cannot beat it. When even
-    then the full space (with configurations leaving devices idle) would build a table over
-    ``SEARCH_TABLE_BUDGET`` entries, the all-devices optimum is returned and the plan says so:
-    it is exact over that smaller space. Returns (solution, space note or None).
+    Hubs (timestep embedding, text context) are handled by bounds (``solve(gap=...)``): the plan
+    is proved within ``gap`` of the optimum, and exact when no hub is conditioned on. Only
+    when even that would build a table over ``SEARCH_TABLE_BUDGET`` entries are the idle-device
+    configurations left out, and the plan says so. Returns (solution, space note or None).
     """
     full = priced.cost_graph(memory_price, "plan", devices)
+    try:
+        return solve(full, dtype=np.float32, gap=gap, max_table_entries=SEARCH_TABLE_BUDGET), None
+    except TableBudgetExceeded as exceeded:
+        peak = exceeded.peak
     keep = [np.flatnonzero(np.isin(space.factors.prod(axis=1), (1, devices))) for space in priced.spaces]
-    if not all(k.size for k in keep):
-        return solve(full, dtype=np.float32), None
     restricted = CostGraph("plan-full-use", devices, full.ids, full.ops,
                            [[full.configs[v][i] for i in k] for v, k in enumerate(keep)],
                            [full.vertex_costs[v][k] for v, k in enumerate(keep)],
                            [(s, d, m[np.ix_(keep[s], keep[d])]) for s, d, m in full.edges])
-    seed = solve(restricted, dtype=np.float32)
-    seed.assignment = [int(keep[v][c]) for v, c in enumerate(seed.assignment)]
-    incumbent = full.objective(seed.assignment)
-    try:
-        return solve(full, dtype=np.float32, incumbent=incumbent, max_table_entries=SEARCH_TABLE_BUDGET), None
-    except TableBudgetExceeded as exceeded:
-        return seed, (f"configurations leaving devices idle were left out: exact search over them would build "
-                      f"tables of {exceeded.peak:,.0f} entries (budget {SEARCH_TABLE_BUDGET:,}); the plan is exact "
+    solution = solve(restricted, dtype=np.float32, gap=gap)
+    solution.assignment = [int(keep[v][c]) for v, c in enumerate(solution.assignment)]
+    return solution, (f"configurations leaving devices idle were left out: exact search over them would build "
+                      f"tables of {peak:,.0f} entries (budget {SEARCH_TABLE_BUDGET:,}); the plan is optimal "
                       "over configurations that use all devices or one")
 
 

@@ -141,6 +141,37 @@ def test_conditioning_on_hubs_is_exact(seed: int) -> None:
     assert conditioned > 0
 
 
+def _hub_graph(rng: np.random.Generator, hubs: int = 2) -> CostGraph:
+    """Random graphs where the first ``hubs`` vertices feed every other vertex (timestep embedding, context)."""
+    n = int(rng.integers(hubs + 2, 9))
+    sizes = [int(rng.integers(2, 4)) for _ in range(n)]
+    edges = [(h, v, np.round(rng.random((sizes[h], sizes[v])) * 5, 2)) for h in range(hubs) for v in range(hubs, n)]
+    if hubs > 1:
+        edges.append((0, 1, np.round(rng.random((sizes[0], sizes[1])) * 5, 2)))
+    for _ in range(int(rng.integers(0, n))):
+        s, d = (int(x) for x in rng.choice(n, 2, replace=False))
+        edges.append((s, d, np.round(rng.random((sizes[s], sizes[d])) * 5, 2)))
+    return CostGraph("hubs", 4, [f"v{i}" for i in range(n)], ["op"] * n, [[[c] for c in range(k)] for k in sizes],
+                     [np.round(rng.random(k) * 5, 2) for k in sizes], edges)
+
+
+@pytest.mark.parametrize("hubs", [1, 2])
+def test_hub_bounds_keep_their_promise(hubs: int) -> None:
+    """With gap ~0 the bounded hub search is exact; with a gap it is never worse than promised."""
+    rng = np.random.default_rng(300 + hubs)
+    bounded = 0
+    for _ in range(60):
+        graph = _hub_graph(rng, hubs)
+        exact = brute_force(graph).optimum
+        tight = solve(graph, hub_degree=3, gap=1e-12)
+        assert tight.optimum == pytest.approx(exact, abs=1e-9)
+        loose = solve(graph, hub_degree=3, gap=0.2)
+        assert exact >= loose.optimum * (1 - loose.stats.proved_gap) - 1e-9
+        assert loose.stats.proved_gap <= 0.2 + 1e-12 and loose.optimum <= exact / (1 - 0.2) + 1e-9
+        bounded += bool(tight.stats.conditioned_on)
+    assert bounded > 10
+
+
 def test_an_incumbent_only_removes_configurations_that_cannot_win() -> None:
     rng = np.random.default_rng(11)
     for _ in range(60):

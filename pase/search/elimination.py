@@ -49,6 +49,8 @@ class SearchStats:
     pruned_configs: int = 0
     seconds: float = 0.0
     conditioned_on: list[str] = field(default_factory=list)  # hub vertices fixed outside the elimination
+    proved_gap: float = 0.0  # relative: the optimum is at least (1 - proved_gap) x the returned cost
+    hub_combos_solved: int = 0  # hub configuration combinations searched exactly
 
 
 @dataclass
@@ -159,7 +161,8 @@ def bound_masks(graph: CostGraph, pairs: dict[tuple[int, int], np.ndarray], incu
 
 
 def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31,
-          dtype: type = np.float64, hub_degree: int = 12, incumbent: float | None = None) -> Solution:
+          dtype: type = np.float64, hub_degree: int = 12, incumbent: float | None = None,
+          gap: float = 0.0) -> Solution:
     """The exact optimum of ``graph`` and one assignment that reaches it.
 
     Hubs — vertices with at least ``hub_degree`` neighbours, like a UNet's timestep embedding
@@ -175,6 +178,13 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
     ``dtype=np.float32`` halves the memory traffic of the tables; the reported optimum is always
     re-evaluated in float64, but float32 sums may break near-ties differently (the planner uses it
     on estimated costs; the cost-graph CLI keeps float64).
+
+    ``gap`` > 0 allows a solution proved within that relative distance of the optimum when the
+    search conditions on hubs: instead of every hub combination, it solves one relaxation in which
+    each hub edge picks its own hub configuration (a lower bound), evaluates its assignment under
+    every combination (an upper bound), and searches combinations exactly only while their bound
+    can still beat the best by more than ``gap`` (``_solve_hub_bounded``). ``stats.proved_gap``
+    reports the gap actually proved; with ``gap=0`` the result is exact.
     """
     started = time.perf_counter()
     stats = SearchStats()
@@ -208,6 +218,9 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
         rest_order = [v for v in elimination_order(sizes, rest_neighbours) if v not in hubs]
         combos = prod(sizes[h] for h in hubs)
         rest_work, rest_peak, rest_at = _order_work(sizes, rest_neighbours, rest_order)
+        if gap > 0 and rest_peak < plain_peak:
+            _check_budget(graph, rest_peak, rest_at, max_table_entries)
+            return _solve_hub_bounded(graph, factors, sizes, kept, hubs, rest_order, stats, started, dtype, gap)
         if rest_peak < plain_peak and combos * rest_work <= 2 * plain_work:
             _check_budget(graph, rest_peak, rest_at, max_table_entries)
             return _solve_conditioned(graph, factors, sizes, kept, hubs, rest_order, stats, started, dtype)
@@ -249,42 +262,135 @@ def _order_work(sizes: list[int], neighbours: list[set[int]], order: list[int]) 
     return total, peak, at
 
 
+def _condition(factors: list[Factor], fixed: dict[int, int]) -> tuple[list[Factor], float]:
+    """``factors`` with the variables in ``fixed`` set to their configurations: (factors left, constant)."""
+    conditioned: list[Factor] = []
+    constant = 0.0
+    for factor in factors:
+        if not fixed.keys() & set(factor.scope):
+            conditioned.append(factor)
+            continue
+        table = factor.table[tuple(fixed.get(u, slice(None)) for u in factor.scope)]
+        scope = tuple(u for u in factor.scope if u not in fixed)
+        if scope:
+            conditioned.append(Factor(scope, table))
+        else:
+            constant += float(table)
+    return conditioned, constant
+
+
+def _finish(graph: CostGraph, kept: list[np.ndarray], choice: list[int], hubs: list[int], order: list[int],
+            stats: SearchStats, started: float) -> Solution:
+    stats.order = [*order, *hubs]
+    stats.conditioned_on = [graph.ids[h] for h in hubs]
+    assignment = [int(kept[v][c]) for v, c in enumerate(choice)]
+    stats.seconds = time.perf_counter() - started
+    return Solution(graph.objective(assignment), assignment, stats)
+
+
 def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int], kept: list[np.ndarray],
                        hubs: list[int], order: list[int], stats: SearchStats, started: float,
                        dtype: type) -> Solution:
     """min over hub configurations of (hub costs + optimum of the rest with the hubs fixed)."""
-    hub_set = set(hubs)
     best_value, best_choice = float("inf"), None
     for combo in itertools.product(*(range(sizes[h]) for h in hubs)):
         fixed = dict(zip(hubs, combo))
-        conditioned: list[Factor] = []
-        constant = 0.0
-        for factor in factors:
-            if not hub_set.intersection(factor.scope):
-                conditioned.append(factor)
-                continue
-            index = tuple(fixed.get(u, slice(None)) for u in factor.scope)
-            table = factor.table[index]
-            scope = tuple(u for u in factor.scope if u not in hub_set)
-            if scope:
-                conditioned.append(Factor(scope, table))
-            else:
-                constant += float(table)
+        conditioned, constant = _condition(factors, fixed)
         if not np.isfinite(constant):
             continue
+        stats.hub_combos_solved += 1
         value, choice = _eliminate_all(conditioned, sizes, order, stats, dtype)
         if constant + value < best_value:
-            best_value = constant + value
-            best_choice = choice
+            best_value, best_choice = constant + value, choice
             for h, c in fixed.items():
                 best_choice[h] = c
     if best_choice is None or not np.isfinite(best_value):
         raise PaseError("no assignment has a finite cost: every combination is infeasible")
-    stats.order = [*order, *hubs]
-    stats.conditioned_on = [graph.ids[h] for h in hubs]
-    assignment = [int(kept[v][c]) for v, c in enumerate(best_choice)]
-    stats.seconds = time.perf_counter() - started
-    return Solution(graph.objective(assignment), assignment, stats)
+    return _finish(graph, kept, best_choice, hubs, order, stats, started)
+
+
+def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int], kept: list[np.ndarray],
+                       hubs: list[int], order: list[int], stats: SearchStats, started: float,
+                       dtype: type, gap: float) -> Solution:
+    """Hub conditioning with bounds: exact combinations only while they can still win by ``gap``.
+
+    Relaxation: every factor between a hub and another vertex is minimised over the hub's
+    configuration on its own, so each consumer may see a different hub layout. Its optimum R plus
+    the hub-only cost of a combination h bounds from below every assignment with hubs at h. Its
+    assignment, evaluated with the hubs at each h, bounds the optimum from above. Combinations
+    are then searched exactly in order of their lower bound until none can beat the best found by
+    more than ``gap`` (relative). Sound: the true optimum is >= min over unsearched h of its bound.
+    """
+    hub_set = set(hubs)
+    axis = {h: i for i, h in enumerate(hubs)}
+    shape = tuple(sizes[h] for h in hubs)
+    hub_only = np.zeros(shape)
+    relaxed: list[Factor] = []
+    mixed: list[tuple[Factor, int]] = []  # (factor over one hub and one other vertex, its hub's scope position)
+    for factor in factors:
+        in_hubs = [u in hub_set for u in factor.scope]
+        if all(in_hubs):
+            hub_only = hub_only + _broadcast_to_hubs(factor, axis, len(hubs))
+        elif any(in_hubs):
+            if len(factor.scope) != 2 or sum(in_hubs) != 1:
+                return _solve_conditioned(graph, factors, sizes, kept, hubs, order, stats, started, dtype)
+            position = in_hubs.index(True)
+            mixed.append((factor, position))
+            other = factor.scope[1 - position]
+            relaxed.append(Factor((other,), factor.table.min(axis=position)))
+        else:
+            relaxed.append(factor)
+    lower, choice = _eliminate_all(relaxed, sizes, order, stats, dtype)
+    # upper bound of every combination with the relaxation's assignment of the other vertices
+    rest_value = sum(float(f.table[tuple(choice[u] for u in f.scope)]) for f in factors if not hub_set & set(f.scope))
+    upper = hub_only + rest_value
+    for factor, position in mixed:
+        hub, other = factor.scope[position], factor.scope[1 - position]
+        column = factor.table[:, choice[other]] if position == 0 else factor.table[choice[other], :]
+        upper = upper + _vector_on_axis(column, axis[hub], len(hubs))
+    bounds = hub_only + lower
+    best_index = np.unravel_index(int(np.argmin(upper)), shape)
+    best_value = float(upper[best_index])
+    best_choice = list(choice)
+    for h, c in zip(hubs, best_index):
+        best_choice[h] = int(c)
+    if not np.isfinite(best_value):  # the relaxation's assignment is infeasible with every combination
+        return _solve_conditioned(graph, factors, sizes, kept, hubs, order, stats, started, dtype)
+    flat_bounds = bounds.ravel()
+    remaining = float(flat_bounds.min())
+    for flat in np.argsort(flat_bounds, kind="stable"):
+        remaining = float(flat_bounds[flat])
+        if remaining >= best_value - gap * abs(best_value):
+            break
+        combo = np.unravel_index(int(flat), shape)
+        fixed = {h: int(c) for h, c in zip(hubs, combo)}
+        conditioned, constant = _condition(factors, fixed)
+        stats.hub_combos_solved += 1
+        value, found = _eliminate_all(conditioned, sizes, order, stats, dtype)
+        if constant + value < best_value:
+            best_value, best_choice = constant + value, found
+            for h, c in fixed.items():
+                best_choice[h] = c
+    else:
+        remaining = best_value  # every combination was searched: exact
+    stats.proved_gap = max(0.0, (best_value - remaining) / abs(best_value)) if best_value else 0.0
+    return _finish(graph, kept, best_choice, hubs, order, stats, started)
+
+
+def _broadcast_to_hubs(factor: Factor, axis: dict[int, int], count: int) -> np.ndarray:
+    """A factor over hubs only, as an array over all hubs' axes (size 1 where it lacks a hub)."""
+    positions = [axis[u] for u in factor.scope]
+    table = factor.table.transpose(np.argsort(positions)) if positions != sorted(positions) else factor.table
+    shape = [1] * count
+    for u in factor.scope:
+        shape[axis[u]] = factor.table.shape[factor.scope.index(u)]
+    return np.asarray(table).reshape(shape)
+
+
+def _vector_on_axis(vector: np.ndarray, position: int, count: int) -> np.ndarray:
+    shape = [1] * count
+    shape[position] = vector.size
+    return vector.reshape(shape)
 
 
 def _eliminate_all(factors: list[Factor], sizes: list[int], order: list[int], stats: SearchStats,
@@ -342,14 +448,28 @@ def _eliminate(v: int, rest: tuple[int, ...], group: list[Factor], sizes: list[i
     step = max(1, CHUNK_ELEMENTS // max(1, prod(shape[1:])))
     best = np.empty(shape[:-1], dtype=dtype)
     argmin = np.empty(shape[:-1], dtype=np.int32)
+    aligned.sort(key=lambda table: table.size)  # add small tables together before the full-size block exists
     for start in range(0, lead, step):
         stop = min(lead, start + step)
-        block = np.zeros((stop - start, *shape[1:]), dtype=dtype)
-        for table in aligned:
-            block += table[start:stop] if table.shape[0] != 1 else table
+        block = _sum_tables([t[start:stop] if t.shape[0] != 1 else t for t in aligned], dtype)
+        if block.shape != (stop - start, *shape[1:]):  # no table spans the whole scope
+            block = np.broadcast_to(block, (stop - start, *shape[1:]))
         argmin[start:stop] = np.argmin(block, axis=-1)
         best[start:stop] = np.take_along_axis(block, argmin[start:stop][..., None], axis=-1)[..., 0]
     return best, argmin
+
+
+def _sum_tables(tables: list[np.ndarray], dtype: type) -> np.ndarray:
+    """Broadcast sum, smallest first, in place once the result has its final size (one pass per table)."""
+    total = tables[0].astype(dtype, copy=False)
+    owned = False
+    for table in tables[1:]:
+        if owned and np.broadcast_shapes(total.shape, table.shape) == total.shape:
+            total += table
+        else:
+            total = np.add(total, table, dtype=dtype)
+            owned = True
+    return total
 
 
 def _align(factor: Factor, scope: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
