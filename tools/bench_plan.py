@@ -35,6 +35,7 @@ def run(model: str, cluster: str, batch: int, cache: bool) -> dict:
     return {"cluster": cluster, "devices": plan["devices"], "cached": cache, "wall_seconds": round(wall, 2),
             "search_seconds": plan["search"]["seconds"], "width": plan["search"]["width"],
             "largest_table": plan["search"]["largest_table"], "configs": plan["search"]["configs"],
+            "proved_gap": plan["search"].get("proved_gap", 0.0), "space_note": plan["search"].get("space_note"),
             "step_seconds": plan["predicted"]["step_seconds"],
             "speedup_over_data_parallel": round(best / plan["predicted"]["step_seconds"], 3) if best else None}
 
@@ -56,15 +57,17 @@ def main() -> None:
                 rows.append(run(args.model, cluster, args.batch, cache))
     table = Table(title=f"`pase plan --model {args.model} --batch {args.batch}` end to end, one process each")
     for column in ("cluster", "p", "graph cache", "wall s", "search s", "configs", "width", "largest table",
-                   "vs data parallel"):
+                   "proved gap", "vs data parallel"):
         table.add_column(column, justify="left" if column == "cluster" else "right")
     for row in rows:
         if "error" in row:
-            table.add_row(row["cluster"], "", "", "", "", "", "", "", row["error"])
+            table.add_row(row["cluster"], "", "", "", "", "", "", "", "", row["error"])
             continue
         table.add_row(row["cluster"], str(row["devices"]), "warm" if row["cached"] else "cold",
                       f"{row['wall_seconds']:.1f}", f"{row['search_seconds']:.1f}", f"{row['configs']:,}",
-                      str(row["width"]), f"{row['largest_table']:,}", f"{row['speedup_over_data_parallel']:.2f}x")
+                      str(row["width"]), f"{row['largest_table']:,}",
+                      f"{row['proved_gap']:.2%}" + (" (idle configs left out)" if row["space_note"] else ""),
+                      f"{row['speedup_over_data_parallel']:.2f}x")
     console.print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"model": args.model, "batch": args.batch, "results": rows}, indent=1))
