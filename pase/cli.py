@@ -180,7 +180,7 @@ def plan(
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state.")] = False,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Recompute activations inside blocks.")] = False,
     gap: Annotated[float, typer.Option(help="Stop the search once the plan is proved within this relative "
-                                            "distance of the optimum (0: exact, slower at 32+ devices).")] = 2e-3,
+                                            "distance of the optimum (0: exact, slower at 32+ devices).")] = 5e-3,
     precision: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
     memory_fraction: Annotated[float, typer.Option(min=0.05, max=1.0, help="Share of GPU memory a plan may "
                                                    "use.")] = 0.9,

@@ -41,7 +41,7 @@ class PlanOptions:
     fsdp: bool = False
     checkpointing: bool = False
     min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
-    search_gap: float = 2e-3  # relative distance from the optimum the search may stop at (0: exact, slower)
+    search_gap: float = 5e-3  # relative distance from the optimum the search may stop at (0: exact, slower)
 
     def __post_init__(self) -> None:
         if self.only not in (None, "dp", "tensor"):
@@ -198,6 +198,7 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, ga
 
 
 SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)
+HUB_COMBO_LIMIT = 8  # with a gap > 0, at most this many hub combinations are searched exactly (the gap proved is shown)
 
 
 def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: float
@@ -211,7 +212,8 @@ def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: f
     """
     full = priced.cost_graph(memory_price, "plan", devices)
     try:
-        return solve(full, dtype=np.float32, gap=gap, max_table_entries=SEARCH_TABLE_BUDGET), None
+        return solve(full, dtype=np.float32, gap=gap, max_table_entries=SEARCH_TABLE_BUDGET,
+                     hub_combo_limit=HUB_COMBO_LIMIT if gap > 0 else None), None
     except TableBudgetExceeded as exceeded:
         peak = exceeded.peak
     keep = [np.flatnonzero(np.isin(space.factors.prod(axis=1), (1, devices))) for space in priced.spaces]
@@ -219,7 +221,7 @@ def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: f
                            [[full.configs[v][i] for i in k] for v, k in enumerate(keep)],
                            [full.vertex_costs[v][k] for v, k in enumerate(keep)],
                            [(s, d, m[np.ix_(keep[s], keep[d])]) for s, d, m in full.edges])
-    solution = solve(restricted, dtype=np.float32, gap=gap)
+    solution = solve(restricted, dtype=np.float32, gap=gap, hub_combo_limit=HUB_COMBO_LIMIT if gap > 0 else None)
     solution.assignment = [int(keep[v][c]) for v, c in enumerate(solution.assignment)]
     return solution, (f"configurations leaving devices idle were left out: exact search over them would build "
                       f"tables of {peak:,.0f} entries (budget {SEARCH_TABLE_BUDGET:,}); the plan is optimal "

@@ -26,9 +26,9 @@ def one_layer(module: nn.Module, *shape: int):
     return next(data for _, data in graph.layers() if data["op"] != "input")
 
 
-def model_for(spec: str) -> CostModel:
+def model_for(spec: str, overlap: bool = False) -> CostModel:
     cluster = parse_spec(spec)
-    return CostModel(cluster, HardwareRates(cluster), CostOptions(precision="fp32"))
+    return CostModel(cluster, HardwareRates(cluster), CostOptions(precision="fp32", overlap_gradients=overlap))
 
 
 def test_batch_split_conv_costs_a_pth_of_compute_plus_its_gradient_all_reduce() -> None:
@@ -46,6 +46,21 @@ def test_batch_split_conv_costs_a_pth_of_compute_plus_its_gradient_all_reduce() 
                    for b in (256 * 256 * 9 * 4, 256 * 4))
     assert comm[1] == pytest.approx(expected)
     assert weight_bytes == 256 * 256 * 9 * 4 + 256 * 4
+
+
+def test_gradient_all_reduce_hides_behind_the_layers_backward() -> None:
+    """With overlap, only the part of the weight all-reduce longer than the backward compute is charged."""
+    with torch.device("meta"):
+        conv = nn.Conv2d(256, 256, 3, padding=1)
+    space = SplitSpace(("n",), np.array([[8]]))
+    for batch in (8, 512):  # comm-bound, then compute-bound
+        layer = one_layer(conv, batch, 256, 64, 64)
+        bare = model_for("8xH100-SXM")
+        compute, sync, _ = bare.layer_costs(layer, space)
+        _, exposed, _ = model_for("8xH100-SXM", overlap=True).layer_costs(layer, space)
+        backward = compute[0] * layer["flops_bwd"] / (layer["flops_fwd"] + layer["flops_bwd"])
+        assert exposed[0] == pytest.approx(max(0.0, sync[0] - backward))
+    assert exposed[0] == 0.0 and sync[0] > 0  # at batch 512 the backward hides the all-reduce entirely
 
 
 def test_split_input_channel_linear_pays_the_reduce_of_its_output() -> None:
