@@ -178,3 +178,28 @@ def test_parameters_used_through_views_are_owned(method: str) -> None:
     graph = extract(model, (torch.zeros(2, 16, 8, device="meta"),), method=method)
     assert graph.param_count == 16 * 8 + 8 * 8 + 8
     assert graph.meta["flops_fwd"] == 2 * 2 * 16 * 8 * 8
+
+
+def _comparable(graph) -> tuple:
+    meta = {k: v for k, v in graph.meta.items() if k not in ("capture_seconds", "rescaled_from_batch", "cached")}
+    edges = sorted((s, d, sorted(data.items())) for s, d, data in graph.graph.edges(data=True))
+    return list(graph.layers()), edges, sorted(meta.items(), key=str)
+
+
+@pytest.mark.parametrize(("name", "captured", "wanted"), [("unet-tiny", 2, 6), ("pase-unet", 4, 2)])
+def test_rescaling_the_batch_equals_capturing_at_it(name: str, captured: int, wanted: int) -> None:
+    from pase.graph.rescale import with_batch
+
+    rescaled = with_batch(extract_model(name, captured), wanted)
+    assert rescaled is not None and rescaled.meta["rescaled_from_batch"] == captured
+    assert _comparable(rescaled) == _comparable(extract_model(name, wanted))
+
+
+def test_rescaling_refuses_what_it_cannot_tell_apart() -> None:
+    from pase.graph.rescale import with_batch
+
+    assert with_batch(extract_model("pase-unet", 1), 4) is None  # at batch 1 a broadcast looks like a batch axis
+    odd = extract_model("pase-unet", 2)
+    layer = next(layer_id for layer_id, data in odd.layers() if "n" in data["dims"])
+    odd[layer]["dims"]["n"] = 3  # a batch dimension that does not match the graph's batch
+    assert with_batch(odd, 4) is None

@@ -35,8 +35,11 @@ def test_graph_cache_hits_and_misses(tmp_path, monkeypatch) -> None:
     again = extract_model("unet-tiny", 2, use_cache=True)
     assert again.meta["cached"].startswith(str(tmp_path))
     assert list(again.layers()) == list(first.layers())
-    other = extract_model("unet-tiny", 4, use_cache=True)
-    assert "cached" not in other.meta and other.batch == 4
-    assert len(list((tmp_path / "graphs").glob("*.json"))) == 2
-    (next((tmp_path / "graphs").glob("*.json"))).write_text("{broken")
+    other = extract_model("unet-tiny", 4, use_cache=True)  # one entry serves every batch
+    assert other.meta["cached"] and other.meta["rescaled_from_batch"] == 2 and other.batch == 4
+    assert len(list((tmp_path / "graphs").glob("*.json"))) == 1
+    extract_model("unet-tiny", 4, use_cache=True, input_shapes={"sample": (4, 3, 32, 32)})
+    assert len(list((tmp_path / "graphs").glob("*.json"))) == 2  # overrides get entries of their own
+    for entry in (tmp_path / "graphs").glob("*.json"):
+        entry.write_text("{broken")
     extract_model("unet-tiny", 2, use_cache=True)  # a corrupt entry is captured again, not an error

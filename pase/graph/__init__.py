@@ -70,16 +70,23 @@ def extract_model(
     """Build a zoo model (or ``module:factory``) on the meta device and extract its graph.
 
     ``use_cache`` reads and writes the on-disk graph cache (zoo models only; see ``cache``);
-    ``refresh_cache`` captures again and overwrites the entry.
+    ``refresh_cache`` captures again and overwrites the entry. Without input-shape overrides the
+    entry serves every batch: a graph cached at one batch is rescaled (``rescale.with_batch``).
     """
     from pase.graph import cache
+    from pase.graph.rescale import with_batch
     from pase.models.zoo import ZOO, resolve_model
 
     spec = resolve_model(name, user_input_shapes)
-    key = cache.cache_key(name, spec.config, batch, dtype, method, input_shapes) if use_cache and name in ZOO \
-        else None
+    cacheable = use_cache and name in ZOO
+    any_batch = cacheable and not input_shapes
+    key = cache.cache_key(name, spec.config, "any" if any_batch else batch, dtype, method, input_shapes) \
+        if cacheable else None
     if key is not None and not refresh_cache and (hit := cache.load(key)) is not None:
-        return hit
+        wanted = batch if batch is not None else spec.default_batch
+        rescaled = with_batch(hit, wanted) if any_batch else hit
+        if rescaled is not None:
+            return rescaled
     if spec.family == "user" and input_shapes:
         raise InputShapeError(f"{name!r} is your own model: give its --input-shape values positionally, in "
                               f"forward()'s argument order (e.g. --input-shape 8,3,32,32), not as name=shape")
@@ -93,7 +100,7 @@ def extract_model(
         model = model.to(dtype)
     args, kwargs = spec.example_inputs(batch, dtype=dtype, device="meta", shapes=input_shapes)
     graph = extract(model, args, kwargs, method=method, name=name)
-    if key is not None:
+    if key is not None and (not any_batch or graph.batch >= 2):  # batch 1 cannot be rescaled (see rescale)
         cache.store(key, graph)
     return graph
 
