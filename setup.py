@@ -34,6 +34,7 @@ setup(
         "rich>=13.7",
         "pyyaml>=6",
         "orjson>=3.9",
+        "matplotlib>=3.8",  # what-if report charts
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

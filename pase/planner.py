@@ -32,6 +32,11 @@ from strategies.splits import SplitSpace, split_space
 class PlanDoesNotFit(PaseError):
     """No configuration of the model fits the devices' memory."""
 
+    def __init__(self, message: str, least_bytes: float = 0.0, limit_bytes: float = 0.0) -> None:
+        super().__init__(message)
+        self.least_bytes = least_bytes  # what the leanest plan needs per device
+        self.limit_bytes = limit_bytes
+
 
 @dataclass
 class PlanOptions:
@@ -42,6 +47,7 @@ class PlanOptions:
     checkpointing: bool = False
     min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
     search_gap: float = 5e-3  # relative distance from the optimum the search may stop at (0: exact, slower)
+    memory_bisections: int = 8  # refinements of the memory price when the limit binds (each is one search)
 
     def __post_init__(self) -> None:
         if self.only not in (None, "dp", "tensor"):
@@ -131,7 +137,8 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     if progress:
         progress("searching")
-    assignment, stats, price, space_note = _search_under_memory(priced, limit, cluster, options.search_gap)
+    assignment, stats, price, space_note = _search_under_memory(priced, limit, cluster, options.search_gap,
+                                                                options.memory_bisections)
     searched = time.perf_counter()
     predicted = _prediction(priced, assignment, graph.batch)
     baselines, notes = {}, {}
@@ -161,7 +168,7 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     return plan, priced
 
 
-def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, gap: float
+def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, gap: float, bisections: int = 8
                          ) -> tuple[list[int], SearchStats, float | None, str | None]:
     """(assignment, search stats, memory price used, note on the space searched) under ``limit``."""
     name, devices = "plan", cluster.world_size
@@ -175,7 +182,8 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, ga
         raise PlanDoesNotFit(
             f"no plan fits: the leanest needs {least / 2**30:.1f} GiB per device, and {cluster.gpu.id} leaves "
             f"{limit / 2**30:.1f} GiB ({cluster.gpu.memory_gb:g} GB x memory fraction). Try more devices, a smaller "
-            "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).")
+            "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).",
+            least, limit)
     step = max(sum(float(c.min()) for c in priced.compute), 1e-9)
     low, high = 0.0, step / max(limit, 1.0)
     best, best_note, best_price = lean, "memory-minimal plan: no memory price gave a faster plan that fits", None
@@ -187,7 +195,7 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, ga
         low, high = high, high * 4
     if best_price is None:
         return best.assignment, best.stats, None, best_note
-    for _ in range(8):  # bisect towards the cheapest price that still fits
+    for _ in range(bisections):  # bisect towards the cheapest price that still fits
         middle = (low + high) / 2
         candidate, note = _solve_priced(priced, middle, devices, gap)
         if priced.totals(candidate.assignment)[3] <= limit:

@@ -1,0 +1,246 @@
+"""What-if analysis for hardware purchases: the best plan on each candidate cluster, and what it costs.
+
+For every cluster the same planner as ``pase plan`` finds the fastest plan that fits; when none
+fits at the global batch, gradient accumulation splits the step into k micro-steps (k doubling)
+and the row says so. From the plan: step time, samples/s (total and per GPU), model FLOPs
+utilisation, memory headroom, $ per hour (catalog price, or the user's), hours, $ and energy
+(TDP x time) for N samples. Around the requested clusters: a scaling curve from 1 GPU up for each
+GPU type, and the same GPUs with NVLink removed (PCIe only), so the value of the interconnect is
+priced by the plan it enables, not by a bandwidth ratio.
+
+Every plan here is searched exactly (``search_gap=0``): comparisons between clusters must not be
+blurred by the search's own tolerance. Where memory binds, the memory price is refined three times
+(not eight as in ``pase plan``): a report of many clusters trades that last refinement for speed.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from cost_models.catalog import Catalog
+from cost_models.cluster import Cluster, catalog_fabric, load_cluster
+from pase.errors import PaseError
+from pase.graph import LayerGraph
+from pase.planner import PlanDoesNotFit, PlanOptions, plan_graph
+
+COMMUNICATION_BOUND_SHARE = 0.5  # a point whose step is at least this much communication is marked
+
+
+@dataclass
+class ClusterResult:
+    cluster: str
+    gpu: str
+    devices: int
+    fits: bool
+    interconnect: str = ""
+    step_seconds: float | None = None
+    samples_per_second: float | None = None
+    samples_per_second_per_gpu: float | None = None
+    mfu: float | None = None
+    memory_bytes_per_device: float | None = None
+    memory_headroom_bytes: float | None = None
+    accumulation: int = 1
+    communication_share: float | None = None
+    communication_bound: bool = False
+    dollars_per_hour: float | None = None
+    price_source: str = ""
+    hours_for_samples: float | None = None
+    dollars_for_samples: float | None = None
+    energy_kwh_for_samples: float | None = None
+    main_split: str = ""
+    note: str = ""
+
+
+@dataclass
+class WhatIfReport:
+    model: str
+    batch: int
+    precision: str
+    samples: float
+    clusters: list[ClusterResult]
+    scaling: dict[str, list[ClusterResult]] = field(default_factory=dict)  # GPU id -> points by device count
+    interconnect: list[dict[str, Any]] = field(default_factory=list)  # NVLink vs PCIe-only pairs
+    summary: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "batch": self.batch, "precision": self.precision, "samples": self.samples,
+                "clusters": [asdict(r) for r in self.clusters],
+                "scaling": {gpu: [asdict(r) for r in rows] for gpu, rows in self.scaling.items()},
+                "interconnect": self.interconnect, "summary": self.summary}
+
+
+def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int, samples: float,
+             options: PlanOptions) -> ClusterResult:
+    """The best plan on ``cluster`` for global ``batch`` (accumulating micro-steps if it must)."""
+    price = cluster.price.typical if cluster.price else None
+    row = ClusterResult(cluster=cluster.spec, gpu=cluster.gpu.id, devices=cluster.world_size, fits=False,
+                        interconnect=_interconnect(cluster), dollars_per_hour=price * cluster.world_size
+                        if price is not None else None,
+                        price_source=(cluster.price.source or cluster.price.as_of) if cluster.price else "")
+    accumulation = 1
+    while True:
+        micro = batch // accumulation
+        try:
+            plan = plan_graph(graph_at(micro), cluster, options=options)
+            break
+        except PlanDoesNotFit as exc:
+            # memory falls at most in proportion to the micro-batch: jump there, then keep doubling
+            over = exc.least_bytes / exc.limit_bytes if exc.limit_bytes else 2.0
+            accumulation *= 2 ** max(1, math.ceil(math.log2(max(over, 1.0))))
+            if batch % accumulation or batch // accumulation < 1:
+                row.note = f"does not fit even with gradient accumulation: {exc}"
+                return row
+    graph = graph_at(micro)
+    step = plan.predicted.step_seconds * accumulation
+    flops = float(graph.meta.get("flops_fwd", 0) + graph.meta.get("flops_bwd", 0)) * accumulation
+    peak = cluster.gpu.peak_tflops(options.precision) * 1e12 * cluster.world_size
+    limit = cluster.gpu.memory_bytes * options.memory_fraction
+    row.fits = True
+    row.accumulation = accumulation
+    row.step_seconds = step
+    row.samples_per_second = batch / step
+    row.samples_per_second_per_gpu = row.samples_per_second / cluster.world_size
+    row.mfu = flops / step / peak if peak else None
+    row.memory_bytes_per_device = plan.predicted.memory_bytes_per_device
+    row.memory_headroom_bytes = limit - plan.predicted.memory_bytes_per_device
+    row.communication_share = plan.predicted.communication_seconds / plan.predicted.step_seconds
+    row.communication_bound = row.communication_share >= COMMUNICATION_BOUND_SHARE
+    row.main_split = _main_split(plan)
+    row.hours_for_samples = samples / row.samples_per_second / 3600
+    row.energy_kwh_for_samples = cluster.gpu.tdp_w * cluster.world_size * row.hours_for_samples / 1000
+    if row.dollars_per_hour is not None:
+        row.dollars_for_samples = row.dollars_per_hour * row.hours_for_samples
+    if accumulation > 1:
+        row.note = f"{accumulation} micro-steps of {batch // accumulation} per step (gradient accumulation)"
+    return row
+
+
+def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], batch: int, samples: float,
+               options: PlanOptions, catalog: Catalog, *, scaling: bool = True, interconnect: bool = True,
+               progress: Callable[[str], None] | None = None) -> WhatIfReport:
+    """Every cluster, the scaling curves and the NVLink/PCIe pairs; ``progress`` hears each step."""
+    if not samples > 0:
+        raise PaseError(f"--samples must be a positive number of training samples, not {samples:g}")
+    if batch < 1:
+        raise PaseError(f"--batch must be at least 1, not {batch}")
+    options = replace(options, search_gap=0.0, memory_bisections=3)
+    tasks: list[tuple[str, Cluster]] = [("cluster", c) for c in clusters]
+    if scaling:
+        for gpu_id, largest in _largest_per_gpu(clusters).items():
+            tasks += [(f"scaling:{gpu_id}", c) for c in _scaling_clusters(largest, catalog)]
+    if interconnect:
+        tasks += [("pcie", _without_nvlink(c, catalog)) for c in clusters if c.gpu.nvlink_generation]
+    results: dict[str, ClusterResult] = {}
+    for done, (_, cluster) in enumerate(tasks):
+        key = _identity(cluster)
+        if key not in results:
+            if progress:
+                progress(f"[{done + 1}/{len(tasks)}] planning on {cluster.spec}")
+            results[key] = evaluate(graph_at, cluster, batch, samples, options)
+    report = WhatIfReport(model=str(graph_at(batch).meta.get("model")), batch=batch, precision=options.precision,
+                          samples=samples, clusters=[results[_identity(c)] for c in clusters])
+    for kind, cluster in tasks:
+        if kind.startswith("scaling:"):
+            report.scaling.setdefault(kind.split(":", 1)[1], []).append(results[_identity(cluster)])
+    for points in report.scaling.values():
+        _mark_scaling(points)
+    if interconnect:
+        for cluster in clusters:
+            if cluster.gpu.nvlink_generation:
+                nvlink, pcie = results[_identity(cluster)], results[_identity(_without_nvlink(cluster, catalog))]
+                report.interconnect.append({
+                    "cluster": cluster.spec, "nvlink_step_seconds": nvlink.step_seconds,
+                    "pcie_step_seconds": pcie.step_seconds,
+                    "nvlink_speedup": pcie.step_seconds / nvlink.step_seconds
+                    if nvlink.step_seconds and pcie.step_seconds else None})
+    report.summary = summarize(report.clusters)
+    return report
+
+
+def summarize(rows: list[ClusterResult]) -> str:
+    """One sentence: the fastest and the cheapest cluster, each with its margin over the runner-up."""
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        return "The model fits on none of these clusters in any plan: add GPUs or memory, or lower the batch."
+    by_speed = sorted(fitting, key=lambda r: -r.samples_per_second)
+    sentence = f"Fastest: {by_speed[0].cluster} at {by_speed[0].samples_per_second:,.0f} samples/s"
+    if len(by_speed) > 1:
+        sentence += f", {by_speed[0].samples_per_second / by_speed[1].samples_per_second:.2f}x {by_speed[1].cluster}"
+    priced = sorted((r for r in fitting if r.dollars_for_samples is not None), key=lambda r: r.dollars_for_samples)
+    if priced:
+        sentence += f"; cheapest: {priced[0].cluster} at ${priced[0].dollars_for_samples:,.2f} for the samples"
+        if len(priced) > 1:
+            saving = 1 - priced[0].dollars_for_samples / priced[1].dollars_for_samples
+            sentence += f", {saving:.0%} less than {priced[1].cluster}"
+    else:
+        sentence += "; no cluster has a price (give one with --price GPU=DOLLARS_PER_GPU_HOUR)"
+    return sentence + "."
+
+
+def _interconnect(cluster: Cluster) -> str:
+    inside = f"NVLink {cluster.gpu.nvlink_generation}" if cluster.gpu.nvlink_generation else \
+        f"PCIe {cluster.gpu.pcie_gen}" + ("" if cluster.gpu.p2p_over_pcie else " (no P2P)")
+    return inside + (f" + {cluster.network.id}x{cluster.nics_per_node}" if cluster.network and cluster.nodes > 1
+                     else "")
+
+
+def _main_split(plan: Any) -> str:
+    from pase.planner import summarize_blocks
+
+    counts: dict[str, float] = {}
+    for block in summarize_blocks(plan):
+        for split, count in block["splits"].items():
+            counts[split] = counts.get(split, 0.0) + count
+    return max(counts, key=counts.get) if counts else ""
+
+
+def _identity(cluster: Cluster) -> str:
+    return f"{cluster.spec}|{cluster.gpu.nvlink_generation}"
+
+
+def _largest_per_gpu(clusters: list[Cluster]) -> dict[str, Cluster]:
+    largest: dict[str, Cluster] = {}
+    for cluster in clusters:
+        if cluster.gpu.id not in largest or cluster.world_size > largest[cluster.gpu.id].world_size:
+            largest[cluster.gpu.id] = cluster
+    return largest
+
+
+def _scaling_clusters(largest: Cluster, catalog: Catalog) -> list[Cluster]:
+    """1, 2, 4, ... GPUs of ``largest``'s kind up to its size, on its kind of node and network."""
+    counts = sorted({2 ** k for k in range(int(math.log2(largest.world_size)) + 1)} | {largest.world_size})
+    clusters = []
+    for n in counts:
+        if n <= largest.gpus_per_node:
+            spec = f"{n}x{largest.gpu.id}"
+        elif n % largest.gpus_per_node == 0 and largest.network is not None:
+            spec = f"{n // largest.gpus_per_node}x{largest.gpus_per_node}x{largest.gpu.id}+{largest.network.id}" \
+                   f"x{largest.nics_per_node}"
+        else:
+            continue
+        cluster = largest if n == largest.world_size else load_cluster(spec, catalog)
+        if largest.price and cluster.price != largest.price:  # keep the user's price override
+            cluster.gpu = replace(cluster.gpu, price=largest.price)
+        clusters.append(cluster)
+    return clusters
+
+
+def _without_nvlink(cluster: Cluster, catalog: Catalog) -> Cluster:
+    """The same GPUs and nodes with NVLink removed: GPU-to-GPU traffic over the node's PCIe tree."""
+    gpu = replace(cluster.gpu, nvlink_generation=None, nvlink_links=0, nvlink_topology=None)
+    return replace(cluster, spec=f"{cluster.spec} (PCIe only)", gpu=gpu,
+                   fabric=catalog_fabric(gpu, cluster.gpus_per_node, catalog), notes=list(cluster.notes))
+
+
+def _mark_scaling(points: list[ClusterResult]) -> None:
+    """A point that predicts fewer samples/s than a smaller one is communication-bound by definition."""
+    best = 0.0
+    for point in points:
+        if not point.fits:
+            continue
+        if point.samples_per_second < best:
+            point.communication_bound = True
+            point.note = (point.note + "; " if point.note else "") + "fewer samples/s than with fewer GPUs"
+        best = max(best, point.samples_per_second)
