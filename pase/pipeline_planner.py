@@ -49,7 +49,7 @@ from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.planner import PlanDoesNotFit, PlanOptions, PricedGraph, plan_and_price, search_under_memory
 from pase.plans import LayerChoice, Plan, Prediction, StagePlan
-from pase.search import CostGraph, solve
+from pase.search import solve
 from pase.search.stages import Partition, StageProblem, solve_stages
 from strategies.pipeline import bubble_seconds, check_schedule
 from strategies.splits import SplitSpace, divisors, split_space
@@ -242,17 +242,11 @@ class Pricer:
             data = rebatch_layer(self.layers[v][1], batch, self.graph.batch)
             model = self.model(group)
             space = split_space(data, group, self.options.min_chunk, self.options.only)
-            compute, comm, memory = model.layer_costs(data, space, block_output=self.block_output[v])
-            frozen = {**data, "params": {k: {**p, "trainable": False} for k, p in data["params"].items()}}
-            _, comm_frozen, activation = model.layer_costs(frozen, space, block_output=self.block_output[v])
-            factors = CostModel._factor_table(data, space)
-            dims = list(data["dims"])
-            shard = np.zeros(len(space))
-            for p in data["params"].values():
-                if p.get("trainable") and "map" in p and "numel" in p:
-                    shard = shard + p["numel"] / CostModel._weight_split(p["map"], dims, factors) * self.itemsize
-            self._layer_cache[key] = LayerPrice(space, compute, comm_frozen, comm - comm_frozen, memory - activation,
-                                                activation, shard)
+            parts: dict[str, np.ndarray] = {}
+            compute, comm, memory = model.layer_costs(data, space, block_output=self.block_output[v], parts=parts)
+            sync, saved = parts["weight_sync"], parts["saved"]
+            self._layer_cache[key] = LayerPrice(space, compute, comm - sync, sync, memory - saved, saved,
+                                                parts["weight_bytes"])
         return self._layer_cache[key]
 
     def edge(self, kind: int, group: int, batch: int) -> np.ndarray:
@@ -296,7 +290,8 @@ class Setting:
         self.devices = planner.cluster.world_size // replicas
         self.batch = pr.graph.batch // (replicas * microbatches)
         gpn = planner.cluster.gpus_per_node
-        self.sizes = tuple(g for g in divisors(self.devices) if g <= gpn or g % gpn == 0)
+        smallest = self.devices // (2 * planner.pipeline.max_stages)
+        self.sizes = tuple(g for g in divisors(self.devices) if (g <= gpn or g % gpn == 0) and g >= smallest)
         self.problem_base = dict(group_sizes=self.sizes, devices=self.devices, microbatches=microbatches,
                                  schedule=planner.pipeline.schedule, max_stages=planner.pipeline.max_stages)
         self.levels = 1 if planner.pipeline.schedule == "gpipe" else max(1, min(microbatches,
@@ -373,9 +368,7 @@ class Setting:
                 per_layer = self.p.ideal_seconds * scale / g
             elif level == 1:
                 per_layer = self._per_kind(g, lambda kind, g=g: float(self.vertex(kind, g).min()))
-            else:
-                per_layer = None
-            if per_layer is not None:
+            if level < 2:
                 prefix = self._by_segment(per_layer)
             else:
                 prefix = np.concatenate([[0.0], np.cumsum([self.p.segment_optimum(self, seg, g)
@@ -391,10 +384,10 @@ class Setting:
             self.costs[i, j, gi, level_] = result.seconds
         return self.costs
 
-    def solve(self) -> Partition | None:
+    def solve(self, incumbent: float = np.inf) -> Partition | None:
         assert self.costs is not None
         self.partition = solve_stages(StageProblem(self.costs, placement=self.placement, min_stages=self.min_stages,
-                                                   **self.problem_base))
+                                                   **self.problem_base), incumbent)
         return self.partition
 
     def unpriced(self) -> list[tuple[int, int, int, int]]:
@@ -552,6 +545,7 @@ class PipelineSearch:
         return PricedGraph(ids, spaces, compute, comm, memory, edges)
 
     def segment_optimum(self, setting: Setting, seg: Segment, group: int) -> float:
+        """The segment's exact optimum per microbatch on its own (a repeated block is searched once)."""
         key = (self._segment_keys[seg], group, setting.batch, setting.d, setting.m)
         if key not in self._segment_cache:
             layers = range(seg.layers[0], seg.layers[-1] + 1)
@@ -603,7 +597,7 @@ class PipelineSearch:
         for k, setting in enumerate(candidates):
             setting.min_stages = min_stages
             setting.bound(0)
-            found = setting.solve()
+            found = setting.solve(incumbent)
             if found is not None:
                 heapq.heappush(heap, (found.value, k, setting))
         best: PipelineResult | None = None
@@ -623,7 +617,7 @@ class PipelineSearch:
             else:
                 for key in setting.unpriced():
                     setting.price_exactly(key)
-            found = setting.solve()
+            found = setting.solve(best_value)
             if found is None:
                 continue
             if not setting.unpriced():

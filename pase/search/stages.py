@@ -17,6 +17,7 @@ Complexity per threshold: O(n * G * n * D * S) numpy element operations.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,36 +125,46 @@ def brute_force(problem: StageProblem) -> Partition | None:
     return best
 
 
-def solve_stages(problem: StageProblem) -> Partition | None:
-    """The exact optimum of ``problem`` (None when no partition is feasible)."""
+def solve_stages(problem: StageProblem, incumbent: float = np.inf) -> Partition | None:
+    """The exact optimum of ``problem`` (None when no partition is feasible, or none is below
+    ``incumbent``: then the search stops as soon as it can prove that)."""
     costs = problem.costs
     best: Partition | None = None
-    tau = np.inf
+    goal = incumbent
+    m = problem.microbatches
+    tau = goal / m if m > 1 else np.inf  # value >= m * max: a better partition has max < goal / m
     bottleneck = None
     while True:
         found = _min_sum(problem, np.where(costs <= tau, costs, np.inf))
         if found is None:
             return best
-        if best is None or found.value < best.value:
+        if found.value < goal and (best is None or found.value < best.value):
             best = found
+            goal = found.value
         if problem.microbatches == 1:
             return best  # the max term has weight 0: the min-sum solution is optimal
         if bottleneck is None:  # the least maximum any partition can have
             fastest = _min_sum(problem, costs, np.maximum)
             bottleneck = fastest.max_seconds if fastest else np.inf
         # any solution below this threshold has sum >= found.sum and max >= the least maximum
-        if found.sum_seconds + (problem.microbatches - 1) * bottleneck >= best.value:
+        if found.sum_seconds + (problem.microbatches - 1) * bottleneck >= goal:
             return best
-        below = costs[costs < found.max_seconds]
+        below = costs[costs < min(found.max_seconds, goal / m)]
         if not below.size:
             return best
         tau = float(below.max())
 
 
 def _min_sum(problem: StageProblem, costs: np.ndarray, combine: np.ufunc = np.add) -> Partition | None:
-    """Min sum (or, with ``combine=np.maximum``, min max) of stage costs over legal partitions."""
-    n, D, S = problem.segments, problem.devices, min(problem.max_stages, problem.devices)
-    sizes = problem.group_sizes
+    """Min sum (or, with ``combine=np.maximum``, min max) of stage costs over legal partitions.
+
+    Devices are counted in units of the group sizes' greatest common divisor (the only counts
+    a partition can use), which shrinks the state when every group is large."""
+    unit = math.gcd(*problem.group_sizes) if problem.group_sizes else 1
+    if not problem.group_sizes or problem.devices % unit:
+        return None
+    n, D, S = problem.segments, problem.devices // unit, min(problem.max_stages, problem.devices // unit)
+    sizes = [g // unit for g in problem.group_sizes]
     dp = np.full((n + 1, D + 1, S + 1), np.inf)
     choice = np.full((n + 1, D + 1, S + 1), -1, dtype=np.int64)
     dp[n, 0, 0] = 0.0 if combine is np.add else -np.inf
@@ -165,8 +176,8 @@ def _min_sum(problem: StageProblem, costs: np.ndarray, combine: np.ufunc = np.ad
         for gi, g in enumerate(sizes):
             if g > D:
                 continue
-            used = np.arange(D + 1 - g)  # devices used by the stages after this one
-            offsets = D - used - g
+            used = np.arange(D + 1 - g)  # devices (in units) used by the stages after this one
+            offsets = (D - used - g) * unit
             legal = np.ones(len(used), dtype=bool) if problem.placement is None else problem.placement[offsets, gi]
             base = np.where(legal[:, None], here[:D + 1 - g, :S], np.inf)  # (u, s)
             if not (base < np.inf).any():
@@ -187,7 +198,7 @@ def _min_sum(problem: StageProblem, costs: np.ndarray, combine: np.ufunc = np.ad
     while i < n:
         code = int(choice[i, u, s])
         j, gi = divmod(code, len(sizes))
-        stages.append((i, j, sizes[gi]))
+        stages.append((i, j, problem.group_sizes[gi]))
         i, u, s = j, u - sizes[gi], s - 1
     result = value_of(problem, stages)
     assert result is not None, "stage DP reconstructed an illegal partition"
