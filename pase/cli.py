@@ -225,6 +225,8 @@ def plan(
                                             progress=lambda what: status.update(f"{what} ..."))
     print_plan(result)
     if explain:
+        if result.stages or priced is None:
+            raise PaseError("--explain shows alternatives within a per-layer plan; run it without --pipeline")
         _print_explain(graph, result, priced, explain)
     if json_path is not None:
         try:

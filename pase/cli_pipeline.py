@@ -39,7 +39,8 @@ def pipeline_summary(plan: Plan) -> str | None:
     return (f"pipeline search {info['seconds']:.2f} s: {info['settings']} (replicas, microbatches) settings over "
             f"{info['segments']} segments, {info['segment_searches']} segment searches, "
             f"{info['exact_stage_searches']} exact stage searches"
-            + (f", stopped {info['gap']:.1%} from the bound" if info.get("gap") else ", exact over the space"))
+            + (f", stopped {info['gap']:.1%} from the bound" if info.get("gap") else ", exact over the space")
+            + "".join(f"; note: {note}" for note in info.get("notes", [])))
 
 
 __all__ = ["pipeline_summary", "print_stages"]

@@ -47,7 +47,7 @@ from cost_models.layer_costs import COMPUTE_KINDS, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.planner import PlanDoesNotFit, PlanOptions, PricedGraph, plan_and_price, search_under_memory
+from pase.planner import PlanDoesNotFit, PlanOptions, PricedGraph, fingerprint, plan_and_price, search_under_memory
 from pase.plans import LayerChoice, Plan, Prediction, StagePlan
 from pase.search import solve
 from pase.search.stages import Partition, StageProblem, solve_stages
@@ -570,6 +570,14 @@ class PipelineSearch:
             assignment, *_ = search_under_memory(priced, self.limit - received, group_cluster(self.cluster, group))
         except PlanDoesNotFit:
             return StageEval(float("inf"), float("inf"), [], 0.0, 0.0)
+        except ValueError as exc:  # the elimination can build a table of over 64 axes (numpy's limit)
+            if "maximum supported dimension" not in str(exc):
+                raise
+            note = (f"a stage search on {group} devices could not be run ({exc}); such stages were left out, so the "
+                    "pipeline is exact over the stages that could be searched")
+            if note not in self.report.notes:
+                self.report.notes.append(note)
+            return StageEval(float("inf"), float("inf"), [], 0.0, 0.0)
         compute, comm, relayout, memory = priced.totals(assignment)
         return StageEval(compute + comm + relayout + crossing, memory + received, assignment, compute,
                          comm + relayout + crossing)
@@ -669,9 +677,25 @@ def stage_plans(search: PipelineSearch, result: PipelineResult) -> tuple[list[St
     return stages, layers
 
 
+def _pipeline_only_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: HardwareRates,
+                        unfit: str) -> Plan:
+    """The frame of a plan when no per-layer plan fits (every number comes from the pipeline)."""
+    notes = {"no pipeline": unfit, "ddp": "the per-layer plan does not fit, so neither do DDP or FSDP",
+             "fsdp": "the per-layer plan does not fit, so neither do DDP or FSDP"}
+    return Plan(model=str(graph.meta.get("model")), model_fingerprint=fingerprint(graph), cluster=cluster.spec,
+                devices=cluster.world_size, batch=graph.batch, precision=options.precision,
+                options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
+                         "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
+                         "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
+                         "rates": rates.compute("conv").source},
+                layers=[], predicted=Prediction(float("inf"), 0.0, 0.0),
+                baselines={"ddp": None, "fsdp": None}, baseline_notes=notes,
+                search={"seconds": 0.0, "width": 0, "largest_table": 0, "configs": 0})
+
+
 def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
                        options: PlanOptions | None = None, pipeline: PipelineOptions | None = None,
-                       progress: Callable[[str], None] | None = None) -> tuple[Plan, PricedGraph]:
+                       progress: Callable[[str], None] | None = None) -> tuple[Plan, PricedGraph | None]:
     """The per-layer plan, the best pure pipeline (one replica) and the best PP x DP plan: the fastest wins.
 
     The returned plan's baselines gain "no pipeline" (the per-layer plan) and "pure pipeline"; its
@@ -679,18 +703,26 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
     """
     options = options or PlanOptions()
     pipeline = pipeline or PipelineOptions()
-    plain, priced = plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)
+    try:
+        plain, priced = plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)
+    except PlanDoesNotFit as exc:  # stages hold fewer weights per device: a pipeline may still fit
+        plain, priced, unfit = None, None, str(exc)
     if progress:
         progress("searching pipeline stages")
     rates = HardwareRates(cluster, profile, options.precision)
     search = PipelineSearch(graph, cluster, rates, options, pipeline)
     p = cluster.world_size
     pure = search.search([1]) if p > 1 else None
-    incumbent = min(plain.predicted.step_seconds, pure.step_seconds if pure else float("inf"))
+    incumbent = min(plain.predicted.step_seconds if plain else float("inf"),
+                    pure.step_seconds if pure else float("inf"))
     hybrid = search.search([d for d in divisors(p) if 1 < d < p], incumbent=incumbent)
     best = min((r for r in (pure, hybrid) if r is not None), key=lambda r: r.step_seconds, default=None)
-    baselines = {"no pipeline": plain.predicted, "pure pipeline": pipeline_prediction(pure) if pure else None,
-                 **plain.baselines}
+    if plain is None:
+        if best is None:
+            raise PlanDoesNotFit(unfit + " No pipeline of two or more stages fits either.")
+        plain = _pipeline_only_plan(graph, cluster, options, rates, unfit)
+    baselines = {"no pipeline": plain.predicted if plain.layers else None,
+                 "pure pipeline": pipeline_prediction(pure) if pure else None, **plain.baselines}
     notes = dict(plain.baseline_notes)
     if pure is None:
         notes["pure pipeline"] = ("one device: nothing to pipeline" if p == 1 else
@@ -703,7 +735,7 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
                    "max_stages": pipeline.max_stages}
     plan = replace(plain, baselines=baselines, baseline_notes=notes,
                    search={**plain.search, "pipeline": search_info})
-    if best is None or best.step_seconds >= plain.predicted.step_seconds:
+    if best is None or (plan.layers and best.step_seconds >= plain.predicted.step_seconds):
         return plan, priced
     stages, layers = stage_plans(search, best)
     plan = replace(plan, layers=layers, predicted=pipeline_prediction(best), stages=stages,
