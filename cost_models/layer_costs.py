@@ -85,10 +85,13 @@ class CostModel:
         return out
 
     # ------------------------------------------------------------------ layers
-    def layer_costs(self, layer: dict[str, Any], space: SplitSpace, block_output: bool = True
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def layer_costs(self, layer: dict[str, Any], space: SplitSpace, block_output: bool = True,
+                    parts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(compute seconds, communication seconds, bytes per device) for every configuration of
-        ``layer``. O(K * dims)."""
+        ``layer``. O(K * dims). When ``parts`` is given it receives the pieces a pipeline prices
+        apart: "weight_sync" (the weight-gradient collectives inside ``comm``, once per step),
+        "saved" (the activation bytes inside the memory, per microbatch) and "weight_bytes" (the
+        local weight-gradient shard)."""
         f = self._factor_table(layer, space)  # (K, D) over all layer dims
         dims = list(layer["dims"])
         extent = np.array([layer["dims"][d] for d in dims], dtype=np.float64)
@@ -161,6 +164,8 @@ class CostModel:
         saved = out_local * itemsize
         if self.options.checkpointing and not block_output:
             saved = np.zeros(len(f))
+        if parts is not None:
+            parts.update(weight_sync=weight_sync, saved=saved, weight_bytes=weight_local * itemsize)
         return seconds, comm, state + saved
 
     @staticmethod

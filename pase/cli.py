@@ -189,6 +189,10 @@ def plan(
     input_shape: Annotated[list[str] | None, typer.Option("--input-shape", help="As for `pase graph`.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Capture again (and refresh the cache) instead "
                                            "of reusing the cached layer graph of a zoo model.")] = False,
+    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also search pipeline stages "
+                                           "(cut points, device groups, microbatches, PP x DP).")] = False,
+    schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
+    max_stages: Annotated[int, typer.Option(min=1, help="Most pipeline stages to consider.")] = 8,
 ) -> None:
     """Plan how to split every layer of a model over a cluster, and compare with DDP and FSDP."""
     import torch
@@ -212,10 +216,19 @@ def plan(
                               user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
                               checkpointing=checkpoint, search_gap=gap)
-        result, priced = plan_and_price(graph, target, profile=measured, options=options,
-                                        progress=lambda what: status.update(f"{what} ..."))
+        if pipeline:
+            from pase.pipeline_planner import PipelineOptions, plan_with_pipeline
+
+            result, priced = plan_with_pipeline(graph, target, profile=measured, options=options,
+                                                pipeline=PipelineOptions(schedule=schedule, max_stages=max_stages),
+                                                progress=lambda what: status.update(f"{what} ..."))
+        else:
+            result, priced = plan_and_price(graph, target, profile=measured, options=options,
+                                            progress=lambda what: status.update(f"{what} ..."))
     print_plan(result)
     if explain:
+        if result.stages or priced is None:
+            raise PaseError("--explain shows alternatives within a per-layer plan; run it without --pipeline")
         _print_explain(graph, result, priced, explain)
     if json_path is not None:
         try:
@@ -238,23 +251,34 @@ def print_plan(result: Plan) -> None:
         table.add_row(block["block"], str(block["layers"]), split + others, f"{block['seconds'] * 1e3:.2f}",
                       f"{block['memory'] / 2**30:.2f}")
     console.print(table)
+    if result.stages:
+        from pase.cli_pipeline import print_stages
+
+        print_stages(result, console)
     compare = Table(title="predicted step (same cost model for every row)")
-    for column in ("strategy", "step ms", "samples/s", "compute ms", "communication ms", "memory GiB/device"):
+    bubbles = any(p and p.bubble_seconds for p in (result.predicted, *result.baselines.values()))
+    for column in ("strategy", "step ms", "samples/s", "compute ms", "communication ms", "memory GiB/device",
+                   *(("bubble ms",) if bubbles else ())):
         compare.add_column(column, justify="left" if column == "strategy" else "right")
     rows = [("pase plan", result.predicted), *((name, p) for name, p in result.baselines.items())]
     for name, prediction in rows:
         if prediction is None:
-            compare.add_row(name, "n/a", "", "", "", "")
+            compare.add_row(name, "n/a", "", "", "", "", *(("",) if bubbles else ()))
             continue
         compare.add_row(name, f"{prediction.step_seconds * 1e3:.2f}", f"{prediction.samples_per_second:,.0f}",
                         f"{prediction.compute_seconds * 1e3:.2f}", f"{prediction.communication_seconds * 1e3:.2f}",
-                        f"{prediction.memory_bytes_per_device / 2**30:.2f}")
+                        f"{prediction.memory_bytes_per_device / 2**30:.2f}",
+                        *((f"{prediction.bubble_seconds * 1e3:.2f}",) if bubbles else ()))
     console.print(compare)
     for name, note in result.baseline_notes.items():
         console.print(f"{name}: n/a because {note}")
     if result.search.get("space_note"):
         console.print(f"note: {result.search['space_note']}")
-    best = [p for p in result.baselines.values() if p]
+    if result.search.get("pipeline"):
+        from pase.cli_pipeline import pipeline_summary
+
+        console.print(pipeline_summary(result))
+    best = [p for name, p in result.baselines.items() if p and name in ("ddp", "fsdp")]
     if best:
         speedup = min(p.step_seconds for p in best) / result.predicted.step_seconds
         console.print(f"pase plan runs at {speedup:.2f}x the speed of the best pure data-parallel baseline. Search "

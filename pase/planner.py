@@ -205,6 +205,14 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, ga
     return best.assignment, best.stats, high, best_note
 
 
+def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, options: PlanOptions | None = None
+                        ) -> tuple[list[int], SearchStats, float | None, str | None]:
+    """The planner's memory-limited search on an already priced graph (used by the pipeline
+    planner for each stage's sub-graph on its device group)."""
+    options = options or PlanOptions()
+    return _search_under_memory(priced, limit, cluster, options.search_gap, options.memory_bisections)
+
+
 SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)
 HUB_COMBO_LIMIT = 8  # with a gap > 0, at most this many hub combinations are searched exactly (the gap proved is shown)
 
@@ -239,8 +247,9 @@ def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: f
 def _memory_only(priced: PricedGraph, name: str, devices: int) -> CostGraph:
     """Minimise memory alone (re-layouts free): the leanest plan there is."""
     configs = [space.factors.tolist() for space in priced.spaces]
-    zero_edges = [(s, d, np.zeros_like(m)) for s, d, m in priced.edges]
-    return CostGraph(name, devices, priced.ids, [""] * len(priced.ids), configs, list(priced.memory), zero_edges)
+    # memory is a sum over layers: no edges, so the search is separable (zero-cost edges would still
+    # join scopes and, on large graphs, build tables of over 64 dimensions)
+    return CostGraph(name, devices, priced.ids, [""] * len(priced.ids), configs, list(priced.memory), [])
 
 
 def _prediction(priced: PricedGraph, assignment: list[int], batch: int) -> Prediction:
@@ -323,4 +332,4 @@ def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, t
 
 
 __all__ = ["PlanDoesNotFit", "PlanOptions", "explain", "plan_and_price", "plan_graph", "price_graph",
-           "summarize_blocks"]
+           "search_under_memory", "summarize_blocks"]

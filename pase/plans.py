@@ -31,6 +31,20 @@ class Prediction:
     memory_bytes_per_device: float
     compute_seconds: float = 0.0
     communication_seconds: float = 0.0
+    bubble_seconds: float = 0.0  # pipeline fill and drain (0 without a pipeline)
+
+
+@dataclass
+class StagePlan:
+    """One pipeline stage: its layers, the ranks running it (every pipeline replica's), per-microbatch
+    time and per-device memory at the schedule's peak."""
+
+    layers: list[str]
+    devices: list[int]
+    seconds: float
+    memory_bytes: float
+    blocks: list[str] = field(default_factory=list)
+    in_flight: int = 1
 
 
 @dataclass
@@ -47,6 +61,10 @@ class Plan:
     baselines: dict[str, Prediction | None] = field(default_factory=dict)
     baseline_notes: dict[str, str] = field(default_factory=dict)  # why a baseline is null
     search: dict[str, Any] = field(default_factory=dict)
+    stages: list[StagePlan] = field(default_factory=list)  # empty: no pipeline
+    microbatches: int = 1
+    schedule: str | None = None  # "1f1b" or "gpipe" when there are stages
+    pipeline_replicas: int = 1  # data-parallel copies of the whole pipeline
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -66,6 +84,7 @@ class Plan:
             body["predicted"] = Prediction(**_known(Prediction, body["predicted"]))
             body["baselines"] = {k: (Prediction(**_known(Prediction, v)) if v else None)
                                  for k, v in body.get("baselines", {}).items()}
+            body["stages"] = [StagePlan(**_known(StagePlan, stage)) for stage in body.get("stages", [])]
             return cls(**body)
         except (KeyError, TypeError) as exc:
             raise PaseError(f"malformed plan file: {exc}; re-run `pase plan --json`") from None

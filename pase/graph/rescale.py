@@ -28,28 +28,13 @@ def with_batch(graph: LayerGraph, batch: int) -> LayerGraph | None:
     if old < 2 or batch < 1:
         return None
     ratio = Fraction(batch, old)
+    if any(data["dims"][d] != old for _, data in graph.layers() for d in _batch_dims(data)):
+        return None
     rescaled = copy.deepcopy(graph.graph)
-    for _, data in rescaled.nodes(data=True):
-        batch_dims = [d for d, role in data.get("roles", {}).items() if role == BATCH_ROLE]
-        if not batch_dims:
-            continue
-        if any(data["dims"][d] != old for d in batch_dims):
-            return None
-        for d in batch_dims:
-            data["dims"][d] = batch
-        for key in _PROPORTIONAL_NODE_KEYS:
-            if key in data:
-                data[key] = _scaled(data[key], ratio)
-    for src, dst, data in rescaled.edges(data=True):
-        src_batch = _batch_axes(data.get("src_map", []), rescaled.nodes[src].get("roles", {}))
-        dst_batch = _batch_axes(data.get("dst_map", []), rescaled.nodes[dst].get("roles", {}))
-        data["shape"] = [_scaled(extent, ratio) if axis in src_batch else extent
-                         for axis, extent in enumerate(data["shape"])]
-        if "dst_shape" in data:
-            data["dst_shape"] = [_scaled(extent, ratio) if axis in dst_batch else extent
-                                 for axis, extent in enumerate(data["dst_shape"])]
-        if src_batch:
-            data["bytes"] = _scaled(data["bytes"], ratio)
+    for node, data in graph.graph.nodes(data=True):
+        rescaled.nodes[node].update(layer_with_batch(data, ratio))
+    for (src, dst, key, data) in graph.graph.edges(keys=True, data=True):
+        rescaled.edges[src, dst, key].update(edge_with_batch(data, graph[src], graph[dst], ratio))
     meta = rescaled.graph
     meta["batch"] = batch
     meta["inputs"] = {name: [batch, *shape[1:]] if shape and shape[0] == old else shape
@@ -63,6 +48,37 @@ def with_batch(graph: LayerGraph, batch: int) -> LayerGraph | None:
     result = LayerGraph(rescaled)
     meta.update(flops_fwd=result.total("flops_fwd"), flops_bwd=result.total("flops_bwd"))
     return result
+
+
+def layer_with_batch(data: dict[str, Any], ratio: Fraction) -> dict[str, Any]:
+    """A layer's attributes with its batch dimension scaled by ``ratio`` (FLOPs and bytes follow)."""
+    dims = _batch_dims(data)
+    out = dict(data)
+    if not dims:
+        return out
+    out["dims"] = {d: _scaled(extent, ratio) if d in dims else extent for d, extent in data["dims"].items()}
+    for key in _PROPORTIONAL_NODE_KEYS:
+        if key in data:
+            out[key] = _scaled(data[key], ratio)
+    return out
+
+
+def edge_with_batch(edge: dict[str, Any], producer: dict[str, Any], consumer: dict[str, Any],
+                    ratio: Fraction) -> dict[str, Any]:
+    """An edge's shapes and bytes with the batch axes scaled (axes found through the dim maps)."""
+    out = dict(edge)
+    src_batch = _batch_axes(edge.get("src_map", []), producer.get("roles", {}))
+    dst_batch = _batch_axes(edge.get("dst_map", []), consumer.get("roles", {}))
+    out["shape"] = [_scaled(e, ratio) if axis in src_batch else e for axis, e in enumerate(edge["shape"])]
+    if "dst_shape" in edge:
+        out["dst_shape"] = [_scaled(e, ratio) if axis in dst_batch else e for axis, e in enumerate(edge["dst_shape"])]
+    if src_batch:
+        out["bytes"] = _scaled(edge["bytes"], ratio)
+    return out
+
+
+def _batch_dims(data: dict[str, Any]) -> list[str]:
+    return [d for d, role in data.get("roles", {}).items() if role == BATCH_ROLE]
 
 
 def _batch_axes(axis_dims: list[Any], roles: dict[str, str]) -> set[int]:

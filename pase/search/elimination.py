@@ -205,11 +205,13 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
     sizes = [k.size for k in kept]
     factors: list[Factor] = [Factor((v,), graph.vertex_costs[v][kept[v]]) for v in range(len(sizes))]
     for (a, b), matrix in pairs.items():
-        factors.append(Factor((a, b), matrix[np.ix_(kept[a], kept[b])]))
+        factors.append(_without_singletons(Factor((a, b), matrix[np.ix_(kept[a], kept[b])]), sizes))
     neighbours: list[set[int]] = [set() for _ in sizes]
-    for a, b in pairs:
-        neighbours[a].add(b)
-        neighbours[b].add(a)
+    for factor in factors:
+        if len(factor.scope) == 2:
+            a, b = factor.scope
+            neighbours[a].add(b)
+            neighbours[b].add(a)
 
     hubs = [v for v in range(len(sizes)) if len(neighbours[v]) >= hub_degree and sizes[v] > 1]
     order = elimination_order(sizes, neighbours)
@@ -234,6 +236,20 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
     assignment = [int(kept[v][c]) for v, c in enumerate(choice)]
     stats.seconds = time.perf_counter() - started
     return Solution(graph.objective(assignment), assignment, stats)
+
+
+def _without_singletons(factor: Factor, sizes: list[int]) -> Factor:
+    """A pairwise factor with any one-configuration variable fixed: it then links nothing.
+
+    Such variables add nothing to table sizes, so a min-weight order would otherwise pile them
+    into one scope until it has more axes than numpy allows (64).
+    """
+    a, b = factor.scope
+    if sizes[b] == 1:
+        return Factor((a,), factor.table[:, 0])
+    if sizes[a] == 1:
+        return Factor((b,), factor.table[0, :])
+    return factor
 
 
 def _check_budget(graph: CostGraph, peak: float, at: int, limit: int) -> None:
