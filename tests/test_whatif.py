@@ -1,0 +1,118 @@
+"""What-if reports: the sanity a buyer would check, the JSON/HTML outputs, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import pytest
+
+from cost_models.catalog import Catalog
+from cost_models.cluster import load_cluster
+from pase.graph import extract_model
+from pase.planner import PlanOptions
+from pase.whatif import run_whatif
+
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+@pytest.fixture(scope="module")
+def report():
+    catalog = Catalog.load()
+    graphs = {}
+
+    def graph_at(batch: int):
+        return graphs.setdefault(batch, extract_model("unet-tiny", batch, use_cache=True))
+
+    clusters = [load_cluster(spec, catalog) for spec in ("8xH100-SXM", "4xA100-80GB-SXM", "4xL40S")]
+    return run_whatif(graph_at, clusters, 256, 1e6, PlanOptions(), catalog)
+
+
+def test_more_gpus_never_predict_fewer_samples_unless_marked(report) -> None:
+    assert set(report.scaling) == {"H100-SXM", "A100-80GB-SXM", "L40S"}
+    assert [p.devices for p in report.scaling["H100-SXM"]] == [1, 2, 4, 8]
+    for points in report.scaling.values():
+        best = 0.0
+        for point in points:
+            assert point.fits
+            if point.samples_per_second < best:
+                assert point.communication_bound
+            best = max(best, point.samples_per_second)
+
+
+def test_nvlink_never_predicts_slower_than_pcie(report) -> None:
+    assert {pair["cluster"] for pair in report.interconnect} == {"8xH100-SXM", "4xA100-80GB-SXM"}  # L40S has none
+    for pair in report.interconnect:
+        assert pair["nvlink_step_seconds"] <= pair["pcie_step_seconds"] * (1 + 1e-9)
+
+
+def test_dollars_are_price_times_time(report) -> None:
+    catalog = Catalog.load()
+    for row in report.clusters:
+        price = catalog.gpu(row.gpu).price.typical
+        assert row.dollars_per_hour == pytest.approx(price * row.devices)
+        assert row.hours_for_samples == pytest.approx(report.samples / row.samples_per_second / 3600)
+        assert row.dollars_for_samples == pytest.approx(row.dollars_per_hour * row.hours_for_samples)
+        assert 0 < row.mfu < 1 and row.memory_headroom_bytes > 0
+    assert "Fastest:" in report.summary and "cheapest:" in report.summary
+
+
+class _TagChecker(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.images = 0
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag == "img":
+            self.images += 1
+            assert dict(attrs)["src"].startswith("data:image/png;base64,")
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+
+def test_html_is_well_formed_and_names_every_cluster(report, tmp_path) -> None:
+    from tools.report_whatif import write_html
+
+    path = tmp_path / "report.html"
+    write_html(report, path)
+    text = path.read_text()
+    checker = _TagChecker()
+    checker.feed(text)
+    assert not checker.errors and not checker.stack and checker.images >= 3
+    for row in report.clusters:
+        assert row.cluster in text
+
+
+def _whatif(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pase", "whatif", "--model", "unet-tiny", "--batch", "64",
+                           "--no-scaling", *args], capture_output=True, text=True, timeout=240)
+
+
+def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
+    result = _whatif("--clusters", "2xH100-SXM,2xTiny", "--gpu", "Tiny:bf16_tflops=50,fp32_tflops=10,memory_gb=0.001,"
+                     "memory_bw_gbps=500", "--price", "H100-SXM=2", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["cluster"]: row for row in json.loads(result.stdout)["clusters"]}
+    assert rows["2xH100-SXM"]["fits"] and rows["2xH100-SXM"]["dollars_per_hour"] == pytest.approx(4.0)
+    for key in ("step_seconds", "samples_per_second", "samples_per_second_per_gpu", "mfu", "hours_for_samples",
+                "dollars_for_samples"):
+        assert rows["2xH100-SXM"][key] > 0
+    assert rows["2xTiny"]["fits"] is False and rows["2xTiny"]["dollars_per_hour"] is None
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--clusters", "8xH900"), "H900"),
+    (("--samples", "0"), "--samples must be a positive"),
+    (("--price", "H100-SXM=free"), "GPU=DOLLARS_PER_GPU_HOUR"),
+    (("--gpu", "Odd:memory_gb=8"), "lacks"),
+])
+def test_bad_input_names_the_problem(args: tuple[str, ...], needle: str) -> None:
+    result = _whatif(*args)
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
