@@ -38,6 +38,8 @@ def whatif(
                                                         "the catalog's format).")] = None,
     scaling: Annotated[bool, typer.Option(help="Add the 1..N GPU scaling curve per GPU type.")] = True,
     interconnect: Annotated[bool, typer.Option(help="Add the same GPUs with NVLink removed.")] = True,
+    pipeline: Annotated[bool, typer.Option(help="Search pipeline stages x data parallelism for each cluster "
+                                           "(the scaling curves stay per-layer).")] = True,
     memory_fraction: Annotated[float, typer.Option(min=0.05, max=1.0, help="Share of GPU memory a plan may "
                                                    "use.")] = 0.9,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report here.")] = None,
@@ -71,6 +73,7 @@ def whatif(
         graph_at(batch)
         report = run_whatif(graph_at, targets, batch, samples, PlanOptions(precision=precision,
                             memory_fraction=memory_fraction), catalog, scaling=scaling, interconnect=interconnect,
+                            pipeline=pipeline,
                             progress=lambda what: status.update(what))
     if html is not None:
         from tools.report_whatif import write_html

@@ -72,8 +72,9 @@ class WhatIfReport:
 
 
 def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int, samples: float,
-             options: PlanOptions) -> ClusterResult:
-    """The best plan on ``cluster`` for global ``batch`` (accumulating micro-steps if it must)."""
+             options: PlanOptions, pipeline: bool = False) -> ClusterResult:
+    """The best plan on ``cluster`` for global ``batch`` (accumulating micro-steps if it must);
+    with ``pipeline``, pipeline stages x data parallelism are searched too and win when faster."""
     price = cluster.price.typical if cluster.price else None
     row = ClusterResult(cluster=cluster.spec, gpu=cluster.gpu.id, devices=cluster.world_size, fits=False,
                         interconnect=_interconnect(cluster), dollars_per_hour=price * cluster.world_size
@@ -83,7 +84,7 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
     while True:
         micro = batch // accumulation
         try:
-            plan = plan_graph(graph_at(micro), cluster, options=options)
+            plan = _best_plan(graph_at(micro), cluster, options, pipeline)
             break
         except PlanDoesNotFit as exc:
             # memory falls at most in proportion to the micro-batch: jump there, then keep doubling
@@ -108,6 +109,9 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
     row.communication_share = plan.predicted.communication_seconds / plan.predicted.step_seconds
     row.communication_bound = row.communication_share >= COMMUNICATION_BOUND_SHARE
     row.main_split = _main_split(plan)
+    if plan.stages:
+        row.main_split = (f"{len(plan.stages)} stages x {plan.pipeline_replicas} replicas, "
+                          f"{plan.microbatches} microbatches ({plan.schedule})")
     row.hours_for_samples = samples / row.samples_per_second / 3600
     row.energy_kwh_for_samples = cluster.gpu.tdp_w * cluster.world_size * row.hours_for_samples / 1000
     if row.dollars_per_hour is not None:
@@ -119,37 +123,42 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
 
 def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], batch: int, samples: float,
                options: PlanOptions, catalog: Catalog, *, scaling: bool = True, interconnect: bool = True,
-               progress: Callable[[str], None] | None = None) -> WhatIfReport:
-    """Every cluster, the scaling curves and the NVLink/PCIe pairs; ``progress`` hears each step."""
+               pipeline: bool = True, progress: Callable[[str], None] | None = None) -> WhatIfReport:
+    """Every cluster, the scaling curves and the NVLink/PCIe pairs; ``progress`` hears each step.
+
+    ``pipeline`` adds pipeline stages to the requested clusters and their PCIe-only twins; the
+    scaling curves compare per-layer plans only, so every point is planned the same way."""
     if not samples > 0:
         raise PaseError(f"--samples must be a positive number of training samples, not {samples:g}")
     if batch < 1:
         raise PaseError(f"--batch must be at least 1, not {batch}")
     options = replace(options, search_gap=0.0, memory_bisections=3)
-    tasks: list[tuple[str, Cluster]] = [("cluster", c) for c in clusters]
+    tasks: list[tuple[str, Cluster, bool]] = [("cluster", c, pipeline) for c in clusters]
     if scaling:
         for gpu_id, largest in _largest_per_gpu(clusters).items():
-            tasks += [(f"scaling:{gpu_id}", c) for c in _scaling_clusters(largest, catalog)]
+            tasks += [(f"scaling:{gpu_id}", c, False) for c in _scaling_clusters(largest, catalog)]
     if interconnect:
-        tasks += [("pcie", _without_nvlink(c, catalog)) for c in clusters if c.gpu.nvlink_generation]
-    results: dict[str, ClusterResult] = {}
-    for done, (_, cluster) in enumerate(tasks):
-        key = _identity(cluster)
+        tasks += [("pcie", _without_nvlink(c, catalog), pipeline) for c in clusters if c.gpu.nvlink_generation]
+    results: dict[tuple[str, bool], ClusterResult] = {}
+    for done, (_, cluster, pipelined) in enumerate(tasks):
+        key = (_identity(cluster), pipelined)
         if key not in results:
             if progress:
-                progress(f"[{done + 1}/{len(tasks)}] planning on {cluster.spec}")
-            results[key] = evaluate(graph_at, cluster, batch, samples, options)
+                progress(f"[{done + 1}/{len(tasks)}] planning on {cluster.spec}"
+                         + (" (with pipeline stages)" if pipelined else ""))
+            results[key] = evaluate(graph_at, cluster, batch, samples, options, pipelined)
     report = WhatIfReport(model=str(graph_at(batch).meta.get("model")), batch=batch, precision=options.precision,
-                          samples=samples, clusters=[results[_identity(c)] for c in clusters])
-    for kind, cluster in tasks:
+                          samples=samples, clusters=[results[(_identity(c), pipeline)] for c in clusters])
+    for kind, cluster, pipelined in tasks:
         if kind.startswith("scaling:"):
-            report.scaling.setdefault(kind.split(":", 1)[1], []).append(results[_identity(cluster)])
+            report.scaling.setdefault(kind.split(":", 1)[1], []).append(results[(_identity(cluster), pipelined)])
     for points in report.scaling.values():
         _mark_scaling(points)
     if interconnect:
         for cluster in clusters:
             if cluster.gpu.nvlink_generation:
-                nvlink, pcie = results[_identity(cluster)], results[_identity(_without_nvlink(cluster, catalog))]
+                nvlink = results[(_identity(cluster), pipeline)]
+                pcie = results[(_identity(_without_nvlink(cluster, catalog)), pipeline)]
                 report.interconnect.append({
                     "cluster": cluster.spec, "nvlink_step_seconds": nvlink.step_seconds,
                     "pcie_step_seconds": pcie.step_seconds,
@@ -157,6 +166,14 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
                     if nvlink.step_seconds and pcie.step_seconds else None})
     report.summary = summarize(report.clusters)
     return report
+
+
+def _best_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, pipeline: bool) -> Any:
+    if not pipeline or cluster.world_size < 2:
+        return plan_graph(graph, cluster, options=options)
+    from pase.pipeline_planner import plan_with_pipeline
+
+    return plan_with_pipeline(graph, cluster, options=options)[0]
 
 
 def summarize(rows: list[ClusterResult]) -> str:

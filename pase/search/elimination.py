@@ -328,7 +328,7 @@ def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int]
 
 
 def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int], kept: list[np.ndarray],
-                       hubs: list[int], order: list[int], stats: SearchStats, started: float,
+                       hubs: list[int], order_of_rest: list[int], stats: SearchStats, started: float,
                        dtype: type, gap: float, combo_limit: int | None = None) -> Solution:
     """Hub conditioning with bounds: exact combinations only while they can still win by ``gap``.
 
@@ -351,14 +351,14 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
             hub_only = hub_only + _broadcast_to_hubs(factor, axis, len(hubs))
         elif any(in_hubs):
             if len(factor.scope) != 2 or sum(in_hubs) != 1:
-                return _solve_conditioned(graph, factors, sizes, kept, hubs, order, stats, started, dtype)
+                return _solve_conditioned(graph, factors, sizes, kept, hubs, order_of_rest, stats, started, dtype)
             position = in_hubs.index(True)
             mixed.append((factor, position))
             other = factor.scope[1 - position]
             relaxed.append(Factor((other,), factor.table.min(axis=position)))
         else:
             relaxed.append(factor)
-    lower, choice = _eliminate_all(relaxed, sizes, order, stats, dtype)
+    lower, choice = _eliminate_all(relaxed, sizes, order_of_rest, stats, dtype)
     # upper bound of every combination with the relaxation's assignment of the other vertices
     rest_value = sum(float(f.table[tuple(choice[u] for u in f.scope)]) for f in factors if not hub_set & set(f.scope))
     upper = hub_only + rest_value
@@ -373,11 +373,14 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
     for h, c in zip(hubs, best_index):
         best_choice[h] = int(c)
     if not np.isfinite(best_value):  # the relaxation's assignment is infeasible with every combination
-        return _solve_conditioned(graph, factors, sizes, kept, hubs, order, stats, started, dtype)
+        return _solve_conditioned(graph, factors, sizes, kept, hubs, order_of_rest, stats, started, dtype)
+    # combinations in order of their lower bound: once one cannot win, none after it can
     flat_bounds = bounds.ravel()
-    remaining = float(flat_bounds.min())
-    for flat in np.argsort(flat_bounds, kind="stable"):
-        remaining = float(flat_bounds[flat])
+    order = np.argsort(flat_bounds, kind="stable")
+    unsearched_floor = flat_bounds[order]
+    remaining = best_value
+    for position, flat in enumerate(order):
+        remaining = float(unsearched_floor[position])
         if remaining >= best_value - gap * abs(best_value):
             break
         if combo_limit is not None and stats.hub_combos_solved >= combo_limit:
@@ -386,7 +389,7 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
         fixed = {h: int(c) for h, c in zip(hubs, combo)}
         conditioned, constant = _condition(factors, fixed)
         stats.hub_combos_solved += 1
-        value, found = _eliminate_all(conditioned, sizes, order, stats, dtype)
+        value, found = _eliminate_all(conditioned, sizes, order_of_rest, stats, dtype)
         if constant + value < best_value:
             best_value, best_choice = constant + value, found
             for h, c in fixed.items():
@@ -394,7 +397,7 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
     else:
         remaining = best_value  # every combination was searched: exact
     stats.proved_gap = max(0.0, (best_value - remaining) / abs(best_value)) if best_value else 0.0
-    return _finish(graph, kept, best_choice, hubs, order, stats, started)
+    return _finish(graph, kept, best_choice, hubs, order_of_rest, stats, started)
 
 
 def _broadcast_to_hubs(factor: Factor, axis: dict[int, int], count: int) -> np.ndarray:
