@@ -57,7 +57,7 @@ def srds(core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, noise: torc
         raise PaseError(f"--tol must be >= 0, not {tol}")
     started = time.perf_counter()
     evaluator.reset()
-    schedule = _Schedule(core, blocks, max_iters, tol, pipelined, x_t, noise, on_iteration)
+    schedule = SrdsSchedule(core, blocks, max_iters, tol, pipelined, x_t, noise, on_iteration)
     samples = x_t.shape[0]
     while schedule.result is None:
         schedule.tick(evaluator)
@@ -70,7 +70,7 @@ def srds(core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, noise: torc
                                "changes": schedule.changes})
 
 
-class _Schedule:
+class SrdsSchedule:
     """The SRDS dependency graph and its state: x[(p, i)] = x_i^p (stored from iteration i on, when it
     first becomes exact), y[(p, i)] = F_i(x_i^{p-1}), g[(p, i)] = G_i(x_i^p)."""
 
