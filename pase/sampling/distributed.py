@@ -27,7 +27,10 @@ class EvalStats:
     rows: int = 0  # state-rows evaluated in total (x2 network batch under CFG), over all ranks
     rows_per_pass: list[int] = field(default_factory=list)
     compute_seconds: float = 0.0  # this rank's time inside the network
-    gather_seconds: float = 0.0  # this rank's time in all_gather
+    gather_seconds: float = 0.0  # this rank's time in all_gather (including waiting for slower ranks)
+
+    def timing(self) -> dict[str, float]:
+        return {"compute_seconds": self.compute_seconds, "gather_seconds": self.gather_seconds}
 
 
 class Evaluator:

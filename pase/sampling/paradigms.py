@@ -68,4 +68,4 @@ def paradigms(core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, noise:
     stats = evaluator.reset()
     return SampleResult("paradigms", buffer[steps], stats.passes, stats.rows / samples,
                         time.perf_counter() - started,
-                        extra={"window": window, "tol": tol, "converged": begin >= steps})
+                        extra={"window": window, "tol": tol, "converged": begin >= steps, **stats.timing()})

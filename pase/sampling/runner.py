@@ -132,4 +132,5 @@ def _warm_up(denoiser: UNetDenoiser, x_t: torch.Tensor, core: SamplerCore) -> No
 def summary(result: SampleResult, error: float | None) -> dict[str, Any]:
     out = result.summary()
     out["rel_error_vs_sequential"] = error
+    out.update({k: result.extra[k] for k in ("compute_seconds", "gather_seconds") if k in result.extra})
     return out

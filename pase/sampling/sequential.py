@@ -48,7 +48,8 @@ def sequential(core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, noise
         if progress:
             progress(j + 1, core.steps)
     stats = evaluator.reset()
-    return SampleResult("sequential", x, stats.passes, stats.rows / samples, time.perf_counter() - started)
+    return SampleResult("sequential", x, stats.passes, stats.rows / samples, time.perf_counter() - started,
+                        extra=stats.timing())
 
 
 def batch_parallel(core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, noise: torch.Tensor,

@@ -66,7 +66,7 @@ def srds(core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, noise: torc
     stats = evaluator.reset()
     return SampleResult("srds-pipelined" if pipelined else "srds", schedule.result, stats.passes,
                         stats.rows / samples, time.perf_counter() - started, iterations=schedule.iterations_done,
-                        extra={"blocks": blocks, "tol": tol, "pipelined": pipelined,
+                        extra={"blocks": blocks, "tol": tol, "pipelined": pipelined, **stats.timing(),
                                "changes": schedule.changes})
 
 
