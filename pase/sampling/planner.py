@@ -292,9 +292,10 @@ def predict_srds(p: Pricing, core: SamplerCore, samples: int, devices: int, bloc
 
 
 def _srds_rows(core: SamplerCore, blocks: int, iterations: int, pipelined: bool) -> list[int]:
-    """Rows of every pass of the SRDS schedule run to exactly ``iterations`` (tolerance never met)."""
+    """Rows of every pass of the SRDS schedule stopped after ``iterations``, with the speculative
+    fine solves a pipelined run starts before it learns it has converged."""
     x_t, noise = torch.zeros(1, 1), torch.zeros(core.steps, 1, 1)
-    schedule = SrdsSchedule(core, blocks, iterations, -1.0, pipelined, x_t, noise, None)
+    schedule = SrdsSchedule(core, blocks, blocks, -1.0, pipelined, x_t, noise, None, stop_after=iterations)
     evaluator = Evaluator(lambda x, t: torch.zeros_like(x), split=False)
     while schedule.result is None:
         schedule.tick(evaluator)

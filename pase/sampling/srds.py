@@ -75,7 +75,10 @@ class SrdsSchedule:
     first becomes exact), y[(p, i)] = F_i(x_i^{p-1}), g[(p, i)] = G_i(x_i^p)."""
 
     def __init__(self, core: SamplerCore, blocks: int, max_iters: int, tol: float, pipelined: bool,
-                 x_t: torch.Tensor, noise: torch.Tensor, on_iteration: IterationHook | None) -> None:
+                 x_t: torch.Tensor, noise: torch.Tensor, on_iteration: IterationHook | None,
+                 stop_after: int | None = None) -> None:
+        """``stop_after``: end after that iteration whatever the tolerance (dry runs that price a schedule)."""
+        self.stop_after = stop_after
         self.core, self.blocks, self.max_iters, self.tol, self.pipelined = core, blocks, max_iters, tol, pipelined
         self.noise, self.on_iteration = noise, on_iteration
         self.size = core.steps // blocks
@@ -182,5 +185,5 @@ class SrdsSchedule:
         change = float(((new - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1).clamp(min=1e-30)).max())
         self.changes.append(change)
         self.iterations_done = p
-        if change <= self.tol or p == self.max_iters:
+        if change <= self.tol or p == self.max_iters or p == self.stop_after:
             self.result = new
