@@ -33,6 +33,7 @@ setup(
         "rich>=13.7",
         "pyyaml>=6",
         "orjson>=3.9",
+        "safetensors>=0.4",  # pase sample --out
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

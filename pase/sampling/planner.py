@@ -32,7 +32,8 @@ import torch
 from pase.errors import PaseError
 from pase.sampling.core import SamplerCore, build_core
 from pase.sampling.distributed import Evaluator
-from pase.sampling.srds import SrdsSchedule, divisors
+from pase.sampling.srds import SrdsSchedule
+from strategies import parallel_sampling
 
 GLOO_DEFAULT = {"alpha_s": 150e-6, "busbw_gbps": 1.0}  # loopback gloo all_gather on a small CPU box (assumed)
 CPU_MEMORY_GBPS = 5.0  # update arithmetic on CPU (assumed)
@@ -302,13 +303,6 @@ def _srds_rows(core: SamplerCore, blocks: int, iterations: int, pipelined: bool)
     return evaluator.stats.rows_per_pass
 
 
-def window_candidates(steps: int, devices: int) -> list[int]:
-    """Powers of two and multiples of the device count, up to N."""
-    found = {w for w in (2 ** k for k in range(int(math.log2(steps)) + 1))}
-    found |= {devices * k for k in (1, 2, 4, 8, 16, 32) if devices * k <= steps}
-    return sorted(w for w in found if 2 <= w <= steps)
-
-
 def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples: int, pricing: Pricing,
                   objective: str = "latency", margin: float = 0.05, sources: dict[str, str] | None = None
                   ) -> SamplePlan:
@@ -318,14 +312,18 @@ def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples:
     if devices < 1:
         raise PaseError(f"--devices must be >= 1, not {devices}")
     core = build_core(scheduler, steps)
-    candidates = [predict_sequential(pricing, steps, samples)]
-    if devices > 1:
-        candidates.append(predict_batch(pricing, steps, samples, devices))
-    candidates += [predict_paradigms(pricing, steps, samples, devices, w) for w in window_candidates(steps, devices)]
-    for blocks in divisors(steps):
-        if 2 <= blocks < steps:
-            iters = pricing.convergence.iterations(blocks, scheduler)
-            candidates += [predict_srds(pricing, core, samples, devices, blocks, pipe, iters) for pipe in (False, True)]
+    candidates = []
+    for config in parallel_sampling.candidates(steps, devices):
+        if config.sampler == "sequential":
+            candidates.append(predict_sequential(pricing, steps, samples))
+        elif config.sampler == "batch":
+            candidates.append(predict_batch(pricing, steps, samples, devices))
+        elif config.sampler == "paradigms":
+            candidates.append(predict_paradigms(pricing, steps, samples, devices, config.window))
+        else:
+            iterations = pricing.convergence.iterations(config.blocks, scheduler)
+            candidates.append(predict_srds(pricing, core, samples, devices, config.blocks,
+                                           config.sampler == "srds-pipelined", iterations))
 
     def key(c: Candidate) -> tuple[float, int]:
         value = c.seconds if objective == "latency" else -c.throughput
