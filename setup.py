@@ -35,6 +35,7 @@ setup(
         "pyyaml>=6",
         "orjson>=3.9",
         "matplotlib>=3.8",  # what-if report charts
+        "safetensors>=0.4",  # pase sample --out
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

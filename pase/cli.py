@@ -342,11 +342,12 @@ def search(
 
 
 def _register_subcommands() -> None:
-    from pase import cli_whatif
+    from pase import cli_sample, cli_whatif
     from pase.cli_hw import hw_app
 
     app.add_typer(hw_app, name="hw")
     cli_whatif.register(app)
+    cli_sample.register(app)
 
 
 _register_subcommands()

@@ -1,0 +1,352 @@
+"""``pase sample-plan``: predicted latency and throughput of each sampler, and the pick.
+
+The cost of a sampler is the sum over its sequential passes of (time of one network call on the
+rows a device holds) + (all-gather of the pass's outputs), plus the per-pass update arithmetic.
+Three inputs, each carrying a ``source`` so the report says what was measured and what assumed:
+
+- ``EvalTime``: seconds of one call as a function of the batch on one device. For a GPU cluster
+  spec, a roofline over the LayerGraph's layers (FLOPs at the catalog/calibrated rate per op kind,
+  bytes at memory bandwidth, plus a launch overhead per layer); for this machine (``--devices N``),
+  measured by timing the model at a few batches.
+- ``GatherTime``: alpha + bytes x (n-1)/n / bandwidth, from the cluster's topology or a calibration
+  profile (``pase hw calibrate``), else a stated gloo default.
+- ``Convergence``: ParaDiGMS steps accepted per pass and SRDS iterations, from a short measured
+  probe (the real samplers on the seeded model) or stated defaults.
+
+SRDS passes come from a dry run of the real SRDS schedule (zero-size states), so the pipelined and
+plain schedules are priced exactly as they run. The pick is the fastest (or highest-throughput)
+candidate; a time-parallel sampler is picked only when predicted faster than the best baseline
+(sequential on one device, or batch-parallel) by ``margin``, so it is never picked where it loses.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pase.errors import PaseError
+from pase.sampling.core import SamplerCore, build_core
+from pase.sampling.distributed import Evaluator
+from pase.sampling.srds import SrdsSchedule
+from strategies import parallel_sampling
+
+GLOO_DEFAULT = {"alpha_s": 150e-6, "busbw_gbps": 1.0}  # loopback gloo all_gather on a small CPU box (assumed)
+CPU_MEMORY_GBPS = 5.0  # update arithmetic on CPU (assumed)
+GPU_LAUNCH_US = 8.0  # eager PyTorch kernel launch + Python overhead per layer on GPU (assumed)
+PARADIGMS_ADVANCE = (1.1, 0.5)  # default steps accepted per pass: a * window ** b (fits 24 passes at p=16, N=100)
+SRDS_ITERATIONS = {"ddim": 3, "ddpm": 4}  # default iterations to tolerance (SD-v2 ~3 per the SRDS paper)
+PRIORITY = {"sequential": 0, "batch": 1, "paradigms": 2, "srds": 3, "srds-pipelined": 4}
+
+
+@dataclass
+class EvalTime:
+    """Seconds of one network call at a batch of rows on one device (piecewise linear in the batch)."""
+
+    batches: list[int]
+    seconds: list[float]
+    source: str
+
+    def __call__(self, rows: float) -> float:
+        if rows <= 0:
+            return 0.0
+        b, s = np.asarray(self.batches, float), np.asarray(self.seconds, float)
+        if rows <= b[-1] or len(b) == 1:
+            return float(np.interp(rows, b, s)) if len(b) > 1 else float(s[0] * rows / b[0])
+        slope = (s[-1] - s[-2]) / (b[-1] - b[-2])
+        return float(s[-1] + slope * (rows - b[-1]))
+
+
+@dataclass
+class GatherTime:
+    alpha_s: float
+    busbw_gbps: float
+    source: str
+
+    def __call__(self, nbytes: float, world: int) -> float:
+        if world <= 1:
+            return 0.0
+        return self.alpha_s + nbytes * (world - 1) / world / (self.busbw_gbps * 1e9)
+
+
+@dataclass
+class Convergence:
+    """Expected convergence: ParaDiGMS passes per window, SRDS iterations per block count."""
+
+    paradigms_passes: dict[int, int] = field(default_factory=dict)  # measured: window -> passes
+    srds_iterations: dict[int, int] = field(default_factory=dict)  # measured: blocks -> iterations
+    source: str = ("stated defaults: ParaDiGMS accepts 1.1 * sqrt(window) steps per pass; SRDS converges in "
+                   f"{SRDS_ITERATIONS['ddim']} (DDIM) / {SRDS_ITERATIONS['ddpm']} (DDPM) iterations")
+
+    def advance(self, window: int, steps: int) -> float:
+        """Steps accepted per pass at this window (measured where probed, else the default law)."""
+        if window in self.paradigms_passes:
+            return steps / self.paradigms_passes[window]
+        if self.paradigms_passes:  # interpolate the measured advance in log(window)
+            known = sorted(self.paradigms_passes)
+            adv = [steps / self.paradigms_passes[w] for w in known]
+            return float(np.interp(math.log(window), [math.log(w) for w in known], adv))
+        a, b = PARADIGMS_ADVANCE
+        return min(window, max(1.0, a * window ** b))
+
+    def iterations(self, blocks: int, kind: str) -> int:
+        if blocks in self.srds_iterations:
+            return self.srds_iterations[blocks]
+        return min(blocks, SRDS_ITERATIONS[kind])
+
+
+@dataclass
+class Candidate:
+    sampler: str
+    setting: str
+    devices: int
+    passes: int
+    evals: float  # network evaluations per sample
+    seconds: float  # predicted latency for the request's samples
+    samples: int
+    window: int | None = None
+    blocks: int | None = None
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class SamplePlan:
+    model: str
+    scheduler: str
+    steps: int
+    devices: int
+    samples: int
+    objective: str
+    candidates: list[Candidate]
+    chosen: Candidate
+    sources: dict[str, str]
+    margin: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for item in [data["chosen"], *data["candidates"]]:
+            item["throughput"] = item["samples"] / item["seconds"] if item["seconds"] > 0 else None
+        return data
+
+
+# ---------------------------------------------------------------------------------------------- eval time
+def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
+                       batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                       launch_us: float = GPU_LAUNCH_US) -> EvalTime:
+    """Forward time of ``graph`` (captured at batch 1) per batch on one device of ``rates``: per layer,
+    max(FLOPs / compute rate, bytes / memory rate) + launch overhead; weights are read once per call,
+    activations scale with the batch. O(layers * batches)."""
+    from cost_models.layer_costs import COMPUTE_KINDS
+
+    itemsize = 2 if precision in ("bf16", "fp16") else 4
+    scale = itemsize / 4  # the graph was captured in fp32
+    memory_rate = rates.memory().value
+    layers = [data for _, data in graph.layers() if data["op"] not in ("input", "output")]
+    seconds = []
+    for batch in batches:
+        total = 0.0
+        for data in layers:
+            act = (2 * data["out_bytes"] + 4 * data.get("pointwise_elems", 0)) * scale * batch
+            weights = data.get("param_bytes", 0) * scale
+            memory = (act + weights) / memory_rate
+            if data["op"] in COMPUTE_KINDS and data["flops_fwd"]:
+                total += max(data["flops_fwd"] * batch / rates.compute(data["op"]).value, memory)
+            else:
+                total += memory
+            total += launch_us * 1e-6
+        seconds.append(total)
+    source = (f"roofline over {len(layers)} layers of the LayerGraph on {rates.cluster.gpu.id} {precision} "
+              f"({rates.compute('conv').source}; +{launch_us:g} us launch per layer)")
+    return EvalTime(list(batches), seconds, source)
+
+
+def measure_eval_time(model: str, size: int | None, batches: tuple[int, ...] = (1, 2, 4, 8, 16),
+                      threads: int = 1, repeats: int = 3, seed: int = 0, guidance_scale: float = 1.0) -> EvalTime:
+    """Time the seeded model on this CPU at each batch (median of ``repeats`` after one warm-up),
+    with ``threads`` torch threads, as each rank of ``--devices N`` would run."""
+    from pase.sampling.runner import build_denoiser
+
+    denoiser, (channels, height, width) = build_denoiser(model, seed, guidance_scale)
+    if size is not None:
+        height = width = size
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    seconds = []
+    try:
+        for batch in batches:
+            x = torch.randn(batch, channels, height, width)
+            t = torch.full((batch,), 500, dtype=torch.long)
+            denoiser(x, t)
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                denoiser(x, t)
+                runs.append(time.perf_counter() - started)
+            seconds.append(statistics.median(runs))
+    finally:
+        torch.set_num_threads(previous)
+    return EvalTime(list(batches), seconds, f"measured on this CPU ({threads} thread(s), {height}x{width}, median of "
+                                            f"{repeats} per batch {list(batches)})")
+
+
+def gather_time(cluster: Any = None, profile: dict[str, Any] | None = None, world: int = 1) -> GatherTime:
+    """All-gather cost over ``world`` ranks: calibration profile, else cluster topology, else gloo default."""
+    measured = (profile or {}).get("collectives", {}).get("all_gather", {}).get(str(world))
+    if measured:
+        return GatherTime(measured["alpha_us"] / 1e6, measured["busbw_gbps"],
+                          f"measured: calibration {profile['fingerprint']['id']}")
+    if cluster is not None:
+        from cost_models.rates import HardwareRates
+
+        rate = HardwareRates(cluster, profile).collective("all_gather", list(range(world)))
+        return GatherTime(rate.alpha_s, rate.busbw_gbps, rate.source)
+    alpha, bandwidth = GLOO_DEFAULT["alpha_s"], GLOO_DEFAULT["busbw_gbps"]
+    return GatherTime(alpha, bandwidth, f"stated gloo default: {alpha * 1e6:g} us + {bandwidth:g} GB/s "
+                      "(calibrate with `pase hw calibrate` and pass --profile to measure)")
+
+
+# ---------------------------------------------------------------------------------------------- convergence
+def probe_convergence(model: str, scheduler: str, steps: int, windows: list[int], blocks: list[int],
+                      tol_paradigms: float, tol_srds: float, size: int | None = None, seed: int = 0,
+                      guidance_scale: float = 1.0) -> Convergence:
+    """Run ParaDiGMS at each window and SRDS at each block count on the seeded model (one sample, this
+    CPU) and record passes and iterations. Seeded random weights converge faster than trained ones."""
+    from pase.sampling.paradigms import paradigms
+    from pase.sampling.runner import build_denoiser
+    from pase.sampling.srds import srds
+
+    denoiser, (channels, height, width) = build_denoiser(model, seed, guidance_scale)
+    if size is not None:
+        height = width = size
+    core = build_core(scheduler, steps, clip_sample=False)
+    x_t, noise = core.initial_and_noise((1, channels, height, width), seed)
+    evaluator = Evaluator(denoiser, split=False)
+    passes = {w: paradigms(core, evaluator, x_t, noise, w, tol_paradigms).passes for w in windows}
+    iterations = {b: srds(core, evaluator, x_t, noise, b, tol_srds).iterations or 1 for b in blocks}
+    return Convergence(passes, iterations, f"measured probe on {model} ({height}x{width}, seeded weights, "
+                                           f"tol {tol_paradigms:g} / {tol_srds:g})")
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+@dataclass
+class Pricing:
+    eval_time: EvalTime
+    gather: GatherTime
+    convergence: Convergence
+    elems: int  # elements of one state (C x H x W)
+    memory_gbps: float  # for the per-pass update arithmetic
+    evals_per_row: int = 1  # 2 under classifier-free guidance
+
+    def pass_seconds(self, rows: int, devices: int, update: bool = True) -> float:
+        """One batched call of ``rows`` state-rows split over ``devices`` (replicated when rows < devices)."""
+        split = devices > 1 and rows >= devices
+        local = math.ceil(rows / devices) if split else rows
+        seconds = self.eval_time(local * self.evals_per_row)
+        if split:
+            seconds += self.gather(rows * self.elems * 4, devices)
+        if update:
+            seconds += 8 * rows * self.elems * 4 / (self.memory_gbps * 1e9)
+        return seconds
+
+
+def predict_sequential(p: Pricing, steps: int, samples: int) -> Candidate:
+    return Candidate("sequential", "1 device", 1, steps, float(steps),
+                     steps * p.pass_seconds(samples, 1), samples)
+
+
+def predict_batch(p: Pricing, steps: int, samples: int, devices: int) -> Candidate:
+    local = math.ceil(samples / devices)
+    seconds = steps * p.pass_seconds(local, 1) + p.gather(samples * p.elems * 4, min(devices, samples))
+    return Candidate("batch", f"{min(devices, samples)} x {local} samples", devices, steps, float(steps),
+                     seconds, samples)
+
+
+def predict_paradigms(p: Pricing, steps: int, samples: int, devices: int, window: int) -> Candidate:
+    """Slide a window that accepts ``advance`` steps per pass (at least 1) until the end."""
+    advance = max(1.0, p.convergence.advance(window, steps))
+    begin, passes, rows_total, seconds = 0.0, 0, 0, 0.0
+    while begin < steps and passes < steps:
+        length = min(window, steps - int(begin))
+        seconds += p.pass_seconds(length * samples, devices)
+        rows_total += length
+        begin += advance
+        passes += 1
+    return Candidate("paradigms", f"window {window}", devices, passes, float(rows_total), seconds, samples,
+                     window=window)
+
+
+def predict_srds(p: Pricing, core: SamplerCore, samples: int, devices: int, blocks: int, pipelined: bool,
+                 iterations: int) -> Candidate:
+    """Price the real SRDS schedule, dry-run on 1-element states and stopped after ``iterations``."""
+    rows = _srds_rows(core, blocks, iterations, pipelined)
+    seconds = sum(p.pass_seconds(r * samples, devices) for r in rows)
+    name = "srds-pipelined" if pipelined else "srds"
+    return Candidate(name, f"{blocks} blocks, {iterations} iterations", devices, len(rows), float(sum(rows)),
+                     seconds, samples, blocks=blocks)
+
+
+def _srds_rows(core: SamplerCore, blocks: int, iterations: int, pipelined: bool) -> list[int]:
+    """Rows of every pass of the SRDS schedule stopped after ``iterations``, with the speculative
+    fine solves a pipelined run starts before it learns it has converged."""
+    x_t, noise = torch.zeros(1, 1), torch.zeros(core.steps, 1, 1)
+    schedule = SrdsSchedule(core, blocks, blocks, -1.0, pipelined, x_t, noise, None, stop_after=iterations)
+    evaluator = Evaluator(lambda x, t: torch.zeros_like(x), split=False)
+    while schedule.result is None:
+        schedule.tick(evaluator)
+    return evaluator.stats.rows_per_pass
+
+
+def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples: int, pricing: Pricing,
+                  objective: str = "latency", margin: float = 0.05, sources: dict[str, str] | None = None
+                  ) -> SamplePlan:
+    """All candidates priced, and the pick (see the module docstring)."""
+    if objective not in ("latency", "throughput"):
+        raise PaseError(f"unknown --objective {objective!r}; choose latency or throughput")
+    if devices < 1:
+        raise PaseError(f"--devices must be >= 1, not {devices}")
+    core = build_core(scheduler, steps)
+    candidates = []
+    for config in parallel_sampling.candidates(steps, devices):
+        if config.sampler == "sequential":
+            candidates.append(predict_sequential(pricing, steps, samples))
+        elif config.sampler == "batch":
+            candidates.append(predict_batch(pricing, steps, samples, devices))
+        elif config.sampler == "paradigms":
+            candidates.append(predict_paradigms(pricing, steps, samples, devices, config.window))
+        else:
+            iterations = pricing.convergence.iterations(config.blocks, scheduler)
+            candidates.append(predict_srds(pricing, core, samples, devices, config.blocks,
+                                           config.sampler == "srds-pipelined", iterations))
+
+    def key(c: Candidate) -> tuple[float, int]:
+        value = c.seconds if objective == "latency" else -c.throughput
+        return value, PRIORITY[c.sampler]
+
+    baselines = [c for c in candidates if c.sampler in ("sequential", "batch")]
+    best_base = min(baselines, key=key)
+    best = min(candidates, key=key)
+    if best.sampler not in ("sequential", "batch"):
+        gain = best_base.seconds / best.seconds if objective == "latency" else best.throughput / best_base.throughput
+        if gain < 1 + margin:
+            best = best_base
+    all_sources = {"eval time": pricing.eval_time.source, "gather": pricing.gather.source,
+                   "convergence": pricing.convergence.source, **(sources or {})}
+    return SamplePlan(model, scheduler, steps, devices, samples, objective, candidates, best, all_sources, margin)
+
+
+def best_of_each(plan: SamplePlan) -> list[Candidate]:
+    """The chosen candidate and the best setting of each sampler, for the printed table."""
+    best: dict[str, Candidate] = {}
+    for c in plan.candidates:
+        value = c.seconds if plan.objective == "latency" else -c.throughput
+        if c.sampler not in best or value < (best[c.sampler].seconds if plan.objective == "latency"
+                                             else -best[c.sampler].throughput):
+            best[c.sampler] = c
+    return sorted(best.values(), key=lambda c: PRIORITY[c.sampler])

@@ -1,0 +1,105 @@
+"""``pase sample-plan``: the cost model prices every sampler, and a time-parallel sampler is never
+picked where it is predicted to lose."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from pase.errors import PaseError
+from pase.sampling import Evaluator, build_core, srds
+from pase.sampling.denoiser import GaussianDenoiser
+from pase.sampling.planner import (
+    Convergence,
+    EvalTime,
+    GatherTime,
+    Pricing,
+    plan_sampling,
+    predict_srds,
+    roofline_eval_time,
+)
+
+
+def pricing(seconds_at: dict[int, float], gather_alpha: float = 1e-5) -> Pricing:
+    batches = sorted(seconds_at)
+    return Pricing(EvalTime(batches, [seconds_at[b] for b in batches], "test"),
+                   GatherTime(gather_alpha, 100.0, "test"), Convergence(), elems=3 * 32 * 32, memory_gbps=1000.0)
+
+
+def test_compute_bound_device_keeps_sequential():
+    """Time linear in the batch on one device: a window costs its length, so extra evaluations only lose."""
+    plan = plan_sampling("m", "ddpm", 100, 1, 1, pricing({1: 0.01, 256: 2.56}))
+    assert plan.chosen.sampler == "sequential"
+    sequential = next(c for c in plan.candidates if c.sampler == "sequential")
+    assert all(c.seconds > sequential.seconds for c in plan.candidates if c is not sequential)
+
+
+def test_idle_devices_and_flat_eval_time_pick_a_parallel_sampler():
+    flat = pricing({1: 0.01, 256: 0.011})
+    plan = plan_sampling("m", "ddim", 100, 8, 1, flat)
+    sequential = next(c for c in plan.candidates if c.sampler == "sequential")
+    assert plan.chosen.sampler in ("paradigms", "srds", "srds-pipelined")
+    assert plan.chosen.seconds * (1 + plan.margin) <= sequential.seconds
+    assert plan.chosen.seconds == min(c.seconds for c in plan.candidates)
+
+
+def test_margin_blocks_a_marginal_win_and_throughput_prefers_batch():
+    flat = pricing({1: 0.01, 256: 0.011})
+    plan = plan_sampling("m", "ddim", 100, 8, 1, flat, margin=100.0)
+    assert plan.chosen.sampler in ("sequential", "batch")
+    busy = plan_sampling("m", "ddpm", 50, 4, 16, pricing({1: 0.01, 256: 2.56}), objective="throughput")
+    assert busy.chosen.sampler == "batch"
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_srds_prediction_counts_the_passes_the_sampler_runs(pipelined):
+    core = build_core("ddim", 24, clip_sample=False)
+    x_t, noise = core.initial_and_noise((1, 2, 4, 4), 0)
+    result = srds(core, Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4))), x_t, noise,
+                  blocks=6, tol=1e-3, pipelined=pipelined)
+    predicted = predict_srds(pricing({1: 0.01, 64: 0.64}), core, 1, 2, 6, pipelined, result.iterations)
+    assert (predicted.passes, predicted.evals) == (result.passes, result.evals)
+
+
+@pytest.fixture(scope="module")
+def graph_cache(tmp_path_factory):
+    """A private graph cache, shared by the tests that capture unet-tiny."""
+    previous = os.environ.get("PASE_CACHE_DIR")
+    os.environ["PASE_CACHE_DIR"] = str(tmp_path_factory.mktemp("graphs"))
+    yield
+    if previous is None:
+        del os.environ["PASE_CACHE_DIR"]
+    else:
+        os.environ["PASE_CACHE_DIR"] = previous
+
+
+def test_roofline_prices_a_gpu_cluster_from_the_layer_graph(graph_cache):
+    from cost_models.cluster import load_cluster
+    from cost_models.rates import HardwareRates
+    from pase.graph import extract_model
+
+    graph = extract_model("unet-tiny", 1, use_cache=True)
+    a100 = roofline_eval_time(graph, HardwareRates(load_cluster("8xA100-80GB-SXM")))
+    h100 = roofline_eval_time(graph, HardwareRates(load_cluster("8xH100-SXM")))
+    assert all(b >= a for a, b in zip(a100.seconds, a100.seconds[1:]))  # more rows never cost less
+    assert a100(256) > 2 * a100(1)  # large batches are compute/memory bound, not launch bound
+    assert h100(256) < a100(256)
+
+
+def test_cli_sample_plan_json_and_bad_devices(graph_cache):
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    args = ["sample-plan", "--model", "unet-tiny", "--cluster", "8xA100-80GB-SXM", "--steps", "50",
+            "--scheduler", "ddim"]
+    done = CliRunner().invoke(app, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    plan = json.loads(done.stdout)
+    sequential = next(c for c in plan["candidates"] if c["sampler"] == "sequential")
+    assert plan["devices"] == 8 and plan["chosen"]["seconds"] <= sequential["seconds"]
+    assert {"eval time", "gather", "convergence"} <= set(plan["sources"])
+    bad = CliRunner().invoke(app, [*args, "--devices", "16"])
+    assert isinstance(bad.exception, PaseError) and "--devices 16 exceeds the 8 GPUs" in str(bad.exception)
