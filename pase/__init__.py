@@ -8,7 +8,7 @@ from typing import Any
 
 from pase._version import __version__
 
-__all__ = ["__version__", "extract", "plan"]
+__all__ = ["__version__", "distributed", "extract", "parallelize", "plan"]
 
 
 def plan(*args: Any, **kwargs: Any) -> Any:
@@ -23,3 +23,17 @@ def extract(*args: Any, **kwargs: Any) -> Any:
     from pase.graph import extract as _extract
 
     return _extract(*args, **kwargs)
+
+
+def parallelize(*args: Any, **kwargs: Any) -> Any:
+    """``pase.parallelize(model, plan) -> nn.Module`` running the plan (see ``pase.runtime.parallelize``)."""
+    from pase.runtime import parallelize as _parallelize
+
+    return _parallelize(*args, **kwargs)
+
+
+def distributed(*args: Any, **kwargs: Any) -> Any:
+    """``with pase.distributed(plan) as run:`` opens the process group (see ``pase.runtime.distributed``)."""
+    from pase.runtime import distributed as _distributed
+
+    return _distributed(*args, **kwargs)

@@ -170,18 +170,23 @@ def graph(
 def plan(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model or package.module:factory.")] = "sd15-unet",
     cluster: Annotated[str, typer.Option("--cluster", "-c", help="Cluster spec (e.g. 8xH100-SXM, "
-                                         "2x8xA100-80GB-SXM+IB-NDR400x4) or a JSON/YAML system file.")]
+                                         "2x8xA100-80GB-SXM+IB-NDR400x4), a JSON/YAML system file, or local (this "
+                                         "machine: its GPUs, or --devices gloo processes on its CPU).")]
     = "8xH100-SXM",
+    devices: Annotated[int | None, typer.Option("--devices", min=1, help="With --cluster local: how many "
+                                                "devices (GPUs, or CPU processes) the run will use.")] = None,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Global batch per training step.")] = 64,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the plan JSON here.")] = None,
     explain: Annotated[str | None, typer.Option(help="Show the best alternatives for this layer id.")] = None,
-    only: Annotated[str | None, typer.Option(help="Restrict to dp (batch splits only) or tensor "
-                                             "(no batch splits).")] = None,
+    only: Annotated[str | None, typer.Option(help="Restrict to one kind of parallelism: dp (batch splits), fsdp "
+                                             "(batch splits, sharded weights), tensor (channel and head splits) or "
+                                             "pipeline (pipeline stages).")] = None,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state.")] = False,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Recompute activations inside blocks.")] = False,
     gap: Annotated[float, typer.Option(help="Stop the search once the plan is proved within this relative "
                                             "distance of the optimum (0: exact, slower at 32+ devices).")] = 5e-3,
-    precision: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
+    precision: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default bf16; fp32 for --cluster "
+                                                  "local on CPU).")] = None,
     memory_fraction: Annotated[float, typer.Option(min=0.05, max=1.0, help="Share of GPU memory a plan may "
                                                    "use.")] = 0.9,
     profile: Annotated[Path | None, typer.Option(help="Calibration profile to price with.")] = None,
@@ -204,10 +209,21 @@ def plan(
     from pase.graph import extract_model
     from pase.planner import PlanOptions, plan_and_price
 
+    if devices is not None and cluster != "local":
+        raise PaseError("--devices goes with --cluster local; a cluster spec already says how many devices")
+    if cluster == "local":
+        from cost_models.local import CPU_DEVICE, local_cluster
+
+        with err_console.status("probing this machine ...") as status:
+            target, measured = local_cluster(devices, profile, Catalog.load(gpu_file or []),
+                                             progress=lambda what: status.update(f"{what} ..."))
+        precision = precision or ("fp32" if target.gpu.id == CPU_DEVICE else "bf16")
+    else:
+        target = load_cluster(cluster, Catalog.load(gpu_file or []))
+        measured = load_profile(profile) if profile else None
+    precision = precision or "bf16"
     if precision not in DTYPES:
         raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
-    target = load_cluster(cluster, Catalog.load(gpu_file or []))
-    measured = load_profile(profile) if profile else None
     if measured is not None and (reason := profile_mismatch(target, measured)):
         raise PaseError(reason)
     named, positional = parse_input_shapes(input_shape or [])
@@ -216,7 +232,7 @@ def plan(
                               user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
                               checkpointing=checkpoint, search_gap=gap)
-        if pipeline:
+        if pipeline or only == "pipeline":
             from pase.pipeline_planner import PipelineOptions, plan_with_pipeline
 
             result, priced = plan_with_pipeline(graph, target, profile=measured, options=options,
@@ -342,12 +358,13 @@ def search(
 
 
 def _register_subcommands() -> None:
-    from pase import cli_sample, cli_whatif
+    from pase import cli_runtime, cli_sample, cli_whatif
     from pase.cli_hw import hw_app
 
     app.add_typer(hw_app, name="hw")
     cli_whatif.register(app)
     cli_sample.register(app)
+    cli_runtime.register(app)
 
 
 _register_subcommands()

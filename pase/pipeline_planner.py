@@ -684,7 +684,8 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
     search = PipelineSearch(graph, cluster, rates, options, pipeline)
     p = cluster.world_size
     pure = search.search([1]) if p > 1 else None
-    incumbent = min(plain.predicted.step_seconds if plain else float("inf"),
+    forced = options.only == "pipeline"  # a pipeline even where the per-layer plan is faster
+    incumbent = min(plain.predicted.step_seconds if plain and not forced else float("inf"),
                     pure.step_seconds if pure else float("inf"))
     hybrid = search.search([d for d in divisors(p) if 1 < d < p], incumbent=incumbent)
     best = min((r for r in (pure, hybrid) if r is not None), key=lambda r: r.step_seconds, default=None)
@@ -706,7 +707,10 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
                    "max_stages": pipeline.max_stages}
     plan = replace(plain, baselines=baselines, baseline_notes=notes,
                    search={**plain.search, "pipeline": search_info})
-    if best is None or (plan.layers and best.step_seconds >= plain.predicted.step_seconds):
+    if forced and best is None:
+        raise PlanDoesNotFit(f"--only pipeline: no pipeline of two or more stages over {p} devices fits"
+                             + ("" if p > 1 else " (one device: nothing to pipeline)"))
+    if best is None or (not forced and plan.layers and best.step_seconds >= plain.predicted.step_seconds):
         return plan, priced
     stages, layers = stage_plans(search, best)
     plan = replace(plan, layers=layers, predicted=pipeline_prediction(best), stages=stages,

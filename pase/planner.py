@@ -38,11 +38,16 @@ class PlanDoesNotFit(PaseError):
         self.limit_bytes = limit_bytes
 
 
+# --only: dp (batch splits), fsdp (batch splits, sharded weights), tensor (channel and head splits, no
+# batch, spatial or sequence splits), pipeline (pipeline stages; see pase.pipeline_planner)
+ONLY_KINDS = ("dp", "fsdp", "tensor", "pipeline")
+
+
 @dataclass
 class PlanOptions:
     precision: str = "bf16"
     memory_fraction: float = 0.9
-    only: str | None = None  # "dp" or "tensor"
+    only: str | None = None  # one kind of parallelism: see ONLY_KINDS
     fsdp: bool = False
     checkpointing: bool = False
     min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
@@ -50,8 +55,10 @@ class PlanOptions:
     memory_bisections: int = 8  # refinements of the memory price when the limit binds (each is one search)
 
     def __post_init__(self) -> None:
-        if self.only not in (None, "dp", "tensor"):
-            raise PaseError(f"only must be 'dp' or 'tensor' (or None), not {self.only!r}")
+        if self.only not in (None, *ONLY_KINDS):
+            raise PaseError(f"only must be one of {', '.join(ONLY_KINDS)} (or None), not {self.only!r}")
+        if self.only == "fsdp":
+            self.fsdp = True
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise PaseError(f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
         if not 0 <= self.search_gap < 0.5:

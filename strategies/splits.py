@@ -36,6 +36,7 @@ SPLITTABLE_ROLES: dict[str, tuple[str, ...]] = {
     "input": ("batch",),
     "other": ("batch",),
 }
+TENSOR_EXCLUDED = ("batch", "spatial", "sequence")  # --only tensor: channel/head (Megatron-style) splits only
 ONLY_QUERY_SEQUENCE = {"attention": ("q",)}  # splitting kv would need a distributed softmax
 # Smallest shard per device, per role: below these a GPU kernel runs far from its peak, so such
 # splits are never worth their communication (and they would multiply the search space).
@@ -71,7 +72,8 @@ def split_space(layer: dict, devices: int, min_chunk: dict[str, int] | None = No
     """The configurations of one LayerGraph node on ``devices`` devices.
 
     ``min_chunk`` overrides ``MIN_CHUNK`` per role. ``only`` restricts to one kind of
-    parallelism: "dp" (batch only) or "tensor" (no batch split).
+    parallelism: "dp" or "fsdp" (batch only) or "tensor" (channel and head splits: no batch, spatial or
+    sequence split); "pipeline" leaves the per-layer space whole (its stages come from the pipeline search).
     Complexity: O(prod of candidate counts) over the splittable dims (at most a few hundred).
     """
     kind = layer["op"]
@@ -83,7 +85,7 @@ def split_space(layer: dict, devices: int, min_chunk: dict[str, int] | None = No
         role = layer["roles"][name]
         if role not in roles or (allowed_names and role == "sequence" and name not in allowed_names):
             continue
-        if only == "dp" and role != "batch" or only == "tensor" and role == "batch":
+        if only in ("dp", "fsdp") and role != "batch" or only == "tensor" and role in TENSOR_EXCLUDED:
             continue
         chunk = {**MIN_CHUNK, **(min_chunk or {})}.get(role, 1)
         if kind == "group_norm" and role == "channel":

@@ -1,0 +1,75 @@
+"""``pase verify``: run a plan under torchrun and compare its prediction with the measurement."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pase.errors import PaseError
+
+
+def verify(
+    plan_path: Annotated[Path, typer.Option("--plan", help="A plan file from `pase plan --json`.")],
+    steps: Annotated[int, typer.Option(min=1, help="Training steps to run (the first --warmup are not timed).")] = 10,
+    warmup: Annotated[int, typer.Option(min=0, help="Steps left out of the timing.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="End with the prediction and measurement as one JSON "
+                                          "line.")] = False,
+    update_profile: Annotated[Path | None, typer.Option(
+        "--update-profile", help="Fold the measured gap into this calibration profile's compute rates (the next "
+        "`pase plan --profile` prices with them).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and the synthetic data.")] = 0,
+) -> None:
+    """Run S steps of a plan on synthetic data (under torchrun) and print measured against predicted."""
+    import torch.distributed as dist
+
+    from pase.plans import Plan
+    from pase.runtime.verify import apply_to_profile, run_verify
+
+    if not plan_path.exists():
+        raise PaseError(f"no plan file {plan_path}; write one with `pase plan ... --json {plan_path}`")
+    if update_profile is not None and not update_profile.exists():
+        raise PaseError(f"--update-profile {update_profile} does not exist; calibrate first with `pase hw calibrate "
+                        f"--out {update_profile}`")
+    plan = Plan.load(plan_path)
+    result = run_verify(plan, steps, warmup, seed, progress=not as_json)
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    if dist.is_initialized() or rank != 0:
+        return
+    if update_profile is not None:
+        from cost_models.calibrate import load_profile, save_profile
+
+        save_profile(apply_to_profile(load_profile(update_profile), plan, result), update_profile)
+    if as_json:
+        print(json.dumps(result.summary()))
+        return
+    _print(plan, result, update_profile)
+
+
+def _print(plan, result, update_profile: Path | None) -> None:  # noqa: ANN001 - Plan, VerifyResult
+    from pase.cli import console
+
+    table = Table(title=f"{plan.model} on {result.layout}, global batch {plan.batch}, {len(result.losses)} steps "
+                        f"(loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f})")
+    for column in ("", "predicted", "measured", "measured / predicted", "per rank"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row("step seconds", f"{result.predicted_step_seconds:.4f}", f"{result.measured_step_seconds:.4f}",
+                  f"{result.ratio:.2f}", ", ".join(f"{s:.4f}" for s in result.per_rank_step_seconds))
+    table.add_row("peak memory MiB", f"{result.predicted_memory_bytes / 2**20:.1f}",
+                  f"{result.measured_memory_bytes / 2**20:.1f}", f"{result.memory_ratio:.2f}",
+                  ", ".join(f"{m / 2**20:.1f}" for m in result.per_rank_memory_bytes))
+    console.print(table)
+    console.print(f"step time: median after warm-up, slowest rank; memory: {result.memory_source}")
+    for flag in result.flags():
+        console.print(f"[bold yellow]gap:[/] {flag}", highlight=False)
+    if update_profile is not None:
+        console.print(f"updated {update_profile}: compute rates scaled to this measurement")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("verify")(verify)
+
+
+__all__ = ["register", "verify"]

@@ -1,0 +1,76 @@
+"""Before any work: is this plan for this model and this world? (Refused with a clear message if not.)"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from pase.errors import PaseError
+from pase.graph import LayerGraph
+from pase.plans import Plan
+
+
+class PlanMismatch(PaseError):
+    """A plan made for another model, batch or world size than the one at hand."""
+
+
+def check_world(plan: Plan, world_size: int) -> None:
+    if plan.devices != world_size:
+        raise PlanMismatch(
+            f"the plan was made for {plan.devices} devices but this run has {world_size} processes; launch "
+            f"`torchrun --nproc-per-node {plan.devices} ...` or re-plan with `pase plan --devices {world_size}`")
+    if plan.batch % world_size:
+        raise PlanMismatch(f"the plan's global batch {plan.batch} does not split over {world_size} processes; "
+                           f"re-plan with a --batch divisible by {world_size}")
+
+
+def example_inputs_for(plan: Plan, example_inputs: Any = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The inputs the plan's graph was captured with: zoo models know theirs; other models pass them."""
+    from pase.models.zoo import ZOO
+
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            return (example_inputs,), {}
+        if isinstance(example_inputs, dict):
+            return (), example_inputs
+        return tuple(example_inputs), {}
+    if plan.model not in ZOO:
+        raise PaseError(f"the plan is for {plan.model!r}, which is not a zoo model: pass example_inputs= (meta "
+                        f"tensors at the plan's batch {plan.batch}) so pase can check the model matches the plan")
+    return ZOO[plan.model].example_inputs(plan.batch, device="meta")
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """The model's structure on the meta device, without copying its weights."""
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) \
+            if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def model_graph(model: nn.Module, plan: Plan, example_inputs: Any = None) -> LayerGraph:
+    from pase.graph import extract
+
+    args, kwargs = example_inputs_for(plan, example_inputs)
+    return extract(meta_copy(model), args, kwargs, name=plan.model)
+
+
+def check_model(plan: Plan, graph: LayerGraph) -> None:
+    from pase.planner import fingerprint
+
+    found = fingerprint(graph)
+    if found != plan.model_fingerprint:
+        raise PlanMismatch(
+            f"the plan was made for another model: {plan.model} (fingerprint {plan.model_fingerprint}, batch "
+            f"{plan.batch}), but this model's layer graph at batch {plan.batch} has fingerprint {found}; re-plan "
+            "for this model with `pase plan --model ...` (same config and batch)")
+    missing = [layer.id for layer in plan.layers if layer.id not in graph.graph]
+    if missing:
+        raise PlanMismatch(f"the plan names layers this model lacks ({', '.join(missing[:5])}); re-plan it")
+
+
+__all__ = ["PlanMismatch", "check_model", "check_world", "example_inputs_for", "meta_copy", "model_graph"]

@@ -1,0 +1,148 @@
+"""``parallelize(model, plan)``: the model, changed to run the plan in the current process group.
+
+Order (each step refuses bad input before any work): the world size and the model are checked
+against the plan; parameters are broadcast from rank 0 (every rank starts from the same weights);
+then either the fast path (DDP, or FSDP2 when the plan was made with ``--fsdp``) for plans that split
+only the batch, or the per-layer layouts of ``pase.runtime.layout`` on tensor-parallel groups built
+from the plan's split factors (one 2-D device mesh per degree), with gradient synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pase.errors import PaseError
+from pase.graph import LayerGraph
+from pase.plans import Plan
+from pase.runtime.checks import check_model, check_world, model_graph
+from pase.runtime.layout import LayerLayout, is_pure_data_parallel, layer_layouts
+
+
+@dataclass
+class ParallelLayout:
+    """How a parallelized model runs its plan (``model.pase_layout``)."""
+
+    kind: str  # "ddp", "fsdp" or "tensor"
+    world_size: int
+    layers: list[LayerLayout] = field(default_factory=list)
+    tensor_degrees: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        split = [layout for layout in self.layers if layout.kind != "batch"]
+        fallback = [layout for layout in self.layers if layout.note.endswith("batch-parallel")]
+        text = f"{self.kind} over {self.world_size} ranks"
+        if split:
+            kinds = sorted({layout.applied for layout in split})
+            text += f"; {len(split)} layers split ({', '.join(kinds)})"
+        if fallback:
+            text += f"; {len(fallback)} layers run batch-parallel instead of as planned ({fallback[0].note})"
+        return text
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, graph: LayerGraph | None = None,
+                device: torch.device | None = None) -> nn.Module:
+    """``model`` made to run ``plan`` on this process group; each rank feeds it its batch chunk
+    (``global batch / world size`` samples) and gets that chunk's output.
+
+    ``example_inputs`` (meta tensors at the plan's batch) are needed only for models outside the zoo;
+    ``graph`` skips the capture when the caller already has the model's LayerGraph.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise PaseError("parallelize needs a torch.distributed process group: launch with torchrun, or call it "
+                        "inside `with pase.distributed(plan) as run:` (run.parallelize(model))")
+    world = dist.get_world_size()
+    check_world(plan, world)
+    if plan.stages:
+        raise PaseError(f"the plan has {len(plan.stages)} pipeline stages, which parallelize does not run yet; "
+                        "plan with `pase plan --only dp|fsdp|tensor` for a per-layer plan")
+    graph = graph if graph is not None else model_graph(model, plan, example_inputs)
+    check_model(plan, graph)
+    layouts = layer_layouts(plan, graph)
+    device = device or default_device()
+    model.to(device)
+    _broadcast_from_rank0(model)
+    if is_pure_data_parallel(layouts):
+        from strategies.data import apply_ddp, apply_fsdp
+
+        fsdp = bool(plan.options.get("fsdp"))
+        result = apply_fsdp(model, device) if fsdp else apply_ddp(model, device)
+        result.pase_layout = ParallelLayout("fsdp" if fsdp else "ddp", world, layouts)
+        return result
+    return _apply_tensor_layouts(model, layouts, device, world)
+
+
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: torch.device,
+                          world: int) -> nn.Module:
+    from strategies.tensor import ChannelSplit, GradientSync, TensorGroups, split_heads
+
+    degrees = sorted({layout.factor for layout in layouts if layout.kind != "batch"})
+    groups = {t: TensorGroups.build(device.type, world, t) for t in degrees}  # same order on every rank
+    modes = []
+    for layout in layouts:
+        if layout.kind == "batch":
+            continue
+        module = model.get_submodule(layout.module)
+        if layout.kind == "heads":
+            modes.append((layout.layer, split_heads(module, groups[layout.factor])))
+            continue
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise PaseError(f"layer {layout.layer} is planned as a {layout.kind}-channel split but module "
+                            f"{layout.module!r} is a {type(module).__name__}, not Conv2d or Linear")
+        parent_name, _, child = layout.module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ChannelSplit(module, layout.kind, groups[layout.factor]))
+    model.pase_sync = GradientSync.install(model, world)
+    model.pase_layout = ParallelLayout("tensor", world, layouts, degrees)
+    model.pase_head_modes = modes
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tensor]:
+    """Every parameter (``what="param"``) or gradient (``"grad"``) at full size on every rank, under the
+    original model's names: FSDP shards and channel shards are gathered (collective: call on all ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    from strategies.collectives import _gather
+    from strategies.tensor import ChannelSplit
+
+    inner = unwrap(model)
+    splits = {name: module for name, module in inner.named_modules() if isinstance(module, ChannelSplit)}
+    result: dict[str, torch.Tensor] = {}
+    for name, param in inner.named_parameters():
+        tensor = param if what == "param" else param.grad
+        if tensor is None:
+            continue
+        tensor = tensor.detach()
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        owner, _, leaf = name.rpartition(".")
+        split = splits.get(owner)
+        if split is not None and (leaf == "weight" or split.split == "out"):
+            dim = 0 if split.split == "out" or leaf == "bias" else 1
+            tensor = _gather(tensor, dim, split.groups.tp)
+        result[name] = tensor
+    return result
+
+
+__all__ = ["ParallelLayout", "default_device", "full_tensors", "parallelize", "unwrap"]

@@ -1,0 +1,217 @@
+"""``pase verify``: run a plan for a few steps and hold its prediction against what happened.
+
+Synthetic data (DDPM epsilon loss: random latents and noise, random timesteps, ``add_noise`` of
+diffusers' DDPMScheduler) and AdamW, so nothing but the model and the plan matters. Step time is the
+median over the steps after warm-up of the slowest rank; peak memory is per rank (CUDA: the
+allocator's peak; CPU: the growth of peak resident memory over the resident memory before the model
+was built). ``apply_to_profile`` folds the measured gap into a calibration profile's compute rates so
+the next plan is priced with it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pase.errors import PaseError
+from pase.plans import Plan
+
+GAP = 0.25  # a measured/predicted gap above this is flagged
+
+
+@dataclass
+class VerifyResult:
+    predicted_step_seconds: float
+    measured_step_seconds: float
+    ratio: float
+    predicted_memory_bytes: int
+    measured_memory_bytes: int
+    per_rank_step_seconds: list[float]
+    per_rank_memory_bytes: list[int]
+    losses: list[float]
+    layout: str
+    memory_source: str
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.measured_memory_bytes / self.predicted_memory_bytes if self.predicted_memory_bytes else float("inf")
+
+    def flags(self) -> list[str]:
+        notes = []
+        if abs(self.ratio - 1) > GAP:
+            notes.append(f"step time is {self.ratio:.2f}x the prediction (gap over {GAP:.0%})")
+        if abs(self.memory_ratio - 1) > GAP:
+            notes.append(f"peak memory is {self.memory_ratio:.2f}x the prediction (gap over {GAP:.0%})")
+        return notes
+
+    def summary(self) -> dict[str, Any]:
+        """The five numbers ``pase verify --json`` ends with."""
+        keys = ("predicted_step_seconds", "measured_step_seconds", "ratio", "predicted_memory_bytes",
+                "measured_memory_bytes")
+        return {key: asdict(self)[key] for key in keys}
+
+
+def synthetic_inputs(plan: Plan, batch: int, device: torch.device, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]:
+    """(noise target, model args, model kwargs) for one step of a zoo model: noised latents, timesteps."""
+    from diffusers import DDPMScheduler
+
+    from pase.models.zoo import ZOO
+
+    spec = ZOO[plan.model]
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    args, kwargs = spec.example_inputs(batch, device="cpu")
+    values = []
+    noise = None
+    for name, template in [(s.name, t) for s, t in zip(spec.inputs, (*args, *_leaves(kwargs)))]:
+        if name == "timestep":
+            values.append(torch.randint(0, 1000, template.shape, generator=generator))
+        else:
+            values.append(torch.randn(template.shape, generator=generator))
+    latents = values[0]
+    noise = torch.randn(latents.shape, generator=generator)
+    values[0] = scheduler.add_noise(latents, noise, values[1])
+    values = [v.to(device) for v in values]
+    positional = values[:len(args)]
+    named = _refill(kwargs, iter(values[len(args):]))
+    return noise.to(device), tuple(positional), named
+
+
+def _leaves(kwargs: dict[str, Any]) -> list[Any]:
+    out = []
+    for value in kwargs.values():
+        out.extend(_leaves(value) if isinstance(value, dict) else [value])
+    return out
+
+
+def _refill(kwargs: dict[str, Any], values: Any) -> dict[str, Any]:
+    return {k: _refill(v, values) if isinstance(v, dict) else next(values) for k, v in kwargs.items()}
+
+
+class _HostMemory:
+    """Peak resident memory growth of this process (Linux: VmHWM, reset through clear_refs)."""
+
+    def __init__(self) -> None:
+        self.reset_ok = self._reset()
+        self.base = self._status("VmRSS")
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def peak(self) -> int:
+        return max(0, self._status("VmHWM") - self.base)
+
+
+def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float = 1e-4,
+               progress: bool = True) -> VerifyResult:
+    """Run ``steps`` training steps of ``plan`` in the current process group (open one with
+    ``pase.distributed``); every rank returns the same result."""
+    from pase.models.zoo import ZOO
+    from pase.runtime.checks import model_graph
+    from pase.runtime.context import distributed
+
+    if steps <= warmup:
+        raise PaseError(f"--steps {steps} leaves nothing to measure after {warmup} warm-up steps; use more steps")
+    if plan.model not in ZOO:
+        raise PaseError(f"pase verify builds the plan's model from the zoo, and {plan.model!r} is not in it")
+    with distributed(plan) as run:
+        with torch.device("meta"):
+            graph = model_graph(ZOO[plan.model].build(), plan)  # capture (and imports) before the memory baseline
+        cuda = run.device.type == "cuda"
+        host = None if cuda else _HostMemory()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(run.device)
+        torch.manual_seed(seed)
+        model = ZOO[plan.model].build()
+        parallel = run.parallelize(model, graph=graph)
+        optimizer = torch.optim.AdamW(parallel.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(seed + 1 + run.rank)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if plan.precision == "bf16" else torch.float16,
+                                  enabled=cuda and plan.precision != "fp32")
+        bar = _bar(steps, progress and run.rank == 0)
+        times, losses = [], []
+        for _ in range(steps):
+            target, args, kwargs = synthetic_inputs(plan, run.local_batch, run.device, generator)
+            if cuda:
+                torch.cuda.synchronize(run.device)
+            started = time.perf_counter()
+            with autocast:
+                out = parallel(*args, **kwargs)
+                loss = F.mse_loss(getattr(out, "sample", out).float(), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(run.device)
+            times.append(time.perf_counter() - started)
+            losses.append(run.mean(loss.detach()))
+            if bar:
+                bar.update(bar.task_ids[0], advance=1, description=f"step {len(times)}/{steps} loss {losses[-1]:.4f}")
+        if bar:
+            bar.stop()
+        peak = torch.cuda.max_memory_allocated(run.device) if cuda else host.peak()
+        mine = torch.tensor([statistics.median(times[warmup:]), float(peak)], dtype=torch.float64)
+        gathered = [torch.zeros_like(mine) for _ in range(run.world_size)]
+        dist.all_gather(gathered, mine)
+        layout = parallel.pase_layout.summary()
+        del parallel, optimizer
+    per_rank_steps = [float(g[0]) for g in gathered]
+    per_rank_memory = [int(g[1]) for g in gathered]
+    measured = max(per_rank_steps)
+    predicted = plan.predicted.step_seconds
+    return VerifyResult(predicted, measured, measured / predicted if predicted else float("inf"),
+                        int(plan.predicted.memory_bytes_per_device), max(per_rank_memory), per_rank_steps,
+                        per_rank_memory, losses, layout,
+                        "CUDA allocator peak" if cuda else "growth of peak resident memory (VmHWM)")
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.add_task("verify", total=total)
+    bar.start()
+    return bar
+
+
+def apply_to_profile(profile: dict[str, Any], plan: Plan, result: VerifyResult) -> dict[str, Any]:
+    """``profile`` with its compute rates scaled so the plan's compute would take what was measured
+    (the gap is put on compute: communication keeps its measured collective rates), and the
+    measurement appended to ``profile["verify"]``."""
+    predicted = plan.predicted
+    measured_compute = result.measured_step_seconds - predicted.communication_seconds - predicted.bubble_seconds
+    factor = predicted.compute_seconds / measured_compute if measured_compute > 0 and predicted.compute_seconds \
+        else 1 / result.ratio
+    updated = dict(profile)
+    updated["compute"] = {kind: {**entry, **{key: entry[key] * factor for key in ("flops_per_second",
+                                                                                   "bytes_per_second") if key in entry}}
+                          for kind, entry in profile.get("compute", {}).items()}
+    updated["verify"] = [*profile.get("verify", []), {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": plan.model,
+        "devices": plan.devices, "batch": plan.batch, "layout": result.layout, **result.summary(),
+        "compute_rate_factor": factor}]
+    return updated
+
+
+__all__ = ["GAP", "VerifyResult", "apply_to_profile", "run_verify", "synthetic_inputs"]

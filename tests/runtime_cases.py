@@ -1,0 +1,207 @@
+"""Two-rank runtime cases, run in spawned gloo workers by tests/test_runtime*.py.
+
+Each case builds unet-tiny with seeded weights, a hand-set plan (which layer splits what), runs one
+forward + backward of the DDPM epsilon loss on a seeded global batch under ``pase.distributed``,
+and compares the loss and every gradient with the single-process model on the same global batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+GLOBAL_BATCH = 8
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(case_names: list[str], world: int = 2, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Spawn ``world`` ranks that run ``case_names``; rank results as {rank: {case: result}}."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="pase-runtime-test-") as tmp:
+        context = mp.start_processes(_worker, args=(world, free_port(), case_names, tmp), nprocs=world, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"runtime cases {case_names} did not finish in {timeout_s} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return {rank: json.loads((Path(tmp) / f"{rank}.json").read_text()) for rank in range(world)}
+
+
+def build_model() -> torch.nn.Module:
+    from pase.models.zoo import ZOO
+
+    torch.manual_seed(0)
+    return ZOO["unet-tiny"].build()
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
+    t = torch.randint(0, 1000, (GLOBAL_BATCH,), generator=generator)
+    noise = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
+    return x, t, noise
+
+
+def epsilon_loss(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    out = model(x + noise, t)
+    return F.mse_loss(getattr(out, "sample", out), noise)
+
+
+def hand_plan(graph: Any, devices: int, choose: Any, fsdp: bool = False) -> Any:
+    """A plan for ``graph`` whose per-layer splits come from ``choose(layer_id, data) -> splits``."""
+    from pase.planner import fingerprint
+    from pase.plans import LayerChoice, Plan, Prediction
+
+    layers = [LayerChoice(layer_id, data["op"], data["block"], choose(layer_id, data), 0.0, 0.0)
+              for layer_id, data in graph.layers()]
+    return Plan(model="unet-tiny", model_fingerprint=fingerprint(graph), cluster=f"local:{devices}",
+                devices=devices, batch=graph.batch, precision="fp32", options={"fsdp": fsdp}, layers=layers,
+                predicted=Prediction(1.0, 1.0, 1.0))
+
+
+def _batch_only(layer_id: str, data: dict) -> dict:
+    return {d: 2 for d, role in data["roles"].items() if role == "batch"}
+
+
+def _channels(layer_id: str, data: dict) -> dict:
+    """Alternate out- and in-channel splits over the convs and linears (every other one), batch elsewhere."""
+    if data["op"] in ("conv", "linear"):
+        index = data["index"]
+        role = "out_channel" if index % 4 == 0 else "reduction" if index % 4 == 2 else None
+        dims = [d for d, r in data["roles"].items() if r == role]
+        if dims and data["dims"][dims[0]] % 2 == 0:
+            return {dims[0]: 2}
+    if data["op"] in ("group_norm", "elementwise") and data["index"] % 3 == 0:
+        return {d: 2 for d, r in data["roles"].items() if r == "channel"}
+    return _batch_only(layer_id, data)
+
+
+def _heads(layer_id: str, data: dict) -> dict:
+    if data["op"] == "attention":
+        return {"heads": 2}
+    return _batch_only(layer_id, data)
+
+
+CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
+         "heads": (_heads, False)}
+
+
+ZERO_GRADIENT = 1e-6  # relative to the largest gradient norm: below it a gradient is zero up to rounding
+
+
+def relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per parameter, ||got - want|| / ||want||. Gradients that are analytically zero (key biases:
+    softmax ignores a shift of every score) are rounding noise in both runs: for those (reference norm
+    under ``ZERO_GRADIENT`` x the largest gradient norm) the error is measured relative to the largest
+    gradient norm instead."""
+    largest = max(float(ref.norm()) for ref in want.values())
+    errors = {}
+    for name, ref in want.items():
+        scale = float(ref.norm()) if float(ref.norm()) >= ZERO_GRADIENT * largest else largest
+        errors[name] = float((got[name] - ref).norm()) / scale
+    return errors
+
+
+def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
+    import pase
+    from pase.runtime import full_tensors
+
+    choose, fsdp = CASES[name]
+    plan = hand_plan(graph, world, choose, fsdp)
+    model = build_model()
+    reference = copy.deepcopy(model)
+    x, t, noise = batch()
+    ref_loss = epsilon_loss(reference, x, t, noise)
+    ref_loss.backward()
+    want = {n: p.grad for n, p in reference.named_parameters()}
+    with pase.distributed(plan) as run:
+        parallel = run.parallelize(model, graph=graph if name != "channels" else None)
+        rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        loss = epsilon_loss(parallel, x[rows], t[rows], noise[rows])
+        loss.backward()
+        got = full_tensors(parallel, "grad")
+        layout = parallel.pase_layout
+        result = {"loss": run.mean(loss.detach()), "ref_loss": float(ref_loss.detach()), "kind": layout.kind,
+                  "applied": sorted({lay.applied for lay in layout.layers}),
+                  "missing": sorted(set(want) - set(got)), "summary": layout.summary()}
+        result["errors"] = relative_errors(got, {n: g for n, g in want.items() if n in got})
+        result["head_calls"] = sum(mode.calls for _, mode in getattr(parallel, "pase_head_modes", []))
+        del parallel
+    return result
+
+
+def _refusals(graph: Any, rank: int, world: int) -> dict[str, Any]:
+    import dataclasses
+
+    import pase
+    from pase.errors import PaseError
+
+    plan = hand_plan(graph, world, _batch_only)
+    messages = {}
+    with pase.distributed() as run:
+        for label, bad in (("world", dataclasses.replace(plan, devices=4)),
+                           ("model", dataclasses.replace(plan, model_fingerprint="0123456789abcdef"))):
+            try:
+                run.plan = bad
+                run.parallelize(build_model(), graph=graph)
+                messages[label] = "accepted"
+            except PaseError as exc:
+                messages[label] = str(exc)
+        other = copy.deepcopy(build_model())
+        other.conv_out = torch.nn.Conv2d(32, 4, 3, padding=1)  # another model: one more output channel
+        try:
+            run.plan = plan
+            run.parallelize(other)
+            messages["other_model"] = "accepted"
+        except PaseError as exc:
+            messages["other_model"] = str(exc)
+    return messages
+
+
+def _worker(rank: int, world: int, port: int, case_names: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from pase.graph import extract
+    from pase.models.zoo import ZOO
+
+    dist.init_process_group("gloo")
+    results: dict[str, Any] = {}
+    try:
+        graph = extract(build_model().to("meta"), *ZOO["unet-tiny"].example_inputs(GLOBAL_BATCH), name="unet-tiny")
+        for name in case_names:
+            try:
+                results[name] = _refusals(graph, rank, world) if name == "refusals" else _case(name, graph, rank, world)
+            except Exception:  # reported to the test, which fails with the traceback
+                results[name] = {"error": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        Path(out, f"{rank}.json").write_text(json.dumps(results))
+        import gc
+
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,117 @@
+"""Plans for this machine (`--cluster local`), `--only` kinds, and `pase verify` under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cost_models.calibrate import load_profile
+from cost_models.local import cpu_cluster, host_memory_bytes
+from cost_models.rates import profile_mismatch
+from pase.cli import app
+from pase.graph import extract_model
+from pase.planner import PlanOptions, plan_graph
+from pase.plans import Plan
+
+PROFILE = Path(__file__).parent / "fixtures" / "calibration" / "cpu_gloo_2.json"
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def local() -> tuple:
+    profile = load_profile(PROFILE)
+    return cpu_cluster(2, profile), profile, extract_model("unet-tiny", 8, use_cache=True)
+
+
+def test_cpu_processes_are_priced_by_their_calibration(local) -> None:
+    cluster, profile, _ = local
+    assert cluster.world_size == 2 and cluster.gpu.id == "cpu"
+    assert profile_mismatch(cluster, profile) is None
+    assert cluster.gpu.memory_bytes == pytest.approx(host_memory_bytes() / 2, rel=1e-6)
+    with pytest.raises(Exception, match="2 gloo processes|4 gloo"):
+        from cost_models.local import cpu_profile
+
+        cpu_profile(4, PROFILE)
+
+
+@pytest.mark.parametrize("only", ["dp", "fsdp", "tensor"])
+def test_only_restricts_the_plan_to_one_kind(local, only: str) -> None:
+    cluster, profile, graph = local
+    plan = plan_graph(graph, cluster, profile=profile, options=PlanOptions(precision="fp32", only=only))
+    roles = {layer.id: graph[layer.id]["roles"] for layer in plan.layers}
+    used = {roles[layer.id][d] for layer in plan.layers for d, f in layer.splits.items() if f > 1}
+    if only in ("dp", "fsdp"):
+        assert used == {"batch"}
+        assert plan.options["fsdp"] is (only == "fsdp")
+    else:
+        assert used and not used & {"batch", "spatial", "sequence"}
+
+
+def test_only_pipeline_plans_stages_even_when_slower(local) -> None:
+    from pase.pipeline_planner import plan_with_pipeline
+
+    cluster, profile, graph = local
+    plan, _ = plan_with_pipeline(graph, cluster, profile=profile, options=PlanOptions(precision="fp32",
+                                                                                      only="pipeline"))
+    assert len(plan.stages) >= 2 and plan.microbatches >= 1
+    assert sorted(r for stage in plan.stages for r in stage.devices) == [0, 1]
+
+
+def test_plan_cluster_local_on_the_command_line(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs: --cluster local probes them")
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", "local", "--devices", "2",
+                                      "--batch", "8", "--only", "tensor", "--profile", str(PROFILE), "--json",
+                                      str(out)])
+    assert result.exit_code == 0, result.output
+    plan = Plan.load(out)
+    assert plan.devices == 2 and plan.precision == "fp32" and plan.cluster == "local:2xcpu"
+    refused = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", "8xH100-SXM", "--devices", "2"])
+    assert refused.exit_code != 0
+
+
+@pytest.mark.timeout(240)
+def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path) -> None:
+    cluster, profile, graph = local
+    plan = plan_graph(graph, cluster, profile=profile, options=PlanOptions(precision="fp32", only="tensor"))
+    plan_path, profile_path = tmp_path / "plan.json", tmp_path / "profile.json"
+    plan.save(plan_path)
+    shutil.copy(PROFILE, profile_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pase", "verify", "--plan",
+                           str(plan_path), "--steps", "3", "--warmup", "1", "--json", "--update-profile",
+                           str(profile_path)], capture_output=True, text=True, timeout=200, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert list(summary) == ["predicted_step_seconds", "measured_step_seconds", "ratio", "predicted_memory_bytes",
+                             "measured_memory_bytes"]
+    assert summary["predicted_step_seconds"] == pytest.approx(plan.predicted.step_seconds)
+    assert summary["measured_step_seconds"] > 0 and summary["measured_memory_bytes"] > 0
+    assert summary["ratio"] == pytest.approx(summary["measured_step_seconds"] / summary["predicted_step_seconds"])
+    updated = load_profile(profile_path)
+    factor = updated["verify"][-1]["compute_rate_factor"]
+    assert updated["compute"]["conv"]["flops_per_second"] == pytest.approx(
+        profile["compute"]["conv"]["flops_per_second"] * factor)
+
+
+def test_verify_refuses_a_plan_for_another_world(local, tmp_path: Path) -> None:
+    """Under a world of one (no torchrun), a 2-device plan is refused before any work starts."""
+    cluster, profile, graph = local
+    plan = plan_graph(graph, cluster, profile=profile, options=PlanOptions(precision="fp32", only="dp"))
+    plan.save(tmp_path / "plan.json")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "pase", "verify", "--plan", str(tmp_path / "plan.json"), "--steps",
+                           "3"], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert done.returncode == 2
+    assert "made for 2 devices" in done.stderr and "1 processes" in done.stderr
