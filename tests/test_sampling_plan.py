@@ -103,3 +103,14 @@ def test_cli_sample_plan_json_and_bad_devices(graph_cache):
     assert {"eval time", "gather", "convergence"} <= set(plan["sources"])
     bad = CliRunner().invoke(app, [*args, "--devices", "16"])
     assert isinstance(bad.exception, PaseError) and "--devices 16 exceeds the 8 GPUs" in str(bad.exception)
+
+
+def test_measured_convergence_never_advances_more_than_the_window():
+    """A probe at windows 4/16/64 must not let window 2 (or an interpolated 8) accept more steps per pass than it
+    evaluates: window 2 then looked as fast as window 4 at half the evaluations."""
+    measured = Convergence({4: 25, 16: 7, 64: 2})
+    assert measured.advance(2, 100) <= 2 and measured.advance(8, 100) <= 8 and measured.advance(32, 100) <= 32
+    p = pricing({1: 0.01, 256: 0.011})
+    p.convergence = measured
+    two = next(c for c in plan_sampling("m", "ddim", 100, 8, 1, p).candidates if c.window == 2)
+    assert two.passes >= 50 and two.evals == 100

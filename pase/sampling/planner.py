@@ -83,13 +83,14 @@ class Convergence:
                    f"{SRDS_ITERATIONS['ddim']} (DDIM) / {SRDS_ITERATIONS['ddpm']} (DDPM) iterations")
 
     def advance(self, window: int, steps: int) -> float:
-        """Steps accepted per pass at this window (measured where probed, else the default law)."""
+        """Steps accepted per pass at this window (measured where probed, else the default law); never more
+        than the window, since a pass evaluates only ``window`` steps."""
         if window in self.paradigms_passes:
-            return steps / self.paradigms_passes[window]
+            return min(window, steps / self.paradigms_passes[window])
         if self.paradigms_passes:  # interpolate the measured advance in log(window)
             known = sorted(self.paradigms_passes)
             adv = [steps / self.paradigms_passes[w] for w in known]
-            return float(np.interp(math.log(window), [math.log(w) for w in known], adv))
+            return min(window, float(np.interp(math.log(window), [math.log(w) for w in known], adv)))
         a, b = PARADIGMS_ADVANCE
         return min(window, max(1.0, a * window ** b))
 
