@@ -203,8 +203,7 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
         devices = devices or 2
         cores = os.cpu_count() or 1
         build_denoiser(model, 0, guidance_scale)  # fail early on a model `pase sample` cannot run
-        eval_time = planner.measure_eval_time(model, size, threads=threads,
-                                              guidance_scale=guidance_scale)
+        eval_time = planner.measure_eval_time(model, size, threads=threads)
         gather = planner.gather_time(None, measured, devices)
         memory_gbps = planner.CPU_MEMORY_GBPS
         where = f"{devices} process(es) on this CPU ({cores} cores)"

@@ -114,3 +114,29 @@ def test_measured_convergence_never_advances_more_than_the_window():
     p.convergence = measured
     two = next(c for c in plan_sampling("m", "ddim", 100, 8, 1, p).candidates if c.window == 2)
     assert two.passes >= 50 and two.evals == 100
+
+
+def test_measured_eval_time_is_per_network_row_under_guidance(monkeypatch):
+    """``Pricing`` doubles the rows under classifier-free guidance, so the CPU probe must time network rows;
+    timing a guided denoiser (which doubles again inside) counted every CFG call twice."""
+    from torch import nn
+
+    from pase.cli_sample import build_pricing
+    from pase.sampling import runner
+    from pase.sampling.denoiser import UNetDenoiser
+
+    class Cond(nn.Module):
+        def forward(self, x, t, encoder_hidden_states):  # noqa: ANN001, ANN201
+            return x * encoder_hidden_states.mean()
+
+    seen: list[int] = []
+
+    def build(name, seed, guidance_scale=1.0, device="cpu"):  # noqa: ANN001, ANN202
+        model = Cond()
+        model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+        return UNetDenoiser(model, torch.ones(1, 2, 3), guidance_scale), (3, 4, 4)
+
+    monkeypatch.setattr(runner, "build_denoiser", build)
+    pricing_, _, _ = build_pricing("sd15-unet", 2, None, 10, "ddim", 4, 7.5, False, None, None, "bf16")
+    assert pricing_.evals_per_row == 2
+    assert sorted(set(seen)) == list(pricing_.eval_time.batches)
