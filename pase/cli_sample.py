@@ -171,6 +171,8 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
     from pase.sampling.runner import build_denoiser
     from pase.sampling.srds import default_blocks, divisors
 
+    if devices is not None and devices < 1:
+        raise PaseError(f"--devices must be >= 1, not {devices}")
     measured = None
     if profile is not None:
         from cost_models.calibrate import load_profile

@@ -140,3 +140,15 @@ def test_measured_eval_time_is_per_network_row_under_guidance(monkeypatch):
     pricing_, _, _ = build_pricing("sd15-unet", 2, None, 10, "ddim", 4, 7.5, False, None, None, "bf16")
     assert pricing_.evals_per_row == 2
     assert sorted(set(seen)) == list(pricing_.eval_time.batches)
+
+
+@pytest.mark.parametrize("devices", [0, -1])
+def test_cli_sample_plan_rejects_non_positive_devices(devices):
+    """``--devices 0`` used to fall back silently to the default (2, or the whole cluster)."""
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    done = CliRunner().invoke(app, ["sample-plan", "--model", "unet-tiny", "--cluster", "8xA100-80GB-SXM",
+                                    "--steps", "10", "--devices", str(devices)])
+    assert isinstance(done.exception, PaseError) and f"--devices must be >= 1, not {devices}" in str(done.exception)
