@@ -216,3 +216,16 @@ def test_srds_pipelined_stops_at_the_first_iteration_within_tolerance(kind):
     assert plain.iterations == 1
     assert piped.iterations == 1 and len(piped.extra["changes"]) == 1
     assert torch.equal(piped.sample, plain.sample)
+
+
+def test_json_summary_counts_are_integers():
+    """The issue's --json contract: passes and evals are ints (evals per sample is whole for every sampler)."""
+    from pase.sampling.runner import summary
+
+    core, x_t, noise = setup("ddim", 12, shape=(2, 2, 4, 4))
+    evaluator = Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4)))
+    for result in (sequential(core, evaluator, x_t, noise), paradigms(core, evaluator, x_t, noise, 4, 0.1),
+                   srds(core, evaluator, x_t, noise, 4, 1e-3, pipelined=True)):
+        data = summary(result, None)
+        assert type(data["passes"]) is int and type(data["evals"]) is int, data
+        assert data["evals"] == result.evals

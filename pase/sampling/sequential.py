@@ -28,7 +28,8 @@ class SampleResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        out = {"sampler": self.sampler, "passes": self.passes, "evals": self.evals, "seconds": self.seconds}
+        evals = int(self.evals) if float(self.evals).is_integer() else self.evals  # --json promises an int
+        out = {"sampler": self.sampler, "passes": self.passes, "evals": evals, "seconds": self.seconds}
         if self.iterations is not None:
             out["iterations"] = self.iterations
         return out
