@@ -171,6 +171,8 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
     from pase.sampling.runner import build_denoiser
     from pase.sampling.srds import default_blocks, divisors
 
+    if devices is not None and devices < 1:
+        raise PaseError(f"--devices must be >= 1, not {devices}")
     measured = None
     if profile is not None:
         from cost_models.calibrate import load_profile
@@ -203,8 +205,7 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
         devices = devices or 2
         cores = os.cpu_count() or 1
         build_denoiser(model, 0, guidance_scale)  # fail early on a model `pase sample` cannot run
-        eval_time = planner.measure_eval_time(model, size, threads=threads,
-                                              guidance_scale=guidance_scale)
+        eval_time = planner.measure_eval_time(model, size, threads=threads)
         gather = planner.gather_time(None, measured, devices)
         memory_gbps = planner.CPU_MEMORY_GBPS
         where = f"{devices} process(es) on this CPU ({cores} cores)"

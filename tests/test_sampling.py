@@ -203,3 +203,29 @@ def test_srds_rejects_blocks_that_do_not_divide_steps(unet):
     core, x_t, noise = setup("ddim", 10)
     with pytest.raises(PaseError, match="must divide"):
         srds(core, Evaluator(unet), x_t, noise, blocks=3)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_srds_pipelined_stops_at_the_first_iteration_within_tolerance(kind):
+    """With one-step blocks several pipelined iterations complete in one sweep; the first one within the
+    tolerance must end the run (a later one used to overwrite the result and the iteration count)."""
+    core, x_t, noise = setup(kind, 12, shape=(1, 2, 4, 4))
+    evaluator = Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4)))
+    plain = srds(core, evaluator, x_t, noise, blocks=12, tol=10.0)
+    piped = srds(core, evaluator, x_t, noise, blocks=12, tol=10.0, pipelined=True)
+    assert plain.iterations == 1
+    assert piped.iterations == 1 and len(piped.extra["changes"]) == 1
+    assert torch.equal(piped.sample, plain.sample)
+
+
+def test_json_summary_counts_are_integers():
+    """The issue's --json contract: passes and evals are ints (evals per sample is whole for every sampler)."""
+    from pase.sampling.runner import summary
+
+    core, x_t, noise = setup("ddim", 12, shape=(2, 2, 4, 4))
+    evaluator = Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4)))
+    for result in (sequential(core, evaluator, x_t, noise), paradigms(core, evaluator, x_t, noise, 4, 0.1),
+                   srds(core, evaluator, x_t, noise, 4, 1e-3, pipelined=True)):
+        data = summary(result, None)
+        assert type(data["passes"]) is int and type(data["evals"]) is int, data
+        assert data["evals"] == result.evals

@@ -140,3 +140,46 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     result, _ = sample(config)
     assert report["passes"] == result.passes and report["evals"] == result.evals
     assert float((two - result.sample).norm() / result.sample.norm()) < 1e-5
+
+
+def _batch_worker(rank: int, world: int, port: int, path: str) -> None:
+    from pase.sampling import Evaluator, batch_parallel, build_core
+    from pase.sampling.denoiser import GaussianDenoiser
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        core = build_core("ddpm", 6, clip_sample=False)
+        x_t, noise = core.initial_and_noise((1, 2, 4, 4), 0)  # one sample, two ranks: rank 1 has no share
+        result = batch_parallel(core, Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4))), x_t,
+                                noise)
+        if rank == 0:
+            torch.save({"sample": result.sample, "passes": result.passes}, path)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_batch_parallel_with_fewer_samples_than_ranks(tmp_path):
+    """A rank without samples must still join the gather (it used to divide by zero, hanging rank 0)."""
+    from pase.sampling import Evaluator, build_core, sequential
+    from pase.sampling.denoiser import GaussianDenoiser
+
+    path = str(tmp_path / "rank0.pt")
+    port = _free_port()
+    procs = [mp.get_context("fork").Process(target=_batch_worker, args=(rank, 2, port, path)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=40)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    core = build_core("ddpm", 6, clip_sample=False)
+    x_t, noise = core.initial_and_noise((1, 2, 4, 4), 0)
+    reference = sequential(core, Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4))), x_t, noise)
+    two = torch.load(path)
+    assert two["passes"] == 6 and two["sample"].shape == reference.sample.shape
+    assert torch.allclose(two["sample"], reference.sample, atol=1e-6)

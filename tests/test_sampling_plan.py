@@ -103,3 +103,52 @@ def test_cli_sample_plan_json_and_bad_devices(graph_cache):
     assert {"eval time", "gather", "convergence"} <= set(plan["sources"])
     bad = CliRunner().invoke(app, [*args, "--devices", "16"])
     assert isinstance(bad.exception, PaseError) and "--devices 16 exceeds the 8 GPUs" in str(bad.exception)
+
+
+def test_measured_convergence_never_advances_more_than_the_window():
+    """A probe at windows 4/16/64 must not let window 2 (or an interpolated 8) accept more steps per pass than it
+    evaluates: window 2 then looked as fast as window 4 at half the evaluations."""
+    measured = Convergence({4: 25, 16: 7, 64: 2})
+    assert measured.advance(2, 100) <= 2 and measured.advance(8, 100) <= 8 and measured.advance(32, 100) <= 32
+    p = pricing({1: 0.01, 256: 0.011})
+    p.convergence = measured
+    two = next(c for c in plan_sampling("m", "ddim", 100, 8, 1, p).candidates if c.window == 2)
+    assert two.passes >= 50 and two.evals == 100
+
+
+def test_measured_eval_time_is_per_network_row_under_guidance(monkeypatch):
+    """``Pricing`` doubles the rows under classifier-free guidance, so the CPU probe must time network rows;
+    timing a guided denoiser (which doubles again inside) counted every CFG call twice."""
+    from torch import nn
+
+    from pase.cli_sample import build_pricing
+    from pase.sampling import runner
+    from pase.sampling.denoiser import UNetDenoiser
+
+    class Cond(nn.Module):
+        def forward(self, x, t, encoder_hidden_states):  # noqa: ANN001, ANN201
+            return x * encoder_hidden_states.mean()
+
+    seen: list[int] = []
+
+    def build(name, seed, guidance_scale=1.0, device="cpu"):  # noqa: ANN001, ANN202
+        model = Cond()
+        model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+        return UNetDenoiser(model, torch.ones(1, 2, 3), guidance_scale), (3, 4, 4)
+
+    monkeypatch.setattr(runner, "build_denoiser", build)
+    pricing_, _, _ = build_pricing("sd15-unet", 2, None, 10, "ddim", 4, 7.5, False, None, None, "bf16")
+    assert pricing_.evals_per_row == 2
+    assert sorted(set(seen)) == list(pricing_.eval_time.batches)
+
+
+@pytest.mark.parametrize("devices", [0, -1])
+def test_cli_sample_plan_rejects_non_positive_devices(devices):
+    """``--devices 0`` used to fall back silently to the default (2, or the whole cluster)."""
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    done = CliRunner().invoke(app, ["sample-plan", "--model", "unet-tiny", "--cluster", "8xA100-80GB-SXM",
+                                    "--steps", "10", "--devices", str(devices)])
+    assert isinstance(done.exception, PaseError) and f"--devices must be >= 1, not {devices}" in str(done.exception)

@@ -83,13 +83,14 @@ class Convergence:
                    f"{SRDS_ITERATIONS['ddim']} (DDIM) / {SRDS_ITERATIONS['ddpm']} (DDPM) iterations")
 
     def advance(self, window: int, steps: int) -> float:
-        """Steps accepted per pass at this window (measured where probed, else the default law)."""
+        """Steps accepted per pass at this window (measured where probed, else the default law); never more
+        than the window, since a pass evaluates only ``window`` steps."""
         if window in self.paradigms_passes:
-            return steps / self.paradigms_passes[window]
+            return min(window, steps / self.paradigms_passes[window])
         if self.paradigms_passes:  # interpolate the measured advance in log(window)
             known = sorted(self.paradigms_passes)
             adv = [steps / self.paradigms_passes[w] for w in known]
-            return float(np.interp(math.log(window), [math.log(w) for w in known], adv))
+            return min(window, float(np.interp(math.log(window), [math.log(w) for w in known], adv)))
         a, b = PARADIGMS_ADVANCE
         return min(window, max(1.0, a * window ** b))
 
@@ -168,12 +169,13 @@ def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
 
 
 def measure_eval_time(model: str, size: int | None, batches: tuple[int, ...] = (1, 2, 4, 8, 16),
-                      threads: int = 1, repeats: int = 3, seed: int = 0, guidance_scale: float = 1.0) -> EvalTime:
+                      threads: int = 1, repeats: int = 3, seed: int = 0) -> EvalTime:
     """Time the seeded model on this CPU at each batch (median of ``repeats`` after one warm-up),
-    with ``threads`` torch threads, as each rank of ``--devices N`` would run."""
+    with ``threads`` torch threads, as each rank of ``--devices N`` would run. The batch counts network
+    rows, unguided: ``Pricing`` doubles the rows under classifier-free guidance."""
     from pase.sampling.runner import build_denoiser
 
-    denoiser, (channels, height, width) = build_denoiser(model, seed, guidance_scale)
+    denoiser, (channels, height, width) = build_denoiser(model, seed)
     if size is not None:
         height = width = size
     previous = torch.get_num_threads()

@@ -28,7 +28,8 @@ class SampleResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        out = {"sampler": self.sampler, "passes": self.passes, "evals": self.evals, "seconds": self.seconds}
+        evals = int(self.evals) if float(self.evals).is_integer() else self.evals  # --json promises an int
+        out = {"sampler": self.sampler, "passes": self.passes, "evals": evals, "seconds": self.seconds}
         if self.iterations is not None:
             out["iterations"] = self.iterations
         return out
@@ -58,7 +59,10 @@ def batch_parallel(core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, n
     Noise was drawn for all samples on every rank, so the output equals one process's."""
     started = time.perf_counter()
     mine = local_slice(x_t.shape[0], evaluator.group)
-    local = Evaluator(evaluator.denoiser, split=False)  # this rank's samples only
-    result = sequential(core, local, x_t[mine], noise[:, mine], progress)
-    sample = gather_samples(result.sample, x_t.shape[0], evaluator.group)
-    return SampleResult("batch", sample, result.passes, float(core.steps), time.perf_counter() - started)
+    if mine.stop > mine.start:
+        local = Evaluator(evaluator.denoiser, split=False)  # this rank's samples only
+        share = sequential(core, local, x_t[mine], noise[:, mine], progress).sample
+    else:  # more ranks than samples: this rank has no share but must still join the gather
+        share = x_t[mine]
+    sample = gather_samples(share, x_t.shape[0], evaluator.group)
+    return SampleResult("batch", sample, core.steps, float(core.steps), time.perf_counter() - started)

@@ -165,6 +165,8 @@ class SrdsSchedule:
                     changed = True
                     if i == self.blocks:
                         self._finish_iteration(p)
+                        if self.result is not None:  # a later iteration resolved in this sweep must not win
+                            return
 
     def _boundary_value(self, p: int, i: int) -> torch.Tensor | None:
         if p == 0:
