@@ -33,6 +33,9 @@ setup(
         "rich>=13.7",
         "pyyaml>=6",
         "orjson>=3.9",
+        "safetensors>=0.4",  # training checkpoints
+        "scikit-learn>=1.3",  # its bundled digits: training data with no download
+        "pillow>=9",  # folder-of-images training data
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

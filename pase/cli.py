@@ -317,6 +317,7 @@ def _register_subcommands() -> None:
     from pase.cli_hw import hw_app
 
     app.add_typer(hw_app, name="hw")
+    __import__("pase.cli_train").cli_train.register(app)  # pase train, pase finetune
 
 
 _register_subcommands()

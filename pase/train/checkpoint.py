@@ -147,3 +147,21 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A whole weights file as a state dict."""
     _, tensors = read_safetensors(path)
     return dict(tensors)
+
+
+@torch.no_grad()
+def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy a weights file into ``model`` tensor by tensor (works after ``to_empty``); keys must match exactly."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    seen = set()
+    _, tensors = read_safetensors(path)
+    for name, tensor in tensors:
+        if name not in own:
+            raise CheckpointError(f"{path} has a tensor {name!r} that the model does not have; is it a weights file "
+                                  "of this model (pase train --model ... writes one)?")
+        if own[name].shape != tensor.shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model {tuple(own[name].shape)}")
+        own[name].copy_(tensor)
+        seen.add(name)
+    if missing := sorted(set(own) - seen):
+        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")

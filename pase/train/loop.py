@@ -94,6 +94,13 @@ class TrainResult:
     samples_per_second: float = 0.0
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     resumed_from: Path | None = None
+    trainable_params: int = 0
+    grad_bytes: int = 0  # one gradient per trainable parameter
+    optimizer_bytes: int = 0  # the optimizer's state tensors as they are after training
+
+    @property
+    def grad_and_optimizer_bytes(self) -> int:
+        return self.grad_bytes + self.optimizer_bytes
 
 
 def model_output(output: Any) -> torch.Tensor:
@@ -242,9 +249,13 @@ def fit(
     timed = seconds[1:] or seconds
     median = statistics.median(timed) if timed else 0.0
     tail = (recent + losses)[-10:] if not losses else losses[-10:]
+    optimizer_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+                          if isinstance(v, torch.Tensor))
     return TrainResult(max(start, config.steps), len(losses), sum(tail) / len(tail) if tail else float("nan"), losses,
                        median, config.batch / median if median else 0.0,
-                       {k: v.detach().clone() for k, v in ema.state().items()} if ema else {}, resumed_from)
+                       {k: v.detach().clone() for k, v in ema.state().items()} if ema else {}, resumed_from,
+                       sum(p.numel() for _, p in named), sum(p.numel() * p.element_size() for _, p in named),
+                       optimizer_bytes)
 
 
 def _save(config: LoopConfig, step: int, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cost_models.finetune_memory import ModelSizes
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -126,3 +128,24 @@ def saved_activation_bytes(model: nn.Module, *args: torch.Tensor, **kwargs: torc
         output = model(*args, **kwargs)
     del output
     return sum(seen.values())
+
+
+def model_sizes(model_name: str, batch: int, image_size: int | None = None) -> ModelSizes:
+    """A zoo model's sizes for ``cost_models.finetune_memory``, counted on the meta device (nothing allocated)."""
+    from pase.models.zoo import resolve_model
+
+    spec = resolve_model(model_name)
+    with torch.device("meta"):
+        model = spec.build()
+    args, kwargs = spec.example_inputs(batch, device="meta")
+    if image_size is not None and args and args[0].dim() == 4:  # the zoo checks shapes; UNets take any multiple of 8
+        args = (torch.zeros(*args[0].shape[:2], image_size, image_size, device="meta"), *args[1:])
+    layers = tuple((m.weight.shape[0], m.weight.shape[1], m.weight.numel()) for m in model.modules()
+                   if isinstance(m, (nn.Linear, nn.Conv2d)))
+    config = getattr(model, "config", None)
+    widths: tuple[int, ...] = ()
+    if config is not None and hasattr(config, "block_out_channels") and hasattr(model, "up_blocks"):
+        channels = tuple(config.block_out_channels)
+        widths = channels + channels[-1:] + tuple(reversed(channels))
+    return ModelSizes(sum(p.numel() for p in model.parameters()), layers,
+                      saved_activation_bytes(model, *args, **kwargs), batch, widths)
