@@ -25,6 +25,7 @@ BatchOpt = Annotated[int, typer.Option("--batch", "-b", min=1, help="Global batc
 OutOpt = Annotated[Path | None, typer.Option(help="Folder for the weights and checkpoints (needed by --resume).")]
 InitOpt = Annotated[Path | None, typer.Option(help="Start from these weights (a safetensors state dict, e.g. OUT/"
                                               "model.safetensors of pase train); default: seeded random weights.")]
+CountOpt = Annotated[int, typer.Option(min=2, help="Images to generate for --data shapes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (stdout) instead of a table.")]
 
 
@@ -98,6 +99,7 @@ def _predicted(options: Any, strategy: str, world: int) -> dict[str, Any] | None
 def train(
     model: ModelOpt = "unet-tiny",
     data: DataOpt = "shapes",
+    data_count: CountOpt = 2048,
     steps: StepsOpt = 200,
     batch: BatchOpt = 16,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
@@ -117,7 +119,8 @@ def train(
     from pase.train.distributed import distributed_session
     from pase.train.jobs import JobOptions, run_train
 
-    options = JobOptions(model=model, data=data, image_size=image_size, steps=steps, batch=batch, lr=lr,
+    options = JobOptions(model=model, data=data, data_count=data_count, image_size=image_size, steps=steps,
+                         batch=batch, lr=lr,
                          weight_decay=weight_decay, ema=ema, seed=seed, out=out, checkpoint_every=checkpoint_every,
                          resume=resume, progress=not no_progress, init=init, init_seed=init_seed)
     with distributed_session() as env:
@@ -131,6 +134,7 @@ def finetune(
                                           "scales only).")] = "full",
     model: ModelOpt = "unet-tiny",
     data: DataOpt = "shapes",
+    data_count: CountOpt = 2048,
     steps: StepsOpt = 100,
     batch: BatchOpt = 8,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
@@ -166,7 +170,8 @@ def finetune(
     grid = _numbers(merge_grid, "--merge-grid")
     if not grid:
         raise PaseError("--merge-grid needs at least one value, e.g. 0,0.5,1")
-    options = FinetuneOptions(model=model, data=data, image_size=image_size, steps=steps, batch=batch, lr=lr,
+    options = FinetuneOptions(model=model, data=data, data_count=data_count, image_size=image_size, steps=steps,
+                              batch=batch, lr=lr,
                               weight_decay=weight_decay, ema=ema, seed=seed, out=out,
                               checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress, init=init,
                               init_seed=init_seed, strategy=strategy, ranges=ranges, range_bounds=range_bounds,

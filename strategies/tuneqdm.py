@@ -8,7 +8,8 @@ s_in^e (initialised to 1):  W^e = s_out^e * (W_q - z) * s_in^e. Expert e(t) = fl
 
 Two departures from the reference code, on purpose (see shared/reference/diffusion_seeds.md 3.4):
 - each sample is routed to its own expert (the batch is grouped by expert inside every layer),
-  so batches larger than 1 train correctly;
+  so batches larger than 1 train correctly; training draws its timesteps in sorted order so the
+  groups are contiguous slices (views) rather than copies that autograd would keep;
 - ``_ScaledQuantFn`` saves only the input, the scales and a reference to the integer codes, and
   recomputes W^e in backward, so autograd keeps no float copy of any weight; each expert's scales
   are separate parameters in their own optimizer group, so an expert that got no gradient in a
@@ -111,8 +112,9 @@ class ExpertRouter:
                                "scale expert of each sample")
         self.set_timesteps(timestep, sample.shape[0])
 
-    def groups(self, batch: int) -> list[tuple[int, torch.Tensor | None]]:
-        """(expert, sample indices or None for the whole batch) for a layer input of ``batch`` rows."""
+    def groups(self, batch: int) -> list[tuple[int, slice | torch.Tensor | None]]:
+        """(expert, the samples it takes) for a layer input of ``batch`` rows: None for the whole batch, a slice
+        when the batch is ordered by expert (a view: nothing is copied), else an index tensor."""
         if self.current is None:
             if self.experts == 1:
                 return [(0, None)]
@@ -120,8 +122,15 @@ class ExpertRouter:
         if self._groups is None:  # once per model call (one host sync), not once per layer
             current = self.current.to("cpu")
             experts = current.unique().tolist()
-            self._groups = [(int(experts[0]), None)] if len(experts) == 1 else \
-                [(int(e), (current == e).nonzero().squeeze(1).to(self.current.device)) for e in experts]
+            if len(experts) == 1:
+                self._groups = [(int(experts[0]), None)]
+            elif bool((current[1:] >= current[:-1]).all()):
+                counts = torch.bincount(current, minlength=self.experts).tolist()
+                starts = [sum(counts[:e]) for e in experts]
+                self._groups = [(int(e), slice(start, start + counts[e])) for e, start in zip(experts, starts)]
+            else:
+                self._groups = [(int(e), (current == e).nonzero().squeeze(1).to(self.current.device))
+                                for e in experts]
         if len(self._groups) > 1 and self.current.numel() != batch:
             raise TuneQDMError(f"a layer input has batch {batch} but {self.current.numel()} timesteps were given; "
                                "TuneQDM routes per sample, so layers must keep the batch as their first dimension")
@@ -243,11 +252,11 @@ class QuantizedLayer(nn.Module):
         if len(groups) == 1:
             expert = groups[0][0]
             return _ScaledQuantFn.apply(x, self.s_out[expert], self.s_in[expert], self)
-        outputs, order = [], []
-        for expert, index in groups:
-            outputs.append(_ScaledQuantFn.apply(x.index_select(0, index), self.s_out[expert], self.s_in[expert], self))
-            order.append(index)
-        inverse = torch.argsort(torch.cat(order))
+        if isinstance(groups[0][1], slice):  # batch ordered by expert: slices are views, the result a plain cat
+            return torch.cat([_ScaledQuantFn.apply(x[part], self.s_out[e], self.s_in[e], self) for e, part in groups])
+        outputs = [_ScaledQuantFn.apply(x.index_select(0, index), self.s_out[e], self.s_in[e], self)
+                   for e, index in groups]
+        inverse = torch.argsort(torch.cat([index for _, index in groups]))
         return torch.cat(outputs).index_select(0, inverse)
 
     def extra_repr(self) -> str:

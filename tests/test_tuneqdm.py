@@ -91,10 +91,12 @@ def test_per_sample_routing_equals_one_sample_at_a_time() -> None:
     with torch.no_grad():
         for _, layer in quantized_layers(model):
             layer.s_out[1].mul_(1.1)  # make the experts differ
-        x, t = torch.randn(3, 3, 16, 16), torch.tensor([100, 900, 200])
-        batched = model(x, t).sample
-        single = torch.cat([model(x[i:i + 1], t[i:i + 1]).sample for i in range(3)])
-    assert torch.allclose(batched, single, atol=1e-5)
+        x = torch.randn(3, 3, 16, 16)
+        for t in (torch.tensor([100, 900, 200]), torch.tensor([100, 200, 900])):  # index path, then slice path
+            batched = model(x, t).sample
+            assert isinstance(model.tuneqdm_router.groups(3)[0][1], torch.Tensor if t[1] == 900 else slice)
+            single = torch.cat([model(x[i:i + 1], t[i:i + 1]).sample for i in range(3)])
+            assert torch.allclose(batched, single, atol=1e-5)
 
 
 def test_training_keeps_frozen_state_and_inactive_experts_bit_identical() -> None:

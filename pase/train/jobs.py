@@ -108,6 +108,14 @@ def pretrained_builder(spec: ModelSpec, init: Path | None, init_seed: int, devic
     return build
 
 
+def warm_imports(spec: ModelSpec) -> None:
+    """Build the model once on the meta device, so the libraries its build imports (diffusers' model
+    code) are loaded before the memory baseline is taken and do not count as training memory."""
+    with torch.device("meta"):
+        spec.build()
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+
+
 def _job_identity(options: JobOptions, strategy: str, **extra: Any) -> dict[str, Any]:
     return {"model": options.model, "strategy": strategy, "data": options.data, "image_size": options.image_size,
             "batch": options.batch, "seed": options.seed, "init": str(options.init) if options.init else None,
@@ -152,6 +160,7 @@ def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = d
     """Train a zoo model from seeded random weights (or ``--init``): epsilon loss, data parallel over the world."""
     spec = resolve_model(options.model)
     train, _, _ = _data(options, spec)
+    warm_imports(spec)
     memory = PeakMemory(env.device).start()
     model = pretrained_builder(spec, options.init, options.init_seed, env.device)()
     result = fit(model, epsilon_objective(), train, _loop_config(options, f"train {options.model}"),
@@ -172,6 +181,7 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
         raise PaseError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     spec = resolve_model(options.model)
     train, held_out, _ = _data(options, spec)
+    warm_imports(spec)
     if options.strategy == "full":
         return _finetune_full(options, env, spec, train, parallelize, loader)
     if options.strategy == "tuneqdm":
@@ -209,7 +219,7 @@ def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, t
         tuneqdm.quantize_model(model, config)
     identity = _job_identity(options, "tuneqdm", bits=options.bits, experts=options.experts,
                              input_scales=options.input_scales)
-    result = fit(model, epsilon_objective(), train,
+    result = fit(model, epsilon_objective(sort_timesteps=True), train,
                  _loop_config(options, f"fine-tune {options.model} (TuneQDM {options.bits}-bit, "
                                        f"{options.experts} experts)"),
                  group=_world_group(env), parallelize=partial(parallelize, find_unused_parameters=True)

@@ -130,13 +130,16 @@ def draw_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
 
 
-def epsilon_objective(num_train_timesteps: int = 1000) -> Objective:
-    """DDPM's epsilon-prediction loss with t uniform over [0, T)."""
+def epsilon_objective(num_train_timesteps: int = 1000, sort_timesteps: bool = False) -> Objective:
+    """DDPM's epsilon-prediction loss with t uniform over [0, T). ``sort_timesteps`` hands the batch's
+    timesteps out in increasing order (the samples are in random order, so the loss is the same in
+    distribution); models that group samples by timestep (TuneQDM's experts) then get contiguous groups."""
     alphas_cumprod = ddpm_alphas_cumprod(num_train_timesteps)
 
     def loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         noise = draw_noise(x0, generator)
-        t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
+        t = (t.sort().values if sort_timesteps else t).to(x0.device)
         return F.mse_loss(model_output(model(add_noise(x0, noise, t, alphas_cumprod), t)), noise)
 
     return loss
@@ -217,6 +220,7 @@ def fit(
     if config.resume and config.checkpoint_dir is not None and (path := latest_checkpoint(config.checkpoint_dir)):
         start, recent = _restore(path, model, named, optimizer, ema, job)
         resumed_from = path
+    optimizer.zero_grad(set_to_none=True)
     wrapped = parallelize(model, group)
     batches = loader(dataset, config.batch // group.size, group.rank, group.size, config.seed, start)
     losses: list[float] = []
@@ -227,11 +231,11 @@ def fit(
             began = time.perf_counter()
             x0 = next(batches).to(group.device, non_blocking=True)
             loss = objective(wrapped, x0, step_generator(config.seed, step, group.rank))
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
             if ema is not None:
                 ema.update()
             losses.append(_group_mean(loss, group))
