@@ -216,9 +216,9 @@ def fit(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(named, config.ema_decay) if config.ema_decay else None
     job = dict(job or {})
-    start, recent, resumed_from = 0, [], None
+    start, previous, resumed_from = 0, [], None
     if config.resume and config.checkpoint_dir is not None and (path := latest_checkpoint(config.checkpoint_dir)):
-        start, recent = _restore(path, model, named, optimizer, ema, job)
+        start, previous = _restore(path, model, named, optimizer, ema, job)
         resumed_from = path
     optimizer.zero_grad(set_to_none=True)
     wrapped = parallelize(model, group)
@@ -245,14 +245,13 @@ def fit(
             progress.advance(step + 1, losses[-1], config.batch / seconds[-1])
             due = step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
             if config.checkpoint_dir is not None and group.rank == 0 and due:
-                recent = (recent + losses)[-10:]
-                _save(config, step + 1, named, optimizer, ema, job, recent)
+                _save(config, step + 1, named, optimizer, ema, job, (previous + losses)[-10:])
     finally:
         progress.close()
     del wrapped
     timed = seconds[1:] or seconds
     median = statistics.median(timed) if timed else 0.0
-    tail = (recent + losses)[-10:] if not losses else losses[-10:]
+    tail = (previous + losses)[-10:]  # the last 10 steps, across a resume
     optimizer_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
                           if isinstance(v, torch.Tensor))
     return TrainResult(max(start, config.steps), len(losses), sum(tail) / len(tail) if tail else float("nan"), losses,
