@@ -156,6 +156,7 @@ def test_two_gloo_groups_equal_ranges_run_one_after_another(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout[done.stdout.index("{"):])
     assert report["groups"] == [[0], [1]] and report["world_size"] == 2 and report["strategy"] == "deme"
+    assert report["peak_memory_bytes"] > 4 * report["trainable_params"]  # a fresh process: at least the weights
 
     sequential = FinetuneOptions(strategy="deme", ranges=2, model="unet-tiny", image_size=16, data="digits", steps=3,
                                  batch=4, lr=1e-3, merge_weights=[0.5, 0.5], adapters=True, out=tmp_path / "sequential",
