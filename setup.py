@@ -35,7 +35,9 @@ setup(
         "pyyaml>=6",
         "orjson>=3.9",
         "matplotlib>=3.8",  # what-if report charts
-        "safetensors>=0.4",  # pase sample --out
+        "safetensors>=0.4",  # training checkpoints, pase sample --out
+        "scikit-learn>=1.3",  # its bundled digits: training data with no download
+        "pillow>=9",  # folder-of-images training data
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

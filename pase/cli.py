@@ -358,13 +358,12 @@ def search(
 
 
 def _register_subcommands() -> None:
-    from pase import cli_runtime, cli_sample, cli_whatif
+    from pase import cli_runtime, cli_sample, cli_train, cli_whatif
     from pase.cli_hw import hw_app
 
     app.add_typer(hw_app, name="hw")
-    cli_whatif.register(app)
-    cli_sample.register(app)
-    cli_runtime.register(app)
+    for module in (cli_whatif, cli_sample, cli_runtime, cli_train):
+        module.register(app)
 
 
 _register_subcommands()

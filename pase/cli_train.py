@@ -1,0 +1,189 @@
+"""``pase train`` and ``pase finetune``: the diffusion training loop and the fine-tuning strategies.
+
+Both run alone or under ``torchrun --nproc-per-node N -m pase ...`` (gloo on CPU, NCCL on GPU);
+rank 0 shows the progress bar, prints the report and writes the outputs. ``--json`` prints the
+report as one JSON object whose last keys are strategy, trainable_params, total_params,
+grad_and_optimizer_bytes, peak_memory_bytes and final_loss.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pase.errors import PaseError
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo model (see `pase models`).")]
+DataOpt = Annotated[str, typer.Option(help="shapes (generated), digits (scikit-learn's, upscaled) or a folder of "
+                                      "images.")]
+StepsOpt = Annotated[int, typer.Option(min=1, help="Total optimizer steps (a resumed run continues up to this).")]
+BatchOpt = Annotated[int, typer.Option("--batch", "-b", min=1, help="Global batch per step (split over the ranks "
+                                       "of a data-parallel group).")]
+OutOpt = Annotated[Path | None, typer.Option(help="Folder for the weights and checkpoints (needed by --resume).")]
+InitOpt = Annotated[Path | None, typer.Option(help="Start from these weights (a safetensors state dict, e.g. OUT/"
+                                              "model.safetensors of pase train); default: seeded random weights.")]
+CountOpt = Annotated[int, typer.Option(min=2, help="Images to generate for --data shapes.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (stdout) instead of a table.")]
+
+
+def _numbers(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PaseError(f"{option} {text!r}: write comma-separated numbers, e.g. 0.1,0.1,0.2,0.5") from None
+
+
+def _print_report(report: dict[str, Any], as_json: bool, predicted: dict[str, Any] | None) -> None:
+    from pase.cli import _bytes, console
+
+    if predicted is not None:
+        report = {"predicted_memory": predicted, **report}
+        # keep the fixed tail last
+        tail = {k: report.pop(k) for k in ("strategy", "trainable_params", "total_params", "grad_and_optimizer_bytes",
+                                           "peak_memory_bytes", "final_loss")}
+        report.update(tail)
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    table = Table(title=f"pase {'train' if report['strategy'] == 'train' else 'finetune'}: {report['model']}, "
+                        f"strategy {report['strategy']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in report.items():
+        if key == "predicted_memory":
+            continue
+        if key.endswith("_bytes"):
+            shown = _bytes(value)
+        elif isinstance(value, float):
+            shown = f"{value:.4g}"
+        elif isinstance(value, list) and value and isinstance(value[0], str):
+            shown = "\n".join(value)
+        else:
+            shown = str(value)
+        table.add_row(key.replace("_", " "), shown)
+    if predicted is not None:
+        table.add_section()
+        table.add_row("predicted peak (cost model)", f"{_bytes(predicted['total'])}: weights "
+                      f"{_bytes(predicted['weights'])}, grads+optimizer {_bytes(predicted['grad_and_optimizer'])}, "
+                      f"activations {_bytes(predicted['activations'])}, teacher {_bytes(predicted['teacher'])}")
+    console.print(table)
+
+
+def _predicted(options: Any, strategy: str, world: int) -> dict[str, Any] | None:
+    from cost_models import finetune_memory
+    from pase.train.memory import model_sizes
+
+    try:
+        sizes = model_sizes(options.model, options.batch, options.image_size)
+    except PaseError:
+        return None
+    per_rank = max(1, options.batch // world)
+    if strategy in ("train", "full"):
+        estimate = finetune_memory.full_finetune(sizes, per_rank, ema=options.ema is not None)
+    elif strategy == "tuneqdm":
+        estimate = finetune_memory.tuneqdm(sizes, per_rank, options.bits, options.experts, options.input_scales)
+    else:
+        count = options.ranges if options.range_bounds is None else len(options.range_bounds.split(",")) - 1
+        groups = min(world, count)
+        estimate = finetune_memory.deme_group(sizes, options.batch, group_size=max(1, world // groups),
+                                              adapters=options.adapters, consistency=options.consistency > 0,
+                                              ema=options.ema is not None)
+    return estimate.to_dict()
+
+
+def train(
+    model: ModelOpt = "unet-tiny",
+    data: DataOpt = "shapes",
+    data_count: CountOpt = 2048,
+    steps: StepsOpt = 200,
+    batch: BatchOpt = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    ema: Annotated[float | None, typer.Option(help="Keep an EMA of the weights with this decay, e.g. 0.999.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Train at this resolution (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data order, noise and timesteps.")] = 0,
+    init: InitOpt = None,
+    init_seed: Annotated[int, typer.Option(help="Seed of the random starting weights.")] = 0,
+    out: OutOpt = None,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: at the end only).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a diffusion UNet (DDPM epsilon loss, AdamW) on offline data; data parallel under torchrun."""
+    from pase.train.distributed import distributed_session
+    from pase.train.jobs import JobOptions, run_train
+
+    options = JobOptions(model=model, data=data, data_count=data_count, image_size=image_size, steps=steps,
+                         batch=batch, lr=lr,
+                         weight_decay=weight_decay, ema=ema, seed=seed, out=out, checkpoint_every=checkpoint_every,
+                         resume=resume, progress=not no_progress, init=init, init_seed=init_seed)
+    with distributed_session() as env:
+        report = run_train(options, env)
+        if env.is_main:
+            _print_report(report, as_json, _predicted(options, "train", env.world))
+
+
+def finetune(
+    strategy: Annotated[str, typer.Option(help="full, deme (timestep-decoupled, merged) or tuneqdm (quantized, "
+                                          "scales only).")] = "full",
+    model: ModelOpt = "unet-tiny",
+    data: DataOpt = "shapes",
+    data_count: CountOpt = 2048,
+    steps: StepsOpt = 100,
+    batch: BatchOpt = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    ema: Annotated[float | None, typer.Option(help="EMA decay of the trained weights.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Fine-tune at this resolution.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data order, noise and timesteps.")] = 0,
+    init: InitOpt = None,
+    init_seed: Annotated[int, typer.Option(help="Seed of the random starting weights (without --init).")] = 0,
+    out: OutOpt = None,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: at the end).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoints in OUT.")] = False,
+    ranges: Annotated[int, typer.Option(help="DeMe: number of uniform timestep ranges.")] = 4,
+    range_bounds: Annotated[str | None, typer.Option(help="DeMe: explicit bounds, e.g. 0,100,400,1000.")] = None,
+    p_global: Annotated[float, typer.Option(help="DeMe: probability of a timestep from all of [0, T).")] = 0.3,
+    antithetic: Annotated[bool, typer.Option("--antithetic", help="DeMe: antithetic timestep pairs.")] = False,
+    consistency: Annotated[float, typer.Option(help="DeMe: weight of the consistency loss (0: off).")] = 1.0,
+    adapters: Annotated[bool, typer.Option("--adapters", help="DeMe: identity 1x1 channel projections.")] = False,
+    merge_weights: Annotated[str | None, typer.Option(help="DeMe: merge weights, one per range (default: grid "
+                                                      "search on held-out loss).")] = None,
+    merge_grid: Annotated[str, typer.Option(help="DeMe: values each weight takes in the grid search.")] = "0,0.5,1",
+    bits: Annotated[int, typer.Option(help="TuneQDM: 8 or 4 (packed two per byte).")] = 8,
+    experts: Annotated[int, typer.Option(help="TuneQDM: timestep experts (scale sets).")] = 2,
+    no_input_scales: Annotated[bool, typer.Option("--no-input-scales", help="TuneQDM: output scales only "
+                                                  "(the PEQA baseline).")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a UNet: full, DeMe (one fine-tune per timestep range, then a task-vector merge) or TuneQDM."""
+    from pase.train.distributed import distributed_session
+    from pase.train.jobs import FinetuneOptions, run_finetune
+
+    grid = _numbers(merge_grid, "--merge-grid")
+    if not grid:
+        raise PaseError("--merge-grid needs at least one value, e.g. 0,0.5,1")
+    options = FinetuneOptions(model=model, data=data, data_count=data_count, image_size=image_size, steps=steps,
+                              batch=batch, lr=lr,
+                              weight_decay=weight_decay, ema=ema, seed=seed, out=out,
+                              checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress, init=init,
+                              init_seed=init_seed, strategy=strategy, ranges=ranges, range_bounds=range_bounds,
+                              p_global=p_global, antithetic=antithetic, consistency=consistency, adapters=adapters,
+                              merge_weights=_numbers(merge_weights, "--merge-weights"), merge_grid=grid, bits=bits,
+                              experts=experts, input_scales=not no_input_scales)
+    with distributed_session() as env:
+        report = run_finetune(options, env)
+        if env.is_main:
+            _print_report(report, as_json, _predicted(options, strategy, env.world))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("finetune")(finetune)

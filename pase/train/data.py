@@ -1,0 +1,150 @@
+"""Training images without a download: generated shapes, scikit-learn's digits, or a folder of images.
+
+Every source returns one float tensor (N, C, S, S) in [-1, 1] (DDPM's range), built the same way
+for the same seed, so every rank of a distributed job holds the same data set and a resumed run
+sees the same batches. Batches are a function of the step number (``step_batches``), not of an
+iterator's history: that is what makes ``--resume`` exact without saving loader state.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pase.errors import PaseError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SOURCES = ("shapes", "digits")
+
+# (dataset, batch_per_rank, dp_rank, dp_size, seed, start_step) -> one batch per step from start_step on
+LoaderFactory = Callable[[torch.Tensor, int, int, int, int, int], Iterator[torch.Tensor]]
+
+
+class DataError(PaseError):
+    """A data source that cannot be read or does not fit the model."""
+
+
+def load_images(source: str, size: int = 32, channels: int = 3, count: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Images of ``source`` (shapes, digits or a folder of image files): (N, channels, size, size) in [-1, 1]."""
+    if size < 4:
+        raise DataError(f"image size {size} is too small; use at least 4 (the zoo models take 32)")
+    if source == "shapes":
+        images = generated_shapes(count, size, seed)
+    elif source == "digits":
+        images = digits(size)
+    elif Path(source).is_dir():
+        images = image_folder(Path(source), size)
+    else:
+        raise DataError(f"unknown data source {source!r}: use 'shapes' (generated), 'digits' (scikit-learn's "
+                        "8x8 digits, upscaled) or the path of a folder of images")
+    return match_channels(images, channels, source)
+
+
+def match_channels(images: torch.Tensor, channels: int, source: str) -> torch.Tensor:
+    """Grey images are repeated over the model's channels; colour images need 3 channels (or 1: their mean)."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1:
+        return images.expand(-1, channels, -1, -1).contiguous()
+    if channels == 1:
+        return images.mean(dim=1, keepdim=True)
+    raise DataError(f"data {source!r} has {have} channels but the model takes {channels}; pick a model with "
+                    f"{have} input channels or grey data")
+
+
+def generated_shapes(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Filled discs, squares and triangles of random colour and place on a random plain background (RGB)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    images = np.empty((count, 3, size, size), dtype=np.float32)
+    for i in range(count):
+        background = rng.uniform(0, 1, 3).astype(np.float32)
+        image = np.broadcast_to(background[:, None, None], (3, size, size)).copy()
+        for _ in range(rng.integers(1, 4)):
+            cx, cy = rng.uniform(0.2, 0.8, 2) * size
+            radius = rng.uniform(0.12, 0.3) * size
+            kind = rng.integers(3)
+            if kind == 0:
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+            elif kind == 1:
+                mask = (np.abs(xx - cx) <= radius) & (np.abs(yy - cy) <= radius)
+            else:  # upward triangle: below the two slanted edges and above the base
+                mask = (yy <= cy + radius) & (np.abs(xx - cx) <= (yy - (cy - radius)) / 2)
+            image[:, mask] = rng.uniform(0, 1, 3).astype(np.float32)[:, None]
+        images[i] = image
+    return torch.from_numpy(images) * 2 - 1
+
+
+@lru_cache(maxsize=4)
+def _digits_raw() -> np.ndarray:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataError("--data digits needs scikit-learn (pip install scikit-learn), or use --data shapes") from exc
+    return load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8), values 0..16 shipped inside the package
+
+
+def digits(size: int) -> torch.Tensor:
+    """scikit-learn's 1797 handwritten digits (bundled, no download), upscaled bilinearly to ``size``; grey."""
+    images = torch.from_numpy(_digits_raw())[:, None]
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images.clamp(0, 1) * 2 - 1
+
+
+def image_folder(folder: Path, size: int) -> torch.Tensor:
+    """Every image file under ``folder`` (recursively), centre-cropped to a square and resized to ``size``; RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)} files, recursively)")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                side = min(image.size)
+                left, top = (image.width - side) // 2, (image.height - side) // 2
+                image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+                images.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}; remove it from the folder or fix it") from None
+    return torch.from_numpy(np.stack(images)) * 2 - 1
+
+
+def split_held_out(images: torch.Tensor, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded (train, held-out) split; the held-out part has at least one image."""
+    if len(images) < 2:
+        raise DataError(f"the data set has {len(images)} image(s); need at least 2 to hold some out")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(len(images) * fraction))
+    return images[order[held:]], images[order[:held]]
+
+
+def step_batches(dataset: torch.Tensor, batch_per_rank: int, dp_rank: int, dp_size: int, seed: int,
+                 start_step: int = 0) -> Iterator[torch.Tensor]:
+    """Batches for steps ``start_step, start_step + 1, ...``: the global batch of step s is positions
+    ``s*B .. s*B+B-1`` of an endless sequence of seeded per-epoch permutations, and rank r takes its slice."""
+    count = len(dataset)
+    global_batch = batch_per_rank * dp_size
+    perms: dict[int, torch.Tensor] = {}
+
+    def perm(epoch: int) -> torch.Tensor:
+        if epoch not in perms:
+            if len(perms) > 2:
+                perms.clear()
+            perms[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        return perms[epoch]
+
+    step = start_step
+    while True:
+        first = step * global_batch + dp_rank * batch_per_rank
+        positions = range(first, first + batch_per_rank)
+        index = torch.stack([perm(p // count)[p % count] for p in positions])
+        yield dataset[index]
+        step += 1

@@ -1,0 +1,285 @@
+"""The jobs behind ``pase train`` and ``pase finetune``: data, model, strategy, the loop, outputs, report.
+
+Each job runs in the current torch.distributed world (``distributed_session``) and takes the two
+pluggable pieces of the loop (``parallelize``, ``loader``) so that a plan runtime can run the same
+jobs under a plan. Outputs (rank 0 only, atomically): ``OUT/model.safetensors`` (full weights, or
+the merged weights for DeMe), ``OUT/model-ema.safetensors`` with ``--ema``, ``OUT/scales.safetensors``
+for TuneQDM (scales only), ``OUT/range-R/weights.safetensors`` for DeMe, ``OUT/checkpoints/`` for
+``--resume``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pase.errors import PaseError
+from pase.models.zoo import ModelSpec, resolve_model
+from pase.train.checkpoint import load_weights_into, save_weights
+from pase.train.data import LoaderFactory, load_images, split_held_out, step_batches
+from pase.train.distributed import DistEnv
+from pase.train.loop import DataGroup, LoopConfig, Parallelize, TrainResult, default_parallelize, epsilon_objective, fit
+from pase.train.memory import PeakMemory
+
+STRATEGIES = ("full", "deme", "tuneqdm")
+REPORT_TAIL = ("strategy", "trainable_params", "total_params", "grad_and_optimizer_bytes", "peak_memory_bytes",
+               "final_loss")
+
+
+@dataclass
+class JobOptions:
+    model: str = "unet-tiny"
+    data: str = "shapes"
+    image_size: int | None = None  # default: the model's sample size
+    data_count: int = 2048  # generated shapes only
+    steps: int = 100
+    batch: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema: float | None = None
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    out: Path | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+    init: Path | None = None  # pretrained weights (a safetensors state dict); default: seeded random weights
+    init_seed: int = 0
+
+
+@dataclass
+class FinetuneOptions(JobOptions):
+    strategy: str = "full"
+    lr: float = 5e-5
+    ranges: int = 4
+    range_bounds: str | None = None
+    p_global: float = 0.3
+    antithetic: bool = False
+    consistency: float = 1.0
+    adapters: bool = False
+    merge_weights: list[float] | None = None
+    merge_grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    bits: int = 8
+    experts: int = 2
+    input_scales: bool = True
+
+
+def _loop_config(options: JobOptions, description: str) -> LoopConfig:
+    return LoopConfig(steps=options.steps, batch=options.batch, lr=options.lr, weight_decay=options.weight_decay,
+                      ema_decay=options.ema, grad_clip=options.grad_clip, seed=options.seed,
+                      checkpoint_dir=options.out / "checkpoints" if options.out else None,
+                      checkpoint_every=options.checkpoint_every, resume=options.resume, progress=options.progress,
+                      description=description)
+
+
+def _data(options: JobOptions, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
+    sample = spec.inputs[0]
+    if len(sample.shape) != 4:
+        raise PaseError(f"model {spec.name!r} does not take images (its first input is {sample.shape}); pase train "
+                        "needs an image diffusion UNet")
+    size = options.image_size or int(sample.shape[-1])
+    images = load_images(options.data, size, int(sample.shape[1]), options.data_count, options.seed)
+    train, held_out = split_held_out(images, 0.1, options.seed)
+    return train, held_out, size
+
+
+def pretrained_builder(spec: ModelSpec, init: Path | None, init_seed: int, device: torch.device,
+                       ) -> Callable[[], nn.Module]:
+    """Builds the starting weights again on every call: streamed from ``init``, or seeded random weights."""
+    if init is not None and not Path(init).is_file():
+        raise PaseError(f"--init {init} is not a file; give a weights file (pase train writes OUT/model.safetensors)")
+
+    def build() -> nn.Module:
+        if init is None:
+            torch.manual_seed(init_seed)
+            return spec.build().to(device)
+        with torch.device("meta"):
+            model = spec.build()
+        model = model.to_empty(device=device)
+        load_weights_into(model, init)
+        return model
+
+    return build
+
+
+def warm_imports(spec: ModelSpec) -> None:
+    """Build the model once on the meta device, so the libraries its build imports (diffusers' model
+    code) are loaded before the memory baseline is taken and do not count as training memory."""
+    with torch.device("meta"):
+        spec.build()
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+
+
+def _job_identity(options: JobOptions, strategy: str, **extra: Any) -> dict[str, Any]:
+    return {"model": options.model, "strategy": strategy, "data": options.data, "image_size": options.image_size,
+            "batch": options.batch, "seed": options.seed, "init": str(options.init) if options.init else None,
+            "init_seed": options.init_seed, "ema": options.ema, **extra}
+
+
+def _world_group(env: DistEnv) -> DataGroup:
+    return DataGroup(dist.group.WORLD if env.backend else None, env.rank, env.world, env.device, env.is_main)
+
+
+def _max_over_ranks(value: int, env: DistEnv) -> int:
+    if not env.backend:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def _save_full(out: Path, model: nn.Module, result: TrainResult, metadata: dict[str, str]) -> list[str]:
+    paths = [save_weights(out / "model.safetensors", model.state_dict(), metadata)]
+    if result.ema:
+        state = {**model.state_dict(), **result.ema}
+        paths.append(save_weights(out / "model-ema.safetensors", state, metadata))
+    return [str(p) for p in paths]
+
+
+def _report(options: JobOptions, env: DistEnv, result: TrainResult, memory: PeakMemory, peak: int, strategy: str,
+            trainable: int, total: int, grad_and_optimizer: int, outputs: list[str], **extra: Any) -> dict[str, Any]:
+    head = {"model": options.model, "data": options.data, "steps": result.steps, "steps_run": result.steps_run,
+            "batch": options.batch, "world_size": env.world, "device": str(env.device),
+            "step_seconds": result.step_seconds, "samples_per_second": result.samples_per_second,
+            "memory_method": memory.method, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+            "outputs": outputs, **extra}
+    tail = {"strategy": strategy, "trainable_params": int(trainable), "total_params": int(total),
+            "grad_and_optimizer_bytes": int(grad_and_optimizer), "peak_memory_bytes": int(peak),
+            "final_loss": float(result.final_loss)}
+    return {**head, **tail}
+
+
+def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = default_parallelize,
+              loader: LoaderFactory = step_batches) -> dict[str, Any]:
+    """Train a zoo model from seeded random weights (or ``--init``): epsilon loss, data parallel over the world."""
+    spec = resolve_model(options.model)
+    train, _, _ = _data(options, spec)
+    warm_imports(spec)
+    memory = PeakMemory(env.device).start()
+    model = pretrained_builder(spec, options.init, options.init_seed, env.device)()
+    result = fit(model, epsilon_objective(), train, _loop_config(options, f"train {options.model}"),
+                 group=_world_group(env), parallelize=parallelize, loader=loader,
+                 job=_job_identity(options, "train"))
+    peak = _max_over_ranks(memory.stop(), env)
+    outputs = _save_full(options.out, model, result, {"pase_model": options.model}) \
+        if options.out and env.is_main else []
+    total = sum(p.numel() for p in model.parameters())
+    return _report(options, env, result, memory, peak, "train", result.trainable_params, total,
+                   result.grad_and_optimizer_bytes, outputs)
+
+
+def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Parallelize = default_parallelize,
+                 loader: LoaderFactory = step_batches) -> dict[str, Any]:
+    """Fine-tune with one strategy; the report ends with REPORT_TAIL's keys."""
+    if options.strategy not in STRATEGIES:
+        raise PaseError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    spec = resolve_model(options.model)
+    train, held_out, _ = _data(options, spec)
+    warm_imports(spec)
+    if options.strategy == "full":
+        return _finetune_full(options, env, spec, train, parallelize, loader)
+    if options.strategy == "tuneqdm":
+        return _finetune_tuneqdm(options, env, spec, train, parallelize, loader)
+    return _finetune_deme(options, env, spec, train, held_out, parallelize, loader)
+
+
+def _finetune_full(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
+                   parallelize: Parallelize, loader: LoaderFactory) -> dict[str, Any]:
+    memory = PeakMemory(env.device).start()
+    model = pretrained_builder(spec, options.init, options.init_seed, env.device)()
+    result = fit(model, epsilon_objective(), train, _loop_config(options, f"fine-tune {options.model} (full)"),
+                 group=_world_group(env), parallelize=parallelize, loader=loader, job=_job_identity(options, "full"))
+    peak = _max_over_ranks(memory.stop(), env)
+    outputs = _save_full(options.out, model, result, {"pase_model": options.model}) \
+        if options.out and env.is_main else []
+    return _report(options, env, result, memory, peak, "full", result.trainable_params,
+                   sum(p.numel() for p in model.parameters()), result.grad_and_optimizer_bytes, outputs)
+
+
+def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
+                      parallelize: Parallelize, loader: LoaderFactory) -> dict[str, Any]:
+    from strategies import tuneqdm
+
+    config = tuneqdm.TuneQDMConfig(options.bits, options.experts, train_input_scales=options.input_scales)
+    memory = PeakMemory(env.device).start()
+    if options.init is not None:  # stream: quantize each float weight as it is read, never the whole float model
+        with torch.device("meta"):
+            model = spec.build()
+        tuneqdm.quantize_model(model, config)
+        model = model.to_empty(device=env.device)
+        tuneqdm.load_quantized_weights(model, options.init)
+    else:
+        model = pretrained_builder(spec, None, options.init_seed, env.device)()
+        tuneqdm.quantize_model(model, config)
+    identity = _job_identity(options, "tuneqdm", bits=options.bits, experts=options.experts,
+                             input_scales=options.input_scales)
+    result = fit(model, epsilon_objective(sort_timesteps=True), train,
+                 _loop_config(options, f"fine-tune {options.model} (TuneQDM {options.bits}-bit, "
+                                       f"{options.experts} experts)"),
+                 group=_world_group(env), parallelize=partial(parallelize, find_unused_parameters=True)
+                 if parallelize is default_parallelize else parallelize, loader=loader,
+                 param_groups=tuneqdm.expert_param_groups(model), job=identity)
+    peak = _max_over_ranks(memory.stop(), env)
+    outputs = []
+    if options.out and env.is_main:
+        outputs.append(str(tuneqdm.save_scales(options.out / "scales.safetensors", model,
+                                               {"model": options.model, "init": str(options.init)})))
+    return _report(options, env, result, memory, peak, "tuneqdm", result.trainable_params,
+                   tuneqdm.weight_count(model), result.grad_and_optimizer_bytes, outputs, bits=options.bits,
+                   experts=options.experts)
+
+
+def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
+                   held_out: torch.Tensor, parallelize: Parallelize, loader: LoaderFactory) -> dict[str, Any]:
+    from strategies import deme
+
+    ranges = deme.parse_bounds(options.range_bounds) if options.range_bounds else deme.uniform_ranges(options.ranges)
+    config = deme.DeMeConfig(ranges, options.p_global, options.antithetic, options.consistency, options.adapters)
+    if options.merge_weights is not None and len(options.merge_weights) != len(ranges):
+        raise PaseError(f"--merge-weights has {len(options.merge_weights)} value(s) for {len(ranges)} ranges; give "
+                        "one per range, e.g. 0.1,0.1,0.2,0.5 for four")
+    build = pretrained_builder(spec, options.init, options.init_seed, env.device)
+    memory = PeakMemory(env.device).start()
+    identity = _job_identity(options, "deme", ranges=[list(r) for r in ranges], p_global=options.p_global,
+                             antithetic=options.antithetic, consistency=options.consistency, adapters=options.adapters)
+    results, tuned, layout = deme.train_ranges(build, train, config, _loop_config(options, "DeMe"), env,
+                                               parallelize=parallelize, loader=loader, job=identity)
+    peak = _max_over_ranks(memory.stop(), env)
+    first = results[min(results)]
+    report_extra: dict[str, Any] = {"ranges": [list(r) for r in ranges],
+                                    "groups": [list(g) for g in layout.groups]}
+    outputs: list[str] = []
+    if env.is_main:
+        base_model = build()
+        if options.adapters:
+            deme.add_channel_projections(base_model)
+        base = {k: v.detach().to("cpu").clone() for k, v in base_model.state_dict().items()}
+        vectors = deme.task_vectors(base, [tuned[i] for i in range(len(ranges))])
+        score = deme.denoising_score(base_model, held_out, batch=options.batch, seed=options.seed + 1,
+                                     device=env.device)
+        if options.merge_weights is not None:
+            weights = tuple(options.merge_weights)
+            merged = deme.merge(base, vectors, weights)
+        else:
+            grid = deme.grid_search(base, vectors, options.merge_grid, score)
+            weights = grid.weights
+            merged = deme.merge(base, vectors, weights)
+            report_extra["grid_candidates"] = len(grid.scores)
+        report_extra["merge_weights"] = list(weights)
+        report_extra["held_out_loss_pretrained"] = score(base)
+        report_extra["held_out_loss_merged"] = score(merged)
+        report_extra["range_losses"] = [results[i].final_loss for i in sorted(results)]
+        if options.out:
+            outputs = [str(p) for p in deme.save_range_weights(options.out, tuned)]
+            outputs.append(str(save_weights(options.out / "model.safetensors", merged,
+                                            {"pase_model": options.model, "pase_deme_weights": str(list(weights))})))
+        del base_model
+    total = sum(v.numel() for v in tuned[min(tuned)].values() if v.is_floating_point()) if tuned else 0
+    return _report(options, env, first, memory, peak, "deme", first.trainable_params, total or first.trainable_params,
+                   first.grad_and_optimizer_bytes, outputs, **report_extra)

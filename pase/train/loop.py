@@ -1,0 +1,324 @@
+"""The diffusion training loop: DDPM epsilon-prediction loss, AdamW, optional EMA, checkpoints, resume.
+
+``fit`` trains the parameters of ``model`` that require grad, in one data-parallel group (the whole
+world, one DeMe range group, or a single process). What is pluggable, so that strategies and the plan
+runtime reuse the loop unchanged:
+- the objective: ``(model, x0, generator) -> loss`` (plain epsilon loss, DeMe's range loss, ...);
+- ``parallelize(model, group) -> model``: how the model is wrapped for its group (DDP by default);
+- the loader factory: which batch each rank gets at each step (``data.step_batches`` by default);
+- the optimizer's parameter groups (TuneQDM keeps one per timestep expert).
+All randomness of a step (noise, timesteps) comes from a generator seeded by (seed, step, rank),
+and batches are a function of the step, so a run resumed from a checkpoint continues exactly.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pase.errors import PaseError
+from pase.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    step_path,
+)
+from pase.train.data import LoaderFactory, step_batches
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DataGroup:
+    """The data-parallel group one training job runs in (``group`` None: a single process)."""
+
+    group: Any  # torch.distributed ProcessGroup or None
+    rank: int
+    size: int
+    device: torch.device
+    reporter: bool = True  # this process shows the progress bar
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu", reporter: bool = True) -> DataGroup:
+        return cls(None, 0, 1, torch.device(device), reporter)
+
+
+Parallelize = Callable[[nn.Module, DataGroup], nn.Module]
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch: int  # global batch of the data-parallel group per step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float | None = None
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 0  # 0: only after the last step
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+    description: str = "train"
+
+    def validate(self, group_size: int) -> None:
+        if self.steps < 1:
+            raise PaseError(f"--steps is {self.steps}; train for at least 1 step")
+        if self.batch < 1 or self.batch % group_size:
+            raise PaseError(f"--batch {self.batch} does not split over the {group_size} data-parallel process(es) "
+                            f"of this job; use a multiple of {group_size}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise PaseError(f"--ema {self.ema_decay} is not a decay in (0, 1); use e.g. 0.999")
+        if self.resume and self.checkpoint_dir is None:
+            raise PaseError("--resume needs --out, the folder whose checkpoints it continues from")
+
+
+@dataclass
+class TrainResult:
+    steps: int  # the step reached (the total, counting steps done before a resume)
+    steps_run: int  # steps run by this call
+    final_loss: float  # mean loss of the last (up to) 10 steps, averaged over the group's ranks
+    losses: list[float] = field(default_factory=list)
+    step_seconds: float = 0.0  # median wall time of one step (the first step, warm-up, left out)
+    samples_per_second: float = 0.0
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
+    resumed_from: Path | None = None
+    trainable_params: int = 0
+    grad_bytes: int = 0  # one gradient per trainable parameter
+    optimizer_bytes: int = 0  # the optimizer's state tensors as they are after training
+
+    @property
+    def grad_and_optimizer_bytes(self) -> int:
+        return self.grad_bytes + self.optimizer_bytes
+
+
+def model_output(output: Any) -> torch.Tensor:
+    """The prediction tensor of a diffusers output object, a tuple, or a plain tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "sample"):
+        return output.sample
+    return output[0]
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
+    """DDPM's linear beta schedule (diffusers' ``DDPMScheduler`` defaults), as cumulative alphas."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps).alphas_cumprod.clone()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+    abar = alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def draw_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from ``generator`` (the same numbers on every device)."""
+    return torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+
+
+def epsilon_objective(num_train_timesteps: int = 1000, sort_timesteps: bool = False) -> Objective:
+    """DDPM's epsilon-prediction loss with t uniform over [0, T). ``sort_timesteps`` hands the batch's
+    timesteps out in increasing order (the samples are in random order, so the loss is the same in
+    distribution); models that group samples by timestep (TuneQDM's experts) then get contiguous groups."""
+    alphas_cumprod = ddpm_alphas_cumprod(num_train_timesteps)
+
+    def loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = draw_noise(x0, generator)
+        t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
+        t = (t.sort().values if sort_timesteps else t).to(x0.device)
+        return F.mse_loss(model_output(model(add_noise(x0, noise, t, alphas_cumprod), t)), noise)
+
+    return loss
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+
+
+def default_parallelize(model: nn.Module, group: DataGroup, find_unused_parameters: bool = False) -> nn.Module:
+    """DDP over the group when it has more than one process; the model itself otherwise."""
+    if group.size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [group.device.index] if group.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, process_group=group.group,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+class EMA:
+    """An exponential moving average of the trainable parameters (kept beside the model, not in it)."""
+
+    def __init__(self, named: Sequence[tuple[str, nn.Parameter]], decay: float) -> None:
+        self.decay = decay
+        self.names = [name for name, _ in named]
+        self.params = [param for _, param in named]
+        self.shadow = [param.detach().clone() for param in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for name, tensor in zip(self.names, self.shadow):
+            tensor.copy_(state[name])
+
+
+def _group_mean(value: torch.Tensor, group: DataGroup) -> float:
+    if group.size == 1:
+        return float(value.detach())
+    reduced = value.detach().clone()
+    dist.all_reduce(reduced, group=group.group)
+    return float(reduced) / group.size
+
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    dataset: torch.Tensor,
+    config: LoopConfig,
+    *,
+    group: DataGroup | None = None,
+    parallelize: Parallelize = default_parallelize,
+    loader: LoaderFactory = step_batches,
+    param_groups: list[dict[str, Any]] | None = None,
+    job: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters for ``config.steps`` steps (fewer after ``--resume``).
+
+    ``job`` identifies the job (model, strategy, ...); it is stored in every checkpoint and a
+    resumed run must match it. Checkpoints hold only the trainable parameters (see checkpoint.py).
+    """
+    group = group or DataGroup.single()
+    config.validate(group.size)
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if not named:
+        raise PaseError("the model has no trainable parameters (nothing requires grad); check the strategy")
+    model.to(group.device)
+    groups = param_groups or [{"params": [param for _, param in named]}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(named, config.ema_decay) if config.ema_decay else None
+    job = dict(job or {})
+    start, previous, resumed_from = 0, [], None
+    if config.resume and config.checkpoint_dir is not None and (path := latest_checkpoint(config.checkpoint_dir)):
+        start, previous = _restore(path, model, named, optimizer, ema, job)
+        resumed_from = path
+    optimizer.zero_grad(set_to_none=True)
+    wrapped = parallelize(model, group)
+    batches = loader(dataset, config.batch // group.size, group.rank, group.size, config.seed, start)
+    losses: list[float] = []
+    seconds: list[float] = []
+    progress = _Progress(config, start, group.reporter)
+    try:
+        for step in range(start, config.steps):
+            began = time.perf_counter()
+            x0 = next(batches).to(group.device, non_blocking=True)
+            loss = objective(wrapped, x0, step_generator(config.seed, step, group.rank))
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
+            if ema is not None:
+                ema.update()
+            losses.append(_group_mean(loss, group))
+            if group.device.type == "cuda":
+                torch.cuda.synchronize(group.device)
+            seconds.append(time.perf_counter() - began)
+            progress.advance(step + 1, losses[-1], config.batch / seconds[-1])
+            due = step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
+            if config.checkpoint_dir is not None and group.rank == 0 and due:
+                _save(config, step + 1, named, optimizer, ema, job, (previous + losses)[-10:])
+    finally:
+        progress.close()
+    del wrapped
+    timed = seconds[1:] or seconds
+    median = statistics.median(timed) if timed else 0.0
+    tail = (previous + losses)[-10:]  # the last 10 steps, across a resume
+    optimizer_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+                          if isinstance(v, torch.Tensor))
+    return TrainResult(max(start, config.steps), len(losses), sum(tail) / len(tail) if tail else float("nan"), losses,
+                       median, config.batch / median if median else 0.0,
+                       {k: v.detach().clone() for k, v in ema.state().items()} if ema else {}, resumed_from,
+                       sum(p.numel() for _, p in named), sum(p.numel() * p.element_size() for _, p in named),
+                       optimizer_bytes)
+
+
+def _save(config: LoopConfig, step: int, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+          ema: EMA | None, job: dict[str, Any], recent: list[float]) -> None:
+    assert config.checkpoint_dir is not None
+    settings = {"job": job, "loop": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+                "recent_losses": recent}
+    save_checkpoint(step_path(config.checkpoint_dir, step),
+                    Checkpoint(step, {name: param for name, param in named}, ema.state() if ema else {},
+                               optimizer.state_dict(), settings))
+    old = sorted(Path(config.checkpoint_dir).glob("step-*.safetensors"))[:-config.keep_checkpoints]
+    for path in old:
+        path.unlink(missing_ok=True)
+
+
+def _restore(path: Path, model: nn.Module, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+             ema: EMA | None, job: dict[str, Any]) -> tuple[int, list[float]]:
+    checkpoint = load_checkpoint(path)
+    saved_job = checkpoint.settings.get("job", {})
+    if saved_job != job:
+        differ = ", ".join(f"{k}: {saved_job.get(k)!r} there, {job.get(k)!r} here"
+                           for k in sorted(set(saved_job) | set(job)) if saved_job.get(k) != job.get(k))
+        raise CheckpointError(f"{path} was written by another job ({differ}); resume with the same settings or use "
+                              "another --out folder")
+    names = {name for name, _ in named}
+    if set(checkpoint.model) != names:
+        raise CheckpointError(f"{path} holds other parameters than this model trains (e.g. "
+                              f"{sorted(set(checkpoint.model) ^ names)[:3]}); use another --out folder")
+    with torch.no_grad():
+        for name, param in named:
+            param.copy_(checkpoint.model[name])
+    if checkpoint.optimizer is not None:
+        optimizer.load_state_dict(checkpoint.optimizer)
+    if ema is not None:
+        if not checkpoint.ema:
+            raise CheckpointError(f"{path} has no EMA weights but --ema is on; resume without --ema or start anew")
+        ema.load(checkpoint.ema)
+    return checkpoint.step, list(checkpoint.settings.get("recent_losses", []))
+
+
+class _Progress:
+    """A rich progress bar with loss and samples/s, on the reporting process only (to stderr)."""
+
+    def __init__(self, config: LoopConfig, start: int, reporter: bool) -> None:
+        self.bar = None
+        if not (reporter and config.progress):
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+        self.task = self.bar.add_task(config.description, total=config.steps, completed=start, loss="-", rate="-")
+        self.bar.start()
+
+    def advance(self, step: int, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

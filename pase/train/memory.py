@@ -1,0 +1,151 @@
+"""Peak training memory above a baseline, and the activation bytes autograd keeps for backward.
+
+``PeakMemory`` is started just before the model is built; ``peak_bytes()`` is then the process's
+peak above that level. On a GPU it is ``torch.cuda.max_memory_allocated`` minus the allocation at
+start. On Linux CPU it is the kernel's high-water mark of the resident set (VmHWM), which writing
+``5`` to ``/proc/self/clear_refs`` resets, so every allocation is seen, not a sample of them; where
+that file cannot be written a sampling thread reads the resident set every millisecond instead.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cost_models.finetune_memory import ModelSizes
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def current_rss_bytes() -> int:
+    """The resident set of this process now (0 where /proc is missing)."""
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else 0
+
+
+class PeakMemory:
+    """Peak memory of this process above its level at ``start()`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.method = ""
+        self._baseline = 0
+        self._sampled_peak = 0
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return self
+        self._baseline = current_rss_bytes()
+        try:
+            _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
+            self.method = "VmHWM (kernel high-water mark of RSS)"
+        except OSError:
+            self._sampled_peak = self._baseline
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+            self.method = "RSS sampled every 1 ms"
+        return self
+
+    def _sample(self) -> None:
+        assert self._stop is not None
+        while not self._stop.wait(0.001):
+            self._sampled_peak = max(self._sampled_peak, current_rss_bytes())
+
+    def peak_bytes(self) -> int:
+        """Peak above the baseline so far (the sampler keeps running)."""
+        if self.device.type == "cuda":
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self._baseline)
+        if self._thread is not None:
+            return max(0, max(self._sampled_peak, current_rss_bytes()) - self._baseline)
+        hwm = _status_kib("VmHWM")
+        return max(0, hwm * 1024 - self._baseline) if hwm is not None else 0
+
+    def stop(self) -> int:
+        peak = self.peak_bytes()
+        if self._stop is not None:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self._stop = self._thread = None
+        return peak
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+def _fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                     dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                     **kwargs: object) -> torch.Tensor:
+    if query.device.type != "meta" or attn_mask is not None or kwargs:
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     **kwargs)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+
+def saved_activation_bytes(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward of ``model`` (not its weights).
+
+    Run it on the meta device (model and inputs) to price a large model without allocating it.
+    Each storage counts once, so views of one tensor saved by several ops are not double-counted;
+    parameters and buffers are left out (they are weights, priced separately). On meta, PyTorch's
+    attention falls back to the math path, which saves the full score matrix; real CPU and GPU runs
+    use a fused kernel that saves only q, k, v, the output and the log-sum-exp, so the fused
+    kernel is swapped in while counting.
+    """
+    weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            seen[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            mock.patch.object(F, "scaled_dot_product_attention", _fused_attention):
+        output = model(*args, **kwargs)
+    del output
+    return sum(seen.values())
+
+
+def model_sizes(model_name: str, batch: int, image_size: int | None = None) -> ModelSizes:
+    """A zoo model's sizes for ``cost_models.finetune_memory``, counted on the meta device (nothing allocated)."""
+    from pase.models.zoo import resolve_model
+
+    spec = resolve_model(model_name)
+    with torch.device("meta"):
+        model = spec.build()
+    args, kwargs = spec.example_inputs(batch, device="meta")
+    if image_size is not None and args and args[0].dim() == 4:  # the zoo checks shapes; UNets take any multiple of 8
+        args = (torch.zeros(*args[0].shape[:2], image_size, image_size, device="meta"), *args[1:])
+    layers = tuple((m.weight.shape[0], m.weight.shape[1], m.weight.numel()) for m in model.modules()
+                   if isinstance(m, (nn.Linear, nn.Conv2d)))
+    config = getattr(model, "config", None)
+    widths: tuple[int, ...] = ()
+    if config is not None and hasattr(config, "block_out_channels") and hasattr(model, "up_blocks"):
+        channels = tuple(config.block_out_channels)
+        widths = channels + channels[-1:] + tuple(reversed(channels))
+    return ModelSizes(sum(p.numel() for p in model.parameters()), layers,
+                      saved_activation_bytes(model, *args, **kwargs), batch, widths)

@@ -1,0 +1,197 @@
+"""TuneQDM: quantized layers, scale-only training, per-sample experts, custom backward, packing, checkpoints."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pase.errors import PaseError
+from pase.models.zoo import ZOO
+from pase.train.checkpoint import save_weights
+from pase.train.data import load_images
+from pase.train.loop import LoopConfig, fit
+from strategies.tuneqdm import (
+    ExpertRouter,
+    QuantizedLayer,
+    TuneQDMConfig,
+    _ScaledQuantFn,
+    expected_trainable_count,
+    expert_param_groups,
+    fake_quantize,
+    load_quantized_weights,
+    load_scales,
+    pack_int4,
+    quantize_model,
+    quantize_weight,
+    quantized_layers,
+    save_scales,
+    trainable_count,
+    unpack_int4,
+)
+
+
+def _unet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ZOO["unet-tiny"].build()
+
+
+def _quantized(bits: int = 8, experts: int = 2, seed: int = 0) -> nn.Module:
+    model = _unet(seed)
+    quantize_model(model, TuneQDMConfig(bits, experts))
+    return model
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_initial_output_is_fake_quant_exactly(bits: int) -> None:
+    torch.manual_seed(1)
+    cases = ((nn.Linear(12, 7), torch.randn(5, 3, 12)), (nn.Conv2d(4, 6, 3, padding=1), torch.randn(2, 4, 8, 8)))
+    for layer, x in cases:
+        router = ExpertRouter(2, 1000)
+        router.set_timesteps(torch.tensor([700] * len(x)), len(x))
+        quantized = QuantizedLayer(layer, bits, router)
+        weight = fake_quantize(layer.weight, bits)
+        expected = F.linear(x, weight, layer.bias) if isinstance(layer, nn.Linear) else \
+            F.conv2d(x, weight, layer.bias, padding=1)
+        assert torch.equal(quantized(x), expected)
+
+
+def test_quantized_unet_is_close_to_fp32_at_8_bits() -> None:
+    reference = _unet()
+    model = copy.deepcopy(reference)
+    quantize_model(model, TuneQDMConfig(8, 2))
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([5, 300, 600, 999])
+    with torch.no_grad():
+        ours, fp32 = model(x, t).sample, reference(x, t).sample
+    assert (ours - fp32).norm() / fp32.norm() < 2e-2
+    assert not torch.equal(ours, fp32)
+
+
+def test_only_scales_train_and_count_matches_formula() -> None:
+    model = _quantized(experts=3)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".s_out." in n or ".s_in." in n for n in trainable)
+    layers = quantized_layers(model)
+    assert not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
+    assert trainable_count(model) == sum(3 * (layer.weight_shape[0] + layer.weight_shape[1]) for _, layer in layers)
+    assert trainable_count(model) == expected_trainable_count(model)
+
+
+def test_expert_routing_at_interval_borders() -> None:
+    router = ExpertRouter(2, 1000)
+    assert router.expert_of(torch.tensor([0, 499, 500, 999])).tolist() == [0, 0, 1, 1]
+    router = ExpertRouter(4, 1000)
+    assert router.expert_of(torch.tensor([249, 250, 749, 750, 1000])).tolist() == [0, 1, 2, 3, 3]
+
+
+def test_per_sample_routing_equals_one_sample_at_a_time() -> None:
+    model = _quantized(experts=2)
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            layer.s_out[1].mul_(1.1)  # make the experts differ
+        x = torch.randn(3, 3, 16, 16)
+        for t in (torch.tensor([100, 900, 200]), torch.tensor([100, 200, 900])):  # index path, then slice path
+            batched = model(x, t).sample
+            assert isinstance(model.tuneqdm_router.groups(3)[0][1], torch.Tensor if t[1] == 900 else slice)
+            single = torch.cat([model(x[i:i + 1], t[i:i + 1]).sample for i in range(3)])
+            assert torch.allclose(batched, single, atol=1e-5)
+
+
+def test_training_keeps_frozen_state_and_inactive_experts_bit_identical() -> None:
+    model = _quantized(experts=2)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".s_out." not in k and ".s_in." not in k}
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".s_out.1" in k or ".s_in.1" in k}
+    scales0 = {k: v.clone() for k, v in model.state_dict().items() if ".s_out.0" in k}
+
+    def low_t_loss(net: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, 500, (len(x0),), generator=generator)  # expert 0 only
+        return F.mse_loss(net(x0 + noise, t).sample, noise)
+
+    data = load_images("shapes", 16, 3, 32)
+    fit(model, low_t_loss, data, LoopConfig(steps=3, batch=4, lr=1e-2, weight_decay=0.1, progress=False),
+        param_groups=expert_param_groups(model))
+    state = model.state_dict()
+    assert frozen and all(torch.equal(state[k], v) for k, v in frozen.items())  # codes, zero points, biases, norms
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # expert 1: no drift despite weight decay
+    assert any(not torch.equal(state[k], v) for k, v in scales0.items())  # expert 0 trained
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_custom_backward_gradcheck_float64(kind: str) -> None:
+    torch.manual_seed(0)
+    layer = (nn.Linear(5, 4) if kind == "linear" else nn.Conv2d(3, 4, 3, stride=2, padding=1)).double()
+    quantized = QuantizedLayer(layer, 8, ExpertRouter(1, 1000))
+    x = torch.randn((2, 3, 5) if kind == "linear" else (2, 3, 5, 5), dtype=torch.float64, requires_grad=True)
+    s_out = (quantized.s_out[0].detach().double() * 1.3).requires_grad_()
+    s_in = (1 + 0.2 * torch.randn(quantized.weight_shape[1], dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: _ScaledQuantFn.apply(a, b, c, quantized), (x, s_out, s_in))
+    # and it matches autograd through a naive dequantise-in-forward
+    out = _ScaledQuantFn.apply(x, s_out, s_in, quantized)
+    grads = torch.autograd.grad(out.sum(), (x, s_out, s_in))
+    naive = quantized.apply_weight(x, quantized.dequantize(s_out, s_in))
+    expected = torch.autograd.grad(naive.sum(), (x, s_out, s_in))
+    for ours, reference in zip(grads, expected):
+        assert torch.allclose(ours, reference, atol=1e-10)
+
+
+def test_no_float_weight_is_saved_for_backward() -> None:
+    layer = QuantizedLayer(nn.Conv2d(8, 16, 3, padding=1), 8, ExpertRouter(1, 1000))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(2, 8, 6, 6)).sum()
+    shapes = [tuple(t.shape) for t in saved]
+    assert (16, 8, 3, 3) not in shapes and shapes  # input and scales only
+
+
+def test_int4_packing_round_trip() -> None:
+    codes = torch.randint(0, 16, (7, 3), dtype=torch.uint8)  # odd count
+    packed = pack_int4(codes)
+    assert packed.numel() == 11 and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, codes.numel()).reshape(7, 3), codes)
+    four, eight = _quantized(bits=4), _quantized(bits=8)
+    size = {bits: sum(layer.weight_codes.numel() for _, layer in quantized_layers(m)) for bits, m in ((4, four),
+                                                                                                       (8, eight))}
+    assert size[4] <= size[8] // 2 + len(quantized_layers(four))
+    weight = torch.randn(6, 10)
+    codes4, zero, scale = quantize_weight(weight, 4)
+    assert codes4.max() <= 15 and ((fake_quantize(weight, 4) - weight).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_scale_checkpoint_round_trip(tmp_path) -> None:
+    model = _quantized(bits=4, experts=2)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.mul_(1 + 0.05 * torch.randn_like(p))
+    path = save_scales(tmp_path / "scales.safetensors", model)
+    fresh = _quantized(bits=4, experts=2)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 800])
+    with torch.no_grad():
+        assert not torch.equal(fresh(x, t).sample, model(x, t).sample)
+        load_scales(fresh, path)
+        assert torch.equal(fresh(x, t).sample, model(x, t).sample)
+    assert path.stat().st_size < 0.2 * sum(p.numel() * 4 for p in _unet().parameters())
+    with pytest.raises(PaseError, match="quantized with"):
+        load_scales(_quantized(bits=8, experts=2), path)
+
+
+def test_streamed_quantization_equals_quantizing_the_built_model(tmp_path) -> None:
+    weights = save_weights(tmp_path / "w.safetensors", _unet(seed=5).state_dict())
+    with torch.device("meta"):
+        streamed = ZOO["unet-tiny"].build()
+    quantize_model(streamed, TuneQDMConfig(4, 2))
+    streamed = streamed.to_empty(device="cpu")
+    load_quantized_weights(streamed, weights)
+    built = _quantized(bits=4, seed=5)
+    for (name, a), (_, b) in zip(streamed.state_dict().items(), built.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(PaseError, match="8 or 4 bits"):
+        TuneQDMConfig(bits=3)
+    with pytest.raises(PaseError, match="already quantized"):
+        quantize_model(_quantized(), TuneQDMConfig())
