@@ -55,8 +55,8 @@ def whatif(
 
     if precision not in DTYPES:
         raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
-    if not samples > 0:
-        raise PaseError(f"--samples must be a positive number of training samples, not {samples:g}")
+    if not 0 < samples < float("inf"):
+        raise PaseError(f"--samples must be a positive, finite number of training samples, not {samples:g}")
     if batch < 1:
         raise PaseError(f"--batch must be at least 1, not {batch}")
     catalog = _catalog(gpu_file or [], gpu or [])

@@ -187,8 +187,8 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, ga
     least = priced.totals(lean.assignment)[3]
     if least > limit:
         raise PlanDoesNotFit(
-            f"no plan fits: the leanest needs {least / 2**30:.1f} GiB per device, and {cluster.gpu.id} leaves "
-            f"{limit / 2**30:.1f} GiB ({cluster.gpu.memory_gb:g} GB x memory fraction). Try more devices, a smaller "
+            f"no plan fits: the leanest needs {_size(least)} per device, and {cluster.gpu.id} leaves "
+            f"{_size(limit)} ({cluster.gpu.memory_gb:g} GB x memory fraction). Try more devices, a smaller "
             "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).",
             least, limit)
     step = max(sum(float(c.min()) for c in priced.compute), 1e-9)
@@ -221,7 +221,6 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
 
 
 SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)
-HUB_COMBO_LIMIT = 8  # with a gap > 0, at most this many hub combinations are searched exactly (the gap proved is shown)
 
 
 def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: float
@@ -235,8 +234,7 @@ def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: f
     """
     full = priced.cost_graph(memory_price, "plan", devices)
     try:
-        return solve(full, dtype=np.float32, gap=gap, max_table_entries=SEARCH_TABLE_BUDGET,
-                     hub_combo_limit=HUB_COMBO_LIMIT if gap > 0 else None), None
+        return solve(full, dtype=np.float32, gap=gap, max_table_entries=SEARCH_TABLE_BUDGET), None
     except TableBudgetExceeded as exceeded:
         peak = exceeded.peak
     keep = [np.flatnonzero(np.isin(space.factors.prod(axis=1), (1, devices))) for space in priced.spaces]
@@ -244,11 +242,15 @@ def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: f
                            [[full.configs[v][i] for i in k] for v, k in enumerate(keep)],
                            [full.vertex_costs[v][k] for v, k in enumerate(keep)],
                            [(s, d, m[np.ix_(keep[s], keep[d])]) for s, d, m in full.edges])
-    solution = solve(restricted, dtype=np.float32, gap=gap, hub_combo_limit=HUB_COMBO_LIMIT if gap > 0 else None)
+    solution = solve(restricted, dtype=np.float32, gap=gap)
     solution.assignment = [int(keep[v][c]) for v, c in enumerate(solution.assignment)]
     return solution, (f"configurations leaving devices idle were left out: exact search over them would build "
                       f"tables of {peak:,.0f} entries (budget {SEARCH_TABLE_BUDGET:,}); the plan is optimal "
                       "over configurations that use all devices or one")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _memory_only(priced: PricedGraph, name: str, devices: int) -> CostGraph:

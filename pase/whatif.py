@@ -80,6 +80,7 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
                         interconnect=_interconnect(cluster), dollars_per_hour=price * cluster.world_size
                         if price is not None else None,
                         price_source=(cluster.price.source or cluster.price.as_of) if cluster.price else "")
+    steps = [k for k in range(1, batch + 1) if batch % k == 0]  # micro-steps per step: divisors of the batch
     accumulation = 1
     while True:
         micro = batch // accumulation
@@ -87,12 +88,14 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
             plan = _best_plan(graph_at(micro), cluster, options, pipeline)
             break
         except PlanDoesNotFit as exc:
-            # memory falls at most in proportion to the micro-batch: jump there, then keep doubling
+            # memory falls at most in proportion to the micro-batch: jump at least that far, then on
             over = exc.least_bytes / exc.limit_bytes if exc.limit_bytes else 2.0
-            accumulation *= 2 ** max(1, math.ceil(math.log2(max(over, 1.0))))
-            if batch % accumulation or batch // accumulation < 1:
-                row.note = f"does not fit even with gradient accumulation: {exc}"
+            wanted = accumulation * max(over, 1.0)
+            larger = [k for k in steps if k > accumulation]
+            if not larger:
+                row.note = f"does not fit even one sample per micro-step: {exc}"
                 return row
+            accumulation = next((k for k in larger if k >= wanted), larger[-1])
     graph = graph_at(micro)
     step = plan.predicted.step_seconds * accumulation
     flops = float(graph.meta.get("flops_fwd", 0) + graph.meta.get("flops_bwd", 0)) * accumulation
@@ -128,8 +131,8 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
 
     ``pipeline`` adds pipeline stages to the requested clusters and their PCIe-only twins; the
     scaling curves compare per-layer plans only, so every point is planned the same way."""
-    if not samples > 0:
-        raise PaseError(f"--samples must be a positive number of training samples, not {samples:g}")
+    if not 0 < samples < math.inf:
+        raise PaseError(f"--samples must be a positive, finite number of training samples, not {samples:g}")
     if batch < 1:
         raise PaseError(f"--batch must be at least 1, not {batch}")
     options = replace(options, search_gap=0.0, memory_bisections=3)
@@ -252,12 +255,16 @@ def _without_nvlink(cluster: Cluster, catalog: Catalog) -> Cluster:
 
 
 def _mark_scaling(points: list[ClusterResult]) -> None:
-    """A point that predicts fewer samples/s than a smaller one is communication-bound by definition."""
-    best = 0.0
+    """Mark a point that predicts fewer samples/s than a smaller one: communication-bound when its
+    communication share grew, otherwise an unexplained drop, said in its note."""
+    best: ClusterResult | None = None
     for point in points:
         if not point.fits:
             continue
-        if point.samples_per_second < best:
-            point.communication_bound = True
-            point.note = (point.note + "; " if point.note else "") + "fewer samples/s than with fewer GPUs"
-        best = max(best, point.samples_per_second)
+        if best is not None and point.samples_per_second < best.samples_per_second:
+            grew = (point.communication_share or 0.0) > (best.communication_share or 0.0)
+            point.communication_bound = point.communication_bound or grew
+            why = "communication grows faster than compute shrinks" if grew else "not explained by communication"
+            point.note = (point.note + "; " if point.note else "") + f"fewer samples/s than {best.devices} GPUs ({why})"
+        if best is None or point.samples_per_second > best.samples_per_second:
+            best = point

@@ -166,10 +166,22 @@ def test_hub_bounds_keep_their_promise(hubs: int) -> None:
         tight = solve(graph, hub_degree=3, gap=1e-12)
         assert tight.optimum == pytest.approx(exact, abs=1e-9)
         loose = solve(graph, hub_degree=3, gap=0.2)
-        assert exact >= loose.optimum * (1 - loose.stats.proved_gap) - 1e-9
-        assert loose.stats.proved_gap <= 0.2 + 1e-12 and loose.optimum <= exact / (1 - 0.2) + 1e-9
+        assert loose.optimum <= exact * (1 + loose.stats.proved_gap) + 1e-9  # the certificate holds
+        assert loose.stats.proved_gap <= 0.2 + 1e-12 and loose.optimum <= exact * 1.2 + 1e-9
         bounded += bool(tight.stats.conditioned_on)
     assert bounded > 10
+
+
+def test_the_gap_bounds_the_cost_from_above() -> None:
+    """A hub whose cheap configuration the relaxation cannot see: gap 0.3 may stop early, but never above 1.3x."""
+    flip = np.array([[0.0, 5.0], [5.0, 0.0]])
+    graph = CostGraph("gap", 1, ["hub", "a", "b"], ["op"] * 3, [[[0], [1]]] * 3,
+                      [np.array([1.0, 0.71]), np.zeros(2), np.zeros(2)], [(0, 1, flip), (0, 2, flip)])
+    exact = brute_force(graph).optimum
+    for gap in (0.3, 0.5, 1e-9):
+        found = solve(graph, hub_degree=2, gap=gap)
+        assert found.optimum <= exact * (1 + gap) + 1e-12
+        assert found.optimum <= exact * (1 + found.stats.proved_gap) + 1e-12
 
 
 def test_an_incumbent_only_removes_configurations_that_cannot_win() -> None:

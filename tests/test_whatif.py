@@ -41,6 +41,28 @@ def test_more_gpus_never_predict_fewer_samples_unless_marked(report) -> None:
             best = max(best, point.samples_per_second)
 
 
+def test_a_drop_is_called_communication_bound_only_when_communication_grew() -> None:
+    from pase.whatif import ClusterResult, _mark_scaling
+
+    def point(n: int, rate: float, share: float) -> ClusterResult:
+        return ClusterResult(f"{n}xX", "X", n, True, samples_per_second=rate, communication_share=share)
+
+    grew, flat = [point(1, 100, 0.1), point(2, 90, 0.6)], [point(1, 100, 0.1), point(2, 90, 0.05)]
+    _mark_scaling(grew)
+    _mark_scaling(flat)
+    assert grew[1].communication_bound and not flat[1].communication_bound
+    assert "not explained" in flat[1].note
+
+
+def test_accumulation_takes_any_divisor_of_the_batch() -> None:
+    """Batch 3 on a GPU that holds one sample: 3 micro-steps, not 'does not fit' for want of a power of two."""
+    result = _whatif("--batch", "3", "--clusters", "1xTiny", "--gpu", "Tiny:bf16_tflops=50,fp32_tflops=10,"
+                     "memory_gb=0.02,memory_bw_gbps=500,price=1", "--no-interconnect", "--json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)["clusters"][0]
+    assert row["fits"] and row["accumulation"] == 3
+
+
 def test_nvlink_never_predicts_slower_than_pcie(report) -> None:
     assert {pair["cluster"] for pair in report.interconnect} == {"8xH100-SXM", "4xA100-80GB-SXM"}  # L40S has none
     for pair in report.interconnect:
@@ -91,8 +113,9 @@ def test_html_is_well_formed_and_names_every_cluster(report, tmp_path) -> None:
 
 
 def _whatif(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pase", "whatif", "--model", "unet-tiny", "--batch", "64",
-                           "--no-scaling", *args], capture_output=True, text=True, timeout=240)
+    batch = () if "--batch" in args else ("--batch", "64")
+    return subprocess.run([sys.executable, "-m", "pase", "whatif", "--model", "unet-tiny", *batch, "--no-scaling",
+                           *args], capture_output=True, text=True, timeout=240)
 
 
 def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
@@ -110,6 +133,7 @@ def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
 @pytest.mark.parametrize(("args", "needle"), [
     (("--clusters", "8xH900"), "H900"),
     (("--samples", "0"), "--samples must be a positive"),
+    (("--samples", "inf"), "--samples must be a positive"),
     (("--price", "H100-SXM=free"), "GPU=DOLLARS_PER_GPU_HOUR"),
     (("--gpu", "Odd:memory_gb=8"), "lacks"),
 ])

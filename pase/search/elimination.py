@@ -49,7 +49,7 @@ class SearchStats:
     pruned_configs: int = 0
     seconds: float = 0.0
     conditioned_on: list[str] = field(default_factory=list)  # hub vertices fixed outside the elimination
-    proved_gap: float = 0.0  # relative: the optimum is at least (1 - proved_gap) x the returned cost
+    proved_gap: float = 0.0  # relative: the returned cost is at most (1 + proved_gap) x the optimum
     hub_combos_solved: int = 0  # hub configuration combinations searched exactly
 
 
@@ -179,7 +179,7 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
     re-evaluated in float64, but float32 sums may break near-ties differently (the planner uses it
     on estimated costs; the cost-graph CLI keeps float64).
 
-    ``gap`` > 0 allows a solution proved within that relative distance of the optimum when the
+    ``gap`` > 0 allows a solution proved at most (1 + gap) x the optimum when the
     search conditions on hubs: instead of every hub combination, it solves one relaxation in which
     each hub edge picks its own hub configuration (a lower bound), evaluates its assignment under
     every combination (an upper bound), and searches combinations exactly only while their bound
@@ -221,7 +221,7 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
         rest_order = [v for v in elimination_order(sizes, rest_neighbours) if v not in hubs]
         combos = prod(sizes[h] for h in hubs)
         rest_work, rest_peak, rest_at = _order_work(sizes, rest_neighbours, rest_order)
-        if gap > 0 and rest_peak < plain_peak:
+        if gap > 0 and rest_peak < plain_peak and combos <= max_table_entries:
             _check_budget(graph, rest_peak, rest_at, max_table_entries)
             return _solve_hub_bounded(graph, factors, sizes, kept, hubs, rest_order, stats, started, dtype, gap,
                                       hub_combo_limit)
@@ -381,7 +381,7 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
     remaining = best_value
     for position, flat in enumerate(order):
         remaining = float(unsearched_floor[position])
-        if remaining >= best_value - gap * abs(best_value):
+        if best_value <= remaining + gap * abs(remaining):  # best <= (1 + gap) x any unsearched bound
             break
         if combo_limit is not None and stats.hub_combos_solved >= combo_limit:
             break
@@ -396,7 +396,7 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
                 best_choice[h] = c
     else:
         remaining = best_value  # every combination was searched: exact
-    stats.proved_gap = max(0.0, (best_value - remaining) / abs(best_value)) if best_value else 0.0
+    stats.proved_gap = max(0.0, (best_value - remaining) / abs(remaining)) if remaining else 0.0
     return _finish(graph, kept, best_choice, hubs, order_of_rest, stats, started)
 
 
