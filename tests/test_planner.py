@@ -192,7 +192,8 @@ def test_a_plan_that_cannot_fit_says_what_would() -> None:
     with pytest.raises(PlanDoesNotFit) as info:
         plan_graph(graph, tiny_gpu)
     message = str(info.value)
-    assert "GiB per device" in message and "--checkpoint" in message and "--fsdp" in message
+    assert "MiB per device" in message and "--checkpoint" in message and "--fsdp" in message
+    assert info.value.least_bytes > info.value.limit_bytes > 0
 
 
 def test_memory_limit_is_enforced() -> None:
