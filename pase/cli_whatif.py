@@ -38,8 +38,9 @@ def whatif(
                                                         "the catalog's format).")] = None,
     scaling: Annotated[bool, typer.Option(help="Add the 1..N GPU scaling curve per GPU type.")] = True,
     interconnect: Annotated[bool, typer.Option(help="Add the same GPUs with NVLink removed.")] = True,
-    pipeline: Annotated[bool, typer.Option(help="Search pipeline stages x data parallelism for each cluster "
-                                           "(the scaling curves stay per-layer).")] = True,
+    pipeline: Annotated[bool, typer.Option(help="Also search pipeline stages x data parallelism for each cluster "
+                                           "and its PCIe twin (the scaling curves stay per-layer); several "
+                                           "times slower.")] = False,
     memory_fraction: Annotated[float, typer.Option(min=0.05, max=1.0, help="Share of GPU memory a plan may "
                                                    "use.")] = 0.9,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report here.")] = None,

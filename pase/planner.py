@@ -53,6 +53,7 @@ class PlanOptions:
     min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
     search_gap: float = 5e-3  # relative distance from the optimum the search may stop at (0: exact, slower)
     memory_bisections: int = 8  # refinements of the memory price when the limit binds (each is one search)
+    baselines: bool = True  # price DDP and FSDP beside the plan (reports that compare clusters skip them)
 
     def __post_init__(self) -> None:
         if self.only not in (None, *ONLY_KINDS):
@@ -149,7 +150,7 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     searched = time.perf_counter()
     predicted = _prediction(priced, assignment, graph.batch)
     baselines, notes = {}, {}
-    for name, fsdp in (("ddp", False), ("fsdp", True)):
+    for name, fsdp in (("ddp", False), ("fsdp", True)) if options.baselines else ():
         baselines[name], note = _baseline(graph, cluster, rates, options, fsdp=fsdp, limit=limit)
         if note:
             notes[name] = note

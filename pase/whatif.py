@@ -81,21 +81,35 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
                         if price is not None else None,
                         price_source=(cluster.price.source or cluster.price.as_of) if cluster.price else "")
     steps = [k for k in range(1, batch + 1) if batch % k == 0]  # micro-steps per step: divisors of the batch
-    accumulation = 1
-    while True:
-        micro = batch // accumulation
+    accumulation, plan = 1, None
+    while plan is None:
         try:
-            plan = _best_plan(graph_at(micro), cluster, options, pipeline)
-            break
+            plan = plan_graph(graph_at(batch // accumulation), cluster, options=options)
         except PlanDoesNotFit as exc:
             # memory falls at most in proportion to the micro-batch: jump at least that far, then on
             over = exc.least_bytes / exc.limit_bytes if exc.limit_bytes else 2.0
             wanted = accumulation * max(over, 1.0)
             larger = [k for k in steps if k > accumulation]
             if not larger:
-                row.note = f"does not fit even one sample per micro-step: {exc}"
-                return row
+                if not pipeline:
+                    row.note = f"does not fit even one sample per micro-step: {exc}"
+                    return row
+                accumulation = steps[-1]
+                break
             accumulation = next((k for k in larger if k >= wanted), larger[-1])
+    if pipeline and cluster.world_size > 1:
+        # stages hold a part of the weights: a pipeline may fit with fewer micro-steps, or be faster at as many
+        smaller = [k for k in steps if k < accumulation]
+        candidates = {accumulation, *smaller[-1:]}
+        for k in sorted(candidates):
+            staged = _pipelined(graph_at(batch // k), cluster, options)
+            if staged is not None and (plan is None or staged.predicted.step_seconds * k
+                                       < plan.predicted.step_seconds * accumulation):
+                plan, accumulation = staged, k
+        if plan is None:
+            row.note = "does not fit even one sample per micro-step, with or without pipeline stages"
+            return row
+    micro = batch // accumulation
     graph = graph_at(micro)
     step = plan.predicted.step_seconds * accumulation
     flops = float(graph.meta.get("flops_fwd", 0) + graph.meta.get("flops_bwd", 0)) * accumulation
@@ -126,7 +140,7 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
 
 def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], batch: int, samples: float,
                options: PlanOptions, catalog: Catalog, *, scaling: bool = True, interconnect: bool = True,
-               pipeline: bool = True, progress: Callable[[str], None] | None = None) -> WhatIfReport:
+               pipeline: bool = False, progress: Callable[[str], None] | None = None) -> WhatIfReport:
     """Every cluster, the scaling curves and the NVLink/PCIe pairs; ``progress`` hears each step.
 
     ``pipeline`` adds pipeline stages to the requested clusters and their PCIe-only twins; the
@@ -135,7 +149,7 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
         raise PaseError(f"--samples must be a positive, finite number of training samples, not {samples:g}")
     if batch < 1:
         raise PaseError(f"--batch must be at least 1, not {batch}")
-    options = replace(options, search_gap=0.0, memory_bisections=3)
+    options = replace(options, search_gap=0.0, memory_bisections=3, baselines=False)
     tasks: list[tuple[str, Cluster, bool]] = [("cluster", c, pipeline) for c in clusters]
     if scaling:
         for gpu_id, largest in _largest_per_gpu(clusters).items():
@@ -171,12 +185,14 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
     return report
 
 
-def _best_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, pipeline: bool) -> Any:
-    if not pipeline or cluster.world_size < 2:
-        return plan_graph(graph, cluster, options=options)
+def _pipelined(graph: LayerGraph, cluster: Cluster, options: PlanOptions) -> Any:
+    """The best plan with pipeline stages considered (None when nothing fits)."""
     from pase.pipeline_planner import plan_with_pipeline
 
-    return plan_with_pipeline(graph, cluster, options=options)[0]
+    try:
+        return plan_with_pipeline(graph, cluster, options=options)[0]
+    except PlanDoesNotFit:
+        return None
 
 
 def summarize(rows: list[ClusterResult]) -> str:

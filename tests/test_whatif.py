@@ -120,7 +120,7 @@ def _whatif(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
     result = _whatif("--clusters", "2xH100-SXM,2xTiny", "--gpu", "Tiny:bf16_tflops=50,fp32_tflops=10,memory_gb=0.001,"
-                     "memory_bw_gbps=500", "--price", "H100-SXM=2", "--json")
+                     "memory_bw_gbps=500", "--price", "H100-SXM=2", "--pipeline", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["cluster"]: row for row in json.loads(result.stdout)["clusters"]}
     assert rows["2xH100-SXM"]["fits"] and rows["2xH100-SXM"]["dollars_per_hour"] == pytest.approx(4.0)
