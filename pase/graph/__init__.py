@@ -97,7 +97,10 @@ def extract_model(
     with torch.device("meta"):
         model = spec.build()
     if any(p.dtype != dtype for p in model.parameters()):
-        model = model.to(dtype)
+        from pase.graph.capture import quiet_torch_logs
+
+        with quiet_torch_logs():  # diffusers warns about fp32-only modules even when there are none
+            model = model.to(dtype)
     args, kwargs = spec.example_inputs(batch, dtype=dtype, device="meta", shapes=input_shapes)
     graph = extract(model, args, kwargs, method=method, name=name)
     if key is not None and (not any_batch or graph.batch >= 2):  # batch 1 cannot be rescaled (see rescale)

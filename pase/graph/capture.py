@@ -58,7 +58,7 @@ def capture(
     failures: list[tuple[str, BaseException]] = []
     for name in methods:
         try:
-            with _quiet_torch_logs():
+            with quiet_torch_logs():
                 return _FRONT_ENDS[name](model, args, kwargs or {})
         except Exception as exc:  # noqa: BLE001 - every capture failure is explained below
             _raise_if_shape_error(model, args, kwargs or {}, exc)
@@ -67,7 +67,7 @@ def capture(
 
 
 @contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
+def quiet_torch_logs() -> Iterator[None]:
     """A failed export logs warnings and prints its partial graph to stderr; our error explains it instead.
 
     Set PASE_DEBUG=1 to see torch's own output.
