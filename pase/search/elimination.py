@@ -306,22 +306,28 @@ def _finish(graph: CostGraph, kept: list[np.ndarray], choice: list[int], hubs: l
     return Solution(graph.objective(assignment), assignment, stats)
 
 
+def _solve_combo(factors: list[Factor], fixed: dict[int, int], sizes: list[int], order: list[int],
+                 stats: SearchStats, dtype: type) -> tuple[float, list[int]]:
+    """The optimum with the hubs in ``fixed`` at their configurations, and its choice (hubs included)."""
+    conditioned, constant = _condition(factors, fixed)
+    if not np.isfinite(constant):
+        return float("inf"), []
+    stats.hub_combos_solved += 1
+    value, choice = _eliminate_all(conditioned, sizes, order, stats, dtype)
+    for h, c in fixed.items():
+        choice[h] = c
+    return constant + value, choice
+
+
 def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int], kept: list[np.ndarray],
                        hubs: list[int], order: list[int], stats: SearchStats, started: float,
                        dtype: type) -> Solution:
     """min over hub configurations of (hub costs + optimum of the rest with the hubs fixed)."""
     best_value, best_choice = float("inf"), None
     for combo in itertools.product(*(range(sizes[h]) for h in hubs)):
-        fixed = dict(zip(hubs, combo))
-        conditioned, constant = _condition(factors, fixed)
-        if not np.isfinite(constant):
-            continue
-        stats.hub_combos_solved += 1
-        value, choice = _eliminate_all(conditioned, sizes, order, stats, dtype)
-        if constant + value < best_value:
-            best_value, best_choice = constant + value, choice
-            for h, c in fixed.items():
-                best_choice[h] = c
+        value, choice = _solve_combo(factors, dict(zip(hubs, combo)), sizes, order, stats, dtype)
+        if value < best_value:
+            best_value, best_choice = value, choice
     if best_choice is None or not np.isfinite(best_value):
         raise PaseError("no assignment has a finite cost: every combination is infeasible")
     return _finish(graph, kept, best_choice, hubs, order, stats, started)
@@ -386,14 +392,10 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
         if combo_limit is not None and stats.hub_combos_solved >= combo_limit:
             break
         combo = np.unravel_index(int(flat), shape)
-        fixed = {h: int(c) for h, c in zip(hubs, combo)}
-        conditioned, constant = _condition(factors, fixed)
-        stats.hub_combos_solved += 1
-        value, found = _eliminate_all(conditioned, sizes, order_of_rest, stats, dtype)
-        if constant + value < best_value:
-            best_value, best_choice = constant + value, found
-            for h, c in fixed.items():
-                best_choice[h] = c
+        value, found = _solve_combo(factors, {h: int(c) for h, c in zip(hubs, combo)}, sizes, order_of_rest, stats,
+                                    dtype)
+        if value < best_value:
+            best_value, best_choice = value, found
     else:
         remaining = best_value  # every combination was searched: exact
     stats.proved_gap = max(0.0, (best_value - remaining) / abs(remaining)) if remaining else 0.0
