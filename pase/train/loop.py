@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pase.errors import PaseError
+from pase.runtime.state import ShardMap
 from pase.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -71,6 +73,7 @@ class LoopConfig:
     resume: bool = False
     progress: bool = True
     description: str = "train"
+    autocast: str | None = None  # "bf16": bf16 autocast of the forward (CUDA only; CPU runs fp32)
 
     def validate(self, group_size: int) -> None:
         if self.steps < 1:
@@ -211,17 +214,27 @@ def fit(
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     if not named:
         raise PaseError("the model has no trainable parameters (nothing requires grad); check the strategy")
+    trainable = sum(p.numel() for _, p in named)
     model.to(group.device)
-    groups = param_groups or [{"params": [param for _, param in named]}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    ema = EMA(named, config.ema_decay) if config.ema_decay else None
     job = dict(job or {})
-    start, previous, resumed_from = 0, [], None
+    start, previous, resumed_from, checkpoint = 0, [], None, None
     if config.resume and config.checkpoint_dir is not None and (path := latest_checkpoint(config.checkpoint_dir)):
-        start, previous = _restore(path, model, named, optimizer, ema, job)
-        resumed_from = path
-    optimizer.zero_grad(set_to_none=True)
+        checkpoint = _restore_params(path, named, job)  # full tensors, before parallelize shards them
+        start, previous, resumed_from = checkpoint.step, list(checkpoint.settings.get("recent_losses", [])), path
     wrapped = parallelize(model, group)
+    shards = ShardMap(wrapped)  # the trainable parameters as parallelize left them (shards under a plan)
+    if param_groups is not None and shards.sharded:
+        raise PaseError("this strategy keeps its own optimizer groups, which cannot follow parameters that the plan "
+                        "shards; run it under a data-parallel plan (pase plan --only dp)")
+    groups = param_groups or [{"params": [param for _, param in shards.named]}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(shards.named, config.ema_decay) if config.ema_decay else None
+    if checkpoint is not None:
+        _restore_state(checkpoint, shards, optimizer, ema)
+    optimizer.zero_grad(set_to_none=True)
+    runner = getattr(wrapped, "pase_step", None)  # a pipeline runs forward and backward in its schedule
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if config.autocast == "bf16" and \
+        group.device.type == "cuda" else nullcontext()
     batches = loader(dataset, config.batch // group.size, group.rank, group.size, config.seed, start)
     losses: list[float] = []
     seconds: list[float] = []
@@ -230,10 +243,13 @@ def fit(
         for step in range(start, config.steps):
             began = time.perf_counter()
             x0 = next(batches).to(group.device, non_blocking=True)
-            loss = objective(wrapped, x0, step_generator(config.seed, step, group.rank))
-            loss.backward()
+            generator = step_generator(config.seed, step, group.rank)
+            with amp:
+                loss = runner(objective, x0, generator) if runner else objective(wrapped, x0, generator)
+            if runner is None:
+                loss.backward()
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
+                shards.clip_grad_norm_(config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
             if ema is not None:
@@ -244,38 +260,60 @@ def fit(
             seconds.append(time.perf_counter() - began)
             progress.advance(step + 1, losses[-1], config.batch / seconds[-1])
             due = step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
-            if config.checkpoint_dir is not None and group.rank == 0 and due:
-                _save(config, step + 1, named, optimizer, ema, job, (previous + losses)[-10:])
+            if config.checkpoint_dir is not None and due and (group.rank == 0 or shards.sharded):
+                _save(config, step + 1, shards, optimizer, ema, job, (previous + losses)[-10:], group.rank == 0)
     finally:
         progress.close()
+    ema_state = {k: v.clone() for k, v in shards.full_named(ema.shadow).items()} if ema else {}
     del wrapped
     timed = seconds[1:] or seconds
     median = statistics.median(timed) if timed else 0.0
     tail = (previous + losses)[-10:]  # the last 10 steps, across a resume
-    optimizer_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-                          if isinstance(v, torch.Tensor))
+    optimizer_bytes = sum(_local(v).numel() * v.element_size() for state in optimizer.state.values()
+                          for v in state.values() if isinstance(v, torch.Tensor))
     return TrainResult(max(start, config.steps), len(losses), sum(tail) / len(tail) if tail else float("nan"), losses,
-                       median, config.batch / median if median else 0.0,
-                       {k: v.detach().clone() for k, v in ema.state().items()} if ema else {}, resumed_from,
-                       sum(p.numel() for _, p in named), sum(p.numel() * p.element_size() for _, p in named),
-                       optimizer_bytes)
+                       median, config.batch / median if median else 0.0, ema_state, resumed_from, trainable,
+                       sum(_local(p).numel() * p.element_size() for _, p in shards.named), optimizer_bytes)
 
 
-def _save(config: LoopConfig, step: int, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-          ema: EMA | None, job: dict[str, Any], recent: list[float]) -> None:
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard; a plain tensor itself)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _save(config: LoopConfig, step: int, shards: ShardMap, optimizer: torch.optim.Optimizer, ema: EMA | None,
+          job: dict[str, Any], recent: list[float], write: bool) -> None:
+    """Gather the full parameters, optimizer state and EMA (collective when the plan shards them); rank 0 writes."""
     assert config.checkpoint_dir is not None
+    params = shards.full_named(p for _, p in shards.named)
+    ema_state = shards.full_named(ema.shadow) if ema else {}
+    optimizer_state = _full_optimizer_state(optimizer, shards)
+    if not write:
+        return
     settings = {"job": job, "loop": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
                 "recent_losses": recent}
-    save_checkpoint(step_path(config.checkpoint_dir, step),
-                    Checkpoint(step, {name: param for name, param in named}, ema.state() if ema else {},
-                               optimizer.state_dict(), settings))
+    save_checkpoint(step_path(config.checkpoint_dir, step), Checkpoint(step, params, ema_state, optimizer_state,
+                                                                       settings))
     old = sorted(Path(config.checkpoint_dir).glob("step-*.safetensors"))[:-config.keep_checkpoints]
     for path in old:
         path.unlink(missing_ok=True)
 
 
-def _restore(path: Path, model: nn.Module, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-             ema: EMA | None, job: dict[str, Any]) -> tuple[int, list[float]]:
+def _optimizer_names(optimizer: torch.optim.Optimizer, shards: ShardMap) -> list[str]:
+    """The parameter name of each index of ``optimizer.state_dict()`` (the order of its parameter groups)."""
+    names = {id(param): name for name, param in shards.named}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _full_optimizer_state(optimizer: torch.optim.Optimizer, shards: ShardMap) -> dict[str, Any]:
+    state = optimizer.state_dict()
+    names = _optimizer_names(optimizer, shards)
+    full = {index: {key: shards.full(names[index], value) if isinstance(value, torch.Tensor) else value
+                    for key, value in values.items()} for index, values in sorted(state["state"].items())}
+    return {"state": full, "param_groups": state["param_groups"]}
+
+
+def _restore_params(path: Path, named: list[tuple[str, nn.Parameter]], job: dict[str, Any]) -> Checkpoint:
     checkpoint = load_checkpoint(path)
     saved_job = checkpoint.settings.get("job", {})
     if saved_job != job:
@@ -290,13 +328,24 @@ def _restore(path: Path, model: nn.Module, named: list[tuple[str, nn.Parameter]]
     with torch.no_grad():
         for name, param in named:
             param.copy_(checkpoint.model[name])
+    return checkpoint
+
+
+def _restore_state(checkpoint: Checkpoint, shards: ShardMap, optimizer: torch.optim.Optimizer,
+                   ema: EMA | None) -> None:
+    """The optimizer state and EMA of a checkpoint (full tensors), as this rank's parts."""
+    params = dict(shards.named)
     if checkpoint.optimizer is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        names = _optimizer_names(optimizer, shards)
+        state = {index: {key: shards.local(names[index], value, params[names[index]])
+                         if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+                         for key, value in values.items()} for index, values in checkpoint.optimizer["state"].items()}
+        optimizer.load_state_dict({"state": state, "param_groups": checkpoint.optimizer["param_groups"]})
     if ema is not None:
         if not checkpoint.ema:
-            raise CheckpointError(f"{path} has no EMA weights but --ema is on; resume without --ema or start anew")
-        ema.load(checkpoint.ema)
-    return checkpoint.step, list(checkpoint.settings.get("recent_losses", []))
+            raise CheckpointError("the checkpoint has no EMA weights but --ema is on; resume without --ema or start "
+                                  "anew")
+        ema.load({name: shards.local(name, checkpoint.ema[name], params[name]) for name in ema.names})
 
 
 class _Progress:
