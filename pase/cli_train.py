@@ -125,6 +125,7 @@ def train(
     init_seed: Annotated[int, typer.Option(help="Seed of the random starting weights.")] = 0,
     out: OutOpt = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: at the end only).")] = 0,
+    keep_checkpoints: Annotated[int, typer.Option(min=0, help="Checkpoints kept in OUT (0: all).")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
     plan: PlanOpt = None,
     precision: PrecisionOpt = "auto",
@@ -140,7 +141,8 @@ def train(
                          image_size=image_size, steps=steps,
                          batch=batch, lr=lr,
                          weight_decay=weight_decay, ema=ema, seed=seed, out=out, checkpoint_every=checkpoint_every,
-                         resume=resume, progress=not no_progress, init=init, init_seed=init_seed)
+                         keep_checkpoints=keep_checkpoints, resume=resume, progress=not no_progress, init=init,
+                         init_seed=init_seed)
     with distributed_session() as env:
         report = run_train(options, env)
         if env.is_main:

@@ -48,6 +48,7 @@ class JobOptions:
     seed: int = 0
     out: Path | None = None
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2  # 0: keep every checkpoint
     resume: bool = False
     progress: bool = True
     init: Path | None = None  # pretrained weights (a safetensors state dict); default: seeded random weights
@@ -77,7 +78,8 @@ def _loop_config(options: JobOptions, description: str, autocast: str | None = N
     return LoopConfig(steps=options.steps, batch=options.batch, lr=options.lr, weight_decay=options.weight_decay,
                       ema_decay=options.ema, grad_clip=options.grad_clip, seed=options.seed,
                       checkpoint_dir=options.out / "checkpoints" if options.out else None,
-                      checkpoint_every=options.checkpoint_every, resume=options.resume, progress=options.progress,
+                      checkpoint_every=options.checkpoint_every, keep_checkpoints=options.keep_checkpoints,
+                      resume=options.resume, progress=options.progress,
                       description=description, autocast=autocast)
 
 
@@ -176,7 +178,9 @@ def _report(options: JobOptions, env: DistEnv, result: TrainResult, memory: Peak
             trainable: int, total: int, grad_and_optimizer: int, outputs: list[str], **extra: Any) -> dict[str, Any]:
     head = {"model": options.model, "data": options.data, "steps": result.steps, "steps_run": result.steps_run,
             "batch": options.batch, "world_size": env.world, "device": str(env.device),
-            "step_seconds": result.step_seconds, "samples_per_second": result.samples_per_second,
+            "step_seconds": result.step_seconds,
+            "samples_per_second": result.samples_per_second,
+            "initial_loss": sum(result.losses[:10]) / len(result.losses[:10]) if result.losses else None,
             "memory_method": memory.method, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
             "outputs": outputs, **extra}
     tail = {"strategy": strategy, "trainable_params": int(trainable), "total_params": int(total),
@@ -216,7 +220,9 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
     if options.strategy == "full":
         report = _finetune_full(options, env, spec, train, planned_parallelize, loader, autocast)
     elif options.strategy == "tuneqdm":
-        report = _finetune_tuneqdm(options, env, spec, train, planned_parallelize, loader, autocast)
+        # check_plan admits only data-parallel plans for TuneQDM: they run as the job's own DDP, which
+        # tolerates the experts that get no gradient in a step (find_unused_parameters)
+        report = _finetune_tuneqdm(options, env, spec, train, parallelize, loader, autocast)
     else:
         report = _finetune_deme(options, env, spec, train, held_out, planned_parallelize, loader, autocast,
                                 single_group=planned is not None)

@@ -87,11 +87,16 @@ def job_settings(plan: Plan, model: str | None, batch: int | None) -> tuple[str,
 
 def check_plan(plan: Plan, env: DistEnv, spec: ModelSpec, strategy: str) -> PlannedRun:
     """Refuse a plan for another world size, model or strategy before any work starts."""
+    from pase.graph import extract_model
+    from pase.models.zoo import ZOO
     from pase.runtime.checks import check_model, check_world, model_graph
 
     check_world(plan, env.world)
-    with torch.device("meta"):
-        graph = model_graph(spec.build(), plan)
+    if spec.name in ZOO:  # the job builds the zoo config: its graph comes from the on-disk graph cache
+        graph = extract_model(spec.name, plan.batch, use_cache=True)
+    else:
+        with torch.device("meta"):
+            graph = model_graph(spec.build(), plan)
     check_model(plan, graph)
     run = PlannedRun(plan, graph)
     kind = run.kind
