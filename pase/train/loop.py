@@ -139,12 +139,20 @@ def epsilon_objective(num_train_timesteps: int = 1000, sort_timesteps: bool = Fa
     distribution); models that group samples by timestep (TuneQDM's experts) then get contiguous groups."""
     alphas_cumprod = ddpm_alphas_cumprod(num_train_timesteps)
 
-    def loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def prepare(x0: torch.Tensor, generator: torch.Generator) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         noise = draw_noise(x0, generator)
         t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
         t = (t.sort().values if sort_timesteps else t).to(x0.device)
-        return F.mse_loss(model_output(model(add_noise(x0, noise, t, alphas_cumprod), t)), noise)
+        return (add_noise(x0, noise, t, alphas_cumprod), t), noise
 
+    def criterion(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(model_output(prediction), noise)
+
+    def loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        inputs, noise = prepare(x0, generator)
+        return criterion(model(*inputs), noise)
+
+    loss.prepare, loss.criterion = prepare, criterion  # split for pipeline stages (forward and loss on other ranks)
     return loss
 
 
@@ -235,7 +243,9 @@ def fit(
     runner = getattr(wrapped, "pase_step", None)  # a pipeline runs forward and backward in its schedule
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if config.autocast == "bf16" and \
         group.device.type == "cuda" else nullcontext()
-    batches = loader(dataset, config.batch // group.size, group.rank, group.size, config.seed, start)
+    # a pipeline replica's ranks all see its whole batch: they are one data-parallel rank
+    data_rank, data_size = getattr(wrapped, "pase_data_parallel", (group.rank, group.size))
+    batches = loader(dataset, config.batch // data_size, data_rank, data_size, config.seed, start)
     losses: list[float] = []
     seconds: list[float] = []
     progress = _Progress(config, start, group.reporter)
@@ -243,7 +253,7 @@ def fit(
         for step in range(start, config.steps):
             began = time.perf_counter()
             x0 = next(batches).to(group.device, non_blocking=True)
-            generator = step_generator(config.seed, step, group.rank)
+            generator = step_generator(config.seed, step, data_rank)
             with amp:
                 loss = runner(objective, x0, generator) if runner else objective(wrapped, x0, generator)
             if runner is None:
