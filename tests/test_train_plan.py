@@ -130,9 +130,10 @@ def test_sigkilled_run_resumes_with_identical_parameters(plans, long_run, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("only", ["fsdp", "tensor"])
+@pytest.mark.parametrize("only", ["fsdp", "tensor", "pipeline"])
 def test_resume_under_sharded_plans_is_exact(only: str, tmp_path) -> None:
-    """Checkpoints gather FSDP2 and channel shards to full tensors; a resumed run matches an uninterrupted one."""
+    """Checkpoints gather FSDP2 shards, channel shards and pipeline stages to full tensors; a resumed run matches an
+    uninterrupted one bit for bit."""
     plan = make_plan(tmp_path, only)
     train(plan, tmp_path / "a", 6, "--checkpoint-every", "2")
     train(plan, tmp_path / "b", 4, "--checkpoint-every", "2")

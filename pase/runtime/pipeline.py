@@ -113,7 +113,7 @@ class PipelineModel(nn.Module):
 
 
 def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, example_inputs: tuple | None = None,
-                         batch: int | None = None) -> PipelineModel:
+                         batch: int | None = None, image_size: int | None = None) -> PipelineModel:
     """This rank's stage of ``plan``'s pipeline over the world (one pipeline replica, one rank per stage).
 
     ``example_inputs``: ``(sample, timestep)`` of one microbatch for the tracer (default: the zoo
@@ -143,7 +143,7 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
         for tensor in (*model.parameters(), *model.buffers()):
             dist.broadcast(tensor.data, src=0)
     if example_inputs is None:
-        example_inputs = _zoo_inputs(plan, batch // microbatches, device)
+        example_inputs = _zoo_inputs(plan, batch // microbatches, device, image_size)
     original = {id(p): name for name, p in model.named_parameters()}
     wrapper = _Prediction(model)
     points = {f"model.{name}": SplitPoint.BEGINNING for name in split_points(plan, model)}
@@ -163,17 +163,20 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     names = {name: original.get(id(param), name) for name, param in stage_module.named_parameters()}
     result = PipelineModel(stage_module, stage, schedule, rank, world, order, names)
     holder.append(result)
+    model.pase_pipeline = result  # so full_state_dict(model) gathers the stages' weights, not this rank's stale copy
     result.pase_layout = _layout(plan, world)
     return result
 
 
-def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: int | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     from pase.models.zoo import ZOO
 
     if plan.model not in ZOO:
         raise PaseError(f"{plan.model!r} is not a zoo model: pass example_inputs=(sample, timestep) of one microbatch")
     args, _ = ZOO[plan.model].example_inputs(microbatch, device="cpu")
-    sample = torch.randn(args[0].shape, device=device)
+    shape = tuple(args[0].shape[:-2]) + ((image_size, image_size) if image_size else tuple(args[0].shape[-2:]))
+    sample = torch.randn(shape, device=device)
     return sample, torch.randint(0, 1000, (microbatch,), device=device)
 
 

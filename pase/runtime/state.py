@@ -31,6 +31,12 @@ class ShardMap:
     def __init__(self, model: nn.Module) -> None:
         from strategies.tensor import ChannelSplit
 
+        self.pipeline = hasattr(model, "pase_step")  # a pipeline stage: each parameter lives on one rank
+        if self.pipeline:
+            self.named = [(model.original_names[n], p) for n, p in model.stage_module.named_parameters()
+                          if p.requires_grad]
+            self.shards = {name: _Shard("stage") for name, _ in self.named}
+            return
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         splits = {name: module for name, module in inner.named_modules() if isinstance(module, ChannelSplit)}
         self.named: list[tuple[str, nn.Parameter]] = []
@@ -79,11 +85,62 @@ class ShardMap:
 
     def full_named(self, tensors: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{name: full tensor}`` for tensors given in parameter order (collective)."""
+        if self.pipeline:
+            return _gather_stages({name: t.detach() for (name, _), t in zip(self.named, tensors)})
         return {name: self.full(name, t.detach()) for (name, _), t in zip(self.named, tensors)}
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state with full tensors, indexed by the position of each parameter in name order
+        of the whole model (collective)."""
+        names = {id(param): name for name, param in self.named}
+        order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+        state = optimizer.state_dict()
+        if not self.pipeline:
+            return {"state": {index: {key: self.full(order[index], value) if isinstance(value, torch.Tensor)
+                                      else value for key, value in values.items()}
+                              for index, values in sorted(state["state"].items())},
+                    "param_groups": state["param_groups"]}
+        mine = {f"{order[index]}\x00{key}": value for index, values in state["state"].items()
+                for key, value in values.items() if isinstance(value, torch.Tensor)}
+        everything = _gather_stages(mine)
+        all_names = sorted({key.split("\x00")[0] for key in everything})
+        full: dict[int, dict[str, Any]] = {}
+        for key, value in everything.items():
+            name, field = key.split("\x00")
+            full.setdefault(all_names.index(name), {})[field] = value
+        groups = [{**group, "params": list(range(len(all_names))), "pase_names": all_names}
+                  for group in state["param_groups"][:1]]
+        return {"state": full, "param_groups": groups}
+
+    def local_optimizer_state(self, saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """A full optimizer state (``full_optimizer_state``'s form) as this rank's ``optimizer.state_dict()``."""
+        params = dict(self.named)
+        names = {id(param): name for name, param in self.named}
+        order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+        saved_names = saved["param_groups"][0].get("pase_names") if saved["param_groups"] else None
+        saved_index = {name: i for i, name in enumerate(saved_names or order)}
+        state = {}
+        for index, name in enumerate(order):
+            values = saved["state"].get(saved_index[name])
+            if values is not None:
+                state[index] = {key: self.local(name, value, params[name])
+                                if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+                                for key, value in values.items()}
+        current = optimizer.state_dict()["param_groups"]
+        groups = [{**{k: v for k, v in saved["param_groups"][min(i, len(saved["param_groups"]) - 1)].items()
+                      if k != "pase_names"}, "params": group["params"]} for i, group in enumerate(current)]
+        return {"state": state, "param_groups": groups}
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients by their global norm over every shard (the same factor on every rank)."""
         params = [p for _, p in self.named if p.grad is not None]
+        if self.pipeline:  # every stage's gradients: one sum of squares over the world
+            total = sum((p.grad.detach().double().pow(2).sum() for p in params), torch.zeros((), dtype=torch.float64))
+            dist.all_reduce(total)
+            factor = torch.clamp(max_norm / (total.sqrt() + 1e-6), max=1.0)
+            for param in params:
+                param.grad.mul_(factor.to(param.grad.dtype))
+            return total.sqrt().float()
         if not any(shard.kind == "channels" for shard in self.shards.values()):
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
@@ -114,6 +171,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     from pase.runtime.parallel import full_tensors, unwrap
 
+    model = getattr(model, "pase_pipeline", model)  # a model split into stages: its stages hold the current weights
+    if hasattr(model, "pase_step"):  # pipeline stages: every rank's parameters and buffers, gathered
+        names = model.original_names
+        return _gather_stages({names.get(k, k): v.detach() for k, v in model.stage_module.state_dict().items()})
     inner = unwrap(model)
     params = full_tensors(inner, "param")
     state = {}
@@ -124,6 +185,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             value = value.full_tensor()
         state[name] = value.detach()
     return state
+
+
+def _gather_stages(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's ``{name: tensor}`` merged, on every rank (pipeline stages hold disjoint parameters)."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()})
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
 
 
 def _is_dtensor(tensor: Any) -> bool:

@@ -146,6 +146,7 @@ def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str,
     if options.plan is None:
         return None, parallelize, autocast_for(options.precision, env.device, None)
     planned = check_plan(load_plan(options.plan), env, spec, strategy)
+    planned.image_size = options.image_size
     return planned, planned.parallelize(), autocast_for(options.precision, env.device, planned.plan)
 
 

@@ -297,7 +297,7 @@ def _save(config: LoopConfig, step: int, shards: ShardMap, optimizer: torch.opti
     assert config.checkpoint_dir is not None
     params = shards.full_named(p for _, p in shards.named)
     ema_state = shards.full_named(ema.shadow) if ema else {}
-    optimizer_state = _full_optimizer_state(optimizer, shards)
+    optimizer_state = shards.full_optimizer_state(optimizer)
     if not write:
         return
     settings = {"job": job, "loop": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
@@ -307,20 +307,6 @@ def _save(config: LoopConfig, step: int, shards: ShardMap, optimizer: torch.opti
     old = sorted(Path(config.checkpoint_dir).glob("step-*.safetensors"))[:-config.keep_checkpoints]
     for path in old:
         path.unlink(missing_ok=True)
-
-
-def _optimizer_names(optimizer: torch.optim.Optimizer, shards: ShardMap) -> list[str]:
-    """The parameter name of each index of ``optimizer.state_dict()`` (the order of its parameter groups)."""
-    names = {id(param): name for name, param in shards.named}
-    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
-
-
-def _full_optimizer_state(optimizer: torch.optim.Optimizer, shards: ShardMap) -> dict[str, Any]:
-    state = optimizer.state_dict()
-    names = _optimizer_names(optimizer, shards)
-    full = {index: {key: shards.full(names[index], value) if isinstance(value, torch.Tensor) else value
-                    for key, value in values.items()} for index, values in sorted(state["state"].items())}
-    return {"state": full, "param_groups": state["param_groups"]}
 
 
 def _restore_params(path: Path, named: list[tuple[str, nn.Parameter]], job: dict[str, Any]) -> Checkpoint:
@@ -346,11 +332,7 @@ def _restore_state(checkpoint: Checkpoint, shards: ShardMap, optimizer: torch.op
     """The optimizer state and EMA of a checkpoint (full tensors), as this rank's parts."""
     params = dict(shards.named)
     if checkpoint.optimizer is not None:
-        names = _optimizer_names(optimizer, shards)
-        state = {index: {key: shards.local(names[index], value, params[names[index]])
-                         if isinstance(value, torch.Tensor) and value.dim() > 0 else value
-                         for key, value in values.items()} for index, values in checkpoint.optimizer["state"].items()}
-        optimizer.load_state_dict({"state": state, "param_groups": checkpoint.optimizer["param_groups"]})
+        optimizer.load_state_dict(shards.local_optimizer_state(checkpoint.optimizer, optimizer))
     if ema is not None:
         if not checkpoint.ema:
             raise CheckpointError("the checkpoint has no EMA weights but --ema is on; resume without --ema or start "

@@ -38,6 +38,7 @@ class PlannedRun:
 
     plan: Plan
     graph: LayerGraph
+    image_size: int | None = None  # the job's resolution (a pipeline is traced at it)
 
     @property
     def kind(self) -> str:
@@ -59,7 +60,7 @@ class PlannedRun:
             if self.plan.stages:
                 from pase.runtime.pipeline import pipeline_parallelize
 
-                return pipeline_parallelize(model, self.plan, device=group.device)
+                return pipeline_parallelize(model, self.plan, device=group.device, image_size=self.image_size)
             from pase.runtime.parallel import parallelize
 
             return parallelize(model, self.plan, graph=self.graph, device=group.device)
