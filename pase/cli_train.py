@@ -16,17 +16,31 @@ from rich.table import Table
 
 from pase.errors import PaseError
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo model (see `pase models`).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (see `pase models`); default: the "
+                                              "plan's, or unet-tiny.")]
 DataOpt = Annotated[str, typer.Option(help="shapes (generated), digits (scikit-learn's, upscaled) or a folder of "
                                       "images.")]
 StepsOpt = Annotated[int, typer.Option(min=1, help="Total optimizer steps (a resumed run continues up to this).")]
-BatchOpt = Annotated[int, typer.Option("--batch", "-b", min=1, help="Global batch per step (split over the ranks "
-                                       "of a data-parallel group).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch", "-b", min=1, help="Global batch per step (split over the "
+                                              "ranks); default: the plan's, or 16 (train) / 8 (finetune).")]
+PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Run under this plan (`pase plan --json`): DP, FSDP, "
+                                              "channel/head splits or pipeline stages, launched with torchrun.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs unless the plan is fp32; fp32 on CPU), "
+                                           "fp32 or bf16.")]
 OutOpt = Annotated[Path | None, typer.Option(help="Folder for the weights and checkpoints (needed by --resume).")]
 InitOpt = Annotated[Path | None, typer.Option(help="Start from these weights (a safetensors state dict, e.g. OUT/"
                                               "model.safetensors of pase train); default: seeded random weights.")]
 CountOpt = Annotated[int, typer.Option(min=2, help="Images to generate for --data shapes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (stdout) instead of a table.")]
+
+
+def _model_and_batch(plan: Path | None, model: str | None, batch: int | None, default_batch: int) -> tuple[str, int]:
+    """The plan's model and batch (explicit options must agree with them), or the options' with defaults."""
+    if plan is None:
+        return model or "unet-tiny", batch or default_batch
+    from pase.train.planned import job_settings, load_plan
+
+    return job_settings(load_plan(plan), model, batch)
 
 
 def _numbers(text: str | None, option: str) -> list[float] | None:
@@ -97,11 +111,11 @@ def _predicted(options: Any, strategy: str, world: int) -> dict[str, Any] | None
 
 
 def train(
-    model: ModelOpt = "unet-tiny",
+    model: ModelOpt = None,
     data: DataOpt = "shapes",
     data_count: CountOpt = 2048,
     steps: StepsOpt = 200,
-    batch: BatchOpt = 16,
+    batch: BatchOpt = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     ema: Annotated[float | None, typer.Option(help="Keep an EMA of the weights with this decay, e.g. 0.999.")] = None,
@@ -111,18 +125,24 @@ def train(
     init_seed: Annotated[int, typer.Option(help="Seed of the random starting weights.")] = 0,
     out: OutOpt = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: at the end only).")] = 0,
+    keep_checkpoints: Annotated[int, typer.Option(min=0, help="Checkpoints kept in OUT (0: all).")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
+    plan: PlanOpt = None,
+    precision: PrecisionOpt = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a diffusion UNet (DDPM epsilon loss, AdamW) on offline data; data parallel under torchrun."""
+    """Train a diffusion UNet (DDPM epsilon loss, AdamW) on offline data; data parallel (or a plan) under torchrun."""
     from pase.train.distributed import distributed_session
     from pase.train.jobs import JobOptions, run_train
 
-    options = JobOptions(model=model, data=data, data_count=data_count, image_size=image_size, steps=steps,
+    model, batch = _model_and_batch(plan, model, batch, 16)
+    options = JobOptions(plan=plan, precision=precision, model=model, data=data, data_count=data_count,
+                         image_size=image_size, steps=steps,
                          batch=batch, lr=lr,
                          weight_decay=weight_decay, ema=ema, seed=seed, out=out, checkpoint_every=checkpoint_every,
-                         resume=resume, progress=not no_progress, init=init, init_seed=init_seed)
+                         keep_checkpoints=keep_checkpoints, resume=resume, progress=not no_progress, init=init,
+                         init_seed=init_seed)
     with distributed_session() as env:
         report = run_train(options, env)
         if env.is_main:
@@ -132,11 +152,11 @@ def train(
 def finetune(
     strategy: Annotated[str, typer.Option(help="full, deme (timestep-decoupled, merged) or tuneqdm (quantized, "
                                           "scales only).")] = "full",
-    model: ModelOpt = "unet-tiny",
+    model: ModelOpt = None,
     data: DataOpt = "shapes",
     data_count: CountOpt = 2048,
     steps: StepsOpt = 100,
-    batch: BatchOpt = 8,
+    batch: BatchOpt = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     ema: Annotated[float | None, typer.Option(help="EMA decay of the trained weights.")] = None,
@@ -160,6 +180,8 @@ def finetune(
     experts: Annotated[int, typer.Option(help="TuneQDM: timestep experts (scale sets).")] = 2,
     no_input_scales: Annotated[bool, typer.Option("--no-input-scales", help="TuneQDM: output scales only "
                                                   "(the PEQA baseline).")] = False,
+    plan: PlanOpt = None,
+    precision: PrecisionOpt = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -167,10 +189,13 @@ def finetune(
     from pase.train.distributed import distributed_session
     from pase.train.jobs import FinetuneOptions, run_finetune
 
+    model, batch = _model_and_batch(plan, model, batch, 8)
+
     grid = _numbers(merge_grid, "--merge-grid")
     if not grid:
         raise PaseError("--merge-grid needs at least one value, e.g. 0,0.5,1")
-    options = FinetuneOptions(model=model, data=data, data_count=data_count, image_size=image_size, steps=steps,
+    options = FinetuneOptions(plan=plan, precision=precision, model=model, data=data, data_count=data_count,
+                              image_size=image_size, steps=steps,
                               batch=batch, lr=lr,
                               weight_decay=weight_decay, ema=ema, seed=seed, out=out,
                               checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress, init=init,

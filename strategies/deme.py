@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pase.errors import PaseError
+from pase.runtime.state import full_state_dict
 from pase.train.data import LoaderFactory, step_batches
 from pase.train.distributed import DistEnv
 from pase.train.loop import (
@@ -313,9 +314,12 @@ def train_ranges(
     parallelize: Parallelize = default_parallelize,
     loader: LoaderFactory = step_batches,
     job: dict[str, Any] | None = None,
+    single_group: bool = False,
 ) -> tuple[dict[int, TrainResult], dict[int, StateDict], GroupLayout]:
-    """Train this process's ranges; every range's weights end up on rank 0 (and its group's leader)."""
-    layout = group_layout(env.world, len(config.ranges))
+    """Train this process's ranges; every range's weights end up on rank 0 (and its group's leader).
+    ``single_group``: the whole world trains every range in turn (how DeMe runs under a plan)."""
+    layout = GroupLayout((tuple(range(env.world)),), (tuple(range(len(config.ranges))),)) if single_group \
+        else group_layout(env.world, len(config.ranges))
     process_groups = [dist.new_group(list(ranks)) if env.backend else None for ranks in layout.groups]
     mine = layout.group_of(env.rank)
     ranks = layout.groups[mine]
@@ -334,8 +338,9 @@ def train_ranges(
                              checkpoint_dir=loop.checkpoint_dir / f"range-{index}" if loop.checkpoint_dir else None)
         results[index] = fit(model, objective, dataset, range_loop, group=data_group, parallelize=parallelize,
                              loader=loader, job={**(job or {}), "range": [low, high]})
+        state = full_state_dict(model) if env.backend else model.state_dict()  # gathers a plan's shards
         if data_group.rank == 0:
-            tuned[index] = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+            tuned[index] = {k: v.detach().to("cpu").clone() for k, v in state.items()}
         del model, teacher
     if env.backend:
         _gather_to_rank0(tuned, layout, env)

@@ -179,6 +179,46 @@ def _refusals(graph: Any, rank: int, world: int) -> dict[str, Any]:
     return messages
 
 
+def pipeline_plan(graph: Any, devices: int, split_at: str, schedule: str, microbatches: int) -> Any:
+    """A 2-stage plan: stage 1 begins with module ``split_at`` (the blocks of a stage are module paths)."""
+    from pase.plans import StagePlan
+
+    plan = hand_plan(graph, devices, lambda layer_id, data: {})
+    blocks = list(dict.fromkeys(data["block"] for _, data in graph.layers()))
+    cut = blocks.index(split_at)
+    layers = [[layer_id for layer_id, data in graph.layers() if (blocks.index(data["block"]) >= cut) == second]
+              for second in (False, True)]
+    plan.stages = [StagePlan(layers[0], [0], 0.0, 0.0, blocks[:cut]), StagePlan(layers[1], [1], 0.0, 0.0, blocks[cut:])]
+    plan.schedule, plan.microbatches = schedule, microbatches
+    return plan
+
+
+def _pipeline_case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
+    """One training step of a 2-stage pipeline (the epsilon objective, split for stages) against the model alone."""
+    from pase.runtime.pipeline import pipeline_parallelize
+    from pase.train.loop import epsilon_objective, step_generator
+
+    _, schedule, split_at = name.split(":")
+    plan = pipeline_plan(graph, world, split_at, schedule, microbatches=4)
+    model = build_model()
+    reference = copy.deepcopy(model)
+    x0 = batch()[0]
+    objective = epsilon_objective()
+    ref_loss = objective(reference, x0, step_generator(0, 0, 0))
+    ref_loss.backward()
+    want = {n: p.grad for n, p in reference.named_parameters()}
+    parallel = pipeline_parallelize(model, plan, device=torch.device("cpu"))
+    loss = parallel.pase_step(objective, x0, step_generator(0, 0, 0))
+    got = {parallel.original_names[n]: p.grad for n, p in parallel.stage_module.named_parameters()}
+    result = {"loss": float(loss), "ref_loss": float(ref_loss.detach()), "names": sorted(got),
+              "missing_grads": sorted(n for n, g in got.items() if g is None),
+              "summary": parallel.pase_layout.summary(),
+              "inputs": sum(node.op == "placeholder" for node in parallel.stage_module.graph.nodes)}
+    result["errors"] = relative_errors({n: g for n, g in got.items() if g is not None},
+                                       {n: want[n] for n in got if got[n] is not None})
+    return result
+
+
 def _worker(rank: int, world: int, port: int, case_names: list[str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -194,7 +234,12 @@ def _worker(rank: int, world: int, port: int, case_names: list[str], out: str) -
         graph = extract(build_model().to("meta"), *ZOO["unet-tiny"].example_inputs(GLOBAL_BATCH), name="unet-tiny")
         for name in case_names:
             try:
-                results[name] = _refusals(graph, rank, world) if name == "refusals" else _case(name, graph, rank, world)
+                if name.startswith("pipeline:"):
+                    results[name] = _pipeline_case(name, graph, rank, world)
+                elif name == "refusals":
+                    results[name] = _refusals(graph, rank, world)
+                else:
+                    results[name] = _case(name, graph, rank, world)
             except Exception:  # reported to the test, which fails with the traceback
                 results[name] = {"error": traceback.format_exc()}
             dist.barrier()

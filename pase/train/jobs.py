@@ -26,6 +26,7 @@ from pase.train.data import LoaderFactory, load_images, split_held_out, step_bat
 from pase.train.distributed import DistEnv
 from pase.train.loop import DataGroup, LoopConfig, Parallelize, TrainResult, default_parallelize, epsilon_objective, fit
 from pase.train.memory import PeakMemory
+from pase.train.planned import PlannedRun, autocast_for, check_plan, load_plan
 
 STRATEGIES = ("full", "deme", "tuneqdm")
 REPORT_TAIL = ("strategy", "trainable_params", "total_params", "grad_and_optimizer_bytes", "peak_memory_bytes",
@@ -47,10 +48,13 @@ class JobOptions:
     seed: int = 0
     out: Path | None = None
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2  # 0: keep every checkpoint
     resume: bool = False
     progress: bool = True
     init: Path | None = None  # pretrained weights (a safetensors state dict); default: seeded random weights
     init_seed: int = 0
+    plan: Path | None = None  # run under this plan (pase plan --json); model and batch must match it
+    precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPU
 
 
 @dataclass
@@ -70,12 +74,13 @@ class FinetuneOptions(JobOptions):
     input_scales: bool = True
 
 
-def _loop_config(options: JobOptions, description: str) -> LoopConfig:
+def _loop_config(options: JobOptions, description: str, autocast: str | None = None) -> LoopConfig:
     return LoopConfig(steps=options.steps, batch=options.batch, lr=options.lr, weight_decay=options.weight_decay,
                       ema_decay=options.ema, grad_clip=options.grad_clip, seed=options.seed,
                       checkpoint_dir=options.out / "checkpoints" if options.out else None,
-                      checkpoint_every=options.checkpoint_every, resume=options.resume, progress=options.progress,
-                      description=description)
+                      checkpoint_every=options.checkpoint_every, keep_checkpoints=options.keep_checkpoints,
+                      resume=options.resume, progress=options.progress,
+                      description=description, autocast=autocast)
 
 
 def _data(options: JobOptions, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -134,10 +139,38 @@ def _max_over_ranks(value: int, env: DistEnv) -> int:
     return int(tensor.item())
 
 
-def _save_full(out: Path, model: nn.Module, result: TrainResult, metadata: dict[str, str]) -> list[str]:
-    paths = [save_weights(out / "model.safetensors", model.state_dict(), metadata)]
+def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str,
+             parallelize: Parallelize) -> tuple[PlannedRun | None, Parallelize, str | None]:
+    """The job's plan checked against the world and the model before any work starts (None without --plan),
+    the loop's parallelize under it, and the autocast dtype."""
+    if options.plan is None:
+        return None, parallelize, autocast_for(options.precision, env.device, None)
+    planned = check_plan(load_plan(options.plan), env, spec, strategy)
+    planned.image_size = options.image_size
+    return planned, planned.parallelize(), autocast_for(options.precision, env.device, planned.plan)
+
+
+def _plan_report(planned: PlannedRun | None) -> dict[str, Any]:
+    if planned is None:
+        return {}
+    return {"plan": planned.kind, "plan_predicted_step_seconds": planned.plan.predicted.step_seconds}
+
+
+def _full_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
+    """The weights at full size (gathered from the plan's shards: every rank calls this)."""
+    from pase.runtime.state import full_state_dict
+
+    return full_state_dict(model) if env.backend else model.state_dict()
+
+
+def _save_full(out: Path | None, model: nn.Module, result: TrainResult, metadata: dict[str, str],
+               env: DistEnv) -> list[str]:
+    weights = _full_state(model, env)
+    if not (out and env.is_main):
+        return []
+    paths = [save_weights(out / "model.safetensors", weights, metadata)]
     if result.ema:
-        state = {**model.state_dict(), **result.ema}
+        state = {**weights, **result.ema}
         paths.append(save_weights(out / "model-ema.safetensors", state, metadata))
     return [str(p) for p in paths]
 
@@ -146,7 +179,9 @@ def _report(options: JobOptions, env: DistEnv, result: TrainResult, memory: Peak
             trainable: int, total: int, grad_and_optimizer: int, outputs: list[str], **extra: Any) -> dict[str, Any]:
     head = {"model": options.model, "data": options.data, "steps": result.steps, "steps_run": result.steps_run,
             "batch": options.batch, "world_size": env.world, "device": str(env.device),
-            "step_seconds": result.step_seconds, "samples_per_second": result.samples_per_second,
+            "step_seconds": result.step_seconds,
+            "samples_per_second": result.samples_per_second,
+            "initial_loss": sum(result.losses[:10]) / len(result.losses[:10]) if result.losses else None,
             "memory_method": memory.method, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
             "outputs": outputs, **extra}
     tail = {"strategy": strategy, "trainable_params": int(trainable), "total_params": int(total),
@@ -159,19 +194,19 @@ def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = d
               loader: LoaderFactory = step_batches) -> dict[str, Any]:
     """Train a zoo model from seeded random weights (or ``--init``): epsilon loss, data parallel over the world."""
     spec = resolve_model(options.model)
+    planned, parallelize, autocast = _planned(options, env, spec, "train", parallelize)
     train, _, _ = _data(options, spec)
     warm_imports(spec)
     memory = PeakMemory(env.device).start()
     model = pretrained_builder(spec, options.init, options.init_seed, env.device)()
-    result = fit(model, epsilon_objective(), train, _loop_config(options, f"train {options.model}"),
+    total = sum(p.numel() for p in model.parameters())
+    result = fit(model, epsilon_objective(), train, _loop_config(options, f"train {options.model}", autocast),
                  group=_world_group(env), parallelize=parallelize, loader=loader,
                  job=_job_identity(options, "train"))
     peak = _max_over_ranks(memory.stop(), env)
-    outputs = _save_full(options.out, model, result, {"pase_model": options.model}) \
-        if options.out and env.is_main else []
-    total = sum(p.numel() for p in model.parameters())
+    outputs = _save_full(options.out, model, result, {"pase_model": options.model}, env)
     return _report(options, env, result, memory, peak, "train", result.trainable_params, total,
-                   result.grad_and_optimizer_bytes, outputs)
+                   result.grad_and_optimizer_bytes, outputs, **_plan_report(planned))
 
 
 def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Parallelize = default_parallelize,
@@ -180,30 +215,38 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
     if options.strategy not in STRATEGIES:
         raise PaseError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     spec = resolve_model(options.model)
+    planned, planned_parallelize, autocast = _planned(options, env, spec, options.strategy, parallelize)
     train, held_out, _ = _data(options, spec)
     warm_imports(spec)
     if options.strategy == "full":
-        return _finetune_full(options, env, spec, train, parallelize, loader)
-    if options.strategy == "tuneqdm":
-        return _finetune_tuneqdm(options, env, spec, train, parallelize, loader)
-    return _finetune_deme(options, env, spec, train, held_out, parallelize, loader)
+        report = _finetune_full(options, env, spec, train, planned_parallelize, loader, autocast)
+    elif options.strategy == "tuneqdm":
+        # check_plan admits only data-parallel plans for TuneQDM: they run as the job's own DDP, which
+        # tolerates the experts that get no gradient in a step (find_unused_parameters)
+        report = _finetune_tuneqdm(options, env, spec, train, parallelize, loader, autocast)
+    else:
+        report = _finetune_deme(options, env, spec, train, held_out, planned_parallelize, loader, autocast,
+                                single_group=planned is not None)
+    head = {k: v for k, v in report.items() if k not in REPORT_TAIL}
+    return {**head, **_plan_report(planned), **{k: report[k] for k in REPORT_TAIL}}
 
 
 def _finetune_full(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
-                   parallelize: Parallelize, loader: LoaderFactory) -> dict[str, Any]:
+                   parallelize: Parallelize, loader: LoaderFactory, autocast: str | None = None) -> dict[str, Any]:
     memory = PeakMemory(env.device).start()
     model = pretrained_builder(spec, options.init, options.init_seed, env.device)()
-    result = fit(model, epsilon_objective(), train, _loop_config(options, f"fine-tune {options.model} (full)"),
+    total = sum(p.numel() for p in model.parameters())
+    result = fit(model, epsilon_objective(), train,
+                 _loop_config(options, f"fine-tune {options.model} (full)", autocast),
                  group=_world_group(env), parallelize=parallelize, loader=loader, job=_job_identity(options, "full"))
     peak = _max_over_ranks(memory.stop(), env)
-    outputs = _save_full(options.out, model, result, {"pase_model": options.model}) \
-        if options.out and env.is_main else []
-    return _report(options, env, result, memory, peak, "full", result.trainable_params,
-                   sum(p.numel() for p in model.parameters()), result.grad_and_optimizer_bytes, outputs)
+    outputs = _save_full(options.out, model, result, {"pase_model": options.model}, env)
+    return _report(options, env, result, memory, peak, "full", result.trainable_params, total,
+                   result.grad_and_optimizer_bytes, outputs)
 
 
 def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
-                      parallelize: Parallelize, loader: LoaderFactory) -> dict[str, Any]:
+                      parallelize: Parallelize, loader: LoaderFactory, autocast: str | None = None) -> dict[str, Any]:
     from strategies import tuneqdm
 
     config = tuneqdm.TuneQDMConfig(options.bits, options.experts, train_input_scales=options.input_scales)
@@ -221,7 +264,7 @@ def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, t
                              input_scales=options.input_scales)
     result = fit(model, epsilon_objective(sort_timesteps=True), train,
                  _loop_config(options, f"fine-tune {options.model} (TuneQDM {options.bits}-bit, "
-                                       f"{options.experts} experts)"),
+                                       f"{options.experts} experts)", autocast),
                  group=_world_group(env), parallelize=partial(parallelize, find_unused_parameters=True)
                  if parallelize is default_parallelize else parallelize, loader=loader,
                  param_groups=tuneqdm.expert_param_groups(model), job=identity)
@@ -236,7 +279,8 @@ def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, t
 
 
 def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
-                   held_out: torch.Tensor, parallelize: Parallelize, loader: LoaderFactory) -> dict[str, Any]:
+                   held_out: torch.Tensor, parallelize: Parallelize, loader: LoaderFactory,
+                   autocast: str | None = None, single_group: bool = False) -> dict[str, Any]:
     from strategies import deme
 
     ranges = deme.parse_bounds(options.range_bounds) if options.range_bounds else deme.uniform_ranges(options.ranges)
@@ -248,8 +292,9 @@ def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, trai
     memory = PeakMemory(env.device).start()
     identity = _job_identity(options, "deme", ranges=[list(r) for r in ranges], p_global=options.p_global,
                              antithetic=options.antithetic, consistency=options.consistency, adapters=options.adapters)
-    results, tuned, layout = deme.train_ranges(build, train, config, _loop_config(options, "DeMe"), env,
-                                               parallelize=parallelize, loader=loader, job=identity)
+    results, tuned, layout = deme.train_ranges(build, train, config, _loop_config(options, "DeMe", autocast), env,
+                                               parallelize=parallelize, loader=loader, job=identity,
+                                               single_group=single_group)
     peak = _max_over_ranks(memory.stop(), env)
     first = results[min(results)]
     report_extra: dict[str, Any] = {"ranges": [list(r) for r in ranges],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pase.errors import PaseError
+from pase.runtime.state import ShardMap
 from pase.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -71,6 +73,7 @@ class LoopConfig:
     resume: bool = False
     progress: bool = True
     description: str = "train"
+    autocast: str | None = None  # "bf16": bf16 autocast of the forward (CUDA only; CPU runs fp32)
 
     def validate(self, group_size: int) -> None:
         if self.steps < 1:
@@ -136,12 +139,20 @@ def epsilon_objective(num_train_timesteps: int = 1000, sort_timesteps: bool = Fa
     distribution); models that group samples by timestep (TuneQDM's experts) then get contiguous groups."""
     alphas_cumprod = ddpm_alphas_cumprod(num_train_timesteps)
 
-    def loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def prepare(x0: torch.Tensor, generator: torch.Generator) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         noise = draw_noise(x0, generator)
         t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
         t = (t.sort().values if sort_timesteps else t).to(x0.device)
-        return F.mse_loss(model_output(model(add_noise(x0, noise, t, alphas_cumprod), t)), noise)
+        return (add_noise(x0, noise, t, alphas_cumprod), t), noise
 
+    def criterion(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(model_output(prediction), noise)
+
+    def loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        inputs, noise = prepare(x0, generator)
+        return criterion(model(*inputs), noise)
+
+    loss.prepare, loss.criterion = prepare, criterion  # split for pipeline stages (forward and loss on other ranks)
     return loss
 
 
@@ -211,18 +222,30 @@ def fit(
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     if not named:
         raise PaseError("the model has no trainable parameters (nothing requires grad); check the strategy")
+    trainable = sum(p.numel() for _, p in named)
     model.to(group.device)
-    groups = param_groups or [{"params": [param for _, param in named]}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    ema = EMA(named, config.ema_decay) if config.ema_decay else None
     job = dict(job or {})
-    start, previous, resumed_from = 0, [], None
+    start, previous, resumed_from, checkpoint = 0, [], None, None
     if config.resume and config.checkpoint_dir is not None and (path := latest_checkpoint(config.checkpoint_dir)):
-        start, previous = _restore(path, model, named, optimizer, ema, job)
-        resumed_from = path
-    optimizer.zero_grad(set_to_none=True)
+        checkpoint = _restore_params(path, named, job)  # full tensors, before parallelize shards them
+        start, previous, resumed_from = checkpoint.step, list(checkpoint.settings.get("recent_losses", [])), path
     wrapped = parallelize(model, group)
-    batches = loader(dataset, config.batch // group.size, group.rank, group.size, config.seed, start)
+    shards = ShardMap(wrapped)  # the trainable parameters as parallelize left them (shards under a plan)
+    if param_groups is not None and shards.sharded:
+        raise PaseError("this strategy keeps its own optimizer groups, which cannot follow parameters that the plan "
+                        "shards; run it under a data-parallel plan (pase plan --only dp)")
+    groups = param_groups or [{"params": [param for _, param in shards.named]}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(shards.named, config.ema_decay) if config.ema_decay else None
+    if checkpoint is not None:
+        _restore_state(checkpoint, shards, optimizer, ema)
+    optimizer.zero_grad(set_to_none=True)
+    runner = getattr(wrapped, "pase_step", None)  # a pipeline runs forward and backward in its schedule
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if config.autocast == "bf16" and \
+        group.device.type == "cuda" else nullcontext()
+    # a pipeline replica's ranks all see its whole batch: they are one data-parallel rank
+    data_rank, data_size = getattr(wrapped, "pase_data_parallel", (group.rank, group.size))
+    batches = loader(dataset, config.batch // data_size, data_rank, data_size, config.seed, start)
     losses: list[float] = []
     seconds: list[float] = []
     progress = _Progress(config, start, group.reporter)
@@ -230,10 +253,13 @@ def fit(
         for step in range(start, config.steps):
             began = time.perf_counter()
             x0 = next(batches).to(group.device, non_blocking=True)
-            loss = objective(wrapped, x0, step_generator(config.seed, step, group.rank))
-            loss.backward()
+            generator = step_generator(config.seed, step, data_rank)
+            with amp:
+                loss = runner(objective, x0, generator) if runner else objective(wrapped, x0, generator)
+            if runner is None:
+                loss.backward()
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
+                shards.clip_grad_norm_(config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
             if ema is not None:
@@ -244,38 +270,46 @@ def fit(
             seconds.append(time.perf_counter() - began)
             progress.advance(step + 1, losses[-1], config.batch / seconds[-1])
             due = step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
-            if config.checkpoint_dir is not None and group.rank == 0 and due:
-                _save(config, step + 1, named, optimizer, ema, job, (previous + losses)[-10:])
+            if config.checkpoint_dir is not None and due and (group.rank == 0 or shards.sharded):
+                _save(config, step + 1, shards, optimizer, ema, job, (previous + losses)[-10:], group.rank == 0)
     finally:
         progress.close()
+    ema_state = {k: v.clone() for k, v in shards.full_named(ema.shadow).items()} if ema else {}
     del wrapped
     timed = seconds[1:] or seconds
     median = statistics.median(timed) if timed else 0.0
     tail = (previous + losses)[-10:]  # the last 10 steps, across a resume
-    optimizer_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-                          if isinstance(v, torch.Tensor))
+    optimizer_bytes = sum(_local(v).numel() * v.element_size() for state in optimizer.state.values()
+                          for v in state.values() if isinstance(v, torch.Tensor))
     return TrainResult(max(start, config.steps), len(losses), sum(tail) / len(tail) if tail else float("nan"), losses,
-                       median, config.batch / median if median else 0.0,
-                       {k: v.detach().clone() for k, v in ema.state().items()} if ema else {}, resumed_from,
-                       sum(p.numel() for _, p in named), sum(p.numel() * p.element_size() for _, p in named),
-                       optimizer_bytes)
+                       median, config.batch / median if median else 0.0, ema_state, resumed_from, trainable,
+                       sum(_local(p).numel() * p.element_size() for _, p in shards.named), optimizer_bytes)
 
 
-def _save(config: LoopConfig, step: int, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-          ema: EMA | None, job: dict[str, Any], recent: list[float]) -> None:
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard; a plain tensor itself)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _save(config: LoopConfig, step: int, shards: ShardMap, optimizer: torch.optim.Optimizer, ema: EMA | None,
+          job: dict[str, Any], recent: list[float], write: bool) -> None:
+    """Gather the full parameters, optimizer state and EMA (collective when the plan shards them); rank 0 writes."""
     assert config.checkpoint_dir is not None
+    params = shards.full_named(p for _, p in shards.named)
+    ema_state = shards.full_named(ema.shadow) if ema else {}
+    optimizer_state = shards.full_optimizer_state(optimizer)
+    if not write:
+        return
     settings = {"job": job, "loop": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
                 "recent_losses": recent}
-    save_checkpoint(step_path(config.checkpoint_dir, step),
-                    Checkpoint(step, {name: param for name, param in named}, ema.state() if ema else {},
-                               optimizer.state_dict(), settings))
+    save_checkpoint(step_path(config.checkpoint_dir, step), Checkpoint(step, params, ema_state, optimizer_state,
+                                                                       settings))
     old = sorted(Path(config.checkpoint_dir).glob("step-*.safetensors"))[:-config.keep_checkpoints]
     for path in old:
         path.unlink(missing_ok=True)
 
 
-def _restore(path: Path, model: nn.Module, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-             ema: EMA | None, job: dict[str, Any]) -> tuple[int, list[float]]:
+def _restore_params(path: Path, named: list[tuple[str, nn.Parameter]], job: dict[str, Any]) -> Checkpoint:
     checkpoint = load_checkpoint(path)
     saved_job = checkpoint.settings.get("job", {})
     if saved_job != job:
@@ -290,13 +324,20 @@ def _restore(path: Path, model: nn.Module, named: list[tuple[str, nn.Parameter]]
     with torch.no_grad():
         for name, param in named:
             param.copy_(checkpoint.model[name])
+    return checkpoint
+
+
+def _restore_state(checkpoint: Checkpoint, shards: ShardMap, optimizer: torch.optim.Optimizer,
+                   ema: EMA | None) -> None:
+    """The optimizer state and EMA of a checkpoint (full tensors), as this rank's parts."""
+    params = dict(shards.named)
     if checkpoint.optimizer is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        optimizer.load_state_dict(shards.local_optimizer_state(checkpoint.optimizer, optimizer))
     if ema is not None:
         if not checkpoint.ema:
-            raise CheckpointError(f"{path} has no EMA weights but --ema is on; resume without --ema or start anew")
-        ema.load(checkpoint.ema)
-    return checkpoint.step, list(checkpoint.settings.get("recent_losses", []))
+            raise CheckpointError("the checkpoint has no EMA weights but --ema is on; resume without --ema or start "
+                                  "anew")
+        ema.load({name: shards.local(name, checkpoint.ema[name], params[name]) for name in ema.names})
 
 
 class _Progress:
