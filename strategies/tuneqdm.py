@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._prims_common import suggest_memory_format
 
 from pase.errors import PaseError
 from pase.train.checkpoint import load_weights, read_safetensors, save_weights
@@ -138,31 +139,98 @@ class ExpertRouter:
 
 
 # ---------------------------------------------------------------- the layer and its backward
+def _rows(x: torch.Tensor, part: slice | torch.Tensor) -> torch.Tensor:
+    """The samples of one expert: a view for a slice, a transient copy for an index tensor."""
+    return x[part] if isinstance(part, slice) else x.index_select(0, part)
+
+
+def _put(out: torch.Tensor, part: slice | torch.Tensor, rows: torch.Tensor) -> None:
+    if isinstance(part, slice):
+        out[part] = rows
+    else:
+        out.index_copy_(0, part, rows)
+
+
+def _scaled_backward(layer: QuantizedLayer, x: torch.Tensor, grad: torch.Tensor, s_out: torch.Tensor,
+                     s_in: torch.Tensor, needs: tuple[bool, bool, bool],
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, ds_out, ds_in) of y = op(x, s_out * (W_q - z) * s_in): W is rebuilt from the codes, used, dropped."""
+    centered = layer.centered(s_out.dtype)
+    out_view, in_view = layer.scale_views()
+    grad_x, grad_w = layer.grads(x, layer.scaled(centered.clone(), s_out, s_in), grad, need_input=needs[0])
+    if not (needs[1] or needs[2]):
+        return grad_x, None, None
+    dims = tuple(range(centered.dim()))
+    in_place = needs[1] != needs[2] and grad_w.dtype == centered.dtype  # grad_w is needed once more otherwise
+    product = grad_w.mul_(centered) if in_place else grad_w * centered  # dW * (W_q - z), shared by both scales
+    del centered, grad_w
+    grad_s_out = (product * s_in.view(in_view)).sum(dim=dims[1:]) if needs[1] else None
+    grad_s_in = product.mul_(s_out.view(out_view)).sum(dim=(0, *dims[2:])) if needs[2] else None
+    return grad_x, grad_s_out, grad_s_in
+
+
 class _ScaledQuantFn(torch.autograd.Function):
     """y = op(x, s_out * (W_q - z) * s_in) + b, saving only x and the scales (W is recomputed in backward)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, layer: QuantizedLayer,
                 ) -> torch.Tensor:
-        weight = layer.dequantize(s_out, s_in)
         ctx.layer = layer
         ctx.save_for_backward(x, s_out, s_in)
-        return layer.apply_weight(x, weight)
+        return layer.apply_weight(x, layer.scaled(layer.centered(s_out.dtype), s_out, s_in))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, s_out, s_in = ctx.saved_tensors
-        layer: QuantizedLayer = ctx.layer
-        centered = layer.centered(s_out.dtype)
-        out_view, in_view = layer.scale_views()
-        weight = s_out.view(out_view) * centered * s_in.view(in_view)
-        grad_x, grad_w = layer.grads(x, weight, grad, need_input=ctx.needs_input_grad[0])
-        del weight
-        dims = tuple(range(centered.dim()))
-        grad_s_out = (grad_w * centered * s_in.view(in_view)).sum(dim=dims[1:]) if ctx.needs_input_grad[1] else None
-        grad_s_in = (grad_w * centered * s_out.view(out_view)).sum(dim=(0, *dims[2:])) \
-            if ctx.needs_input_grad[2] else None
-        return grad_x, grad_s_out, grad_s_in, None
+        return (*_scaled_backward(ctx.layer, x, grad, s_out, s_in, tuple(ctx.needs_input_grad[:3])), None)
+
+
+class _ExpertScaledQuantFn(torch.autograd.Function):
+    """Several experts in one node: y[rows_e] = op(x[rows_e], W^e) for each expert's rows.
+
+    One node per layer rather than one per expert plus a cat: autograd saves the layer input once
+    (not each expert's ``index_select`` copy of it, nor a slice-backward zero-filled copy per expert),
+    and the output and dx are written in place row block by row block. Each block is computed exactly
+    as ``_ScaledQuantFn`` computes it, and the output gets the memory layout the former cat (slices) or
+    index_select (index tensors) gave, so the numbers are the same.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLayer, parts: list[slice | torch.Tensor],
+                *scales: torch.Tensor) -> torch.Tensor:
+        out, layout = None, torch.contiguous_format
+        for index, part in enumerate(parts):
+            s_out, s_in = scales[2 * index], scales[2 * index + 1]
+            rows = layer.apply_weight(_rows(x, part), layer.scaled(layer.centered(s_out.dtype), s_out, s_in))
+            if isinstance(part, slice):  # the memory layout torch.cat would give (kernels after it depend on it)
+                fits = suggest_memory_format(rows)
+                layout = fits if out is None or fits == layout else torch.contiguous_format
+            if out is None:
+                out = torch.empty((x.shape[0], *rows.shape[1:]), dtype=rows.dtype, device=rows.device,
+                                  memory_format=layout)
+            elif layout == torch.contiguous_format and not out.is_contiguous():
+                out = out.contiguous()
+            _put(out, part, rows)
+            del rows
+        ctx.layer, ctx.parts = layer, parts
+        ctx.save_for_backward(x, *scales)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *scales = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else None
+        grad_scales: list[torch.Tensor | None] = []
+        for index, part in enumerate(ctx.parts):
+            s_out, s_in = scales[2 * index], scales[2 * index + 1]
+            part_x, part_out, part_in = _scaled_backward(
+                ctx.layer, _rows(x, part), _rows(grad, part), s_out, s_in,
+                (needs[0], needs[3 + 2 * index], needs[4 + 2 * index]))
+            if part_x is not None:
+                _put(grad_x, part, part_x)
+            grad_scales += [part_out, part_in]
+        return (grad_x, None, None, *grad_scales)
 
 
 class QuantizedLayer(nn.Module):
@@ -221,11 +289,17 @@ class QuantizedLayer(nn.Module):
     def centered(self, dtype: torch.dtype) -> torch.Tensor:
         """W_q - z as floats (a transient: built in forward and again in backward, never saved)."""
         out_view, _ = self.scale_views()
-        return self.codes().to(dtype) - self.zero_point.to(dtype).view(out_view)
+        return self.codes().to(dtype).sub_(self.zero_point.to(dtype).view(out_view))
 
     def dequantize(self, s_out: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
         out_view, in_view = self.scale_views()
         return s_out.view(out_view) * self.centered(s_out.dtype) * s_in.view(in_view)
+
+    def scaled(self, centered: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
+        """``dequantize`` in place on a fresh ``centered`` (no autograd: inside the custom function), so one
+        weight-sized float buffer is live instead of two; a * b == b * a exactly, so the values are the same."""
+        out_view, in_view = self.scale_views()
+        return centered.mul_(s_out.view(out_view)).mul_(s_in.view(in_view))
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -252,12 +326,8 @@ class QuantizedLayer(nn.Module):
         if len(groups) == 1:
             expert = groups[0][0]
             return _ScaledQuantFn.apply(x, self.s_out[expert], self.s_in[expert], self)
-        if isinstance(groups[0][1], slice):  # batch ordered by expert: slices are views, the result a plain cat
-            return torch.cat([_ScaledQuantFn.apply(x[part], self.s_out[e], self.s_in[e], self) for e, part in groups])
-        outputs = [_ScaledQuantFn.apply(x.index_select(0, index), self.s_out[e], self.s_in[e], self)
-                   for e, index in groups]
-        inverse = torch.argsort(torch.cat([index for _, index in groups]))
-        return torch.cat(outputs).index_select(0, inverse)
+        scales = [s for e, _ in groups for s in (self.s_out[e], self.s_in[e])]
+        return _ExpertScaledQuantFn.apply(x, self, [part for _, part in groups], *scales)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, weight {self.weight_shape}, {self.bits}-bit, {self.router.experts} expert(s)"

@@ -17,6 +17,7 @@ from strategies.tuneqdm import (
     ExpertRouter,
     QuantizedLayer,
     TuneQDMConfig,
+    _ExpertScaledQuantFn,
     _ScaledQuantFn,
     expected_trainable_count,
     expert_param_groups,
@@ -144,6 +145,84 @@ def test_no_float_weight_is_saved_for_backward() -> None:
         layer(torch.randn(2, 8, 6, 6)).sum()
     shapes = [tuple(t.shape) for t in saved]
     assert (16, 8, 3, 3) not in shapes and shapes  # input and scales only
+
+
+def _saved_storages(run) -> tuple[object, dict[int, int]]:
+    """Run ``run()`` recording every storage autograd saves for backward: {storage id: bytes}."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    return result, saved
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("timesteps", [[700, 800, 900, 999], [10, 20, 600, 700], [600, 10, 700, 20]],
+                         ids=["one-expert", "slices", "index"])
+def test_bytes_saved_per_layer_are_input_weight_codes_and_scales(bits: int, kind: str, timesteps: list[int]) -> None:
+    torch.manual_seed(0)
+    source, x = (nn.Linear(24, 40), torch.randn(4, 6, 24)) if kind == "linear" else \
+        (nn.Conv2d(8, 16, 3, padding=1), torch.randn(4, 8, 12, 12))
+    router = ExpertRouter(2, 1000)
+    router.set_timesteps(torch.tensor(timesteps), 4)
+    layer = QuantizedLayer(source, bits, router)
+    x.requires_grad_()
+    out, saved = _saved_storages(lambda: layer(x))
+    scales = sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
+    bound = x.numel() * x.element_size() + layer.weight_codes.numel() + scales
+    assert 0 < sum(saved.values()) <= bound
+    own = {t.untyped_storage()._cdata for t in (x, *layer.parameters(), *layer.buffers())}
+    assert set(saved) <= own  # the input itself (no per-expert copy of it) and the layer's own tensors
+    out.sum().backward()  # and backward still runs from what was saved
+    active = set(router.expert_of(torch.tensor(timesteps)).tolist())
+    assert x.grad is not None and [p.grad is not None for p in layer.s_out] == [e in active for e in range(2)]
+
+
+def test_unsorted_timesteps_save_no_more_than_sorted_or_the_float_model() -> None:
+    reference = _unet()
+    model = _quantized(experts=2)
+    x = torch.randn(4, 3, 16, 16)
+    _, float_saved = _saved_storages(lambda: reference(x, torch.tensor([100, 900, 200, 800])).sample)
+    weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    activations = []
+    for t in ([100, 200, 800, 900], [100, 900, 200, 800]):  # slice path, index path
+        _, saved = _saved_storages(lambda t=t: model(x, torch.tensor(t)).sample)
+        activations.append(sum(size for key, size in saved.items() if key not in weights))
+    sorted_bytes, unsorted_bytes = activations
+    assert unsorted_bytes <= 1.01 * sorted_bytes  # grouping by index tensors copies nothing that autograd keeps
+    assert max(activations) <= sum(float_saved.values())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_expert_function_gradcheck_float64_and_matches_one_expert_at_a_time(kind: str) -> None:
+    torch.manual_seed(0)
+    layer = (nn.Linear(5, 4) if kind == "linear" else nn.Conv2d(3, 4, 3, stride=2, padding=1)).double()
+    quantized = QuantizedLayer(layer, 8, ExpertRouter(2, 1000))
+    x = torch.randn((4, 3, 5) if kind == "linear" else (4, 3, 5, 5), dtype=torch.float64, requires_grad=True)
+    scales = [t.requires_grad_() for _ in range(2) for t in
+              ((quantized.s_out[0].detach().double() * (1 + 0.2 * torch.rand(4, dtype=torch.float64))),
+               1 + 0.2 * torch.randn(quantized.weight_shape[1], dtype=torch.float64))]
+    for parts in ([slice(0, 1), slice(1, 4)], [torch.tensor([0, 2]), torch.tensor([1, 3])]):
+        def fn(a, *s, parts=parts):
+            return _ExpertScaledQuantFn.apply(a, quantized, parts, *s)
+
+        assert torch.autograd.gradcheck(fn, (x, *scales))
+        out = fn(x, *scales)
+        grads = torch.autograd.grad((out * out).sum(), (x, *scales))
+        pieces = [(p, _ScaledQuantFn.apply(x[p] if isinstance(p, slice) else x.index_select(0, p), scales[2 * i],
+                                           scales[2 * i + 1], quantized)) for i, p in enumerate(parts)]
+        expected_out = torch.empty_like(out)
+        for p, piece in pieces:
+            expected_out[p] = piece.detach()
+        expected = torch.autograd.grad(sum((piece * piece).sum() for _, piece in pieces), (x, *scales))
+        assert torch.equal(out, expected_out)
+        for ours, reference in zip(grads, expected):
+            assert torch.equal(ours, reference)
 
 
 def test_int4_packing_round_trip() -> None:
