@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -159,11 +160,7 @@ def graph(
                   f"{_human(layer_graph.param_count)} parameters "
                   f"({_bytes(layer_graph.total('param_bytes'))} in {meta['dtype']}).")
     if json_path is not None:
-        try:
-            layer_graph.to_json(json_path)
-        except OSError as exc:
-            raise PaseError(f"cannot write --json {json_path}: {exc.strerror or exc}") from None
-        console.print(f"wrote {json_path}")
+        _write(json_path, "--json", layer_graph.to_json)
 
 
 @app.command()
@@ -247,11 +244,16 @@ def plan(
             raise PaseError("--explain shows alternatives within a per-layer plan; run it without --pipeline")
         _print_explain(graph, result, priced, explain)
     if json_path is not None:
-        try:
-            result.save(json_path)
-        except OSError as exc:
-            raise PaseError(f"cannot write --json {json_path}: {exc.strerror or exc}") from None
-        console.print(f"wrote {json_path}")
+        _write(json_path, "--json", result.save)
+
+
+def _write(path: Path, option: str, write: Callable[[Path], object]) -> None:
+    """``write(path)``; a path that cannot be written is the user's error, named with its option."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise PaseError(f"cannot write {option} {path}: {exc.strerror or exc}") from None
+    console.print(f"wrote {path}")
 
 
 def print_plan(result: Plan) -> None:

@@ -52,14 +52,11 @@ def whatif(
     from pase.cli import DTYPES, console, err_console
     from pase.graph import extract_model
     from pase.planner import PlanOptions
-    from pase.whatif import run_whatif
+    from pase.whatif import check_inputs, run_whatif
 
     if precision not in DTYPES:
         raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
-    if not 0 < samples < float("inf"):
-        raise PaseError(f"--samples must be a positive, finite number of training samples, not {samples:g}")
-    if batch < 1:
-        raise PaseError(f"--batch must be at least 1, not {batch}")
+    check_inputs(batch, samples)
     catalog = _catalog(gpu_file or [], gpu or [])
     targets = _clusters(clusters, catalog, _prices(price or [], catalog))
     graphs: dict[int, LayerGraph] = {}

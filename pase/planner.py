@@ -145,8 +145,7 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     if progress:
         progress("searching")
-    assignment, stats, price, space_note = _search_under_memory(priced, limit, cluster, options.search_gap,
-                                                                options.memory_bisections)
+    assignment, stats, price, space_note = search_under_memory(priced, limit, cluster, options)
     searched = time.perf_counter()
     predicted = _prediction(priced, assignment, graph.batch)
     baselines, notes = {}, {}
@@ -176,9 +175,14 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     return plan, priced
 
 
-def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, gap: float, bisections: int = 8
-                         ) -> tuple[list[int], SearchStats, float | None, str | None]:
-    """(assignment, search stats, memory price used, note on the space searched) under ``limit``."""
+def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, options: PlanOptions | None = None
+                        ) -> tuple[list[int], SearchStats, float | None, str | None]:
+    """(assignment, search stats, memory price used, note on the space searched) under ``limit``.
+
+    Also used by the pipeline planner for each stage's sub-graph on its device group.
+    """
+    options = options or PlanOptions()
+    gap, bisections = options.search_gap, options.memory_bisections
     name, devices = "plan", cluster.world_size
     solution, note = _solve_priced(priced, 0.0, devices, gap)
     memory = priced.totals(solution.assignment)[3]
@@ -211,14 +215,6 @@ def _search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, ga
         else:
             low = middle
     return best.assignment, best.stats, high, best_note
-
-
-def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, options: PlanOptions | None = None
-                        ) -> tuple[list[int], SearchStats, float | None, str | None]:
-    """The planner's memory-limited search on an already priced graph (used by the pipeline
-    planner for each stage's sub-graph on its device group)."""
-    options = options or PlanOptions()
-    return _search_under_memory(priced, limit, cluster, options.search_gap, options.memory_bisections)
 
 
 SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)

@@ -145,10 +145,7 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
 
     ``pipeline`` adds pipeline stages to the requested clusters and their PCIe-only twins; the
     scaling curves compare per-layer plans only, so every point is planned the same way."""
-    if not 0 < samples < math.inf:
-        raise PaseError(f"--samples must be a positive, finite number of training samples, not {samples:g}")
-    if batch < 1:
-        raise PaseError(f"--batch must be at least 1, not {batch}")
+    check_inputs(batch, samples)
     options = replace(options, search_gap=0.0, memory_bisections=3, baselines=False)
     tasks: list[tuple[str, Cluster, bool]] = [("cluster", c, pipeline) for c in clusters]
     if scaling:
@@ -193,6 +190,14 @@ def _pipelined(graph: LayerGraph, cluster: Cluster, options: PlanOptions) -> Any
         return plan_with_pipeline(graph, cluster, options=options)[0]
     except PlanDoesNotFit:
         return None
+
+
+def check_inputs(batch: int, samples: float) -> None:
+    """Refuse a batch or sample count no report can be made for (before any capture or search)."""
+    if not 0 < samples < math.inf:
+        raise PaseError(f"--samples must be a positive, finite number of training samples, not {samples:g}")
+    if batch < 1:
+        raise PaseError(f"--batch must be at least 1, not {batch}")
 
 
 def summarize(rows: list[ClusterResult]) -> str:

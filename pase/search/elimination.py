@@ -162,7 +162,7 @@ def bound_masks(graph: CostGraph, pairs: dict[tuple[int, int], np.ndarray], incu
 
 def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31,
           dtype: type = np.float64, hub_degree: int = 12, incumbent: float | None = None,
-          gap: float = 0.0, hub_combo_limit: int | None = None) -> Solution:
+          gap: float = 0.0) -> Solution:
     """The exact optimum of ``graph`` and one assignment that reaches it.
 
     Hubs — vertices with at least ``hub_degree`` neighbours, like a UNet's timestep embedding
@@ -184,8 +184,7 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
     each hub edge picks its own hub configuration (a lower bound), evaluates its assignment under
     every combination (an upper bound), and searches combinations exactly only while their bound
     can still beat the best by more than ``gap`` (``_solve_hub_bounded``). ``stats.proved_gap``
-    reports the gap actually proved; with ``gap=0`` the result is exact. ``hub_combo_limit`` caps
-    the combinations searched exactly on that path (then the gap proved may exceed ``gap``).
+    reports the gap actually proved; with ``gap=0`` the result is exact.
     """
     started = time.perf_counter()
     stats = SearchStats()
@@ -223,8 +222,7 @@ def solve(graph: CostGraph, prune: bool = True, max_table_entries: int = 1 << 31
         rest_work, rest_peak, rest_at = _order_work(sizes, rest_neighbours, rest_order)
         if gap > 0 and rest_peak < plain_peak and combos <= max_table_entries:
             _check_budget(graph, rest_peak, rest_at, max_table_entries)
-            return _solve_hub_bounded(graph, factors, sizes, kept, hubs, rest_order, stats, started, dtype, gap,
-                                      hub_combo_limit)
+            return _solve_hub_bounded(graph, factors, sizes, kept, hubs, rest_order, stats, started, dtype, gap)
         if rest_peak < plain_peak and combos * rest_work <= 2 * plain_work:
             _check_budget(graph, rest_peak, rest_at, max_table_entries)
             return _solve_conditioned(graph, factors, sizes, kept, hubs, rest_order, stats, started, dtype)
@@ -335,7 +333,7 @@ def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int]
 
 def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int], kept: list[np.ndarray],
                        hubs: list[int], order_of_rest: list[int], stats: SearchStats, started: float,
-                       dtype: type, gap: float, combo_limit: int | None = None) -> Solution:
+                       dtype: type, gap: float) -> Solution:
     """Hub conditioning with bounds: exact combinations only while they can still win by ``gap``.
 
     Relaxation: every factor between a hub and another vertex is minimised over the hub's
@@ -382,14 +380,10 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
         return _solve_conditioned(graph, factors, sizes, kept, hubs, order_of_rest, stats, started, dtype)
     # combinations in order of their lower bound: once one cannot win, none after it can
     flat_bounds = bounds.ravel()
-    order = np.argsort(flat_bounds, kind="stable")
-    unsearched_floor = flat_bounds[order]
     remaining = best_value
-    for position, flat in enumerate(order):
-        remaining = float(unsearched_floor[position])
+    for flat in np.argsort(flat_bounds, kind="stable"):
+        remaining = float(flat_bounds[flat])
         if best_value <= remaining + gap * abs(remaining):  # best <= (1 + gap) x any unsearched bound
-            break
-        if combo_limit is not None and stats.hub_combos_solved >= combo_limit:
             break
         combo = np.unravel_index(int(flat), shape)
         value, found = _solve_combo(factors, {h: int(c) for h, c in zip(hubs, combo)}, sizes, order_of_rest, stats,
