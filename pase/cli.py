@@ -160,7 +160,7 @@ def graph(
                   f"{_human(layer_graph.param_count)} parameters "
                   f"({_bytes(layer_graph.total('param_bytes'))} in {meta['dtype']}).")
     if json_path is not None:
-        _write(json_path, "--json", layer_graph.to_json)
+        write_output(json_path, "--json", layer_graph.to_json)
 
 
 @app.command()
@@ -244,16 +244,17 @@ def plan(
             raise PaseError("--explain shows alternatives within a per-layer plan; run it without --pipeline")
         _print_explain(graph, result, priced, explain)
     if json_path is not None:
-        _write(json_path, "--json", result.save)
+        write_output(json_path, "--json", result.save)
 
 
-def _write(path: Path, option: str, write: Callable[[Path], object]) -> None:
+def write_output(path: Path, option: str, write: Callable[[Path], object], announce: bool = True) -> None:
     """``write(path)``; a path that cannot be written is the user's error, named with its option."""
     try:
         write(path)
     except OSError as exc:
         raise PaseError(f"cannot write {option} {path}: {exc.strerror or exc}") from None
-    console.print(f"wrote {path}")
+    if announce:
+        console.print(f"wrote {path}")
 
 
 def print_plan(result: Plan) -> None:

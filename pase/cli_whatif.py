@@ -49,7 +49,7 @@ def whatif(
     """Predict step time, samples/s, MFU, $ and energy of the best plan on each cluster."""
     import torch
 
-    from pase.cli import DTYPES, console, err_console
+    from pase.cli import DTYPES, console, err_console, write_output
     from pase.graph import extract_model
     from pase.planner import PlanOptions
     from pase.whatif import check_inputs, run_whatif
@@ -73,16 +73,14 @@ def whatif(
                             memory_fraction=memory_fraction), catalog, scaling=scaling, interconnect=interconnect,
                             pipeline=pipeline,
                             progress=lambda what: status.update(what))
+    if json_out:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print_report(report, console)
     if html is not None:
         from tools.report_whatif import write_html
 
-        write_html(report, html)
-    if json_out:
-        print(json.dumps(report.to_dict(), indent=1))
-        return
-    print_report(report, console)
-    if html is not None:
-        console.print(f"wrote {html}")
+        write_output(html, "--html", lambda path: write_html(report, path), announce=not json_out)
 
 
 def print_report(report: WhatIfReport, console: Console) -> None:

@@ -136,6 +136,7 @@ def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
     (("--samples", "inf"), "--samples must be a positive"),
     (("--price", "H100-SXM=free"), "GPU=DOLLARS_PER_GPU_HOUR"),
     (("--gpu", "Odd:memory_gb=8"), "lacks"),
+    (("--clusters", "1xH100-SXM", "--no-interconnect", "--html", "/dev/null/r.html"), "cannot write --html"),
 ])
 def test_bad_input_names_the_problem(args: tuple[str, ...], needle: str) -> None:
     result = _whatif(*args)
