@@ -24,6 +24,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _run_two_ranks(target, path: str, timeout: float) -> None:
+    """Two forked gloo ranks running ``target(rank, 2, port, path)``; killed if they outlive ``timeout``."""
+    context = mp.get_context("fork")  # children inherit the imported diffusers (spawn re-imports: ~10 s)
+    port = _free_port()
+    procs = [context.Process(target=target, args=(rank, 2, port, path)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=timeout)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+
+
 class CondNet(nn.Module):
     """A small text-conditioned eps-model (conv + time scale + context bias), cheap to import and run."""
 
@@ -96,17 +111,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
 def test_two_gloo_ranks_match_one_process(tmp_path):
     one, _ = _run_all()  # also imports diffusers here, so the forked ranks start warm
     path = str(tmp_path / "rank0.pt")
-    context = mp.get_context("fork")  # children inherit the imported diffusers (spawn re-imports: ~10 s)
-    port = _free_port()
-    procs = [context.Process(target=_worker, args=(rank, 2, port, path)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=150)
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    _run_two_ranks(_worker, path, timeout=150)
     two = torch.load(path)
     for name, (sample, passes) in one.items():
         other, other_passes = two["out"][name]
@@ -167,16 +172,7 @@ def test_batch_parallel_with_fewer_samples_than_ranks(tmp_path):
     from pase.sampling.denoiser import GaussianDenoiser
 
     path = str(tmp_path / "rank0.pt")
-    port = _free_port()
-    procs = [mp.get_context("fork").Process(target=_batch_worker, args=(rank, 2, port, path)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=40)
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    _run_two_ranks(_batch_worker, path, timeout=40)
     core = build_core("ddpm", 6, clip_sample=False)
     x_t, noise = core.initial_and_noise((1, 2, 4, 4), 0)
     reference = sequential(core, Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4))), x_t, noise)
