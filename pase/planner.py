@@ -170,6 +170,7 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
                 "pruned_configs": stats.pruned_configs, "memory_price": price,
                 "conditioned_on": list(stats.conditioned_on), "space_note": space_note,
                 "proved_gap": stats.proved_gap, "hub_combos_solved": stats.hub_combos_solved,
+                "messages_reused": stats.messages_reused,
                 "configs": int(sum(len(s) for s in priced.spaces))},
     )
     return plan, priced

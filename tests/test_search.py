@@ -172,6 +172,28 @@ def test_hub_bounds_keep_their_promise(hubs: int) -> None:
     assert bounded > 10
 
 
+def test_hub_free_messages_are_shared_between_combinations() -> None:
+    """Chains that never touch a hub are eliminated once and reused by every hub combination, exactly."""
+    rng = np.random.default_rng(17)
+    reused = 0
+    for _ in range(30):
+        base = _hub_graph(rng, hubs=1)
+        n = len(base.sizes)
+        tail = [int(rng.integers(2, 4)) for _ in range(3)]  # a hub-free chain hanging off the last vertex
+        sizes = [*base.sizes, *tail]
+        chain = [(v - 1 if v > n else n - 1, v, np.round(rng.random((sizes[v - 1 if v > n else n - 1], sizes[v])), 2))
+                 for v in range(n, n + 3)]
+        graph = CostGraph("tail", 4, [f"v{i}" for i in range(n + 3)], ["op"] * (n + 3),
+                          [[[c] for c in range(k)] for k in sizes],
+                          [*base.vertex_costs, *(np.round(rng.random(k), 2) for k in tail)], [*base.edges, *chain])
+        exact = brute_force(graph).optimum
+        for gap in (0.0, 1e-12):
+            found = solve(graph, hub_degree=3, gap=gap)
+            assert found.optimum == pytest.approx(exact, abs=1e-9)
+            reused += found.stats.messages_reused
+    assert reused > 0
+
+
 def test_the_gap_bounds_the_cost_from_above() -> None:
     """A hub whose cheap configuration the relaxation cannot see: gap 0.3 may stop early, but never above 1.3x."""
     flip = np.array([[0.0, 5.0], [5.0, 0.0]])

@@ -3,13 +3,13 @@
 Each vertex is a variable over its configurations; vertex costs are unary factors and edge
 costs pairwise factors (parallel edges are summed, so a consumer reading two tensors of one
 producer pays for both). Eliminating a variable sums the factors that mention it into one
-table over their joint scope, minimises that variable out and keeps an argmin table as its
-back pointer; decoding walks the order backwards. The order is chosen greedily by the size of
-the table each step creates (min-weight, the product of configuration counts; min-fill breaks
+table over their joint scope and minimises that variable out; decoding walks the order
+backwards, choosing each variable given the neighbours already chosen. The order is chosen
+greedily by the size of the table each step creates (min-weight, the product of configuration counts; min-fill breaks
 ties) — on a UNet this keeps tables small despite skip connections.
 
 Cost: sum over steps of the product of configuration counts in the step's scope, in time;
-the largest such product (plus the back-pointer tables) in memory.
+the largest such product (plus the messages kept for decoding) in memory.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class SearchStats:
     conditioned_on: list[str] = field(default_factory=list)  # hub vertices fixed outside the elimination
     proved_gap: float = 0.0  # relative: the returned cost is at most (1 + proved_gap) x the optimum
     hub_combos_solved: int = 0  # hub configuration combinations searched exactly
+    messages_reused: int = 0  # elimination steps taken from an earlier hub combination (independent of the hubs)
 
 
 @dataclass
@@ -278,21 +279,28 @@ def _order_work(sizes: list[int], neighbours: list[set[int]], order: list[int]) 
     return total, peak, at
 
 
-def _condition(factors: list[Factor], fixed: dict[int, int]) -> tuple[list[Factor], float]:
-    """``factors`` with the variables in ``fixed`` set to their configurations: (factors left, constant)."""
+def _condition(factors: list[Factor], fixed: dict[int, int]) -> tuple[list[Factor], float, list[bool]]:
+    """``factors`` with the variables in ``fixed`` set to their configurations.
+
+    Returns (factors left, constant, per factor left whether it changed): the unchanged ones give
+    the same elimination messages whatever ``fixed`` holds, so ``_eliminate_all`` can reuse them.
+    """
     conditioned: list[Factor] = []
+    changed: list[bool] = []
     constant = 0.0
     for factor in factors:
         if not fixed.keys() & set(factor.scope):
             conditioned.append(factor)
+            changed.append(False)
             continue
         table = factor.table[tuple(fixed.get(u, slice(None)) for u in factor.scope)]
         scope = tuple(u for u in factor.scope if u not in fixed)
         if scope:
             conditioned.append(Factor(scope, table))
+            changed.append(True)
         else:
             constant += float(table)
-    return conditioned, constant
+    return conditioned, constant, changed
 
 
 def _finish(graph: CostGraph, kept: list[np.ndarray], choice: list[int], hubs: list[int], order: list[int],
@@ -305,13 +313,16 @@ def _finish(graph: CostGraph, kept: list[np.ndarray], choice: list[int], hubs: l
 
 
 def _solve_combo(factors: list[Factor], fixed: dict[int, int], sizes: list[int], order: list[int],
-                 stats: SearchStats, dtype: type) -> tuple[float, list[int]]:
-    """The optimum with the hubs in ``fixed`` at their configurations, and its choice (hubs included)."""
-    conditioned, constant = _condition(factors, fixed)
+                 stats: SearchStats, dtype: type, memo: dict[int, np.ndarray]) -> tuple[float, list[int]]:
+    """The optimum with the hubs in ``fixed`` at their configurations, and its choice (hubs included).
+
+    ``memo`` carries the messages that do not depend on the hubs from one combination to the next.
+    """
+    conditioned, constant, changed = _condition(factors, fixed)
     if not np.isfinite(constant):
         return float("inf"), []
     stats.hub_combos_solved += 1
-    value, choice = _eliminate_all(conditioned, sizes, order, stats, dtype)
+    value, choice = _eliminate_all(conditioned, sizes, order, stats, dtype, changed, memo)
     for h, c in fixed.items():
         choice[h] = c
     return constant + value, choice
@@ -322,8 +333,9 @@ def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int]
                        dtype: type) -> Solution:
     """min over hub configurations of (hub costs + optimum of the rest with the hubs fixed)."""
     best_value, best_choice = float("inf"), None
+    memo: dict[int, np.ndarray] = {}
     for combo in itertools.product(*(range(sizes[h]) for h in hubs)):
-        value, choice = _solve_combo(factors, dict(zip(hubs, combo)), sizes, order, stats, dtype)
+        value, choice = _solve_combo(factors, dict(zip(hubs, combo)), sizes, order, stats, dtype, memo)
         if value < best_value:
             best_value, best_choice = value, choice
     if best_choice is None or not np.isfinite(best_value):
@@ -348,6 +360,7 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
     shape = tuple(sizes[h] for h in hubs)
     hub_only = np.zeros(shape)
     relaxed: list[Factor] = []
+    relaxed_changed: list[bool] = []  # which relaxed factors differ from the conditioned ones
     mixed: list[tuple[Factor, int]] = []  # (factor over one hub and one other vertex, its hub's scope position)
     for factor in factors:
         in_hubs = [u in hub_set for u in factor.scope]
@@ -360,9 +373,12 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
             mixed.append((factor, position))
             other = factor.scope[1 - position]
             relaxed.append(Factor((other,), factor.table.min(axis=position)))
+            relaxed_changed.append(True)
         else:
             relaxed.append(factor)
-    lower, choice = _eliminate_all(relaxed, sizes, order_of_rest, stats, dtype)
+            relaxed_changed.append(False)
+    memo: dict[int, np.ndarray] = {}
+    lower, choice = _eliminate_all(relaxed, sizes, order_of_rest, stats, dtype, relaxed_changed, memo)
     # upper bound of every combination with the relaxation's assignment of the other vertices
     rest_value = sum(float(f.table[tuple(choice[u] for u in f.scope)]) for f in factors if not hub_set & set(f.scope))
     upper = hub_only + rest_value
@@ -387,7 +403,7 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
             break
         combo = np.unravel_index(int(flat), shape)
         value, found = _solve_combo(factors, {h: int(c) for h, c in zip(hubs, combo)}, sizes, order_of_rest, stats,
-                                    dtype)
+                                    dtype, memo)
         if value < best_value:
             best_value, best_choice = value, found
     else:
@@ -413,15 +429,28 @@ def _vector_on_axis(vector: np.ndarray, position: int, count: int) -> np.ndarray
 
 
 def _eliminate_all(factors: list[Factor], sizes: list[int], order: list[int], stats: SearchStats,
-                   dtype: type) -> tuple[float, list[int]]:
-    """Eliminate ``order`` over ``factors``; returns (optimum, configuration index per variable)."""
+                   dtype: type, changed: list[bool] | None = None,
+                   memo: dict[int, np.ndarray] | None = None) -> tuple[float, list[int]]:
+    """Eliminate ``order`` over ``factors``; returns (optimum, configuration index per variable).
+
+    With ``memo``, the message of every step that involves no ``changed`` factor (directly or
+    through earlier messages) is stored under its variable, and taken from there on a later call
+    with the same order and factor structure: the hub combinations of one search differ only in
+    the factors next to the hubs, so most of the elimination is shared between them.
+
+    No argmin tables are built: each step keeps the factors it summed, and decoding (in reverse
+    order, when every variable of a step's scope but its own is already chosen) re-evaluates them at
+    those choices — a vector over one variable's configurations, instead of an argmin pass over
+    every table.
+    """
     factors = list(factors)
+    varies = list(changed) if changed is not None else [True] * len(factors)
     by_var: list[set[int]] = [set() for _ in sizes]
     for fid, factor in enumerate(factors):
         for v in factor.scope:
             by_var[v].add(fid)
     alive = dict(enumerate(factors))
-    pointers: list[tuple[int, tuple[int, ...], np.ndarray]] = []
+    steps: list[tuple[int, list[Factor]]] = []
     constant = 0.0
     for v in order:
         fids = sorted(by_var[v])
@@ -433,14 +462,21 @@ def _eliminate_all(factors: list[Factor], sizes: list[int], order: list[int], st
         entries = prod(sizes[u] for u in rest) * sizes[v]
         stats.width = max(stats.width, len(rest) + 1)
         stats.largest_table = max(stats.largest_table, entries)
+        steps.append((v, group))
         if not group:  # a variable no factor mentions (its cost was folded away): any choice
-            pointers.append((v, (), np.int64(0)))
             continue
-        best, argmin = _eliminate(v, rest, group, sizes, dtype)
-        pointers.append((v, rest, argmin))
+        dependent = any(varies[fid] for fid in fids)
+        if memo is not None and not dependent and v in memo:
+            best = memo[v]
+            stats.messages_reused += 1
+        else:
+            best = _eliminate(v, rest, group, sizes, dtype)
+            if memo is not None and not dependent:
+                memo[v] = best
         if rest:
             fid = len(factors)
             factors.append(Factor(rest, best))
+            varies.append(dependent)
             alive[fid] = factors[fid]
             for u in rest:
                 by_var[u].add(fid)
@@ -449,33 +485,48 @@ def _eliminate_all(factors: list[Factor], sizes: list[int], order: list[int], st
     for factor in alive.values():  # factors over no eliminated variable (cannot happen unless order is partial)
         constant += float(np.min(factor.table))
     choice = [0] * len(sizes)
-    for v, rest, argmin in reversed(pointers):
-        choice[v] = int(argmin[tuple(choice[u] for u in rest)]) if rest else int(argmin)
+    for v, group in reversed(steps):
+        if group:
+            choice[v] = int(np.argmin(sum(_at_choice(f, v, choice) for f in group)))
     return constant, choice
 
 
+def _at_choice(factor: Factor, v: int, choice: list[int]) -> np.ndarray:
+    """The factor as a vector over ``v``, every other variable of its scope at its chosen configuration."""
+    return factor.table[tuple(slice(None) if u == v else choice[u] for u in factor.scope)].astype(np.float64)
+
+
 def _eliminate(v: int, rest: tuple[int, ...], group: list[Factor], sizes: list[int],
-               dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """min over v of the sum of ``group`` (tables over subsets of rest + v), and its argmin, both over rest."""
-    scope = (*rest, v)
+               dtype: type = np.float64) -> np.ndarray:
+    """min over v of the sum of ``group`` (tables over subsets of v + rest), as a table over rest.
+
+    v is the leading axis, so the minimum is an elementwise ``np.minimum`` of contiguous slabs
+    (memory-bound, vectorised) rather than a strided reduction along a short last axis.
+    """
+    scope = (v, *rest)
     shape = tuple(sizes[u] for u in scope)
     aligned = [_align(f, scope, shape) for f in group]
-    if not rest:
-        total = sum(aligned[1:], aligned[0]).reshape(shape)
-        return np.min(total), np.argmin(total)
-    lead = shape[0]
-    step = max(1, CHUNK_ELEMENTS // max(1, prod(shape[1:])))
-    best = np.empty(shape[:-1], dtype=dtype)
-    argmin = np.empty(shape[:-1], dtype=np.int32)
     aligned.sort(key=lambda table: table.size)  # add small tables together before the full-size block exists
+    if not rest:
+        return np.min(_sum_tables(aligned, dtype))
+    lead = shape[1]
+    step = max(1, CHUNK_ELEMENTS // max(1, shape[0] * prod(shape[2:])))
+    if step >= lead:
+        return _min_leading(_sum_tables(aligned, dtype), shape)
+    best = np.empty(shape[1:], dtype=dtype)
     for start in range(0, lead, step):
         stop = min(lead, start + step)
-        block = _sum_tables([t[start:stop] if t.shape[0] != 1 else t for t in aligned], dtype)
-        if block.shape != (stop - start, *shape[1:]):  # no table spans the whole scope
-            block = np.broadcast_to(block, (stop - start, *shape[1:]))
-        argmin[start:stop] = np.argmin(block, axis=-1)
-        best[start:stop] = np.take_along_axis(block, argmin[start:stop][..., None], axis=-1)[..., 0]
-    return best, argmin
+        block = _sum_tables([t[:, start:stop] if t.shape[1] != 1 else t for t in aligned], dtype)
+        best[start:stop] = _min_leading(block, (shape[0], stop - start, *shape[2:]))
+    return best
+
+
+def _min_leading(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Minimum over axis 0 of ``block`` broadcast to ``shape`` (it may lack some axes)."""
+    if block.shape[0] == 1:
+        return np.broadcast_to(block[0], shape[1:]).copy()
+    return np.broadcast_to(block.min(axis=0), shape[1:]).copy() if block.shape[1:] != shape[1:] \
+        else block.min(axis=0)
 
 
 def _sum_tables(tables: list[np.ndarray], dtype: type) -> np.ndarray:
