@@ -52,7 +52,7 @@ class PlanOptions:
     checkpointing: bool = False
     min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
     search_gap: float = 5e-3  # relative distance from the optimum the search may stop at (0: exact, slower)
-    memory_bisections: int = 8  # refinements of the memory price when the limit binds (each is one search)
+    memory_price_steps: int = 8  # at most this many memory-price refinements when the limit binds (one search each)
     baselines: bool = True  # price DDP and FSDP beside the plan (reports that compare clusters skip them)
 
     def __post_init__(self) -> None:
@@ -180,10 +180,15 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
                         ) -> tuple[list[int], SearchStats, float | None, str | None]:
     """(assignment, search stats, memory price used, note on the space searched) under ``limit``.
 
+    When the fastest plan does not fit, memory gets a price per byte (Lagrangian relaxation: the
+    limit couples every layer, a price keeps the search separable). Prices come from the dual's
+    kinks, where the best plan that fits and the best that does not cost the same, rather than
+    bisection; each search also gives a lower bound on every plan that fits, so
+    ``stats.proved_gap`` certifies the plan against the best one within the limit.
     Also used by the pipeline planner for each stage's sub-graph on its device group.
     """
     options = options or PlanOptions()
-    gap, bisections = options.search_gap, options.memory_bisections
+    gap = options.search_gap
     name, devices = "plan", cluster.world_size
     solution, note = _solve_priced(priced, 0.0, devices, gap)
     memory = priced.totals(solution.assignment)[3]
@@ -198,24 +203,57 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
             "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).",
             least, limit)
     step = max(sum(float(c.min()) for c in priced.compute), 1e-9)
-    low, high = 0.0, step / max(limit, 1.0)
-    best, best_note, best_price = lean, "memory-minimal plan: no memory price gave a faster plan that fits", None
-    while high <= 1e6:  # raise the memory price until the optimum fits
-        candidate, note = _solve_priced(priced, high, devices, gap)
+    floor = _lagrangian_bound(solution, 0.0, limit)
+    over, over_price = solution, 0.0  # the latest optimum that does not fit, and its memory price
+    fitting, fit_price = None, step / max(limit, 1.0)
+    while fit_price <= 1e6:  # raise the memory price until the optimum fits
+        candidate, note = _solve_priced(priced, fit_price, devices, gap)
+        floor = max(floor, _lagrangian_bound(candidate, fit_price, limit))
         if priced.totals(candidate.assignment)[3] <= limit:
-            best, best_note, best_price = candidate, note, high
+            fitting, best_note = candidate, note
             break
-        low, high = high, high * 4
-    if best_price is None:
-        return best.assignment, best.stats, None, best_note
-    for _ in range(bisections):  # bisect towards the cheapest price that still fits
-        middle = (low + high) / 2
-        candidate, note = _solve_priced(priced, middle, devices, gap)
+        over, over_price, fit_price = candidate, fit_price, fit_price * 4
+    if fitting is None:
+        return lean.assignment, lean.stats, None, "memory-minimal plan: no memory price gave a faster plan that fits"
+    best, best_price = fitting, fit_price
+    for _ in range(options.memory_price_steps):
+        if _step_cost(priced, best.assignment) <= (1 + gap) * floor:
+            break  # within the gap of every plan that fits: no price can do better
+        # the price at which the two bracketing plans cost the same: the dual's next kink (a cutting-plane step)
+        over_cost, fit_cost = _step_cost(priced, over.assignment), _step_cost(priced, fitting.assignment)
+        over_memory, fit_memory = priced.totals(over.assignment)[3], priced.totals(fitting.assignment)[3]
+        price = (fit_cost - over_cost) / (over_memory - fit_memory)
+        if not over_price < price < fit_price:
+            price = (over_price + fit_price) / 2
+        crossing = fit_cost + price * fit_memory
+        candidate, note = _solve_priced(priced, price, devices, gap)
+        floor = max(floor, _lagrangian_bound(candidate, price, limit))
         if priced.totals(candidate.assignment)[3] <= limit:
-            best, best_note, high = candidate, note, middle
+            fitting, fit_price = candidate, price
+            if _step_cost(priced, candidate.assignment) < _step_cost(priced, best.assignment):
+                best, best_price, best_note = candidate, price, note
         else:
-            low = middle
-    return best.assignment, best.stats, high, best_note
+            over, over_price = candidate, price
+        if candidate.optimum >= crossing * (1 - 1e-9) / (1 + candidate.stats.proved_gap):
+            break  # no plan beats the two bracketing ones at their crossing: the dual optimum is reached
+    cost = _step_cost(priced, best.assignment)
+    best.stats.proved_gap = max(0.0, cost / max(floor, 1e-30) - 1)  # floor > 0: the price-0 bound is positive
+    return best.assignment, best.stats, best_price, best_note
+
+
+def _step_cost(priced: PricedGraph, assignment: list[int]) -> float:
+    compute, comm, relayout, _ = priced.totals(assignment)
+    return compute + comm + relayout
+
+
+def _lagrangian_bound(solution: Solution, price: float, limit: float) -> float:
+    """A lower bound on the step time of every plan within ``limit``, from a search at memory ``price``.
+
+    For a plan x that fits, cost(x) >= cost(x) + price * (memory(x) - limit) >= OPT(price) - price * limit,
+    and the search's value is at most (1 + proved gap) x OPT(price). The best bound over the prices
+    tried certifies how far the plan that fits can be from the best one that fits.
+    """
+    return solution.optimum / (1 + solution.stats.proved_gap) - price * limit
 
 
 SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)

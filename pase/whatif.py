@@ -146,7 +146,7 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
     ``pipeline`` adds pipeline stages to the requested clusters and their PCIe-only twins; the
     scaling curves compare per-layer plans only, so every point is planned the same way."""
     check_inputs(batch, samples)
-    options = replace(options, search_gap=0.0, memory_bisections=3, baselines=False)
+    options = replace(options, search_gap=0.0, memory_price_steps=3, baselines=False)
     tasks: list[tuple[str, Cluster, bool]] = [("cluster", c, pipeline) for c in clusters]
     if scaling:
         for gpu_id, largest in _largest_per_gpu(clusters).items():

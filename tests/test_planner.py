@@ -14,7 +14,7 @@ from cost_models.cluster import cluster_from_dict, parse_spec
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.graph import extract, extract_model
-from pase.planner import PlanDoesNotFit, PlanOptions, plan_graph
+from pase.planner import PlanDoesNotFit, PlanOptions, PricedGraph, plan_graph, search_under_memory
 from pase.plans import Plan
 from strategies.splits import SplitSpace, split_space
 
@@ -210,6 +210,39 @@ def test_memory_limit_is_enforced() -> None:
         return  # nothing fits in 80%: the limit was enforced by refusing
     assert constrained.predicted.memory_bytes_per_device <= tight.gpu.memory_bytes * 0.9 + 1
     assert constrained.predicted.step_seconds >= free.predicted.step_seconds - 1e-12
+
+
+def test_memory_priced_search_keeps_its_certificate() -> None:
+    """Under a binding limit the plan fits, and its proved gap bounds it against the best plan that fits."""
+    import itertools
+
+    rng = np.random.default_rng(5)
+    cluster = parse_spec("4xH100-SXM")
+    checked = 0
+    for _ in range(40):
+        n, k = int(rng.integers(3, 6)), int(rng.integers(2, 4))
+        memory = [rng.random(k) * 10 for _ in range(n)]
+        compute = [rng.random(k) for _ in range(n)]
+        edges = [(v - 1, v, rng.random((k, k)) * 0.3) for v in range(1, n)]
+        priced = PricedGraph([f"v{v}" for v in range(n)], [SplitSpace(("batch",), np.arange(1, k + 1)[:, None])] * n,
+                             compute, [np.zeros(k)] * n, memory, edges)
+
+        def cost(assignment: tuple[int, ...], priced: PricedGraph = priced) -> float:
+            c, m, r, _ = priced.totals(list(assignment))
+            return c + m + r
+
+        every = list(itertools.product(range(k), repeat=n))
+        fastest = min(every, key=cost)
+        limit = priced.totals(list(fastest))[3] * float(rng.uniform(0.6, 0.95))
+        fits = [a for a in every if priced.totals(list(a))[3] <= limit]
+        if not fits:
+            continue
+        best = min(cost(a) for a in fits)
+        assignment, stats, _, _ = search_under_memory(priced, limit, cluster, PlanOptions(search_gap=0.0))
+        assert priced.totals(assignment)[3] <= limit + 1e-9
+        assert best - 1e-9 <= cost(tuple(assignment)) <= best * (1 + stats.proved_gap) + 1e-9
+        checked += 1
+    assert checked > 20
 
 
 def test_cli_plan(tmp_path) -> None:
