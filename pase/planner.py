@@ -81,7 +81,7 @@ class PricedGraph:
 
     def cost_graph(self, memory_price: float, name: str, devices: int) -> CostGraph:
         costs = [c + m + memory_price * mem for c, m, mem in zip(self.compute, self.comm, self.memory)]
-        configs = [space.factors.tolist() for space in self.spaces]
+        configs = [space.factors for space in self.spaces]  # rows, not lists: searches never read them
         return CostGraph(name, devices, self.ids, [""] * len(self.ids), configs, costs, self.edges)
 
     def totals(self, assignment: list[int]) -> tuple[float, float, float, float]:
@@ -275,7 +275,7 @@ def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: f
         peak = exceeded.peak
     keep = [np.flatnonzero(np.isin(space.factors.prod(axis=1), (1, devices))) for space in priced.spaces]
     restricted = CostGraph("plan-full-use", devices, full.ids, full.ops,
-                           [[full.configs[v][i] for i in k] for v, k in enumerate(keep)],
+                           [np.asarray(full.configs[v])[k] for v, k in enumerate(keep)],
                            [full.vertex_costs[v][k] for v, k in enumerate(keep)],
                            [(s, d, m[np.ix_(keep[s], keep[d])]) for s, d, m in full.edges])
     solution = solve(restricted, dtype=np.float32, gap=gap)
@@ -291,7 +291,7 @@ def _size(nbytes: float) -> str:
 
 def _memory_only(priced: PricedGraph, name: str, devices: int) -> CostGraph:
     """Minimise memory alone (re-layouts free): the leanest plan there is."""
-    configs = [space.factors.tolist() for space in priced.spaces]
+    configs = [space.factors for space in priced.spaces]
     # memory is a sum over layers: no edges, so the search is separable (zero-cost edges would still
     # join scopes and, on large graphs, build tables of over 64 dimensions)
     return CostGraph(name, devices, priced.ids, [""] * len(priced.ids), configs, list(priced.memory), [])

@@ -35,7 +35,7 @@ class CostGraph:
     devices: int
     ids: list[str]
     ops: list[str]
-    configs: list[list[list[int]]]
+    configs: list[list[list[int]]] | list[np.ndarray]  # per vertex, one split-factor row per configuration
     vertex_costs: list[np.ndarray]
     edges: list[tuple[int, int, np.ndarray]] = field(default_factory=list)  # (src, dst, [K_src, K_dst])
 
@@ -52,7 +52,7 @@ class CostGraph:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "version": VERSION, "name": self.name, "devices": self.devices,
-            "vertices": [{"id": i, "op": op, "configs": cfg, "cost": _floats(cost)}
+            "vertices": [{"id": i, "op": op, "configs": np.asarray(cfg).tolist(), "cost": _floats(cost)}
                          for i, op, cfg, cost in zip(self.ids, self.ops, self.configs, self.vertex_costs)],
             "edges": [{"src": self.ids[s], "dst": self.ids[d], "cost": [_floats(row) for row in m]}
                       for s, d, m in self.edges],

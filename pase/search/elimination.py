@@ -131,13 +131,18 @@ def _undominated(unary: np.ndarray, incident: list[np.ndarray]) -> np.ndarray:
     mask = np.ones(unary.size, dtype=bool)
     if unary.size == 1:
         return mask
-    for c_best in np.argsort(unary)[: min(8, unary.size)]:
+    candidates = np.argsort(unary)[: min(8, unary.size)]
+    slack = unary[candidates][:, None] - unary[None, :]  # (candidate, c): <= 0 where the candidate is cheaper alone
+    for matrix in incident:  # all candidates at once: (candidate, c, neighbour config) -> worst case over neighbours
+        slack += (matrix[candidates][:, None, :] - matrix[None, :, :]).max(axis=2)
+    beaten = slack <= 0
+    beaten[np.arange(candidates.size), candidates] = False
+    if not beaten.any():
+        return mask
+    for row, c_best in enumerate(candidates):
         if not mask[c_best] or not np.isfinite(unary[c_best]):
             continue
-        slack = unary[c_best] - unary  # <= 0 where c_best is cheaper alone
-        for matrix in incident:
-            slack = slack + (matrix[c_best][None, :] - matrix).max(axis=1)
-        dominated = (slack <= 0) & mask
+        dominated = beaten[row] & mask
         dominated[c_best] = False
         mask &= ~dominated
     return mask
