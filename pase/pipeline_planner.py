@@ -197,6 +197,7 @@ class Pricer:
         self._models: dict[int, CostModel] = {}
         self._layer_cache: dict[tuple[int, int, int], LayerPrice] = {}
         self._edge_cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self._rebatched: dict[tuple[int, int], dict[str, Any]] = {}
         self.itemsize = 2 if options.precision in ("bf16", "fp16") else 4
 
     @staticmethod
@@ -213,11 +214,18 @@ class Pricer:
                                             self.cost_options)
         return self._models[group]
 
+    def rebatched(self, v: int, batch: int) -> dict[str, Any]:
+        """Layer ``v``'s attributes at ``batch`` (shared by every group size)."""
+        key = (v, batch)
+        if key not in self._rebatched:
+            self._rebatched[key] = rebatch_layer(self.layers[v][1], batch, self.graph.batch)
+        return self._rebatched[key]
+
     def layer(self, kind: int, group: int, batch: int) -> LayerPrice:
         key = (kind, group, batch)
         if key not in self._layer_cache:
             v = self.representative[kind]
-            data = rebatch_layer(self.layers[v][1], batch, self.graph.batch)
+            data = self.rebatched(v, batch)
             model = self.model(group)
             space = split_space(data, group, self.options.min_chunk, self.options.only)
             parts: dict[str, np.ndarray] = {}
@@ -232,8 +240,7 @@ class Pricer:
         if key not in self._edge_cache:
             s, d, data = self.edge_representative[kind]
             full = self.graph.batch
-            producer = rebatch_layer(self.layers[s][1], batch, full)
-            consumer = rebatch_layer(self.layers[d][1], batch, full)
+            producer, consumer = self.rebatched(s, batch), self.rebatched(d, batch)
             self._edge_cache[key] = self.model(group).edge_costs(
                 rebatch_edge(data, self.layers[s][1], self.layers[d][1], batch, full), producer,
                 self.layer(self.kind[s], group, batch).space, consumer, self.layer(self.kind[d], group, batch).space)
