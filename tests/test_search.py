@@ -172,6 +172,18 @@ def test_hub_bounds_keep_their_promise(hubs: int) -> None:
     assert bounded > 10
 
 
+def test_tables_combined_in_parallel_slices_give_the_same_optimum(monkeypatch) -> None:
+    """The threaded path (big tables cut into slices, one per core) is exact, whatever the core count."""
+    from pase.search import elimination
+
+    monkeypatch.setattr(elimination, "PARALLEL_ELEMENTS", 1)
+    monkeypatch.setattr(elimination, "_workers", lambda: 3)
+    rng = np.random.default_rng(23)
+    for _ in range(30):
+        graph = random_graph(rng)
+        assert solve(graph).optimum == pytest.approx(brute_force(graph).optimum, abs=1e-9)
+
+
 def test_hub_free_messages_are_shared_between_combinations() -> None:
     """Chains that never touch a hub are eliminated once and reused by every hub combination, exactly."""
     rng = np.random.default_rng(17)

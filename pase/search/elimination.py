@@ -13,9 +13,12 @@ the largest such product (plus the messages kept for decoding) in memory.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 
@@ -25,6 +28,7 @@ from pase.errors import PaseError
 from pase.search.cost_graph import CostGraph
 
 CHUNK_ELEMENTS = 1 << 24  # combine tables in slices of at most this many entries
+PARALLEL_ELEMENTS = 1 << 20  # tables at least this large are combined in slices on every core
 
 
 class TableBudgetExceeded(PaseError):
@@ -515,15 +519,37 @@ def _eliminate(v: int, rest: tuple[int, ...], group: list[Factor], sizes: list[i
     if not rest:
         return np.min(_sum_tables(aligned, dtype))
     lead = shape[1]
+    entries = prod(shape)
     step = max(1, CHUNK_ELEMENTS // max(1, shape[0] * prod(shape[2:])))
+    workers = _workers() if entries >= PARALLEL_ELEMENTS else 1
+    if workers > 1:
+        step = min(step, -(-lead // workers))
     if step >= lead:
         return _min_leading(_sum_tables(aligned, dtype), shape)
     best = np.empty(shape[1:], dtype=dtype)
-    for start in range(0, lead, step):
+
+    def slice_min(start: int) -> None:
         stop = min(lead, start + step)
         block = _sum_tables([t[:, start:stop] if t.shape[1] != 1 else t for t in aligned], dtype)
         best[start:stop] = _min_leading(block, (shape[0], stop - start, *shape[2:]))
+
+    starts = range(0, lead, step)
+    if workers > 1:  # numpy's ufunc loops release the GIL: slices of one big table run on every core
+        list(_pool(workers).map(slice_min, starts))
+    else:
+        for start in starts:
+            slice_min(start)
     return best
+
+
+@functools.cache
+def _workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pase-eliminate")
 
 
 def _min_leading(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
