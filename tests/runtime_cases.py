@@ -158,30 +158,20 @@ def _refusals(graph: Any, rank: int, world: int) -> dict[str, Any]:
     from pase.errors import PaseError
 
     plan = hand_plan(graph, world, _batch_only)
+    staged = pipeline_plan(graph, world, "up_blocks.0.attentions.0", "1f1b", 2)  # pipeline plans: the same checks
+    other = copy.deepcopy(build_model())
+    other.conv_out = torch.nn.Conv2d(32, 4, 3, padding=1)  # another model: one more output channel
+    cases = [(f"{prefix}world", dataclasses.replace(base, devices=4), build_model(), graph) for prefix, base in
+             (("", plan), ("pipeline_", staged))]
+    cases += [(f"{prefix}model", dataclasses.replace(base, model_fingerprint="0123456789abcdef"), build_model(), graph)
+              for prefix, base in (("", plan), ("pipeline_", staged))]
+    cases.append(("other_model", plan, other, None))
     messages = {}
     with pase.distributed() as run:
-        for label, bad in (("world", dataclasses.replace(plan, devices=4)),
-                           ("model", dataclasses.replace(plan, model_fingerprint="0123456789abcdef"))):
+        for label, bad, model, known in cases:
             try:
                 run.plan = bad
-                run.parallelize(build_model(), graph=graph)
-                messages[label] = "accepted"
-            except PaseError as exc:
-                messages[label] = str(exc)
-        other = copy.deepcopy(build_model())
-        other.conv_out = torch.nn.Conv2d(32, 4, 3, padding=1)  # another model: one more output channel
-        try:
-            run.plan = plan
-            run.parallelize(other)
-            messages["other_model"] = "accepted"
-        except PaseError as exc:
-            messages["other_model"] = str(exc)
-        staged = pipeline_plan(graph, world, "up_blocks.0.attentions.0", "1f1b", 2)  # pipeline plans: the same checks
-        for label, bad in (("pipeline_world", dataclasses.replace(staged, devices=4)),
-                           ("pipeline_model", dataclasses.replace(staged, model_fingerprint="0123456789abcdef"))):
-            try:
-                run.plan = bad
-                run.parallelize(build_model(), graph=graph)
+                run.parallelize(model, graph=known)
                 messages[label] = "accepted"
             except PaseError as exc:
                 messages[label] = str(exc)
