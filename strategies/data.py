@@ -3,10 +3,15 @@
 Chosen by the runtime when no layer of the plan splits anything but the batch; FSDP when the
 plan was made with ``--fsdp``. Both average gradients over the world, so gradients equal the
 single-process model's on the global batch when each rank's loss is its chunk's mean.
+``average_gradients`` does the same for replicas that DDP cannot wrap (pipeline stages, whose
+backward runs inside a schedule).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -28,6 +33,33 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket: one all-reduce per 25 MiB of gradients
+
+
+def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None:
+    """Every gradient replaced by its mean over ``group`` (``size`` ranks holding the same parameters), in
+    flat buckets (one all-reduce each; gloo and NCCL are fastest on few large messages). Parameters
+    without a gradient on this rank have none on the others either (the same graph ran everywhere)."""
+    buckets: list[list[torch.Tensor]] = [[]]
+    filled = 0
+    for grad in (p.grad for p in params if p.grad is not None):
+        if filled >= BUCKET_BYTES:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(grad)
+        filled += grad.numel() * grad.element_size()
+    for bucket in buckets:
+        if not bucket:
+            continue
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, group=group)
+        flat /= size
+        offset = 0
+        for grad in bucket:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
 def apply_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -39,4 +71,4 @@ def apply_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-__all__ = ["apply_ddp", "apply_fsdp", "fsdp_units"]
+__all__ = ["BUCKET_BYTES", "apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units"]

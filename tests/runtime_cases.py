@@ -158,29 +158,29 @@ def _refusals(graph: Any, rank: int, world: int) -> dict[str, Any]:
     from pase.errors import PaseError
 
     plan = hand_plan(graph, world, _batch_only)
+    staged = pipeline_plan(graph, world, "up_blocks.0.attentions.0", "1f1b", 2)  # pipeline plans: the same checks
+    other = copy.deepcopy(build_model())
+    other.conv_out = torch.nn.Conv2d(32, 4, 3, padding=1)  # another model: one more output channel
+    cases = [(f"{prefix}world", dataclasses.replace(base, devices=4), build_model(), graph) for prefix, base in
+             (("", plan), ("pipeline_", staged))]
+    cases += [(f"{prefix}model", dataclasses.replace(base, model_fingerprint="0123456789abcdef"), build_model(), graph)
+              for prefix, base in (("", plan), ("pipeline_", staged))]
+    cases.append(("other_model", plan, other, None))
     messages = {}
     with pase.distributed() as run:
-        for label, bad in (("world", dataclasses.replace(plan, devices=4)),
-                           ("model", dataclasses.replace(plan, model_fingerprint="0123456789abcdef"))):
+        for label, bad, model, known in cases:
             try:
                 run.plan = bad
-                run.parallelize(build_model(), graph=graph)
+                run.parallelize(model, graph=known)
                 messages[label] = "accepted"
             except PaseError as exc:
                 messages[label] = str(exc)
-        other = copy.deepcopy(build_model())
-        other.conv_out = torch.nn.Conv2d(32, 4, 3, padding=1)  # another model: one more output channel
-        try:
-            run.plan = plan
-            run.parallelize(other)
-            messages["other_model"] = "accepted"
-        except PaseError as exc:
-            messages["other_model"] = str(exc)
     return messages
 
 
-def pipeline_plan(graph: Any, devices: int, split_at: str, schedule: str, microbatches: int) -> Any:
-    """A 2-stage plan: stage 1 begins with module ``split_at`` (the blocks of a stage are module paths)."""
+def pipeline_plan(graph: Any, devices: int, split_at: str, schedule: str, microbatches: int, replicas: int = 1) -> Any:
+    """A 2-stage plan: stage 1 begins with module ``split_at`` (the blocks of a stage are module paths), with
+    ``replicas`` copies of the pipeline placed as the planner places them (replica r on ranks 2r, 2r + 1)."""
     from pase.plans import StagePlan
 
     plan = hand_plan(graph, devices, lambda layer_id, data: {})
@@ -188,31 +188,39 @@ def pipeline_plan(graph: Any, devices: int, split_at: str, schedule: str, microb
     cut = blocks.index(split_at)
     layers = [[layer_id for layer_id, data in graph.layers() if (blocks.index(data["block"]) >= cut) == second]
               for second in (False, True)]
-    plan.stages = [StagePlan(layers[0], [0], 0.0, 0.0, blocks[:cut]), StagePlan(layers[1], [1], 0.0, 0.0, blocks[cut:])]
-    plan.schedule, plan.microbatches = schedule, microbatches
+    plan.stages = [StagePlan(layers[s], [2 * r + s for r in range(replicas)], 0.0, 0.0,
+                             blocks[:cut] if s == 0 else blocks[cut:]) for s in (0, 1)]
+    plan.schedule, plan.microbatches, plan.pipeline_replicas = schedule, microbatches, replicas
     return plan
 
 
 def _pipeline_case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
-    """One training step of a 2-stage pipeline (the epsilon objective, split for stages) against the model alone."""
+    """One training step of a 2-stage pipeline (the epsilon objective, split for stages), ``world / 2`` replicas
+    of it each on its share of the global batch, against the model alone on the whole global batch (the same
+    samples, noise and timesteps: each replica draws its share's from its own generator)."""
     from pase.runtime.pipeline import pipeline_parallelize
     from pase.train.loop import epsilon_objective, step_generator
 
     _, schedule, split_at = name.split(":")
-    plan = pipeline_plan(graph, world, split_at, schedule, microbatches=4)
+    replicas = world // 2
+    plan = pipeline_plan(graph, world, split_at, schedule, microbatches=4 // replicas, replicas=replicas)
     model = build_model()
     reference = copy.deepcopy(model)
     x0 = batch()[0]
+    share = GLOBAL_BATCH // replicas
     objective = epsilon_objective()
-    ref_loss = objective(reference, x0, step_generator(0, 0, 0))
+    drawn = [objective.prepare(x0[r * share:(r + 1) * share], step_generator(0, 0, r)) for r in range(replicas)]
+    inputs = [torch.cat([d[0][k] for d in drawn]) for k in range(2)]
+    ref_loss = objective.criterion(reference(*inputs), torch.cat([d[1] for d in drawn]))
     ref_loss.backward()
     want = {n: p.grad for n, p in reference.named_parameters()}
-    parallel = pipeline_parallelize(model, plan, device=torch.device("cpu"))
-    loss = parallel.pase_step(objective, x0, step_generator(0, 0, 0))
+    parallel = pipeline_parallelize(model, plan, device=torch.device("cpu"), graph=graph)
+    replica = parallel.replica
+    loss = parallel.pase_step(objective, x0[replica * share:(replica + 1) * share], step_generator(0, 0, replica))
     got = {parallel.original_names[n]: p.grad for n, p in parallel.stage_module.named_parameters()}
     result = {"loss": float(loss), "ref_loss": float(ref_loss.detach()), "names": sorted(got),
               "missing_grads": sorted(n for n, g in got.items() if g is None),
-              "summary": parallel.pase_layout.summary(),
+              "summary": parallel.pase_layout.summary(), "replica": replica, "stage": parallel.index,
               "inputs": sum(node.op == "placeholder" for node in parallel.stage_module.graph.nodes)}
     result["errors"] = relative_errors({n: g for n, g in got.items() if g is not None},
                                        {n: want[n] for n in got if got[n] is not None})

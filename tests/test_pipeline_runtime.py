@@ -1,10 +1,19 @@
-"""Pipeline stages from a plan (torch.distributed.pipelining, 2 gloo ranks): one training step's loss and every
-gradient equal the single-process model's on the same global batch (fp32, 1e-5 relative), for GPipe and 1F1B,
-with the split inside the decoder so the time embedding and skip tensors cross the stage boundary."""
+"""Pipeline stages from a plan (torch.distributed.pipelining, gloo): one training step's loss and every gradient
+equal the single-process model's on the same global batch (fp32, 1e-5 relative), for GPipe and 1F1B on 2 ranks,
+with the split inside the decoder so the time embedding and skip tensors cross the stage boundary, and for 2
+pipeline replicas x 2 stages on 4 ranks (each replica on its half of the batch, gradients averaged per stage).
+Which rank runs which stage of which replica (the mesh) is checked without processes."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import runtime_cases
+
+from pase.errors import PaseError
+from pase.graph import extract_model
+from pase.plans import StagePlan
+from pase.runtime.pipeline import pipeline_mesh
 
 TOLERANCE = 1e-5
 SPLIT = "up_blocks.0.attentions.0"  # where `pase plan --only pipeline` splits unet-tiny for 2 devices
@@ -16,18 +25,77 @@ def results() -> dict:
     return runtime_cases.run_ranks(CASES, world=2, timeout_s=280)
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", CASES)
-def test_two_stage_pipeline_matches_single_process(results, case: str) -> None:
-    per_rank = [results[rank][case] for rank in sorted(results)]
+def _assert_matches(per_rank: list[dict]) -> None:
     for result in per_rank:
         assert "error" not in result, result.get("error")
         assert result["loss"] == pytest.approx(result["ref_loss"], rel=TOLERANCE)
         assert result["missing_grads"] == []
         worst = max(result["errors"], key=result["errors"].get)
         assert result["errors"][worst] <= TOLERANCE, (worst, result["errors"][worst])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", CASES)
+def test_two_stage_pipeline_matches_single_process(results, case: str) -> None:
+    per_rank = [results[rank][case] for rank in sorted(results)]
+    _assert_matches(per_rank)
     stage0, stage1 = (set(r["names"]) for r in per_rank)
     assert not stage0 & stage1 and len(stage0 | stage1) == len(list(runtime_cases.build_model().parameters()))
     assert any(name.startswith("up_blocks.0.resnets.0") for name in stage0)  # the split is inside up_blocks.0
     assert any(name.startswith("up_blocks.0.attentions.0") for name in stage1)
     assert per_rank[1]["inputs"] > 3  # the main path, the time embedding and skip tensors cross the boundary
+
+
+@pytest.mark.slow  # 4 processes on 2 cores: about a minute
+@pytest.mark.timeout(420)
+def test_pipeline_replicas_match_single_process() -> None:
+    case = f"pipeline:1f1b:{SPLIT}"
+    results = runtime_cases.run_ranks([case], world=4, timeout_s=400)
+    per_rank = [results[rank][case] for rank in sorted(results)]
+    _assert_matches(per_rank)
+    assert [(r["replica"], r["stage"]) for r in per_rank] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all("2 stages x 2 replicas" in r["summary"] for r in per_rank)
+    for stage in (0, 1):  # both replicas of a stage hold the same parameters, and together the stages hold all
+        assert per_rank[stage]["names"] == per_rank[2 + stage]["names"]
+    assert len(set(per_rank[0]["names"]) | set(per_rank[1]["names"])) == \
+        len(list(runtime_cases.build_model().parameters()))
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return extract_model("unet-tiny", runtime_cases.GLOBAL_BATCH, use_cache=True)
+
+
+def test_mesh_of_pipeline_replicas(graph) -> None:
+    """The planner's PP x DP form: replica r runs its stages on ranks [r S, (r + 1) S)."""
+    plan = runtime_cases.pipeline_plan(graph, 4, SPLIT, "1f1b", 2, replicas=2)
+    mesh = pipeline_mesh(plan)
+    assert mesh.ranks == ((0, 1), (2, 3)) and mesh.position(3) == (1, 1) and mesh.stage_ranks(0) == [0, 2]
+
+
+def test_stage_groups_that_split_only_the_batch_are_replicas(graph) -> None:
+    """Stages on groups of devices that split only the batch (what `--only pipeline` plans at 4 devices) run
+    as replicas: stage s's j-th device is stage s of replica j."""
+    plan = runtime_cases.pipeline_plan(graph, 4, SPLIT, "1f1b", 2)
+    plan.stages = [dataclasses.replace(plan.stages[0], devices=[0, 1]), dataclasses.replace(plan.stages[1],
+                                                                                             devices=[2, 3])]
+    batch = {layer.id: {d: 2 for d, role in graph[layer.id]["roles"].items() if role == "batch"}
+             for layer in plan.layers}
+    plan.layers = [dataclasses.replace(layer, splits=batch[layer.id]) for layer in plan.layers]
+    assert pipeline_mesh(plan, graph).ranks == ((0, 2), (1, 3))
+    with pytest.raises(PaseError, match="LayerGraph"):
+        pipeline_mesh(plan)  # without the graph the roles of the splits are unknown
+    conv = next(layer for layer in plan.layers if layer.op == "conv" and layer.id in plan.stages[1].layers)
+    out = next(d for d, role in graph[conv.id]["roles"].items() if role == "out_channel")
+    plan.layers = [dataclasses.replace(layer, splits={out: 2}) if layer.id == conv.id else layer
+                   for layer in plan.layers]
+    with pytest.raises(PaseError, match=f"stage 1 runs on groups of 2 devices and splits layer {conv.id}"):
+        pipeline_mesh(plan, graph)
+
+
+def test_stages_on_unequal_groups_are_refused(graph) -> None:
+    plan = runtime_cases.pipeline_plan(graph, 3, SPLIT, "1f1b", 2)
+    plan.stages = [dataclasses.replace(plan.stages[0], devices=[0]),
+                   StagePlan(plan.stages[1].layers, [1, 2], 0.0, 0.0, plan.stages[1].blocks)]
+    with pytest.raises(PaseError, match=r"run on \[1, 2\] devices"):
+        pipeline_mesh(plan, graph)

@@ -66,3 +66,5 @@ def test_plans_for_another_world_or_model_are_refused(results) -> None:
         assert "made for 4 devices" in messages["world"] and "--nproc-per-node 4" in messages["world"]
         assert "another model" in messages["model"]
         assert "another model" in messages["other_model"]
+        assert "made for 4 devices" in messages["pipeline_world"]
+        assert "another model" in messages["pipeline_model"]

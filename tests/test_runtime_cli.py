@@ -78,10 +78,23 @@ def test_plan_cluster_local_on_the_command_line(tmp_path: Path) -> None:
     assert refused.exit_code != 0
 
 
-@pytest.mark.timeout(240)
-def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path) -> None:
+def _plan(local: tuple, only: str) -> Plan:
+    from pase.pipeline_planner import plan_with_pipeline
+
     cluster, profile, graph = local
-    plan = plan_graph(graph, cluster, profile=profile, options=PlanOptions(precision="fp32", only="tensor"))
+    options = PlanOptions(precision="fp32", only=only)
+    if only == "pipeline":
+        return plan_with_pipeline(graph, cluster, profile=profile, options=options)[0]
+    return plan_graph(graph, cluster, profile=profile, options=options)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("only", ["tensor", "pipeline"])
+def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, only: str) -> None:
+    """`pase verify` under torchrun for a per-layer plan and for pipeline stages (their schedule, not forwards)."""
+    _, profile, _ = local
+    plan = _plan(local, only)
+    assert bool(plan.stages) == (only == "pipeline")
     plan_path, profile_path = tmp_path / "plan.json", tmp_path / "profile.json"
     plan.save(plan_path)
     shutil.copy(PROFILE, profile_path)
@@ -98,9 +111,15 @@ def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path) -> 
     assert summary["measured_step_seconds"] > 0 and summary["measured_memory_bytes"] > 0
     assert summary["ratio"] == pytest.approx(summary["measured_step_seconds"] / summary["predicted_step_seconds"])
     updated = load_profile(profile_path)
-    factor = updated["verify"][-1]["compute_rate_factor"]
+    record = updated["verify"][-1]
+    factor = record["compute_rate_factor"]
     assert updated["compute"]["conv"]["flops_per_second"] == pytest.approx(
         profile["compute"]["conv"]["flops_per_second"] * factor)
+    # the rates now price this plan's compute (and a pipeline's bubble, which waits on compute) as measured
+    predicted = plan.predicted
+    assert (predicted.compute_seconds + predicted.bubble_seconds) / factor + predicted.communication_seconds == \
+        pytest.approx(summary["measured_step_seconds"], rel=1e-6)
+    assert ("pipeline of 2 stages" in record["layout"]) == (only == "pipeline")
 
 
 def test_verify_refuses_a_plan_for_another_world(local, tmp_path: Path) -> None:

@@ -7,10 +7,9 @@ Plans come from `pase plan --cluster local --devices 2` priced by a CPU calibrat
 saved one for this machine, or --profile). Rows: a pure data-parallel plan (`--only dp`, run as
 DDP by `pase.parallelize`) against a hand-written DDP loop on the same model, batch and synthetic
 data (target ratio <= 1.05); a channel/head-split plan (`--only tensor`); a 2-stage pipeline plan
-(`--only pipeline`, run by `pase train --plan` on generated shapes: step time is the loop's median
-after the first step, data and optimizer included, while the other rows time `pase verify`'s
-synthetic steps). Each run is a fresh
-`torchrun`; the DDP pair runs twice alternating and keeps each one's best median (the machine is shared).
+(`--only pipeline`, its schedule run by `pase verify`). Every row times `pase verify`'s synthetic
+steps (median after warm-up, slowest rank). Each run is a fresh `torchrun`; the DDP pair runs twice
+alternating and keeps each one's best median (the machine is shared).
 """
 from __future__ import annotations
 
@@ -55,15 +54,6 @@ def torchrun(*args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def torchrun_json(*args: str) -> str:
-    """A torchrun whose rank 0 prints one (indented) JSON object on stdout."""
-    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    return done.stdout[done.stdout.index("{"):]
-
-
 def plan(only: str, out: Path, batch: int, profile: str | None) -> dict:
     command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices", "2",
                "--batch", str(batch), "--only", only, "--json", str(out), *(["--profile", profile] if profile else [])]
@@ -100,21 +90,17 @@ def main() -> None:
                                                     "vs_plain_ddp": best["measured_step_seconds"] / plain}
         rows["tensor plan (channel/head splits)"] = verify(paths["tensor"], options.steps)
         pipe = plans["pipeline"]
-        report = json.loads(torchrun_json("-m", "pase", "train", "--plan", str(paths["pipeline"]), "--steps",
-                                          str(options.steps), "--data", "shapes", "--data-count", "256",
-                                          "--no-progress", "--json"))
-        predicted = pipe["predicted"]["step_seconds"]
         rows[f"pipeline plan ({len(pipe['stages'])} stages, {pipe['schedule']}, {pipe['microbatches']} mb)"] = {
-            "predicted_step_seconds": predicted, "measured_step_seconds": report["step_seconds"],
-            "ratio": report["step_seconds"] / predicted, "stages": len(pipe["stages"]),
-            "microbatches": pipe["microbatches"], "schedule": pipe["schedule"],
-            "note": "pase train --plan (loop step incl. data and AdamW)"}
+            **verify(paths["pipeline"], options.steps), "stages": len(pipe["stages"]),
+            "microbatches": pipe["microbatches"], "schedule": pipe["schedule"]}
     for name, row in rows.items():
         measured = row["measured_step_seconds"]
         extra = f"  vs plain DDP {row['vs_plain_ddp']:.3f} (plain {row['plain_ddp_step_seconds']:.3f} s)" \
             if "vs_plain_ddp" in row else ""
+        memory = f"  memory {row['measured_memory_bytes'] / 2**20:.0f} MiB (predicted " \
+            f"{row['predicted_memory_bytes'] / 2**20:.0f})"
         print(f"{name:42s} predicted {row['predicted_step_seconds']:.3f} s  measured "
-              + (f"{measured:.3f} s  ratio {row['ratio']:.2f}" if measured else "n/a") + extra)
+              + (f"{measured:.3f} s  ratio {row['ratio']:.2f}" if measured else "n/a") + memory + extra)
     options.json.parent.mkdir(parents=True, exist_ok=True)
     from pase import atomic
 

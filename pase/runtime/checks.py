@@ -21,7 +21,7 @@ def check_world(plan: Plan, world_size: int) -> None:
         raise PlanMismatch(
             f"the plan was made for {plan.devices} devices but this run has {world_size} processes; launch "
             f"`torchrun --nproc-per-node {plan.devices} ...` or re-plan with `pase plan --devices {world_size}`")
-    if plan.batch % world_size:
+    if not plan.stages and plan.batch % world_size:  # a pipeline splits it by replicas and microbatches instead
         raise PlanMismatch(f"the plan's global batch {plan.batch} does not split over {world_size} processes; "
                            f"re-plan with a --batch divisible by {world_size}")
 

@@ -52,7 +52,9 @@ def default_device() -> torch.device:
 def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, graph: LayerGraph | None = None,
                 device: torch.device | None = None) -> nn.Module:
     """``model`` made to run ``plan`` on this process group; each rank feeds it its batch chunk
-    (``global batch / world size`` samples) and gets that chunk's output.
+    (``global batch / world size`` samples) and gets that chunk's output. A plan with pipeline
+    stages gives this rank's stage instead (``pase.runtime.pipeline.PipelineModel``), which runs
+    whole training steps: ``model.pase_step(objective, x0, generator)``.
 
     ``example_inputs`` (meta tensors at the plan's batch) are needed only for models outside the zoo;
     ``graph`` skips the capture when the caller already has the model's LayerGraph.
@@ -62,11 +64,12 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
                         "inside `with pase.distributed(plan) as run:` (run.parallelize(model))")
     world = dist.get_world_size()
     check_world(plan, world)
-    if plan.stages:
-        raise PaseError(f"the plan has {len(plan.stages)} pipeline stages, which parallelize does not run yet; "
-                        "plan with `pase plan --only dp|fsdp|tensor` for a per-layer plan")
     graph = graph if graph is not None else model_graph(model, plan, example_inputs)
     check_model(plan, graph)
+    if plan.stages:  # this rank's pipeline stage: it runs whole training steps (pase_step), not forwards
+        from pase.runtime.pipeline import pipeline_parallelize
+
+        return pipeline_parallelize(model, plan, device=device or default_device(), graph=graph)
     layouts = layer_layouts(plan, graph)
     device = device or default_device()
     model.to(device)

@@ -8,13 +8,24 @@ graph carries them. Two things the tracer needs on this torch (reference/cpu_fea
 stage outputs are made contiguous (gloo's send rejects strided views), and stage 0's inputs are
 fed in the order the stage module declares them (first use, not the signature's order).
 
-A training step is ``model.pase_step(objective, x0, generator)``: the objective's ``prepare``
-draws the step's inputs and target (the same random numbers as its plain call), the schedule runs
-forward and backward over the microbatches (gradients are the mean over microbatches, i.e. the
-global batch's), and the last stage's loss is broadcast so every rank reports the same value.
+Pipeline x data parallel: the ranks form a (replicas x stages) mesh (``pipeline_mesh``): replica
+``j``'s stage ``s`` runs on the ``j``-th rank of the plan's stage ``s``. That covers both forms the
+planner writes: ``pipeline_replicas`` copies of the pipeline (replica ``r`` on ranks ``[r S, (r+1) S)``)
+and stages on groups of devices that only split the batch (stage ``s`` on ranks ``[s g, (s+1) g)``),
+which are the same computation. Each replica has a process group over its stages (the schedule's
+point-to-point sends) and each stage one over its replicas (gradient averaging).
+
+A training step is ``model.pase_step(objective, x0, generator)`` with ``x0`` this replica's share
+of the global batch (every rank of a replica passes the same ``x0`` and generator): the objective's
+``prepare`` draws the step's inputs and target (the same random numbers as its plain call), the
+schedule runs forward and backward over the microbatches (gradients are the mean over
+microbatches), the gradients are averaged over the replicas (so they are the global batch's), and
+the loss of the global batch is returned on every rank.
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pase.errors import PaseError
+from pase.graph import LayerGraph
 from pase.plans import Plan
 
 
@@ -51,6 +63,91 @@ def split_points(plan: Plan, model: nn.Module) -> list[str]:
     return points
 
 
+@dataclass(frozen=True)
+class PipelineMesh:
+    """``ranks[j][s]``: the rank running stage ``s`` of pipeline replica ``j``."""
+
+    ranks: tuple[tuple[int, ...], ...]
+
+    @property
+    def replicas(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def stages(self) -> int:
+        return len(self.ranks[0])
+
+    def position(self, rank: int) -> tuple[int, int]:
+        """(replica, stage) of ``rank``."""
+        for replica, row in enumerate(self.ranks):
+            if rank in row:
+                return replica, row.index(rank)
+        raise PaseError(f"rank {rank} runs no stage of the plan's pipeline")
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        return [row[stage] for row in self.ranks]
+
+
+def pipeline_mesh(plan: Plan, graph: LayerGraph | None = None) -> PipelineMesh:
+    """The (replicas x stages) mesh of ``plan``'s stages. A stage on more devices than the plan has
+    pipeline replicas must split only the batch across them (``graph`` gives the layers' roles), so
+    its devices are replicas of it; every stage needs the same number of devices."""
+    stages = plan.stages
+    if not stages:
+        raise PaseError("the plan has no pipeline stages; run it with pase.parallelize")
+    widths = [len(stage.devices) for stage in stages]
+    replicas = plan.pipeline_replicas
+    if len(set(widths)) != 1 or widths[0] % replicas:
+        raise PaseError(f"the plan's pipeline stages run on {widths} devices with {replicas} pipeline replica(s); the "
+                        "pipeline runtime needs every stage on the same number of devices, a multiple of the "
+                        "replicas; re-plan with `pase plan --only pipeline`")
+    placed = sorted(rank for stage in stages for rank in stage.devices)
+    if placed != list(range(plan.devices)):
+        raise PaseError(f"the plan's stages are placed on ranks {placed}, not once on each of ranks "
+                        f"0..{plan.devices - 1}; re-plan with `pase plan --only pipeline`")
+    if widths[0] > replicas:
+        _check_batch_only(plan, graph, widths[0] // replicas)
+    rows = tuple(tuple(stage.devices[j] for stage in stages) for j in range(widths[0]))
+    for row in rows:
+        if list(row) != sorted(row):
+            raise PaseError(f"a pipeline replica of the plan runs its stages on ranks {list(row)}; the runtime needs "
+                            "them in increasing rank order; re-plan with `pase plan --only pipeline`")
+    return PipelineMesh(rows)
+
+
+def _check_batch_only(plan: Plan, graph: LayerGraph | None, group: int) -> None:
+    from pase.runtime.layout import layer_layouts
+
+    if graph is None:
+        raise PaseError("the plan's stages run on groups of devices: pass the model's LayerGraph (graph=) so pase can "
+                        "check they split only the batch")
+    stage_of = {layer_id: k for k, stage in enumerate(plan.stages) for layer_id in stage.layers}
+    for layout in layer_layouts(plan, graph):
+        if layout.kind != "batch":
+            raise PaseError(f"pipeline stage {stage_of.get(layout.layer, '?')} runs on groups of {group} devices and "
+                            f"splits layer {layout.layer} ({layout.applied}) across them; the pipeline runtime runs a "
+                            "stage's devices as data-parallel replicas (batch splits only); re-plan with "
+                            "`pase plan --only pipeline`")
+
+
+def _process_groups(mesh: PipelineMesh, rank: int) -> tuple[Any, Any]:
+    """(this rank's replica group over its stages, its stage's group over the replicas); None: the world or
+    nothing. Every rank creates every group, in the same order (new_group is collective)."""
+    if mesh.replicas == 1:
+        return None, None
+    pipeline_group = replica_group = None
+    for row in mesh.ranks:
+        group = dist.new_group(list(row))
+        if rank in row:
+            pipeline_group = group
+    for stage in range(mesh.stages):
+        ranks = mesh.stage_ranks(stage)
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            replica_group = group
+    return pipeline_group, replica_group
+
+
 def _contiguous_outputs(graph_module: torch.fx.GraphModule) -> None:
     """Make every output of a stage contiguous (gloo sends only contiguous tensors)."""
     graph = graph_module.graph
@@ -74,19 +171,24 @@ class PipelineModel(nn.Module):
     """This rank's stage of the plan's pipeline (``pase_step`` runs a training step; parameter names are the
     original model's)."""
 
-    def __init__(self, stage_module: nn.Module, stage: Any, schedule: Any, index: int, stages: int,
-                 input_order: list[int], names: dict[str, str]) -> None:
+    def __init__(self, stage_module: nn.Module, stage: Any, schedule: Any, mesh: PipelineMesh, rank: int,
+                 input_order: list[int], names: dict[str, str], groups: tuple[Any, Any] = (None, None)) -> None:
         super().__init__()
         self.stage_module = stage_module
         self.stage, self.schedule = stage, schedule
-        self.index, self.stages = index, stages
+        self.mesh = mesh
+        self.replica, self.index = mesh.position(rank)
+        self.replicas, self.stages = mesh.replicas, mesh.stages
+        self.pipeline_group, self.replica_group = groups  # over this replica's stages; over this stage's replicas
         self.input_order = input_order
         self.original_names = names  # stage parameter name -> the model's parameter name
         self.criterion: Any = None  # the objective's per-microbatch loss, set by each step
-        self.pase_data_parallel = (0, 1)  # one pipeline replica: every rank sees the whole global batch
+        # the ranks of a replica all see its share of the global batch: they are one data-parallel rank
+        self.pase_data_parallel = (self.replica, self.replicas)
 
     @property
     def last_rank(self) -> int:
+        """The last stage's rank in this replica's pipeline group."""
         return self.stages - 1
 
     def pase_step(self, objective: Any, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -103,9 +205,16 @@ class PipelineModel(nn.Module):
             self.schedule.step(target=target, losses=losses)
         else:
             self.schedule.step()
+        if self.replicas > 1:
+            from strategies.data import average_gradients
+
+            average_gradients(list(self.stage_module.parameters()), self.replica_group, self.replicas)
         loss = torch.stack([v.detach().float() for v in losses]).mean() if losses else \
             torch.zeros((), device=x0.device)
-        dist.broadcast(loss, src=self.last_rank)
+        dist.broadcast(loss, group=self.pipeline_group, group_src=self.last_rank)
+        if self.replicas > 1:  # the global batch's loss: the replicas' shares are equal
+            dist.all_reduce(loss, group=self.replica_group)
+            loss /= self.replicas
         return loss
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -113,59 +222,73 @@ class PipelineModel(nn.Module):
 
 
 def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, example_inputs: tuple | None = None,
-                         batch: int | None = None, image_size: int | None = None) -> PipelineModel:
-    """This rank's stage of ``plan``'s pipeline over the world (one pipeline replica, one rank per stage).
+                         batch: int | None = None, image_size: int | None = None, graph: LayerGraph | None = None,
+                         ) -> PipelineModel:
+    """This rank's stage of ``plan``'s pipeline (one rank per stage of each pipeline replica).
 
     ``example_inputs``: ``(sample, timestep)`` of one microbatch for the tracer (default: the zoo
-    model's inputs at the plan's microbatch size).
+    model's inputs at the plan's microbatch size). ``graph``: the model's LayerGraph at the plan's
+    batch; given, the model is checked against the plan (``pase.parallelize`` always checks); needed
+    when the plan's stages run on groups of devices.
     """
     from torch.distributed.pipelining import SplitPoint, pipeline
     from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe
 
+    from pase.runtime.checks import check_model, check_world, model_graph
     from strategies.pipeline import check_schedule
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    if plan.pipeline_replicas != 1 or len(plan.stages) != world:
-        raise PaseError(f"the plan has {len(plan.stages)} stages x {plan.pipeline_replicas} replicas; the pipeline "
-                        f"runtime runs one replica with one process per stage ({world} here): re-plan with "
-                        f"`pase plan --only pipeline --devices {world}`")
-    for index, stage in enumerate(plan.stages):
-        if stage.devices != [index]:
-            raise PaseError(f"pipeline stage {index} is planned on devices {stage.devices}; the runtime puts stage i "
-                            f"on rank i")
+    check_world(plan, world)
+    if graph is None and _grouped(plan):  # the stages' groups must split only the batch: the layers' roles tell
+        graph = model_graph(model, plan)
+    if graph is not None:
+        check_model(plan, graph)
+    mesh = pipeline_mesh(plan, graph)
     schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[check_schedule(plan.schedule or "1f1b")]
     batch = batch or plan.batch
     microbatches = plan.microbatches
-    if batch % microbatches:
-        raise PaseError(f"the global batch {batch} does not split into the plan's {microbatches} microbatches")
+    if batch % (mesh.replicas * microbatches):
+        raise PaseError(f"the global batch {batch} does not split into {mesh.replicas} pipeline replica(s) of the "
+                        f"plan's {microbatches} microbatches each")
+    groups = _process_groups(mesh, rank)
     model.to(device)
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
             dist.broadcast(tensor.data, src=0)
     if example_inputs is None:
-        example_inputs = _zoo_inputs(plan, batch // microbatches, device, image_size)
+        example_inputs = _zoo_inputs(plan, batch // (mesh.replicas * microbatches), device, image_size)
     original = {id(p): name for name, p in model.named_parameters()}
     wrapper = _Prediction(model)
     points = {f"model.{name}": SplitPoint.BEGINNING for name in split_points(plan, model)}
-    pipe = pipeline(wrapper, mb_args=tuple(t.contiguous() for t in example_inputs), split_spec=points)
-    if pipe.num_stages != world:
-        raise PaseError(f"splitting the model at {list(points)} gave {pipe.num_stages} stages, not {world}")
-    stage_module = pipe.get_stage_module(rank)
+    with warnings.catch_warnings():  # torch's own tracer trips its LeafSpec deprecation: nothing a user can change
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        pipe = pipeline(wrapper, mb_args=tuple(t.contiguous() for t in example_inputs), split_spec=points)
+    if pipe.num_stages != mesh.stages:
+        raise PaseError(f"splitting the model at {list(points)} gave {pipe.num_stages} stages, not {mesh.stages}")
+    _, index = mesh.position(rank)
+    stage_module = pipe.get_stage_module(index)
     _contiguous_outputs(stage_module)
     placeholders = [n.name for n in pipe.get_stage_module(0).graph.nodes if n.op == "placeholder"]
     order = [0 if "sample" in name else 1 for name in placeholders]
     if sorted(order) != [0, 1]:
         raise PaseError(f"stage 0 of the traced pipeline takes {placeholders}, not (sample, timestep)")
-    stage = pipe.build_stage(rank, device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        stage = pipe.build_stage(index, device, group=groups[0])
     holder: list[PipelineModel] = []
     schedule = schedule_class(stage, n_microbatches=microbatches,
                               loss_fn=lambda output, target: holder[0].criterion(output, target))
     names = {name: original.get(id(param), name) for name, param in stage_module.named_parameters()}
-    result = PipelineModel(stage_module, stage, schedule, rank, world, order, names)
+    result = PipelineModel(stage_module, stage, schedule, mesh, rank, order, names, groups)
     holder.append(result)
     model.pase_pipeline = result  # so full_state_dict(model) gathers the stages' weights, not this rank's stale copy
-    result.pase_layout = _layout(plan, world)
+    result.pase_layout = _layout(plan, mesh, world)
     return result
+
+
+def _grouped(plan: Plan) -> bool:
+    """Do the plan's stages run on more devices than it has pipeline replicas (so they must split only the batch)?"""
+    return any(len(stage.devices) > plan.pipeline_replicas for stage in plan.stages)
 
 
 def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: int | None = None,
@@ -180,13 +303,14 @@ def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: i
     return sample, torch.randint(0, 1000, (microbatch,), device=device)
 
 
-def _layout(plan: Plan, world: int) -> Any:
+def _layout(plan: Plan, mesh: PipelineMesh, world: int) -> Any:
     from pase.runtime.parallel import ParallelLayout
 
     layout = ParallelLayout("pipeline", world)
-    layout.summary = lambda: (f"pipeline of {len(plan.stages)} stages ({plan.schedule}, {plan.microbatches} "  # type: ignore[method-assign]
+    replicas = f" x {mesh.replicas} replicas" if mesh.replicas > 1 else ""
+    layout.summary = lambda: (f"pipeline of {mesh.stages} stages{replicas} ({plan.schedule}, {plan.microbatches} "  # type: ignore[method-assign]
                               f"microbatches) over {world} ranks")
     return layout
 
 
-__all__ = ["PipelineModel", "pipeline_parallelize", "split_points"]
+__all__ = ["PipelineMesh", "PipelineModel", "pipeline_mesh", "pipeline_parallelize", "split_points"]

@@ -31,7 +31,8 @@ class ShardMap:
     def __init__(self, model: nn.Module) -> None:
         from strategies.tensor import ChannelSplit
 
-        self.pipeline = hasattr(model, "pase_step")  # a pipeline stage: each parameter lives on one rank
+        self.pipeline = hasattr(model, "pase_step")  # a pipeline stage: each parameter lives on one rank per replica
+        self.group: Any = getattr(model, "pipeline_group", None)  # the replica's stages (None: the world)
         if self.pipeline:
             self.named = [(model.original_names[n], p) for n, p in model.stage_module.named_parameters()
                           if p.requires_grad]
@@ -86,7 +87,7 @@ class ShardMap:
     def full_named(self, tensors: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{name: full tensor}`` for tensors given in parameter order (collective)."""
         if self.pipeline:
-            return _gather_stages({name: t.detach() for (name, _), t in zip(self.named, tensors)})
+            return _gather_stages({name: t.detach() for (name, _), t in zip(self.named, tensors)}, self.group)
         return {name: self.full(name, t.detach()) for (name, _), t in zip(self.named, tensors)}
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -102,7 +103,7 @@ class ShardMap:
                     "param_groups": state["param_groups"]}
         mine = {f"{order[index]}\x00{key}": value for index, values in state["state"].items()
                 for key, value in values.items() if isinstance(value, torch.Tensor)}
-        everything = _gather_stages(mine)
+        everything = _gather_stages(mine, self.group)
         all_names = sorted({key.split("\x00")[0] for key in everything})
         full: dict[int, dict[str, Any]] = {}
         for key, value in everything.items():
@@ -134,9 +135,9 @@ class ShardMap:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients by their global norm over every shard (the same factor on every rank)."""
         params = [p for _, p in self.named if p.grad is not None]
-        if self.pipeline:  # every stage's gradients: one sum of squares over the world
+        if self.pipeline:  # every stage's gradients: one sum of squares over the replica's stages
             total = sum((p.grad.detach().double().pow(2).sum() for p in params), torch.zeros((), dtype=torch.float64))
-            dist.all_reduce(total)
+            dist.all_reduce(total, group=self.group)
             factor = torch.clamp(max_norm / (total.sqrt() + 1e-6), max=1.0)
             for param in params:
                 param.grad.mul_(factor.to(param.grad.dtype))
@@ -174,7 +175,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     model = getattr(model, "pase_pipeline", model)  # a model split into stages: its stages hold the current weights
     if hasattr(model, "pase_step"):  # pipeline stages: every rank's parameters and buffers, gathered
         names = model.original_names
-        return _gather_stages({names.get(k, k): v.detach() for k, v in model.stage_module.state_dict().items()})
+        return _gather_stages({names.get(k, k): v.detach() for k, v in model.stage_module.state_dict().items()},
+                              model.pipeline_group)
     inner = unwrap(model)
     params = full_tensors(inner, "param")
     state = {}
@@ -187,10 +189,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _gather_stages(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every rank's ``{name: tensor}`` merged, on every rank (pipeline stages hold disjoint parameters)."""
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()})
+def _gather_stages(local: dict[str, torch.Tensor], group: Any = None) -> dict[str, torch.Tensor]:
+    """Every stage's ``{name: tensor}`` merged, on every rank (the stages of a pipeline replica, ``group``,
+    hold disjoint parameters; the replicas hold equal copies after each step's gradient average)."""
+    parts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=group)
     merged: dict[str, torch.Tensor] = {}
     for part in parts:
         merged.update(part)

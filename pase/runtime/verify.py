@@ -1,11 +1,13 @@
 """``pase verify``: run a plan for a few steps and hold its prediction against what happened.
 
 Synthetic data (DDPM epsilon loss: random latents and noise, random timesteps, ``add_noise`` of
-diffusers' DDPMScheduler) and AdamW, so nothing but the model and the plan matters. Step time is the
-median over the steps after warm-up of the slowest rank; peak memory is per rank (CUDA: the
-allocator's peak; CPU: the growth of peak resident memory over the resident memory before the model
-was built). ``apply_to_profile`` folds the measured gap into a calibration profile's compute rates so
-the next plan is priced with it.
+diffusers' DDPMScheduler) and AdamW, so nothing but the model and the plan matters. A plan with
+pipeline stages runs its schedule (``pase_step``) on random latents: each pipeline replica draws
+its share of the global batch (the same on all of its ranks). Step time is the median over the
+steps after warm-up of the slowest rank; peak memory is per rank (CUDA: the allocator's peak; CPU:
+the growth of peak resident memory over the resident memory before the model was built).
+``apply_to_profile`` folds the measured gap into a calibration profile's compute rates so the next
+plan is priced with it.
 """
 from __future__ import annotations
 
@@ -128,6 +130,7 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
     from pase.models.zoo import ZOO
     from pase.runtime.checks import model_graph
     from pase.runtime.context import distributed
+    from pase.train.loop import epsilon_objective
 
     if steps <= warmup:
         raise PaseError(f"--steps {steps} leaves nothing to measure after {warmup} warm-up steps; use more steps")
@@ -148,16 +151,26 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
         autocast = torch.autocast("cuda", dtype=torch.bfloat16 if plan.precision == "bf16" else torch.float16,
                                   enabled=cuda and plan.precision != "fp32")
         bar = _bar(steps, progress and run.rank == 0)
+        pipelined = hasattr(parallel, "pase_step")  # a pipeline stage runs whole steps in its schedule
+        if pipelined:
+            shape, generator = _pipeline_latents(plan, parallel, seed)
+            objective = epsilon_objective()
         times, losses = [], []
         for _ in range(steps):
-            target, args, kwargs = synthetic_inputs(plan, run.local_batch, run.device, generator)
+            if pipelined:  # the objective draws noise and timesteps inside the step (the last stage needs them)
+                x0 = torch.randn(shape, generator=generator).to(run.device)
+            else:
+                target, args, kwargs = synthetic_inputs(plan, run.local_batch, run.device, generator)
             if cuda:
                 torch.cuda.synchronize(run.device)
             started = time.perf_counter()
             with autocast:
-                out = parallel(*args, **kwargs)
-                loss = F.mse_loss(getattr(out, "sample", out).float(), target)
-            loss.backward()
+                if pipelined:
+                    loss = parallel.pase_step(objective, x0, generator)
+                else:
+                    out = parallel(*args, **kwargs)
+                    loss = F.mse_loss(getattr(out, "sample", out).float(), target)
+                    loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cuda:
@@ -184,6 +197,16 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
                         "CUDA allocator peak" if cuda else "growth of peak resident memory (VmHWM)")
 
 
+def _pipeline_latents(plan: Plan, stage: Any, seed: int) -> tuple[tuple[int, ...], torch.Generator]:
+    """Shape of this replica's share of the global batch of latents, and the replica's generator (every rank
+    of a replica draws the same numbers: stage 0 feeds the noised latents, the last stage scores the noise)."""
+    from pase.models.zoo import ZOO
+
+    replica, replicas = stage.pase_data_parallel
+    args, _ = ZOO[plan.model].example_inputs(1, device="meta")
+    return (plan.batch // replicas, *args[0].shape[1:]), torch.Generator().manual_seed(seed + 1 + replica)
+
+
 def _bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -198,11 +221,12 @@ def _bar(total: int, enabled: bool) -> Any:
 def apply_to_profile(profile: dict[str, Any], plan: Plan, result: VerifyResult) -> dict[str, Any]:
     """``profile`` with its compute rates scaled so the plan's compute would take what was measured
     (the gap is put on compute: communication keeps its measured collective rates), and the
-    measurement appended to ``profile["verify"]``."""
+    measurement appended to ``profile["verify"]``. A pipeline's bubble is its stages waiting for each
+    other's compute, so it scales with the compute rates too."""
     predicted = plan.predicted
-    measured_compute = result.measured_step_seconds - predicted.communication_seconds - predicted.bubble_seconds
-    factor = predicted.compute_seconds / measured_compute if measured_compute > 0 and predicted.compute_seconds \
-        else 1 / result.ratio
+    compute = predicted.compute_seconds + predicted.bubble_seconds
+    measured_compute = result.measured_step_seconds - predicted.communication_seconds
+    factor = compute / measured_compute if measured_compute > 0 and compute else 1 / result.ratio
     updated = dict(profile)
     updated["compute"] = {kind: {**entry, **{key: entry[key] * factor for key in ("flops_per_second",
                                                                                    "bytes_per_second") if key in entry}}

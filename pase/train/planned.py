@@ -60,7 +60,8 @@ class PlannedRun:
             if self.plan.stages:
                 from pase.runtime.pipeline import pipeline_parallelize
 
-                return pipeline_parallelize(model, self.plan, device=group.device, image_size=self.image_size)
+                return pipeline_parallelize(model, self.plan, device=group.device, image_size=self.image_size,
+                                            graph=self.graph)
             from pase.runtime.parallel import parallelize
 
             return parallelize(model, self.plan, graph=self.graph, device=group.device)
