@@ -12,8 +12,11 @@ Sizes come from a LayerGraph (``sizes_from_layer_graph``) or from a model run on
 | TuneQDM  | b/8 Q + 4 (P - Q) + 4 S + 1 per channel zero point | 4 S | 8 S | transient W and dW of the largest layer |
 
 P: parameters, Q: quantized weight values, S = sum over layers of E (C_out + C_in): trainable scales.
-Activations saved for backward are the same for all three (TuneQDM's custom backward saves each
-layer's input, as an ordinary layer does) and scale with the per-process batch. ``total`` counts
+Activations saved for backward scale with the per-process batch and are the same for full fine-tuning
+and DeMe. TuneQDM saves less: its custom backward saves each layer's input, as an ordinary layer
+does, except where that input is silu(h) (norm -> SiLU -> conv, twice per ResNet block): there it
+keeps h, which the SiLU keeps anyway, and rebuilds silu(h) in backward (``strategies.silu_recompute``),
+so the SiLU outputs read by Linear/Conv2d layers (``ModelSizes.silu_fed_bytes``) are not kept. ``total`` counts
 gradients as live beside all activations, an upper bound: the loop frees gradients after each
 step, and on ddpm-cifar10 the measured peak of full fine-tuning sits at the end of the forward
 (weights + optimizer + activations), about 10% under this total.
@@ -34,9 +37,13 @@ class ModelSizes:
     activation_bytes: int  # saved for backward by one forward at ``batch``
     batch: int
     channel_projection_widths: tuple[int, ...] = ()  # DeMe adapter widths (1x1 C x C convs)
+    silu_fed_bytes: int = 0  # of activation_bytes: SiLU outputs read by a Linear/Conv2d (TuneQDM rebuilds them)
 
     def activations_at(self, batch: int) -> int:
         return round(self.activation_bytes * batch / self.batch)
+
+    def silu_fed_at(self, batch: int) -> int:
+        return round(self.silu_fed_bytes * batch / self.batch)
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,8 @@ def tuneqdm(sizes: ModelSizes, batch: int, bits: int, experts: int, train_input_
     weights = codes + channels_out + FP32 * (sizes.params - quantized) + FP32 * scales
     largest = max((numel for _, _, numel in sizes.layers), default=0)
     return MemoryEstimate(f"tuneqdm-{bits}bit", weights, FP32 * trainable, ADAM_MOMENTS * FP32 * trainable,
-                          sizes.activations_at(batch), transient=3 * FP32 * largest, trainable_params=trainable)
+                          sizes.activations_at(batch) - sizes.silu_fed_at(batch), transient=3 * FP32 * largest,
+                          trainable_params=trainable)
 
 
 def estimate(strategy: str, sizes: ModelSizes, batch: int, **options: Any) -> MemoryEstimate:
@@ -112,13 +120,19 @@ def estimate(strategy: str, sizes: ModelSizes, batch: int, **options: Any) -> Me
 
 
 def sizes_from_layer_graph(graph: Any) -> ModelSizes:
-    """ModelSizes from a LayerGraph: weights of conv/linear layers, and the layers' outputs as the activations
-    kept for backward (the graph's batch)."""
+    """ModelSizes from a LayerGraph: weights of conv/linear layers, the layers' outputs as the activations
+    kept for backward (the graph's batch), and of them the outputs of layers ending in a SiLU that only
+    conv/linear layers read (norm + SiLU fuse into one layer there) as the SiLU outputs TuneQDM rebuilds."""
     layers = []
-    for _, data in graph.layers():
+    silu_fed = 0
+    for node, data in graph.layers():
+        if "silu" in data.get("fused_ops", ()) and all(graph.graph.nodes[successor]["op"] in ("conv", "linear")
+                                               for successor in graph.graph.successors(node)):
+            silu_fed += data["out_bytes"]
         if data["op"] not in ("conv", "linear"):
             continue
         for name, info in data["params"].items():
             if name.endswith(".weight") and len(info["shape"]) >= 2:
                 layers.append((info["shape"][0], info["shape"][1], info["numel"]))
-    return ModelSizes(graph.param_count, tuple(layers), int(graph.total("out_bytes")), max(graph.batch, 1))
+    return ModelSizes(graph.param_count, tuple(layers), int(graph.total("out_bytes")), max(graph.batch, 1),
+                      silu_fed_bytes=silu_fed)

@@ -11,7 +11,9 @@ Two departures from the reference code, on purpose (see shared/reference/diffusi
   so batches larger than 1 train correctly; training draws its timesteps in sorted order so the
   groups are contiguous slices (views) rather than copies that autograd would keep;
 - ``_ScaledQuantFn`` saves only the input, the scales and a reference to the integer codes, and
-  recomputes W^e in backward, so autograd keeps no float copy of any weight; each expert's scales
+  recomputes W^e in backward, so autograd keeps no float copy of any weight (where the input is
+  silu(h) from an ``nn.SiLU``, it saves h, which the SiLU keeps anyway, and rebuilds silu(h) in
+  backward: ``strategies.silu_recompute``; one activation fewer per norm -> SiLU -> layer); each expert's scales
   are separate parameters in their own optimizer group, so an expert that got no gradient in a
   step has grad None and AdamW leaves it exactly as it was (no momentum or weight-decay drift).
 """
@@ -29,6 +31,7 @@ from torch._prims_common import suggest_memory_format
 
 from pase.errors import PaseError
 from pase.train.checkpoint import load_weights, read_safetensors, save_weights
+from strategies import silu_recompute
 
 
 class TuneQDMError(PaseError):
@@ -169,20 +172,32 @@ def _scaled_backward(layer: QuantizedLayer, x: torch.Tensor, grad: torch.Tensor,
     return grad_x, grad_s_out, grad_s_in
 
 
+def _save_input(ctx: Any, x: torch.Tensor, source: torch.Tensor | None, *rest: torch.Tensor) -> None:
+    """Save the layer input x, or h when x = silu(h) (``source``): the SiLU node keeps h anyway."""
+    ctx.from_silu = source is not None
+    ctx.save_for_backward(source if ctx.from_silu else x, *rest)
+
+
+def _saved_input(ctx: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    saved, *rest = ctx.saved_tensors
+    return (silu_recompute.rebuild(saved) if ctx.from_silu else saved), rest
+
+
 class _ScaledQuantFn(torch.autograd.Function):
-    """y = op(x, s_out * (W_q - z) * s_in) + b, saving only x and the scales (W is recomputed in backward)."""
+    """y = op(x, s_out * (W_q - z) * s_in) + b, saving only x (or h where x = silu(h)) and the scales
+    (W is recomputed in backward)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, layer: QuantizedLayer,
-                ) -> torch.Tensor:
+                source: torch.Tensor | None = None) -> torch.Tensor:
         ctx.layer = layer
-        ctx.save_for_backward(x, s_out, s_in)
+        _save_input(ctx, x, source, s_out, s_in)
         return layer.apply_weight(x, layer.scaled(layer.centered(s_out.dtype), s_out, s_in))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, s_out, s_in = ctx.saved_tensors
-        return (*_scaled_backward(ctx.layer, x, grad, s_out, s_in, tuple(ctx.needs_input_grad[:3])), None)
+        x, (s_out, s_in) = _saved_input(ctx)
+        return (*_scaled_backward(ctx.layer, x, grad, s_out, s_in, tuple(ctx.needs_input_grad[:3])), None, None)
 
 
 class _ExpertScaledQuantFn(torch.autograd.Function):
@@ -192,12 +207,13 @@ class _ExpertScaledQuantFn(torch.autograd.Function):
     (not each expert's ``index_select`` copy of it, nor a slice-backward zero-filled copy per expert),
     and the output and dx are written in place row block by row block. Each block is computed exactly
     as ``_ScaledQuantFn`` computes it, and the output gets the memory layout the former cat (slices) or
-    index_select (index tensors) gave, so the numbers are the same.
+    index_select (index tensors) gave, so the numbers are the same. With ``source`` (x = silu(source))
+    backward rebuilds all of x once and takes each expert's rows from it.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLayer, parts: list[slice | torch.Tensor],
-                *scales: torch.Tensor) -> torch.Tensor:
+                source: torch.Tensor | None, *scales: torch.Tensor) -> torch.Tensor:
         out, layout = None, torch.contiguous_format
         for index, part in enumerate(parts):
             s_out, s_in = scales[2 * index], scales[2 * index + 1]
@@ -213,12 +229,12 @@ class _ExpertScaledQuantFn(torch.autograd.Function):
             _put(out, part, rows)
             del rows
         ctx.layer, ctx.parts = layer, parts
-        ctx.save_for_backward(x, *scales)
+        _save_input(ctx, x, source, *scales)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, *scales = ctx.saved_tensors
+        x, scales = _saved_input(ctx)
         needs = ctx.needs_input_grad
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else None
         grad_scales: list[torch.Tensor | None] = []
@@ -226,11 +242,11 @@ class _ExpertScaledQuantFn(torch.autograd.Function):
             s_out, s_in = scales[2 * index], scales[2 * index + 1]
             part_x, part_out, part_in = _scaled_backward(
                 ctx.layer, _rows(x, part), _rows(grad, part), s_out, s_in,
-                (needs[0], needs[3 + 2 * index], needs[4 + 2 * index]))
+                (needs[0], needs[4 + 2 * index], needs[5 + 2 * index]))
             if part_x is not None:
                 _put(grad_x, part, part_x)
             grad_scales += [part_out, part_in]
-        return (grad_x, None, None, *grad_scales)
+        return (grad_x, None, None, None, *grad_scales)
 
 
 class QuantizedLayer(nn.Module):
@@ -323,11 +339,12 @@ class QuantizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.router.groups(x.shape[0])
+        source = silu_recompute.silu_source(x)
         if len(groups) == 1:
             expert = groups[0][0]
-            return _ScaledQuantFn.apply(x, self.s_out[expert], self.s_in[expert], self)
+            return _ScaledQuantFn.apply(x, self.s_out[expert], self.s_in[expert], self, source)
         scales = [s for e, _ in groups for s in (self.s_out[e], self.s_in[e])]
-        return _ExpertScaledQuantFn.apply(x, self, [part for _, part in groups], *scales)
+        return _ExpertScaledQuantFn.apply(x, self, [part for _, part in groups], source, *scales)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, weight {self.weight_shape}, {self.bits}-bit, {self.router.experts} expert(s)"
@@ -353,6 +370,7 @@ def quantize_model(model: nn.Module, config: TuneQDMConfig) -> ExpertRouter:
     model.tuneqdm_router = router
     model.tuneqdm_config = config
     model.register_forward_pre_hook(router.hook, with_kwargs=True)
+    model.tuneqdm_silu_hooks = silu_recompute.tag_silu_outputs(model)  # layers fed by a SiLU keep its input only
     return router
 
 

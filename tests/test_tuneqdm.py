@@ -13,6 +13,7 @@ from pase.models.zoo import ZOO
 from pase.train.checkpoint import save_weights
 from pase.train.data import load_images
 from pase.train.loop import LoopConfig, fit
+from strategies.silu_recompute import silu_source, tag_silu_outputs
 from strategies.tuneqdm import (
     ExpertRouter,
     QuantizedLayer,
@@ -209,7 +210,7 @@ def test_expert_function_gradcheck_float64_and_matches_one_expert_at_a_time(kind
                1 + 0.2 * torch.randn(quantized.weight_shape[1], dtype=torch.float64))]
     for parts in ([slice(0, 1), slice(1, 4)], [torch.tensor([0, 2]), torch.tensor([1, 3])]):
         def fn(a, *s, parts=parts):
-            return _ExpertScaledQuantFn.apply(a, quantized, parts, *s)
+            return _ExpertScaledQuantFn.apply(a, quantized, parts, None, *s)
 
         assert torch.autograd.gradcheck(fn, (x, *scales))
         out = fn(x, *scales)
@@ -223,6 +224,92 @@ def test_expert_function_gradcheck_float64_and_matches_one_expert_at_a_time(kind
         assert torch.equal(out, expected_out)
         for ours, reference in zip(grads, expected):
             assert torch.equal(ours, reference)
+
+
+def _silu_fed_layer(kind: str, experts: int) -> tuple[QuantizedLayer, nn.SiLU, torch.Tensor, list[torch.Tensor]]:
+    """A float64 quantized layer, a tagging SiLU in front of it, its pre-activation input h and one
+    (s_out, s_in) pair per expert, all requiring grad."""
+    torch.manual_seed(0)
+    layer = (nn.Linear(5, 4) if kind == "linear" else nn.Conv2d(3, 4, 3, stride=2, padding=1)).double()
+    quantized = QuantizedLayer(layer, 8, ExpertRouter(experts, 1000))
+    silu = nn.SiLU()
+    tag_silu_outputs(silu)
+    h = torch.randn((4, 3, 5) if kind == "linear" else (4, 3, 5, 5), dtype=torch.float64, requires_grad=True)
+    scales = [t.requires_grad_() for _ in range(experts) for t in
+              ((quantized.s_out[0].detach().double() * (1 + 0.2 * torch.rand(4, dtype=torch.float64))),
+               1 + 0.2 * torch.randn(quantized.weight_shape[1], dtype=torch.float64))]
+    return quantized, silu, h, scales
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_silu_fed_backward_gradcheck_float64_and_saves_only_the_pre_activation(kind: str) -> None:
+    quantized, silu, h, (s_out, s_in) = _silu_fed_layer(kind, 1)
+
+    def fused(a, b, c):
+        x = silu(a)
+        assert silu_source(x) is a  # the layer takes the path that rebuilds silu(h) in backward
+        return _ScaledQuantFn.apply(x, b, c, quantized, silu_source(x))
+
+    assert torch.autograd.gradcheck(fused, (h, s_out, s_in))
+    out, saved = _saved_storages(lambda: fused(h, s_out, s_in))
+    assert h.untyped_storage()._cdata in saved and len(saved) == 3  # h (SiLU and layer), s_out, s_in: no silu(h)
+    grads = torch.autograd.grad((out * out).sum(), (h, s_out, s_in))
+    plain = _ScaledQuantFn.apply(F.silu(h), s_out, s_in, quantized)
+    for ours, reference in zip(grads, torch.autograd.grad((plain * plain).sum(), (h, s_out, s_in))):
+        assert torch.equal(ours, reference)
+    for parts in ([slice(0, 1), slice(1, 4)], [torch.tensor([0, 2]), torch.tensor([1, 3])]):
+        quantized, silu, h, scales = _silu_fed_layer(kind, 2)
+
+        def experts(a, *s, parts=parts, silu=silu, quantized=quantized):
+            x = silu(a)
+            return _ExpertScaledQuantFn.apply(x, quantized, parts, silu_source(x), *s)
+
+        assert torch.autograd.gradcheck(experts, (h, *scales))
+
+
+def test_silu_tag_survives_dropout_but_not_an_in_place_change() -> None:
+    silu = nn.SiLU()
+    tag_silu_outputs(silu)
+    h = torch.randn(3, 4, requires_grad=True)
+    x = nn.Dropout(0.0).train()(silu(h))
+    assert silu_source(x) is h and silu_source(x + 0) is None and silu_source(x[:2]) is None
+    x.mul_(2)  # no longer silu(h): the layer must save x itself
+    assert silu_source(x) is None
+    with torch.no_grad():
+        assert silu_source(silu(h)) is None  # nothing to save, nothing tagged
+
+
+def _loss_scale_grads_and_saved_bytes(timesteps: list[int], silu_tags: bool,
+                                     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """One float64 forward and backward of a quantized UNet (experts made to differ), with or without the
+    SiLU tags: the loss, every scale's gradient (zeros where it got none) and the activation bytes saved."""
+    model = _quantized(experts=2)
+    if not silu_tags:
+        for handle in model.tuneqdm_silu_hooks:
+            handle.remove()
+    model.double()
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            layer.s_out[1].mul_(1.1)
+    torch.manual_seed(3)
+    x, noise = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    loss, saved = _saved_storages(lambda: F.mse_loss(model(x, torch.tensor(timesteps)).sample, noise))
+    weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = [g if g is not None else torch.zeros_like(p)
+             for g, p in zip(torch.autograd.grad(loss, trainable, allow_unused=True), trainable)]
+    return loss.detach(), grads, sum(size for key, size in saved.items() if key not in weights)
+
+
+@pytest.mark.parametrize("timesteps", [[10, 20, 600, 700], [600, 10, 700, 20]], ids=["slices", "index"])
+def test_silu_fed_path_gives_the_unfused_loss_and_scale_gradients(timesteps: list[int]) -> None:
+    loss, grads, saved = _loss_scale_grads_and_saved_bytes(timesteps, silu_tags=True)
+    plain_loss, plain_grads, plain_saved = _loss_scale_grads_and_saved_bytes(timesteps, silu_tags=False)
+    assert torch.equal(loss, plain_loss)  # the forward is untouched
+    assert len(grads) == len(plain_grads) and any(g.abs().sum() > 0 for g in grads)
+    for ours, reference in zip(grads, plain_grads):
+        assert torch.allclose(ours, reference, rtol=1e-12, atol=1e-15)
+    assert saved < 0.85 * plain_saved  # and it keeps less: no SiLU output is saved
 
 
 def test_int4_packing_round_trip() -> None:

@@ -105,7 +105,14 @@ def _fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 def saved_activation_bytes(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward of ``model`` (not its weights).
+    """Bytes of the tensors autograd saves for backward in one forward of ``model`` (not its weights);
+    see ``saved_activation_split``."""
+    return saved_activation_split(model, *args, **kwargs)[0]
+
+
+def saved_activation_split(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[int, int]:
+    """(bytes autograd saves for backward in one forward of ``model``, not its weights; the part of them
+    that is SiLU outputs read by a Linear or Conv2d, which TuneQDM's layers do not keep).
 
     Run it on the meta device (model and inputs) to price a large model without allocating it.
     Each storage counts once, so views of one tensor saved by several ops are not double-counted;
@@ -114,8 +121,11 @@ def saved_activation_bytes(model: nn.Module, *args: torch.Tensor, **kwargs: torc
     use a fused kernel that saves only q, k, v, the output and the log-sum-exp, so the fused
     kernel is swapped in while counting.
     """
+    from strategies import silu_recompute
+
     weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
+    silu_fed: set[int] = set()
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -123,11 +133,22 @@ def saved_activation_bytes(model: nn.Module, *args: torch.Tensor, **kwargs: torc
             seen[storage._cdata] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-            mock.patch.object(F, "scaled_dot_product_attention", _fused_attention):
-        output = model(*args, **kwargs)
-    del output
-    return sum(seen.values())
+    def note_input(module: nn.Module, inputs: tuple[object, ...]) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor) and silu_recompute.silu_source(inputs[0]) is not None:
+            silu_fed.add(inputs[0].untyped_storage()._cdata)
+
+    handles = silu_recompute.tag_silu_outputs(model) + [
+        module.register_forward_pre_hook(note_input) for module in model.modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                mock.patch.object(F, "scaled_dot_product_attention", _fused_attention):
+            output = model(*args, **kwargs)
+        del output
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(seen.values()), sum(seen[key] for key in silu_fed if key in seen)
 
 
 def model_sizes(model_name: str, batch: int, image_size: int | None = None) -> ModelSizes:
@@ -147,5 +168,5 @@ def model_sizes(model_name: str, batch: int, image_size: int | None = None) -> M
     if config is not None and hasattr(config, "block_out_channels") and hasattr(model, "up_blocks"):
         channels = tuple(config.block_out_channels)
         widths = channels + channels[-1:] + tuple(reversed(channels))
-    return ModelSizes(sum(p.numel() for p in model.parameters()), layers,
-                      saved_activation_bytes(model, *args, **kwargs), batch, widths)
+    saved, silu_fed = saved_activation_split(model, *args, **kwargs)
+    return ModelSizes(sum(p.numel() for p in model.parameters()), layers, saved, batch, widths, silu_fed)
