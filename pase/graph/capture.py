@@ -43,6 +43,7 @@ _MODULE_CANONICAL: dict[type[nn.Module], str] = {
     nn.Mish: "mish", nn.Dropout: "dropout", nn.Identity: "identity", nn.Softmax: "softmax",
     nn.Flatten: "flatten",
 }
+_META_TRACE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meta_trace.py")  # not the user's line
 _SHAPE_ERROR_WORDS = ("shape", "size", "channels", "expected input", "mat1 and mat2", "must match", "dimension",
                       "reduction dim", "cannot be multiplied")
 
@@ -118,6 +119,9 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
                               _attrs(canonical, node.args, node.kwargs)))
         elif node.op == "output":
             outputs = [n.name for n in _nodes_in(node.args, {})]
+    known = {op.name for op in ops} | set(params)
+    for op in ops:  # subgraphs of control-flow ops (torch.cond's branches) are get_attr nodes, not data
+        op.operands = [o for o in op.operands if o in known]
     return OpGraph(ops, params, inputs, outputs, method="export")
 
 
@@ -345,7 +349,7 @@ def _culprit(model: nn.Module, exc: BaseException) -> tuple[str | None, nn.Modul
         if isinstance(owner, nn.Module) and id(owner) in names:
             module_name, module, frame_locals = names[id(owner)], owner, dict(frame.f_locals)
         filename = frame.f_code.co_filename
-        if not filename.startswith(torch_dir) and "<eval_with_key>" not in filename:
+        if not filename.startswith(torch_dir) and "<eval_with_key>" not in filename and filename != _META_TRACE_FILE:
             source = traceback.FrameSummary(filename, lineno, frame.f_code.co_name).line
             line = f"{os.path.basename(filename)}:{lineno} in {frame.f_code.co_name}: {source}"
     return module_name, module, line, frame_locals

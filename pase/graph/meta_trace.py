@@ -52,23 +52,27 @@ class MetaTrace:
         return torch.fx.GraphModule(dict(self.attrs), self.graph)
 
 
-def meta_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> MetaTrace:
+def meta_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *,
+               on_meta: bool = True) -> MetaTrace:
     """Run ``model(*args, **kwargs)`` once on the meta device and record it as a torch.fx Graph.
 
     A model or inputs that are not on the meta device are traced through meta copies (the model is
     called with ``torch.func.functional_call``), so no real compute happens and ``model`` is untouched.
+    ``on_meta=False`` runs the forward on the tensors as given instead (real compute; device arguments
+    in the graph are then real ones), which gives a graph to replay against the model.
     """
     kwargs = kwargs or {}
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    on_meta = all(t.is_meta for t in state.values()) and all(t.is_meta for t in _tensor_leaves((args, kwargs)))
-    if not on_meta:
+    tensors = [*state.values(), *_tensor_leaves((args, kwargs))]
+    copies = on_meta and not all(t.is_meta for t in tensors)
+    if copies:
         state = {name: _to_meta(t) for name, t in state.items()}
         args, kwargs = _map_tensors((args, kwargs), _to_meta)
     recorder = _Recorder(model, state)
     for name, value in _named_inputs(model, args, kwargs):
         recorder.placeholder(name, value)
     with recorder.module_hooks(), recorder:
-        out = model(*args, **kwargs) if on_meta else torch.func.functional_call(model, state, args, kwargs)
+        out = torch.func.functional_call(model, state, args, kwargs) if copies else model(*args, **kwargs)
     recorder.output(out)
     return MetaTrace(recorder.graph, recorder.attrs, frozenset(n for n, _ in model.named_parameters()))
 
@@ -125,6 +129,7 @@ class _Recorder(TorchFunctionMode):
         self.stack: list[tuple[str, str, tuple[str, type]]] = []  # (key, path, (path, class)) per running module
         self.calls: dict[str, int] = {}
         self.stack_meta: dict[str, tuple[str, type]] = {}
+        self.memo: dict[tuple, Any] = {}  # see run()
 
     # ---------------------------------------------------------------- module paths
     def module_hooks(self) -> _Hooks:
@@ -207,7 +212,7 @@ class _Recorder(TorchFunctionMode):
             return _read_value(func, name, args, kwargs)
         if func in _LOWERED:
             return self.lowered(func, args, kwargs)
-        out = func(*args, **kwargs)
+        out = self.run(func, args, kwargs)
         if not self.stack or not _holds_tensors(out):
             return out  # outside the model's forward; or sizes, dtypes, flags: constants, as in export
         if name == "contiguous" and out is args[0]:
@@ -216,6 +221,28 @@ class _Recorder(TorchFunctionMode):
         if name in _CONV_ARGS:
             node_args, kwargs = _conv_args(name, node_args, kwargs)
         self.record(kind, target, node_name, node_args, kwargs, out)
+        return out
+
+    def run(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """``func(*args, **kwargs)``, memoized on the inputs' metadata when every tensor is on meta.
+
+        A meta kernel is a function of shapes, strides, dtypes and the other arguments alone (there are
+        no values), and the Python ones (norms, attention, linear) cost milliseconds: a UNet repeats
+        each signature many times, so later calls get fresh empty tensors of the recorded layout.
+        Views, in-place results and tensors the call was given are never memoized.
+        """
+        inputs: list[torch.Tensor] = []
+        try:
+            key = (func, _metadata_key(args, inputs), _metadata_key(kwargs, inputs))
+        except _NotMemoizable:
+            return func(*args, **kwargs)
+        layout = self.memo.get(key)
+        if layout is not None:
+            return _from_layout(layout)
+        out = func(*args, **kwargs)
+        layout = _layout(out, inputs)
+        if layout is not None:
+            self.memo[key] = layout
         return out
 
     def lowered(self, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -235,7 +262,8 @@ class _AtenLog(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if _holds_tensors(out):
+        # detach: autograd saving a result for backward, below the level export records at
+        if _holds_tensors(out) and func.overloadpacket is not torch.ops.aten.detach:
             self.recorder.record("call_function", func, func.overloadpacket.__name__, args, kwargs, out)
         return out
 
@@ -278,14 +306,15 @@ def _target(func: Callable, name: str, args: tuple) -> tuple[str, Any, str, tupl
 def _conv_args(name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A convolution's arguments as ATen's schema receives them: positional, lists expanded, trailing defaults cut."""
     schema, ndim = _CONV_ARGS[name]
-    rest = list(args[2:]) + [kwargs.get(arg, default) for arg, default, _ in schema[len(args) - 2:]]
-    values = []
-    for (_, default, is_list), value in zip(schema, rest):
+    values, defaults = [], []
+    for i, (arg, default, is_list) in enumerate(schema):
+        value = args[2 + i] if len(args) > 2 + i else kwargs.get(arg, default)
         if is_list and isinstance(value, int):
             value = [value] * ndim
         values.append(list(value) if isinstance(value, tuple) else value)
-    defaults = [[d] * ndim if is_list else d for _, d, is_list in schema]
-    while values and (values[-1] == defaults[len(values) - 1] or (len(values) == 3 and values[-1] == "valid")):
+        # a string padding ("same") selects the overload whose padding defaults to "valid"
+        defaults.append("valid" if isinstance(value, str) else [default] * ndim if is_list else default)
+    while values and values[-1] == defaults[len(values) - 1]:
         values.pop()
     return (*args[:2], *values), {}
 
@@ -293,13 +322,63 @@ def _conv_args(name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def _read_value(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     try:
         return func(*args, **kwargs)
-    except (RuntimeError, NotImplementedError) as exc:
+    except (RuntimeError, NotImplementedError):
         tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if tensor is None or not tensor.is_meta:
             raise
         raise MetaValueError(
             f"the forward reads a tensor's value (Tensor.{name} on a {tuple(tensor.shape)} tensor), for control flow "
-            f"or a shape; a meta trace has shapes but no values (torch.export can trace torch.cond)") from exc
+            f"or a shape; a meta trace has shapes but no values (torch.export can trace torch.cond)") from None
+
+
+class _NotMemoizable(Exception):  # noqa: N818 - control flow inside _Recorder.run, never raised to callers
+    pass
+
+
+_PLAIN = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+_Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, bool]
+
+
+def _metadata_key(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """A hashable key of everything a meta kernel can see in ``value``; collects its tensors."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_meta:
+            raise _NotMemoizable  # a real tensor's values matter
+        tensors.append(value)
+        return tuple(value.shape), value.stride(), value.dtype, value.requires_grad
+    if value is None or isinstance(value, _PLAIN):
+        return type(value), value  # the type keeps 1, 1.0 and True apart
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_metadata_key(v, tensors) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _metadata_key(v, tensors)) for k, v in value.items())
+    if isinstance(value, slice):
+        return slice, value.start, value.stop, value.step
+    raise _NotMemoizable
+
+
+def _layout(out: Any, inputs: list[torch.Tensor]) -> _Layout | tuple[type, list[_Layout]] | None:
+    """What a memo hit must rebuild: a fresh meta tensor's layout, or a plain tuple/list of them; else None."""
+    def fresh(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.is_meta and not t._is_view() and all(t is not i for i in inputs)
+
+    def layout(t: torch.Tensor) -> _Layout:
+        return tuple(t.shape), t.stride(), t.dtype, t.requires_grad
+
+    if fresh(out):
+        return layout(out)
+    if type(out) in (tuple, list) and out and all(fresh(t) for t in out):
+        return type(out), [layout(t) for t in out]
+    return None
+
+
+def _from_layout(layout: Any) -> Any:
+    if isinstance(layout[0], type):
+        container, items = layout
+        return container(_from_layout(item) for item in items)
+    shape, stride, dtype, requires_grad = layout
+    tensor = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return tensor.requires_grad_() if requires_grad else tensor
 
 
 def _holds_tensors(value: Any) -> bool:
