@@ -14,7 +14,8 @@ then ``mul``, ``x[:, None]`` is ``unsqueeze``, a no-op ``contiguous()`` is no no
 ends give equal OpGraphs and LayerGraphs (tests/test_meta_trace.py). Calls that the C++ bindings
 or torch's Python code lower to other ATen ops (indexing, ``F.interpolate``, the reflected
 operators) are recorded as the ATen ops a ``TorchDispatchMode`` sees them issue. Cost: one eager
-meta forward plus one Python callback per torch call, O(calls).
+meta forward plus one Python callback per torch call, O(calls); meta kernels are memoized on their
+inputs' metadata (``_Recorder.run``), as a UNet repeats each signature many times.
 """
 from __future__ import annotations
 
@@ -126,9 +127,10 @@ class _Recorder(TorchFunctionMode):
         self.state_names = {id(t): name for name, t in state.items()}
         self.trainable = {name for name, _ in model.named_parameters()}
         self.module_names = {id(m): name for name, m in model.named_modules()}
-        self.stack: list[tuple[str, str, tuple[str, type]]] = []  # (key, path, (path, class)) per running module
-        self.calls: dict[str, int] = {}
-        self.stack_meta: dict[str, tuple[str, type]] = {}
+        # per running module, as export's nn_module_stack has it: (key, (path, class)); None outside the model
+        self.stack: list[tuple[str, tuple[str, type]] | None] = []
+        self.calls: dict[str, int] = {}  # calls so far per module path: a module's second call is key "path@1"
+        self.stack_meta: dict[str, tuple[str, type]] = {}  # the current stack as a dict, shared by its nodes
         self.memo: dict[tuple, Any] = {}  # see run()
 
     # ---------------------------------------------------------------- module paths
@@ -138,18 +140,17 @@ class _Recorder(TorchFunctionMode):
     def enter_module(self, module: nn.Module, *_: Any) -> None:
         path = self.module_names.get(id(module))
         if path is None:  # a module outside the model: its calls belong to the caller
-            self.stack.append(("", "", ("", type(module))))
+            self.stack.append(None)
             return
         count = self.calls.get(path, 0)
         self.calls[path] = count + 1
-        key = "L__self__" + path + (f"@{count}" if count else "")
-        self.stack.append((key, path, (path, type(module))))
-        self.stack_meta = {k: v for k, _, v in self.stack if k}
+        self.stack.append(("L__self__" + path + (f"@{count}" if count else ""), (path, type(module))))
+        self.stack_meta = dict(entry for entry in self.stack if entry is not None)
 
     def exit_module(self, *_: Any) -> None:
         if self.stack:
             self.stack.pop()
-        self.stack_meta = {k: v for k, _, v in self.stack if k}
+        self.stack_meta = dict(entry for entry in self.stack if entry is not None)
 
     # ---------------------------------------------------------------- graph building
     def placeholder(self, name: str, value: torch.Tensor) -> None:
@@ -233,7 +234,8 @@ class _Recorder(TorchFunctionMode):
         """
         inputs: list[torch.Tensor] = []
         try:
-            key = (func, _metadata_key(args, inputs), _metadata_key(kwargs, inputs))
+            key = (func, _metadata_key(args, inputs), _metadata_key(kwargs, inputs), torch.is_grad_enabled(),
+                   torch.get_default_dtype())
         except _NotMemoizable:
             return func(*args, **kwargs)
         layout = self.memo.get(key)
