@@ -107,8 +107,8 @@ def graph(
                                               help="Batch size to capture with (default: the model's).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the LayerGraph as JSON here.")] = None,
     dtype: Annotated[str, typer.Option(help="Capture dtype: fp32, bf16 or fp16.")] = "fp32",
-    capture: Annotated[str, typer.Option(help="auto (torch.export, then symbolic_trace), export or "
-                                         "symbolic_trace.")] = "auto",
+    capture: Annotated[str, typer.Option(help="auto (meta_trace, then torch.export, then symbolic_trace), "
+                                         "meta_trace, export or symbolic_trace.")] = "auto",
     input_shape: Annotated[list[str] | None, typer.Option(
         "--input-shape", help="Input shape, batch first: name=8,4,64,64 overrides a zoo input; for "
         "module:factory models give one per positional input (e.g. 8,3,32,32 and 8).")] = None,
@@ -117,12 +117,12 @@ def graph(
     """Capture a model's layer graph and print its blocks: parameters, FLOPs and activation bytes."""
     import torch
 
-    from pase.graph import extract_model
+    from pase.graph import CAPTURE_METHODS, extract_model
 
     if dtype not in DTYPES:
         raise PaseError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if capture not in ("auto", "export", "symbolic_trace"):
-        raise PaseError(f"unknown --capture {capture!r}; choose auto, export or symbolic_trace")
+    if capture not in ("auto", *CAPTURE_METHODS):
+        raise PaseError(f"unknown --capture {capture!r}; choose auto, {', '.join(CAPTURE_METHODS)}")
     named, positional = parse_input_shapes(input_shape or [])
     with err_console.status(f"capturing {model} on the meta device ({capture}) ..."):
         layer_graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[dtype]), method=capture,

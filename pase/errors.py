@@ -19,4 +19,4 @@ class InputShapeError(PaseError):
 
 
 class GraphCaptureError(PaseError):
-    """Neither torch.export nor torch.fx.symbolic_trace could capture the model."""
+    """No capture front end (meta_trace, torch.export, torch.fx.symbolic_trace) could capture the model."""

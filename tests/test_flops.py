@@ -26,7 +26,8 @@ def counted_flops(name: str, backward: bool) -> int:
 
 
 @pytest.mark.parametrize("name,method", [("unet-tiny", "auto"), ("ddpm-cifar10", "auto"),
-                                         ("pase-unet", "export"), ("pase-unet", "symbolic_trace")])
+                                         ("pase-unet", "meta_trace"), ("pase-unet", "export"),
+                                         ("pase-unet", "symbolic_trace")])
 def test_layer_flops_match_flop_counter(name: str, method: str) -> None:
     graph = extract_model(name, BATCH, method=method)
     forward = counted_flops(name, backward=False)

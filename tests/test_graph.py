@@ -126,13 +126,14 @@ def test_matmul_softmax_matmul_becomes_attention() -> None:
     assert len(producers) == 3 and len(set(producers)) == 1
 
 
-def test_diffusers_unets_need_export() -> None:
-    """symbolic_trace cannot follow diffusers' control flow; auto capture falls back to export first."""
+def test_diffusers_unets_need_meta_trace_or_export() -> None:
+    """symbolic_trace cannot follow diffusers' control flow; auto capture takes meta_trace, export also works."""
     from pase.errors import GraphCaptureError
 
     with pytest.raises(GraphCaptureError, match="symbolic_trace"):
         extract_model("unet-tiny", 2, method="symbolic_trace")
-    assert extract_model("unet-tiny", 2).meta["capture"] == "export"
+    assert extract_model("unet-tiny", 2).meta["capture"] == "meta_trace"
+    assert extract_model("unet-tiny", 2, method="export").meta["capture"] == "export"
 
 
 def test_extract_on_a_user_module_with_real_weights() -> None:
@@ -169,7 +170,7 @@ def test_zoo_configs_are_plain_data() -> None:
         json.dumps(spec.config)
 
 
-@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+@pytest.mark.parametrize("method", ["meta_trace", "export", "symbolic_trace"])
 def test_parameters_used_through_views_are_owned(method: str) -> None:
     from user_models import ParamViews
 

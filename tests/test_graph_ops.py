@@ -27,7 +27,7 @@ def assert_maps_consistent(graph) -> None:
             assert name is None or name in consumer, (src, dst, data["dst_map"])
 
 
-@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+@pytest.mark.parametrize("method", ["meta_trace", "export", "symbolic_trace"])
 def test_einsum_matvec_movedim_mt(method: str) -> None:
     from user_models import ViewsAndContractions
 
@@ -52,7 +52,7 @@ def test_transposing_views_fold_into_edges() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(torch.movedim(self.a(x), 1, 2).mT.mT)
 
-    for method in ("export", "symbolic_trace"):
+    for method in ("meta_trace", "export", "symbolic_trace"):
         graph = extract(meta(Transposer), (torch.zeros(2, 5, 6, device="meta"),), method=method)
         edge = next(d for s, t, d in graph.graph.edges(data=True) if s == "a" and t == "b")
         assert edge["shape"] == [2, 5, 6] and edge["dst_shape"] == [2, 6, 5]
@@ -60,7 +60,7 @@ def test_transposing_views_fold_into_edges() -> None:
         assert edge["src_map"] == [["n"], ["s"], ["c_out"]] and edge["dst_map"] == ["n", "s", "c_in"]
 
 
-@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+@pytest.mark.parametrize("method", ["meta_trace", "export", "symbolic_trace"])
 def test_buffers_are_not_parameters(method: str) -> None:
     from user_models import ConvBatchNorm
 

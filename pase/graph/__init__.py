@@ -1,4 +1,4 @@
-"""Model -> LayerGraph: capture with torch.export (or symbolic_trace) and group ops into layers.
+"""Model -> LayerGraph: capture (meta_trace, torch.export or symbolic_trace) and group ops into layers.
 
 ``extract(model, example_inputs)`` works on any module; ``extract_model(name)`` builds a zoo
 model on the meta device first, so SD-size UNets are captured without allocating weights.
@@ -14,9 +14,10 @@ from torch import nn
 from pase.errors import InputShapeError
 from pase.graph.build import build_layer_graph
 from pase.graph.capture import CAPTURE_METHODS, capture
+from pase.graph.ir import OpGraph
 from pase.graph.layer_graph import SCHEMA_VERSION, LayerGraph
 
-__all__ = ["CAPTURE_METHODS", "SCHEMA_VERSION", "LayerGraph", "extract", "extract_model"]
+__all__ = ["CAPTURE_METHODS", "SCHEMA_VERSION", "LayerGraph", "extract", "extract_model", "layer_graph_of"]
 
 
 def extract(
@@ -30,12 +31,29 @@ def extract(
     """Capture ``model(*example_inputs, **example_kwargs)`` and group it into a ``LayerGraph``.
 
     Pass meta-device inputs (and a meta model) to avoid any real compute. ``method`` is
-    "auto" (torch.export, then symbolic_trace), "export" or "symbolic_trace".
+    "auto" (meta_trace, then torch.export, then symbolic_trace) or one of ``CAPTURE_METHODS``.
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     started = time.perf_counter()
     op_graph = capture(model, args, example_kwargs, method)
-    tensors = [t for t in (*args, *_flat_values(example_kwargs or {})) if isinstance(t, torch.Tensor)]
+    return layer_graph_of(op_graph, model, args, example_kwargs, name=name, started=started)
+
+
+def layer_graph_of(
+    op_graph: OpGraph,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    started: float | None = None,
+) -> LayerGraph:
+    """Group a captured ``OpGraph`` of ``model(*args, **kwargs)`` into a ``LayerGraph`` (``extract`` after capture).
+
+    ``started`` is the ``time.perf_counter()`` at which the capture began, for ``capture_seconds``.
+    """
+    started = time.perf_counter() if started is None else started
+    tensors = [t for t in (*args, *_flat_values(kwargs or {})) if isinstance(t, torch.Tensor)]
     batch = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
     floats = [t.dtype for t in tensors if t.is_floating_point()]
     info = {

@@ -1,10 +1,12 @@
-"""Capture a model's forward as an ``OpGraph``: torch.export first, symbolic_trace second.
+"""Capture a model's forward as an ``OpGraph``: meta_trace first, torch.export second, symbolic_trace last.
 
-torch.export (non-strict) captures diffusers UNets, whose Python control flow defeats
-``torch.fx.symbolic_trace``; symbolic_trace is the other path for plain models. Both give an
-fx Graph; the front-ends here turn either into the same normalized ``OpGraph`` (canonical op
-names from ``opset``, operands, shapes, module paths). When capture fails the error names
-the module and the source line that broke it, and says what to try.
+``meta_trace`` (see ``meta_trace``) runs the forward once on the meta device and records export's
+graph for a fraction of export's time; it cannot branch on tensor values (``torch.cond``,
+``.item()``), which torch.export (non-strict) can. Both capture diffusers UNets, whose Python
+control flow defeats ``torch.fx.symbolic_trace``, the last resort for plain models. Each gives an
+fx Graph; the front-ends here turn it into the same normalized ``OpGraph`` (canonical op names
+from ``opset``, operands, shapes, module paths). When capture fails the error names the module
+and the source line that broke it, and says what to try.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pase.errors import GraphCaptureError, InputShapeError
 from pase.graph.ir import OpGraph, OpNode, ParamRef, TensorMeta
 from pase.graph.opset import PERMUTING_VIEWS
 
-CAPTURE_METHODS = ("export", "symbolic_trace")
+CAPTURE_METHODS = ("meta_trace", "export", "symbolic_trace")
 
 # Python function / method / nn.Module names that differ from the canonical (ATen-like) ones.
 _FUNCTION_ALIASES = {"truediv": "div", "floordiv": "div", "iadd": "add", "imul": "mul", "concat": "cat"}
@@ -41,6 +43,7 @@ _MODULE_CANONICAL: dict[type[nn.Module], str] = {
     nn.Mish: "mish", nn.Dropout: "dropout", nn.Identity: "identity", nn.Softmax: "softmax",
     nn.Flatten: "flatten",
 }
+_META_TRACE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meta_trace.py")  # not the user's line
 _SHAPE_ERROR_WORDS = ("shape", "size", "channels", "expected input", "mat1 and mat2", "must match", "dimension",
                       "reduction dim", "cannot be multiplied")
 
@@ -51,9 +54,9 @@ def capture(
     kwargs: dict[str, Any] | None = None,
     method: str = "auto",
 ) -> OpGraph:
-    """Capture ``model(*args, **kwargs)``; ``method`` is "auto", "export" or "symbolic_trace"."""
+    """Capture ``model(*args, **kwargs)``; ``method`` is "auto" (each of ``CAPTURE_METHODS`` in turn) or one of them."""
     if method not in ("auto", *CAPTURE_METHODS):
-        raise ValueError(f"capture method must be 'auto', 'export' or 'symbolic_trace', not {method!r}")
+        raise ValueError(f"capture method must be 'auto' or one of {', '.join(CAPTURE_METHODS)}, not {method!r}")
     methods = CAPTURE_METHODS if method == "auto" else (method,)
     failures: list[tuple[str, BaseException]] = []
     for name in methods:
@@ -116,6 +119,9 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
                               _attrs(canonical, node.args, node.kwargs)))
         elif node.op == "output":
             outputs = [n.name for n in _nodes_in(node.args, {})]
+    known = {op.name for op in ops} | set(params)
+    for op in ops:  # subgraphs of control-flow ops (torch.cond's branches) are get_attr nodes, not data
+        op.operands = [o for o in op.operands if o in known]
     return OpGraph(ops, params, inputs, outputs, method="export")
 
 
@@ -157,9 +163,26 @@ def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
     graph_module = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     ShapeProp(graph_module).propagate(*(bound.arguments.get(p.target.lstrip("*")) for p in placeholders))
-
-    modules = dict(model.named_modules())
     trainable = {name for name, _ in model.named_parameters()}
+    return fx_to_op_graph(graph_module.graph, model, lambda target: _get_attr(graph_module, target), trainable,
+                          "symbolic_trace")
+
+
+def _capture_meta_trace(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
+    from pase.graph.meta_trace import meta_trace
+
+    trace = meta_trace(model, args, kwargs)
+    return fx_to_op_graph(trace.graph, model, trace.attrs.__getitem__, trace.trainable, "meta_trace")
+
+
+def fx_to_op_graph(graph: torch.fx.Graph, model: nn.Module, get_attr: Callable[[str], Any], trainable: set[str] |
+                   frozenset[str], method: str) -> OpGraph:
+    """A torch-level fx Graph (symbolic_trace's or meta_trace's) as an OpGraph.
+
+    Output metadata comes from ``node.meta["tensor_meta"]`` (ShapeProp) or ``node.meta["val"]``;
+    ``call_module`` targets and ``nn_module_stack`` paths name modules of ``model``. O(nodes).
+    """
+    modules = dict(model.named_modules())
     params: dict[str, ParamRef] = {}
     ops: list[OpNode] = []
     inputs: list[str] = []
@@ -170,14 +193,14 @@ def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
         return fqn
 
     alias: dict[str, str] = {}
-    for node in graph_module.graph.nodes:
-        meta = _meta_of(node.meta.get("tensor_meta"))
+    for node in graph.nodes:
+        meta = _meta_of(node.meta.get("tensor_meta", node.meta.get("val")))
         if node.op == "placeholder":
             if isinstance(meta, TensorMeta):
                 ops.append(OpNode(node.name, "input", [], meta, attrs={"input": node.target}))
                 inputs.append(node.name)
         elif node.op == "get_attr":
-            value = _get_attr(graph_module, node.target)
+            value = get_attr(node.target)
             if isinstance(value, torch.Tensor):
                 alias[node.name] = param(node.target, value)
         elif node.op in ("call_function", "call_method", "call_module"):
@@ -186,7 +209,7 @@ def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
             operands = [alias.get(n.name, n.name) for n in _nodes_in(node.args, node.kwargs)]
             stack_path = _module_of(node.meta.get("nn_module_stack"))[0]
             if node.op == "call_module":
-                submodule = graph_module.get_submodule(node.target)
+                submodule = model.get_submodule(node.target)
                 canonical = _MODULE_CANONICAL.get(type(submodule), f"module:{type(submodule).__name__}")
                 operands += [param(f"{node.target}.{n}", p) for n, p in
                              (*submodule.named_parameters(), *submodule.named_buffers())]
@@ -207,7 +230,7 @@ def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
     known = {op.name for op in ops} | set(params)
     for op in ops:  # operands that were dropped as non-tensors (shape arithmetic) are not data
         op.operands = [o for o in op.operands if o in known]
-    return OpGraph(ops, params, inputs, [o for o in outputs if o in known], method="symbolic_trace")
+    return OpGraph(ops, params, inputs, [o for o in outputs if o in known], method=method)
 
 
 def _get_attr(root: nn.Module, target: str) -> Any:
@@ -301,6 +324,7 @@ def _attrs(canonical: str, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 _FRONT_ENDS: dict[str, Callable[[nn.Module, tuple, dict], OpGraph]] = {
+    "meta_trace": _capture_meta_trace,
     "export": _capture_export,
     "symbolic_trace": _capture_symbolic,
 }
@@ -325,7 +349,7 @@ def _culprit(model: nn.Module, exc: BaseException) -> tuple[str | None, nn.Modul
         if isinstance(owner, nn.Module) and id(owner) in names:
             module_name, module, frame_locals = names[id(owner)], owner, dict(frame.f_locals)
         filename = frame.f_code.co_filename
-        if not filename.startswith(torch_dir) and "<eval_with_key>" not in filename:
+        if not filename.startswith(torch_dir) and "<eval_with_key>" not in filename and filename != _META_TRACE_FILE:
             source = traceback.FrameSummary(filename, lineno, frame.f_code.co_name).line
             line = f"{os.path.basename(filename)}:{lineno} in {frame.f_code.co_name}: {source}"
     return module_name, module, line, frame_locals

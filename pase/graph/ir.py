@@ -63,4 +63,4 @@ class OpGraph:
     params: dict[str, ParamRef]
     inputs: list[str]
     outputs: list[str]
-    method: str  # "export" or "symbolic_trace"
+    method: str  # the front end that captured it: "meta_trace", "export" or "symbolic_trace"

@@ -1,7 +1,7 @@
 """Which ops start a layer, which fuse into one, and which only re-view a tensor.
 
-Both capture front-ends (torch.export's ATen graph and symbolic_trace's torch-level graph)
-name ops canonically: an ATen overload packet's name (``conv2d``, ``linear``, ``add``) or
+The capture front-ends (torch.export's ATen graph, meta_trace's copy of it, symbolic_trace's
+torch-level graph) name ops canonically: an ATen overload packet's name (``conv2d``, ``linear``, ``add``) or
 the Python function / method / module it came from, mapped onto the same names. This
 module owns that vocabulary and nothing else.
 """
