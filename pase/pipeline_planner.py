@@ -349,6 +349,8 @@ class Setting:
         scale = self.batch / self.p.graph.batch
         costs = np.full((n, n + 1, len(self.sizes), self.levels), np.inf)
         for gi, g in enumerate(self.sizes):
+            if self.min_stages >= 2 and g > self.devices - min(self.sizes):
+                continue  # no room left for a second stage: a group this large is never used
             if level == 0:
                 per_layer = self.p.ideal_seconds * scale / g
             elif level == 1:
