@@ -42,5 +42,5 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["pase=pase.cli:main"]},
+    entry_points={"console_scripts": ["pase=pase.cli:run"]},
 )

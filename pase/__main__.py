@@ -1,4 +1,4 @@
 """``python -m pase`` (and ``torchrun -m pase``) runs the CLI."""
-from pase.cli import main
+from pase.cli import run
 
-main()
+run()

@@ -34,7 +34,6 @@ of a node (exact for switch fabrics such as NVSwitch).
 from __future__ import annotations
 
 import heapq
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -49,7 +48,16 @@ from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.graph.rescale import edge_with_batch, layer_with_batch, with_batch
-from pase.planner import PlanDoesNotFit, PlanOptions, PricedGraph, fingerprint, plan_and_price, search_under_memory
+from pase.planner import (
+    PlanDoesNotFit,
+    PlanOptions,
+    PricedGraph,
+    edge_key,
+    fingerprint,
+    layer_key,
+    plan_and_price,
+    search_under_memory,
+)
 from pase.plans import LayerChoice, Plan, Prediction, StagePlan
 from pase.search import solve
 from pase.search.stages import Partition, StageProblem, solve_stages
@@ -179,15 +187,14 @@ class Pricer:
         outputs |= {s for s, d in graph.graph.edges() if graph[s]["block"] != graph[d]["block"]}
         self.block_output = [layer_id in outputs for layer_id, _ in self.layers]
         keys: dict[str, int] = {}
-        self.kind = [keys.setdefault(self._layer_key(data, self.block_output[v]), len(keys))
+        self.kind = [keys.setdefault(layer_key(data, self.block_output[v]), len(keys))
                      for v, (_, data) in enumerate(self.layers)]
         self.representative = {k: v for v, k in reversed(list(enumerate(self.kind)))}
         edge_keys: dict[str, int] = {}
         self.edges: list[tuple[int, int, int, dict[str, Any]]] = []
         for src, dst, data in graph.graph.edges(data=True):
             s, d = self.index[src], self.index[dst]
-            key = json.dumps([self.kind[s], self.kind[d], {k: v for k, v in data.items() if k not in ("src", "dst")}],
-                             sort_keys=True, default=str)
+            key = edge_key(self.kind[s], self.kind[d], data)
             self.edges.append((s, d, edge_keys.setdefault(key, len(edge_keys)), data))
         self.edge_representative = {k: (s, d, data) for s, d, k, data in reversed(self.edges)}
         self.rates = rates
@@ -199,13 +206,6 @@ class Pricer:
         self._edge_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._rebatched: dict[tuple[int, int], dict[str, Any]] = {}
         self.itemsize = 2 if options.precision in ("bf16", "fp16") else 4
-
-    @staticmethod
-    def _layer_key(data: dict[str, Any], block_output: bool) -> str:
-        params = [(p.get("map"), p.get("numel"), p.get("trainable")) for p in data["params"].values()]
-        return json.dumps([data["op"], data["dims"], data["roles"], data["tensors"], params, data["flops_fwd"],
-                           data["flops_bwd"], data.get("pointwise_elems"), data.get("attrs"), block_output],
-                          sort_keys=True, default=str)
 
     def model(self, group: int) -> CostModel:
         if group not in self._models:

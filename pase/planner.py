@@ -95,25 +95,46 @@ class PricedGraph:
 
 def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
                 progress: Callable[[str], None] | None = None) -> PricedGraph:
+    """Every layer's configurations and every edge's re-layouts priced. A UNet repeats layer shapes
+    (every block of a level), so each distinct layer and edge is priced once and shared."""
     devices = model.devices
     layers = list(graph.layers())
     ids = [layer_id for layer_id, _ in layers]
     index = {layer_id: i for i, layer_id in enumerate(ids)}
-    spaces = [split_space(data, devices, options.min_chunk, options.only) for _, data in layers]
     block_outputs = _block_outputs(graph)
-    compute, comm, memory = [], [], []
-    for (layer_id, data), space in zip(layers, spaces):
-        c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs)
-        compute.append(c)
-        comm.append(m)
-        memory.append(mem)
+    kinds: dict[str, int] = {}
+    kind = [kinds.setdefault(layer_key(data, layer_id in block_outputs), len(kinds)) for layer_id, data in layers]
+    priced_kinds: dict[int, tuple[SplitSpace, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for v, (layer_id, data) in enumerate(layers):
+        if kind[v] not in priced_kinds:
+            space = split_space(data, devices, options.min_chunk, options.only)
+            priced_kinds[kind[v]] = (space, *model.layer_costs(data, space, block_output=layer_id in block_outputs))
+    spaces, compute, comm, memory = (list(column) for column in zip(*(priced_kinds[k] for k in kind)))
     if progress:
         progress("pricing re-layouts")
     edges = []
+    priced_edges: dict[str, np.ndarray] = {}
     for src, dst, data in graph.graph.edges(data=True):
         s, d = index[src], index[dst]
-        edges.append((s, d, model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])))
+        key = edge_key(kind[s], kind[d], data)
+        if key not in priced_edges:
+            priced_edges[key] = model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])
+        edges.append((s, d, priced_edges[key]))
     return PricedGraph(ids, spaces, compute, comm, memory, edges)
+
+
+def layer_key(data: dict[str, Any], block_output: bool) -> str:
+    """Everything a layer's prices depend on: layers with equal keys cost the same in every configuration."""
+    params = [(p.get("map"), p.get("numel"), p.get("trainable")) for p in data["params"].values()]
+    return json.dumps([data["op"], data["dims"], data["roles"], data["tensors"], params, data["flops_fwd"],
+                       data["flops_bwd"], data.get("pointwise_elems"), data.get("attrs"), block_output],
+                      sort_keys=True, default=str)
+
+
+def edge_key(producer_kind: int, consumer_kind: int, data: dict[str, Any]) -> str:
+    """Edges between layers of the same kinds carrying the same tensor re-lay out at the same cost."""
+    return json.dumps([producer_kind, consumer_kind, {k: v for k, v in data.items() if k not in ("src", "dst")}],
+                      sort_keys=True, default=str)
 
 
 def _block_outputs(graph: LayerGraph) -> set[str]:
