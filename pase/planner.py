@@ -334,6 +334,8 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
                                                   checkpointing=options.checkpointing))
     block_outputs = _block_outputs(graph)
     spaces: dict[str, SplitSpace] = {}
+    kinds: dict[str, str] = {}
+    priced: dict[str, tuple[float, float, float]] = {}  # per layer kind (repeated shapes priced once)
     compute = comm = memory = 0.0
     for layer_id, data in graph.layers():
         batch_dims = [d for d in data["dims"] if data["roles"][d] == "batch"]
@@ -345,10 +347,18 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
             wanted = {batch_dims[0]: devices}
         space = SplitSpace(tuple(wanted), np.array([list(wanted.values())], dtype=np.int64).reshape(1, len(wanted)))
         spaces[layer_id] = space
-        c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs)
-        compute, comm, memory = compute + float(c[0]), comm + float(m[0]), memory + float(mem[0])
-    relayout = sum(float(model.edge_costs(edge, graph[s], spaces[s], graph[d], spaces[d])[0, 0])
-                   for s, d, edge in graph.graph.edges(data=True))
+        kind = kinds[layer_id] = layer_key(data, layer_id in block_outputs)
+        if kind not in priced:
+            c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs)
+            priced[kind] = float(c[0]), float(m[0]), float(mem[0])
+        compute, comm, memory = compute + priced[kind][0], comm + priced[kind][1], memory + priced[kind][2]
+    relayouts: dict[str, float] = {}
+    relayout = 0.0
+    for s, d, edge in graph.graph.edges(data=True):
+        key = json.dumps([kinds[s], kinds[d], edge_key(0, 0, edge)])
+        if key not in relayouts:
+            relayouts[key] = float(model.edge_costs(edge, graph[s], spaces[s], graph[d], spaces[d])[0, 0])
+        relayout += relayouts[key]
     step = compute + comm + relayout
     prediction = Prediction(step, graph.batch / step if step else 0.0, memory, compute, comm + relayout)
     if memory > limit:
