@@ -206,6 +206,30 @@ def test_hub_free_messages_are_shared_between_combinations() -> None:
     assert reused > 0
 
 
+def test_messages_on_one_hub_are_shared_by_combinations_that_fix_it_alike() -> None:
+    """Two hubs with separate followers: a message that depends on one hub only is reused whenever that hub
+    keeps its configuration, and the result stays exact."""
+    rng = np.random.default_rng(29)
+    shared = 0
+    for _ in range(25):
+        n = int(rng.integers(7, 10))
+        sizes = [int(rng.integers(2, 4)) for _ in range(n)]
+        edges = [(0, 1, np.round(rng.random((sizes[0], sizes[1])) * 5, 2))]
+        for v in range(2, n):
+            hub = v % 2  # followers of hub 0 and of hub 1 never meet
+            edges.append((hub, v, np.round(rng.random((sizes[hub], sizes[v])) * 5, 2)))
+            if v >= 4:
+                edges.append((v - 2, v, np.round(rng.random((sizes[v - 2], sizes[v])) * 5, 2)))
+        graph = CostGraph("two hubs", 4, [f"v{i}" for i in range(n)], ["op"] * n,
+                          [[[c] for c in range(k)] for k in sizes], [np.round(rng.random(k) * 5, 2) for k in sizes],
+                          edges)
+        exact = brute_force(graph).optimum
+        found = solve(graph, hub_degree=3, gap=1e-12)
+        assert found.optimum == pytest.approx(exact, abs=1e-9)
+        shared += found.stats.messages_reused
+    assert shared > 0
+
+
 def test_the_gap_bounds_the_cost_from_above() -> None:
     """A hub whose cheap configuration the relaxation cannot see: gap 0.3 may stop early, but never above 1.3x."""
     flip = np.array([[0.0, 5.0], [5.0, 0.0]])

@@ -293,28 +293,31 @@ def _order_work(sizes: list[int], neighbours: list[set[int]], order: list[int]) 
     return total, peak, at
 
 
-def _condition(factors: list[Factor], fixed: dict[int, int]) -> tuple[list[Factor], float, list[bool]]:
+def _condition(factors: list[Factor], fixed: dict[int, int]
+               ) -> tuple[list[Factor], float, list[frozenset[int]]]:
     """``factors`` with the variables in ``fixed`` set to their configurations.
 
-    Returns (factors left, constant, per factor left whether it changed): the unchanged ones give
-    the same elimination messages whatever ``fixed`` holds, so ``_eliminate_all`` can reuse them.
+    Returns (factors left, constant, per factor left the fixed variables it was conditioned on):
+    a factor's table depends only on those variables' configurations, which lets
+    ``_eliminate_all`` reuse messages between calls that fix them alike.
     """
     conditioned: list[Factor] = []
-    changed: list[bool] = []
+    depends: list[frozenset[int]] = []
     constant = 0.0
     for factor in factors:
-        if not fixed.keys() & set(factor.scope):
+        on = frozenset(fixed.keys() & set(factor.scope))
+        if not on:
             conditioned.append(factor)
-            changed.append(False)
+            depends.append(on)
             continue
         table = factor.table[tuple(fixed.get(u, slice(None)) for u in factor.scope)]
         scope = tuple(u for u in factor.scope if u not in fixed)
         if scope:
             conditioned.append(Factor(scope, table))
-            changed.append(True)
+            depends.append(on)
         else:
             constant += float(table)
-    return conditioned, constant, changed
+    return conditioned, constant, depends
 
 
 def _finish(graph: CostGraph, kept: list[np.ndarray], choice: list[int], hubs: list[int], order: list[int],
@@ -327,16 +330,16 @@ def _finish(graph: CostGraph, kept: list[np.ndarray], choice: list[int], hubs: l
 
 
 def _solve_combo(factors: list[Factor], fixed: dict[int, int], sizes: list[int], order: list[int],
-                 stats: SearchStats, dtype: type, memo: dict[int, np.ndarray]) -> tuple[float, list[int]]:
+                 stats: SearchStats, dtype: type, memo: Memo) -> tuple[float, list[int]]:
     """The optimum with the hubs in ``fixed`` at their configurations, and its choice (hubs included).
 
-    ``memo`` carries the messages that do not depend on the hubs from one combination to the next.
+    ``memo`` carries messages from one combination to the next (see ``_eliminate_all``).
     """
-    conditioned, constant, changed = _condition(factors, fixed)
+    conditioned, constant, depends = _condition(factors, fixed)
     if not np.isfinite(constant):
         return float("inf"), []
     stats.hub_combos_solved += 1
-    value, choice = _eliminate_all(conditioned, sizes, order, stats, dtype, changed, memo)
+    value, choice = _eliminate_all(conditioned, sizes, order, stats, dtype, depends, fixed, memo)
     for h, c in fixed.items():
         choice[h] = c
     return constant + value, choice
@@ -347,7 +350,7 @@ def _solve_conditioned(graph: CostGraph, factors: list[Factor], sizes: list[int]
                        dtype: type) -> Solution:
     """min over hub configurations of (hub costs + optimum of the rest with the hubs fixed)."""
     best_value, best_choice = float("inf"), None
-    memo: dict[int, np.ndarray] = {}
+    memo = Memo()
     for combo in itertools.product(*(range(sizes[h]) for h in hubs)):
         value, choice = _solve_combo(factors, dict(zip(hubs, combo)), sizes, order, stats, dtype, memo)
         if value < best_value:
@@ -374,7 +377,7 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
     shape = tuple(sizes[h] for h in hubs)
     hub_only = np.zeros(shape)
     relaxed: list[Factor] = []
-    relaxed_changed: list[bool] = []  # which relaxed factors differ from the conditioned ones
+    relaxed_on: list[frozenset[int]] = []  # the hub each relaxed factor was minimised over
     mixed: list[tuple[Factor, int]] = []  # (factor over one hub and one other vertex, its hub's scope position)
     for factor in factors:
         in_hubs = [u in hub_set for u in factor.scope]
@@ -387,12 +390,13 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
             mixed.append((factor, position))
             other = factor.scope[1 - position]
             relaxed.append(Factor((other,), factor.table.min(axis=position)))
-            relaxed_changed.append(True)
+            relaxed_on.append(frozenset({factor.scope[position]}))
         else:
             relaxed.append(factor)
-            relaxed_changed.append(False)
-    memo: dict[int, np.ndarray] = {}
-    lower, choice = _eliminate_all(relaxed, sizes, order_of_rest, stats, dtype, relaxed_changed, memo)
+            relaxed_on.append(frozenset())
+    memo = Memo()
+    lower, choice = _eliminate_all(relaxed, sizes, order_of_rest, stats, dtype, relaxed_on,
+                                   dict.fromkeys(hubs, RELAXED), memo)
     # upper bound of every combination with the relaxation's assignment of the other vertices
     rest_value = sum(float(f.table[tuple(choice[u] for u in f.scope)]) for f in factors if not hub_set & set(f.scope))
     upper = hub_only + rest_value
@@ -442,15 +446,34 @@ def _vector_on_axis(vector: np.ndarray, position: int, count: int) -> np.ndarray
     return vector.reshape(shape)
 
 
+RELAXED = -1  # in ``_eliminate_all``'s ``fixed``: the hub was minimised over edge by edge, not fixed
+
+
+class Memo(dict):
+    """Elimination messages keyed by (variable, the hub configurations they depend on), under a size budget."""
+
+    budget_entries: int = 1 << 26
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries = 0
+
+    def keep(self, key: tuple, table: np.ndarray) -> None:
+        if self.entries + np.size(table) <= self.budget_entries:
+            self[key] = table
+            self.entries += int(np.size(table))
+
+
 def _eliminate_all(factors: list[Factor], sizes: list[int], order: list[int], stats: SearchStats,
-                   dtype: type, changed: list[bool] | None = None,
-                   memo: dict[int, np.ndarray] | None = None) -> tuple[float, list[int]]:
+                   dtype: type, depends: list[frozenset[int]] | None = None, fixed: dict[int, int] | None = None,
+                   memo: Memo | None = None) -> tuple[float, list[int]]:
     """Eliminate ``order`` over ``factors``; returns (optimum, configuration index per variable).
 
-    With ``memo``, the message of every step that involves no ``changed`` factor (directly or
-    through earlier messages) is stored under its variable, and taken from there on a later call
-    with the same order and factor structure: the hub combinations of one search differ only in
-    the factors next to the hubs, so most of the elimination is shared between them.
+    With ``memo``: ``depends[i]`` names the conditioned variables (hubs) factor i's table was
+    derived from, ``fixed`` their configurations in this call. A step's message depends on the
+    union of its factors' hubs, so it is stored under (variable, those hubs' configurations) and
+    taken from the memo when a later call with the same order and factor structure fixes them
+    alike: hub combinations share every message that does not involve the hub that changed.
 
     No argmin tables are built: each step keeps the factors it summed, and decoding (in reverse
     order, when every variable of a step's scope but its own is already chosen) re-evaluates them at
@@ -458,7 +481,9 @@ def _eliminate_all(factors: list[Factor], sizes: list[int], order: list[int], st
     every table.
     """
     factors = list(factors)
-    varies = list(changed) if changed is not None else [True] * len(factors)
+    deps = list(depends) if depends is not None else [frozenset()] * len(factors)
+    fixed = fixed or {}
+    hub_count = len(fixed)
     by_var: list[set[int]] = [set() for _ in sizes]
     for fid, factor in enumerate(factors):
         for v in factor.scope:
@@ -479,19 +504,20 @@ def _eliminate_all(factors: list[Factor], sizes: list[int], order: list[int], st
         steps.append((v, group))
         if not group:  # a variable no factor mentions (its cost was folded away): any choice
             continue
-        dependent = any(varies[fid] for fid in fids)
-        if memo is not None and not dependent and v in memo:
-            best = memo[v]
+        on = frozenset().union(*(deps[fid] for fid in fids))
+        key = (v, tuple(sorted((h, fixed[h]) for h in on)))
+        if memo is not None and key in memo:
+            best = memo[key]
             stats.messages_reused += 1
         else:
             best = _eliminate(v, rest, group, sizes, dtype)
-            if memo is not None and not dependent:
-                memo[v] = best
+            if memo is not None and (len(on) < hub_count or not hub_count):  # one on every hub never recurs
+                memo.keep(key, best)
         if rest:
             fid = len(factors)
             factors.append(Factor(rest, best))
-            varies.append(dependent)
             alive[fid] = factors[fid]
+            deps.append(on)
             for u in rest:
                 by_var[u].add(fid)
         else:
