@@ -226,3 +226,37 @@ def test_the_cache_key_of_auto_names_its_front_ends(monkeypatch: pytest.MonkeyPa
     assert auto != key("export") and auto != key("meta_trace")
     monkeypatch.setattr(cache, "CAPTURE_METHODS", ("export", "symbolic_trace"))  # what auto meant before
     assert key("auto") != auto
+
+
+class InPlaceAfterRepeats(nn.Module):
+    """Layers of one signature followed by in-place ops: the second linear's result is a memo hit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x))
+        g = self.act(self.b(x))
+        g += h
+        g[:, :4].mul_(2)
+        return self.c(g)
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_in_place_ops_on_memoized_results_are_traced(device: str) -> None:
+    with torch.device(device):
+        model = InPlaceAfterRepeats()
+    x = torch.zeros(2, 8, device=device)
+    traced, exported = capture(model, (x,), None, "meta_trace"), capture(model, (x,), None, "export")
+    # F.relu(inplace=True) is named relu here and relu_ by export; the layers are otherwise the same
+    layers = [layer_graph_of(ops, model, (x,)) for ops in (traced, exported)]
+    rows = [[(i, {k: v for k, v in d.items() if k != "fused_ops"}) for i, d in g.layers()] for g in layers]
+    assert rows[0] == rows[1] and len(rows[0]) == 5
+    assert sorted(layers[0].graph.edges) == sorted(layers[1].graph.edges) and len(layers[0].graph.edges) >= 4
+    assert [op.op for op in traced.ops].count("linear") == 3 and "mul_" in [op.op for op in traced.ops]
+    with torch.device("meta"):  # a memo hit requires grad as the kernel's result does, and is no leaf
+        trace = meta_trace(model, (torch.zeros(2, 8),))
+    linears = [n.meta["val"] for n in trace.graph.nodes if n.op == "call_function" and n.name.startswith("linear")]
+    assert len(linears) == 3 and all(t.requires_grad and not t.is_leaf for t in linears)

@@ -374,13 +374,27 @@ def _layout(out: Any, inputs: list[torch.Tensor]) -> _Layout | tuple[type, list[
     return None
 
 
+# The autograd source of memo hits that require grad (see _from_layout).
+_GRAD_SOURCE = torch.empty((), device="meta", requires_grad=True)
+
+
 def _from_layout(layout: Any) -> Any:
+    """A fresh meta tensor (or container of them) of a memoized layout.
+
+    A result that requires grad is made a non-leaf, as the kernel's own result is: a leaf that
+    requires grad rejects in-place ops (``ReLU(inplace=True)``, ``h += x``), so a memo hit would
+    fail where the first call worked. ``copy_`` from a grad-requiring scalar gives it a grad_fn
+    and keeps its strides.
+    """
     if isinstance(layout[0], type):
         container, items = layout
         return container(_from_layout(item) for item in items)
     shape, stride, dtype, requires_grad = layout
     tensor = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-    return tensor.requires_grad_() if requires_grad else tensor
+    if not requires_grad:
+        return tensor
+    # under no_grad only a factory's requires_grad=True gives such a result, and that is a leaf
+    return tensor.copy_(_GRAD_SOURCE) if torch.is_grad_enabled() else tensor.requires_grad_()
 
 
 def _holds_tensors(value: Any) -> bool:
