@@ -260,3 +260,26 @@ def test_in_place_ops_on_memoized_results_are_traced(device: str) -> None:
         trace = meta_trace(model, (torch.zeros(2, 8),))
     linears = [n.meta["val"] for n in trace.graph.nodes if n.op == "call_function" and n.name.startswith("linear")]
     assert len(linears) == 3 and all(t.requires_grad and not t.is_leaf for t in linears)
+
+
+class WithMultiheadAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.out = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_composite_functionals_are_not_recorded_as_one_node() -> None:
+    """F.multi_head_attention_forward runs two linears and an attention: recorded as one call, the graph would hide
+    them (a third of the FLOPs, weights without maps); meta_trace refuses and auto falls back to export."""
+    with torch.device("meta"):
+        model = WithMultiheadAttention()
+    x = torch.zeros(2, 8, 16, device="meta")
+    with pytest.raises(GraphCaptureError, match="multi_head_attention_forward"):
+        capture(model, (x,), None, "meta_trace")
+    graph = extract(model, (x,))
+    assert graph.meta["capture"] == "export"
+    assert [d["op"] for _, d in graph.layers()].count("linear") == 3
+    assert graph.meta["flops_fwd"] == extract(model, (x,), method="export").meta["flops_fwd"]

@@ -33,11 +33,15 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["MetaTrace", "MetaValueError", "meta_trace"]
+__all__ = ["MetaCompositeError", "MetaTrace", "MetaValueError", "meta_trace"]
 
 
 class MetaValueError(RuntimeError):
     """The forward read a tensor's value (``if x.sum() > 0``, ``x.item()``): meta tensors have none."""
+
+
+class MetaCompositeError(RuntimeError):
+    """The forward calls a Python composition of layers that a meta trace would record as one node."""
 
 
 @dataclass
@@ -110,6 +114,13 @@ _CONV_TRANSPOSE = (("bias", None, False), ("stride", 1, True), ("padding", 0, Tr
                    ("groups", 1, False), ("dilation", 1, True))
 _CONV_ARGS = {**{f"conv{n}d": (_CONV, n) for n in (1, 2, 3)},
               **{f"conv_transpose{n}d": (_CONV_TRANSPOSE, n) for n in (1, 2, 3)}}
+# Python functions of torch.nn.functional that check __torch_function__ and then run layers export records one by
+# one (nn.MultiheadAttention's projections and attention, lp_pool's avg_pool, local_response_norm's avg_pool):
+# recorded as one call they would hide those layers, their FLOPs and their weights' maps, so the trace stops there
+# and ``capture`` falls back to torch.export, which traces through them.
+_COMPOSITES = frozenset(getattr(F, name) for name in (
+    "multi_head_attention_forward", "lp_pool1d", "lp_pool2d", "lp_pool3d", "local_response_norm",
+    "linear_cross_entropy") if hasattr(F, name))
 # Calls that read values: on meta tensors they fail, and the message should say why.
 _VALUE_READS = frozenset({"__bool__", "__int__", "__float__", "__index__", "__complex__", "item", "tolist",
                           "numpy", "__array__"})
@@ -213,6 +224,10 @@ class _Recorder(TorchFunctionMode):
             return _read_value(func, name, args, kwargs)
         if func in _LOWERED:
             return self.lowered(func, args, kwargs)
+        if func in _COMPOSITES and self.stack:
+            raise MetaCompositeError(
+                f"the forward calls F.{name}, which meta_trace would record as one node, hiding the layers inside "
+                f"it (torch.export traces through it)")
         out = self.run(func, args, kwargs)
         if not self.stack or not _holds_tensors(out):
             return out  # outside the model's forward; or sizes, dtypes, flags: constants, as in export
