@@ -224,17 +224,31 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
             "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).",
             least, limit)
     step = max(sum(float(c.min()) for c in priced.compute), 1e-9)
-    floor = _lagrangian_bound(solution, 0.0, limit)
+    # A search over the restricted space (see _solve_priced) bounds only the plans of that space: its bound
+    # steers the price steps (``floor``) but certifies nothing (``certified``: bounds from full-space searches,
+    # valid for every plan that fits); a plan that took a restricted search anywhere carries its note.
+    floor, certified, restricted = -np.inf, _separable_bound(priced), None
+
+    def bound(solution: Solution, price: float, note: str | None) -> None:
+        nonlocal floor, certified, restricted
+        value = _lagrangian_bound(solution, price, limit)
+        floor = max(floor, value)
+        if note is None:
+            certified = max(certified, value)
+        restricted = restricted or note
+
+    bound(solution, 0.0, note)
     over, over_price = solution, 0.0  # the latest optimum that does not fit, and its memory price
     fitting, fit_price = None, step / max(limit, 1.0)
     while fit_price <= 1e6:  # raise the memory price until the optimum fits
         candidate, note = _solve_priced(priced, fit_price, devices, gap)
-        floor = max(floor, _lagrangian_bound(candidate, fit_price, limit))
+        bound(candidate, fit_price, note)
         if priced.totals(candidate.assignment)[3] <= limit:
             fitting, best_note = candidate, note
             break
         over, over_price, fit_price = candidate, fit_price, fit_price * 4
-    if fitting is None:
+    if fitting is None:  # the memory search's own gap says nothing about step time
+        lean.stats.proved_gap = max(0.0, _step_cost(priced, lean.assignment) / max(certified, 1e-30) - 1)
         return lean.assignment, lean.stats, None, "memory-minimal plan: no memory price gave a faster plan that fits"
     best, best_price = fitting, fit_price
     for _ in range(options.memory_price_steps):
@@ -248,7 +262,7 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
             price = (over_price + fit_price) / 2
         crossing = fit_cost + price * fit_memory
         candidate, note = _solve_priced(priced, price, devices, gap)
-        floor = max(floor, _lagrangian_bound(candidate, price, limit))
+        bound(candidate, price, note)
         if priced.totals(candidate.assignment)[3] <= limit:
             fitting, fit_price = candidate, price
             if _step_cost(priced, candidate.assignment) < _step_cost(priced, best.assignment):
@@ -258,8 +272,8 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
         if candidate.optimum >= crossing * (1 - 1e-9) / (1 + candidate.stats.proved_gap):
             break  # no plan beats the two bracketing ones at their crossing: the dual optimum is reached
     cost = _step_cost(priced, best.assignment)
-    best.stats.proved_gap = max(0.0, cost / max(floor, 1e-30) - 1)  # floor > 0: the price-0 bound is positive
-    return best.assignment, best.stats, best_price, best_note
+    best.stats.proved_gap = max(0.0, cost / max(certified, 1e-30) - 1)
+    return best.assignment, best.stats, best_price, best_note or restricted
 
 
 def _step_cost(priced: PricedGraph, assignment: list[int]) -> float:
@@ -275,6 +289,12 @@ def _lagrangian_bound(solution: Solution, price: float, limit: float) -> float:
     tried certifies how far the plan that fits can be from the best one that fits.
     """
     return solution.optimum / (1 + solution.stats.proved_gap) - price * limit
+
+
+def _separable_bound(priced: PricedGraph) -> float:
+    """Every layer and every edge at its own cheapest: a lower bound on the step time of any plan."""
+    return (sum(float((c + m).min()) for c, m in zip(priced.compute, priced.comm))
+            + sum(float(matrix.min()) for _, _, matrix in priced.edges))
 
 
 SEARCH_TABLE_BUDGET = 1 << 26  # entries: above this, idle-device configurations are left out (see _solve_priced)

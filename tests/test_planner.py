@@ -245,6 +245,55 @@ def test_memory_priced_search_keeps_its_certificate() -> None:
     assert checked > 20
 
 
+@pytest.mark.parametrize("restricted_calls", ["first", "after_first", "alternate"])
+def test_the_certificate_holds_when_some_searches_leave_idle_configurations_out(
+        monkeypatch: pytest.MonkeyPatch, restricted_calls: str) -> None:
+    """A search over the restricted space bounds only that space's plans: mixed with full searches (its table budget
+    crossed at some memory prices only), the proved gap must still hold against every plan that fits."""
+    import itertools
+
+    import pase.planner as planner
+    from pase.search.elimination import TableBudgetExceeded
+
+    real_solve, calls = planner.solve, []
+
+    def solve(graph, *args, **kwargs):  # the budgeted (full-space) call fails on the chosen searches
+        if "max_table_entries" in kwargs:
+            calls.append(len(calls))
+            index = calls[-1]
+            if {"first": index == 0, "after_first": index > 0, "alternate": index % 2 == 1}[restricted_calls]:
+                raise TableBudgetExceeded("budget", 1e9)
+        return real_solve(graph, *args, **kwargs)
+
+    monkeypatch.setattr(planner, "solve", solve)
+    rng = np.random.default_rng(11)
+    cluster = parse_spec("4xH100-SXM")
+    space = SplitSpace(("batch",), np.array([[1], [2], [4], [4]]))  # splitting 2 ways leaves 2 devices idle
+    checked = noted = 0
+    for _ in range(30):
+        calls.clear()
+        n = int(rng.integers(3, 6))
+        priced = PricedGraph([f"v{v}" for v in range(n)], [space] * n, [rng.uniform(0, 10, 4) for _ in range(n)],
+                             [rng.uniform(0, 3, 4) for _ in range(n)], [rng.uniform(1, 10, 4) for _ in range(n)],
+                             [(v - 1, v, rng.uniform(0, 3, (4, 4))) for v in range(1, n)])
+        every = [list(a) for a in itertools.product(range(4), repeat=n)]
+        memory = np.array([priced.totals(a)[3] for a in every])
+        cost = np.array([sum(priced.totals(a)[:3]) for a in every])
+        limit = float(np.quantile(memory, rng.uniform(0.05, 0.6)))
+        best = float(cost[memory <= limit].min())
+        assignment, stats, price, note = search_under_memory(priced, limit, cluster, PlanOptions(search_gap=0.0))
+        assert priced.totals(assignment)[3] <= limit
+        if price == 0.0 and note:  # the unpriced search fitted: its certificate is over the space its note names
+            continue
+        if price != 0.0:  # priced searches ran, and one of them (at least) left configurations out
+            assert note and ("idle" in note or "memory-minimal" in note)
+            noted += 1
+        got = sum(priced.totals(assignment)[:3])
+        assert best - 1e-9 <= got <= best * (1 + stats.proved_gap) * (1 + 1e-6)
+        checked += 1
+    assert checked > 10 and noted > 5
+
+
 def test_cli_plan(tmp_path) -> None:
     out = tmp_path / "plan.json"
     result = subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "4xL40S",
