@@ -395,9 +395,11 @@ def run() -> None:
     try:
         main()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if exc.code is not None and not isinstance(exc.code, int):
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # sys.exit("message"): what the interpreter would print, with status 1
             err_console.print(str(exc.code))
+            code = 1
     if len(sys.argv) > 1 and sys.argv[1] in _NOTHING_TO_TEAR_DOWN:
         sys.stdout.flush()
         sys.stderr.flush()

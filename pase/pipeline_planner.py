@@ -52,9 +52,10 @@ from pase.planner import (
     PlanDoesNotFit,
     PlanOptions,
     PricedGraph,
+    block_output_layers,
     edge_key,
     fingerprint,
-    layer_key,
+    layer_kinds,
     plan_and_price,
     search_under_memory,
 )
@@ -183,12 +184,9 @@ class Pricer:
         self.graph, self.cluster, self.options = graph, cluster, options
         self.layers = list(graph.layers())
         self.index = {layer_id: v for v, (layer_id, _) in enumerate(self.layers)}
-        outputs = {o["layer"] for o in graph.meta.get("outputs", [])}
-        outputs |= {s for s, d in graph.graph.edges() if graph[s]["block"] != graph[d]["block"]}
+        outputs = block_output_layers(graph)
         self.block_output = [layer_id in outputs for layer_id, _ in self.layers]
-        keys: dict[str, int] = {}
-        self.kind = [keys.setdefault(layer_key(data, self.block_output[v]), len(keys))
-                     for v, (_, data) in enumerate(self.layers)]
+        self.kind = layer_kinds(graph, outputs)
         self.representative = {k: v for v, k in reversed(list(enumerate(self.kind)))}
         edge_keys: dict[str, int] = {}
         self.edges: list[tuple[int, int, int, dict[str, Any]]] = []

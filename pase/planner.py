@@ -101,9 +101,8 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     layers = list(graph.layers())
     ids = [layer_id for layer_id, _ in layers]
     index = {layer_id: i for i, layer_id in enumerate(ids)}
-    block_outputs = _block_outputs(graph)
-    kinds: dict[str, int] = {}
-    kind = [kinds.setdefault(layer_key(data, layer_id in block_outputs), len(kinds)) for layer_id, data in layers]
+    block_outputs = block_output_layers(graph)
+    kind = layer_kinds(graph, block_outputs)
     priced_kinds: dict[int, tuple[SplitSpace, np.ndarray, np.ndarray, np.ndarray]] = {}
     for v, (layer_id, data) in enumerate(layers):
         if kind[v] not in priced_kinds:
@@ -137,7 +136,15 @@ def edge_key(producer_kind: int, consumer_kind: int, data: dict[str, Any]) -> st
                       sort_keys=True, default=str)
 
 
-def _block_outputs(graph: LayerGraph) -> set[str]:
+def layer_kinds(graph: LayerGraph, block_outputs: set[str]) -> list[int]:
+    """Per layer (in ``graph.layers()`` order), an index shared by the layers that price alike (``layer_key``)."""
+    kinds: dict[str, int] = {}
+    return [kinds.setdefault(layer_key(data, layer_id in block_outputs), len(kinds))
+            for layer_id, data in graph.layers()]
+
+
+def block_output_layers(graph: LayerGraph) -> set[str]:
+    """Layers whose output leaves their block (or the model): they are priced as block outputs."""
     outputs = {o["layer"] for o in graph.meta.get("outputs", [])}
     for src, dst in graph.graph.edges():
         if graph[src]["block"] != graph[dst]["block"]:
@@ -243,42 +250,43 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
     while fit_price <= 1e6:  # raise the memory price until the optimum fits
         candidate, note = _solve_priced(priced, fit_price, devices, gap)
         bound(candidate, fit_price, note)
-        if priced.totals(candidate.assignment)[3] <= limit:
+        if _cost_and_memory(priced, candidate)[1] <= limit:
             fitting, best_note = candidate, note
             break
         over, over_price, fit_price = candidate, fit_price, fit_price * 4
     if fitting is None:  # the memory search's own gap says nothing about step time
-        lean.stats.proved_gap = max(0.0, _step_cost(priced, lean.assignment) / max(certified, 1e-30) - 1)
+        lean.stats.proved_gap = max(0.0, _cost_and_memory(priced, lean)[0] / max(certified, 1e-30) - 1)
         return lean.assignment, lean.stats, None, "memory-minimal plan: no memory price gave a faster plan that fits"
     best, best_price = fitting, fit_price
     for _ in range(options.memory_price_steps):
-        if _step_cost(priced, best.assignment) <= (1 + gap) * floor:
+        if _cost_and_memory(priced, best)[0] <= (1 + gap) * floor:
             break  # within the gap of every plan that fits: no price can do better
         # the price at which the two bracketing plans cost the same: the dual's next kink (a cutting-plane step)
-        over_cost, fit_cost = _step_cost(priced, over.assignment), _step_cost(priced, fitting.assignment)
-        over_memory, fit_memory = priced.totals(over.assignment)[3], priced.totals(fitting.assignment)[3]
+        over_cost, over_memory = _cost_and_memory(priced, over)
+        fit_cost, fit_memory = _cost_and_memory(priced, fitting)
         price = (fit_cost - over_cost) / (over_memory - fit_memory)
         if not over_price < price < fit_price:
             price = (over_price + fit_price) / 2
         crossing = fit_cost + price * fit_memory
         candidate, note = _solve_priced(priced, price, devices, gap)
         bound(candidate, price, note)
-        if priced.totals(candidate.assignment)[3] <= limit:
+        cost, memory = _cost_and_memory(priced, candidate)
+        if memory <= limit:
             fitting, fit_price = candidate, price
-            if _step_cost(priced, candidate.assignment) < _step_cost(priced, best.assignment):
+            if cost < _cost_and_memory(priced, best)[0]:
                 best, best_price, best_note = candidate, price, note
         else:
             over, over_price = candidate, price
         if candidate.optimum >= crossing * (1 - 1e-9) / (1 + candidate.stats.proved_gap):
             break  # no plan beats the two bracketing ones at their crossing: the dual optimum is reached
-    cost = _step_cost(priced, best.assignment)
-    best.stats.proved_gap = max(0.0, cost / max(certified, 1e-30) - 1)
+    best.stats.proved_gap = max(0.0, _cost_and_memory(priced, best)[0] / max(certified, 1e-30) - 1)
     return best.assignment, best.stats, best_price, best_note or restricted
 
 
-def _step_cost(priced: PricedGraph, assignment: list[int]) -> float:
-    compute, comm, relayout, _ = priced.totals(assignment)
-    return compute + comm + relayout
+def _cost_and_memory(priced: PricedGraph, solution: Solution) -> tuple[float, float]:
+    """(step seconds, memory per device) of a solution's assignment."""
+    compute, comm, relayout, memory = priced.totals(solution.assignment)
+    return compute + comm + relayout, memory
 
 
 def _lagrangian_bound(solution: Solution, price: float, limit: float) -> float:
@@ -352,10 +360,10 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
     devices = cluster.world_size
     model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=fsdp,
                                                   checkpointing=options.checkpointing))
-    block_outputs = _block_outputs(graph)
+    block_outputs = block_output_layers(graph)
     spaces: dict[str, SplitSpace] = {}
-    kinds: dict[str, str] = {}
-    priced: dict[str, tuple[float, float, float]] = {}  # per layer kind (repeated shapes priced once)
+    kinds = dict(zip((layer_id for layer_id, _ in graph.layers()), layer_kinds(graph, block_outputs)))
+    priced: dict[int, tuple[float, float, float]] = {}  # per layer kind (repeated shapes priced once)
     compute = comm = memory = 0.0
     for layer_id, data in graph.layers():
         batch_dims = [d for d in data["dims"] if data["roles"][d] == "batch"]
@@ -367,7 +375,7 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
             wanted = {batch_dims[0]: devices}
         space = SplitSpace(tuple(wanted), np.array([list(wanted.values())], dtype=np.int64).reshape(1, len(wanted)))
         spaces[layer_id] = space
-        kind = kinds[layer_id] = layer_key(data, layer_id in block_outputs)
+        kind = kinds[layer_id]
         if kind not in priced:
             c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs)
             priced[kind] = float(c[0]), float(m[0]), float(mem[0])
@@ -375,7 +383,7 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
     relayouts: dict[str, float] = {}
     relayout = 0.0
     for s, d, edge in graph.graph.edges(data=True):
-        key = json.dumps([kinds[s], kinds[d], edge_key(0, 0, edge)])
+        key = edge_key(kinds[s], kinds[d], edge)
         if key not in relayouts:
             relayouts[key] = float(model.edge_costs(edge, graph[s], spaces[s], graph[d], spaces[d])[0, 0])
         relayout += relayouts[key]

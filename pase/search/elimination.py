@@ -5,8 +5,8 @@ costs pairwise factors (parallel edges are summed, so a consumer reading two ten
 producer pays for both). Eliminating a variable sums the factors that mention it into one
 table over their joint scope and minimises that variable out; decoding walks the order
 backwards, choosing each variable given the neighbours already chosen. The order is chosen
-greedily by the size of the table each step creates (min-weight, the product of configuration counts; min-fill breaks
-ties) — on a UNet this keeps tables small despite skip connections.
+greedily by the size of the table each step creates (min-weight, the product of configuration
+counts; min-fill breaks ties) — on a UNet this keeps tables small despite skip connections.
 
 Cost: sum over steps of the product of configuration counts in the step's scope, in time;
 the largest such product (plus the messages kept for decoding) in memory.
@@ -55,7 +55,7 @@ class SearchStats:
     conditioned_on: list[str] = field(default_factory=list)  # hub vertices fixed outside the elimination
     proved_gap: float = 0.0  # relative: the returned cost is at most (1 + proved_gap) x the optimum
     hub_combos_solved: int = 0  # hub configuration combinations searched exactly
-    messages_reused: int = 0  # elimination steps taken from an earlier hub combination (independent of the hubs)
+    messages_reused: int = 0  # elimination steps taken from an earlier hub combination (same hub configurations)
 
 
 @dataclass
@@ -584,11 +584,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _min_leading(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Minimum over axis 0 of ``block`` broadcast to ``shape`` (it may lack some axes)."""
-    if block.shape[0] == 1:
-        return np.broadcast_to(block[0], shape[1:]).copy()
-    return np.broadcast_to(block.min(axis=0), shape[1:]).copy() if block.shape[1:] != shape[1:] \
-        else block.min(axis=0)
+    """Minimum over axis 0 of ``block`` broadcast to ``shape`` (it may lack some axes), as a new array."""
+    low = block[0] if block.shape[0] == 1 else block.min(axis=0)
+    return low if low.shape == shape[1:] and low.base is None else np.broadcast_to(low, shape[1:]).copy()
 
 
 def _sum_tables(tables: list[np.ndarray], dtype: type) -> np.ndarray:
