@@ -22,7 +22,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=[f"{top}{sub}" for top in ("pase", "cost_models", "strategies", "tools")
                                     for sub in ("", ".*")]),
-    package_data={"cost_models": ["data/*.json", "data/*.yaml"]},
+    package_data={"cost_models": ["data/*.json", "data/*.yaml"], "pase.train": ["digits.npz"]},
     install_requires=[
         # A range, not a pin: users bring the CUDA build that matches their driver.
         "torch>=2.5,<3",
@@ -36,7 +36,6 @@ setup(
         "orjson>=3.9",
         "matplotlib>=3.8",  # what-if report charts
         "safetensors>=0.4",  # training checkpoints, pase sample --out
-        "scikit-learn>=1.3",  # its bundled digits: training data with no download
         "pillow>=9",  # folder-of-images training data
     ],
     extras_require={

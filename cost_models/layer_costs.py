@@ -228,12 +228,17 @@ class CostModel:
         fc = self._factor_table(consumer, dst)
         pdims, cdims = list(producer["dims"]), list(consumer["dims"])
         axes = len(shape)
-        s_split = np.ones((len(src), axes))
+        # configurations that differ only in dimensions the tensor does not run over hold the same
+        # block: price each distinct (producer block, consumer block) pair once, then spread
+        s_rows, s_of = _distinct_rows(fp, [pdims.index(n) for names in edge["src_map"] for n in names if n in pdims])
+        t_rows, t_of = _distinct_rows(fc, [cdims.index(n) for n in edge["dst_map"] if n in cdims])
+        fp, fc = fp[s_rows], fc[t_rows]
+        s_split = np.ones((len(fp), axes))
         for a, names in enumerate(edge["src_map"]):
             for name in names:
                 if name in pdims:
                     s_split[:, a] *= fp[:, pdims.index(name)]
-        t_split = np.ones((len(dst), axes))
+        t_split = np.ones((len(fc), axes))
         for j, name in enumerate(edge["dst_map"]):
             base_axes = edge["axis_map"][j] if j < len(edge["axis_map"]) else []
             if name in cdims and base_axes:
@@ -245,9 +250,31 @@ class CostModel:
         t_block = shape / np.maximum(1, np.minimum(t_split, shape))
         target = t_block.prod(axis=1)
         source = s_block.prod(axis=1)
-        overlap = np.minimum(s_block[:, None, :], t_block[None, :, :]).prod(axis=2)
+        overlap = np.ones((len(s_block), len(t_block)))
+        for a in range(axes):
+            overlap *= np.minimum.outer(s_block[:, a], t_block[:, a])
         # forward: the consumer gathers its block; backward: the producer gathers the gradient of its own
         moved = np.maximum(0.0, target[None, :] - overlap) + np.maximum(0.0, source[:, None] - overlap)
         fraction = min(1.0, edge["bytes"] / max(1.0, shape.prod() * edge["dtype_bytes"]))
         itemsize = 2 if self.options.precision in ("bf16", "fp16") else edge["dtype_bytes"]
-        return moved * fraction * itemsize / (self.relayout_gbps * 1e9)
+        seconds = moved * (fraction * itemsize / (self.relayout_gbps * 1e9))
+        return seconds[np.ix_(s_of, t_of)]
+
+
+def _distinct_rows(factors: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the first row of each distinct value of ``factors[:, columns]``, each row's distinct index).
+
+    Split factors are small positive integers, so a row's columns pack exactly into one int64 key
+    (base: the largest factor + 1), which ``np.unique`` sorts far faster than rows."""
+    if not columns:
+        return np.zeros(1, dtype=np.int64), np.zeros(len(factors), dtype=np.int64)
+    picked = factors[:, columns]
+    base = int(picked.max()) + 1
+    if base ** len(columns) >= 2**62:
+        _, first, inverse = np.unique(picked, axis=0, return_index=True, return_inverse=True)
+        return first, inverse.ravel()
+    key = np.zeros(len(factors), dtype=np.int64)
+    for column in picked.T:
+        key = key * base + column
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return first, inverse.ravel()

@@ -18,8 +18,8 @@ from pase.errors import PaseError
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (see `pase models`); default: the "
                                               "plan's, or unet-tiny.")]
-DataOpt = Annotated[str, typer.Option(help="shapes (generated), digits (scikit-learn's, upscaled) or a folder of "
-                                      "images.")]
+DataOpt = Annotated[str, typer.Option(help="shapes (generated), digits (the UCI 8x8 handwritten digits, shipped, "
+                                      "upscaled) or a folder of images.")]
 StepsOpt = Annotated[int, typer.Option(min=1, help="Total optimizer steps (a resumed run continues up to this).")]
 BatchOpt = Annotated[int | None, typer.Option("--batch", "-b", min=1, help="Global batch per step (split over the "
                                               "ranks); default: the plan's, or 16 (train) / 8 (finetune).")]

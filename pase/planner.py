@@ -170,6 +170,7 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     if progress:
         progress(f"pricing {len(graph)} layers on {cluster.world_size} devices")
     priced = price_graph(graph, model, options, progress)
+    priced_at = time.perf_counter()
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     if progress:
         progress("searching")
@@ -177,8 +178,9 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     searched = time.perf_counter()
     predicted = _prediction(priced, assignment, graph.batch)
     baselines, notes = {}, {}
+    relayouts: dict[str, float] = {}  # re-layouts do not depend on FSDP: priced once for both baselines
     for name, fsdp in (("ddp", False), ("fsdp", True)) if options.baselines else ():
-        baselines[name], note = _baseline(graph, cluster, rates, options, fsdp=fsdp, limit=limit)
+        baselines[name], note = _baseline(graph, cluster, rates, options, fsdp=fsdp, limit=limit, relayouts=relayouts)
         if note:
             notes[name] = note
     layers = []
@@ -194,7 +196,8 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
                  "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
                  "memory_limit_bytes": limit, "rates": rates.compute("conv").source},
         layers=layers, predicted=predicted, baselines=baselines, baseline_notes=notes,
-        search={"seconds": round(searched - started, 3), "width": stats.width, "largest_table": stats.largest_table,
+        search={"seconds": round(searched - priced_at, 3), "pricing_seconds": round(priced_at - started, 3),
+                "width": stats.width, "largest_table": stats.largest_table,
                 "pruned_configs": stats.pruned_configs, "memory_price": price,
                 "conditioned_on": list(stats.conditioned_on), "space_note": space_note,
                 "proved_gap": stats.proved_gap, "hub_combos_solved": stats.hub_combos_solved,
@@ -354,9 +357,11 @@ def _prediction(priced: PricedGraph, assignment: list[int], batch: int) -> Predi
 
 
 def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions, fsdp: bool,
-              limit: float) -> tuple[Prediction | None, str | None]:
+              limit: float, relayouts: dict[str, float] | None = None) -> tuple[Prediction | None, str | None]:
     """Pure data parallelism (batch split p ways everywhere), as DDP or FSDP, under the same cost
-    model (and whatever ``--only`` restricts the plan to). Returns (prediction, why it is missing)."""
+    model (and whatever ``--only`` restricts the plan to). Returns (prediction, why it is missing).
+
+    ``relayouts`` caches re-layout seconds per ``edge_key`` between calls (they do not depend on FSDP)."""
     devices = cluster.world_size
     model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=fsdp,
                                                   checkpointing=options.checkpointing))
@@ -380,7 +385,7 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
             c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs)
             priced[kind] = float(c[0]), float(m[0]), float(mem[0])
         compute, comm, memory = compute + priced[kind][0], comm + priced[kind][1], memory + priced[kind][2]
-    relayouts: dict[str, float] = {}
+    relayouts = {} if relayouts is None else relayouts
     relayout = 0.0
     for s, d, edge in graph.graph.edges(data=True):
         key = edge_key(kinds[s], kinds[d], edge)

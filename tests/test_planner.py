@@ -94,6 +94,20 @@ def test_relayout_is_free_only_between_matching_layouts() -> None:
     assert replicate_to_split > 0.0 and replicate_to_split == pytest.approx(split_to_replicate)
 
 
+@pytest.mark.parametrize("largest", [64, 2**40])  # packed int64 keys, and the row-sorting fallback
+def test_distinct_rows_group_configurations_by_the_columns_that_matter(largest: int) -> None:
+    from cost_models.layer_costs import _distinct_rows
+
+    rng = np.random.default_rng(5)
+    factors = rng.choice([1, 2, 4, largest], size=(200, 4))
+    first, of = _distinct_rows(factors, [0, 2])
+    picked = factors[:, [0, 2]]
+    assert np.array_equal(picked[first][of], picked)  # each row maps to a representative equal on the columns
+    assert len({tuple(row) for row in picked[first]}) == len(first) == len({tuple(row) for row in picked})
+    first, of = _distinct_rows(factors, [])
+    assert first.tolist() == [0] and not of.any()
+
+
 def test_concat_inputs_cover_part_of_the_split_channel() -> None:
     graph = extract_model("sd15-unet", 2)
     model = model_for("4xL40S")

@@ -249,3 +249,22 @@ def test_an_incumbent_only_removes_configurations_that_cannot_win() -> None:
         exact = brute_force(graph)
         for incumbent in (exact.optimum, exact.optimum + 1.0, graph.objective([0] * len(graph.sizes))):
             assert solve(graph, incumbent=incumbent).optimum == pytest.approx(exact.optimum, abs=1e-9)
+
+
+def test_tied_hub_bounds_search_the_likely_winner_first() -> None:
+    """A hub with no cost of its own (like the text context) gives every combination the same lower bound;
+    the combination whose relaxed assignment already does best is searched first, and once its exact
+    optimum is within the gap no other is searched.
+
+    Hub configurations 0 and 1 favour one leaf configuration each, 2 a cheap one for all; the relaxation
+    mixes them (bound 41.2), the exact optima are 44, 44 and 42.4, within 5% of the bound only for 2.
+    """
+    leaf_costs = [np.array([10.0, 11.0]), np.array([11.0, 10.0])] * 2
+    hub_edge = np.array([[0.5, 10.0], [10.0, 0.5], [0.1, 5.0]])
+    graph = CostGraph("tied hub", 4, ["hub", "a", "b", "c", "d"], ["op"] * 5, [[[0], [1], [2]]] + [[[0], [1]]] * 4,
+                      [np.zeros(3), *leaf_costs], [(0, v, hub_edge) for v in range(1, 5)])
+    found = solve(graph, hub_degree=3, gap=0.05)
+    assert found.stats.conditioned_on == ["hub"]
+    assert found.optimum == pytest.approx(brute_force(graph).optimum) == pytest.approx(42.4)
+    assert found.stats.hub_combos_solved == 1
+    assert found.stats.proved_gap == pytest.approx(42.4 / 41.2 - 1)

@@ -39,6 +39,22 @@ def test_digits_are_grey_repeated_over_channels() -> None:
     assert torch.equal(images[:, 0], images[:, 2]) and images.min() >= -1 and images.max() <= 1
 
 
+def test_shipped_digits_are_the_uci_set() -> None:
+    """1797 digits of 8x8 integer pixels in 0..16, about 180 per class, and labels that match the images:
+    each class's mean image is closer to its own members than any other class's mean."""
+    from pase.train.data import digits_raw
+
+    images, labels = digits_raw()
+    assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
+    assert images.min() == 0 and images.max() == 16
+    counts = np.bincount(labels, minlength=10)
+    assert counts.size == 10 and counts.min() >= 170 and counts.max() <= 190
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    means = np.stack([flat[labels == k].mean(axis=0) for k in range(10)])
+    nearest = ((flat[:, None, :] - means[None]) ** 2).sum(axis=2).argmin(axis=1)
+    assert (nearest == labels).mean() > 0.85
+
+
 def test_image_folder(tmp_path) -> None:
     from PIL import Image
 

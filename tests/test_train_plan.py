@@ -1,6 +1,6 @@
 """`pase train --plan` under torchrun (2 gloo ranks): it learns, a SIGKILLed run resumes exactly, bad plans are refused.
 
-Every run is a real `torchrun --nproc-per-node 2 -m pase train` on scikit-learn's digits at 8x8 pixels (unet-tiny
+Every run is a real `torchrun --nproc-per-node 2 -m pase train` on the shipped UCI digits at 8x8 pixels (unet-tiny
 runs at any size divisible by 2) with plans from `pase plan --cluster local --devices 2`, priced by the
 calibration fixture.
 """

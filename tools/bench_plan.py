@@ -33,7 +33,8 @@ def run(model: str, cluster: str, batch: int, cache: bool) -> dict:
         plan = json.loads(out.read_text())
     best = min((b["step_seconds"] for b in plan["baselines"].values() if b), default=None)
     return {"cluster": cluster, "devices": plan["devices"], "cached": cache, "wall_seconds": round(wall, 2),
-            "search_seconds": plan["search"]["seconds"], "width": plan["search"]["width"],
+            "pricing_seconds": plan["search"].get("pricing_seconds"), "search_seconds": plan["search"]["seconds"],
+            "width": plan["search"]["width"],
             "largest_table": plan["search"]["largest_table"], "configs": plan["search"]["configs"],
             "proved_gap": plan["search"].get("proved_gap", 0.0), "space_note": plan["search"].get("space_note"),
             "step_seconds": plan["predicted"]["step_seconds"],
@@ -56,15 +57,16 @@ def main() -> None:
             with console.status(f"pase plan {args.model} on {cluster} ({'warm' if cache else 'cold'} cache) ..."):
                 rows.append(run(args.model, cluster, args.batch, cache))
     table = Table(title=f"`pase plan --model {args.model} --batch {args.batch}` end to end, one process each")
-    for column in ("cluster", "p", "graph cache", "wall s", "search s", "configs", "width", "largest table",
-                   "proved gap", "vs data parallel"):
+    for column in ("cluster", "p", "graph cache", "wall s", "pricing s", "search s", "configs", "width",
+                   "largest table", "proved gap", "vs data parallel"):
         table.add_column(column, justify="left" if column == "cluster" else "right")
     for row in rows:
         if "error" in row:
-            table.add_row(row["cluster"], "", "", "", "", "", "", "", "", row["error"])
+            table.add_row(row["cluster"], "", "", "", "", "", "", "", "", "", row["error"])
             continue
         table.add_row(row["cluster"], str(row["devices"]), "warm" if row["cached"] else "cold",
-                      f"{row['wall_seconds']:.1f}", f"{row['search_seconds']:.1f}", f"{row['configs']:,}",
+                      f"{row['wall_seconds']:.1f}", f"{row['pricing_seconds']:.1f}", f"{row['search_seconds']:.1f}",
+                      f"{row['configs']:,}",
                       str(row["width"]), f"{row['largest_table']:,}",
                       f"{row['proved_gap']:.2%}" + (" (idle configs left out)" if row["space_note"] else ""),
                       f"{row['speedup_over_data_parallel']:.2f}x")

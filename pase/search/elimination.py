@@ -412,10 +412,12 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
         best_choice[h] = int(c)
     if not np.isfinite(best_value):  # the relaxation's assignment is infeasible with every combination
         return _solve_conditioned(graph, factors, sizes, kept, hubs, order_of_rest, stats, started, dtype)
-    # combinations in order of their lower bound: once one cannot win, none after it can
+    # combinations in order of their lower bound: once one cannot win, none after it can. Ties
+    # (hubs with no cost of their own, like the text context, bound alike) go best upper bound first,
+    # so the likely winner is searched before its equals.
     flat_bounds = bounds.ravel()
     remaining = best_value
-    for flat in np.argsort(flat_bounds, kind="stable"):
+    for flat in np.lexsort((upper.ravel(), flat_bounds)):
         remaining = float(flat_bounds[flat])
         if best_value <= remaining + gap * abs(remaining):  # best <= (1 + gap) x any unsearched bound
             break

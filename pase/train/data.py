@@ -1,4 +1,4 @@
-"""Training images without a download: generated shapes, scikit-learn's digits, or a folder of images.
+"""Training images without a download: generated shapes, the UCI handwritten digits (shipped), or a folder of images.
 
 Every source returns one float tensor (N, C, S, S) in [-1, 1] (DDPM's range), built the same way
 for the same seed, so every rank of a distributed job holds the same data set and a resumed run
@@ -39,8 +39,8 @@ def load_images(source: str, size: int = 32, channels: int = 3, count: int = 204
     elif Path(source).is_dir():
         images = image_folder(Path(source), size)
     else:
-        raise DataError(f"unknown data source {source!r}: use 'shapes' (generated), 'digits' (scikit-learn's "
-                        "8x8 digits, upscaled) or the path of a folder of images")
+        raise DataError(f"unknown data source {source!r}: use 'shapes' (generated), 'digits' (the UCI "
+                        "8x8 handwritten digits, upscaled) or the path of a folder of images")
     return match_channels(images, channels, source)
 
 
@@ -80,18 +80,28 @@ def generated_shapes(count: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(images) * 2 - 1
 
 
-@lru_cache(maxsize=4)
-def _digits_raw() -> np.ndarray:
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
+
+
+@lru_cache(maxsize=1)
+def digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 8x8 handwritten digits (pixels 0..16, uint8) and their labels, shipped in ``digits.npz``.
+
+    They are the UCI "Optical Recognition of Handwritten Digits" test set (Alpaydin and Kaynak, 1998,
+    CC BY 4.0), as scikit-learn bundles them; shipping the 45 kB file spares a scikit-learn and
+    SciPy install (and SciPy's import, which diffusers triggers, from every capture).
+    """
     try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise DataError("--data digits needs scikit-learn (pip install scikit-learn), or use --data shapes") from exc
-    return load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8), values 0..16 shipped inside the package
+        with np.load(DIGITS_FILE) as data:
+            return data["images"], data["labels"]
+    except OSError as exc:
+        raise DataError(f"the shipped digits data {DIGITS_FILE} cannot be read ({exc}); reinstall pase, or use "
+                        "--data shapes") from None
 
 
 def digits(size: int) -> torch.Tensor:
-    """scikit-learn's 1797 handwritten digits (bundled, no download), upscaled bilinearly to ``size``; grey."""
-    images = torch.from_numpy(_digits_raw())[:, None]
+    """The shipped 1797 handwritten digits, upscaled bilinearly to ``size``; grey."""
+    images = torch.from_numpy(digits_raw()[0].astype(np.float32) / 16.0)[:, None]
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return images.clamp(0, 1) * 2 - 1
 
