@@ -302,9 +302,9 @@ def print_plan(result: Plan) -> None:
     if best:
         speedup = min(p.step_seconds for p in best) / result.predicted.step_seconds
         console.print(f"pase plan runs at {speedup:.2f}x the speed of the best pure data-parallel baseline. "
-                      + (f"Pricing {result.search['pricing_seconds']:.2f} s, "
-                         if "pricing_seconds" in result.search else "")
-                      + f"Search {result.search['seconds']:.2f} s over {result.search['configs']:,} configurations "
+                      + (f"Pricing {result.search['pricing_seconds']:.2f} s, search "
+                         if "pricing_seconds" in result.search else "Search ")
+                      + f"{result.search['seconds']:.2f} s over {result.search['configs']:,} configurations "
                       f"(elimination width {result.search['width']}, largest table "
                       f"{result.search['largest_table']:,}"
                       + (f", conditioned on hubs {', '.join(result.search['conditioned_on'])}"
