@@ -65,7 +65,9 @@ def main() -> None:
             table.add_row(row["cluster"], "", "", "", "", "", "", "", "", "", row["error"])
             continue
         table.add_row(row["cluster"], str(row["devices"]), "warm" if row["cached"] else "cold",
-                      f"{row['wall_seconds']:.1f}", f"{row['pricing_seconds']:.1f}", f"{row['search_seconds']:.1f}",
+                      f"{row['wall_seconds']:.1f}",
+                      "" if row["pricing_seconds"] is None else f"{row['pricing_seconds']:.1f}",
+                      f"{row['search_seconds']:.1f}",
                       f"{row['configs']:,}",
                       str(row["width"]), f"{row['largest_table']:,}",
                       f"{row['proved_gap']:.2%}" + (" (idle configs left out)" if row["space_note"] else ""),

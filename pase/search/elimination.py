@@ -419,6 +419,9 @@ def _solve_hub_bounded(graph: CostGraph, factors: list[Factor], sizes: list[int]
     remaining = best_value
     for flat in np.lexsort((upper.ravel(), flat_bounds)):
         remaining = float(flat_bounds[flat])
+        if not np.isfinite(remaining):  # every combination left is infeasible: the best found is exact
+            remaining = best_value
+            break
         if best_value <= remaining + gap * abs(remaining):  # best <= (1 + gap) x any unsearched bound
             break
         combo = np.unravel_index(int(flat), shape)
