@@ -237,8 +237,14 @@ def plan(
                                                 pipeline=PipelineOptions(schedule=schedule, max_stages=max_stages),
                                                 progress=lambda what: status.update(f"{what} ..."))
         else:
-            result, priced = plan_and_price(graph, target, profile=measured, options=options,
-                                            progress=lambda what: status.update(f"{what} ..."))
+            from pase.planner import PlanDoesNotFit
+
+            try:
+                result, priced = plan_and_price(graph, target, profile=measured, options=options,
+                                                progress=lambda what: status.update(f"{what} ..."))
+            except PlanDoesNotFit as exc:  # stages hold only their own layers' weights: a pipeline may fit
+                raise PlanDoesNotFit(f"{exc} Or add --pipeline: pipeline stages each hold only their own layers.",
+                                     exc.least_bytes, exc.limit_bytes) from None
     print_plan(result)
     if explain:
         if result.stages or priced is None:

@@ -210,6 +210,20 @@ def test_a_plan_that_cannot_fit_says_what_would() -> None:
     assert info.value.least_bytes > info.value.limit_bytes > 0
 
 
+def test_pase_plan_that_cannot_fit_points_to_pipeline_stages(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    system = tmp_path / "tiny.json"
+    system.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.01,
+                                          "memory_bw_gbps": 100}, "gpus_per_node": 2}))
+    result = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", str(system), "--batch", "16"])
+    assert isinstance(result.exception, PlanDoesNotFit)
+    message = str(result.exception)
+    assert message.startswith("no plan fits") and "--fsdp" in message and "--pipeline" in message
+
+
 def test_memory_limit_is_enforced() -> None:
     graph = extract_model("unet-tiny", 64)
     roomy = cluster_from_dict({"gpu": {"id": "Roomy", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 80,
