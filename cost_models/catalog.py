@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -80,6 +81,11 @@ class GPUSpec:
         if missing:
             raise PaseError(f"GPU {gpu_id!r} in the catalog lacks {', '.join(missing)}; every GPU needs "
                             f"{', '.join(required)} (see `pase hw list --json` for a complete entry to copy)")
+        for key in (*required, "fp16_tflops"):
+            if key in entry and not _positive(entry[key]):
+                raise PaseError(f"GPU {gpu_id!r}: {key} must be a positive number, not {entry[key]!r}")
+        if "tdp_w" in entry and not (_positive(entry["tdp_w"]) or entry["tdp_w"] == 0):
+            raise PaseError(f"GPU {gpu_id!r}: tdp_w must be a number >= 0, not {entry['tdp_w']!r}")
         nvlink = entry.get("nvlink") or {}
         price = entry.get("price_usd_per_gpu_hour")
         return cls(
@@ -180,10 +186,17 @@ class Catalog:
         return [k for k in self.data["networks"] if not k.startswith("_")]
 
     def nvlink(self, generation: str) -> dict[str, float]:
-        return self.data["nvlink"][str(generation)]
+        return self._link("nvlink", "NVLink generation", generation)
 
     def pcie(self, generation: int) -> dict[str, float]:
-        return self.data["pcie"][str(generation)]
+        return self._link("pcie", "PCIe generation", generation)
+
+    def _link(self, section: str, kind: str, generation: Any) -> dict[str, float]:
+        known = [k for k in self.data[section] if not k.startswith("_")]
+        if str(generation) not in known:
+            raise UnknownHardwareError(f"unknown {kind} {generation!r} (a GPU entry's {section}_gen or "
+                                       f"nvlink_generation); known: {', '.join(known)}")
+        return self.data[section][str(generation)]
 
     @property
     def host(self) -> dict[str, float]:
@@ -192,6 +205,15 @@ class Catalog:
     @property
     def efficiency(self) -> dict[str, float]:
         return {k: v for k, v in self.data["efficiency"].items() if not k.startswith("_")}
+
+
+def _positive(value: Any) -> bool:
+    """A finite number above zero (strings of numbers included, as YAML and --gpu give them)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number > 0
 
 
 def _unknown(kind: str, name: str, known: list[str], listing: str, extra: str) -> str:

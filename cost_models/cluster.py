@@ -10,6 +10,7 @@ Every bandwidth is GB/s per direction.
 from __future__ import annotations
 
 import heapq
+import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -72,9 +73,13 @@ class Cluster:
         """A copy with the user's $/GPU-hour and per-op-kind efficiencies in place of the catalog's."""
         gpu = self.gpu
         if price is not None:
-            if price <= 0:
-                raise PaseError(f"--price must be positive $/GPU-hour, not {price}")
+            if not (math.isfinite(price) and price > 0):
+                raise PaseError(f"--price must be a positive, finite $/GPU-hour, not {price}")
             gpu = replace(gpu, price=Price(price, price, price, "user", "user override"))
+        unknown = sorted(set(efficiency or {}) - set(self.efficiency)) if self.efficiency else []
+        if unknown:
+            raise PaseError(f"efficiency for unknown op kind {', '.join(map(repr, unknown))}; the kinds are "
+                            f"{', '.join(sorted(self.efficiency))}")
         merged = {**self.efficiency, **(efficiency or {})}
         for kind, value in merged.items():
             if not 0 < value <= 1:
@@ -210,7 +215,8 @@ def _add_nvlink(graph: nx.Graph, gpu: GPUSpec, n: int, catalog: Catalog) -> None
     elif topology == "mesh":
         for i in range(n):
             for j in range(i + 1, n):
-                graph.add_edge(f"gpu{i}", f"gpu{j}", **nv(max(1, links // max(1, n - 1))))
+                # the links are wired once for the full node: a pair keeps its share however few GPUs are used
+                graph.add_edge(f"gpu{i}", f"gpu{j}", **nv(max(1, links // max(1, gpu.max_gpus_per_node - 1))))
     elif topology == "cube-mesh":  # DGX-1: quads fully connected, GPU i also linked to i+4 (6 links per GPU)
         for i in range(n):
             for j, count in ((i ^ 1, 2), (i ^ 2, 1), (i ^ 3, 2), (i ^ 4, 1)):
@@ -289,12 +295,14 @@ def cluster_from_dict(data: dict[str, Any], catalog: Catalog | None = None, orig
     the catalog lacks; ``fabric`` (vertices and edges) replaces the catalog's default links.
     """
     catalog = catalog or Catalog.load()
+    if not isinstance(data, dict):
+        raise ClusterSpecError(f"{origin}: a system description is a mapping with at least gpu and gpus_per_node")
     try:
         gpu_field = data["gpu"]
-        gpus_per_node = int(data["gpus_per_node"])
+        gpus_per_node = _whole(data["gpus_per_node"], "gpus_per_node", origin)
     except KeyError as exc:
         raise ClusterSpecError(f"{origin}: missing required key {exc.args[0]!r} (need gpu and gpus_per_node)") from None
-    nodes = int(data.get("nodes", 1))
+    nodes = _whole(data.get("nodes", 1), "nodes", origin)
     if gpus_per_node < 1 or nodes < 1:
         raise ClusterSpecError(f"{origin}: nodes and gpus_per_node must be at least 1")
     if isinstance(gpu_field, dict):
@@ -305,8 +313,12 @@ def cluster_from_dict(data: dict[str, Any], catalog: Catalog | None = None, orig
     network, nics = None, 0
     if data.get("network"):
         net = data["network"]
+        if isinstance(net, dict) and "type" not in net:
+            raise ClusterSpecError(f"{origin}: network needs a type (e.g. network: {{type: IB-NDR400, "
+                                   f"nics_per_node: {gpus_per_node}}}); `pase hw list` shows the networks")
         network = catalog.network(net["type"] if isinstance(net, dict) else str(net))
-        nics = int(net.get("nics_per_node", gpus_per_node)) if isinstance(net, dict) else gpus_per_node
+        nics = _whole(net.get("nics_per_node", gpus_per_node), "network.nics_per_node", origin) \
+            if isinstance(net, dict) else gpus_per_node
     elif nodes > 1:
         raise ClusterSpecError(f"{origin}: {nodes} nodes need a network (e.g. network: {{type: IB-NDR400, "
                                f"nics_per_node: {gpus_per_node}}})")
@@ -317,6 +329,17 @@ def cluster_from_dict(data: dict[str, Any], catalog: Catalog | None = None, orig
                       source=str(data.get("source", "file")), efficiency=catalog.efficiency,
                       notes=list(data.get("notes", [])))
     return cluster.with_overrides(price=data.get("price_usd_per_gpu_hour"), efficiency=data.get("efficiency"))
+
+
+def _whole(value: Any, key: str, origin: str) -> int:
+    """``value`` as an int, or a ClusterSpecError naming ``key``."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ClusterSpecError(f"{origin}: {key} must be a whole number, not {value!r}") from None
+    if number != value and not isinstance(value, str):
+        raise ClusterSpecError(f"{origin}: {key} must be a whole number, not {value!r}")
+    return number
 
 
 def _fabric_from_dict(fabric: dict[str, Any], origin: str) -> nx.Graph:
@@ -339,6 +362,6 @@ def _fabric_from_dict(fabric: dict[str, Any], origin: str) -> nx.Graph:
 def load_cluster(description: str, catalog: Catalog | None = None) -> Cluster:
     """A spec string, or the path of a JSON/YAML system file."""
     path = Path(description)
-    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or (description.strip() and path.is_file()):
         return cluster_from_dict(read_data_file(path), catalog, origin=str(path))
     return parse_spec(description, catalog)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pase.errors import PaseError
@@ -70,7 +71,9 @@ def list_catalog(gpu_file: GpuFile = None, as_json: Annotated[bool, typer.Option
         networks.add_row(net.id, f"{net.line_gbit:g} Gb/s", f"{net.gbps:g}", f"{net.achieved_fraction:.0%}",
                          f"{net.latency_us:g}")
     console.print(networks)
-    console.print("Cluster specs: [NODESx]GPUSxGPU[+NETWORK[xNICS_PER_NODE]], e.g. 2x8xA100-80GB-SXM+IB-NDR400x4")
+    from cost_models.cluster import SPEC_GRAMMAR
+
+    console.print(f"Cluster specs: {escape(SPEC_GRAMMAR)}")
 
 
 @hw_app.command("show")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -175,8 +176,8 @@ def _prices(flags: list[str], catalog: Catalog) -> dict[str, float]:
             dollars = float(value)
         except ValueError:
             raise PaseError(f"--price {flag!r}: write GPU=DOLLARS_PER_GPU_HOUR, e.g. H100-SXM=2.49") from None
-        if dollars <= 0:
-            raise PaseError(f"--price {flag!r}: the price must be positive $ per GPU-hour")
+        if not (math.isfinite(dollars) and dollars > 0):
+            raise PaseError(f"--price {flag!r}: the price must be a positive, finite $ per GPU-hour")
         prices[catalog.gpu(name).id] = dollars
     return prices
 

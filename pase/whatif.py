@@ -106,9 +106,9 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
             if staged is not None and (plan is None or staged.predicted.step_seconds * k
                                        < plan.predicted.step_seconds * accumulation):
                 plan, accumulation = staged, k
-        if plan is None:
-            row.note = "does not fit even one sample per micro-step, with or without pipeline stages"
-            return row
+    if plan is None:
+        row.note = "does not fit even one sample per micro-step, with or without pipeline stages"
+        return row
     micro = batch // accumulation
     graph = graph_at(micro)
     step = plan.predicted.step_seconds * accumulation

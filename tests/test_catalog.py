@@ -35,6 +35,8 @@ def test_catalog_has_every_reference_gpu_with_its_figures() -> None:
 def test_geforce_rates_are_fp32_accumulate_and_v100_has_no_bf16() -> None:
     catalog = Catalog.load()
     assert catalog.gpu("RTX4090").peak_tflops("bf16") == pytest.approx(165.2)
+    for geforce in ("RTX3090", "RTX4090", "RTX5090"):  # AMP's fp16 also accumulates in fp32: the same rate
+        assert catalog.gpu(geforce).peak_tflops("fp16") == catalog.gpu(geforce).peak_tflops("bf16")
     assert catalog.gpu("V100-SXM2").peak_tflops("bf16") == catalog.gpu("V100-SXM2").fp16_tflops
 
 
@@ -77,6 +79,44 @@ def test_bad_specs_say_what_to_do(spec: str, needle: str) -> None:
     with pytest.raises((ClusterSpecError, UnknownHardwareError)) as info:
         parse_spec(spec)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("system,needle", [
+    ({"gpu": "H100-SXM", "gpus_per_node": "eight"}, "gpus_per_node must be a whole number"),
+    ({"gpu": "H100-SXM", "gpus_per_node": 8, "nodes": 2, "network": {"nics_per_node": 8}}, "network needs a type"),
+    ({"gpu": "H100-SXM", "gpus_per_node": 8, "nodes": 2.5, "network": "IB-NDR400"}, "nodes must be a whole number"),
+    ({"gpu": {"id": "Odd", "bf16_tflops": 100, "fp32_tflops": 10, "memory_gb": 16, "memory_bw_gbps": -5},
+      "gpus_per_node": 2}, "memory_bw_gbps must be a positive number"),
+    ({"gpu": {"id": "Odd", "bf16_tflops": "nan", "fp32_tflops": 10, "memory_gb": 16, "memory_bw_gbps": 500},
+      "gpus_per_node": 2}, "bf16_tflops must be a positive number"),
+    ({"gpu": {"id": "Odd", "bf16_tflops": 100, "fp32_tflops": 10, "memory_gb": 16, "memory_bw_gbps": 500,
+              "pcie_gen": 7}, "gpus_per_node": 2}, "unknown PCIe generation 7"),
+    ({"gpu": {"id": "Odd", "bf16_tflops": 100, "fp32_tflops": 10, "memory_gb": 16, "memory_bw_gbps": 500,
+              "nvlink": {"generation": 9, "links": 4, "topology": "switch"}}, "gpus_per_node": 2},
+     "unknown NVLink generation '9'"),
+    ({"gpu": "H100-SXM", "gpus_per_node": 8, "efficiency": {"Conv": 0.3}}, "unknown op kind 'Conv'"),
+    (["not", "a", "mapping"], "must hold a mapping"),
+])
+def test_bad_system_files_say_what_is_wrong(tmp_path, system, needle: str) -> None:
+    from pase.errors import PaseError
+
+    path = tmp_path / "system.json"
+    path.write_text(json.dumps(system))
+    with pytest.raises(PaseError) as info:
+        load_cluster(str(path))
+    assert needle in str(info.value)
+
+
+def test_an_empty_spec_or_a_folder_is_a_spec_error(tmp_path) -> None:
+    for description in ("", str(tmp_path)):
+        with pytest.raises(ClusterSpecError, match="Grammar"):
+            load_cluster(description)
+
+
+def test_a_mesh_pair_keeps_its_links_however_few_gpus_are_used() -> None:
+    """MI300X: 7 links per GPU wired as a full 8-GPU mesh, one per peer, whether 2 or 8 GPUs are in use."""
+    pair = {n: parse_spec(f"{n}xMI300X").path(0, 1).bandwidth_gbps for n in (2, 4, 8)}
+    assert pair[2] == pair[4] == pair[8]
 
 
 def test_links_are_ordered_as_hardware_is() -> None:
@@ -125,6 +165,13 @@ def test_user_overrides_and_gpu_files(tmp_path) -> None:
 def _pase(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pase", *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "200"})
+
+
+def test_cli_errors_print_the_spec_grammar_whole() -> None:
+    """Square brackets in messages are text, not rich markup."""
+    result = subprocess.run([sys.executable, "-m", "pase", "hw", "show", "abc"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 2 and "[+NETWORK[xNICS_PER_NODE]]" in result.stderr
 
 
 def test_cli_hw_list_and_show(tmp_path) -> None:

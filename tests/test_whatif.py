@@ -63,6 +63,14 @@ def test_accumulation_takes_any_divisor_of_the_batch() -> None:
     assert row["fits"] and row["accumulation"] == 3
 
 
+def test_a_gpu_that_holds_no_sample_is_reported_with_pipeline_search_too() -> None:
+    result = _whatif("--batch", "4", "--clusters", "1xTiny", "--gpu", "Tiny:bf16_tflops=100,fp32_tflops=10,"
+                     "memory_gb=0.005,memory_bw_gbps=500", "--pipeline", "--no-scaling", "--no-interconnect", "--json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)["clusters"][0]
+    assert row["fits"] is False and "does not fit even one sample" in row["note"]
+
+
 def test_nvlink_never_predicts_slower_than_pcie(report) -> None:
     assert {pair["cluster"] for pair in report.interconnect} == {"8xH100-SXM", "4xA100-80GB-SXM"}  # L40S has none
     for pair in report.interconnect:
@@ -135,6 +143,9 @@ def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
     (("--samples", "0"), "--samples must be a positive"),
     (("--samples", "inf"), "--samples must be a positive"),
     (("--price", "H100-SXM=free"), "GPU=DOLLARS_PER_GPU_HOUR"),
+    (("--price", "H100-SXM=nan"), "positive, finite"),
+    (("--clusters", "2xZ", "--gpu", "Z:bf16_tflops=100,fp32_tflops=10,memory_gb=80,memory_bw_gbps=-5"),
+     "memory_bw_gbps must be a positive number"),
     (("--gpu", "Odd:memory_gb=8"), "lacks"),
     (("--clusters", "1xH100-SXM", "--no-interconnect", "--html", "/dev/null/r.html"), "cannot write --html"),
 ])
