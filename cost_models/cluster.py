@@ -363,5 +363,8 @@ def load_cluster(description: str, catalog: Catalog | None = None) -> Cluster:
     """A spec string, or the path of a JSON/YAML system file."""
     path = Path(description)
     if path.suffix.lower() in (".json", ".yaml", ".yml") or (description.strip() and path.is_file()):
-        return cluster_from_dict(read_data_file(path), catalog, origin=str(path))
+        data = read_data_file(path)
+        cluster = cluster_from_dict(data, catalog, origin=str(path))
+        # an unnamed file is named by its shape and its file, so two files never read as one cluster
+        return cluster if "name" in data else replace(cluster, spec=f"{cluster.spec} ({path.name})")
     return parse_spec(description, catalog)

@@ -111,8 +111,8 @@ def print_report(report: WhatIfReport, console: Console) -> None:
         for column in ("cluster", "NVLink step s", "PCIe-only step s", "NVLink speed-up"):
             links.add_column(column, justify="left" if column == "cluster" else "right")
         for pair in report.interconnect:
-            links.add_row(pair["cluster"], _num(pair["nvlink_step_seconds"], ".3f"),
-                          _num(pair["pcie_step_seconds"], ".3f"),
+            links.add_row(pair["cluster"], _num(pair["nvlink_step_seconds"], ".3g"),
+                          _num(pair["pcie_step_seconds"], ".3g"),
                           f"{pair['nvlink_speedup']:.2f}x" if pair["nvlink_speedup"] else "n/a")
         console.print(links)
     for row in report.clusters:
@@ -128,7 +128,7 @@ def _cells(row: ClusterResult) -> list[str]:
     if not row.fits:
         return [row.cluster, row.interconnect, "does not fit", "", "", "", "", _num(row.dollars_per_hour, ",.2f"),
                 "", "", "", "no plan fits in memory"]
-    return [row.cluster, row.interconnect, f"{row.step_seconds:.3f}", f"{row.samples_per_second:,.0f}",
+    return [row.cluster, row.interconnect, f"{row.step_seconds:.3g}", f"{row.samples_per_second:,.0f}",
             f"{row.samples_per_second_per_gpu:,.1f}", f"{row.mfu:.0%}", f"{row.memory_headroom_bytes / 2**30:.1f}",
             _num(row.dollars_per_hour, ",.2f"), f"{row.hours_for_samples:,.1f}",
             _num(row.dollars_for_samples, ",.0f", "no price"), f"{row.energy_kwh_for_samples:,.0f}",

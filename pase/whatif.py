@@ -14,6 +14,7 @@ blurred by the search's own tolerance. Where memory binds, the memory price is r
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -92,7 +93,9 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
             larger = [k for k in steps if k > accumulation]
             if not larger:
                 if not pipeline:
-                    row.note = f"does not fit even one sample per micro-step: {exc}"
+                    row.note = (f"does not fit even one sample per micro-step: the leanest plan needs "
+                                f"{exc.least_bytes / 2**30:.1f} GiB per device of the {exc.limit_bytes / 2**30:.1f} "
+                                "GiB allowed (--pipeline also tries pipeline stages, which hold fewer weights)")
                     return row
                 accumulation = steps[-1]
                 break
@@ -238,7 +241,8 @@ def _main_split(plan: Any) -> str:
 
 
 def _identity(cluster: Cluster) -> str:
-    return f"{cluster.spec}|{cluster.gpu.nvlink_generation}"
+    """Everything that prices a cluster (two system files may share a name but not their figures)."""
+    return json.dumps({**cluster.to_dict(), "gpu": asdict(cluster.gpu)}, sort_keys=True, default=str)
 
 
 def _largest_per_gpu(clusters: list[Cluster]) -> dict[str, Cluster]:

@@ -71,6 +71,19 @@ def test_a_gpu_that_holds_no_sample_is_reported_with_pipeline_search_too() -> No
     assert row["fits"] is False and "does not fit even one sample" in row["note"]
 
 
+def test_two_system_files_of_one_shape_are_two_clusters(tmp_path) -> None:
+    cheap, slow = tmp_path / "cheap.yaml", tmp_path / "slow.yaml"
+    cheap.write_text("gpu: H100-SXM\ngpus_per_node: 4\nprice_usd_per_gpu_hour: 1.0\n")
+    slow.write_text("gpu: H100-SXM\ngpus_per_node: 4\nprice_usd_per_gpu_hour: 3.0\nefficiency: {conv: 0.1}\n")
+    result = _whatif("--clusters", f"{cheap},{slow}", "--no-interconnect", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["cluster"]: row for row in json.loads(result.stdout)["clusters"]}
+    assert set(rows) == {"1x4xH100-SXM (cheap.yaml)", "1x4xH100-SXM (slow.yaml)"}
+    cheap_row, slow_row = rows["1x4xH100-SXM (cheap.yaml)"], rows["1x4xH100-SXM (slow.yaml)"]
+    assert cheap_row["dollars_per_hour"] == pytest.approx(4.0) and slow_row["dollars_per_hour"] == pytest.approx(12.0)
+    assert slow_row["step_seconds"] > cheap_row["step_seconds"]
+
+
 def test_nvlink_never_predicts_slower_than_pcie(report) -> None:
     assert {pair["cluster"] for pair in report.interconnect} == {"8xH100-SXM", "4xA100-80GB-SXM"}  # L40S has none
     for pair in report.interconnect:

@@ -41,9 +41,9 @@ def write_html(report: WhatIfReport, path: Path) -> None:
         parts.append("<h2>NVLink against PCIe only</h2><table><tr><th>cluster</th><th>NVLink step s</th>"
                      "<th>PCIe-only step s</th><th>NVLink speed-up</th></tr>")
         for pair in report.interconnect:
-            parts.append(f"<tr><td>{_e(pair['cluster'])}</td><td>{_f(pair['nvlink_step_seconds'], '.3f')}</td>"
-                         f"<td>{_f(pair['pcie_step_seconds'], '.3f')}</td>"
-                         f"<td>{_f(pair['nvlink_speedup'], '.2f')}x</td></tr>")
+            speedup = f"{pair['nvlink_speedup']:.2f}x" if pair["nvlink_speedup"] else "n/a"
+            parts.append(f"<tr><td>{_e(pair['cluster'])}</td><td>{_f(pair['nvlink_step_seconds'], '.3g')}</td>"
+                         f"<td>{_f(pair['pcie_step_seconds'], '.3g')}</td><td>{speedup}</td></tr>")
         parts.append("</table>")
     parts.append("<p>Predicted by pase's cost model from catalog figures; validate on your hardware with "
                  "<code>pase verify</code>.</p></body></html>")
@@ -55,7 +55,7 @@ def _cluster_table(rows: list[ClusterResult], samples: float) -> str:
             "hours", f"$ for {samples:.3g} samples", "kWh", "note")
     out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
-        cells = [r.cluster, r.interconnect, "yes" if r.fits else "no", _f(r.step_seconds, ".3f"),
+        cells = [r.cluster, r.interconnect, "yes" if r.fits else "no", _f(r.step_seconds, ".3g"),
                  _f(r.samples_per_second, ",.0f"), _f(r.samples_per_second_per_gpu, ",.1f"), _f(r.mfu, ".0%"),
                  _f(r.memory_headroom_bytes and r.memory_headroom_bytes / 2**30, ".1f"),
                  _f(r.dollars_per_hour, ",.2f"), _f(r.hours_for_samples, ",.1f"), _f(r.dollars_for_samples, ",.0f"),
