@@ -14,6 +14,7 @@ blurred by the search's own tolerance. Where memory binds, the memory price is r
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable
@@ -167,8 +168,9 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
     report = WhatIfReport(model=str(graph_at(batch).meta.get("model")), batch=batch, precision=options.precision,
                           samples=samples, clusters=[results[(_identity(c), pipeline)] for c in clusters])
     for kind, cluster, pipelined in tasks:
-        if kind.startswith("scaling:"):
-            report.scaling.setdefault(kind.split(":", 1)[1], []).append(results[(_identity(cluster), pipelined)])
+        if kind.startswith("scaling:"):  # copies: scaling marks go on the curve, not on the main table's row
+            report.scaling.setdefault(kind.split(":", 1)[1], []).append(
+                copy.copy(results[(_identity(cluster), pipelined)]))
     for points in report.scaling.values():
         _mark_scaling(points)
     if interconnect:
@@ -265,10 +267,19 @@ def _scaling_clusters(largest: Cluster, catalog: Catalog) -> list[Cluster]:
                    f"x{largest.nics_per_node}"
         else:
             continue
-        cluster = largest if n == largest.world_size else load_cluster(spec, catalog)
-        if largest.price and cluster.price != largest.price:  # keep the user's price override
-            cluster.gpu = replace(cluster.gpu, price=largest.price)
-        clusters.append(cluster)
+        if n == largest.world_size:
+            clusters.append(largest)
+            continue
+        # the same GPU (its figures and price, the user's included) and efficiencies as the largest; a
+        # system file's own fabric is cut down to the GPUs in use
+        smaller = load_cluster(spec, catalog)
+        fabric = smaller.fabric
+        if largest.source != "catalog" and n <= largest.gpus_per_node:
+            fabric = largest.fabric.subgraph(
+                v for v in largest.fabric.nodes if not (v.startswith("gpu") and v[3:].isdigit() and int(v[3:]) >= n)
+            ).copy()
+        clusters.append(replace(smaller, gpu=largest.gpu, efficiency=dict(largest.efficiency), source=largest.source,
+                                fabric=fabric))
     return clusters
 
 

@@ -84,6 +84,24 @@ def test_two_system_files_of_one_shape_are_two_clusters(tmp_path) -> None:
     assert slow_row["step_seconds"] > cheap_row["step_seconds"]
 
 
+def test_a_system_files_scaling_curve_keeps_its_figures(tmp_path) -> None:
+    """The 1- and 2-GPU points of a 4-GPU system file use its efficiencies too, not the catalog's."""
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("name: lab\ngpu: H100-SXM\ngpus_per_node: 4\nprice_usd_per_gpu_hour: 1.0\nefficiency: "
+                   "{conv: 0.1, linear: 0.1, matmul: 0.1, attention: 0.1, memory_bound: 0.1}\n")
+    result = subprocess.run([sys.executable, "-m", "pase", "whatif", "--model", "unet-tiny", "--batch", "64",
+                             "--clusters", str(lab), "--no-interconnect", "--json"],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    points = report["scaling"]["H100-SXM"]
+    assert [p["devices"] for p in points] == [1, 2, 4]
+    per_gpu = [p["samples_per_second_per_gpu"] for p in points]
+    assert max(per_gpu) < 1.1 * min(per_gpu)  # the same GPU and efficiency at every size
+    assert all(p["dollars_per_hour"] == pytest.approx(p["devices"] * 1.0) for p in points)
+    assert not report["clusters"][0]["note"]
+
+
 def test_nvlink_never_predicts_slower_than_pcie(report) -> None:
     assert {pair["cluster"] for pair in report.interconnect} == {"8xH100-SXM", "4xA100-80GB-SXM"}  # L40S has none
     for pair in report.interconnect:
