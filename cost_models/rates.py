@@ -6,7 +6,8 @@ efficiency for that op kind (or the link's NCCL-effective bandwidth for collecti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cost_models.calibrate import BUS_FACTOR
@@ -78,6 +79,14 @@ class HardwareRates:
         if len(ranks) <= 1:
             return CollectiveRate(0.0, float("inf"), "no communication")
         hops = [self.cluster.path(a, b) for a, b in zip(ranks, ranks[1:] + ranks[:1])]
+        per_node = Counter(r // self.cluster.gpus_per_node for r in ranks)
+        if len(per_node) > 1:
+            # A network hop is priced at one GPU's share of its node's NICs (every GPU's group crosses at
+            # once). A group with m members on each node owns m such shares, which NCCL drives as m
+            # channels (one per NIC): its ring crosses nodes at m times the share.
+            members = min(per_node.values())
+            hops = [replace(h, bandwidth_gbps=h.bandwidth_gbps * members, effective_gbps=h.effective_gbps * members)
+                    if h.label == "NET" else h for h in hops]
         slowest = min(hops, key=lambda h: h.effective_gbps)
         # a ring pass crosses every hop once; all-reduce makes two passes (reduce-scatter, all-gather),
         # so latency adds up hop by hop: NVLink hops cost little, the few network hops dominate

@@ -105,3 +105,18 @@ def test_group_sizes() -> None:
     assert group_sizes(2) == [2]
     assert group_sizes(8) == [2, 4, 8]
     assert group_sizes(6) == [2, 4, 6]
+
+
+def test_a_group_spanning_nodes_drives_one_nic_share_per_member() -> None:
+    """Every GPU's group crosses the network at once, so a hop gets one GPU's share of its node's NICs; a group
+    with m members on each node gets m shares (NCCL runs a channel per NIC). 2 nodes of 8 A100s with 4 HDR NICs
+    (25 GB/s each, 90% achieved): one GPU per node 4 x 25 / 8 x 0.9 = 11.25 GB/s, a full-node ring 8x that,
+    which is what nccl-tests measure on such nodes (85-96 GB/s bus bandwidth)."""
+    cluster = parse_spec("2x8xA100-80GB-SXM+IB-HDRx4")
+    rates = HardwareRates(cluster)
+    share = cluster.network.gbps * 4 / 8 * cluster.network.achieved_fraction
+    assert rates.collective("all_reduce", [0, 8]).busbw_gbps == pytest.approx(share)
+    assert rates.collective("all_reduce", list(range(0, 16, 2))).busbw_gbps == pytest.approx(4 * share)
+    assert rates.collective("all_reduce", list(range(16))).busbw_gbps == pytest.approx(8 * share)
+    inside = rates.collective("all_reduce", list(range(8))).busbw_gbps  # NVLink inside one node is not capped
+    assert inside > 8 * share
