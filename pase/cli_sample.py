@@ -63,6 +63,9 @@ def sample_command(
     config = SampleConfig(model, sampler, scheduler, steps, window, tol, blocks, pipelined, samples, seed, size,
                           guidance_scale, clip_sample, check)
     config.validate()
+    _check_threads(threads)
+    if out is not None and out.is_dir():
+        raise PaseError(f"--out {out} is a folder; give a file name, e.g. {out / 'samples.safetensors'}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(threads)
     distributed.init_from_env()
@@ -71,10 +74,17 @@ def sample_command(
         result, error = _run_with_progress(config, sample, show=rank0 and not as_json)
         if rank0:
             if out is not None:
-                _save(out, result.sample)
+                from pase.cli import write_output
+
+                write_output(out, "--out", lambda path: _save(path, result.sample), announce=False)
             _print_result(summary(result, error), result, world, as_json)
     finally:
         distributed.shutdown()
+
+
+def _check_threads(threads: int) -> None:
+    if threads < 1:
+        raise PaseError(f"--threads must be >= 1, not {threads}")
 
 
 def _run_with_progress(config, run, show: bool):  # noqa: ANN001, ANN202 - SampleConfig, callable
@@ -150,8 +160,18 @@ def sample_plan_command(
     parallel sampling, and pick one; never a parallel sampler predicted to lose."""
     import torch
 
+    from pase.cli import DTYPES
     from pase.sampling.planner import plan_sampling
+    from pase.sampling.runner import check_size
 
+    _check_threads(threads)
+    check_size(model, size)
+    if samples < 1:
+        raise PaseError(f"--samples must be >= 1, not {samples}")
+    if margin < 0:
+        raise PaseError(f"--margin must be >= 0 (a parallel sampler must not be predicted slower), not {margin}")
+    if precision not in DTYPES:
+        raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
     torch.set_num_threads(threads)
     pricing, devices, where = build_pricing(model, devices, cluster, steps, scheduler, size, guidance_scale, probe,
                                             tol, profile, precision, threads)
@@ -211,7 +231,7 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
         where = f"{devices} process(es) on this CPU ({cores} cores)"
     convergence = planner.Convergence()
     if probe:
-        windows = sorted({w for w in (4, 16, 64) if w <= steps})
+        windows = sorted({w for w in (2, 4, 16, 64) if w <= steps})
         blocks = sorted({default_blocks(steps), *[d for d in divisors(steps) if 2 <= d <= 8]})
         paradigms_tol = 0.1 if tol is None else tol
         convergence = planner.probe_convergence(model, scheduler, steps, windows, blocks, paradigms_tol,

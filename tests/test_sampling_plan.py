@@ -152,3 +152,48 @@ def test_cli_sample_plan_rejects_non_positive_devices(devices):
     done = CliRunner().invoke(app, ["sample-plan", "--model", "unet-tiny", "--cluster", "8xA100-80GB-SXM",
                                     "--steps", "10", "--devices", str(devices)])
     assert isinstance(done.exception, PaseError) and f"--devices must be >= 1, not {devices}" in str(done.exception)
+
+
+def test_convergence_below_the_smallest_probe_interpolates_from_window_one():
+    """Window 1 is sequential (advance exactly 1): a window below the smallest probed one is interpolated from
+    there, not given the probed window's advance; the default law is exact at 1 and fits window 2's 1.32."""
+    probed = Convergence({4: 60})  # 100 / 60 = 1.67 steps per pass at window 4
+    assert 1.0 < probed.advance(2, 100) < 100 / 60
+    assert probed.advance(2, 100) == pytest.approx(1 + (100 / 60 - 1) / 2)  # half way in log(window)
+    stated = Convergence()
+    assert stated.advance(1, 100) == 1.0 and stated.advance(2, 100) == pytest.approx(1.316, abs=0.01)
+    assert all(stated.advance(w, 100) <= 1.1 * w ** 0.5 for w in (2, 4, 16, 64))
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["sample", "--size", "0"], "--size must be >= 1"),
+    (["sample", "--size", "9"], "multiple of 2"),
+    (["sample", "--threads", "0"], "--threads must be >= 1"),
+    (["sample-plan", "--samples", "0"], "--samples must be >= 1"),
+    (["sample-plan", "--margin", "-5"], "--margin must be >= 0"),
+    (["sample-plan", "--precision", "banana", "--cluster", "8xA100-80GB-SXM"], "unknown --precision 'banana'"),
+    (["sample-plan", "--size", "0"], "--size must be >= 1"),
+])
+def test_sampling_commands_name_bad_input(args, needle):
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, PaseError) and needle in str(result.exception)
+
+
+def test_sample_out_must_be_a_file_and_gets_a_normal_mode(tmp_path):
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    refused = CliRunner().invoke(app, ["sample", "--steps", "2", "--size", "8", "--out", str(tmp_path)])
+    assert isinstance(refused.exception, PaseError) and "is a folder" in str(refused.exception)
+    out = tmp_path / "x.safetensors"
+    done = CliRunner().invoke(app, ["sample", "--sampler", "sequential", "--steps", "2", "--size", "8", "--out",
+                                    str(out), "--json"])
+    assert done.exit_code == 0, done.output
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600

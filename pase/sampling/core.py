@@ -125,7 +125,7 @@ class SamplerCore:
         x_t = torch.randn(shape, generator=generator)
         noise = torch.zeros((self.steps, *shape))
         if self.kind == "ddpm":
-            std = self.variance() ** 0.5
+            std = (self.variance() ** 0.5).cpu()  # the core may already live on a GPU; the draws are on the CPU
             for j in range(self.steps):
                 if int(self.timesteps[j]) > 0:
                     noise[j] = std[j] * torch.randn(shape, generator=generator)

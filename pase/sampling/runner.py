@@ -48,10 +48,33 @@ class SampleConfig:
             raise PaseError(f"--samples must be >= 1, not {self.samples}")
         if self.steps < 1:
             raise PaseError(f"--steps must be >= 1, not {self.steps}")
+        check_size(self.model, self.size)
 
     @property
     def tolerance(self) -> float:
         return DEFAULT_TOL.get(self.sampler, 0.0) if self.tol is None else self.tol
+
+
+def check_size(model: str, size: int | None) -> None:
+    """A spatial ``size`` the model can run: positive, and a multiple of its total downsampling (the skip
+    tensors of a UNet's levels must line up)."""
+    if size is None:
+        return
+    if size < 1:
+        raise PaseError(f"--size must be >= 1, not {size}")
+    from pase.models.zoo import resolve_model
+
+    spec = resolve_model(model)
+    if spec.family == "pase.PaseUNet":
+        from pase.models.pase_unet import PaseUNetConfig
+
+        levels = PaseUNetConfig(**spec.config).channels
+    else:
+        levels = spec.config.get("block_out_channels") or ()
+    multiple = 2 ** max(0, len(levels) - 1)
+    if size % multiple:
+        raise PaseError(f"--size {size}: {model} halves the size {len(levels) - 1} times, so it must be a multiple "
+                        f"of {multiple} (e.g. {max(multiple, size // multiple * multiple)})")
 
 
 def build_denoiser(name: str, seed: int, guidance_scale: float = 1.0, device: torch.device | str = "cpu"
