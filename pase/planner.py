@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,7 @@ class PricedGraph:
     comm: list[np.ndarray]
     memory: list[np.ndarray]
     edges: list[tuple[int, int, np.ndarray]]
+    weight_sync: list[np.ndarray] = field(default_factory=list)  # the exposed gradient collectives inside comm
 
     def cost_graph(self, memory_price: float, name: str, devices: int) -> CostGraph:
         costs = [c + m + memory_price * mem for c, m, mem in zip(self.compute, self.comm, self.memory)]
@@ -103,12 +104,14 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     index = {layer_id: i for i, layer_id in enumerate(ids)}
     block_outputs = block_output_layers(graph)
     kind = layer_kinds(graph, block_outputs)
-    priced_kinds: dict[int, tuple[SplitSpace, np.ndarray, np.ndarray, np.ndarray]] = {}
+    priced_kinds: dict[int, tuple[SplitSpace, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
     for v, (layer_id, data) in enumerate(layers):
         if kind[v] not in priced_kinds:
             space = split_space(data, devices, options.min_chunk, options.only)
-            priced_kinds[kind[v]] = (space, *model.layer_costs(data, space, block_output=layer_id in block_outputs))
-    spaces, compute, comm, memory = (list(column) for column in zip(*(priced_kinds[k] for k in kind)))
+            parts: dict[str, np.ndarray] = {}
+            costs = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts)
+            priced_kinds[kind[v]] = (space, *costs, parts["weight_sync"])
+    spaces, compute, comm, memory, weight_sync = (list(column) for column in zip(*(priced_kinds[k] for k in kind)))
     if progress:
         progress("pricing re-layouts")
     edges = []
@@ -119,7 +122,7 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
         if key not in priced_edges:
             priced_edges[key] = model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])
         edges.append((s, d, priced_edges[key]))
-    return PricedGraph(ids, spaces, compute, comm, memory, edges)
+    return PricedGraph(ids, spaces, compute, comm, memory, edges, weight_sync)
 
 
 def layer_key(data: dict[str, Any], block_output: bool) -> str:
@@ -229,8 +232,8 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
     least = priced.totals(lean.assignment)[3]
     if least > limit:
         raise PlanDoesNotFit(
-            f"no plan fits: the leanest needs {_size(least)} per device, and {cluster.gpu.id} leaves "
-            f"{_size(limit)} ({cluster.gpu.memory_gb:g} GB x memory fraction). Try more devices, a smaller "
+            f"no plan fits: the leanest needs {size_text(least)} per device, and {cluster.gpu.id} leaves "
+            f"{size_text(limit)} ({cluster.gpu.memory_gb:g} GB x memory fraction). Try more devices, a smaller "
             "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).",
             least, limit)
     step = max(sum(float(c.min()) for c in priced.compute), 1e-9)
@@ -337,7 +340,7 @@ def _solve_priced(priced: PricedGraph, memory_price: float, devices: int, gap: f
                       "over configurations that use all devices or one")
 
 
-def _size(nbytes: float) -> str:
+def size_text(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
@@ -352,8 +355,10 @@ def _memory_only(priced: PricedGraph, name: str, devices: int) -> CostGraph:
 def _prediction(priced: PricedGraph, assignment: list[int], batch: int) -> Prediction:
     compute, comm, relayout, memory = priced.totals(assignment)
     step = compute + comm + relayout
+    sync = sum(float(w[k]) for w, k in zip(priced.weight_sync, assignment))
     return Prediction(step_seconds=step, samples_per_second=batch / step if step > 0 else 0.0,
-                      memory_bytes_per_device=memory, compute_seconds=compute, communication_seconds=comm + relayout)
+                      memory_bytes_per_device=memory, compute_seconds=compute, communication_seconds=comm + relayout,
+                      gradient_sync_seconds=sync)
 
 
 def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions, fsdp: bool,

@@ -32,6 +32,9 @@ class Prediction:
     compute_seconds: float = 0.0
     communication_seconds: float = 0.0
     bubble_seconds: float = 0.0  # pipeline fill and drain (0 without a pipeline)
+    # the exposed weight-gradient collectives inside communication_seconds: under gradient accumulation
+    # (DDP's no_sync) they run once per step, not once per micro-step (0 where not priced apart)
+    gradient_sync_seconds: float = 0.0
 
 
 @dataclass

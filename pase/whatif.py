@@ -25,7 +25,7 @@ from cost_models.catalog import Catalog
 from cost_models.cluster import Cluster, catalog_fabric, load_cluster
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.planner import PlanDoesNotFit, PlanOptions, plan_graph
+from pase.planner import PlanDoesNotFit, PlanOptions, plan_graph, size_text
 
 COMMUNICATION_BOUND_SHARE = 0.5  # a point whose step is at least this much communication is marked
 
@@ -95,8 +95,8 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
             if not larger:
                 if not pipeline:
                     row.note = (f"does not fit even one sample per micro-step: the leanest plan needs "
-                                f"{exc.least_bytes / 2**30:.1f} GiB per device of the {exc.limit_bytes / 2**30:.1f} "
-                                "GiB allowed (--pipeline also tries pipeline stages, which hold fewer weights)")
+                                f"{size_text(exc.least_bytes)} per device of the {size_text(exc.limit_bytes)} "
+                                "allowed (--pipeline also tries pipeline stages, which hold fewer weights)")
                     return row
                 accumulation = steps[-1]
                 break
@@ -115,7 +115,8 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
         return row
     micro = batch // accumulation
     graph = graph_at(micro)
-    step = plan.predicted.step_seconds * accumulation
+    # micro-steps accumulate gradients locally (DDP's no_sync): the gradient collectives run once per step
+    step = plan.predicted.step_seconds * accumulation - plan.predicted.gradient_sync_seconds * (accumulation - 1)
     flops = float(graph.meta.get("flops_fwd", 0) + graph.meta.get("flops_bwd", 0)) * accumulation
     peak = cluster.gpu.peak_tflops(options.precision) * 1e12 * cluster.world_size
     limit = cluster.gpu.memory_bytes * options.memory_fraction

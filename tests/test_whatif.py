@@ -102,6 +102,23 @@ def test_a_system_files_scaling_curve_keeps_its_figures(tmp_path) -> None:
     assert not report["clusters"][0]["note"]
 
 
+def test_accumulated_micro_steps_sync_gradients_once() -> None:
+    """k micro-steps cost k micro-batch plans, less k - 1 gradient syncs: DDP's no_sync accumulates locally."""
+    from cost_models.cluster import cluster_from_dict
+    from pase.planner import plan_graph
+    from pase.whatif import evaluate
+
+    cluster = cluster_from_dict({"gpu": {"id": "Small", "bf16_tflops": 50, "fp32_tflops": 10, "memory_gb": 0.02,
+                                         "memory_bw_gbps": 500}, "gpus_per_node": 2})
+    graph_at = lambda b: extract_model("unet-tiny", b, use_cache=True)  # noqa: E731
+    row = evaluate(graph_at, cluster, 64, 1e6, PlanOptions())
+    k = row.accumulation
+    micro = plan_graph(graph_at(64 // k), cluster, options=PlanOptions()).predicted
+    assert k > 1 and 0 < micro.gradient_sync_seconds <= micro.communication_seconds
+    assert row.step_seconds == pytest.approx(k * micro.step_seconds - (k - 1) * micro.gradient_sync_seconds)
+    assert row.step_seconds < k * micro.step_seconds
+
+
 def test_nvlink_never_predicts_slower_than_pcie(report) -> None:
     assert {pair["cluster"] for pair in report.interconnect} == {"8xH100-SXM", "4xA100-80GB-SXM"}  # L40S has none
     for pair in report.interconnect:
