@@ -335,7 +335,7 @@ def _whole(value: Any, key: str, origin: str) -> int:
     """``value`` as an int, or a ClusterSpecError naming ``key``."""
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ClusterSpecError(f"{origin}: {key} must be a whole number, not {value!r}") from None
     if number != value and not isinstance(value, str):
         raise ClusterSpecError(f"{origin}: {key} must be a whole number, not {value!r}")

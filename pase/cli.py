@@ -244,6 +244,8 @@ def plan(
                 result, priced = plan_and_price(graph, target, profile=measured, options=options,
                                                 progress=lambda what: status.update(f"{what} ..."))
             except PlanDoesNotFit as exc:  # stages hold only their own layers' weights: a pipeline may fit
+                if target.world_size < 2:
+                    raise
                 raise PlanDoesNotFit(f"{exc} Or add --pipeline: pipeline stages each hold only their own layers.",
                                      exc.least_bytes, exc.limit_bytes) from None
     print_plan(result)

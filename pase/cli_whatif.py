@@ -85,6 +85,8 @@ def whatif(
 
 
 def print_report(report: WhatIfReport, console: Console) -> None:
+    from pase.whatif import seconds_text
+
     table = Table(title=f"what if: {report.model}, global batch {report.batch}, {report.precision}, "
                         f"{report.samples:.3g} samples")
     for column in ("cluster", "interconnect", "step s", "samples/s", "per GPU", "MFU", "headroom GiB", "$/h",
@@ -111,8 +113,8 @@ def print_report(report: WhatIfReport, console: Console) -> None:
         for column in ("cluster", "NVLink step s", "PCIe-only step s", "NVLink speed-up"):
             links.add_column(column, justify="left" if column == "cluster" else "right")
         for pair in report.interconnect:
-            links.add_row(pair["cluster"], _num(pair["nvlink_step_seconds"], ".3g"),
-                          _num(pair["pcie_step_seconds"], ".3g"),
+            links.add_row(pair["cluster"], seconds_text(pair["nvlink_step_seconds"]),
+                          seconds_text(pair["pcie_step_seconds"]),
                           f"{pair['nvlink_speedup']:.2f}x" if pair["nvlink_speedup"] else "n/a")
         console.print(links)
     for row in report.clusters:
@@ -125,10 +127,12 @@ def print_report(report: WhatIfReport, console: Console) -> None:
 
 
 def _cells(row: ClusterResult) -> list[str]:
+    from pase.whatif import seconds_text
+
     if not row.fits:
         return [row.cluster, row.interconnect, "does not fit", "", "", "", "", _num(row.dollars_per_hour, ",.2f"),
                 "", "", "", "no plan fits in memory"]
-    return [row.cluster, row.interconnect, f"{row.step_seconds:.3g}", f"{row.samples_per_second:,.0f}",
+    return [row.cluster, row.interconnect, seconds_text(row.step_seconds), f"{row.samples_per_second:,.0f}",
             f"{row.samples_per_second_per_gpu:,.1f}", f"{row.mfu:.0%}", f"{row.memory_headroom_bytes / 2**30:.1f}",
             _num(row.dollars_per_hour, ",.2f"), f"{row.hours_for_samples:,.1f}",
             _num(row.dollars_for_samples, ",.0f", "no price"), f"{row.energy_kwh_for_samples:,.0f}",

@@ -26,6 +26,7 @@ from cost_models.cluster import Cluster, catalog_fabric, load_cluster
 from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.planner import PlanDoesNotFit, PlanOptions, plan_graph, size_text
+from pase.plans import Plan
 
 COMMUNICATION_BOUND_SHARE = 0.5  # a point whose step is at least this much communication is marked
 
@@ -107,16 +108,14 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
         candidates = {accumulation, *smaller[-1:]}
         for k in sorted(candidates):
             staged = _pipelined(graph_at(batch // k), cluster, options)
-            if staged is not None and (plan is None or staged.predicted.step_seconds * k
-                                       < plan.predicted.step_seconds * accumulation):
+            if staged is not None and (plan is None or _step(staged, k) < _step(plan, accumulation)):
                 plan, accumulation = staged, k
     if plan is None:
         row.note = "does not fit even one sample per micro-step, with or without pipeline stages"
         return row
     micro = batch // accumulation
     graph = graph_at(micro)
-    # micro-steps accumulate gradients locally (DDP's no_sync): the gradient collectives run once per step
-    step = plan.predicted.step_seconds * accumulation - plan.predicted.gradient_sync_seconds * (accumulation - 1)
+    step = _step(plan, accumulation)
     flops = float(graph.meta.get("flops_fwd", 0) + graph.meta.get("flops_bwd", 0)) * accumulation
     peak = cluster.gpu.peak_tflops(options.precision) * 1e12 * cluster.world_size
     limit = cluster.gpu.memory_bytes * options.memory_fraction
@@ -243,6 +242,19 @@ def _main_split(plan: Any) -> str:
     return max(counts, key=counts.get) if counts else ""
 
 
+def seconds_text(seconds: float | None) -> str:
+    """Step seconds for a table: three significant digits, whole seconds (never 1.23e+03) from 100 s."""
+    if seconds is None:
+        return ""
+    return f"{seconds:.3g}" if seconds < 100 else f"{seconds:,.0f}"
+
+
+def _step(plan: Plan, micro_steps: int) -> float:
+    """A step of ``micro_steps`` micro-steps: they accumulate gradients locally (DDP's no_sync), so the
+    exposed gradient collectives run once per step, not once per micro-step."""
+    return plan.predicted.step_seconds * micro_steps - plan.predicted.gradient_sync_seconds * (micro_steps - 1)
+
+
 def _identity(cluster: Cluster) -> str:
     """Everything that prices a cluster (two system files may share a name but not their figures)."""
     return json.dumps({**cluster.to_dict(), "gpu": asdict(cluster.gpu)}, sort_keys=True, default=str)
@@ -275,8 +287,8 @@ def _scaling_clusters(largest: Cluster, catalog: Catalog) -> list[Cluster]:
         # system file's own fabric is cut down to the GPUs in use
         smaller = load_cluster(spec, catalog)
         fabric = smaller.fabric
-        if largest.source != "catalog" and n <= largest.gpus_per_node:
-            fabric = largest.fabric.subgraph(
+        if largest.source != "catalog":  # a node's fabric: whole for whole nodes, cut down below one node
+            fabric = largest.fabric.copy() if n >= largest.gpus_per_node else largest.fabric.subgraph(
                 v for v in largest.fabric.nodes if not (v.startswith("gpu") and v[3:].isdigit() and int(v[3:]) >= n)
             ).copy()
         clusters.append(replace(smaller, gpu=largest.gpu, efficiency=dict(largest.efficiency), source=largest.source,

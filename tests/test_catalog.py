@@ -83,6 +83,9 @@ def test_bad_specs_say_what_to_do(spec: str, needle: str) -> None:
 
 @pytest.mark.parametrize("system,needle", [
     ({"gpu": "H100-SXM", "gpus_per_node": "eight"}, "gpus_per_node must be a whole number"),
+    ({"gpu": "H100-SXM", "gpus_per_node": float("inf")}, "gpus_per_node must be a whole number"),
+    ({"gpu": {"id": "Odd", "bf16_tflops": 100, "fp32_tflops": 10, "memory_gb": 16, "memory_bw_gbps": 500,
+              "price_usd_per_gpu_hour": {"typical": -1}}, "gpus_per_node": 2}, "price (typical) must be a positive"),
     ({"gpu": "H100-SXM", "gpus_per_node": 8, "nodes": 2, "network": {"nics_per_node": 8}}, "network needs a type"),
     ({"gpu": "H100-SXM", "gpus_per_node": 8, "nodes": 2.5, "network": "IB-NDR400"}, "nodes must be a whole number"),
     ({"gpu": {"id": "Odd", "bf16_tflops": 100, "fp32_tflops": 10, "memory_gb": 16, "memory_bw_gbps": -5},

@@ -160,7 +160,7 @@ def test_convergence_below_the_smallest_probe_interpolates_from_window_one():
     probed = Convergence({4: 60})  # 100 / 60 = 1.67 steps per pass at window 4
     assert 1.0 < probed.advance(2, 100) < 100 / 60
     assert probed.advance(2, 100) == pytest.approx(1 + (100 / 60 - 1) / 2)  # half way in log(window)
-    stated = Convergence()
+    stated = Convergence()  # (the default law)
     assert stated.advance(1, 100) == 1.0 and stated.advance(2, 100) == pytest.approx(1.316, abs=0.01)
     assert all(stated.advance(w, 100) <= 1.1 * w ** 0.5 for w in (2, 4, 16, 64))
 
@@ -197,3 +197,14 @@ def test_sample_out_must_be_a_file_and_gets_a_normal_mode(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
+
+
+def test_size_rule_follows_the_model():
+    """UNet2DModels and pase-unet need a multiple of their downsampling; diffusers' conditional UNet passes each
+    skip's size to its upsamplers and runs at any size."""
+    from pase.sampling.runner import check_size
+
+    check_size("sd15-unet", 60)
+    check_size("unet-tiny", 8)
+    with pytest.raises(PaseError, match="multiple of 8"):
+        check_size("ddpm-cifar10", 12)

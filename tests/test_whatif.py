@@ -119,6 +119,30 @@ def test_accumulated_micro_steps_sync_gradients_once() -> None:
     assert row.step_seconds < k * micro.step_seconds
 
 
+def test_step_seconds_print_readably() -> None:
+    from pase.whatif import seconds_text
+
+    assert seconds_text(0.00152) == "0.00152" and seconds_text(4.431) == "4.43" and seconds_text(1234.7) == "1,235"
+    assert seconds_text(None) == ""
+
+
+def test_a_multi_node_system_files_scaling_points_keep_its_fabric(tmp_path) -> None:
+    """Every point of a file cluster's curve uses the file's links: whole nodes whole, one node cut down."""
+    from pase.whatif import _scaling_clusters
+
+    system = tmp_path / "slowlinks.yaml"
+    system.write_text("gpu: H100-SXM\ngpus_per_node: 8\nnodes: 4\nnetwork: {type: IB-NDR400, nics_per_node: 8}\n")
+    catalog = Catalog.load()
+    largest = load_cluster(str(system), catalog)
+    for _, _, data in largest.fabric.edges(data=True):  # links a tenth of the catalog's
+        data["bandwidth_gbps"] /= 10
+        data["effective_gbps"] /= 10
+    wanted = largest.path(0, 1).effective_gbps
+    points = _scaling_clusters(largest, catalog)
+    assert [p.world_size for p in points] == [1, 2, 4, 8, 16, 32]
+    assert all(p.path(0, 1).effective_gbps == pytest.approx(wanted) for p in points if p.world_size > 1)
+
+
 def test_nvlink_never_predicts_slower_than_pcie(report) -> None:
     assert {pair["cluster"] for pair in report.interconnect} == {"8xH100-SXM", "4xA100-80GB-SXM"}  # L40S has none
     for pair in report.interconnect:
@@ -192,6 +216,8 @@ def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
     (("--samples", "inf"), "--samples must be a positive"),
     (("--price", "H100-SXM=free"), "GPU=DOLLARS_PER_GPU_HOUR"),
     (("--price", "H100-SXM=nan"), "positive, finite"),
+    (("--clusters", "2xZ", "--gpu", "Z:bf16_tflops=100,fp32_tflops=10,memory_gb=80,memory_bw_gbps=500,price=nan"),
+     "must be a positive $ per GPU-hour"),
     (("--clusters", "2xZ", "--gpu", "Z:bf16_tflops=100,fp32_tflops=10,memory_gb=80,memory_bw_gbps=-5"),
      "memory_bw_gbps must be a positive number"),
     (("--gpu", "Odd:memory_gb=8"), "lacks"),

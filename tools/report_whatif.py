@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pase.atomic import write_text
+from pase.whatif import seconds_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -42,8 +43,8 @@ def write_html(report: WhatIfReport, path: Path) -> None:
                      "<th>PCIe-only step s</th><th>NVLink speed-up</th></tr>")
         for pair in report.interconnect:
             speedup = f"{pair['nvlink_speedup']:.2f}x" if pair["nvlink_speedup"] else "n/a"
-            parts.append(f"<tr><td>{_e(pair['cluster'])}</td><td>{_f(pair['nvlink_step_seconds'], '.3g')}</td>"
-                         f"<td>{_f(pair['pcie_step_seconds'], '.3g')}</td><td>{speedup}</td></tr>")
+            parts.append(f"<tr><td>{_e(pair['cluster'])}</td><td>{seconds_text(pair['nvlink_step_seconds'])}</td>"
+                         f"<td>{seconds_text(pair['pcie_step_seconds'])}</td><td>{speedup}</td></tr>")
         parts.append("</table>")
     parts.append("<p>Predicted by pase's cost model from catalog figures; validate on your hardware with "
                  "<code>pase verify</code>.</p></body></html>")
@@ -55,7 +56,7 @@ def _cluster_table(rows: list[ClusterResult], samples: float) -> str:
             "hours", f"$ for {samples:.3g} samples", "kWh", "note")
     out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
-        cells = [r.cluster, r.interconnect, "yes" if r.fits else "no", _f(r.step_seconds, ".3g"),
+        cells = [r.cluster, r.interconnect, "yes" if r.fits else "no", seconds_text(r.step_seconds),
                  _f(r.samples_per_second, ",.0f"), _f(r.samples_per_second_per_gpu, ",.1f"), _f(r.mfu, ".0%"),
                  _f(r.memory_headroom_bytes and r.memory_headroom_bytes / 2**30, ".1f"),
                  _f(r.dollars_per_hour, ",.2f"), _f(r.hours_for_samples, ",.1f"), _f(r.dollars_for_samples, ",.0f"),

@@ -65,6 +65,8 @@ def check_size(model: str, size: int | None) -> None:
     from pase.models.zoo import resolve_model
 
     spec = resolve_model(model)
+    if spec.family == "diffusers.UNet2DConditionModel":
+        return  # it passes each skip's size to its upsamplers: any size runs
     if spec.family == "pase.PaseUNet":
         from pase.models.pase_unet import PaseUNetConfig
 
