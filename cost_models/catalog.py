@@ -82,14 +82,14 @@ class GPUSpec:
             raise PaseError(f"GPU {gpu_id!r} in the catalog lacks {', '.join(missing)}; every GPU needs "
                             f"{', '.join(required)} (see `pase hw list --json` for a complete entry to copy)")
         for key in (*required, "fp16_tflops"):
-            if key in entry and not _positive(entry[key]):
+            if key in entry and not is_positive_number(entry[key]):
                 raise PaseError(f"GPU {gpu_id!r}: {key} must be a positive number, not {entry[key]!r}")
-        if "tdp_w" in entry and not (_positive(entry["tdp_w"]) or entry["tdp_w"] == 0):
+        if "tdp_w" in entry and not (is_positive_number(entry["tdp_w"]) or entry["tdp_w"] == 0):
             raise PaseError(f"GPU {gpu_id!r}: tdp_w must be a number >= 0, not {entry['tdp_w']!r}")
         nvlink = entry.get("nvlink") or {}
         price = entry.get("price_usd_per_gpu_hour")
         for key in ("low", "typical", "high") if isinstance(price, dict) else ():
-            if key in price and not _positive(price[key]):
+            if key in price and not is_positive_number(price[key]):
                 raise PaseError(f"GPU {gpu_id!r}: its price ({key}) must be a positive $ per GPU-hour, not "
                                 f"{price[key]!r}")
         return cls(
@@ -211,7 +211,7 @@ class Catalog:
         return {k: v for k, v in self.data["efficiency"].items() if not k.startswith("_")}
 
 
-def _positive(value: Any) -> bool:
+def is_positive_number(value: Any) -> bool:
     """A finite number above zero (strings of numbers included, as YAML and --gpu give them)."""
     try:
         number = float(value)

@@ -10,7 +10,6 @@ Every bandwidth is GB/s per direction.
 from __future__ import annotations
 
 import heapq
-import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -19,7 +18,7 @@ from typing import Any
 
 import networkx as nx
 
-from cost_models.catalog import Catalog, GPUSpec, NetworkSpec, Price, read_data_file
+from cost_models.catalog import Catalog, GPUSpec, NetworkSpec, Price, is_positive_number, read_data_file
 from pase.errors import PaseError
 
 SPEC_GRAMMAR = (
@@ -73,7 +72,7 @@ class Cluster:
         """A copy with the user's $/GPU-hour and per-op-kind efficiencies in place of the catalog's."""
         gpu = self.gpu
         if price is not None:
-            if not (math.isfinite(price) and price > 0):
+            if not is_positive_number(price):
                 raise PaseError(f"--price must be a positive, finite $/GPU-hour, not {price}")
             gpu = replace(gpu, price=Price(price, price, price, "user", "user override"))
         unknown = sorted(set(efficiency or {}) - set(self.efficiency)) if self.efficiency else []

@@ -31,12 +31,13 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.rates import HardwareRates
+from strategies.data import BUCKET_BYTES
 from strategies.splits import SplitSpace
 
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
 NORM_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm"})
 TRAINING_BYTES_PER_PARAM = 16  # mixed-precision AdamW: bf16 weight + grad, fp32 master + two moments
-GRADIENT_BUCKET_BYTES = 25 * 2**20  # DDP/FSDP fuse gradient collectives into buckets of about this size
+GRADIENT_BUCKET_BYTES = BUCKET_BYTES  # DDP/FSDP (and pase's own averaging) fuse gradient collectives into buckets
 
 
 @dataclass

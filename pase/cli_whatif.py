@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -173,6 +172,8 @@ def _catalog(files: list[Path], flags: list[str]) -> Catalog:
 
 
 def _prices(flags: list[str], catalog: Catalog) -> dict[str, float]:
+    from cost_models.catalog import is_positive_number
+
     prices = {}
     for flag in flags:
         name, _, value = flag.partition("=")
@@ -180,7 +181,7 @@ def _prices(flags: list[str], catalog: Catalog) -> dict[str, float]:
             dollars = float(value)
         except ValueError:
             raise PaseError(f"--price {flag!r}: write GPU=DOLLARS_PER_GPU_HOUR, e.g. H100-SXM=2.49") from None
-        if not (math.isfinite(dollars) and dollars > 0):
+        if not is_positive_number(dollars):
             raise PaseError(f"--price {flag!r}: the price must be a positive, finite $ per GPU-hour")
         prices[catalog.gpu(name).id] = dollars
     return prices

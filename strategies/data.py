@@ -37,9 +37,9 @@ BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket: one all-reduce per 25 MiB 
 
 
 def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None:
-    """Every gradient replaced by its mean over ``group`` (``size`` ranks holding the same parameters), in
-    flat buckets (one all-reduce each; gloo and NCCL are fastest on few large messages). Parameters
-    without a gradient on this rank have none on the others either (the same graph ran everywhere)."""
+    """Every gradient summed over ``group`` and divided by ``size`` (the group's size for a mean), in flat
+    buckets (one all-reduce each; gloo and NCCL are fastest on few large messages). Parameters without a
+    gradient on this rank have none on the others either (the same graph ran everywhere)."""
     buckets: list[list[torch.Tensor]] = [[]]
     filled = 0
     for grad in (p.grad for p in params if p.grad is not None):
@@ -52,7 +52,8 @@ def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None
         if not bucket:
             continue
         flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat, group=group)
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(flat, group=group)
         flat /= size
         offset = 0
         for grad in bucket:

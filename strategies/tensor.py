@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from strategies.collectives import gather_batch, local_part, reduce_scatter_batch, split_to_batch
+from strategies.data import average_gradients
 
 SHARD_GROUP = "_pase_replica_group"  # attribute naming the group a sharded parameter's gradient is summed over
 
@@ -135,7 +136,7 @@ class GradientSync:
     """After each backward: every parameter's gradient summed over its replica group, divided by the world.
 
     Runs as an autograd-engine callback queued by the first gradient hook of a backward (as DDP
-    does), in one flat all-reduce per replica group.
+    does), in flat bucketed all-reduces per replica group (``strategies.data.average_gradients``).
     """
 
     groups: list[tuple[Any, list[nn.Parameter]]]
@@ -163,15 +164,10 @@ class GradientSync:
     def synchronize(self) -> None:
         self._queued = False
         for group, params in self.groups:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            if dist.get_world_size(group) > 1:
-                dist.all_reduce(flat, group=group)
-            flat /= self.world
-            offset = 0
-            for param, grad in zip(params, grads):
-                param.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
-                offset += grad.numel()
+            for param in params:  # a parameter this rank's graph did not reach still takes part, with zeros
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            average_gradients(params, group, self.world)
 
 
 __all__ = ["ChannelSplit", "GradientSync", "split_heads", "SHARD_GROUP", "TensorGroups"]

@@ -42,6 +42,7 @@ GPU_LAUNCH_US = 8.0  # eager PyTorch kernel launch + Python overhead per layer o
 # at window 2 (measured: unet-tiny DDPM-100, tol 0.1) and 24 at window 16 (N=100). Above 16 it is capped by the
 # earlier, more cautious 1.1 * sqrt(window): nothing was measured there.
 PARADIGMS_ADVANCE = (0.316, 0.851)
+PARADIGMS_CAP = (1.1, 0.5)  # c * window ** d
 SRDS_ITERATIONS = {"ddim": 3, "ddpm": 4}  # default iterations to tolerance (SD-v2 ~3 per the SRDS paper)
 PRIORITY = {"sequential": 0, "batch": 1, "paradigms": 2, "srds": 3, "srds-pipelined": 4}
 
@@ -82,9 +83,9 @@ class Convergence:
 
     paradigms_passes: dict[int, int] = field(default_factory=dict)  # measured: window -> passes
     srds_iterations: dict[int, int] = field(default_factory=dict)  # measured: blocks -> iterations
-    source: str = ("stated defaults: ParaDiGMS accepts min(1 + 0.316 (window - 1)^0.851, 1.1 sqrt(window)) steps "
-                   "per pass; SRDS converges in "
-                   f"{SRDS_ITERATIONS['ddim']} (DDIM) / {SRDS_ITERATIONS['ddpm']} (DDPM) iterations")
+    source: str = (f"stated defaults: ParaDiGMS accepts min(1 + {PARADIGMS_ADVANCE[0]} (window - 1)^"
+                   f"{PARADIGMS_ADVANCE[1]}, {PARADIGMS_CAP[0]} window^{PARADIGMS_CAP[1]}) steps per pass; SRDS "
+                   f"converges in {SRDS_ITERATIONS['ddim']} (DDIM) / {SRDS_ITERATIONS['ddpm']} (DDPM) iterations")
 
     def advance(self, window: int, steps: int) -> float:
         """Steps accepted per pass at this window (measured where probed, else the default law); never more
@@ -95,8 +96,8 @@ class Convergence:
             known = sorted({1, *self.paradigms_passes})
             adv = [1.0 if w == 1 else steps / self.paradigms_passes[w] for w in known]
             return min(window, float(np.interp(math.log(window), [math.log(w) for w in known], adv)))
-        a, b = PARADIGMS_ADVANCE
-        return min(window, 1.0 + a * (window - 1) ** b, max(1.0, 1.1 * window ** 0.5))
+        (a, b), (c, d) = PARADIGMS_ADVANCE, PARADIGMS_CAP
+        return min(window, 1.0 + a * (window - 1) ** b, max(1.0, c * window ** d))
 
     def iterations(self, blocks: int, kind: str) -> int:
         if blocks in self.srds_iterations:
