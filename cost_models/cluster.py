@@ -367,3 +367,18 @@ def load_cluster(description: str, catalog: Catalog | None = None) -> Cluster:
         # an unnamed file is named by its shape and its file, so two files never read as one cluster
         return cluster if "name" in data else replace(cluster, spec=f"{cluster.spec} ({path.name})")
     return parse_spec(description, catalog)
+
+
+def group_cluster(cluster: Cluster, group: int) -> Cluster:
+    """A device group of ``group`` GPUs as a cluster of its own: the first GPUs of a node, or whole nodes."""
+    if group == cluster.world_size:
+        return cluster
+    if group <= cluster.gpus_per_node:
+        fabric = cluster.fabric.copy()
+        fabric.remove_nodes_from([f"gpu{i}" for i in range(group, cluster.gpus_per_node)])
+        return replace(cluster, spec=f"{group}x{cluster.gpu.id} (group of {cluster.spec})", nodes=1,
+                       gpus_per_node=group, fabric=fabric, network=None, nics_per_node=0)
+    if group % cluster.gpus_per_node:
+        raise PaseError(f"a group of {group} GPUs is not whole {cluster.gpus_per_node}-GPU nodes")
+    return replace(cluster, spec=f"{group // cluster.gpus_per_node} nodes of {cluster.spec}",
+                   nodes=group // cluster.gpus_per_node)

@@ -1,6 +1,6 @@
 """Per-layer and per-edge costs of parallel configurations, in seconds and bytes (vectorised).
 
-For a layer and every configuration of its ``SplitSpace``:
+For a layer and every configuration of its ``SplitTable``:
 - compute: forward + backward FLOPs of the local shard at the kind's achieved rate, or the
   bytes it touches at memory bandwidth if that is slower (a roofline), plus fused pointwise
   work at memory bandwidth;
@@ -25,19 +25,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.rates import HardwareRates
-from strategies.data import BUCKET_BYTES
-from strategies.splits import SplitSpace
 
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
 NORM_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm"})
 TRAINING_BYTES_PER_PARAM = 16  # mixed-precision AdamW: bf16 weight + grad, fp32 master + two moments
-GRADIENT_BUCKET_BYTES = BUCKET_BYTES  # DDP/FSDP (and pase's own averaging) fuse gradient collectives into buckets
+# DDP's default bucket: DDP, FSDP and pase's own averaging (strategies.data) fuse gradient collectives into
+# one call per 25 MiB, so the runtime and this model share the size.
+GRADIENT_BUCKET_BYTES = 25 * 2**20
+
+
+class SplitTable(Protocol):
+    """The configurations of one layer as the cost model reads them (``strategies.splits.SplitTable`` is one):
+    ``factors[k, i]`` is configuration k's split of ``dims[i]``."""
+
+    dims: tuple[str, ...]
+    factors: np.ndarray
+
+    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -86,7 +96,7 @@ class CostModel:
         return out
 
     # ------------------------------------------------------------------ layers
-    def layer_costs(self, layer: dict[str, Any], space: SplitSpace, block_output: bool = True,
+    def layer_costs(self, layer: dict[str, Any], space: SplitTable, block_output: bool = True,
                     parts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(compute seconds, communication seconds, bytes per device) for every configuration of
         ``layer``. O(K * dims). When ``parts`` is given it receives the pieces a pipeline prices
@@ -175,7 +185,7 @@ class CostModel:
         return f[:, idx].prod(axis=1) if idx else np.ones(len(f), dtype=np.int64)
 
     @staticmethod
-    def _factor_table(layer: dict[str, Any], space: SplitSpace) -> np.ndarray:
+    def _factor_table(layer: dict[str, Any], space: SplitTable) -> np.ndarray:
         dims = list(layer["dims"])
         table = np.ones((len(space), len(dims)), dtype=np.int64)
         for j, name in enumerate(space.dims):
@@ -219,8 +229,8 @@ class CostModel:
         return 2 * self.collective_seconds("all_reduce", 2 * 4 * statistics, group, 1)
 
     # ------------------------------------------------------------------ edges
-    def edge_costs(self, edge: dict[str, Any], producer: dict[str, Any], src: SplitSpace, consumer: dict[str, Any],
-                   dst: SplitSpace) -> np.ndarray:
+    def edge_costs(self, edge: dict[str, Any], producer: dict[str, Any], src: SplitTable, consumer: dict[str, Any],
+                   dst: SplitTable) -> np.ndarray:
         """Re-layout seconds for every (producer config, consumer config) pair: (K_src, K_dst)."""
         shape = np.array(edge["shape"], dtype=np.float64)
         if self.devices <= 1 or not len(shape):

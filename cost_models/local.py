@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cost_models.catalog import Catalog
-from cost_models.cluster import Cluster, cluster_from_dict
+from cost_models.cluster import Cluster, cluster_from_dict, group_cluster
 from pase.errors import PaseError
 
 CPU_DEVICE = "cpu"
@@ -91,7 +91,6 @@ def local_cluster(devices: int | None, profile_path: str | Path | None = None, c
         probed = None
     if probed is not None and probed.gpus:
         from cost_models.calibrate import load_profile
-        from pase.pipeline_planner import group_cluster
 
         cluster = probed.to_cluster(catalog or Catalog.load())
         devices = devices or cluster.world_size

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from cost_models.cluster import Cluster
+from cost_models.cluster import Cluster, group_cluster
 from cost_models.layer_costs import COMPUTE_KINDS, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
@@ -54,7 +54,6 @@ from pase.planner import (
     PricedGraph,
     block_output_layers,
     edge_key,
-    fingerprint,
     layer_kinds,
     plan_and_price,
     search_under_memory,
@@ -140,21 +139,6 @@ def rebatch(graph: LayerGraph, batch: int) -> LayerGraph:
     if rescaled is None:
         raise PaseError(f"cannot rescale a batch-{graph.batch} graph to batch {batch}: capture it at batch >= 2")
     return rescaled
-
-
-def group_cluster(cluster: Cluster, group: int) -> Cluster:
-    """A device group of ``group`` GPUs as a cluster of its own: the first GPUs of a node, or whole nodes."""
-    if group == cluster.world_size:
-        return cluster
-    if group <= cluster.gpus_per_node:
-        fabric = cluster.fabric.copy()
-        fabric.remove_nodes_from([f"gpu{i}" for i in range(group, cluster.gpus_per_node)])
-        return replace(cluster, spec=f"{group}x{cluster.gpu.id} (group of {cluster.spec})", nodes=1,
-                       gpus_per_node=group, fabric=fabric, network=None, nics_per_node=0)
-    if group % cluster.gpus_per_node:
-        raise PaseError(f"a group of {group} GPUs is not whole {cluster.gpus_per_node}-GPU nodes")
-    return replace(cluster, spec=f"{group // cluster.gpus_per_node} nodes of {cluster.spec}",
-                   nodes=group // cluster.gpus_per_node)
 
 
 def legal_group(offset: int, group: int, gpus_per_node: int) -> bool:
@@ -660,7 +644,7 @@ def _pipeline_only_plan(graph: LayerGraph, cluster: Cluster, options: PlanOption
     """The frame of a plan when no per-layer plan fits (every number comes from the pipeline)."""
     notes = {"no pipeline": unfit, "ddp": "the per-layer plan does not fit, so neither do DDP or FSDP",
              "fsdp": "the per-layer plan does not fit, so neither do DDP or FSDP"}
-    return Plan(model=str(graph.meta.get("model")), model_fingerprint=fingerprint(graph), cluster=cluster.spec,
+    return Plan(model=str(graph.meta.get("model")), model_fingerprint=graph.fingerprint(), cluster=cluster.spec,
                 devices=cluster.world_size, batch=graph.batch, precision=options.precision,
                 options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
                          "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
@@ -725,5 +709,5 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
     return plan, priced
 
 
-__all__ = ["PipelineOptions", "PipelineSearch", "Segment", "crossing_tensors", "group_cluster", "plan_with_pipeline",
+__all__ = ["PipelineOptions", "PipelineSearch", "Segment", "crossing_tensors", "plan_with_pipeline",
            "rebatch", "segments"]

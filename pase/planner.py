@@ -8,7 +8,6 @@ plan that cannot fit even at minimum memory is reported with what would help.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -192,7 +191,7 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
         layers.append(LayerChoice(layer_id, data["op"], data["block"], priced.spaces[v].config(k),
                                   float(priced.compute[v][k] + priced.comm[v][k]), float(priced.memory[v][k])))
     plan = Plan(
-        model=str(graph.meta.get("model")), model_fingerprint=fingerprint(graph), cluster=cluster.spec,
+        model=str(graph.meta.get("model")), model_fingerprint=graph.fingerprint(), cluster=cluster.spec,
         devices=cluster.world_size, batch=graph.batch, precision=options.precision,
         options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
                  "search_gap": options.search_gap,
@@ -402,12 +401,6 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
     if memory > limit:
         return None, f"needs {memory / 2**30:.1f} GiB per device, over the {limit / 2**30:.1f} GiB limit"
     return prediction, None
-
-
-def fingerprint(graph: LayerGraph) -> str:
-    """Identifies the model structure a plan was made for (layer ids and dimensions)."""
-    text = json.dumps([(layer_id, data["op"], data["dims"]) for layer_id, data in graph.layers()], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def summarize_blocks(plan: Plan) -> list[dict[str, Any]]:

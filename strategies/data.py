@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cost_models.layer_costs import GRADIENT_BUCKET_BYTES
+
 
 def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -33,7 +35,6 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket: one all-reduce per 25 MiB of gradients
 
 
 def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None:
@@ -43,7 +44,7 @@ def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None
     buckets: list[list[torch.Tensor]] = [[]]
     filled = 0
     for grad in (p.grad for p in params if p.grad is not None):
-        if filled >= BUCKET_BYTES:
+        if filled >= GRADIENT_BUCKET_BYTES:
             buckets.append([])
             filled = 0
         buckets[-1].append(grad)
@@ -72,4 +73,4 @@ def apply_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-__all__ = ["BUCKET_BYTES", "apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units"]
+__all__ = ["apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units"]

@@ -70,12 +70,11 @@ def epsilon_loss(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, noise
 
 def hand_plan(graph: Any, devices: int, choose: Any, fsdp: bool = False) -> Any:
     """A plan for ``graph`` whose per-layer splits come from ``choose(layer_id, data) -> splits``."""
-    from pase.planner import fingerprint
     from pase.plans import LayerChoice, Plan, Prediction
 
     layers = [LayerChoice(layer_id, data["op"], data["block"], choose(layer_id, data), 0.0, 0.0)
               for layer_id, data in graph.layers()]
-    return Plan(model="unet-tiny", model_fingerprint=fingerprint(graph), cluster=f"local:{devices}",
+    return Plan(model="unet-tiny", model_fingerprint=graph.fingerprint(), cluster=f"local:{devices}",
                 devices=devices, batch=graph.batch, precision="fp32", options={"fsdp": fsdp}, layers=layers,
                 predicted=Prediction(1.0, 1.0, 1.0))
 

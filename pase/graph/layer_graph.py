@@ -7,6 +7,7 @@ one producer pays for both.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +64,11 @@ class LayerGraph:
     @property
     def param_count(self) -> int:
         return self.total("param_count")
+
+    def fingerprint(self) -> str:
+        """Identifies the model structure (layer ids, ops, dimensions): a plan records it, the runtime checks it."""
+        text = json.dumps([(layer_id, data["op"], data["dims"]) for layer_id, data in self.layers()], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def blocks(self) -> list[BlockSummary]:
         """Per display block (module path grouping), in order of first appearance. O(V)."""

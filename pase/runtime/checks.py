@@ -60,9 +60,7 @@ def model_graph(model: nn.Module, plan: Plan, example_inputs: Any = None) -> Lay
 
 
 def check_model(plan: Plan, graph: LayerGraph) -> None:
-    from pase.planner import fingerprint
-
-    found = fingerprint(graph)
+    found = graph.fingerprint()
     if found != plan.model_fingerprint:
         raise PlanMismatch(
             f"the plan was made for another model: {plan.model} (fingerprint {plan.model_fingerprint}, batch "
