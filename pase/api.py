@@ -8,7 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cost_models.calibrate import load_profile
+from cost_models.cluster import Cluster, load_cluster
 from pase.errors import PaseError
+from pase.graph import extract
+from pase.planning import Plan, PlanOptions, make_plan
 
 
 def plan(
@@ -20,19 +24,14 @@ def plan(
     batch: int | None = None,
     profile: dict[str, Any] | str | Path | None = None,
     **options: Any,
-) -> Any:
+) -> Plan:
     """Plan ``model`` on ``cluster`` (a spec string, a system-file path or a ``Cluster``).
 
     ``example_inputs`` fix the shapes (use meta tensors for big models). ``batch`` replaces the
     leading (batch) dimension of every input that has the examples' batch size, so one example
     serves any global batch. ``options`` are ``PlanOptions`` fields (precision, fsdp,
-    checkpointing, only, memory_fraction). Returns a ``pase.plans.Plan``.
+    checkpointing, only, memory_fraction). Returns a ``pase.planning.plan.Plan``.
     """
-    from cost_models.calibrate import load_profile
-    from cost_models.cluster import Cluster, load_cluster
-    from pase.graph import extract
-    from pase.planner import PlanOptions, plan_graph
-
     allowed = {f.name for f in fields(PlanOptions)}
     unknown = set(options) - allowed
     if unknown:
@@ -44,7 +43,7 @@ def plan(
     if batch is not None:
         args, kwargs = _with_batch(args, kwargs, batch)
     graph = extract(model, args, kwargs)
-    return plan_graph(graph, target, profile=measured, options=PlanOptions(**options))
+    return make_plan(graph, target, profile=measured, options=PlanOptions(**options))[0]
 
 
 def _with_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 
-def _gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+def gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     size = dist.get_world_size(group)
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous(), group=group)
@@ -49,7 +49,7 @@ class _GatherBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
         ctx.group = group
-        return _gather(x, 0, group)
+        return gather(x, 0, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -60,11 +60,11 @@ class _SplitToBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
         ctx.dim, ctx.group = dim, group
-        return _chunk(_gather(x, dim, group), 0, group)
+        return _chunk(gather(x, dim, group), 0, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _chunk(_gather(grad, 0, ctx.group), ctx.dim, ctx.group), None, None
+        return _chunk(gather(grad, 0, ctx.group), ctx.dim, ctx.group), None, None
 
 
 class _ReduceScatterBatch(torch.autograd.Function):
@@ -75,7 +75,7 @@ class _ReduceScatterBatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather(grad, 0, ctx.group), None
+        return gather(grad, 0, ctx.group), None
 
 
 def gather_batch(x: torch.Tensor, group: Any) -> torch.Tensor:
@@ -101,4 +101,4 @@ def local_part(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return x.narrow(dim, rank * step, step)
 
 
-__all__ = ["gather_batch", "local_part", "reduce_scatter_batch", "split_to_batch"]
+__all__ = ["gather", "gather_batch", "local_part", "reduce_scatter_batch", "split_to_batch"]

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES
@@ -63,8 +65,6 @@ def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None
 
 
 def apply_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     for unit in fsdp_units(model):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pase.errors import PaseError
+
 SCHEDULES = ("1f1b", "gpipe")
 
 
 def check_schedule(schedule: str) -> str:
-    from pase.errors import PaseError
 
     if schedule not in SCHEDULES:
         raise PaseError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

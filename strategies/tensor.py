@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.overrides import TorchFunctionMode
 
 from strategies.collectives import gather_batch, local_part, reduce_scatter_batch, split_to_batch
@@ -36,7 +37,6 @@ SHARD_GROUP = "_pase_replica_group"  # attribute naming the group a sharded para
 @dataclass
 class TensorGroups:
     """The process groups of one tensor-parallel degree ``t``: a 2-D device mesh (dp = p / t, tp = t)."""
-
     tp: Any
     dp: Any
     tp_size: int
@@ -44,15 +44,12 @@ class TensorGroups:
 
     @classmethod
     def build(cls, device_type: str, world: int, t: int) -> TensorGroups:
-        from torch.distributed.device_mesh import init_device_mesh
-
         mesh = init_device_mesh(device_type, (world // t, t), mesh_dim_names=("dp", "tp"))
         return cls(tp=mesh.get_group("tp"), dp=mesh.get_group("dp"), tp_size=t, mesh=mesh)
 
 
 class ChannelSplit(nn.Module):
     """A Conv2d or Linear whose output (``"out"``) or input (``"in"``) channels are split over ``groups.tp``."""
-
     def __init__(self, module: nn.Conv2d | nn.Linear, split: str, groups: TensorGroups) -> None:
         super().__init__()
         if split not in ("out", "in"):
@@ -98,7 +95,6 @@ class ChannelSplit(nn.Module):
 
 class _HeadSplitAttention(TorchFunctionMode):
     """Runs ``scaled_dot_product_attention`` on this rank's heads of the group's batch."""
-
     def __init__(self, groups: TensorGroups) -> None:
         super().__init__()
         self.groups = groups
@@ -138,7 +134,6 @@ class GradientSync:
     Runs as an autograd-engine callback queued by the first gradient hook of a backward (as DDP
     does), in flat bucketed all-reduces per replica group (``strategies.data.average_gradients``).
     """
-
     groups: list[tuple[Any, list[nn.Parameter]]]
     world: int
     _queued: bool = field(default=False, init=False)

@@ -30,7 +30,7 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 
 from pase.errors import PaseError
-from pase.train.checkpoint import load_weights, read_safetensors, save_weights
+from pase.weights import load_weights, read_safetensors, save_weights
 from strategies import silu_recompute
 
 

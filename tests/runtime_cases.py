@@ -70,7 +70,7 @@ def epsilon_loss(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, noise
 
 def hand_plan(graph: Any, devices: int, choose: Any, fsdp: bool = False) -> Any:
     """A plan for ``graph`` whose per-layer splits come from ``choose(layer_id, data) -> splits``."""
-    from pase.plans import LayerChoice, Plan, Prediction
+    from pase.planning.plan import LayerChoice, Plan, Prediction
 
     layers = [LayerChoice(layer_id, data["op"], data["block"], choose(layer_id, data), 0.0, 0.0)
               for layer_id, data in graph.layers()]
@@ -180,7 +180,7 @@ def _refusals(graph: Any, rank: int, world: int) -> dict[str, Any]:
 def pipeline_plan(graph: Any, devices: int, split_at: str, schedule: str, microbatches: int, replicas: int = 1) -> Any:
     """A 2-stage plan: stage 1 begins with module ``split_at`` (the blocks of a stage are module paths), with
     ``replicas`` copies of the pipeline placed as the planner places them (replica r on ranks 2r, 2r + 1)."""
-    from pase.plans import StagePlan
+    from pase.planning.plan import StagePlan
 
     plan = hand_plan(graph, devices, lambda layer_id, data: {})
     blocks = list(dict.fromkeys(data["block"] for _, data in graph.layers()))

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from pase.errors import PaseError
 from pase.models.zoo import ZOO
-from pase.train.checkpoint import load_weights
+from pase.train.deme import deme_objective
 from pase.train.distributed import DistEnv
 from pase.train.jobs import FinetuneOptions, run_finetune
 from pase.train.loop import add_noise, ddpm_alphas_cumprod, model_output
+from pase.weights import load_weights
 from strategies.deme import (
     RangeSampler,
     add_channel_projections,
-    deme_objective,
     frozen_copy,
     grid_search,
     group_layout,

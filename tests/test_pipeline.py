@@ -12,9 +12,9 @@ from torch import nn
 from cost_models.cluster import parse_spec
 from cost_models.rates import HardwareRates
 from pase.graph import extract, extract_model
-from pase.pipeline_planner import PipelineOptions, PipelineSearch, Setting, plan_with_pipeline, rebatch
-from pase.planner import PlanOptions, plan_and_price
-from pase.plans import Plan
+from pase.planning.per_layer import PlanOptions, plan_and_price
+from pase.planning.pipeline import PipelineOptions, PipelineSearch, Setting, plan_with_pipeline, rebatch
+from pase.planning.plan import Plan
 from pase.search.stages import StageProblem, brute_force, solve_stages
 from strategies.pipeline import in_flight, step_seconds
 

@@ -12,7 +12,7 @@ import runtime_cases
 
 from pase.errors import PaseError
 from pase.graph import extract_model
-from pase.plans import StagePlan
+from pase.planning.plan import StagePlan
 from pase.runtime.pipeline import pipeline_mesh
 
 TOLERANCE = 1e-5

@@ -14,8 +14,8 @@ from cost_models.cluster import cluster_from_dict, parse_spec
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.graph import extract, extract_model
-from pase.planner import PlanDoesNotFit, PlanOptions, PricedGraph, plan_graph, search_under_memory
-from pase.plans import Plan
+from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, PricedGraph, plan_graph, search_under_memory
+from pase.planning.plan import Plan
 from strategies.splits import SplitSpace, split_space
 
 
@@ -280,7 +280,7 @@ def test_the_certificate_holds_when_some_searches_leave_idle_configurations_out(
     crossed at some memory prices only), the proved gap must still hold against every plan that fits."""
     import itertools
 
-    import pase.planner as planner
+    import pase.planning.per_layer as planner
     from pase.search.elimination import TableBudgetExceeded
 
     real_solve, calls = planner.solve, []

@@ -17,8 +17,8 @@ from cost_models.local import cpu_cluster, host_memory_bytes
 from cost_models.rates import profile_mismatch
 from pase.cli import app
 from pase.graph import extract_model
-from pase.planner import PlanOptions, plan_graph
-from pase.plans import Plan
+from pase.planning.per_layer import PlanOptions, plan_graph
+from pase.planning.plan import Plan
 
 PROFILE = Path(__file__).parent / "fixtures" / "calibration" / "cpu_gloo_2.json"
 REPO = Path(__file__).parent.parent
@@ -55,7 +55,7 @@ def test_only_restricts_the_plan_to_one_kind(local, only: str) -> None:
 
 
 def test_only_pipeline_plans_stages_even_when_slower(local) -> None:
-    from pase.pipeline_planner import plan_with_pipeline
+    from pase.planning.pipeline import plan_with_pipeline
 
     cluster, profile, graph = local
     plan, _ = plan_with_pipeline(graph, cluster, profile=profile, options=PlanOptions(precision="fp32",
@@ -79,7 +79,7 @@ def test_plan_cluster_local_on_the_command_line(tmp_path: Path) -> None:
 
 
 def _plan(local: tuple, only: str) -> Plan:
-    from pase.pipeline_planner import plan_with_pipeline
+    from pase.planning.pipeline import plan_with_pipeline
 
     cluster, profile, graph = local
     options = PlanOptions(precision="fp32", only=only)

@@ -121,7 +121,7 @@ def test_measured_eval_time_is_per_network_row_under_guidance(monkeypatch):
     timing a guided denoiser (which doubles again inside) counted every CFG call twice."""
     from torch import nn
 
-    from pase.cli_sample import build_pricing
+    from pase.cli.sample import build_pricing
     from pase.sampling import runner
     from pase.sampling.denoiser import UNetDenoiser
 

@@ -166,7 +166,7 @@ def test_strategies_refused_under_plan_kinds_they_cannot_run(tmp_path) -> None:
     import torch
 
     from pase.models.zoo import ZOO
-    from pase.plans import Plan
+    from pase.planning.plan import Plan
     from pase.train.distributed import DistEnv
     from pase.train.planned import check_plan
 

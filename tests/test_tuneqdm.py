@@ -10,9 +10,9 @@ from torch import nn
 
 from pase.errors import PaseError
 from pase.models.zoo import ZOO
-from pase.train.checkpoint import save_weights
 from pase.train.data import load_images
 from pase.train.loop import LoopConfig, fit
+from pase.weights import save_weights
 from strategies.silu_recompute import silu_source, tag_silu_outputs
 from strategies.tuneqdm import (
     ExpertRouter,

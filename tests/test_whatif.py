@@ -11,8 +11,8 @@ import pytest
 from cost_models.catalog import Catalog
 from cost_models.cluster import load_cluster
 from pase.graph import extract_model
-from pase.planner import PlanOptions
-from pase.whatif import run_whatif
+from pase.planning.per_layer import PlanOptions
+from pase.planning.whatif import run_whatif
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -42,7 +42,7 @@ def test_more_gpus_never_predict_fewer_samples_unless_marked(report) -> None:
 
 
 def test_a_drop_is_called_communication_bound_only_when_communication_grew() -> None:
-    from pase.whatif import ClusterResult, _mark_scaling
+    from pase.planning.whatif import ClusterResult, _mark_scaling
 
     def point(n: int, rate: float, share: float) -> ClusterResult:
         return ClusterResult(f"{n}xX", "X", n, True, samples_per_second=rate, communication_share=share)
@@ -105,8 +105,8 @@ def test_a_system_files_scaling_curve_keeps_its_figures(tmp_path) -> None:
 def test_accumulated_micro_steps_sync_gradients_once() -> None:
     """k micro-steps cost k micro-batch plans, less k - 1 gradient syncs: DDP's no_sync accumulates locally."""
     from cost_models.cluster import cluster_from_dict
-    from pase.planner import plan_graph
-    from pase.whatif import evaluate
+    from pase.planning.per_layer import plan_graph
+    from pase.planning.whatif import evaluate
 
     cluster = cluster_from_dict({"gpu": {"id": "Small", "bf16_tflops": 50, "fp32_tflops": 10, "memory_gb": 0.02,
                                          "memory_bw_gbps": 500}, "gpus_per_node": 2})
@@ -120,7 +120,7 @@ def test_accumulated_micro_steps_sync_gradients_once() -> None:
 
 
 def test_step_seconds_print_readably() -> None:
-    from pase.whatif import seconds_text
+    from pase.planning.whatif import seconds_text
 
     assert seconds_text(0.00152) == "0.00152" and seconds_text(4.431) == "4.43" and seconds_text(1234.7) == "1,235"
     assert seconds_text(None) == ""
@@ -128,7 +128,7 @@ def test_step_seconds_print_readably() -> None:
 
 def test_a_multi_node_system_files_scaling_points_keep_its_fabric(tmp_path) -> None:
     """Every point of a file cluster's curve uses the file's links: whole nodes whole, one node cut down."""
-    from pase.whatif import _scaling_clusters
+    from pase.planning.whatif import _scaling_clusters
 
     system = tmp_path / "slowlinks.yaml"
     system.write_text("gpu: H100-SXM\ngpus_per_node: 8\nnodes: 4\nnetwork: {type: IB-NDR400, nics_per_node: 8}\n")
@@ -180,7 +180,7 @@ class _TagChecker(HTMLParser):
 
 
 def test_html_is_well_formed_and_names_every_cluster(report, tmp_path) -> None:
-    from tools.report_whatif import write_html
+    from pase.planning.report import write_html
 
     path = tmp_path / "report.html"
     write_html(report, path)

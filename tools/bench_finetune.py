@@ -39,7 +39,7 @@ def write_pretrained(model: str, path: Path) -> None:
     import torch
 
     from pase.models.zoo import ZOO
-    from pase.train.checkpoint import save_weights
+    from pase.weights import save_weights
 
     torch.manual_seed(0)
     save_weights(path, ZOO[model].build().state_dict(), {"pase_model": model})

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 PLAIN_DDP = """
 import statistics, sys, time, torch, torch.distributed as dist, torch.nn.functional as F
 from pase.models.zoo import ZOO
-from pase.plans import Plan
-from pase.runtime.verify import synthetic_inputs
+from pase.planning.plan import Plan
+from pase.train.verify import synthetic_inputs
 plan = Plan.load(sys.argv[1]); steps, warmup = int(sys.argv[2]), 2
 dist.init_process_group("gloo"); rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0); model = torch.nn.parallel.DistributedDataParallel(ZOO[plan.model].build())

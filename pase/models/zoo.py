@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pase.errors import InputShapeError, UnknownModelError
+from pase.models.pase_unet import PaseUNet, PaseUNetConfig
 
 BATCH = "B"
 
@@ -23,7 +24,6 @@ BATCH = "B"
 @dataclass(frozen=True)
 class InputSpec:
     """One named example input: its shape with ``"B"`` for the batch, and its dtype kind."""
-
     name: str
     shape: tuple[int | str, ...]
     kind: str = "float"  # "float" follows the capture dtype; "long" stays integer
@@ -111,19 +111,18 @@ def _fmt_shape(shape: tuple[int | str, ...]) -> str:
 
 
 def _unet2d(config: dict[str, Any]) -> nn.Module:
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # noqa: PLC0415 - diffusers takes 1-2 s to import; pase-unet and cached graphs never need it
 
     return UNet2DModel(**config)
 
 
 def _unet2d_condition(config: dict[str, Any]) -> nn.Module:
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415 - as above
 
     return UNet2DConditionModel(**config)
 
 
 def _pase_unet(config: dict[str, Any]) -> nn.Module:
-    from pase.models.pase_unet import PaseUNet, PaseUNetConfig
 
     return PaseUNet(PaseUNetConfig(**config))
 

@@ -5,6 +5,8 @@
 """
 from pase.runtime.checks import PlanMismatch
 from pase.runtime.context import Run, distributed
-from pase.runtime.parallel import ParallelLayout, full_tensors, parallelize, unwrap
+from pase.runtime.layout import ParallelLayout
+from pase.runtime.parallel import parallelize
+from pase.runtime.state import full_tensors, unwrap
 
 __all__ = ["ParallelLayout", "PlanMismatch", "Run", "distributed", "full_tensors", "parallelize", "unwrap"]

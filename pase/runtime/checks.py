@@ -8,14 +8,13 @@ import torch
 from torch import nn
 
 from pase.errors import PaseError
-from pase.graph import LayerGraph
-from pase.plans import Plan
+from pase.graph import LayerGraph, extract
+from pase.models.zoo import ZOO
+from pase.planning.plan import Plan
 
 
 class PlanMismatch(PaseError):
     """A plan made for another model, batch or world size than the one at hand."""
-
-
 def check_world(plan: Plan, world_size: int) -> None:
     if plan.devices != world_size:
         raise PlanMismatch(
@@ -28,8 +27,6 @@ def check_world(plan: Plan, world_size: int) -> None:
 
 def example_inputs_for(plan: Plan, example_inputs: Any = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The inputs the plan's graph was captured with: zoo models know theirs; other models pass them."""
-    from pase.models.zoo import ZOO
-
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             return (example_inputs,), {}
@@ -53,7 +50,6 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 def model_graph(model: nn.Module, plan: Plan, example_inputs: Any = None) -> LayerGraph:
-    from pase.graph import extract
 
     args, kwargs = example_inputs_for(plan, example_inputs)
     return extract(meta_copy(model), args, kwargs, name=plan.model)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pase.errors import PaseError
-from pase.plans import Plan
+from pase.planning.plan import Plan
 
 
 def pick_backend() -> str:

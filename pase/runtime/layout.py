@@ -10,10 +10,10 @@ sequence splits, two tensor dimensions at once) run batch-parallel and are liste
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pase.graph import LayerGraph
-from pase.plans import Plan
+from pase.planning.plan import Plan
 
 PER_SAMPLE_OPS = ("group_norm", "elementwise", "concat", "upsample", "downsample")
 ROLE_SPLIT = {"out_channel": "out", "reduction": "in"}
@@ -70,4 +70,24 @@ def is_pure_data_parallel(layouts: list[LayerLayout]) -> bool:
     return all(layout.kind == "batch" for layout in layouts)
 
 
-__all__ = ["LayerLayout", "PER_SAMPLE_OPS", "is_pure_data_parallel", "layer_layouts"]
+@dataclass
+class ParallelLayout:
+    """How a parallelized model runs its plan (``model.pase_layout``)."""
+    kind: str  # "ddp", "fsdp" or "tensor"
+    world_size: int
+    layers: list[LayerLayout] = field(default_factory=list)
+    tensor_degrees: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        split = [layout for layout in self.layers if layout.kind != "batch"]
+        fallback = [layout for layout in self.layers if layout.note.endswith("batch-parallel")]
+        text = f"{self.kind} over {self.world_size} ranks"
+        if split:
+            kinds = sorted({layout.applied for layout in split})
+            text += f"; {len(split)} layers split ({', '.join(kinds)})"
+        if fallback:
+            text += f"; {len(fallback)} layers run batch-parallel instead of as planned ({fallback[0].note})"
+        return text
+
+
+__all__ = ["LayerLayout", "ParallelLayout", "PER_SAMPLE_OPS", "is_pure_data_parallel", "layer_layouts"]

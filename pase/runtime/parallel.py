@@ -8,7 +8,6 @@ from the plan's split factors (one 2-D device mesh per degree), with gradient sy
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,30 +16,12 @@ from torch import nn
 
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.plans import Plan
+from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
-from pase.runtime.layout import LayerLayout, is_pure_data_parallel, layer_layouts
-
-
-@dataclass
-class ParallelLayout:
-    """How a parallelized model runs its plan (``model.pase_layout``)."""
-
-    kind: str  # "ddp", "fsdp" or "tensor"
-    world_size: int
-    layers: list[LayerLayout] = field(default_factory=list)
-    tensor_degrees: list[int] = field(default_factory=list)
-
-    def summary(self) -> str:
-        split = [layout for layout in self.layers if layout.kind != "batch"]
-        fallback = [layout for layout in self.layers if layout.note.endswith("batch-parallel")]
-        text = f"{self.kind} over {self.world_size} ranks"
-        if split:
-            kinds = sorted({layout.applied for layout in split})
-            text += f"; {len(split)} layers split ({', '.join(kinds)})"
-        if fallback:
-            text += f"; {len(fallback)} layers run batch-parallel instead of as planned ({fallback[0].note})"
-        return text
+from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parallel, layer_layouts
+from pase.runtime.pipeline import pipeline_parallelize
+from strategies.data import apply_ddp, apply_fsdp
+from strategies.tensor import ChannelSplit, GradientSync, TensorGroups, split_heads
 
 
 def default_device() -> torch.device:
@@ -67,7 +48,6 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
     graph = graph if graph is not None else model_graph(model, plan, example_inputs)
     check_model(plan, graph)
     if plan.stages:  # this rank's pipeline stage: it runs whole training steps (pase_step), not forwards
-        from pase.runtime.pipeline import pipeline_parallelize
 
         return pipeline_parallelize(model, plan, device=device or default_device(), graph=graph)
     layouts = layer_layouts(plan, graph)
@@ -75,8 +55,6 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
     model.to(device)
     _broadcast_from_rank0(model)
     if is_pure_data_parallel(layouts):
-        from strategies.data import apply_ddp, apply_fsdp
-
         fsdp = bool(plan.options.get("fsdp"))
         result = apply_fsdp(model, device) if fsdp else apply_ddp(model, device)
         result.pase_layout = ParallelLayout("fsdp" if fsdp else "ddp", world, layouts)
@@ -92,8 +70,6 @@ def _broadcast_from_rank0(model: nn.Module) -> None:
 
 def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: torch.device,
                           world: int) -> nn.Module:
-    from strategies.tensor import ChannelSplit, GradientSync, TensorGroups, split_heads
-
     degrees = sorted({layout.factor for layout in layouts if layout.kind != "batch"})
     groups = {t: TensorGroups.build(device.type, world, t) for t in degrees}  # same order on every rank
     modes = []
@@ -116,36 +92,4 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP wrapper (itself otherwise)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tensor]:
-    """Every parameter (``what="param"``) or gradient (``"grad"``) at full size on every rank, under the
-    original model's names: FSDP shards and channel shards are gathered (collective: call on all ranks)."""
-    from torch.distributed.tensor import DTensor
-
-    from strategies.collectives import _gather
-    from strategies.tensor import ChannelSplit
-
-    inner = unwrap(model)
-    splits = {name: module for name, module in inner.named_modules() if isinstance(module, ChannelSplit)}
-    result: dict[str, torch.Tensor] = {}
-    for name, param in inner.named_parameters():
-        tensor = param if what == "param" else param.grad
-        if tensor is None:
-            continue
-        tensor = tensor.detach()
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        owner, _, leaf = name.rpartition(".")
-        split = splits.get(owner)
-        if split is not None and (leaf == "weight" or split.split == "out"):
-            dim = 0 if split.split == "out" or leaf == "bias" else 1
-            tensor = _gather(tensor, dim, split.groups.tp)
-        result[name] = tensor
-    return result
-
-
-__all__ = ["ParallelLayout", "default_device", "full_tensors", "parallelize", "unwrap"]
+__all__ = ["default_device", "parallelize"]

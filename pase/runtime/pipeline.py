@@ -31,15 +31,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import SplitPoint, pipeline
+from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe
 
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.plans import Plan
+from pase.models.zoo import ZOO
+from pase.planning.plan import Plan
+from pase.runtime.checks import check_model, check_world, model_graph
+from pase.runtime.layout import ParallelLayout, layer_layouts
+from strategies.data import average_gradients
+from strategies.pipeline import check_schedule
 
 
 class _Prediction(nn.Module):
     """The model as ``(sample, timestep) -> prediction tensor`` (the pipeline tracer needs plain tensors)."""
-
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -66,7 +72,6 @@ def split_points(plan: Plan, model: nn.Module) -> list[str]:
 @dataclass(frozen=True)
 class PipelineMesh:
     """``ranks[j][s]``: the rank running stage ``s`` of pipeline replica ``j``."""
-
     ranks: tuple[tuple[int, ...], ...]
 
     @property
@@ -116,7 +121,6 @@ def pipeline_mesh(plan: Plan, graph: LayerGraph | None = None) -> PipelineMesh:
 
 
 def _check_batch_only(plan: Plan, graph: LayerGraph | None, group: int) -> None:
-    from pase.runtime.layout import layer_layouts
 
     if graph is None:
         raise PaseError("the plan's stages run on groups of devices: pass the model's LayerGraph (graph=) so pase can "
@@ -170,7 +174,6 @@ def _contiguous_outputs(graph_module: torch.fx.GraphModule) -> None:
 class PipelineModel(nn.Module):
     """This rank's stage of the plan's pipeline (``pase_step`` runs a training step; parameter names are the
     original model's)."""
-
     def __init__(self, stage_module: nn.Module, stage: Any, schedule: Any, mesh: PipelineMesh, rank: int,
                  input_order: list[int], names: dict[str, str], groups: tuple[Any, Any] = (None, None)) -> None:
         super().__init__()
@@ -206,8 +209,6 @@ class PipelineModel(nn.Module):
         else:
             self.schedule.step()
         if self.replicas > 1:
-            from strategies.data import average_gradients
-
             average_gradients(list(self.stage_module.parameters()), self.replica_group, self.replicas)
         loss = torch.stack([v.detach().float() for v in losses]).mean() if losses else \
             torch.zeros((), device=x0.device)
@@ -231,12 +232,6 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     batch; given, the model is checked against the plan (``pase.parallelize`` always checks); needed
     when the plan's stages run on groups of devices.
     """
-    from torch.distributed.pipelining import SplitPoint, pipeline
-    from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe
-
-    from pase.runtime.checks import check_model, check_world, model_graph
-    from strategies.pipeline import check_schedule
-
     world, rank = dist.get_world_size(), dist.get_rank()
     check_world(plan, world)
     if graph is None and _grouped(plan):  # the stages' groups must split only the batch: the layers' roles tell
@@ -293,8 +288,6 @@ def _grouped(plan: Plan) -> bool:
 
 def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: int | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from pase.models.zoo import ZOO
-
     if plan.model not in ZOO:
         raise PaseError(f"{plan.model!r} is not a zoo model: pass example_inputs=(sample, timestep) of one microbatch")
     args, _ = ZOO[plan.model].example_inputs(microbatch, device="cpu")
@@ -304,7 +297,6 @@ def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: i
 
 
 def _layout(plan: Plan, mesh: PipelineMesh, world: int) -> Any:
-    from pase.runtime.parallel import ParallelLayout
 
     layout = ParallelLayout("pipeline", world)
     replicas = f" x {mesh.replicas} replicas" if mesh.replicas > 1 else ""

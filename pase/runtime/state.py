@@ -16,6 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from strategies.collectives import gather
+from strategies.tensor import ChannelSplit
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,7 @@ class _Shard:
 
 class ShardMap:
     """Trainable parameters of ``model`` (DDP-wrapped or not) under their original names, with how each is held."""
-
     def __init__(self, model: nn.Module) -> None:
-        from strategies.tensor import ChannelSplit
-
         self.pipeline = hasattr(model, "pase_step")  # a pipeline stage: each parameter lives on one rank per replica
         self.group: Any = getattr(model, "pipeline_group", None)  # the replica's stages (None: the world)
         if self.pipeline:
@@ -66,17 +67,13 @@ class ShardMap:
         if _is_dtensor(tensor):
             return tensor.full_tensor()
         if shard.kind == "channels" and tensor.dim() > 0:
-            from strategies.collectives import _gather
-
-            return _gather(tensor, shard.dim, shard.group)
+            return gather(tensor, shard.dim, shard.group)
         return tensor
 
     def local(self, name: str, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``full``, laid out like ``like`` (the parameter or a tensor of its state)."""
         full = full.to(device=like.device, dtype=like.dtype)
         if _is_dtensor(like):
-            from torch.distributed.tensor import distribute_tensor
-
             return distribute_tensor(full, like.device_mesh, like.placements)
         shard = self.shards[name]
         if shard.kind == "channels" and like.dim() > 0:
@@ -166,12 +163,35 @@ class ShardMap:
         return norm.float()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tensor]:
+    """Every parameter (``what="param"``) or gradient (``"grad"``) at full size on every rank, under the
+    original model's names: FSDP shards and channel shards are gathered (collective: call on all ranks)."""
+    inner = unwrap(model)
+    splits = {name: module for name, module in inner.named_modules() if isinstance(module, ChannelSplit)}
+    result: dict[str, torch.Tensor] = {}
+    for name, param in inner.named_parameters():
+        tensor = param if what == "param" else param.grad
+        if tensor is None:
+            continue
+        tensor = tensor.detach()
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        owner, _, leaf = name.rpartition(".")
+        split = splits.get(owner)
+        if split is not None and (leaf == "weight" or split.split == "out"):
+            dim = 0 if split.split == "out" or leaf == "bias" else 1
+            tensor = gather(tensor, dim, split.groups.tp)
+        result[name] = tensor
+    return result
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's whole state dict at full size under the original names (collective: call on every rank)."""
-    from torch.distributed.tensor import DTensor
-
-    from pase.runtime.parallel import full_tensors, unwrap
-
     model = getattr(model, "pase_pipeline", model)  # a model split into stages: its stages hold the current weights
     if hasattr(model, "pase_step"):  # pipeline stages: every rank's parameters and buffers, gathered
         names = model.original_names
@@ -201,9 +221,8 @@ def _gather_stages(local: dict[str, torch.Tensor], group: Any = None) -> dict[st
 
 
 def _is_dtensor(tensor: Any) -> bool:
-    from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
 
 
-__all__ = ["ShardMap", "full_state_dict"]
+__all__ = ["ShardMap", "full_state_dict", "full_tensors", "unwrap"]

@@ -30,7 +30,6 @@ FINAL = -1  # a "previous timestep" of -1 means past the end of the grid (final 
 @dataclass
 class SamplerCore:
     """One sampler on one grid of N steps; every method works on rows with their own timesteps."""
-
     kind: str  # "ddpm" or "ddim"
     timesteps: torch.Tensor  # (N,) long, descending
     prev: torch.Tensor  # (N,) long: the timestep each step lands on; FINAL after the last
@@ -139,7 +138,7 @@ def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def make_scheduler(kind: str, steps: int, **config: Any):  # noqa: ANN201 - a diffusers SchedulerMixin
     """A diffusers DDPM or DDIM scheduler built from a plain config, with ``steps`` set."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import; sample-plan prices samplers without schedulers
 
     if kind not in SCHEDULERS:
         raise PaseError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -154,7 +153,7 @@ def make_scheduler(kind: str, steps: int, **config: Any):  # noqa: ANN201 - a di
 
 def core_from_scheduler(scheduler: Any) -> SamplerCore:
     """Wrap a diffusers DDPMScheduler/DDIMScheduler (after ``set_timesteps``) as a ``SamplerCore``."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler  # noqa: PLC0415 - as above
 
     if isinstance(scheduler, DDIMScheduler):
         kind, final = "ddim", scheduler.final_alpha_cumprod

@@ -29,10 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cost_models.layer_costs import COMPUTE_KINDS
+from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.sampling.core import SamplerCore, build_core
 from pase.sampling.distributed import Evaluator
-from pase.sampling.srds import SrdsSchedule
+from pase.sampling.paradigms import paradigms
+from pase.sampling.runner import build_denoiser
+from pase.sampling.srds import SrdsSchedule, srds
 from strategies import parallel_sampling
 
 GLOO_DEFAULT = {"alpha_s": 150e-6, "busbw_gbps": 1.0}  # loopback gloo all_gather on a small CPU box (assumed)
@@ -50,7 +54,6 @@ PRIORITY = {"sequential": 0, "batch": 1, "paradigms": 2, "srds": 3, "srds-pipeli
 @dataclass
 class EvalTime:
     """Seconds of one network call at a batch of rows on one device (piecewise linear in the batch)."""
-
     batches: list[int]
     seconds: list[float]
     source: str
@@ -80,7 +83,6 @@ class GatherTime:
 @dataclass
 class Convergence:
     """Expected convergence: ParaDiGMS passes per window, SRDS iterations per block count."""
-
     paradigms_passes: dict[int, int] = field(default_factory=dict)  # measured: window -> passes
     srds_iterations: dict[int, int] = field(default_factory=dict)  # measured: blocks -> iterations
     source: str = (f"stated defaults: ParaDiGMS accepts min(1 + {PARADIGMS_ADVANCE[0]} (window - 1)^"
@@ -149,8 +151,6 @@ def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
     """Forward time of ``graph`` (captured at batch 1) per batch on one device of ``rates``: per layer,
     max(FLOPs / compute rate, bytes / memory rate) + launch overhead; weights are read once per call,
     activations scale with the batch. O(layers * batches)."""
-    from cost_models.layer_costs import COMPUTE_KINDS
-
     itemsize = 2 if precision in ("bf16", "fp16") else 4
     scale = itemsize / 4  # the graph was captured in fp32
     memory_rate = rates.memory().value
@@ -178,8 +178,6 @@ def measure_eval_time(model: str, size: int | None, batches: tuple[int, ...] = (
     """Time the seeded model on this CPU at each batch (median of ``repeats`` after one warm-up),
     with ``threads`` torch threads, as each rank of ``--devices N`` would run. The batch counts network
     rows, unguided: ``Pricing`` doubles the rows under classifier-free guidance."""
-    from pase.sampling.runner import build_denoiser
-
     denoiser, (channels, height, width) = build_denoiser(model, seed)
     if size is not None:
         height = width = size
@@ -210,8 +208,6 @@ def gather_time(cluster: Any = None, profile: dict[str, Any] | None = None, worl
         return GatherTime(measured["alpha_us"] / 1e6, measured["busbw_gbps"],
                           f"measured: calibration {profile['fingerprint']['id']}")
     if cluster is not None:
-        from cost_models.rates import HardwareRates
-
         rate = HardwareRates(cluster, profile).collective("all_gather", list(range(world)))
         return GatherTime(rate.alpha_s, rate.busbw_gbps, rate.source)
     alpha, bandwidth = GLOO_DEFAULT["alpha_s"], GLOO_DEFAULT["busbw_gbps"]
@@ -225,10 +221,6 @@ def probe_convergence(model: str, scheduler: str, steps: int, windows: list[int]
                       guidance_scale: float = 1.0) -> Convergence:
     """Run ParaDiGMS at each window and SRDS at each block count on the seeded model (one sample, this
     CPU) and record passes and iterations. Seeded random weights converge faster than trained ones."""
-    from pase.sampling.paradigms import paradigms
-    from pase.sampling.runner import build_denoiser
-    from pase.sampling.srds import srds
-
     denoiser, (channels, height, width) = build_denoiser(model, seed, guidance_scale)
     if size is not None:
         height = width = size

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from pase.errors import PaseError
+from pase.models.pase_unet import PaseUNetConfig
+from pase.models.zoo import resolve_model
 from pase.sampling.core import SamplerCore, build_core
 from pase.sampling.denoiser import UNetDenoiser
 from pase.sampling.distributed import Evaluator
@@ -62,14 +64,11 @@ def check_size(model: str, size: int | None) -> None:
         return
     if size < 1:
         raise PaseError(f"--size must be >= 1, not {size}")
-    from pase.models.zoo import resolve_model
 
     spec = resolve_model(model)
     if spec.family == "diffusers.UNet2DConditionModel":
         return  # it passes each skip's size to its upsamplers: any size runs
     if spec.family == "pase.PaseUNet":
-        from pase.models.pase_unet import PaseUNetConfig
-
         levels = PaseUNetConfig(**spec.config).channels
     else:
         levels = spec.config.get("block_out_channels") or ()
@@ -82,8 +81,6 @@ def check_size(model: str, size: int | None) -> None:
 def build_denoiser(name: str, seed: int, guidance_scale: float = 1.0, device: torch.device | str = "cpu"
                    ) -> tuple[UNetDenoiser, tuple[int, int, int]]:
     """The zoo model with weights seeded by ``seed`` (the same on every rank), and its (C, H, W)."""
-    from pase.models.zoo import resolve_model
-
     spec = resolve_model(name)
     keyword = [i.name for i in spec.inputs if i.keyword]
     if keyword:

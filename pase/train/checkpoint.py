@@ -4,15 +4,13 @@ One file per saved step, ``step-00000100.safetensors``, holding three kinds of t
 prefixes: ``model.`` (the trainable parameters: frozen ones come back from the source the job
 was built from, so a TuneQDM checkpoint holds only its scales), ``ema.`` (their moving average)
 and ``optim.`` (the optimizer's per-parameter state). The step, the optimizer's hyper-parameters
-and the job's settings travel as JSON in the safetensors metadata. ``load_weights`` reads a plain
-weights file tensor by tensor, so a large checkpoint is never mapped or held whole in memory.
+and the job's settings travel as JSON in the safetensors metadata. Plain weights files are
+``pase.weights``.
 """
 from __future__ import annotations
 
 import json
 import re
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +19,10 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from pase import atomic
-from pase.errors import PaseError
+from pase.weights import CheckpointError, load_weights, plain_tensor, read_safetensors, save_weights
 
 STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
-
-class CheckpointError(PaseError):
-    """A checkpoint that is missing, unreadable, or does not belong to this job."""
 
 
 @dataclass
@@ -55,10 +47,6 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu").contiguous().clone()
-
-
 def encode_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """An optimizer ``state_dict()`` as flat tensors plus JSON (its param groups and non-tensor state)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -66,7 +54,7 @@ def encode_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = _plain(value)
+                tensors[f"optim.{index}.{key}"] = plain_tensor(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -84,8 +72,8 @@ def decode_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` to ``path`` atomically (a temp file, then a rename)."""
-    tensors = {f"model.{k}": _plain(v) for k, v in checkpoint.model.items()}
-    tensors.update({f"ema.{k}": _plain(v) for k, v in checkpoint.ema.items()})
+    tensors = {f"model.{k}": plain_tensor(v) for k, v in checkpoint.model.items()}
+    tensors.update({f"ema.{k}": plain_tensor(v) for k, v in checkpoint.ema.items()})
     optim_meta: dict[str, Any] | None = None
     if checkpoint.optimizer is not None:
         optim_tensors, optim_meta = encode_optimizer(checkpoint.optimizer)
@@ -111,57 +99,5 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       json.loads(meta.get("pase_settings") or "{}"))
 
 
-def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """A plain weights file (a state dict), atomically; what ``--init`` reads."""
-    return atomic.write_bytes(path, safetensors_save({k: _plain(v) for k, v in state.items()}, metadata=metadata))
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]]]:
-    """The header and a lazy iterator over (name, tensor): each tensor is read with a seek and a read, so
-    only one is in memory at a time (no memory map whose pages would count in the resident set)."""
-    path = Path(path)
-    try:
-        handle = path.open("rb")
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path} as a safetensors file: {exc}") from None
-    start = 8 + length
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        with handle:
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                handle.seek(start + begin)
-                raw = bytearray(handle.read(end - begin))
-                dtype = _DTYPES[info["dtype"]]
-                tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-                yield name, tensor.reshape(info["shape"])
-
-    return header, tensors()
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A whole weights file as a state dict."""
-    _, tensors = read_safetensors(path)
-    return dict(tensors)
-
-
-@torch.no_grad()
-def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
-    """Copy a weights file into ``model`` tensor by tensor (works after ``to_empty``); keys must match exactly."""
-    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    seen = set()
-    _, tensors = read_safetensors(path)
-    for name, tensor in tensors:
-        if name not in own:
-            raise CheckpointError(f"{path} has a tensor {name!r} that the model does not have; is it a weights file "
-                                  "of this model (pase train --model ... writes one)?")
-        if own[name].shape != tensor.shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model {tuple(own[name].shape)}")
-        own[name].copy_(tensor)
-        seen.add(name)
-    if missing := sorted(set(own) - seen):
-        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
+__all__ = ["Checkpoint", "CheckpointError", "decode_optimizer", "encode_optimizer", "latest_checkpoint",
+           "load_checkpoint", "load_weights", "read_safetensors", "save_checkpoint", "save_weights", "step_path"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from pase.errors import PaseError
 
@@ -26,8 +27,6 @@ LoaderFactory = Callable[[torch.Tensor, int, int, int, int, int], Iterator[torch
 
 class DataError(PaseError):
     """A data source that cannot be read or does not fit the model."""
-
-
 def load_images(source: str, size: int = 32, channels: int = 3, count: int = 2048, seed: int = 0) -> torch.Tensor:
     """Images of ``source`` (shapes, digits or a folder of image files): (N, channels, size, size) in [-1, 1]."""
     if size < 4:
@@ -108,8 +107,6 @@ def digits(size: int) -> torch.Tensor:
 
 def image_folder(folder: Path, size: int) -> torch.Tensor:
     """Every image file under ``folder`` (recursively), centre-cropped to a square and resized to ``size``; RGB."""
-    from PIL import Image, UnidentifiedImageError
-
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)} files, recursively)")

@@ -21,12 +21,16 @@ from torch import nn
 
 from pase.errors import PaseError
 from pase.models.zoo import ModelSpec, resolve_model
-from pase.train.checkpoint import load_weights_into, save_weights
+from pase.runtime.state import full_state_dict
 from pase.train.data import LoaderFactory, load_images, split_held_out, step_batches
+from pase.train.deme import denoising_score, save_range_weights
+from pase.train.deme import train_ranges as train_deme_ranges
 from pase.train.distributed import DistEnv
 from pase.train.loop import DataGroup, LoopConfig, Parallelize, TrainResult, default_parallelize, epsilon_objective, fit
 from pase.train.memory import PeakMemory
 from pase.train.planned import PlannedRun, autocast_for, check_plan, load_plan
+from pase.weights import load_weights_into, save_weights
+from strategies import deme, tuneqdm
 
 STRATEGIES = ("full", "deme", "tuneqdm")
 REPORT_TAIL = ("strategy", "trainable_params", "total_params", "grad_and_optimizer_bytes", "peak_memory_bytes",
@@ -158,8 +162,6 @@ def _plan_report(planned: PlannedRun | None) -> dict[str, Any]:
 
 def _full_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
     """The weights at full size (gathered from the plan's shards: every rank calls this)."""
-    from pase.runtime.state import full_state_dict
-
     return full_state_dict(model) if env.backend else model.state_dict()
 
 
@@ -247,8 +249,6 @@ def _finetune_full(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, trai
 
 def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
                       parallelize: Parallelize, loader: LoaderFactory, autocast: str | None = None) -> dict[str, Any]:
-    from strategies import tuneqdm
-
     config = tuneqdm.TuneQDMConfig(options.bits, options.experts, train_input_scales=options.input_scales)
     memory = PeakMemory(env.device).start()
     if options.init is not None:  # stream: quantize each float weight as it is read, never the whole float model
@@ -281,8 +281,6 @@ def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, t
 def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
                    held_out: torch.Tensor, parallelize: Parallelize, loader: LoaderFactory,
                    autocast: str | None = None, single_group: bool = False) -> dict[str, Any]:
-    from strategies import deme
-
     ranges = deme.parse_bounds(options.range_bounds) if options.range_bounds else deme.uniform_ranges(options.ranges)
     config = deme.DeMeConfig(ranges, options.p_global, options.antithetic, options.consistency, options.adapters)
     if options.merge_weights is not None and len(options.merge_weights) != len(ranges):
@@ -292,7 +290,7 @@ def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, trai
     memory = PeakMemory(env.device).start()
     identity = _job_identity(options, "deme", ranges=[list(r) for r in ranges], p_global=options.p_global,
                              antithetic=options.antithetic, consistency=options.consistency, adapters=options.adapters)
-    results, tuned, layout = deme.train_ranges(build, train, config, _loop_config(options, "DeMe", autocast), env,
+    results, tuned, layout = train_deme_ranges(build, train, config, _loop_config(options, "DeMe", autocast), env,
                                                parallelize=parallelize, loader=loader, job=identity,
                                                single_group=single_group)
     peak = _max_over_ranks(memory.stop(), env)
@@ -306,7 +304,7 @@ def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, trai
             deme.add_channel_projections(base_model)
         base = {k: v.detach().to("cpu").clone() for k, v in base_model.state_dict().items()}
         vectors = deme.task_vectors(base, [tuned[i] for i in range(len(ranges))])
-        score = deme.denoising_score(base_model, held_out, batch=options.batch, seed=options.seed + 1,
+        score = denoising_score(base_model, held_out, batch=options.batch, seed=options.seed + 1,
                                      device=env.device)
         if options.merge_weights is not None:
             weights = tuple(options.merge_weights)
@@ -321,7 +319,7 @@ def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, trai
         report_extra["held_out_loss_merged"] = score(merged)
         report_extra["range_losses"] = [results[i].final_loss for i in sorted(results)]
         if options.out:
-            outputs = [str(p) for p in deme.save_range_weights(options.out, tuned)]
+            outputs = [str(p) for p in save_range_weights(options.out, tuned)]
             outputs.append(str(save_weights(options.out / "model.safetensors", merged,
                                             {"pase_model": options.model, "pase_deme_weights": str(list(weights))})))
         del base_model

@@ -23,7 +23,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pase.errors import PaseError
 from pase.runtime.state import ShardMap
@@ -43,7 +46,6 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 @dataclass(frozen=True)
 class DataGroup:
     """The data-parallel group one training job runs in (``group`` None: a single process)."""
-
     group: Any  # torch.distributed ProcessGroup or None
     rank: int
     size: int
@@ -117,7 +119,7 @@ def model_output(output: Any) -> torch.Tensor:
 
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
     """DDPM's linear beta schedule (diffusers' ``DDPMScheduler`` defaults), as cumulative alphas."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import; only the DDPM schedule needs it
 
     return DDPMScheduler(num_train_timesteps=num_train_timesteps).alphas_cumprod.clone()
 
@@ -164,7 +166,6 @@ def default_parallelize(model: nn.Module, group: DataGroup, find_unused_paramete
     """DDP over the group when it has more than one process; the model itself otherwise."""
     if group.size == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [group.device.index] if group.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, process_group=group.group,
@@ -173,7 +174,6 @@ def default_parallelize(model: nn.Module, group: DataGroup, find_unused_paramete
 
 class EMA:
     """An exponential moving average of the trainable parameters (kept beside the model, not in it)."""
-
     def __init__(self, named: Sequence[tuple[str, nn.Parameter]], decay: float) -> None:
         self.decay = decay
         self.names = [name for name, _ in named]
@@ -342,13 +342,10 @@ def _restore_state(checkpoint: Checkpoint, shards: ShardMap, optimizer: torch.op
 
 class _Progress:
     """A rich progress bar with loss and samples/s, on the reporting process only (to stderr)."""
-
     def __init__(self, config: LoopConfig, start: int, reporter: bool) -> None:
         self.bar = None
         if not (reporter and config.progress):
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),

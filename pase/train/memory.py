@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cost_models.finetune_memory import ModelSizes
+from pase.models.zoo import resolve_model
+from strategies import silu_recompute
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -39,7 +41,6 @@ def current_rss_bytes() -> int:
 
 class PeakMemory:
     """Peak memory of this process above its level at ``start()`` (see the module docstring)."""
-
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.method = ""
@@ -121,8 +122,6 @@ def saved_activation_split(model: nn.Module, *args: torch.Tensor, **kwargs: torc
     use a fused kernel that saves only q, k, v, the output and the log-sum-exp, so the fused
     kernel is swapped in while counting.
     """
-    from strategies import silu_recompute
-
     weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
     silu_fed: set[int] = set()
@@ -153,8 +152,6 @@ def saved_activation_split(model: nn.Module, *args: torch.Tensor, **kwargs: torc
 
 def model_sizes(model_name: str, batch: int, image_size: int | None = None) -> ModelSizes:
     """A zoo model's sizes for ``cost_models.finetune_memory``, counted on the meta device (nothing allocated)."""
-    from pase.models.zoo import resolve_model
-
     spec = resolve_model(model_name)
     with torch.device("meta"):
         model = spec.build()

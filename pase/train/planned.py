@@ -23,9 +23,13 @@ import torch
 from torch import nn
 
 from pase.errors import PaseError
-from pase.graph import LayerGraph
-from pase.models.zoo import ModelSpec
-from pase.plans import Plan
+from pase.graph import LayerGraph, extract_model
+from pase.models.zoo import ZOO, ModelSpec
+from pase.planning.plan import Plan
+from pase.runtime.checks import check_model, check_world, model_graph
+from pase.runtime.layout import is_pure_data_parallel, layer_layouts
+from pase.runtime.parallel import parallelize
+from pase.runtime.pipeline import pipeline_parallelize
 from pase.train.distributed import DistEnv
 from pase.train.loop import DataGroup, Parallelize
 
@@ -35,15 +39,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass
 class PlannedRun:
     """A plan checked against this job and world, with the model's layer graph (captured once)."""
-
     plan: Plan
     graph: LayerGraph
     image_size: int | None = None  # the job's resolution (a pipeline is traced at it)
 
     @property
     def kind(self) -> str:
-        from pase.runtime.layout import is_pure_data_parallel, layer_layouts
-
         if self.plan.stages:
             return "pipeline"
         if not is_pure_data_parallel(layer_layouts(self.plan, self.graph)):
@@ -52,17 +53,13 @@ class PlannedRun:
 
     def parallelize(self) -> Parallelize:
         """The loop's ``parallelize(model, group)``: the plan applied over the whole world."""
-
         def apply(model: nn.Module, group: DataGroup) -> nn.Module:
             if group.size != self.plan.devices:
                 raise PaseError(f"the plan runs over {self.plan.devices} devices, but this job's data-parallel group "
                                 f"has {group.size} processes")
             if self.plan.stages:
-                from pase.runtime.pipeline import pipeline_parallelize
-
                 return pipeline_parallelize(model, self.plan, device=group.device, image_size=self.image_size,
                                             graph=self.graph)
-            from pase.runtime.parallel import parallelize
 
             return parallelize(model, self.plan, graph=self.graph, device=group.device)
 
@@ -89,10 +86,6 @@ def job_settings(plan: Plan, model: str | None, batch: int | None) -> tuple[str,
 
 def check_plan(plan: Plan, env: DistEnv, spec: ModelSpec, strategy: str) -> PlannedRun:
     """Refuse a plan for another world size, model or strategy before any work starts."""
-    from pase.graph import extract_model
-    from pase.models.zoo import ZOO
-    from pase.runtime.checks import check_model, check_world, model_graph
-
     check_world(plan, env.world)
     if spec.name in ZOO:  # the job builds the zoo config: its graph comes from the on-disk graph cache
         graph = extract_model(spec.name, plan.batch, use_cache=True)

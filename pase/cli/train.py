@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from pase.cli.console import console, size
 from pase.errors import PaseError
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (see `pase models`); default: the "
@@ -53,8 +54,6 @@ def _numbers(text: str | None, option: str) -> list[float] | None:
 
 
 def _print_report(report: dict[str, Any], as_json: bool, predicted: dict[str, Any] | None) -> None:
-    from pase.cli import _bytes, console
-
     if predicted is not None:
         report = {"predicted_memory": predicted, **report}
         # keep the fixed tail last
@@ -72,7 +71,7 @@ def _print_report(report: dict[str, Any], as_json: bool, predicted: dict[str, An
         if key == "predicted_memory":
             continue
         if key.endswith("_bytes"):
-            shown = _bytes(value)
+            shown = size(value)
         elif isinstance(value, float):
             shown = f"{value:.4g}"
         elif isinstance(value, list) and value and isinstance(value[0], str):
@@ -82,9 +81,9 @@ def _print_report(report: dict[str, Any], as_json: bool, predicted: dict[str, An
         table.add_row(key.replace("_", " "), shown)
     if predicted is not None:
         table.add_section()
-        table.add_row("predicted peak (cost model)", f"{_bytes(predicted['total'])}: weights "
-                      f"{_bytes(predicted['weights'])}, grads+optimizer {_bytes(predicted['grad_and_optimizer'])}, "
-                      f"activations {_bytes(predicted['activations'])}, teacher {_bytes(predicted['teacher'])}")
+        table.add_row("predicted peak (cost model)", f"{size(predicted['total'])}: weights "
+                      f"{size(predicted['weights'])}, grads+optimizer {size(predicted['grad_and_optimizer'])}, "
+                      f"activations {size(predicted['activations'])}, teacher {size(predicted['teacher'])}")
     console.print(table)
 
 

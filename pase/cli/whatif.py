@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from pase.cli.console import DTYPES, check_precision, console, err_console, write_output
 from pase.errors import PaseError
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
     from cost_models.catalog import Catalog
     from pase.graph import LayerGraph
-    from pase.whatif import ClusterResult, WhatIfReport
+    from pase.planning.whatif import ClusterResult, WhatIfReport
 
 DEFAULT_CLUSTERS = "8xH100-SXM,8xA100-80GB-SXM,8xL40S-PCIe,16xRTX4090"
 GPU_FLAG_KEYS = {"bf16_tflops", "fp16_tflops", "fp32_tflops", "memory_gb", "memory_bw_gbps", "price", "tdp_w",
@@ -49,13 +50,11 @@ def whatif(
     """Predict step time, samples/s, MFU, $ and energy of the best plan on each cluster."""
     import torch
 
-    from pase.cli import DTYPES, console, err_console, write_output
     from pase.graph import extract_model
-    from pase.planner import PlanOptions
-    from pase.whatif import check_inputs, run_whatif
+    from pase.planning.per_layer import PlanOptions
+    from pase.planning.whatif import check_inputs, run_whatif
 
-    if precision not in DTYPES:
-        raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
+    check_precision(precision)
     check_inputs(batch, samples)
     catalog = _catalog(gpu_file or [], gpu or [])
     targets = _clusters(clusters, catalog, _prices(price or [], catalog))
@@ -78,13 +77,13 @@ def whatif(
     else:
         print_report(report, console)
     if html is not None:
-        from tools.report_whatif import write_html
+        from pase.planning.report import write_html
 
         write_output(html, "--html", lambda path: write_html(report, path), announce=not json_out)
 
 
 def print_report(report: WhatIfReport, console: Console) -> None:
-    from pase.whatif import seconds_text
+    from pase.planning.whatif import seconds_text
 
     table = Table(title=f"what if: {report.model}, global batch {report.batch}, {report.precision}, "
                         f"{report.samples:.3g} samples")
@@ -126,7 +125,7 @@ def print_report(report: WhatIfReport, console: Console) -> None:
 
 
 def _cells(row: ClusterResult) -> list[str]:
-    from pase.whatif import seconds_text
+    from pase.planning.whatif import seconds_text
 
     if not row.fits:
         return [row.cluster, row.interconnect, "does not fit", "", "", "", "", _num(row.dollars_per_hour, ",.2f"),

@@ -1,16 +1,16 @@
-"""The planner: LayerGraph + Cluster -> cost graph -> exact search -> Plan (with DDP/FSDP baselines).
+"""The per-layer planner: LayerGraph + Cluster -> cost graph -> exact search -> Plan (with DDP/FSDP baselines).
 
 Per layer, every configuration of its split space is priced by ``cost_models.layer_costs``;
 per edge, every configuration pair's re-layout. The exact min-sum search minimises the step
 time. The per-device memory limit is enforced by Lagrangian relaxation: memory enters the
-vertex costs with a price that is raised (doubling, then bisection) until the optimum fits; a
-plan that cannot fit even at minimum memory is reported with what would help.
+vertex costs with a price per byte, raised fourfold until the optimum fits and then moved to the
+dual's kinks (see ``search_under_memory``); a plan that cannot fit even at minimum memory is
+reported with what would help.
 """
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +22,7 @@ from cost_models.layer_costs import CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.plans import LayerChoice, Plan, Prediction
+from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
 from strategies.splits import SplitSpace, split_space
@@ -38,7 +38,7 @@ class PlanDoesNotFit(PaseError):
 
 
 # --only: dp (batch splits), fsdp (batch splits, sharded weights), tensor (channel and head splits, no
-# batch, spatial or sequence splits), pipeline (pipeline stages; see pase.pipeline_planner)
+# batch, spatial or sequence splits), pipeline (pipeline stages; see pase.planning.pipeline)
 ONLY_KINDS = ("dp", "fsdp", "tensor", "pipeline")
 
 
@@ -190,23 +190,27 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
         k = assignment[v]
         layers.append(LayerChoice(layer_id, data["op"], data["block"], priced.spaces[v].config(k),
                                   float(priced.compute[v][k] + priced.comm[v][k]), float(priced.memory[v][k])))
-    plan = Plan(
+    search = SearchInfo(seconds=round(searched - priced_at, 3), pricing_seconds=round(priced_at - started, 3),
+                        width=stats.width, largest_table=stats.largest_table, pruned_configs=stats.pruned_configs,
+                        memory_price=price, conditioned_on=list(stats.conditioned_on), space_note=space_note,
+                        proved_gap=stats.proved_gap, hub_combos_solved=stats.hub_combos_solved,
+                        messages_reused=stats.messages_reused, configs=int(sum(len(s) for s in priced.spaces)))
+    plan = new_plan(graph, cluster, options, rates, layers=layers, predicted=predicted, baselines=baselines,
+                    baseline_notes=notes, search=search)
+    return plan, priced
+
+
+def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: HardwareRates, **body: Any) -> Plan:
+    """A ``Plan`` for ``graph`` on ``cluster``: the header every planner writes the same way, plus ``body``."""
+    return Plan(
         model=str(graph.meta.get("model")), model_fingerprint=graph.fingerprint(), cluster=cluster.spec,
         devices=cluster.world_size, batch=graph.batch, precision=options.precision,
         options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
                  "search_gap": options.search_gap,
                  "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
-                 "memory_limit_bytes": limit, "rates": rates.compute("conv").source},
-        layers=layers, predicted=predicted, baselines=baselines, baseline_notes=notes,
-        search={"seconds": round(searched - priced_at, 3), "pricing_seconds": round(priced_at - started, 3),
-                "width": stats.width, "largest_table": stats.largest_table,
-                "pruned_configs": stats.pruned_configs, "memory_price": price,
-                "conditioned_on": list(stats.conditioned_on), "space_note": space_note,
-                "proved_gap": stats.proved_gap, "hub_combos_solved": stats.hub_combos_solved,
-                "messages_reused": stats.messages_reused,
-                "configs": int(sum(len(s) for s in priced.spaces))},
-    )
-    return plan, priced
+                 "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
+                 "rates": rates.compute("conv").source},
+        **body)
 
 
 def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, options: PlanOptions | None = None
@@ -403,40 +407,5 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
     return prediction, None
 
 
-def summarize_blocks(plan: Plan) -> list[dict[str, Any]]:
-    """Per block: the most common split, time and memory (for the plan table)."""
-    blocks: dict[str, dict[str, Any]] = {}
-    for layer in plan.layers:
-        block = blocks.setdefault(layer.block, {"block": layer.block, "layers": 0, "seconds": 0.0, "memory": 0.0,
-                                                "splits": Counter()})
-        block["layers"] += 1
-        block["seconds"] += layer.seconds
-        block["memory"] += layer.memory_bytes
-        block["splits"][" ".join(f"{d}={f}" for d, f in sorted(layer.splits.items())) or "replicated"] += 1
-    return list(blocks.values())
-
-
-def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, top: int = 5) -> list[dict[str, Any]]:
-    """The cheapest alternatives for one layer with every other layer kept as planned."""
-    if layer_id not in priced.ids:
-        close = [i for i in priced.ids if layer_id in i][:5]
-        raise PaseError(f"no layer {layer_id!r} in this model" + (f"; did you mean {', '.join(close)}?" if close
-                                                                   else "; see `pase graph --layers`"))
-    v = priced.ids.index(layer_id)
-    chosen = [priced.spaces[i].index_of(layer.splits) for i, layer in enumerate(plan.layers)]
-    price = float(plan.search.get("memory_price") or 0.0)  # memory was priced when the limit was binding
-    total = priced.compute[v] + priced.comm[v] + price * priced.memory[v]
-    for s, d, m in priced.edges:
-        if s == v:
-            total = total + m[:, chosen[d]]
-        elif d == v:
-            total = total + m[chosen[s], :]
-    order = np.argsort(total)[:top]
-    base = float(total[chosen[v]])
-    return [{"splits": priced.spaces[v].config(int(k)) or {"replicated": 1}, "seconds": float(total[k]),
-             "delta_seconds": float(total[k]) - base, "memory_bytes": float(priced.memory[v][k]),
-             "chosen": int(k) == chosen[v]} for k in order]
-
-
-__all__ = ["PlanDoesNotFit", "PlanOptions", "explain", "plan_and_price", "plan_graph", "price_graph",
-           "search_under_memory", "summarize_blocks"]
+__all__ = ["PlanDoesNotFit", "PlanOptions", "plan_and_price", "plan_graph", "price_graph",
+           "new_plan", "search_under_memory"]

@@ -21,9 +21,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rich.progress import Progress
 
 from pase.errors import PaseError
-from pase.plans import Plan
+from pase.models.zoo import ZOO
+from pase.planning.plan import Plan
+from pase.runtime.checks import model_graph
+from pase.runtime.context import distributed
+from pase.train.loop import epsilon_objective
 
 GAP = 0.25  # a measured/predicted gap above this is flagged
 
@@ -63,9 +68,8 @@ class VerifyResult:
 def synthetic_inputs(plan: Plan, batch: int, device: torch.device, generator: torch.Generator
                      ) -> tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]:
     """(noise target, model args, model kwargs) for one step of a zoo model: noised latents, timesteps."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import; only the DDPM schedule needs it
 
-    from pase.models.zoo import ZOO
 
     spec = ZOO[plan.model]
     scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -99,7 +103,6 @@ def _refill(kwargs: dict[str, Any], values: Any) -> dict[str, Any]:
 
 class _HostMemory:
     """Peak resident memory growth of this process (Linux: VmHWM, reset through clear_refs)."""
-
     def __init__(self) -> None:
         self.reset_ok = self._reset()
         self.base = self._status("VmRSS")
@@ -127,11 +130,6 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
                progress: bool = True) -> VerifyResult:
     """Run ``steps`` training steps of ``plan`` in the current process group (open one with
     ``pase.distributed``); every rank returns the same result."""
-    from pase.models.zoo import ZOO
-    from pase.runtime.checks import model_graph
-    from pase.runtime.context import distributed
-    from pase.train.loop import epsilon_objective
-
     if steps <= warmup:
         raise PaseError(f"--steps {steps} leaves nothing to measure after {warmup} warm-up steps; use more steps")
     if plan.model not in ZOO:
@@ -200,8 +198,6 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
 def _pipeline_latents(plan: Plan, stage: Any, seed: int) -> tuple[tuple[int, ...], torch.Generator]:
     """Shape of this replica's share of the global batch of latents, and the replica's generator (every rank
     of a replica draws the same numbers: stage 0 feeds the noised latents, the last stage scores the noise)."""
-    from pase.models.zoo import ZOO
-
     replica, replicas = stage.pase_data_parallel
     args, _ = ZOO[plan.model].example_inputs(1, device="meta")
     return (plan.batch // replicas, *args[0].shape[1:]), torch.Generator().manual_seed(seed + 1 + replica)
@@ -210,7 +206,6 @@ def _pipeline_latents(plan: Plan, stage: Any, seed: int) -> tuple[tuple[int, ...
 def _bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from rich.progress import Progress
 
     bar = Progress(transient=True)
     bar.add_task("verify", total=total)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,54 @@ class StagePlan:
 
 
 @dataclass
+class PipelineSearchInfo:
+    """How the pipeline-stage search went (``pase.planning.pipeline``)."""
+
+    seconds: float
+    settings: int  # (replicas, microbatches) pairs considered
+    screened_out: int  # settings whose lower bound could not beat the incumbent
+    segments: int
+    segment_searches: int
+    exact_stage_searches: int
+    gap: float
+    notes: list[str]
+    schedule: str
+    max_stages: int
+
+
+@dataclass
+class SearchInfo:
+    """How the per-layer search went: its time, size, memory price and proved distance from the optimum."""
+
+    seconds: float = 0.0
+    pricing_seconds: float | None = None
+    width: int = 0  # elimination width
+    largest_table: int = 0
+    pruned_configs: int = 0
+    memory_price: float | None = None  # seconds per byte when the memory limit bound (0: it did not)
+    conditioned_on: list[str] = field(default_factory=list)  # hub layers searched outside the elimination
+    space_note: str | None = None  # set when a search was restricted (or memory-minimal)
+    proved_gap: float = 0.0
+    hub_combos_solved: int = 0
+    messages_reused: int = 0
+    configs: int = 0
+    pipeline: PipelineSearchInfo | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.pipeline is None:
+            del data["pipeline"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchInfo:
+        body = _known(cls, data)
+        if body.get("pipeline") is not None:
+            body["pipeline"] = PipelineSearchInfo(**_known(PipelineSearchInfo, body["pipeline"]))
+        return cls(**body)
+
+
+@dataclass
 class Plan:
     model: str
     model_fingerprint: str
@@ -63,7 +112,7 @@ class Plan:
     predicted: Prediction
     baselines: dict[str, Prediction | None] = field(default_factory=dict)
     baseline_notes: dict[str, str] = field(default_factory=dict)  # why a baseline is null
-    search: dict[str, Any] = field(default_factory=dict)
+    search: SearchInfo = field(default_factory=SearchInfo)
     stages: list[StagePlan] = field(default_factory=list)  # empty: no pipeline
     microbatches: int = 1
     schedule: str | None = None  # "1f1b" or "gpipe" when there are stages
@@ -72,6 +121,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["baselines"] = {k: (asdict(v) if v else None) for k, v in self.baselines.items()}
+        data["search"] = self.search.to_dict()
         return {"schema": PLAN_SCHEMA, "schema_version": PLAN_VERSION, **data}
 
     def save(self, path: str | Path) -> None:
@@ -88,6 +138,7 @@ class Plan:
             body["baselines"] = {k: (Prediction(**_known(Prediction, v)) if v else None)
                                  for k, v in body.get("baselines", {}).items()}
             body["stages"] = [StagePlan(**_known(StagePlan, stage)) for stage in body.get("stages", [])]
+            body["search"] = SearchInfo.from_dict(body.get("search", {}))
             return cls(**body)
         except (KeyError, TypeError) as exc:
             raise PaseError(f"malformed plan file: {exc}; re-run `pase plan --json`") from None
@@ -97,6 +148,20 @@ class Plan:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def summarize_blocks(plan: Plan) -> list[dict[str, Any]]:
+    """Per block: the most common split, time and memory (for the plan table)."""
+    blocks: dict[str, dict[str, Any]] = {}
+    for layer in plan.layers:
+        block = blocks.setdefault(layer.block, {"block": layer.block, "layers": 0, "seconds": 0.0, "memory": 0.0,
+                                                "splits": Counter()})
+        block["layers"] += 1
+        block["seconds"] += layer.seconds
+        block["memory"] += layer.memory_bytes
+        block["splits"][" ".join(f"{d}={f}" for d, f in sorted(layer.splits.items())) or "replicated"] += 1
+    return list(blocks.values())
+
+
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The fields ``cls`` declares: files from newer writers may carry more."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in data.items() if k in names}

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from pase.cli.console import console
 from pase.errors import PaseError
 
 
@@ -25,8 +26,8 @@ def verify(
     """Run S steps of a plan on synthetic data (under torchrun) and print measured against predicted."""
     import torch.distributed as dist
 
-    from pase.plans import Plan
-    from pase.runtime.verify import apply_to_profile, run_verify
+    from pase.planning.plan import Plan
+    from pase.train.verify import apply_to_profile, run_verify
 
     if not plan_path.exists():
         raise PaseError(f"no plan file {plan_path}; write one with `pase plan ... --json {plan_path}`")
@@ -49,8 +50,6 @@ def verify(
 
 
 def _print(plan, result, update_profile: Path | None) -> None:  # noqa: ANN001 - Plan, VerifyResult
-    from pase.cli import console
-
     table = Table(title=f"{plan.model} on {result.layout}, global batch {plan.batch}, {len(result.losses)} steps "
                         f"(loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f})")
     for column in ("", "predicted", "measured", "measured / predicted", "per rank"):

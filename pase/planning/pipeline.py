@@ -7,7 +7,7 @@ visible); a stage is a contiguous run of segments on a group of devices. For eve
 degree ``d`` and microbatch count ``m`` the stage DP (``pase.search.stages``) picks cut points and
 group sizes exactly for stage costs that are:
 
-- per microbatch: the exact per-layer search (``pase.planner.search_under_memory``) on the
+- per microbatch: the exact per-layer search (``pase.planning.per_layer.search_under_memory``) on the
   stage's sub-graph at microbatch size ``B / (d m)`` on a group of ``g`` devices, whose weight
   gradient sync (inside the group, and across the ``d`` pipeline replicas) happens once per step
   and is spread over the ``m`` microbatches;
@@ -48,17 +48,18 @@ from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.graph.rescale import edge_with_batch, layer_with_batch, with_batch
-from pase.planner import (
+from pase.planning.per_layer import (
     PlanDoesNotFit,
     PlanOptions,
     PricedGraph,
     block_output_layers,
     edge_key,
     layer_kinds,
+    new_plan,
     plan_and_price,
     search_under_memory,
 )
-from pase.plans import LayerChoice, Plan, Prediction, StagePlan
+from pase.planning.plan import LayerChoice, PipelineSearchInfo, Plan, Prediction, SearchInfo, StagePlan
 from pase.search import solve
 from pase.search.stages import Partition, StageProblem, solve_stages
 from strategies.pipeline import bubble_seconds, check_schedule
@@ -644,15 +645,8 @@ def _pipeline_only_plan(graph: LayerGraph, cluster: Cluster, options: PlanOption
     """The frame of a plan when no per-layer plan fits (every number comes from the pipeline)."""
     notes = {"no pipeline": unfit, "ddp": "the per-layer plan does not fit, so neither do DDP or FSDP",
              "fsdp": "the per-layer plan does not fit, so neither do DDP or FSDP"}
-    return Plan(model=str(graph.meta.get("model")), model_fingerprint=graph.fingerprint(), cluster=cluster.spec,
-                devices=cluster.world_size, batch=graph.batch, precision=options.precision,
-                options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
-                         "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
-                         "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
-                         "rates": rates.compute("conv").source},
-                layers=[], predicted=Prediction(float("inf"), 0.0, 0.0),
-                baselines={"ddp": None, "fsdp": None}, baseline_notes=notes,
-                search={"seconds": 0.0, "width": 0, "largest_table": 0, "configs": 0})
+    return new_plan(graph, cluster, options, rates, layers=[], predicted=Prediction(float("inf"), 0.0, 0.0),
+                    baselines={"ddp": None, "fsdp": None}, baseline_notes=notes, search=SearchInfo())
 
 
 def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
@@ -661,7 +655,7 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
     """The per-layer plan, the best pure pipeline (one replica) and the best PP x DP plan: the fastest wins.
 
     The returned plan's baselines gain "no pipeline" (the per-layer plan) and "pure pipeline"; its
-    ``search["pipeline"]`` says how the stage search went.
+    ``search.pipeline`` says how the stage search went.
     """
     options = options or PlanOptions()
     pipeline = pipeline or PipelineOptions()
@@ -691,13 +685,13 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
         notes["pure pipeline"] = ("one device: nothing to pipeline" if p == 1 else
                                   "no pipeline of two or more stages fits memory")
     report = search.report
-    search_info = {"seconds": round(report.seconds, 3), "settings": report.settings,
-                   "screened_out": report.screened_out, "segments": len(search.segments),
-                   "segment_searches": report.segment_searches, "exact_stage_searches": report.exact_stage_searches,
-                   "gap": report.gap, "notes": report.notes, "schedule": pipeline.schedule,
-                   "max_stages": pipeline.max_stages}
+    search_info = PipelineSearchInfo(
+        seconds=round(report.seconds, 3), settings=report.settings, screened_out=report.screened_out,
+        segments=len(search.segments), segment_searches=report.segment_searches,
+        exact_stage_searches=report.exact_stage_searches, gap=report.gap, notes=report.notes,
+        schedule=pipeline.schedule, max_stages=pipeline.max_stages)
     plan = replace(plain, baselines=baselines, baseline_notes=notes,
-                   search={**plain.search, "pipeline": search_info})
+                   search=replace(plain.search, pipeline=search_info))
     if forced and best is None:
         raise PlanDoesNotFit(f"--only pipeline: no pipeline of two or more stages over {p} devices fits"
                              + ("" if p > 1 else " (one device: nothing to pipeline)"))

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from pase.cli.console import check_precision, console, err_console, write_output
 from pase.errors import PaseError
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Zoo model (see `pase models`).")]
@@ -20,12 +21,6 @@ Threads = Annotated[int, typer.Option(help="torch threads per process. 1 by defa
                                           "makes CPU runs many times slower on a shared box.")]
 Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (text-conditioned models; "
                                                "pairs stay on one device).")]
-
-
-def _consoles():
-    from pase.cli import console, err_console
-
-    return console, err_console
 
 
 def sample_command(
@@ -74,8 +69,6 @@ def sample_command(
         result, error = _run_with_progress(config, sample, show=rank0 and not as_json)
         if rank0:
             if out is not None:
-                from pase.cli import write_output
-
                 write_output(out, "--out", lambda path: _save(path, result.sample), announce=False)
             _print_result(summary(result, error), result, world, as_json)
     finally:
@@ -90,7 +83,6 @@ def _check_threads(threads: int) -> None:
 def _run_with_progress(config, run, show: bool):  # noqa: ANN001, ANN202 - SampleConfig, callable
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    _, err_console = _consoles()
     unit = "iterations" if config.sampler == "srds" else "steps"
     with Progress(TextColumn(f"{config.sampler} {{task.completed}}/{{task.total}} {unit}"), BarColumn(),
                   TimeElapsedColumn(), console=err_console, transient=True, disable=not show) as bar:
@@ -111,7 +103,6 @@ def _save(path: Path, sample) -> None:  # noqa: ANN001 - torch.Tensor
 
 
 def _print_result(data: dict, result, world: int, as_json: bool) -> None:  # noqa: ANN001 - SampleResult
-    console, _ = _consoles()
     if as_json:
         print(json.dumps(data))
         return
@@ -160,7 +151,6 @@ def sample_plan_command(
     parallel sampling, and pick one; never a parallel sampler predicted to lose."""
     import torch
 
-    from pase.cli import DTYPES
     from pase.sampling.planner import plan_sampling
     from pase.sampling.runner import check_size
 
@@ -170,8 +160,7 @@ def sample_plan_command(
         raise PaseError(f"--samples must be >= 1, not {samples}")
     if margin < 0:
         raise PaseError(f"--margin must be >= 0 (a parallel sampler must not be predicted slower), not {margin}")
-    if precision not in DTYPES:
-        raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(DTYPES)}")
+    check_precision(precision)
     torch.set_num_threads(threads)
     pricing, devices, where = build_pricing(model, devices, cluster, steps, scheduler, size, guidance_scale, probe,
                                             tol, profile, precision, threads)
@@ -243,7 +232,6 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
 def print_sample_plan(plan) -> None:  # noqa: ANN001 - SamplePlan
     from pase.sampling.planner import best_of_each
 
-    console, _ = _consoles()
     sequential = next(c for c in plan.candidates if c.sampler == "sequential")
     table = Table(title=f"sample-plan: {plan.model}, {plan.scheduler.upper()}-{plan.steps}, {plan.samples} sample(s), "
                         f"{plan.sources['devices']}; objective {plan.objective}")

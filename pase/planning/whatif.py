@@ -25,8 +25,9 @@ from cost_models.catalog import Catalog
 from cost_models.cluster import Cluster, catalog_fabric, load_cluster
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.planner import PlanDoesNotFit, PlanOptions, plan_graph, size_text
-from pase.plans import Plan
+from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, plan_graph, size_text
+from pase.planning.pipeline import plan_with_pipeline
+from pase.planning.plan import Plan, summarize_blocks
 
 COMMUNICATION_BOUND_SHARE = 0.5  # a point whose step is at least this much communication is marked
 
@@ -189,8 +190,6 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
 
 def _pipelined(graph: LayerGraph, cluster: Cluster, options: PlanOptions) -> Any:
     """The best plan with pipeline stages considered (None when nothing fits)."""
-    from pase.pipeline_planner import plan_with_pipeline
-
     try:
         return plan_with_pipeline(graph, cluster, options=options)[0]
     except PlanDoesNotFit:
@@ -232,9 +231,7 @@ def _interconnect(cluster: Cluster) -> str:
                      else "")
 
 
-def _main_split(plan: Any) -> str:
-    from pase.planner import summarize_blocks
-
+def _main_split(plan: Plan) -> str:
     counts: dict[str, float] = {}
     for block in summarize_blocks(plan):
         for split, count in block["splits"].items():

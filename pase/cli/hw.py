@@ -9,18 +9,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from pase.cli.console import console
 from pase.errors import PaseError
 
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware: catalog, clusters, probe, calibration.")
 
 GpuFile = Annotated[list[Path] | None, typer.Option("--gpu-file", help="JSON/YAML catalog entries (gpus, networks, "
                                                     "efficiency, ...) merged over the built-in catalog.")]
-
-
-def _console():  # the CLI's consoles (wide when piped)
-    from pase.cli import console
-
-    return console
 
 
 def _catalog(gpu_file: list[Path] | None):
@@ -61,7 +56,6 @@ def list_catalog(gpu_file: GpuFile = None, as_json: Annotated[bool, typer.Option
         table.add_row(gpu_id, f"{gpu.arch} {gpu.compute_capability}", bf16, f"{gpu.fp32_tflops:g}",
                       f"{gpu.memory_gb:g} GB", f"{gpu.memory_bw_gbps:g}", nvlink, f"gen{gpu.pcie_gen}",
                       f"{gpu.tdp_w:g}", price)
-    console = _console()
     console.print(table)
     networks = Table(title="Networks (per NIC, per direction)")
     for column in ("id", "line rate", "GB/s", "achieved", "latency us"):
@@ -105,7 +99,6 @@ def show(
 def print_cluster(cluster, profile=None, precision: str = "bf16") -> None:  # noqa: ANN001 - Cluster, dict
     from cost_models.rates import HardwareRates
 
-    console = _console()
     gpu = cluster.gpu
     summary = Table(title=f"{cluster.spec}: {cluster.world_size} x {gpu.name} ({cluster.source})", show_header=False)
     summary.add_column("what")
@@ -183,12 +176,11 @@ def probe_command(
                 raise NoNvidiaDriver("no NVIDIA driver on this machine (NVML library not found): nothing to "
                                      "record") from None
             record.write_text(json.dumps(recording, indent=1))
-            _console().print(f"recorded NVML answers for {len(recording['devices'])} GPUs to {record}")
+            console.print(f"recorded NVML answers for {len(recording['devices'])} GPUs to {record}")
         result = probe(nvml) if nvml is not None else probe()
     except NoNvidiaDriver as exc:
-        _console().print(f"[yellow]{exc}[/]", highlight=False)
+        console.print(f"[yellow]{exc}[/]", highlight=False)
         return
-    console = _console()
     table = Table(title=f"GPUs (driver {result.driver_version or 'unknown'})")
     for column in ("#", "name", "bus id", "memory", "CC", "SM / mem MHz", "PCIe (max)", "NVLinks", "unavailable"):
         table.add_column(column)
@@ -244,7 +236,7 @@ def calibrate_command(
         print(json.dumps(profile, indent=1))
         return
     print_profile(profile)
-    _console().print(f"saved {path}")
+    console.print(f"saved {path}")
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -264,7 +256,6 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def print_profile(profile: dict) -> None:
-    console = _console()
     fingerprint = profile["fingerprint"]
     table = Table(title=f"collectives over {profile['world_size']} {profile['device']} processes "
                         f"({profile['backend']}), as nccl-tests reports them")

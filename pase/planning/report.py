@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pase.atomic import write_text
-from pase.whatif import seconds_text
+from pase.planning.whatif import ClusterResult, WhatIfReport, seconds_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-
-    from pase.whatif import ClusterResult, WhatIfReport
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -86,10 +84,10 @@ def _scaling(ax: Axes, report: WhatIfReport) -> None:
 
 
 def _chart(draw: Callable[[Axes], None]) -> str:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - about 1 s to import, and only the charts need it
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # noqa: PLC0415 - as above
 
     figure, ax = plt.subplots(figsize=(9, 3.6))
     draw(ax)

@@ -1,0 +1,79 @@
+"""The CLI's leaf module: consoles, number formatting and the option checks every command shares.
+
+Imports nothing heavy (no torch), so every command module can import it at load time.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from pase.errors import InputShapeError, PaseError
+
+# Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+console = Console(width=shutil.get_terminal_size((150, 24)).columns)
+err_console = Console(stderr=True, width=shutil.get_terminal_size((150, 24)).columns)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_precision(precision: str, option: str = "--precision") -> str:
+    """``precision`` if pase knows it (fp32, bf16, fp16), else the user's error naming ``option``."""
+    if precision not in DTYPES:
+        raise PaseError(f"unknown {option} {precision!r}; choose one of {', '.join(DTYPES)}")
+    return precision
+
+
+def parse_input_shapes(values: list[str]) -> tuple[dict[str, tuple[int, ...]], list[tuple[int, ...]]]:
+    """``name=8,4,64,64`` overrides a zoo input; a bare ``8,3,32,32`` is a positional input of a user model."""
+    named: dict[str, tuple[int, ...]] = {}
+    positional: list[tuple[int, ...]] = []
+    for value in values:
+        name, _, shape_text = value.rpartition("=")
+        try:
+            shape = tuple(int(part) for part in shape_text.replace("x", ",").split(",") if part.strip())
+        except ValueError:
+            raise InputShapeError(
+                f"--input-shape {value!r} is not a shape: write comma-separated integers, batch first, "
+                "e.g. 8,3,32,32 (or name=8,3,32,32 to override one input of a zoo model)") from None
+        if any(d <= 0 for d in shape):
+            raise InputShapeError(f"--input-shape {value!r} has a non-positive extent; every extent must be >= 1")
+        if name:
+            named[name] = shape
+        else:
+            positional.append(shape)
+    return named, positional
+
+
+def human(value: float, unit: str = "") -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(value) < 1000 or prefix == "P":
+            return f"{value:.3g} {prefix}{unit}".strip()
+        value /= 1000
+    return f"{value:.3g}"
+
+
+def size(value: float) -> str:
+    if abs(value) < 1024:
+        return f"{int(value)} B"
+    for prefix in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or prefix == "TiB":
+            return f"{value:.3g} {prefix}"
+        value /= 1024
+    return f"{value:.3g}"
+
+
+def write_output(path: Path, option: str, write: Callable[[Path], object], announce: bool = True) -> None:
+    """``write(path)``; a path that cannot be written is the user's error, named with its option."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise PaseError(f"cannot write {option} {path}: {exc.strerror or exc}") from None
+    if announce:
+        console.print(f"wrote {path}")
+
+
+__all__ = ["DTYPES", "check_precision", "console", "err_console", "human", "parse_input_shapes", "size",
+           "write_output"]

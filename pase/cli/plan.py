@@ -1,0 +1,233 @@
+"""``pase plan`` and ``pase search``: the optimal plan for a model on a cluster, and the exact solver alone."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pase.cli.console import DTYPES, check_precision, console, err_console, parse_input_shapes, write_output
+from pase.errors import PaseError
+
+if TYPE_CHECKING:
+    from pase.graph import LayerGraph
+    from pase.planning import Plan, PricedGraph
+
+
+def plan(
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model or package.module:factory.")] = "sd15-unet",
+    cluster: Annotated[str, typer.Option("--cluster", "-c", help="Cluster spec (e.g. 8xH100-SXM, "
+                                         "2x8xA100-80GB-SXM+IB-NDR400x4), a JSON/YAML system file, or local (this "
+                                         "machine: its GPUs, or --devices gloo processes on its CPU).")]
+    = "8xH100-SXM",
+    devices: Annotated[int | None, typer.Option("--devices", min=1, help="With --cluster local: how many "
+                                                "devices (GPUs, or CPU processes) the run will use.")] = None,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Global batch per training step.")] = 64,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the plan JSON here.")] = None,
+    explain: Annotated[str | None, typer.Option(help="Show the best alternatives for this layer id.")] = None,
+    only: Annotated[str | None, typer.Option(help="Restrict to one kind of parallelism: dp (batch splits), fsdp "
+                                             "(batch splits, sharded weights), tensor (channel and head splits) or "
+                                             "pipeline (pipeline stages).")] = None,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state.")] = False,
+    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Recompute activations inside blocks.")] = False,
+    gap: Annotated[float, typer.Option(help="Stop the search once the plan is proved within this relative "
+                                            "distance of the optimum (0: exact, slower at 32+ devices).")] = 5e-3,
+    precision: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default bf16; fp32 for --cluster "
+                                                  "local on CPU).")] = None,
+    memory_fraction: Annotated[float, typer.Option(min=0.05, max=1.0, help="Share of GPU memory a plan may "
+                                                   "use.")] = 0.9,
+    profile: Annotated[Path | None, typer.Option(help="Calibration profile to price with.")] = None,
+    gpu_file: Annotated[list[Path] | None, typer.Option("--gpu-file", help="Extra catalog entries.")] = None,
+    input_shape: Annotated[list[str] | None, typer.Option("--input-shape", help="As for `pase graph`.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Capture again (and refresh the cache) instead "
+                                           "of reusing the cached layer graph of a zoo model.")] = False,
+    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also search pipeline stages "
+                                           "(cut points, device groups, microbatches, PP x DP).")] = False,
+    schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
+    max_stages: Annotated[int, typer.Option(min=1, help="Most pipeline stages to consider.")] = 8,
+) -> None:
+    """Plan how to split every layer of a model over a cluster, and compare with DDP and FSDP."""
+    import torch
+
+    from cost_models.calibrate import load_profile
+    from cost_models.catalog import Catalog
+    from cost_models.cluster import load_cluster
+    from cost_models.rates import profile_mismatch
+    from pase.graph import extract_model
+    from pase.planning import PipelineOptions, PlanOptions, make_plan
+
+    if devices is not None and cluster != "local":
+        raise PaseError("--devices goes with --cluster local; a cluster spec already says how many devices")
+    if cluster == "local":
+        from cost_models.local import CPU_DEVICE, local_cluster
+
+        with err_console.status("probing this machine ...") as status:
+            target, measured = local_cluster(devices, profile, Catalog.load(gpu_file or []),
+                                             progress=lambda what: status.update(f"{what} ..."))
+        precision = precision or ("fp32" if target.gpu.id == CPU_DEVICE else "bf16")
+    else:
+        target = load_cluster(cluster, Catalog.load(gpu_file or []))
+        measured = load_profile(profile) if profile else None
+    precision = precision or "bf16"
+    check_precision(precision)
+    if measured is not None and (reason := profile_mismatch(target, measured)):
+        raise PaseError(reason)
+    named, positional = parse_input_shapes(input_shape or [])
+    with err_console.status(f"capturing {model} at batch {batch} ...") as status:
+        graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[precision]), input_shapes=named or None,
+                              user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
+        options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
+                              checkpointing=checkpoint, search_gap=gap)
+        stages = PipelineOptions(schedule=schedule, max_stages=max_stages) if pipeline or only == "pipeline" else None
+        result, priced = make_plan(graph, target, profile=measured, options=options, pipeline=stages,
+                                   progress=lambda what: status.update(f"{what} ..."))
+    print_plan(result)
+    if explain:
+        if result.stages or priced is None:
+            raise PaseError("--explain shows alternatives within a per-layer plan; run it without --pipeline")
+        _print_explain(graph, result, priced, explain)
+    if json_path is not None:
+        write_output(json_path, "--json", result.save)
+
+
+def print_plan(result: Plan) -> None:
+    from pase.planning.plan import summarize_blocks
+
+    table = Table(title=f"plan for {result.model} on {result.cluster} ({result.devices} devices), global batch "
+                        f"{result.batch}, {result.precision}")
+    for column in ("block", "layers", "split (most layers)", "time ms", "memory GiB"):
+        table.add_column(column, justify="left" if column in ("block", "split (most layers)") else "right")
+    for block in summarize_blocks(result):
+        split, count = block["splits"].most_common(1)[0]
+        others = f" (+{block['layers'] - count} other)" if count < block["layers"] else ""
+        table.add_row(block["block"], str(block["layers"]), split + others, f"{block['seconds'] * 1e3:.2f}",
+                      f"{block['memory'] / 2**30:.2f}")
+    console.print(table)
+    if result.stages:
+        print_stages(result, console)
+    compare = Table(title="predicted step (same cost model for every row)")
+    bubbles = any(p and p.bubble_seconds for p in (result.predicted, *result.baselines.values()))
+    for column in ("strategy", "step ms", "samples/s", "compute ms", "communication ms", "memory GiB/device",
+                   *(("bubble ms",) if bubbles else ())):
+        compare.add_column(column, justify="left" if column == "strategy" else "right")
+    rows = [("pase plan", result.predicted), *((name, p) for name, p in result.baselines.items())]
+    for name, prediction in rows:
+        if prediction is None:
+            compare.add_row(name, "n/a", "", "", "", "", *(("",) if bubbles else ()))
+            continue
+        compare.add_row(name, f"{prediction.step_seconds * 1e3:.2f}", f"{prediction.samples_per_second:,.0f}",
+                        f"{prediction.compute_seconds * 1e3:.2f}", f"{prediction.communication_seconds * 1e3:.2f}",
+                        f"{prediction.memory_bytes_per_device / 2**30:.2f}",
+                        *((f"{prediction.bubble_seconds * 1e3:.2f}",) if bubbles else ()))
+    console.print(compare)
+    for name, note in result.baseline_notes.items():
+        console.print(f"{name}: n/a because {note}")
+    if result.search.space_note:
+        console.print(f"note: {result.search.space_note}")
+    if result.search.pipeline:
+        console.print(pipeline_summary(result))
+    best = [p for name, p in result.baselines.items() if p and name in ("ddp", "fsdp")]
+    search = result.search
+    if best:
+        speedup = min(p.step_seconds for p in best) / result.predicted.step_seconds
+        console.print(f"pase plan runs at {speedup:.2f}x the speed of the best pure data-parallel baseline. "
+                      + (f"Pricing {search.pricing_seconds:.2f} s, search " if search.pricing_seconds is not None
+                         else "Search ")
+                      + f"{search.seconds:.2f} s over {search.configs:,} configurations "
+                      f"(elimination width {search.width}, largest table {search.largest_table:,}"
+                      + (f", conditioned on hubs {', '.join(search.conditioned_on)}" if search.conditioned_on else "")
+                      + (f", proved within {search.proved_gap:.2%} of the optimum" if search.proved_gap else ", exact")
+                      + f"); rates: {result.options['rates']}.")
+
+
+def _print_explain(graph: LayerGraph, result: Plan, priced: PricedGraph, layer_id: str) -> None:
+    from pase.planning.explain import explain as explain_layer
+
+    rows = explain_layer(graph, result, priced, layer_id)
+    table = Table(title=f"alternatives for {layer_id} (every other layer as planned; layer + its re-layouts"
+                        + (", memory priced as in the search" if result.search.memory_price else "") + ")")
+    for column in ("split", "seconds", "vs plan", "memory GiB", ""):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(" ".join(f"{d}={f}" for d, f in row["splits"].items()), f"{row['seconds'] * 1e3:.3f} ms",
+                      f"{row['delta_seconds'] * 1e3:+.3f} ms", f"{row['memory_bytes'] / 2**30:.3f}",
+                      "chosen" if row["chosen"] else "")
+    console.print(table)
+
+
+def search(
+    cost_graph: Annotated[Path, typer.Option("--cost-graph", help="A pase-cost-graph v1 file (JSON or gzip JSON).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print {optimum, assignment, seconds} as JSON.")] = False,
+    no_prune: Annotated[bool, typer.Option("--no-prune", help="Keep dominated configurations.")] = False,
+) -> None:
+    """Solve a cost graph exactly (min-sum variable elimination) and print the optimum."""
+    import json
+    import time
+
+    from pase.search import CostGraph, solve
+
+    started = time.perf_counter()
+    graph = CostGraph.load(cost_graph)
+    loaded = time.perf_counter()
+    solution = solve(graph, prune=not no_prune)
+    seconds = time.perf_counter() - started
+    if as_json:
+        print(json.dumps({"optimum": solution.optimum,
+                          "assignment": {graph.ids[v]: c for v, c in enumerate(solution.assignment)},
+                          "seconds": round(seconds, 4)}))
+        return
+    stats = solution.stats
+    table = Table(title=f"{graph.name}: {len(graph.sizes)} vertices, {len(graph.edges)} edges, "
+                        f"{min(graph.sizes)}-{max(graph.sizes)} configs per vertex")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, value in (("optimum", f"{solution.optimum:.6g}"), ("load s", f"{loaded - started:.3f}"),
+                        ("solve s", f"{stats.seconds:.3f}"), ("elimination width", str(stats.width)),
+                        ("largest table", f"{stats.largest_table:,}"), ("pruned configs", f"{stats.pruned_configs:,}")):
+        table.add_row(what, value)
+    console.print(table)
+
+
+def _ranks(devices: list[int]) -> str:
+    """Compact rank list: 0-3,8-11."""
+    runs: list[list[int]] = []
+    for rank in sorted(devices):
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def print_stages(plan: Plan, console: Console) -> None:
+    """One row per pipeline stage: its blocks, ranks, time per microbatch and memory."""
+    replicas = plan.pipeline_replicas
+    table = Table(title=f"pipeline: {len(plan.stages)} stages x {replicas} data-parallel replica"
+                        f"{'s' if replicas > 1 else ''}, {plan.microbatches} microbatches, {plan.schedule} schedule")
+    for column in ("stage", "blocks", "layers", "devices", "ms / microbatch", "in flight", "memory GiB"):
+        table.add_column(column, justify="left" if column in ("blocks", "devices") else "right")
+    for k, stage in enumerate(plan.stages):
+        first, last = stage.blocks[0].split(" .. ")[0], stage.blocks[-1].split(" .. ")[-1]
+        blocks = first if first == last else f"{first} .. {last}"
+        table.add_row(str(k), blocks, str(len(stage.layers)), _ranks(stage.devices),
+                      f"{stage.seconds * 1e3:.3f}", str(stage.in_flight), f"{stage.memory_bytes / 2**30:.2f}")
+    console.print(table)
+
+
+def pipeline_summary(plan: Plan) -> str | None:
+    """How the pipeline-stage search went, in one sentence (None without one)."""
+    info = plan.search.pipeline
+    if info is None:
+        return None
+    return (f"pipeline search {info.seconds:.2f} s: {info.settings} (replicas, microbatches) settings over "
+            f"{info.segments} segments, {info.segment_searches} segment searches, "
+            f"{info.exact_stage_searches} exact stage searches"
+            + (f", stopped {info.gap:.1%} from the bound" if info.gap else ", exact over the space")
+            + "".join(f"; note: {note}" for note in info.notes))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(plan)
+    app.command()(search)

@@ -1,0 +1,42 @@
+"""Planning: from a LayerGraph and a cluster to a ``Plan`` (per-layer splits, pipeline stages, what-if, explain).
+
+``make_plan`` is the one entry point the CLI and the Python API share; the modules behind it:
+``per_layer`` (exact search over every layer's splits under the memory limit, DDP/FSDP baselines),
+``pipeline`` (pipeline stages x data parallelism around it), ``whatif`` (many clusters, $ per run),
+``explain`` (alternatives for one layer), ``report`` (the what-if HTML) and ``plan`` (the Plan type).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cost_models.cluster import Cluster
+from pase.graph import LayerGraph
+from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, PricedGraph, plan_and_price
+from pase.planning.pipeline import PipelineOptions, plan_with_pipeline
+from pase.planning.plan import Plan
+
+
+def make_plan(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
+              options: PlanOptions | None = None, pipeline: PipelineOptions | None = None,
+              progress: Callable[[str], None] | None = None) -> tuple[Plan, PricedGraph | None]:
+    """The fastest plan for ``graph`` on ``cluster`` that fits memory, and the priced graph behind it.
+
+    With ``pipeline`` (or ``options.only == "pipeline"``) pipeline stages x data parallelism are searched
+    beside the per-layer plan; the priced graph is None when only a pipeline fits. Without it, a plan that
+    does not fit says that a pipeline might.
+    """
+    options = options or PlanOptions()
+    if pipeline is not None or options.only == "pipeline":
+        return plan_with_pipeline(graph, cluster, profile=profile, options=options,
+                                  pipeline=pipeline or PipelineOptions(), progress=progress)
+    try:
+        return plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)
+    except PlanDoesNotFit as exc:  # stages hold only their own layers' weights: a pipeline may fit
+        if cluster.world_size < 2:
+            raise
+        raise PlanDoesNotFit(f"{exc} Or add --pipeline: pipeline stages each hold only their own layers.",
+                             exc.least_bytes, exc.limit_bytes) from None
+
+
+__all__ = ["PipelineOptions", "Plan", "PlanDoesNotFit", "PlanOptions", "PricedGraph", "make_plan"]
