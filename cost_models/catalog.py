@@ -88,10 +88,11 @@ class GPUSpec:
             raise PaseError(f"GPU {gpu_id!r}: tdp_w must be a number >= 0, not {entry['tdp_w']!r}")
         nvlink = entry.get("nvlink") or {}
         price = entry.get("price_usd_per_gpu_hour")
-        for key in ("low", "typical", "high") if isinstance(price, dict) else ():
-            if key in price and not is_positive_number(price[key]):
-                raise PaseError(f"GPU {gpu_id!r}: its price ({key}) must be a positive $ per GPU-hour, not "
-                                f"{price[key]!r}")
+        if isinstance(price, dict):
+            for key in ("low", "typical", "high"):
+                if key in price and not is_positive_number(price[key]):
+                    raise PaseError(f"GPU {gpu_id!r}: its price ({key}) must be a positive $ per GPU-hour, not "
+                                    f"{price[key]!r}")
         return cls(
             id=gpu_id, name=entry.get("name", gpu_id), vendor=entry.get("vendor", "nvidia"),
             arch=entry.get("arch", "unknown"), compute_capability=str(entry.get("compute_capability", "")),

@@ -259,15 +259,15 @@ def _widest_paths(graph: nx.Graph, n: int) -> dict[tuple[int, int], PathInfo]:
             target = f"gpu{j}"
             if target not in parent:
                 raise PaseError(f"GPUs {i} and {j} are not connected in the fabric description")
-            hops = [target]
-            while hops[-1] != source:
-                hops.append(parent[hops[-1]])
-            edges = [graph.edges[a, b] for a, b in zip(hops, hops[1:])]
+            path = [target]
+            while path[-1] != source:
+                path.append(parent[path[-1]])
+            edges = [graph.edges[a, b] for a, b in zip(path, path[1:])]
             effective = min(e["effective_gbps"] for e in edges)
             if (i, j) in blocked and not all(e["kind"] == "nvlink" for e in edges):
                 effective *= staged  # no peer-to-peer: the copy bounces through host memory
             result[(i, j)] = PathInfo(min(e["bandwidth_gbps"] for e in edges), effective,
-                                      sum(e["latency_us"] for e in edges), _label(graph, hops, edges))
+                                      sum(e["latency_us"] for e in edges), _label(graph, path, edges))
     return result
 
 

@@ -162,16 +162,17 @@ def record_nvml(nvml: Any = pynvml) -> dict[str, Any]:
             device["nvmlDeviceGetMaxClockInfo"] = {str(c): grab(nvml.nvmlDeviceGetMaxClockInfo, handle, c)
                                                    for c in (CLOCK_SM, CLOCK_MEM)}
             for function in LINK_FUNCTIONS:
-                answers = []
+                answers: list[Any] = []
+                no_nvlink: dict[str, Any] | None = None
                 for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
                     answer = grab(getattr(nvml, function), handle, link)
                     if isinstance(answer, dict) and answer.get("error") == "InvalidArgument":
                         break
                     answers.append(answer)
                     if link == 0 and isinstance(answer, dict) and "error" in answer:
-                        answers = answer  # the GPU has no NVLink at all
+                        no_nvlink = answer  # the GPU has no NVLink at all: record its error, not a list
                         break
-                device[function] = answers
+                device[function] = answers if no_nvlink is None else no_nvlink
             devices.append(device)
         pairs = {
             "nvmlDeviceGetTopologyCommonAncestor": [[0 if a is b else grab(nvml.nvmlDeviceGetTopologyCommonAncestor,

@@ -250,7 +250,7 @@ def _groups(levels: list[list[int | None]], threshold: int) -> list[int]:
     graph = nx.Graph()
     graph.add_nodes_from(range(n))
     graph.add_edges_from((i, j) for i in range(n) for j in range(i + 1, n)
-                         if levels[i][j] is not None and levels[i][j] <= threshold)
+                         if (level := levels[i][j]) is not None and level <= threshold)
     group = {}
     for k, component in enumerate(sorted(nx.connected_components(graph), key=min)):
         for i in component:
@@ -300,7 +300,8 @@ def _add_probed_nvlinks(graph: nx.Graph, result: ProbeResult, catalog: Catalog) 
     by_bus = {gpu.bus_id: gpu.index for gpu in result.gpus if gpu.bus_id}
     for gpu in result.gpus:
         to_gpu: Counter[int] = Counter()
-        to_switch, generations = 0, Counter()
+        to_switch = 0
+        generations: Counter[str | None] = Counter()
         for link in gpu.nvlinks:
             generations[link.generation] += 1
             peer = by_bus.get(link.remote_bus_id) if link.remote_bus_id else None

@@ -62,8 +62,8 @@ def layer_graph_of(
         "capture": op_graph.method,
         "batch": batch,
         "dtype": str(floats[0] if floats else torch.float32).replace("torch.", ""),
-        "inputs": {op.attrs.get("input", op.name): list(op.out.shape) for op in op_graph.ops
-                   if op.op == "input" and op.tensor_out is not None},
+        "inputs": {op.attrs.get("input", op.name): list(meta.shape) for op in op_graph.ops
+                   if op.op == "input" and (meta := op.tensor_out) is not None},
         "model_param_count": sum(p.numel() for p in model.parameters()),
     }
     graph = build_layer_graph(op_graph, model, info)

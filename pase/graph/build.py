@@ -23,7 +23,7 @@ from torch import nn
 
 from pase.graph.ir import OpGraph, OpNode, TensorMeta
 from pase.graph.opset import CONCAT_OPS, IGNORED_OPS, SOURCE_OPS, VIEW_OPS, layer_kind
-from pase.graph.rules import LayerRule, anchor_rule, broadcast_map, generic_names, generic_rule
+from pase.graph.rules import DimMap, LayerRule, anchor_rule, broadcast_map, generic_names, generic_rule
 from pase.graph.viewmap import AxisMap, compose, view_axis_map
 
 SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "log_softmax"})
@@ -145,11 +145,11 @@ class _Builder:
                 levels.append(name)
         return levels[1] if len(levels) > 1 else (levels[0] if levels else path)
 
-    def produce(self, op: OpNode, layer: _Layer, out_map: list) -> None:
+    def produce(self, op: OpNode, layer: _Layer, out_map: DimMap) -> None:
         meta = op.tensor_out if op.tensor_out is not None else (op.out[0] if isinstance(op.out, tuple) else None)
         rg = any(self.value(o).requires_grad for o in op.operands)
-        axes = [(d,) if d else () for d in out_map]
-        identity = [(i,) for i in range(len(out_map))]
+        axes: list[tuple[str, ...]] = [(d,) if d else () for d in out_map]
+        identity: AxisMap = [(i,) for i in range(len(out_map))]
         self.values[op.name] = _Value(layer.id, op.name, op.out, meta, axes, identity, [], rg)
         self.latest_in_layer[layer.id] = op.name
 
@@ -181,9 +181,9 @@ class _Builder:
         in_shape = in_meta.shape if isinstance(in_meta, TensorMeta) else out.shape
         step = view_axis_map(op.op, in_shape, out.shape, op.attrs)
         consistent = len(source.axes) == len(in_shape) and len(source.axis_map) == len(in_shape)
-        axes = [tuple(sorted({d for a in axes for d in source.axes[a]})) for axes in step] if consistent \
-            else [() for _ in out.shape]
-        axis_map = compose(source.axis_map, step) if consistent else [() for _ in out.shape]
+        axes: list[tuple[str, ...]] = [tuple(sorted({d for a in axes for d in source.axes[a]})) for axes in step] \
+            if consistent else [() for _ in out.shape]
+        axis_map: AxisMap = compose(source.axis_map, step) if consistent else [() for _ in out.shape]
         self.values[op.name] = _Value(source.layer, source.base, out, source.base_meta, axes, axis_map,
                                       [*source.views, op.name], source.requires_grad)
 
@@ -231,7 +231,7 @@ class _Builder:
                 value.axes = [tuple(rename.get(d, d) for d in axis) for axis in value.axes]
         layer.input_maps = [[rename.get(d, d) if d else d for d in m] for m in layer.input_maps]
         v_meta = metas[1]
-        batch = [d for d in rule.dims if rule.roles[d] in ("batch", "head")]
+        batch: DimMap = [d for d in rule.dims if rule.roles[d] in ("batch", "head")]
         d_v = "d" if v_meta.shape[-1] == rule.dims["d"] else rule.add("dv", v_meta.shape[-1], "out_channel")
         v_map = batch[len(batch) - (len(v_meta.shape) - 2):] + ["kv", d_v]
         rule.operand_maps.append(v_map)

@@ -28,7 +28,7 @@ def cache_dir() -> Path:
     return Path(base) / "graphs"
 
 
-def cache_key(name: str, config: dict[str, Any], batch: int | None, dtype: torch.dtype, method: str,
+def cache_key(name: str, config: dict[str, Any], batch: int | str | None, dtype: torch.dtype, method: str,
               input_shapes: dict[str, tuple[int, ...]] | None) -> str:
     versions = {pkg: _version(pkg) for pkg in ("torch", "diffusers")}
     # "auto" names the front ends it tries, in order: a new first choice must not read an old one's entries

@@ -130,18 +130,18 @@ def _export_without_stack_traces(model: nn.Module, args: tuple, kwargs: dict) ->
     capture errors are explained from the exception, not from node metadata)."""
     fx_config = getattr(torch.fx, "config", None)
     previous = getattr(fx_config, "do_not_emit_stack_traces", None)
-    if previous is not None:
+    if fx_config is not None and previous is not None:
         fx_config.do_not_emit_stack_traces = True
     try:
         return torch.export.export(model, args, kwargs or None, strict=False)
     finally:
-        if previous is not None:
+        if fx_config is not None and previous is not None:
             fx_config.do_not_emit_stack_traces = previous
 
 
 def _canonical_function(target: Callable) -> str:
     packet = getattr(target, "overloadpacket", None)
-    name = getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+    name: str = getattr(packet, "__name__", "") or getattr(target, "__name__", str(target))
     return _FUNCTION_ALIASES.get(name, name)
 
 

@@ -304,6 +304,7 @@ class _Hooks:
 def _target(func: Callable, name: str, args: tuple) -> tuple[str, Any, str, tuple]:
     """The fx op, target, node name and arguments of one recorded call."""
     if name == "__get__":  # a tensor-valued property: x.T, x.mT, x.real
+        assert hasattr(func, "__self__")  # the bound __get__ of the property's descriptor
         attribute = func.__self__.__name__
         return "call_function", getattr, attribute, (args[0], attribute)
     if name in _OPERATORS:

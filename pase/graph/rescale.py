@@ -92,5 +92,7 @@ def _batch_axes(axis_dims: list[Any], roles: dict[str, str]) -> set[int]:
 
 
 def _scaled(value: int | float, ratio: Fraction) -> int | float:
-    scaled = value * ratio
-    return int(scaled) if isinstance(value, int) and scaled.denominator == 1 else float(scaled)
+    if isinstance(value, int):  # int * Fraction is exact: keep an int when the product is whole
+        scaled = value * ratio
+        return int(scaled) if scaled.denominator == 1 else float(scaled)
+    return float(value * ratio)

@@ -94,8 +94,9 @@ def conv_rule(operands: list[TensorMeta | None], out: TensorMeta, transposed: bo
     c_in = rule.add("c_in", x.shape[1] if transposed else w.shape[1], "reduction")
     spatial = [rule.add(s, e, "spatial") for s, e in zip(_spatial_names(len(out.shape) - 2), out.shape[2:])]
     kernel = [rule.add(f"k{s}", e, "kernel") for s, e in zip(_spatial_names(len(w.shape) - 2), w.shape[2:])]
-    weight_map = [c_in, c_out, *kernel] if transposed else [c_out, c_in, *kernel]
-    rule.operand_maps = [[n, c_in, *spatial], weight_map] + [[c_out]] * (len(operands) - 2)
+    weight_map: DimMap = [c_in, c_out, *kernel] if transposed else [c_out, c_in, *kernel]
+    bias_map: DimMap = [c_out]
+    rule.operand_maps = [[n, c_in, *spatial], weight_map, *[bias_map] * (len(operands) - 2)]
     rule.out_map = [n, c_out, *spatial]
     conv_shape = x.shape[2:] if transposed else out.shape[2:]
     rule.flops_fwd = 2 * x.shape[0] * prod(conv_shape) * prod(w.shape)
@@ -112,7 +113,8 @@ def linear_rule(operands: list[TensorMeta | None], out: TensorMeta) -> LayerRule
     lead = [rule.add(name, e, role) for (name, role), e in zip(lead_names, x.shape[:-1])]
     c_out = rule.add("c_out", w.shape[0], "out_channel")
     c_in = rule.add("c_in", w.shape[1], "reduction")
-    rule.operand_maps = [[*lead, c_in], [c_out, c_in]] + [[c_out]] * (len(operands) - 2)
+    bias_map: DimMap = [c_out]
+    rule.operand_maps = [[*lead, c_in], [c_out, c_in], *[bias_map] * (len(operands) - 2)]
     rule.out_map = [*lead, c_out]
     rule.flops_fwd = 2 * prod(x.shape[:-1]) * w.shape[0] * w.shape[1]
     rule.grad_flops = [rule.flops_fwd, rule.flops_fwd] + [0] * (len(operands) - 2)
@@ -134,7 +136,7 @@ def matmul_rule(a: TensorMeta, b: TensorMeta, out: TensorMeta) -> LayerRule:
     b_lead = [d if b_batch[i] != 1 or batch_shape[len(batch_shape) - len(b_batch) + i] == 1 else None
               for i, d in enumerate(batch[len(batch) - len(b_batch):])]
     rule.operand_maps = [a_lead + [m, k] if len(a.shape) > 1 else [k], b_lead + [k, o] if len(b.shape) > 1 else [k]]
-    rule.out_map = [*batch] + ([m] if len(a.shape) > 1 else []) + ([o] if len(b.shape) > 1 else [])
+    rule.out_map = [*batch, *([m] if len(a.shape) > 1 else []), *([o] if len(b.shape) > 1 else [])]
     rule.flops_fwd = 2 * prod(batch_shape) * rule.dims["m"] * rule.dims["o"] * rule.dims["k"]
     rule.grad_flops = [rule.flops_fwd, rule.flops_fwd]
     return rule
@@ -193,6 +195,7 @@ def embedding_rule(operands: list[TensorMeta | None], out: TensorMeta) -> LayerR
     rule = LayerRule({}, {}, [], [])
     index_slot = next(i for i, m in enumerate(operands) if m is not None and not m.dtype.is_floating_point)
     indices = operands[index_slot]
+    assert indices is not None  # chosen above among the non-None operands
     lead = [rule.add(name, e, role) for (name, role), e in zip(generic_names(len(indices.shape) + 1)[:-1],
                                                                indices.shape)]
     weight = operands[1 - index_slot] if len(operands) > 1 else None
@@ -217,7 +220,7 @@ def attention_rule(operands: list[TensorMeta | None], out: TensorMeta) -> LayerR
     skv = rule.add("kv", k.shape[-2], "sequence")
     d = rule.add("d", q.shape[-1], "reduction")
     dv = d if v.shape[-1] == q.shape[-1] else rule.add("dv", v.shape[-1], "out_channel")
-    rule.operand_maps = [[*batch, sq, d], [*batch, skv, d], [*batch, skv, dv]] + [None] * (len(operands) - 3)
+    rule.operand_maps = [[*batch, sq, d], [*batch, skv, d], [*batch, skv, dv], *[None] * (len(operands) - 3)]
     rule.out_map = [*batch, sq, dv]
     scores = prod(q.shape[:-1]) * k.shape[-2]
     qk, pv = 2 * scores * q.shape[-1], 2 * scores * v.shape[-1]
@@ -237,9 +240,9 @@ def norm_rule(kind: str, operands: list[TensorMeta | None], out: TensorMeta) -> 
         names = [(nm, "channel" if i == len(x.shape) - 1 else role) for i, (nm, role) in enumerate(names)]
     else:  # group / batch norm: (N, C, *spatial)
         names = [("n", "batch"), ("c", "channel")] + [(s, "spatial") for s in _spatial_names(len(x.shape) - 2)]
-    dims = [rule.add(name, e, role) for (name, role), e in zip(names, x.shape)]
+    dims: DimMap = [rule.add(name, e, role) for (name, role), e in zip(names, x.shape)]
     channel = dims[-1] if kind == "layer_norm" else dims[1]
-    rule.operand_maps = [dims] + [[channel] if m is not None and len(m.shape) == 1 else None for m in operands[1:]]
+    rule.operand_maps = [dims, *([channel] if m is not None and len(m.shape) == 1 else None for m in operands[1:])]
     rule.out_map = list(dims)
     rule.grad_flops = [0] * len(operands)
     return rule
@@ -250,7 +253,7 @@ def resample_rule(operands: list[TensorMeta | None], out: TensorMeta) -> LayerRu
     assert x is not None
     rule = LayerRule({}, {}, [], [])
     names = [("n", "batch"), ("c", "channel")] + [(s, "spatial") for s in _spatial_names(len(out.shape) - 2)]
-    dims = [rule.add(name, e, role) for (name, role), e in zip(names, out.shape)]
+    dims: DimMap = [rule.add(name, e, role) for (name, role), e in zip(names, out.shape)]
     rule.operand_maps = [dims] + [None] * (len(operands) - 1)
     rule.out_map = list(dims)
     rule.grad_flops = [0] * len(operands)
@@ -263,7 +266,9 @@ def anchor_rule(kind: str, canonical: str, operands: list[TensorMeta | None], ou
     if kind == "conv":
         return conv_rule(operands, out, transposed=bool(attrs.get("transposed")))
     if kind == "linear" and canonical == "addmm":  # addmm(bias, x, w.T)
-        rule = matmul_rule(operands[1], operands[2], out)  # type: ignore[arg-type]
+        a, b = operands[1], operands[2]
+        assert a is not None and b is not None
+        rule = matmul_rule(a, b, out)
         rule.operand_maps.insert(0, [rule.out_map[-1]])
         rule.grad_flops.insert(0, 0)
         return rule
@@ -275,7 +280,9 @@ def anchor_rule(kind: str, canonical: str, operands: list[TensorMeta | None], ou
         return embedding_rule(operands, out)
     if kind == "matmul":
         offset = 1 if canonical == "baddbmm" else 0
-        rule = matmul_rule(operands[offset], operands[offset + 1], out)  # type: ignore[arg-type]
+        a, b = operands[offset], operands[offset + 1]
+        assert a is not None and b is not None
+        rule = matmul_rule(a, b, out)
         if offset:
             rule.operand_maps.insert(0, None)
             rule.grad_flops.insert(0, 0)

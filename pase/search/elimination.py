@@ -562,7 +562,7 @@ def _eliminate(v: int, rest: tuple[int, ...], group: list[Factor], sizes: list[i
         step = min(step, -(-lead // workers))
     if step >= lead:
         return _min_leading(_sum_tables(aligned, dtype), shape)
-    best = np.empty(shape[1:], dtype=dtype)
+    best: np.ndarray = np.empty(shape[1:], dtype=dtype)
 
     def slice_min(start: int) -> None:
         stop = min(lead, start + step)
@@ -596,7 +596,7 @@ def _min_leading(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _sum_tables(tables: list[np.ndarray], dtype: type) -> np.ndarray:
     """Broadcast sum, smallest first, in place once the result has its final size (one pass per table)."""
-    total = tables[0].astype(dtype, copy=False)
+    total: np.ndarray = tables[0].astype(dtype, copy=False)
     owned = False
     for table in tables[1:]:
         if owned and np.broadcast_shapes(total.shape, table.shape) == total.shape:
