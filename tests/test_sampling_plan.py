@@ -122,7 +122,7 @@ def test_measured_eval_time_is_per_network_row_under_guidance(monkeypatch):
     from torch import nn
 
     from pase.cli.sample import build_pricing
-    from pase.sampling import runner
+    from pase.sampling import planner
     from pase.sampling.denoiser import UNetDenoiser
 
     class Cond(nn.Module):
@@ -136,7 +136,7 @@ def test_measured_eval_time_is_per_network_row_under_guidance(monkeypatch):
         model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
         return UNetDenoiser(model, torch.ones(1, 2, 3), guidance_scale), (3, 4, 4)
 
-    monkeypatch.setattr(runner, "build_denoiser", build)
+    monkeypatch.setattr(planner, "build_denoiser", build)
     pricing_, _, _ = build_pricing("sd15-unet", 2, None, 10, "ddim", 4, 7.5, False, None, None, "bf16")
     assert pricing_.evals_per_row == 2
     assert sorted(set(seen)) == list(pricing_.eval_time.batches)
