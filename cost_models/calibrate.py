@@ -29,18 +29,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rich.progress import Progress
 from torch.multiprocessing.spawn import ProcessException
 
+from cost_models.conventions import BUS_FACTOR
 from pase import atomic
 from pase.errors import PaseError
+from pase.graph import LayerGraph, extract_model
+from pase.process_group import Launch, free_port, pick_backend, process_group, spawn
 
 PROFILE_FORMAT = "pase-calibration"
-BUS_FACTOR: dict[str, Callable[[int], float]] = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "send_recv": lambda n: 1.0,
-}
 COMPUTE_KINDS = ("conv", "linear", "matmul", "attention")
 MEMORY_KINDS = ("group_norm", "layer_norm", "elementwise", "upsample")
 
@@ -59,7 +57,7 @@ class CalibrationConfig:
     timeout_s: float = 600.0
 
     def resolved_backend(self) -> str:
-        return self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        return self.backend or pick_backend()
 
     def resolved_sizes(self) -> list[int]:
         if self.sizes:
@@ -112,27 +110,18 @@ def run_calibration(config: CalibrationConfig, progress: bool = True) -> dict[st
     graph = _layer_graph_for(config)
     with tempfile.TemporaryDirectory(prefix="pase-calibrate-") as tmp:
         out = Path(tmp) / "profile.json"
-        port = _free_port()
-        context = torch.multiprocessing.start_processes(
-            _worker, args=(config.nproc, backend, port, config, graph, str(out), progress),
-            nprocs=config.nproc, join=False, start_method="spawn")
-        deadline = time.monotonic() + config.timeout_s
         try:
-            while not context.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise PaseError(f"calibration did not finish within {config.timeout_s:.0f} s; "
-                                    "try fewer --sizes or --iterations")
+            spawn(_worker, (config.nproc, backend, free_port(), config, graph, str(out), progress), config.nproc,
+                  config.timeout_s)
+        except TimeoutError as exc:
+            raise PaseError(f"calibration did not finish within {config.timeout_s:.0f} s; "
+                            "try fewer --sizes or --iterations") from exc
         except ProcessException as exc:
             raise PaseError(f"a calibration worker failed: {str(exc).strip().splitlines()[-1]}") from exc
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
         return json.loads(out.read_text())
 
 
 def _layer_graph_for(config: CalibrationConfig) -> dict[str, Any]:
-    from pase.graph import LayerGraph, extract_model
 
     path = Path(config.model)
     graph = LayerGraph.from_json(path) if path.suffix == ".json" else extract_model(config.model, config.batch)
@@ -159,21 +148,10 @@ def sample_layers(graph: Any, per_kind: int) -> dict[str, Any]:
     return {"model": graph.meta.get("model"), "batch": graph.batch, "layers": chosen}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world: int, backend: str, port: int, config: CalibrationConfig, graph: dict[str, Any],
             out: str, progress: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    try:
+    with process_group(Launch.local(rank, world, port), backend, timeout_s=config.timeout_s) as device:
         sizes = config.resolved_sizes()
         groups = group_sizes(world)
         measured_ops = [(g, op) for g in groups for op in BUS_FACTOR if op != "send_recv" or g == 2]
@@ -196,19 +174,13 @@ def _worker(rank: int, world: int, backend: str, port: int, config: CalibrationC
         if rank == 0:
             profile = _assemble(config, backend, world, collectives, gathered)
             Path(out).write_text(json.dumps(profile))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 class _Progress:
     """A rich progress bar on rank 0 only (other ranks stay silent)."""
-
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = None
         if enabled:
-            from rich.progress import Progress
-
             self.bar = Progress(transient=True)
             self.task = self.bar.add_task("calibrating", total=total)
             self.bar.start()

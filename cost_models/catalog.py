@@ -17,13 +17,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pase.errors import PaseError
 
 
 class UnknownHardwareError(PaseError):
     """A GPU or network name the catalog does not know."""
-
-
 @dataclass(frozen=True)
 class Price:
     low: float
@@ -36,7 +36,6 @@ class Price:
 @dataclass(frozen=True)
 class GPUSpec:
     """One GPU model. Tensor TFLOPS are dense; bandwidths are GB/s (per direction for links)."""
-
     id: str
     name: str
     vendor: str
@@ -114,7 +113,6 @@ class GPUSpec:
 @dataclass(frozen=True)
 class NetworkSpec:
     """An inter-node network port type: per-NIC bandwidth per direction and latency."""
-
     id: str
     line_gbit: float
     gbps: float
@@ -243,12 +241,7 @@ def read_data_file(path: str | Path) -> dict[str, Any]:
         raise PaseError(f"file {path} does not exist")
     text = path.read_text()
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
         raise PaseError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(data, dict):

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cost_models.cluster import Cluster
+from cost_models.conventions import BUS_FACTOR, bytes_per_element
 from cost_models.rates import HardwareRates
 
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
@@ -77,7 +78,7 @@ class CostModel:
         rate = self.rates.collective(op, ranks)
         return rate.alpha_s, rate.busbw_gbps
 
-    def collective_seconds(self, op: str, nbytes: np.ndarray, group: np.ndarray, stride: np.ndarray,
+    def collective_seconds(self, op: str, nbytes: np.ndarray, group: np.ndarray, stride: np.ndarray | int,
                            bucketed: bool = False) -> np.ndarray:
         """Time of ``op`` on ``nbytes`` per device over groups of ``group`` ranks spaced ``stride`` apart.
 
@@ -86,13 +87,11 @@ class CostModel:
         """
         out = np.zeros(np.broadcast(nbytes, group, stride).shape)
         nbytes, group, stride = np.broadcast_arrays(nbytes, group, stride)
-        factor = {"all_reduce": lambda g: 2 * (g - 1) / g, "all_gather": lambda g: (g - 1) / g,
-                  "reduce_scatter": lambda g: (g - 1) / g, "send_recv": lambda g: 1.0}[op]
         for g, s in {(int(g), int(s)) for g, s in zip(group.ravel(), stride.ravel()) if g > 1}:
             alpha, busbw = self._collective(op, g, s)
             where = (group == g) & (stride == s)
             latency = alpha * np.minimum(1.0, nbytes[where] / GRADIENT_BUCKET_BYTES) if bucketed else alpha
-            out[where] = latency + nbytes[where] * factor(g) / (busbw * 1e9)
+            out[where] = latency + nbytes[where] * BUS_FACTOR[op](g) / (busbw * 1e9)
         return out
 
     # ------------------------------------------------------------------ layers
@@ -107,7 +106,7 @@ class CostModel:
         dims = list(layer["dims"])
         extent = np.array([layer["dims"][d] for d in dims], dtype=np.float64)
         used = f.prod(axis=1)
-        itemsize = 2 if self.options.precision in ("bf16", "fp16") else 4
+        itemsize = bytes_per_element(self.options.precision)
         maps = layer["tensors"]
         out_map = maps["output"]
 
@@ -267,7 +266,7 @@ class CostModel:
         # forward: the consumer gathers its block; backward: the producer gathers the gradient of its own
         moved = np.maximum(0.0, target[None, :] - overlap) + np.maximum(0.0, source[:, None] - overlap)
         fraction = min(1.0, edge["bytes"] / max(1.0, shape.prod() * edge["dtype_bytes"]))
-        itemsize = 2 if self.options.precision in ("bf16", "fp16") else edge["dtype_bytes"]
+        itemsize = bytes_per_element(self.options.precision, edge["dtype_bytes"])
         seconds = moved * (fraction * itemsize / (self.relayout_gbps * 1e9))
         return seconds[np.ix_(s_of, t_of)]
 

@@ -13,8 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cost_models.calibrate import (
+    CalibrationConfig,
+    default_profile_dir,
+    hardware_fingerprint,
+    load_profile,
+    run_calibration,
+    save_profile,
+)
 from cost_models.catalog import Catalog
 from cost_models.cluster import Cluster, cluster_from_dict, group_cluster
+from cost_models.probe import NoNvidiaDriver, probe
 from pase.errors import PaseError
 
 CPU_DEVICE = "cpu"
@@ -28,15 +37,6 @@ def cpu_profile(devices: int, path: str | Path | None = None,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The CPU calibration profile for ``devices`` gloo processes: ``path``, else this machine's saved one,
     else a fresh measurement (saved for next time)."""
-    from cost_models.calibrate import (
-        CalibrationConfig,
-        default_profile_dir,
-        hardware_fingerprint,
-        load_profile,
-        run_calibration,
-        save_profile,
-    )
-
     if path is not None:
         profile = load_profile(path)
     else:
@@ -83,15 +83,11 @@ def cpu_cluster(devices: int, profile: dict[str, Any], catalog: Catalog | None =
 def local_cluster(devices: int | None, profile_path: str | Path | None = None, catalog: Catalog | None = None,
                   progress: Callable[[str], None] | None = None) -> tuple[Cluster, dict[str, Any] | None]:
     """(cluster, profile to price with) for this machine: its GPUs when NVML finds any, else CPU processes."""
-    from cost_models.probe import NoNvidiaDriver, probe
-
     try:
         probed = probe()
     except NoNvidiaDriver:
         probed = None
     if probed is not None and probed.gpus:
-        from cost_models.calibrate import load_profile
-
         cluster = probed.to_cluster(catalog or Catalog.load())
         devices = devices or cluster.world_size
         if devices > cluster.world_size:

@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cost_models.calibrate import BUS_FACTOR
 from cost_models.cluster import Cluster
+from cost_models.conventions import BUS_FACTOR
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,30 +18,14 @@ import torch.nn.functional as F
 GLOBAL_BATCH = 8
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_ranks(case_names: list[str], world: int = 2, timeout_s: float = 120.0) -> dict[str, Any]:
     """Spawn ``world`` ranks that run ``case_names``; rank results as {rank: {case: result}}."""
     import tempfile
 
-    import torch.multiprocessing as mp
+    from pase.process_group import free_port, spawn
 
     with tempfile.TemporaryDirectory(prefix="pase-runtime-test-") as tmp:
-        context = mp.start_processes(_worker, args=(world, free_port(), case_names, tmp), nprocs=world, join=False,
-                                     start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not context.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"runtime cases {case_names} did not finish in {timeout_s} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
+        spawn(_worker, (world, free_port(), case_names, tmp), world, timeout_s)
         return {rank: json.loads((Path(tmp) / f"{rank}.json").read_text()) for rank in range(world)}
 
 
@@ -227,33 +208,27 @@ def _pipeline_case(name: str, graph: Any, rank: int, world: int) -> dict[str, An
 
 
 def _worker(rank: int, world: int, port: int, case_names: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     from pase.graph import extract
     from pase.models.zoo import ZOO
+    from pase.process_group import Launch, process_group
 
-    dist.init_process_group("gloo")
     results: dict[str, Any] = {}
-    try:
-        graph = extract(build_model().to("meta"), *ZOO["unet-tiny"].example_inputs(GLOBAL_BATCH), name="unet-tiny")
-        for name in case_names:
-            try:
-                if name.startswith("pipeline:"):
-                    results[name] = _pipeline_case(name, graph, rank, world)
-                elif name == "refusals":
-                    results[name] = _refusals(graph, rank, world)
-                else:
-                    results[name] = _case(name, graph, rank, world)
-            except Exception:  # reported to the test, which fails with the traceback
-                results[name] = {"error": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        Path(out, f"{rank}.json").write_text(json.dumps(results))
-        import gc
-
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+    with process_group(Launch.local(rank, world, port), "gloo", timeout_s=300):
+        try:
+            graph = extract(build_model().to("meta"), *ZOO["unet-tiny"].example_inputs(GLOBAL_BATCH), name="unet-tiny")
+            for name in case_names:
+                try:
+                    if name.startswith("pipeline:"):
+                        results[name] = _pipeline_case(name, graph, rank, world)
+                    elif name == "refusals":
+                        results[name] = _refusals(graph, rank, world)
+                    else:
+                        results[name] = _case(name, graph, rank, world)
+                except Exception:  # reported to the test, which fails with the traceback
+                    results[name] = {"error": traceback.format_exc()}
+                dist.barrier()
+        finally:
+            Path(out, f"{rank}.json").write_text(json.dumps(results))

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from cost_models.calibrate import BUS_FACTOR, fit_alpha_beta, load_profile
+from cost_models.calibrate import fit_alpha_beta, load_profile
 from cost_models.cluster import parse_spec
+from cost_models.conventions import BUS_FACTOR, bytes_per_element
 from cost_models.rates import HardwareRates
 
 
@@ -120,3 +121,11 @@ def test_a_group_spanning_nodes_drives_one_nic_share_per_member() -> None:
     assert rates.collective("all_reduce", list(range(16))).busbw_gbps == pytest.approx(8 * share)
     inside = rates.collective("all_reduce", list(range(8))).busbw_gbps  # NVLink inside one node is not capped
     assert inside > 8 * share
+
+
+def test_bus_factors_and_element_sizes() -> None:
+    """nccl-tests' bus factors for a group of 4, and the planner's bytes per element."""
+    assert {op: factor(4) for op, factor in BUS_FACTOR.items()} == \
+        {"all_reduce": 1.5, "all_gather": 0.75, "reduce_scatter": 0.75, "send_recv": 1.0}
+    assert [bytes_per_element(p) for p in ("bf16", "fp16", "fp32")] == [2, 2, 4]
+    assert bytes_per_element("fp32", 8) == 8 and bytes_per_element("bf16", 8) == 2

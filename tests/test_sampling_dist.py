@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from pase.process_group import Launch, free_port, process_group
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run_two_ranks(target, path: str, timeout: float) -> None:
     """Two forked gloo ranks running ``target(rank, 2, port, path)``; killed if they outlive ``timeout``."""
     context = mp.get_context("fork")  # children inherit the imported diffusers (spawn re-imports: ~10 s)
-    port = _free_port()
+    port = free_port()
     procs = [context.Process(target=target, args=(rank, 2, port, path)) for rank in range(2)]
     for proc in procs:
         proc.start()
@@ -97,14 +91,10 @@ def _run_all() -> tuple[dict[str, tuple[torch.Tensor, int]], list[tuple[int, boo
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with process_group(Launch.local(rank, world, port), "gloo", timeout_s=120):
         out, calls = _run_all()
         if rank == 0:
             torch.save({"out": out, "calls": calls}, path)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(180)
@@ -133,7 +123,7 @@ def test_torchrun_cli_matches_one_process(tmp_path):
             "--out", str(tmp_path / "two.safetensors")]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                               "--master-port", str(_free_port()), *args], capture_output=True, text=True,
+                               "--master-port", str(free_port()), *args], capture_output=True, text=True,
                               timeout=220, env=env, cwd=ROOT)
     assert launched.returncode == 0, launched.stderr[-3000:]
     lines = [line for line in launched.stdout.splitlines() if line.startswith("{")]
@@ -152,17 +142,13 @@ def _batch_worker(rank: int, world: int, port: int, path: str) -> None:
     from pase.sampling.denoiser import GaussianDenoiser
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with process_group(Launch.local(rank, world, port), "gloo", timeout_s=60):
         core = build_core("ddpm", 6, clip_sample=False)
         x_t, noise = core.initial_and_noise((1, 2, 4, 4), 0)  # one sample, two ranks: rank 1 has no share
         result = batch_parallel(core, Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4))), x_t,
                                 noise)
         if rank == 0:
             torch.save({"sample": result.sample, "passes": result.passes}, path)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(120)

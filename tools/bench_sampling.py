@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -104,12 +103,6 @@ def predict(model: str, processes: int, samplers: list[str], eval_time) -> dict[
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="unet-tiny,ddpm-cifar10")
@@ -126,6 +119,7 @@ def main() -> None:
     from rich.table import Table
 
     from pase import atomic
+    from pase.process_group import free_port
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     from pase.sampling.planner import measure_eval_time
@@ -137,7 +131,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "rows.json"
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                            "--master-port", str(_free_port()), __file__, "--worker", "--models", args.models,
+                            "--master-port", str(free_port()), __file__, "--worker", "--models", args.models,
                             "--samplers", args.samplers, "--out", str(out)], check=True, env=env, cwd=ROOT,
                            timeout=3600)
             measured = json.loads(out.read_text())

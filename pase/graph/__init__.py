@@ -12,10 +12,13 @@ import torch
 from torch import nn
 
 from pase.errors import InputShapeError
+from pase.graph import cache
 from pase.graph.build import build_layer_graph
-from pase.graph.capture import CAPTURE_METHODS, capture
+from pase.graph.capture import CAPTURE_METHODS, capture, quiet_torch_logs
 from pase.graph.ir import OpGraph
 from pase.graph.layer_graph import SCHEMA_VERSION, LayerGraph
+from pase.graph.rescale import with_batch
+from pase.models.zoo import ZOO, resolve_model
 
 __all__ = ["CAPTURE_METHODS", "SCHEMA_VERSION", "LayerGraph", "extract", "extract_model", "layer_graph_of"]
 
@@ -91,10 +94,6 @@ def extract_model(
     ``refresh_cache`` captures again and overwrites the entry. Without input-shape overrides the
     entry serves every batch: a graph cached at one batch is rescaled (``rescale.with_batch``).
     """
-    from pase.graph import cache
-    from pase.graph.rescale import with_batch
-    from pase.models.zoo import ZOO, resolve_model
-
     spec = resolve_model(name, user_input_shapes)
     cacheable = use_cache and name in ZOO
     any_batch = cacheable and not input_shapes
@@ -115,8 +114,6 @@ def extract_model(
     with torch.device("meta"):
         model = spec.build()
     if any(p.dtype != dtype for p in model.parameters()):
-        from pase.graph.capture import quiet_torch_logs
-
         with quiet_torch_logs():  # diffusers warns about fp32-only modules even when there are none
             model = model.to(dtype)
     args, kwargs = spec.example_inputs(batch, dtype=dtype, device="meta", shapes=input_shapes)

@@ -23,9 +23,11 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils.flop_counter import FlopCounterMode
 
 from pase.errors import GraphCaptureError, InputShapeError
 from pase.graph.ir import OpGraph, OpNode, ParamRef, TensorMeta
+from pase.graph.meta_trace import meta_trace
 from pase.graph.opset import PERMUTING_VIEWS
 
 CAPTURE_METHODS = ("meta_trace", "export", "symbolic_trace")
@@ -169,7 +171,6 @@ def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
 
 
 def _capture_meta_trace(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
-    from pase.graph.meta_trace import meta_trace
 
     trace = meta_trace(model, args, kwargs)
     return fx_to_op_graph(trace.graph, model, trace.attrs.__getitem__, trace.trainable, "meta_trace")
@@ -254,8 +255,6 @@ def _module_attrs(module: nn.Module, canonical: str, node: torch.fx.Node) -> dic
 
 def _leaf_module_flops(module: nn.Module, node: torch.fx.Node) -> int:
     """FLOPs of a leaf module pase has no rule for, counted by running it on meta tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     metas = [a.meta.get("tensor_meta") for a in _nodes_in(node.args, {})]
     fake_args = [torch.empty(m.shape, dtype=m.dtype, device="meta") for m in metas if isinstance(m, TensorMetadata)]
     with FlopCounterMode(display=False) as counter:

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from cost_models.cluster import Cluster, group_cluster
+from cost_models.conventions import bytes_per_element
 from cost_models.layer_costs import COMPUTE_KINDS, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
@@ -188,7 +189,7 @@ class Pricer:
         self._layer_cache: dict[tuple[int, int, int], LayerPrice] = {}
         self._edge_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._rebatched: dict[tuple[int, int], dict[str, Any]] = {}
-        self.itemsize = 2 if options.precision in ("bf16", "fp16") else 4
+        self.itemsize = bytes_per_element(options.precision)
 
     def model(self, group: int) -> CostModel:
         if group not in self._models:

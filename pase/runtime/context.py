@@ -7,49 +7,46 @@ with pase.distributed(plan) as run:            # under torchrun (or one process:
     ...
 ```
 
-The backend is NCCL when CUDA devices are visible, gloo otherwise. The context owns the process
-group only when it created it, and tears it down in the order that avoids gloo's exit hang
-(reference/cpu_feasibility.md 4b: drop DDP, collect, barrier, destroy).
+The group is ``pase.process_group``'s (NCCL when CUDA devices are visible, gloo otherwise). The context
+owns it only when it created it, and then tears it down: drop the models, collect, a barrier bounded by
+``timeout_s``, destroy (after an error without the barrier).
 """
 from __future__ import annotations
 
-import gc
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from pase.errors import PaseError
 from pase.planning.plan import Plan
+from pase.process_group import Launch, close_group, open_group, pick_backend
+from pase.runtime.checks import check_world
+from pase.runtime.parallel import parallelize
 
-
-def pick_backend() -> str:
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
+TIMEOUT_S = 600.0  # every collective, and the barrier at the end
 
 
 @dataclass
 class Run:
     """One rank of a distributed run of ``plan``."""
-
     plan: Plan | None
     backend: str
     rank: int
     world_size: int
     device: torch.device
     owns_group: bool = False
+    timeout_s: float = TIMEOUT_S
     models: list[nn.Module] = field(default_factory=list)
 
     def parallelize(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         """``pase.parallelize(model, plan)`` with this run's plan and device."""
-        from pase.runtime.parallel import parallelize
-
         if self.plan is None:
             raise PaseError("this run has no plan: open it with pase.distributed(plan)")
         result = parallelize(model, self.plan, device=self.device, **kwargs)
@@ -65,8 +62,6 @@ class Run:
     def data_loader(self, dataset: Any, batch_size: int | None = None, *, shuffle: bool = True, seed: int = 0,
                     **kwargs: Any) -> torch.utils.data.DataLoader:
         """A loader giving this rank its chunk of each global batch of ``batch_size`` (default: the plan's)."""
-        from torch.utils.data import DataLoader, DistributedSampler
-
         batch_size = batch_size or (self.plan.batch if self.plan else None)
         if not batch_size or batch_size % self.world_size:
             raise PaseError(f"the global batch {batch_size} must be a positive multiple of the {self.world_size} "
@@ -83,52 +78,34 @@ class Run:
             dist.all_reduce(tensor)
         return float(tensor.item()) / self.world_size
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
+        """Drop the models; leave the process group if this run opened it (``barrier=False`` after an error,
+        when some rank may never reach the barrier)."""
         self.models.clear()
-        gc.collect()
-        if self.owns_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        if self.owns_group:
+            close_group(self.timeout_s, barrier=barrier)
 
 
 def _start(plan: Plan | None, backend: str | None, timeout_s: float) -> Run:
-    created = False
-    if not dist.is_initialized():
-        backend = backend or pick_backend()
-        if "RANK" not in os.environ:  # a single process outside torchrun: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        created = True
+    created = not dist.is_initialized()
+    if created:  # outside torchrun, a single process is a world of one
+        open_group(Launch.from_torchrun() or Launch.local(), backend, timeout_s=timeout_s)
     backend = dist.get_backend()
     rank, world = dist.get_rank(), dist.get_world_size()
     if plan is not None:
-        from pase.runtime.checks import check_world
-
         try:
             check_world(plan, world)
         except PaseError:
             if created:
-                dist.destroy_process_group()
+                close_group(timeout_s, barrier=False)
             raise
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    return Run(plan, backend, rank, world, device, owns_group=created)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return Run(plan, backend, rank, world, device, owns_group=created, timeout_s=timeout_s)
 
 
 @contextmanager
 def distributed(plan: Plan | str | Path | None = None, *, backend: str | None = None,
-                timeout_s: float = 600.0) -> Iterator[Run]:
+                timeout_s: float = TIMEOUT_S) -> Iterator[Run]:
     """Join (or start) the process group for ``plan`` (a Plan or a plan file); refuse a plan made for
     another world size before any work starts."""
     if isinstance(plan, (str, Path)):
@@ -136,8 +113,10 @@ def distributed(plan: Plan | str | Path | None = None, *, backend: str | None = 
     run = _start(plan, backend, timeout_s)
     try:
         yield run
-    finally:
-        run.close()
+    except BaseException:
+        run.close(barrier=False)
+        raise
+    run.close()
 
 
 __all__ = ["Run", "distributed", "pick_backend"]

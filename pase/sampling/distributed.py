@@ -9,13 +9,13 @@ every rank: no communication, the same bits everywhere.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from pase.process_group import DEFAULT_TIMEOUT_S, Launch, close_group, open_group
 from pase.sampling.denoiser import Denoiser
 
 
@@ -107,22 +107,19 @@ def local_slice(total: int, group: dist.ProcessGroup | None = None) -> slice:
     return slice(bounds[rank], bounds[rank + 1])
 
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes (gloo on CPU, NCCL with CUDA); False when not launched
-    by torchrun. The caller tears down with ``shutdown``."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or dist.is_initialized():
+def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the process group torchrun describes (``pase.process_group``: gloo on CPU, NCCL with CUDA); False
+    when not launched by torchrun. The caller tears down with ``shutdown``."""
+    launch = Launch.from_torchrun()
+    if launch is None or launch.world_size <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    open_group(launch, timeout_s=timeout_s)
     return True
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def shutdown(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Leave the process group, waiting at most ``timeout_s`` for the other ranks."""
+    close_group(timeout_s)
 
 
 def is_rank0() -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cost_models.conventions import bytes_per_element
 from cost_models.layer_costs import COMPUTE_KINDS
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
@@ -151,8 +152,7 @@ def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
     """Forward time of ``graph`` (captured at batch 1) per batch on one device of ``rates``: per layer,
     max(FLOPs / compute rate, bytes / memory rate) + launch overhead; weights are read once per call,
     activations scale with the batch. O(layers * batches)."""
-    itemsize = 2 if precision in ("bf16", "fp16") else 4
-    scale = itemsize / 4  # the graph was captured in fp32
+    scale = bytes_per_element(precision) / 4  # the graph was captured in fp32
     memory_rate = rates.memory().value
     layers = [data for _, data in graph.layers() if data["op"] not in ("input", "output")]
     seconds = []

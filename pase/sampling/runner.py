@@ -6,7 +6,6 @@ sampler is run too and the relative error of the parallel sample against it is r
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from pase.errors import PaseError
 from pase.models.pase_unet import PaseUNetConfig
 from pase.models.zoo import resolve_model
+from pase.process_group import Launch, pick_device
 from pase.sampling.core import SamplerCore, build_core
 from pase.sampling.denoiser import UNetDenoiser
 from pase.sampling.distributed import Evaluator
@@ -118,9 +118,7 @@ def run_sampler(name: str, core: SamplerCore, evaluator: Evaluator, x_t: torch.T
 
 
 def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return pick_device((Launch.from_torchrun() or Launch()).local_rank)
 
 
 def sample(config: SampleConfig, progress: Progress | None = None) -> tuple[SampleResult, float | None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from pase import atomic
 from pase.errors import PaseError
@@ -27,8 +28,6 @@ VERSION = 1
 
 class CostGraphError(PaseError):
     """A cost graph file that breaks the format; the message names the vertex or edge."""
-
-
 @dataclass
 class CostGraph:
     name: str
@@ -131,12 +130,8 @@ class CostGraph:
 
 
 def _parse_json(text: bytes) -> Any:
-    """orjson when installed (10x faster on large cost graphs); the standard library otherwise,
-    and for files orjson rejects (Infinity and NaN literals are not standard JSON)."""
-    try:
-        import orjson
-    except ImportError:
-        return json.loads(text)
+    """orjson (10x faster on large cost graphs); the standard library for files orjson rejects
+    (Infinity and NaN literals are not standard JSON)."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
