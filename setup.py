@@ -20,7 +20,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=[f"{top}{sub}" for top in ("pase", "cost_models", "strategies", "tools")
+    packages=find_packages(include=[f"{top}{sub}" for top in ("pase", "cost_models", "strategies")
                                     for sub in ("", ".*")]),
     package_data={"cost_models": ["data/*.json", "data/*.yaml"], "pase.train": ["digits.npz"]},
     install_requires=[
@@ -39,7 +39,7 @@ setup(
         "pillow>=9",  # folder-of-images training data
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.12", "import-linter>=2.1", "mypy>=1.11"],
     },
     entry_points={"console_scripts": ["pase=pase.cli:run"]},
 )

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.conventions import BUS_FACTOR, bytes_per_element
 from cost_models.rates import HardwareRates
+from pase.graph.attrs import EdgeAttrs, LayerAttrs
 
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
 NORM_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm"})
@@ -95,7 +96,7 @@ class CostModel:
         return out
 
     # ------------------------------------------------------------------ layers
-    def layer_costs(self, layer: dict[str, Any], space: SplitTable, block_output: bool = True,
+    def layer_costs(self, layer: LayerAttrs, space: SplitTable, block_output: bool = True,
                     parts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(compute seconds, communication seconds, bytes per device) for every configuration of
         ``layer``. O(K * dims). When ``parts`` is given it receives the pieces a pipeline prices
@@ -115,7 +116,7 @@ class CostModel:
             idx = [dims.index(d) for d in tensor_map if d in dims]
             return (extent[idx].prod() / f[:, idx].prod(axis=1)) if idx else np.ones(len(f))
 
-        def missing(tensor_map: list, among: set[str] | None = None) -> np.ndarray:
+        def missing(tensor_map: list, among: set[str | None] | None = None) -> np.ndarray:
             """Product of the splits of dimensions (``among`` these) a tensor does not run over."""
             idx = [i for i, d in enumerate(dims) if d not in tensor_map and (among is None or d in among)]
             return f[:, idx].prod(axis=1) if idx else np.ones(len(f), dtype=np.int64)
@@ -184,14 +185,14 @@ class CostModel:
         return f[:, idx].prod(axis=1) if idx else np.ones(len(f), dtype=np.int64)
 
     @staticmethod
-    def _factor_table(layer: dict[str, Any], space: SplitTable) -> np.ndarray:
+    def _factor_table(layer: LayerAttrs, space: SplitTable) -> np.ndarray:
         dims = list(layer["dims"])
         table = np.ones((len(space), len(dims)), dtype=np.int64)
         for j, name in enumerate(space.dims):
             table[:, dims.index(name)] = space.factors[:, j]
         return table
 
-    def _halo_seconds(self, layer: dict[str, Any], dims: list[str], f: np.ndarray, extent: np.ndarray,
+    def _halo_seconds(self, layer: LayerAttrs, dims: list[str], f: np.ndarray, extent: np.ndarray,
                       itemsize: int) -> np.ndarray:
         if layer["op"] != "conv" or "h" not in dims:
             return np.zeros(len(f))
@@ -205,7 +206,7 @@ class CostModel:
         nbytes = 2 * rows * (extent[c_in] / f[:, c_in]) * (extent[n] / f[:, n]) * itemsize
         return np.where(split > 1, 2 * self.collective_seconds("send_recv", nbytes, np.where(split > 1, 2, 1), 1), 0.0)
 
-    def _norm_stats_seconds(self, layer: dict[str, Any], dims: list[str], f: np.ndarray,
+    def _norm_stats_seconds(self, layer: LayerAttrs, dims: list[str], f: np.ndarray,
                             extent: np.ndarray) -> np.ndarray:
         """Mean and variance are reduced over the dims a norm normalises: a split there needs an
         all-reduce of the statistics (forward and backward); a split elsewhere needs none."""
@@ -228,7 +229,7 @@ class CostModel:
         return 2 * self.collective_seconds("all_reduce", 2 * 4 * statistics, group, 1)
 
     # ------------------------------------------------------------------ edges
-    def edge_costs(self, edge: dict[str, Any], producer: dict[str, Any], src: SplitTable, consumer: dict[str, Any],
+    def edge_costs(self, edge: EdgeAttrs, producer: LayerAttrs, src: SplitTable, consumer: LayerAttrs,
                    dst: SplitTable) -> np.ndarray:
         """Re-layout seconds for every (producer config, consumer config) pair: (K_src, K_dst)."""
         shape = np.array(edge["shape"], dtype=np.float64)
@@ -249,13 +250,13 @@ class CostModel:
                 if name in pdims:
                     s_split[:, a] *= fp[:, pdims.index(name)]
         t_split = np.ones((len(fc), axes))
-        for j, name in enumerate(edge["dst_map"]):
+        for j, read_dim in enumerate(edge["dst_map"]):
             base_axes = edge["axis_map"][j] if j < len(edge["axis_map"]) else []
-            if name in cdims and base_axes:
+            if read_dim is not None and read_dim in cdims and base_axes:
                 # a tensor covering part of the consumer's dimension (one input of a concat) is read
                 # by fewer device groups: its effective split shrinks by the share it covers
-                share = edge["dst_shape"][j] / max(1, consumer["dims"][name])
-                t_split[:, base_axes[0]] *= np.maximum(1.0, fc[:, cdims.index(name)] * min(1.0, share))
+                share = edge["dst_shape"][j] / max(1, consumer["dims"][read_dim])
+                t_split[:, base_axes[0]] *= np.maximum(1.0, fc[:, cdims.index(read_dim)] * min(1.0, share))
         s_block = shape / np.maximum(1, np.minimum(s_split, shape))
         t_block = shape / np.maximum(1, np.minimum(t_split, shape))
         target = t_block.prod(axis=1)

@@ -8,7 +8,7 @@ process learns its place in the job, and on how the group ends.
   local spawner started that meet on a free port of 127.0.0.1.
 - Teardown is explicit and bounded: collect the garbage that holds the group (DDP wrappers), a barrier
   that waits a bounded time, then ``destroy_process_group``; gloo can hang at exit without it
-  (reference/cpu_feasibility.md 4b). After an error the barrier is skipped: the other ranks may never
+  (a rank stuck in ProcessGroupGloo's destructor). After an error the barrier is skipped: the other ranks may never
   reach it (torchrun, or ``spawn``'s deadline, stops them).
 
 Below every other pase package: imports only the standard library, torch and ``pase.errors``.

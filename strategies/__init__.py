@@ -2,5 +2,4 @@
 timestep-decoupled fine-tuning, quantized fine-tuning, parallel sampling).
 
 Each owns its configurations and how the runtime applies it; costs go through ``cost_models``.
-(Filled in by the planner, fine-tuning, sampling and runtime issues.)
 """

@@ -14,7 +14,7 @@ consecutive ranks enters and leaves that layout through these autograd functions
   its batch chunk; the backward all-gathers the gradient along dim 0.
 
 Plain ``torch.distributed`` collectives on local tensors: DTensor's convolution rule is wrong for
-channel-sharded operands on torch 2.13 (see reference/cpu_feasibility.md 4d), these are not.
+channel-sharded operands on torch 2.13 (measured on gloo), these are not.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ biases, norms and embeddings. What trains is, per layer and per timestep expert 
 output-channel scale s_out^e (initialised to the quantization scale) and an input-channel scale
 s_in^e (initialised to 1):  W^e = s_out^e * (W_q - z) * s_in^e. Expert e(t) = floor(t E / T).
 
-Two departures from the reference code, on purpose (see shared/reference/diffusion_seeds.md 3.4):
+Two departures from the TuneQDM reference code, on purpose:
 - each sample is routed to its own expert (the batch is grouped by expert inside every layer),
   so batches larger than 1 train correctly; training draws its timesteps in sorted order so the
   groups are contiguous slices (views) rather than copies that autograd would keep;

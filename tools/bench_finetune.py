@@ -8,7 +8,7 @@ Writes seeded pretrained weights once, then runs each strategy as its own proces
 its level just before the model was built (VmHWM on Linux CPU, max_memory_allocated on a GPU):
 full fine-tuning, TuneQDM 8-bit and 4-bit (2 experts), and one DeMe group (one range with its
 frozen teacher and the consistency loss; a DeMe job runs one such group per range). Step time is
-the median after the first step. Targets (issue 7): TuneQDM's gradient+optimizer bytes at least
+the median after the first step. Targets: TuneQDM's gradient+optimizer bytes at least
 100x below full fine-tuning, and its peak at most 0.5x, at the same batch.
 
 On Linux CPU the runs get ``MALLOC_MMAP_THRESHOLD_=65536`` (``--default-malloc`` leaves glibc as it

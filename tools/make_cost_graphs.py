@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/make_cost_graphs.py [--out bench_results/cost_graphs]
 
-Vertex and edge counts and configuration-count ranges follow ../shared/reference/pase.md
+Vertex and edge counts and configuration-count ranges follow the PaSE paper's benchmark graphs
 (Inception-v3: 219 vertices, 253 edges, 6-176 configs at p=64; Transformer: 204 vertices,
 256 edges, 35-146 configs at p=16 and 84-566 at p=64). Structure: Inception is a chain of
 fork-join modules (four parallel branches of 1-3 layers); the Transformer is a chain of

@@ -22,5 +22,5 @@ echo "[setup] installing pase (editable) with test extras"
 # An editable install leaves pase's own sources uncompiled, and with PYTHONDONTWRITEBYTECODE set
 # every command would compile them again (0.15 s of each `pase plan`): compile them once, as a
 # regular pip install does.
-.venv/bin/python -m compileall -q pase cost_models strategies tools
+.venv/bin/python -m compileall -q pase cost_models strategies
 echo "[setup] done: $(.venv/bin/python -c 'import torch, pase; print("torch", torch.__version__, "| pase", pase.__version__)')"

@@ -12,11 +12,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 
 from pase import atomic
+from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.schema import check_header
 
 SCHEMA = "pase.layer_graph"
@@ -48,15 +49,19 @@ class LayerGraph:
     def batch(self) -> int:
         return int(self.meta.get("batch", 1))
 
-    def layers(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def layers(self) -> Iterator[tuple[str, LayerAttrs]]:
         """Layers in capture (topological) order."""
         return iter(sorted(self.graph.nodes(data=True), key=lambda item: item[1]["index"]))
+
+    def tensor_edges(self) -> Iterator[tuple[str, str, EdgeAttrs]]:
+        """(producer, consumer, attributes) for every tensor a layer reads."""
+        return iter(self.graph.edges(data=True))
 
     def __len__(self) -> int:
         return self.graph.number_of_nodes()
 
-    def __getitem__(self, layer_id: str) -> dict[str, Any]:
-        return self.graph.nodes[layer_id]
+    def __getitem__(self, layer_id: str) -> LayerAttrs:
+        return cast(LayerAttrs, self.graph.nodes[layer_id])
 
     def total(self, attribute: str) -> int:
         return sum(int(data.get(attribute, 0)) for _, data in self.graph.nodes(data=True))

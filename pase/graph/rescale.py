@@ -11,6 +11,7 @@ the graph's batch, or a graph captured at batch 1, where a broadcast and a batch
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
@@ -50,7 +51,7 @@ def with_batch(graph: LayerGraph, batch: int) -> LayerGraph | None:
     return result
 
 
-def layer_with_batch(data: dict[str, Any], ratio: Fraction) -> dict[str, Any]:
+def layer_with_batch(data: Mapping[str, Any], ratio: Fraction) -> dict[str, Any]:
     """A layer's attributes with its batch dimension scaled by ``ratio`` (FLOPs and bytes follow)."""
     dims = _batch_dims(data)
     out = dict(data)
@@ -63,7 +64,7 @@ def layer_with_batch(data: dict[str, Any], ratio: Fraction) -> dict[str, Any]:
     return out
 
 
-def edge_with_batch(edge: dict[str, Any], producer: dict[str, Any], consumer: dict[str, Any],
+def edge_with_batch(edge: Mapping[str, Any], producer: Mapping[str, Any], consumer: Mapping[str, Any],
                     ratio: Fraction) -> dict[str, Any]:
     """An edge's shapes and bytes with the batch axes scaled (axes found through the dim maps)."""
     out = dict(edge)
@@ -77,7 +78,7 @@ def edge_with_batch(edge: dict[str, Any], producer: dict[str, Any], consumer: di
     return out
 
 
-def _batch_dims(data: dict[str, Any]) -> list[str]:
+def _batch_dims(data: Mapping[str, Any]) -> list[str]:
     return [d for d, role in data.get("roles", {}).items() if role == BATCH_ROLE]
 
 

@@ -4,7 +4,7 @@
 with a split point at the first module of every stage after the first, builds this rank's stage
 and the plan's schedule. Every tensor that crosses a boundary (the main path, the time embedding,
 the decoder's skip tensors) becomes an output of one stage and an input of the next: the split
-graph carries them. Two things the tracer needs on this torch (reference/cpu_feasibility.md 4c):
+graph carries them. Two things the tracer needs on torch 2.13:
 stage outputs are made contiguous (gloo's send rejects strided views), and stage 0's inputs are
 fed in the order the stage module declares them (first use, not the signature's order).
 

@@ -1,1 +1,0 @@
-"""Benchmarks and reports that print numbers and write JSON; run on demand, never in the test suite."""
