@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-BASELINES = ("sequential", "batch")
-
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -20,10 +18,6 @@ class SamplingConfig:
     sampler: str  # sequential, batch, paradigms, srds, srds-pipelined
     window: int | None = None  # ParaDiGMS: steps per pass
     blocks: int | None = None  # SRDS: blocks (divides the steps)
-
-    @property
-    def time_parallel(self) -> bool:
-        return self.sampler not in BASELINES
 
 
 def window_candidates(steps: int, devices: int) -> list[int]:

@@ -4,7 +4,8 @@
     .venv/bin/python tools/bench_search.py [FILES...] [--json bench_results/search.json]
 
 Each file is loaded and solved in a fresh process (as `pase search --cost-graph F --json` would
-be) so peak RSS is per graph. The PaSE reference implementation's times on this 2-core machine: Inception-v3 p=64 128 s, Transformer p=16 200 s.
+be) so peak RSS is per graph. The PaSE reference implementation's times on this 2-core machine:
+Inception-v3 p=64 128 s, Transformer p=16 200 s.
 """
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ from PIL import Image, UnidentifiedImageError
 from pase.errors import PaseError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SOURCES = ("shapes", "digits")
 
 # (dataset, batch_per_rank, dp_rank, dp_size, seed, start_step) -> one batch per step from start_step on
 LoaderFactory = Callable[[torch.Tensor, int, int, int, int, int], Iterator[torch.Tensor]]
