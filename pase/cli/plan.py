@@ -100,10 +100,10 @@ def print_plan(result: Plan) -> None:
     for column in ("block", "layers", "split (most layers)", "time ms", "memory GiB"):
         table.add_column(column, justify="left" if column in ("block", "split (most layers)") else "right")
     for block in summarize_blocks(result):
-        split, count = block["splits"].most_common(1)[0]
-        others = f" (+{block['layers'] - count} other)" if count < block["layers"] else ""
-        table.add_row(block["block"], str(block["layers"]), split + others, f"{block['seconds'] * 1e3:.2f}",
-                      f"{block['memory'] / 2**30:.2f}")
+        split, count = block.splits.most_common(1)[0]
+        others = f" (+{block.layers - count} other)" if count < block.layers else ""
+        table.add_row(block.block, str(block.layers), split + others, f"{block.seconds * 1e3:.2f}",
+                      f"{block.memory / 2**30:.2f}")
     console.print(table)
     if result.stages:
         print_stages(result, console)

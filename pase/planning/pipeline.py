@@ -261,8 +261,6 @@ class Setting:
         gpn = planner.cluster.gpus_per_node
         smallest = self.devices // (2 * planner.pipeline.max_stages)
         self.sizes = tuple(g for g in divisors(self.devices) if (g <= gpn or g % gpn == 0) and g >= smallest)
-        self.problem_base = dict(group_sizes=self.sizes, devices=self.devices, microbatches=microbatches,
-                                 schedule=planner.pipeline.schedule, max_stages=planner.pipeline.max_stages)
         self.levels = 1 if planner.pipeline.schedule == "gpipe" else max(1, min(microbatches,
                                                                                  planner.pipeline.max_stages))
         self.placement = np.array([[legal_group(o, g, gpn) and o + g <= self.devices for g in self.sizes]
@@ -338,7 +336,9 @@ class Setting:
             if level == 0:
                 per_layer = self.p.ideal_seconds * scale / g
             elif level == 1:
-                per_layer = self._per_kind(g, lambda kind, g=g: float(self.vertex(kind, g).min()))
+                def cheapest(kind: int, g: int = g) -> float:
+                    return float(self.vertex(kind, g).min())
+                per_layer = self._per_kind(g, cheapest)
             if level < 2:
                 prefix = self._by_segment(per_layer)
             else:
@@ -346,9 +346,11 @@ class Setting:
                                                            for seg in self.p.segments])])
             costs[:, :, gi, :] = (prefix[None, :] - prefix[:-1, None] + self.crossing_seconds)[:, :, None]
         upper = np.triu(np.ones((n, n + 1), dtype=bool), 1)[:, :, None, None]
-        if level >= 1 and self._memory is None:
-            self._memory = self._least_memory()
-        fits = self._memory <= self.p.limit if level >= 1 else True
+        fits: np.ndarray | bool = True
+        if level >= 1:
+            if self._memory is None:
+                self._memory = self._least_memory()
+            fits = self._memory <= self.p.limit
         self.bound_level = level
         self.costs = np.where(upper & fits, costs, np.inf)
         for (i, j, gi, level_), result in self.exact.items():
@@ -357,8 +359,10 @@ class Setting:
 
     def solve(self, incumbent: float = np.inf) -> Partition | None:
         assert self.costs is not None
-        self.partition = solve_stages(StageProblem(self.costs, placement=self.placement, min_stages=self.min_stages,
-                                                   **self.problem_base), incumbent)
+        problem = StageProblem(self.costs, group_sizes=self.sizes, devices=self.devices, microbatches=self.m,
+                               schedule=self.p.pipeline.schedule, max_stages=self.p.pipeline.max_stages,
+                               placement=self.placement, min_stages=self.min_stages)
+        self.partition = solve_stages(problem, incumbent)
         return self.partition
 
     def unpriced(self) -> list[tuple[int, int, int, int]]:

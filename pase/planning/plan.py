@@ -148,16 +148,26 @@ class Plan:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def summarize_blocks(plan: Plan) -> list[dict[str, Any]]:
-    """Per block: the most common split, time and memory (for the plan table)."""
-    blocks: dict[str, dict[str, Any]] = {}
+@dataclass
+class BlockSummary:
+    """One block of a plan: its layer count, time, memory and how many layers took each split."""
+
+    block: str
+    layers: int = 0
+    seconds: float = 0.0
+    memory: float = 0.0  # bytes
+    splits: Counter[str] = field(default_factory=Counter)  # "dim=factor ..." (or "replicated") -> layers
+
+
+def summarize_blocks(plan: Plan) -> list[BlockSummary]:
+    """Per block, in the order of its first layer (for the plan table)."""
+    blocks: dict[str, BlockSummary] = {}
     for layer in plan.layers:
-        block = blocks.setdefault(layer.block, {"block": layer.block, "layers": 0, "seconds": 0.0, "memory": 0.0,
-                                                "splits": Counter()})
-        block["layers"] += 1
-        block["seconds"] += layer.seconds
-        block["memory"] += layer.memory_bytes
-        block["splits"][" ".join(f"{d}={f}" for d, f in sorted(layer.splits.items())) or "replicated"] += 1
+        block = blocks.setdefault(layer.block, BlockSummary(layer.block))
+        block.layers += 1
+        block.seconds += layer.seconds
+        block.memory += layer.memory_bytes
+        block.splits[" ".join(f"{d}={f}" for d, f in sorted(layer.splits.items())) or "replicated"] += 1
     return list(blocks.values())
 
 

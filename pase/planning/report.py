@@ -28,11 +28,11 @@ def write_html(report: WhatIfReport, path: Path) -> None:
              _cluster_table(report.clusters, report.samples)]
     fitting = [r for r in report.clusters if r.fits]
     if fitting:
-        parts.append(_chart(lambda ax: _bars(ax, fitting, lambda r: r.samples_per_second, "samples/s")))
-        priced = [r for r in fitting if r.dollars_for_samples is not None]
-        if priced:
-            parts.append(_chart(lambda ax: _bars(ax, priced, lambda r: r.dollars_for_samples,
-                                                 f"$ for {report.samples:.3g} samples")))
+        speeds = [(r.cluster, r.throughput) for r in fitting]
+        parts.append(_chart(lambda ax: _bars(ax, speeds, "samples/s")))
+        prices = [(r.cluster, r.dollars_for_samples) for r in fitting if r.dollars_for_samples is not None]
+        if prices:
+            parts.append(_chart(lambda ax: _bars(ax, prices, f"$ for {report.samples:.3g} samples")))
     if report.scaling:
         parts.append("<h2>Scaling with the number of GPUs</h2>")
         parts.append(_chart(lambda ax: _scaling(ax, report)))
@@ -63,8 +63,9 @@ def _cluster_table(rows: list[ClusterResult], samples: float) -> str:
     return "\n".join(out) + "</table>"
 
 
-def _bars(ax: Axes, rows: list[ClusterResult], value: Callable[[ClusterResult], float], label: str) -> None:
-    ax.barh([r.cluster for r in rows], [value(r) for r in rows], color="#4477aa")
+def _bars(ax: Axes, bars: list[tuple[str, float]], label: str) -> None:
+    """One horizontal bar per (cluster, value), the first on top."""
+    ax.barh([cluster for cluster, _ in bars], [value for _, value in bars], color="#4477aa")
     ax.set_xlabel(label)
     ax.invert_yaxis()
 
@@ -72,9 +73,9 @@ def _bars(ax: Axes, rows: list[ClusterResult], value: Callable[[ClusterResult], 
 def _scaling(ax: Axes, report: WhatIfReport) -> None:
     for gpu_id, points in report.scaling.items():
         fitting = [p for p in points if p.fits]
-        ax.plot([p.devices for p in fitting], [p.samples_per_second for p in fitting], marker="o", label=gpu_id)
+        ax.plot([p.devices for p in fitting], [p.throughput for p in fitting], marker="o", label=gpu_id)
         bound = [p for p in fitting if p.communication_bound]
-        ax.scatter([p.devices for p in bound], [p.samples_per_second for p in bound], marker="x", color="red",
+        ax.scatter([p.devices for p in bound], [p.throughput for p in bound], marker="x", color="red",
                    zorder=3)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("GPUs (x: communication-bound)")

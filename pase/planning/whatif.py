@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypedDict
 
 from cost_models.catalog import Catalog
 from cost_models.cluster import Cluster, catalog_fabric, load_cluster
@@ -56,6 +56,21 @@ class ClusterResult:
     main_split: str = ""
     note: str = ""
 
+    @property
+    def throughput(self) -> float:
+        """Samples/s of a row that fits (``evaluate`` sets them together)."""
+        assert self.samples_per_second is not None, f"{self.cluster} has no samples/s: it does not fit"
+        return self.samples_per_second
+
+
+class InterconnectPair(TypedDict):
+    """One cluster with NVLink against its PCIe-only twin (a speed-up only where both fit)."""
+
+    cluster: str
+    nvlink_step_seconds: float | None
+    pcie_step_seconds: float | None
+    nvlink_speedup: float | None
+
 
 @dataclass
 class WhatIfReport:
@@ -65,7 +80,7 @@ class WhatIfReport:
     samples: float
     clusters: list[ClusterResult]
     scaling: dict[str, list[ClusterResult]] = field(default_factory=dict)  # GPU id -> points by device count
-    interconnect: list[dict[str, Any]] = field(default_factory=list)  # NVLink vs PCIe-only pairs
+    interconnect: list[InterconnectPair] = field(default_factory=list)  # NVLink vs PCIe-only pairs
     summary: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +203,7 @@ def run_whatif(graph_at: Callable[[int], LayerGraph], clusters: list[Cluster], b
     return report
 
 
-def _pipelined(graph: LayerGraph, cluster: Cluster, options: PlanOptions) -> Any:
+def _pipelined(graph: LayerGraph, cluster: Cluster, options: PlanOptions) -> Plan | None:
     """The best plan with pipeline stages considered (None when nothing fits)."""
     try:
         return plan_with_pipeline(graph, cluster, options=options)[0]
@@ -209,16 +224,20 @@ def summarize(rows: list[ClusterResult]) -> str:
     fitting = [r for r in rows if r.fits]
     if not fitting:
         return "The model fits on none of these clusters in any plan: add GPUs or memory, or lower the batch."
-    by_speed = sorted(fitting, key=lambda r: -r.samples_per_second)
-    sentence = f"Fastest: {by_speed[0].cluster} at {by_speed[0].samples_per_second:,.0f} samples/s"
+    by_speed = sorted(fitting, key=lambda r: -r.throughput)
+    sentence = f"Fastest: {by_speed[0].cluster} at {by_speed[0].throughput:,.0f} samples/s"
     if len(by_speed) > 1:
-        sentence += f", {by_speed[0].samples_per_second / by_speed[1].samples_per_second:.2f}x {by_speed[1].cluster}"
-    priced = sorted((r for r in fitting if r.dollars_for_samples is not None), key=lambda r: r.dollars_for_samples)
+        sentence += f", {by_speed[0].throughput / by_speed[1].throughput:.2f}x {by_speed[1].cluster}"
+    # (dollars, row) for every priced row, cheapest first (ties keep the rows' order)
+    priced = sorted([(r.dollars_for_samples, r) for r in fitting if r.dollars_for_samples is not None],
+                    key=lambda pair: pair[0])
     if priced:
-        sentence += f"; cheapest: {priced[0].cluster} at ${priced[0].dollars_for_samples:,.2f} for the samples"
-        if len(priced) > 1:
-            saving = 1 - priced[0].dollars_for_samples / priced[1].dollars_for_samples
-            sentence += f", {saving:.0%} less than {priced[1].cluster}"
+        (dollars, cheapest), *others = priced
+        sentence += f"; cheapest: {cheapest.cluster} at ${dollars:,.2f} for the samples"
+        if others:
+            runner_up_dollars, runner_up = others[0]
+            saving = 1 - dollars / runner_up_dollars
+            sentence += f", {saving:.0%} less than {runner_up.cluster}"
     else:
         sentence += "; no cluster has a price (give one with --price GPU=DOLLARS_PER_GPU_HOUR)"
     return sentence + "."
@@ -234,9 +253,9 @@ def _interconnect(cluster: Cluster) -> str:
 def _main_split(plan: Plan) -> str:
     counts: dict[str, float] = {}
     for block in summarize_blocks(plan):
-        for split, count in block["splits"].items():
+        for split, count in block.splits.items():
             counts[split] = counts.get(split, 0.0) + count
-    return max(counts, key=counts.get) if counts else ""
+    return max(counts, key=counts.__getitem__) if counts else ""
 
 
 def seconds_text(seconds: float | None) -> str:
@@ -307,10 +326,10 @@ def _mark_scaling(points: list[ClusterResult]) -> None:
     for point in points:
         if not point.fits:
             continue
-        if best is not None and point.samples_per_second < best.samples_per_second:
+        if best is not None and point.throughput < best.throughput:
             grew = (point.communication_share or 0.0) > (best.communication_share or 0.0)
             point.communication_bound = point.communication_bound or grew
             why = "communication grows faster than compute shrinks" if grew else "not explained by communication"
             point.note = (point.note + "; " if point.note else "") + f"fewer samples/s than {best.devices} GPUs ({why})"
-        if best is None or point.samples_per_second > best.samples_per_second:
+        if best is None or point.throughput > best.throughput:
             best = point
