@@ -43,11 +43,14 @@ GRADIENT_BUCKET_BYTES = 25 * 2**20
 
 
 class SplitTable(Protocol):
-    """The configurations of one layer as the cost model reads them (``strategies.splits.SplitTable`` is one):
+    """The configurations of one layer as the cost model reads them (``strategies.splits.SplitSpace`` is one):
     ``factors[k, i]`` is configuration k's split of ``dims[i]``."""
 
-    dims: tuple[str, ...]
-    factors: np.ndarray
+    @property
+    def dims(self) -> tuple[str, ...]: ...
+
+    @property
+    def factors(self) -> np.ndarray: ...
 
     def __len__(self) -> int: ...
 

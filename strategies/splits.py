@@ -15,8 +15,10 @@ replicas). Kernel dimensions are never split. Each kind's splittable roles:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +69,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def split_space(layer: dict, devices: int, min_chunk: dict[str, int] | None = None,
+def split_space(layer: Mapping[str, Any], devices: int, min_chunk: dict[str, int] | None = None,
                 only: str | None = None) -> SplitSpace:
     """The configurations of one LayerGraph node on ``devices`` devices.
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
+from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.graph.layer_graph import LayerGraph
 
 BATCH_ROLE = "batch"
@@ -51,21 +52,21 @@ def with_batch(graph: LayerGraph, batch: int) -> LayerGraph | None:
     return result
 
 
-def layer_with_batch(data: Mapping[str, Any], ratio: Fraction) -> dict[str, Any]:
+def layer_with_batch(data: Mapping[str, Any], ratio: Fraction) -> LayerAttrs:
     """A layer's attributes with its batch dimension scaled by ``ratio`` (FLOPs and bytes follow)."""
     dims = _batch_dims(data)
     out = dict(data)
     if not dims:
-        return out
+        return cast(LayerAttrs, out)
     out["dims"] = {d: _scaled(extent, ratio) if d in dims else extent for d, extent in data["dims"].items()}
     for key in _PROPORTIONAL_NODE_KEYS:
         if key in data:
             out[key] = _scaled(data[key], ratio)
-    return out
+    return cast(LayerAttrs, out)
 
 
 def edge_with_batch(edge: Mapping[str, Any], producer: Mapping[str, Any], consumer: Mapping[str, Any],
-                    ratio: Fraction) -> dict[str, Any]:
+                    ratio: Fraction) -> EdgeAttrs:
     """An edge's shapes and bytes with the batch axes scaled (axes found through the dim maps)."""
     out = dict(edge)
     src_batch = _batch_axes(edge.get("src_map", []), producer.get("roles", {}))
@@ -75,7 +76,7 @@ def edge_with_batch(edge: Mapping[str, Any], producer: Mapping[str, Any], consum
         out["dst_shape"] = [_scaled(e, ratio) if axis in dst_batch else e for axis, e in enumerate(edge["dst_shape"])]
     if src_batch:
         out["bytes"] = _scaled(edge["bytes"], ratio)
-    return out
+    return cast(EdgeAttrs, out)
 
 
 def _batch_dims(data: Mapping[str, Any]) -> list[str]:

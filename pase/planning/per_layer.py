@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from cost_models.layer_costs import CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
+from pase.graph.attrs import LayerAttrs
 from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
@@ -124,7 +125,7 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     return PricedGraph(ids, spaces, compute, comm, memory, edges, weight_sync)
 
 
-def layer_key(data: dict[str, Any], block_output: bool) -> str:
+def layer_key(data: LayerAttrs, block_output: bool) -> str:
     """Everything a layer's prices depend on: layers with equal keys cost the same in every configuration."""
     params = [(p.get("map"), p.get("numel"), p.get("trainable")) for p in data["params"].values()]
     return json.dumps([data["op"], data["dims"], data["roles"], data["tensors"], params, data["flops_fwd"],
@@ -132,7 +133,7 @@ def layer_key(data: dict[str, Any], block_output: bool) -> str:
                       sort_keys=True, default=str)
 
 
-def edge_key(producer_kind: int, consumer_kind: int, data: dict[str, Any]) -> str:
+def edge_key(producer_kind: int, consumer_kind: int, data: Mapping[str, Any]) -> str:
     """Edges between layers of the same kinds carrying the same tensor re-lay out at the same cost."""
     return json.dumps([producer_kind, consumer_kind, {k: v for k, v in data.items() if k not in ("src", "dst")}],
                       sort_keys=True, default=str)

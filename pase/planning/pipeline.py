@@ -48,6 +48,7 @@ from cost_models.layer_costs import COMPUTE_KINDS, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
+from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.graph.rescale import edge_with_batch, layer_with_batch, with_batch
 from pase.planning.per_layer import (
     PlanDoesNotFit,
@@ -125,13 +126,12 @@ def segments(graph: LayerGraph, max_segments: int = 32) -> list[Segment]:
             for names, layers, _ in items]
 
 
-def rebatch_layer(data: dict[str, Any], batch: int, full: int) -> dict[str, Any]:
+def rebatch_layer(data: LayerAttrs, batch: int, full: int) -> LayerAttrs:
     """A layer's attributes at global batch ``batch`` instead of ``full`` (FLOPs and bytes scale)."""
     return layer_with_batch(data, Fraction(batch, full))
 
 
-def rebatch_edge(edge: dict[str, Any], producer: dict[str, Any], consumer: dict[str, Any], batch: int,
-                 full: int) -> dict[str, Any]:
+def rebatch_edge(edge: EdgeAttrs, producer: LayerAttrs, consumer: LayerAttrs, batch: int, full: int) -> EdgeAttrs:
     return edge_with_batch(edge, producer, consumer, Fraction(batch, full))
 
 
@@ -188,7 +188,7 @@ class Pricer:
         self._models: dict[int, CostModel] = {}
         self._layer_cache: dict[tuple[int, int, int], LayerPrice] = {}
         self._edge_cache: dict[tuple[int, int, int], np.ndarray] = {}
-        self._rebatched: dict[tuple[int, int], dict[str, Any]] = {}
+        self._rebatched: dict[tuple[int, int], LayerAttrs] = {}
         self.itemsize = bytes_per_element(options.precision)
 
     def model(self, group: int) -> CostModel:
@@ -198,7 +198,7 @@ class Pricer:
                                             self.cost_options)
         return self._models[group]
 
-    def rebatched(self, v: int, batch: int) -> dict[str, Any]:
+    def rebatched(self, v: int, batch: int) -> LayerAttrs:
         """Layer ``v``'s attributes at ``batch`` (shared by every group size)."""
         key = (v, batch)
         if key not in self._rebatched:
@@ -368,10 +368,12 @@ class Setting:
     def unpriced(self) -> list[tuple[int, int, int, int]]:
         """Stages of the current partition still priced by a bound."""
         assert self.partition is not None
-        keys = [(s.start, s.stop, self.sizes.index(s.group), self._level(s.in_flight)) for s in self.partition.stages]
+        keys = [(s.start, s.stop, self.sizes.index(s.group), self.in_flight_level(s.in_flight))
+                for s in self.partition.stages]
         return [k for k in keys if k not in self.exact]
 
-    def _level(self, held: int) -> int:
+    def in_flight_level(self, held: int) -> int:
+        """The index of a stage's in-flight microbatch count in the cost table (GPipe keeps one level)."""
         return 0 if self.p.pipeline.schedule == "gpipe" else held - 1
 
     def price_exactly(self, key: tuple[int, int, int, int]) -> None:
@@ -607,7 +609,7 @@ class PipelineSearch:
 
     @staticmethod
     def _key(setting: Setting, s: Any) -> tuple[int, int, int, int]:
-        return s.start, s.stop, setting.sizes.index(s.group), setting._level(s.in_flight)
+        return s.start, s.stop, setting.sizes.index(s.group), setting.in_flight_level(s.in_flight)
 
 
 # ---------------------------------------------------------------------- plans
