@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -130,7 +131,7 @@ class Catalog:
     origins: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, extra_files: list[str | Path] | None = None) -> Catalog:
+    def load(cls, extra_files: Sequence[str | Path] | None = None) -> Catalog:
         """The shipped catalog, with each extra file's entries merged over it in order."""
         text = resources.files("cost_models").joinpath("data/catalog.json").read_text()
         catalog = cls(json.loads(text), ["built-in"])
