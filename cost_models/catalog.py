@@ -93,6 +93,10 @@ class GPUSpec:
                 if key in price and not is_positive_number(price[key]):
                     raise PaseError(f"GPU {gpu_id!r}: its price ({key}) must be a positive $ per GPU-hour, not "
                                     f"{price[key]!r}")
+            if "typical" not in price:
+                raise PaseError(f"GPU {gpu_id!r}: its price needs a typical $ per GPU-hour (low and high are "
+                                "optional and default to it)")
+            price = {"low": price["typical"], "high": price["typical"], **price}
         return cls(
             id=gpu_id, name=entry.get("name", gpu_id), vendor=entry.get("vendor", "nvidia"),
             arch=entry.get("arch", "unknown"), compute_capability=str(entry.get("compute_capability", "")),

@@ -10,6 +10,7 @@ import pytest
 
 from cost_models.catalog import Catalog, UnknownHardwareError
 from cost_models.cluster import ClusterSpecError, load_cluster, parse_spec
+from pase.errors import PaseError
 
 REFERENCE_GPUS = ("V100-SXM2", "V100-PCIe", "A100-40GB-SXM", "A100-80GB-SXM", "A100-40GB-PCIe", "A100-80GB-PCIe",
                   "H100-SXM", "H100-PCIe", "H100-NVL", "H200-SXM", "H200-NVL", "B200", "GB200", "L4", "L40S", "A10",
@@ -189,3 +190,27 @@ def test_cli_hw_list_and_show(tmp_path) -> None:
     assert "MyGPU" in shown.stdout and "$0.5" in shown.stdout and "GPU1" in shown.stdout
     bad = _pase("hw", "show", "8xH100-SMX")
     assert bad.returncode == 2 and "Did you mean H100-SXM" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_price_with_only_a_typical_figure_is_enough(tmp_path) -> None:
+    extra = tmp_path / "gpus.yaml"
+    extra.write_text("gpus:\n  MyGPU: {bf16_tflops: 50, fp32_tflops: 10, memory_gb: 16, memory_bw_gbps: 500,\n"
+                     "          price_usd_per_gpu_hour: {typical: 1.5}}\n")
+    price = Catalog.load([extra]).gpu("MyGPU").price
+    assert price is not None and (price.low, price.typical, price.high) == (1.5, 1.5, 1.5)
+    shown = _pase("hw", "show", "2xMyGPU", "--gpu-file", str(extra))
+    assert shown.returncode == 0, shown.stderr
+    assert "typical $1.5)" in shown.stdout and "; ," not in shown.stdout
+    extra.write_text("gpus:\n  MyGPU: {bf16_tflops: 50, fp32_tflops: 10, memory_gb: 16, memory_bw_gbps: 500,\n"
+                     "          price_usd_per_gpu_hour: {low: 1.0}}\n")
+    with pytest.raises(PaseError, match="typical"):
+        Catalog.load([extra]).gpu("MyGPU")
+
+
+def test_the_cli_prints_bus_ids_as_written() -> None:
+    """rich would turn ':ab:' in a PCI bus id into an emoji."""
+    from pase.cli.console import console
+
+    with console.capture() as captured:
+        console.print("0000:ab:00.0")
+    assert captured.get().strip() == "0000:ab:00.0"

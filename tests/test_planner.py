@@ -349,3 +349,12 @@ def test_python_api_plans_a_module_at_any_batch() -> None:
     assert plan.batch == 32 and plan.devices == 4 and plan.predicted.step_seconds > 0
     with pytest.raises(Exception, match="unknown plan option"):
         pase.plan(model, (x, t), cluster="4xL40S", warp_speed=True)
+
+
+def test_a_plan_that_does_not_fit_suggests_only_options_not_already_on() -> None:
+    from pase.planning.per_layer import fit_remedies
+
+    assert "--fsdp" in fit_remedies(PlanOptions()) and "--checkpoint" in fit_remedies(PlanOptions())
+    both = fit_remedies(PlanOptions(fsdp=True, checkpointing=True))
+    assert "--fsdp" not in both and "--checkpoint" not in both and both.startswith("more devices")
+    assert "--fsdp" not in fit_remedies(PlanOptions(only="fsdp"))

@@ -13,8 +13,9 @@ from rich.console import Console
 from pase.errors import InputShapeError, PaseError
 
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
-console = Console(width=shutil.get_terminal_size((150, 24)).columns)
-err_console = Console(stderr=True, width=shutil.get_terminal_size((150, 24)).columns)
+# No emoji codes: a PCI bus id such as 0000:ab:00.0 would print with an emoji in it.
+console = Console(width=shutil.get_terminal_size((150, 24)).columns, emoji=False)
+err_console = Console(stderr=True, width=shutil.get_terminal_size((150, 24)).columns, emoji=False)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -50,8 +50,8 @@ def list_catalog(gpu_file: GpuFile = None, as_json: Annotated[bool, typer.Option
         gpu = catalog.gpu(gpu_id)
         nvlink = f"gen {gpu.nvlink_generation} x{gpu.nvlink_links} {gpu.nvlink_topology}" if gpu.nvlink_generation \
             else "-"
-        price = (f"{gpu.price.low:g}-{gpu.price.high:g} ({gpu.price.typical:g}, {gpu.price.as_of})"
-                 if gpu.price else "-")
+        price = (f"{gpu.price.low:g}-{gpu.price.high:g} ({gpu.price.typical:g}"
+                 + (f", {gpu.price.as_of})" if gpu.price.as_of else ")") if gpu.price else "-")
         bf16 = f"{gpu.bf16_tflops:g}" if gpu.bf16_supported else f"{gpu.fp16_tflops:g} (fp16 only)"
         table.add_row(gpu_id, f"{gpu.arch} {gpu.compute_capability}", bf16, f"{gpu.fp32_tflops:g}",
                       f"{gpu.memory_gb:g} GB", f"{gpu.memory_bw_gbps:g}", nvlink, f"gen{gpu.pcie_gen}",
@@ -116,8 +116,10 @@ def print_cluster(cluster, profile=None, precision: str = "bf16") -> None:  # no
                                    f"= {per_gpu:g} GB/s per GPU ({net.achieved_fraction:.0%} achieved)")
     if gpu.price:
         p = gpu.price
-        summary.add_row("price", f"${p.low:g}-{p.high:g} per GPU-hour (typical ${p.typical:g}; "
-                                 f"{p.as_of}, {p.source}); cluster ${p.typical * cluster.world_size:.2f}/h")
+        origin = ", ".join(part for part in (p.as_of, p.source) if part)
+        summary.add_row("price", f"${p.low:g}-{p.high:g} per GPU-hour (typical ${p.typical:g}"
+                                 + (f"; {origin}" if origin else "")
+                                 + f"); cluster ${p.typical * cluster.world_size:.2f}/h")
     for note in cluster.notes:
         summary.add_row("note", note)
     console.print(summary)

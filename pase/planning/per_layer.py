@@ -237,8 +237,7 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
     if least > limit:
         raise PlanDoesNotFit(
             f"no plan fits: the leanest needs {size_text(least)} per device, and {cluster.gpu.id} leaves "
-            f"{size_text(limit)} ({cluster.gpu.memory_gb:g} GB x memory fraction). Try more devices, a smaller "
-            "--batch, --checkpoint (recompute activations), or --fsdp (shard weights and optimizer state).",
+            f"{size_text(limit)} ({cluster.gpu.memory_gb:g} GB x memory fraction). Try {fit_remedies(options)}.",
             least, limit)
     step = max(sum(float(c.min()) for c in priced.compute), 1e-9)
     # A search over the restricted space (see _solve_priced) bounds only the plans of that space: its bound
@@ -291,6 +290,16 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
             break  # no plan beats the two bracketing ones at their crossing: the dual optimum is reached
     best.stats.proved_gap = max(0.0, _cost_and_memory(priced, best)[0] / max(certified, 1e-30) - 1)
     return best.assignment, best.stats, best_price, best_note or restricted
+
+
+def fit_remedies(options: PlanOptions) -> str:
+    """What could make a plan fit, leaving out the options already on."""
+    remedies = ["more devices", "a smaller --batch"]
+    if not options.checkpointing:
+        remedies.append("--checkpoint (recompute activations)")
+    if not options.fsdp:
+        remedies.append("--fsdp (shard weights and optimizer state)")
+    return ", ".join(remedies[:-1]) + ", or " + remedies[-1]
 
 
 def _cost_and_memory(priced: PricedGraph, solution: Solution) -> tuple[float, float]:
