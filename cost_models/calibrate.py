@@ -122,7 +122,6 @@ def run_calibration(config: CalibrationConfig, progress: bool = True) -> dict[st
 
 
 def _layer_graph_for(config: CalibrationConfig) -> dict[str, Any]:
-
     path = Path(config.model)
     graph = LayerGraph.from_json(path) if path.suffix == ".json" else extract_model(config.model, config.batch)
     return sample_layers(graph, config.layers_per_kind)

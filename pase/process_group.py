@@ -65,8 +65,10 @@ class Launch:
         if "WORLD_SIZE" not in env:
             return None
         meets = "MASTER_ADDR" in env and "MASTER_PORT" in env
-        return cls(int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                   "env://" if meets else None)
+        world = int(env["WORLD_SIZE"])
+        if world <= 1 and not meets:  # a world of one needs no rendezvous address
+            return cls.local()
+        return cls(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")), "env://" if meets else None)
 
     @classmethod
     def local(cls, rank: int = 0, world_size: int = 1, port: int | None = None) -> Launch:
@@ -87,8 +89,8 @@ def open_group(launch: Launch, backend: str | None = None, *, timeout_s: float =
     """Join the process group ``launch`` describes (backend: ``pick_backend()`` unless given), every collective
     bounded by ``timeout_s``; returns this rank's device."""
     if launch.init_method is None:
-        raise PaseError(f"WORLD_SIZE is {launch.world_size} but MASTER_ADDR is not set: launch with torchrun "
-                        "(torchrun --nproc-per-node N -m pase ...)")
+        raise PaseError(f"WORLD_SIZE is {launch.world_size} but MASTER_ADDR and MASTER_PORT are not both set: "
+                        "launch with torchrun (torchrun --nproc-per-node N -m pase ...)")
     backend = backend or pick_backend()
     device = pick_device(launch.local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":

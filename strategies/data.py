@@ -37,8 +37,6 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-
-
 def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None:
     """Every gradient summed over ``group`` and divided by ``size`` (the group's size for a mean), in flat
     buckets (one all-reduce each; gloo and NCCL are fastest on few large messages). Parameters without a
@@ -65,7 +63,6 @@ def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None
 
 
 def apply_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
-
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=mesh)

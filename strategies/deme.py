@@ -227,4 +227,3 @@ def group_layout(world: int, ranges: int) -> GroupLayout:
 def range_seed(seed: int, range_index: int) -> int:
     return seed + 7919 * (range_index + 1)
 
-

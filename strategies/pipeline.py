@@ -18,7 +18,6 @@ SCHEDULES = ("1f1b", "gpipe")
 
 
 def check_schedule(schedule: str) -> str:
-
     if schedule not in SCHEDULES:
         raise PaseError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     return schedule

@@ -112,3 +112,9 @@ def test_cli_usage_errors_exit_2_without_traceback() -> None:
                             text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--batch" in result.stderr
+
+
+@pytest.mark.parametrize("module", ["pase", "pase.cli"])
+def test_the_cli_runs_as_a_module(module: str) -> None:
+    result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("pase "), result.stderr

@@ -358,3 +358,24 @@ def test_a_plan_that_does_not_fit_suggests_only_options_not_already_on() -> None
     both = fit_remedies(PlanOptions(fsdp=True, checkpointing=True))
     assert "--fsdp" not in both and "--checkpoint" not in both and both.startswith("more devices")
     assert "--fsdp" not in fit_remedies(PlanOptions(only="fsdp"))
+
+
+def test_a_plan_file_with_a_malformed_search_section_is_refused_in_one_line(tmp_path) -> None:
+    from pase.errors import PaseError
+    from pase.planning.plan import Plan
+
+    plan = plan_graph(extract_model("unet-tiny", 8), parse_spec("2xH100-SXM"), options=PlanOptions(baselines=False))
+    data = plan.to_dict()
+    assert Plan.from_dict(json.loads(json.dumps(data))).search == plan.search
+    for bad in (None, [], "x"):
+        with pytest.raises(PaseError, match="malformed plan file"):
+            Plan.from_dict({**data, "search": bad})
+
+
+def test_the_cli_points_to_pipelines_when_no_per_layer_plan_fits() -> None:
+    result = subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "2xRTX4090",
+                             "--batch", "100000", "--fsdp", "--checkpoint"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert "Try more devices or a smaller --batch." in message and "Or add --pipeline" in message

@@ -39,12 +39,18 @@ def test_torchrun_environment(no_torchrun: pytest.MonkeyPatch) -> None:
     no_torchrun.setenv("RANK", "3")
     no_torchrun.setenv("LOCAL_RANK", "1")
     assert Launch.from_torchrun() == Launch(3, 4, 1, None)
-    with pytest.raises(PaseError, match="WORLD_SIZE is 4 but MASTER_ADDR is not set: launch with torchrun"):
+    with pytest.raises(PaseError, match="WORLD_SIZE is 4 but MASTER_ADDR and MASTER_PORT are not both set"):
         pg.open_group(Launch.from_torchrun() or Launch())
     no_torchrun.setenv("MASTER_ADDR", "10.0.0.1")
     no_torchrun.setenv("MASTER_PORT", "29500")
     assert Launch.from_torchrun() == Launch(3, 4, 1, "env://")
     assert Launch.local(1, 2, 1234) == Launch(1, 2, 1, "tcp://127.0.0.1:1234")
+
+
+def test_a_world_of_one_from_the_environment_needs_no_rendezvous(no_torchrun: pytest.MonkeyPatch) -> None:
+    no_torchrun.setenv("WORLD_SIZE", "1")
+    launch = Launch.from_torchrun()
+    assert launch is not None and launch.world_size == 1 and launch.init_method.startswith("tcp://127.0.0.1:")
 
 
 def test_free_port_is_bindable() -> None:
@@ -118,3 +124,34 @@ def test_spawn_kills_processes_that_outlive_the_timeout() -> None:
     with pytest.raises(TimeoutError, match="2 processes did not finish within 3 s"):
         pg.spawn(_sleeping_worker, (), 2, timeout_s=3)
     assert time.monotonic() - started < 30
+
+
+def _failing_rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 fails inside a sampling session; it must leave at once with its own error, not wait at the
+    final barrier for rank 0 (which finishes, waits its 10 s and reports rank 1 missing)."""
+    import os
+
+    from pase.sampling import distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    started = time.monotonic()
+    try:
+        with distributed.session(timeout_s=10):
+            if rank == 1:
+                raise ValueError("rank 1 failed")
+        error = None
+    except (ValueError, PaseError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    Path(out, f"{rank}.json").write_text(json.dumps({"error": error, "seconds": time.monotonic() - started,
+                                                     "initialized": dist.is_initialized()}))
+
+
+@pytest.mark.timeout(90)
+def test_a_failing_sampling_rank_leaves_with_its_own_error(tmp_path: Path) -> None:
+    pg.spawn(_failing_rank_worker, (2, pg.free_port(), str(tmp_path)), 2, timeout_s=60)
+    failed = json.loads((tmp_path / "1.json").read_text())
+    assert failed["error"] == "ValueError: rank 1 failed" and failed["seconds"] < 5 and not failed["initialized"]
+    waited = json.loads((tmp_path / "0.json").read_text())
+    assert waited["error"].startswith("PaseError: not every rank reached the end of the run within 10 s")

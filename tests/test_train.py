@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 from pase.cli import app
 from pase.errors import PaseError
 from pase.models.zoo import ZOO
-from pase.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from pase.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from pase.train.data import load_images, split_held_out, step_batches
 from pase.train.loop import DataGroup, LoopConfig, epsilon_objective, fit
 from pase.train.memory import PeakMemory, saved_activation_bytes
+from pase.weights import load_weights
 
 TAIL = ["strategy", "trainable_params", "total_params", "grad_and_optimizer_bytes", "peak_memory_bytes", "final_loss"]
 

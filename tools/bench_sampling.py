@@ -42,9 +42,8 @@ def worker(models: list[str], samplers: list[str], out: str) -> None:
     from pase.sampling.runner import sample
 
     torch.set_num_threads(1)
-    distributed.init_from_env()
     rows = []
-    try:
+    with distributed.session():
         for model in models:
             for scheduler, steps in CASES:
                 reference = None
@@ -62,8 +61,6 @@ def worker(models: list[str], samplers: list[str], out: str) -> None:
                         print(json.dumps(rows[-1]), flush=True)
         if distributed.is_rank0():
             Path(out).write_text(json.dumps(rows))
-    finally:
-        distributed.shutdown()
 
 
 def predict(model: str, processes: int, samplers: list[str], eval_time) -> dict[tuple[str, int, str], dict[str, float]]:  # noqa: ANN001,E501

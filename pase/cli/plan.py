@@ -56,7 +56,7 @@ def plan(
     from cost_models.cluster import load_cluster
     from cost_models.rates import profile_mismatch
     from pase.graph import extract_model
-    from pase.planning import PipelineOptions, PlanOptions, make_plan
+    from pase.planning import PipelineOptions, PlanDoesNotFit, PlanOptions, make_plan
 
     if devices is not None and cluster != "local":
         raise PaseError("--devices goes with --cluster local; a cluster spec already says how many devices")
@@ -81,8 +81,14 @@ def plan(
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
                               checkpointing=checkpoint, search_gap=gap)
         stages = PipelineOptions(schedule=schedule, max_stages=max_stages) if pipeline or only == "pipeline" else None
-        result, priced = make_plan(graph, target, profile=measured, options=options, pipeline=stages,
-                                   progress=lambda what: status.update(f"{what} ..."))
+        try:
+            result, priced = make_plan(graph, target, profile=measured, options=options, pipeline=stages,
+                                       progress=lambda what: status.update(f"{what} ..."))
+        except PlanDoesNotFit as exc:  # stages hold only their own layers' weights: a pipeline may fit
+            if stages is not None or target.world_size < 2:
+                raise
+            raise PlanDoesNotFit(f"{exc} Or add --pipeline: pipeline stages each hold only their own layers.",
+                                 exc.least_bytes, exc.limit_bytes) from None
     print_plan(result)
     if explain:
         if result.stages or priced is None:

@@ -63,16 +63,13 @@ def sample_command(
         raise PaseError(f"--out {out} is a folder; give a file name, e.g. {out / 'samples.safetensors'}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(threads)
-    distributed.init_from_env()
-    try:
+    with distributed.session():
         rank0 = distributed.is_rank0()
         result, error = _run_with_progress(config, sample, show=rank0 and not as_json)
         if rank0:
             if out is not None:
                 write_output(out, "--out", lambda path: _save(path, result.sample), announce=False)
             _print_result(summary(result, error), result, world, as_json)
-    finally:
-        distributed.shutdown()
 
 
 def _check_threads(threads: int) -> None:

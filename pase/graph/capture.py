@@ -171,7 +171,6 @@ def _capture_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
 
 
 def _capture_meta_trace(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
-
     trace = meta_trace(model, args, kwargs)
     return fx_to_op_graph(trace.graph, model, trace.attrs.__getitem__, trace.trainable, "meta_trace")
 

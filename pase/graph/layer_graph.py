@@ -17,7 +17,7 @@ from typing import Any, cast
 import networkx as nx
 
 from pase import atomic
-from pase.graph.attrs import EdgeAttrs, LayerAttrs
+from pase.graph.attrs import LayerAttrs
 from pase.schema import check_header
 
 SCHEMA = "pase.layer_graph"
@@ -52,10 +52,6 @@ class LayerGraph:
     def layers(self) -> Iterator[tuple[str, LayerAttrs]]:
         """Layers in capture (topological) order."""
         return iter(sorted(self.graph.nodes(data=True), key=lambda item: item[1]["index"]))
-
-    def tensor_edges(self) -> Iterator[tuple[str, str, EdgeAttrs]]:
-        """(producer, consumer, attributes) for every tensor a layer reads."""
-        return iter(self.graph.edges(data=True))
 
     def __len__(self) -> int:
         return self.graph.number_of_nodes()

@@ -123,7 +123,6 @@ def _unet2d_condition(config: dict[str, Any]) -> nn.Module:
 
 
 def _pase_unet(config: dict[str, Any]) -> nn.Module:
-
     return PaseUNet(PaseUNetConfig(**config))
 
 

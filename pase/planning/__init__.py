@@ -23,20 +23,14 @@ def make_plan(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | 
     """The fastest plan for ``graph`` on ``cluster`` that fits memory, and the priced graph behind it.
 
     With ``pipeline`` (or ``options.only == "pipeline"``) pipeline stages x data parallelism are searched
-    beside the per-layer plan; the priced graph is None when only a pipeline fits. Without it, a plan that
-    does not fit says that a pipeline might.
+    beside the per-layer plan; the priced graph is None when only a pipeline fits. Raises ``PlanDoesNotFit``
+    when nothing fits.
     """
     options = options or PlanOptions()
     if pipeline is not None or options.only == "pipeline":
         return plan_with_pipeline(graph, cluster, profile=profile, options=options,
                                   pipeline=pipeline or PipelineOptions(), progress=progress)
-    try:
-        return plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)
-    except PlanDoesNotFit as exc:  # stages hold only their own layers' weights: a pipeline may fit
-        if cluster.world_size < 2:
-            raise
-        raise PlanDoesNotFit(f"{exc} Or add --pipeline: pipeline stages each hold only their own layers.",
-                             exc.least_bytes, exc.limit_bytes) from None
+    return plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)
 
 
 __all__ = ["PipelineOptions", "Plan", "PlanDoesNotFit", "PlanOptions", "PricedGraph", "make_plan"]

@@ -299,7 +299,7 @@ def fit_remedies(options: PlanOptions) -> str:
         remedies.append("--checkpoint (recompute activations)")
     if not options.fsdp:
         remedies.append("--fsdp (shard weights and optimizer state)")
-    return ", ".join(remedies[:-1]) + ", or " + remedies[-1]
+    return " or ".join(remedies) if len(remedies) == 2 else ", ".join(remedies[:-1]) + ", or " + remedies[-1]
 
 
 def _cost_and_memory(priced: PricedGraph, solution: Solution) -> tuple[float, float]:

@@ -140,7 +140,7 @@ class Plan:
             body["stages"] = [StagePlan(**_known(StagePlan, stage)) for stage in body.get("stages", [])]
             body["search"] = SearchInfo.from_dict(body.get("search", {}))
             return cls(**body)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise PaseError(f"malformed plan file: {exc}; re-run `pase plan --json`") from None
 
     @classmethod

@@ -50,7 +50,6 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 def model_graph(model: nn.Module, plan: Plan, example_inputs: Any = None) -> LayerGraph:
-
     args, kwargs = example_inputs_for(plan, example_inputs)
     return extract(meta_copy(model), args, kwargs, name=plan.model)
 

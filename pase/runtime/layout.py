@@ -73,7 +73,7 @@ def is_pure_data_parallel(layouts: list[LayerLayout]) -> bool:
 @dataclass
 class ParallelLayout:
     """How a parallelized model runs its plan (``model.pase_layout``)."""
-    kind: str  # "ddp", "fsdp" or "tensor"
+    kind: str  # "ddp", "fsdp", "tensor" or "pipeline"
     world_size: int
     layers: list[LayerLayout] = field(default_factory=list)
     tensor_degrees: list[int] = field(default_factory=list)

@@ -31,8 +31,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import SplitPoint, pipeline
-from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe
 
 from pase.errors import PaseError
 from pase.graph import LayerGraph
@@ -121,7 +119,6 @@ def pipeline_mesh(plan: Plan, graph: LayerGraph | None = None) -> PipelineMesh:
 
 
 def _check_batch_only(plan: Plan, graph: LayerGraph | None, group: int) -> None:
-
     if graph is None:
         raise PaseError("the plan's stages run on groups of devices: pass the model's LayerGraph (graph=) so pase can "
                         "check they split only the batch")
@@ -232,6 +229,8 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     batch; given, the model is checked against the plan (``pase.parallelize`` always checks); needed
     when the plan's stages run on groups of devices.
     """
+    from torch.distributed.pipelining import SplitPoint, pipeline  # noqa: PLC0415 - 1.5 s; only pipelines need it
+    from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe  # noqa: PLC0415 - as above
     world, rank = dist.get_world_size(), dist.get_rank()
     check_world(plan, world)
     if graph is None and _grouped(plan):  # the stages' groups must split only the batch: the layers' roles tell
@@ -297,7 +296,6 @@ def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: i
 
 
 def _layout(plan: Plan, mesh: PipelineMesh, world: int) -> Any:
-
     layout = ParallelLayout("pipeline", world)
     replicas = f" x {mesh.replicas} replicas" if mesh.replicas > 1 else ""
     layout.summary = lambda: (f"pipeline of {mesh.stages} stages{replicas} ({plan.schedule}, {plan.microbatches} "  # type: ignore[method-assign]

@@ -221,7 +221,6 @@ def _gather_stages(local: dict[str, torch.Tensor], group: Any = None) -> dict[st
 
 
 def _is_dtensor(tensor: Any) -> bool:
-
     return isinstance(tensor, DTensor)
 
 

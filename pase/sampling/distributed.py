@@ -10,6 +10,8 @@ every rank: no communication, the same bits everywhere.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -109,7 +111,7 @@ def local_slice(total: int, group: dist.ProcessGroup | None = None) -> slice:
 
 def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Join the process group torchrun describes (``pase.process_group``: gloo on CPU, NCCL with CUDA); False
-    when not launched by torchrun. The caller tears down with ``shutdown``."""
+    when not launched by torchrun. ``session`` pairs it with the teardown."""
     launch = Launch.from_torchrun()
     if launch is None or launch.world_size <= 1 or dist.is_initialized():
         return dist.is_initialized()
@@ -117,8 +119,17 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     return True
 
 
-def shutdown(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Leave the process group, waiting at most ``timeout_s`` for the other ranks."""
+@contextmanager
+def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[bool]:
+    """``init_from_env`` for the block (yielding whether there is a process group), then leave the group: after
+    a barrier of at most ``timeout_s`` when the block succeeded, at once after an error (the other ranks may
+    never reach the barrier, and the error, not a timeout, is what the user must see)."""
+    joined = init_from_env(timeout_s)
+    try:
+        yield joined
+    except BaseException:
+        close_group(timeout_s, barrier=False)
+        raise
     close_group(timeout_s)
 
 

@@ -19,10 +19,9 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from pase import atomic
-from pase.weights import CheckpointError, load_weights, plain_tensor, read_safetensors, save_weights
+from pase.weights import CheckpointError, plain_tensor, read_safetensors
 
 STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
-
 
 
 @dataclass
@@ -100,4 +99,4 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 __all__ = ["Checkpoint", "CheckpointError", "decode_optimizer", "encode_optimizer", "latest_checkpoint",
-           "load_checkpoint", "load_weights", "read_safetensors", "save_checkpoint", "save_weights", "step_path"]
+           "load_checkpoint", "save_checkpoint", "step_path"]

@@ -66,7 +66,6 @@ def deme_objective(teacher: nn.Module | None, sampler: RangeSampler, consistency
     return loss
 
 
-
 def denoising_score(model: nn.Module, held_out: torch.Tensor, batch: int = 16, seed: int = 1234,
                     num_train_timesteps: int = 1000, device: torch.device | str = "cpu",
                     ) -> Callable[[StateDict], float]:

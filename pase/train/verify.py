@@ -70,7 +70,6 @@ def synthetic_inputs(plan: Plan, batch: int, device: torch.device, generator: to
     """(noise target, model args, model kwargs) for one step of a zoo model: noised latents, timesteps."""
     from diffusers import DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import; only the DDPM schedule needs it
 
-
     spec = ZOO[plan.model]
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     args, kwargs = spec.example_inputs(batch, device="cpu")
