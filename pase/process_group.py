@@ -129,17 +129,24 @@ def _bounded_barrier(timeout_s: float) -> None:
 
 
 @contextmanager
-def process_group(launch: Launch, backend: str | None = None, *,
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[torch.device]:
-    """``open_group`` for the block, yielding this rank's device; ``close_group`` after it, with the barrier
-    only when the block succeeded."""
-    device = open_group(launch, backend, timeout_s=timeout_s)
+def leaving_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
+    """``close_group`` after the block: with the barrier when the block succeeded, at once after an error (the
+    other ranks may never reach the barrier, and the error, not a timeout, is what the user must see)."""
     try:
-        yield device
+        yield
     except BaseException:
         close_group(timeout_s, barrier=False)
         raise
     close_group(timeout_s)
+
+
+@contextmanager
+def process_group(launch: Launch, backend: str | None = None, *,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[torch.device]:
+    """``open_group`` for the block, yielding this rank's device; then ``leaving_group``'s teardown."""
+    device = open_group(launch, backend, timeout_s=timeout_s)
+    with leaving_group(timeout_s):
+        yield device
 
 
 def spawn(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int, timeout_s: float) -> None:
@@ -158,5 +165,5 @@ def spawn(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int, timeo
                 process.kill()
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Launch", "close_group", "free_port", "open_group", "pick_backend", "pick_device",
-           "process_group", "spawn"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Launch", "close_group", "free_port", "leaving_group", "open_group", "pick_backend",
+           "pick_device", "process_group", "spawn"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from pase.process_group import DEFAULT_TIMEOUT_S, Launch, close_group, open_group
+from pase.process_group import DEFAULT_TIMEOUT_S, Launch, leaving_group, open_group
 from pase.sampling.denoiser import Denoiser
 
 
@@ -121,16 +121,11 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
 
 @contextmanager
 def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[bool]:
-    """``init_from_env`` for the block (yielding whether there is a process group), then leave the group: after
-    a barrier of at most ``timeout_s`` when the block succeeded, at once after an error (the other ranks may
-    never reach the barrier, and the error, not a timeout, is what the user must see)."""
+    """``init_from_env`` for the block (yielding whether there is a process group), then leave the group as
+    ``pase.process_group.leaving_group`` does (no barrier after an error)."""
     joined = init_from_env(timeout_s)
-    try:
+    with leaving_group(timeout_s):
         yield joined
-    except BaseException:
-        close_group(timeout_s, barrier=False)
-        raise
-    close_group(timeout_s)
 
 
 def is_rank0() -> bool:
