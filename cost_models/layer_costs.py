@@ -62,6 +62,9 @@ class CostOptions:
     checkpointing: bool = False
     bytes_per_param: int = TRAINING_BYTES_PER_PARAM
     overlap_gradients: bool = True  # weight collectives hide behind compute (see the module docstring)
+    # activations enter and leave every layer batch-sharded over all devices (the runtime's layout between
+    # layers, ``strategies.runnable``): a layer's partial sums are reduce-scattered to batch chunks, not all-reduced
+    batch_interface: bool = False
 
 
 @dataclass
@@ -98,14 +101,26 @@ class CostModel:
             out[where] = latency + nbytes[where] * BUS_FACTOR[op](g) / (busbw * 1e9)
         return out
 
+    @staticmethod
+    def collective_bytes(op: str, nbytes: np.ndarray, group: np.ndarray) -> np.ndarray:
+        """Bytes ``op`` moves per device (``nbytes`` x the bus factor of ``cost_models.conventions``): the
+        figure ``pase verify`` counts at the torch.distributed call boundary."""
+        nbytes, group = np.broadcast_arrays(np.asarray(nbytes, dtype=np.float64), np.asarray(group))
+        out = np.zeros(nbytes.shape)
+        for g in {int(g) for g in group.ravel() if g > 1}:
+            where = group == g
+            out[where] = nbytes[where] * BUS_FACTOR[op](g)
+        return out
+
     # ------------------------------------------------------------------ layers
     def layer_costs(self, layer: LayerAttrs, space: SplitTable, block_output: bool = True,
                     parts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(compute seconds, communication seconds, bytes per device) for every configuration of
         ``layer``. O(K * dims). When ``parts`` is given it receives the pieces a pipeline prices
         apart: "weight_sync" (the weight-gradient collectives inside ``comm``, once per step),
-        "saved" (the activation bytes inside the memory, per microbatch) and "weight_bytes" (the
-        local weight-gradient shard)."""
+        "saved" (the activation bytes inside the memory, per microbatch), "weight_bytes" (the
+        local weight-gradient shard) and "comm_bytes" (bytes every collective of ``comm`` moves per
+        device, hidden or not)."""
         f = self._factor_table(layer, space)  # (K, D) over all layer dims
         dims = list(layer["dims"])
         extent = np.array([layer["dims"][d] for d in dims], dtype=np.float64)
@@ -150,25 +165,37 @@ class CostModel:
             seconds += float(layer["flops_fwd"]) / used / self.rates.compute(kind).value  # recompute forward
 
         # collectives from the tensor maps
-        comm = self.collective_seconds("all_reduce", out_local * itemsize, missing(out_map), 1)
+        comm_bytes = np.zeros(len(f))
+
+        def priced(op: str, nbytes: np.ndarray, group: np.ndarray, stride: np.ndarray | int = 1,
+                   bucketed: bool = False) -> np.ndarray:
+            nonlocal comm_bytes
+            comm_bytes = comm_bytes + self.collective_bytes(op, nbytes, group)
+            return self.collective_seconds(op, nbytes, group, stride, bucketed)
+
+        partials = "reduce_scatter" if self.options.batch_interface else "all_reduce"
+        comm = priced(partials, out_local * itemsize, missing(out_map))
         for m in activations:
-            comm += self.collective_seconds("all_reduce", local(m) * itemsize, missing(m), 1)
+            comm += priced(partials, local(m) * itemsize, missing(m))
         weight_sync = np.zeros(len(f))
         for p in weights:
             replicas = gradient_group(p["map"])
             shard = p["numel"] / self._weight_split(p["map"], dims, f) * itemsize
             stride = np.maximum(1, used // np.maximum(1, replicas))
             if self.options.fsdp:
-                weight_sync += self.collective_seconds("reduce_scatter", shard, replicas, stride, bucketed=True)
-                weight_sync += 2 * self.collective_seconds("all_gather", shard, replicas, stride, bucketed=True)
+                weight_sync += priced("reduce_scatter", shard, replicas, stride, bucketed=True)
+                weight_sync += 2 * priced("all_gather", shard, replicas, stride, bucketed=True)
+                comm_bytes = comm_bytes + self.collective_bytes("all_gather", shard, replicas)  # the second gather
             else:
-                weight_sync += self.collective_seconds("all_reduce", shard, replicas, stride, bucketed=True)
+                weight_sync += priced("all_reduce", shard, replicas, stride, bucketed=True)
         if self.options.overlap_gradients:
             hiding = seconds if self.options.fsdp else seconds * float(layer["flops_bwd"]) / max(flops, 1.0)
             weight_sync = np.maximum(0.0, weight_sync - hiding)
         comm += weight_sync
-        comm += self._halo_seconds(layer, dims, f, extent, itemsize)
-        comm += self._norm_stats_seconds(layer, dims, f, extent)
+        halo, halo_bytes = self._halo(layer, dims, f, extent, itemsize)
+        stats, stats_bytes = self._norm_stats(layer, dims, f, extent)
+        comm += halo + stats
+        comm_bytes = comm_bytes + halo_bytes + stats_bytes
 
         # memory per device
         state = weight_local * self.options.bytes_per_param
@@ -179,7 +206,8 @@ class CostModel:
         if self.options.checkpointing and not block_output:
             saved = np.zeros(len(f))
         if parts is not None:
-            parts.update(weight_sync=weight_sync, saved=saved, weight_bytes=weight_local * itemsize)
+            parts.update(weight_sync=weight_sync, saved=saved, weight_bytes=weight_local * itemsize,
+                         comm_bytes=comm_bytes)
         return seconds, comm, state + saved
 
     @staticmethod
@@ -195,33 +223,38 @@ class CostModel:
             table[:, dims.index(name)] = space.factors[:, j]
         return table
 
-    def _halo_seconds(self, layer: LayerAttrs, dims: list[str], f: np.ndarray, extent: np.ndarray,
-                      itemsize: int) -> np.ndarray:
+    def _halo(self, layer: LayerAttrs, dims: list[str], f: np.ndarray, extent: np.ndarray,
+              itemsize: int) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds, bytes per device) of a spatially split convolution's halo exchange, forward and backward."""
+        none = (np.zeros(len(f)), np.zeros(len(f)))
         if layer["op"] != "conv" or "h" not in dims:
-            return np.zeros(len(f))
+            return none
         kh = layer["dims"].get("kh", 1)
         if kh <= 1:
-            return np.zeros(len(f))
+            return none
         h, w = dims.index("h"), dims.index("w")
         n, c_in = dims.index("n"), dims.index("c_in")
         split = f[:, h] * f[:, w]
         rows = (kh // 2) * (extent[w] / f[:, w] + extent[h] / f[:, h])  # halo cells around the local tile
         nbytes = 2 * rows * (extent[c_in] / f[:, c_in]) * (extent[n] / f[:, n]) * itemsize
-        return np.where(split > 1, 2 * self.collective_seconds("send_recv", nbytes, np.where(split > 1, 2, 1), 1), 0.0)
+        pairs = np.where(split > 1, 2, 1)
+        return (np.where(split > 1, 2 * self.collective_seconds("send_recv", nbytes, pairs, 1), 0.0),
+                2 * self.collective_bytes("send_recv", nbytes, pairs))
 
-    def _norm_stats_seconds(self, layer: LayerAttrs, dims: list[str], f: np.ndarray,
-                            extent: np.ndarray) -> np.ndarray:
-        """Mean and variance are reduced over the dims a norm normalises: a split there needs an
-        all-reduce of the statistics (forward and backward); a split elsewhere needs none."""
+    def _norm_stats(self, layer: LayerAttrs, dims: list[str], f: np.ndarray,
+                    extent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds, bytes per device): mean and variance are reduced over the dims a norm normalises, so
+        a split there needs an all-reduce of the statistics (forward and backward); a split elsewhere none."""
         kind = layer["op"]
+        none = (np.zeros(len(f)), np.zeros(len(f)))
         if kind not in NORM_KINDS:
-            return np.zeros(len(f))
+            return none
         reduced_roles = {"group_norm": ("spatial",), "layer_norm": ("channel",),
                          "batch_norm": ("batch", "spatial")}[kind]
         reduced = [i for i, d in enumerate(dims) if layer["roles"][d] in reduced_roles]
         kept = [i for i in range(len(dims)) if i not in reduced and layer["roles"][dims[i]] != "channel"]
         if not reduced:
-            return np.zeros(len(f))
+            return none
         group = f[:, reduced].prod(axis=1)
         statistics = (extent[kept].prod() / f[:, kept].prod(axis=1)) if kept else np.ones(len(f))
         if kind == "group_norm":
@@ -229,9 +262,14 @@ class CostModel:
         elif kind == "batch_norm":
             statistics = extent[[i for i, d in enumerate(dims) if layer["roles"][d] == "channel"]].prod() \
                 * np.ones(len(f))
-        return 2 * self.collective_seconds("all_reduce", 2 * 4 * statistics, group, 1)
+        return (2 * self.collective_seconds("all_reduce", 2 * 4 * statistics, group, 1),
+                2 * self.collective_bytes("all_reduce", 2 * 4 * statistics, group))
 
     # ------------------------------------------------------------------ edges
+    def relayout_bytes(self, seconds: np.ndarray | float) -> np.ndarray:
+        """Bytes per device behind re-layout ``seconds`` from ``edge_costs`` (one rate prices every re-layout)."""
+        return np.asarray(seconds) * (self.relayout_gbps * 1e9 if self.devices > 1 else 0.0)
+
     def edge_costs(self, edge: EdgeAttrs, producer: LayerAttrs, src: SplitTable, consumer: LayerAttrs,
                    dst: SplitTable) -> np.ndarray:
         """Re-layout seconds for every (producer config, consumer config) pair: (K_src, K_dst)."""

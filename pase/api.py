@@ -30,7 +30,7 @@ def plan(
     ``example_inputs`` fix the shapes (use meta tensors for big models). ``batch`` replaces the
     leading (batch) dimension of every input that has the examples' batch size, so one example
     serves any global batch. ``options`` are ``PlanOptions`` fields (precision, fsdp,
-    checkpointing, only, memory_fraction). Returns a ``pase.planning.plan.Plan``.
+    checkpointing, only, memory_fraction, space, force). Returns a ``pase.planning.plan.Plan``.
     """
     allowed = {f.name for f in fields(PlanOptions)}
     unknown = set(options) - allowed

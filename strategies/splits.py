@@ -38,7 +38,7 @@ SPLITTABLE_ROLES: dict[str, tuple[str, ...]] = {
     "input": ("batch",),
     "other": ("batch",),
 }
-TENSOR_EXCLUDED = ("batch", "spatial", "sequence")  # --only tensor: channel/head (Megatron-style) splits only
+TENSOR_EXCLUDED = ("spatial", "sequence")  # --only tensor: channel/head splits, the batch split over the other ranks
 ONLY_QUERY_SEQUENCE = {"attention": ("q",)}  # splitting kv would need a distributed softmax
 # Smallest shard per device, per role: below these a GPU kernel runs far from its peak, so such
 # splits are never worth their communication (and they would multiply the search space).
@@ -74,8 +74,9 @@ def split_space(layer: Mapping[str, Any], devices: int, min_chunk: dict[str, int
     """The configurations of one LayerGraph node on ``devices`` devices.
 
     ``min_chunk`` overrides ``MIN_CHUNK`` per role. ``only`` restricts to one kind of
-    parallelism: "dp" or "fsdp" (batch only) or "tensor" (channel and head splits: no batch, spatial or
-    sequence split); "pipeline" leaves the per-layer space whole (its stages come from the pipeline search).
+    parallelism: "dp" or "fsdp" (batch only) or "tensor" (channel and head splits with the batch split
+    over the other devices; no spatial or sequence split); "pipeline" leaves the per-layer space whole
+    (its stages come from the pipeline search).
     Complexity: O(prod of candidate counts) over the splittable dims (at most a few hundred).
     """
     kind = layer["op"]

@@ -72,7 +72,12 @@ def _channels(layer_id: str, data: dict) -> dict:
         dims = [d for d, r in data["roles"].items() if r == role]
         if dims and data["dims"][dims[0]] % 2 == 0:
             return {dims[0]: 2}
-    if data["op"] in ("group_norm", "elementwise") and data["index"] % 3 == 0:
+    return _batch_only(layer_id, data)
+
+
+def _norm_channels(layer_id: str, data: dict) -> dict:
+    """Channel splits of group norms: splits the runtime has no layout for (it must refuse them)."""
+    if data["op"] == "group_norm":
         return {d: 2 for d, r in data["roles"].items() if r == "channel"}
     return _batch_only(layer_id, data)
 
@@ -146,6 +151,7 @@ def _refusals(graph: Any, rank: int, world: int) -> dict[str, Any]:
     cases += [(f"{prefix}model", dataclasses.replace(base, model_fingerprint="0123456789abcdef"), build_model(), graph)
               for prefix, base in (("", plan), ("pipeline_", staged))]
     cases.append(("other_model", plan, other, None))
+    cases.append(("norm_channels", hand_plan(graph, world, _norm_channels), build_model(), graph))
     messages = {}
     with pase.distributed() as run:
         for label, bad, model, known in cases:

@@ -145,9 +145,10 @@ def test_the_graph_replays_the_model(factory) -> None:
 
 def test_the_same_plan_from_either_capture() -> None:
     from cost_models.cluster import parse_spec
-    from pase.planning.per_layer import plan_graph
+    from pase.planning.per_layer import PlanOptions, plan_graph
 
-    plans = [plan_graph(captured("unet-tiny")[method][1], parse_spec("4xL40S")).to_dict()
+    everything = PlanOptions(space="all")  # batch 2 on 4 devices: no runnable plan, but both captures must agree
+    plans = [plan_graph(captured("unet-tiny")[method][1], parse_spec("4xL40S"), options=everything).to_dict()
              for method in ("meta_trace", "export")]
     for plan in plans:
         plan["search"].pop("seconds")

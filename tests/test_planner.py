@@ -13,6 +13,7 @@ from torch import nn
 from cost_models.cluster import cluster_from_dict, parse_spec
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES, CostModel, CostOptions
 from cost_models.rates import HardwareRates
+from pase.errors import PaseError
 from pase.graph import extract, extract_model
 from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, PricedGraph, plan_graph, search_under_memory
 from pase.planning.plan import Plan
@@ -176,7 +177,9 @@ def test_baselines_are_priced_on_their_own_terms() -> None:
     assert ddp.memory_bytes_per_device > fsdp.memory_bytes_per_device  # --fsdp must not turn DDP into FSDP
     tensor_plan = plan_graph(graph, parse_spec("4xL40S"), options=PlanOptions(only="tensor"))
     assert tensor_plan.baselines["ddp"].compute_seconds == pytest.approx(ddp.compute_seconds)
-    odd = plan_graph(extract_model("unet-tiny", 6), parse_spec("4xL40S"))
+    with pytest.raises(PaseError, match=r"batch \(6\) does not divide into 4 equal chunks"):
+        plan_graph(extract_model("unet-tiny", 6), parse_spec("4xL40S"))  # the runtime needs equal batch chunks
+    odd = plan_graph(extract_model("unet-tiny", 6), parse_spec("4xL40S"), options=PlanOptions(space="all"))
     assert odd.baselines["ddp"] is None and "does not divide" in odd.baseline_notes["ddp"]
 
 

@@ -68,3 +68,5 @@ def test_plans_for_another_world_or_model_are_refused(results) -> None:
         assert "another model" in messages["other_model"]
         assert "made for 4 devices" in messages["pipeline_world"]
         assert "another model" in messages["pipeline_model"]
+        refusal = messages["norm_channels"]  # refused by name, never run batch-parallel instead
+        assert "as planned" in refusal and "down_blocks.0.resnets.0.norm1 (group_norm, c=2)" in refusal

@@ -51,7 +51,8 @@ def test_only_restricts_the_plan_to_one_kind(local, only: str) -> None:
         assert used == {"batch"}
         assert plan.options["fsdp"] is (only == "fsdp")
     else:
-        assert used and not used & {"batch", "spatial", "sequence"}
+        assert used & {"out_channel", "reduction", "head"} and not used & {"spatial", "sequence"}
+    assert all(layer.runnable for layer in plan.layers)
 
 
 def test_only_pipeline_plans_stages_even_when_slower(local) -> None:

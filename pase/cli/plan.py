@@ -47,6 +47,12 @@ def plan(
                                            "(cut points, device groups, microbatches, PP x DP).")] = False,
     schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
     max_stages: Annotated[int, typer.Option(min=1, help="Most pipeline stages to consider.")] = 8,
+    space: Annotated[str, typer.Option(help="runnable: only splits the runtime runs as planned; all: every split "
+                                       "the cost model prices (what-if; the plan says which layers cannot run).")]
+    = "runnable",
+    force: Annotated[list[str] | None, typer.Option("--force", help="LAYER_GLOB=DIM:FACTOR[,DIM:FACTOR]: make the "
+                                                    "matching layers take these splits (e.g. "
+                                                    "'*attn1.to_q=n:4,c_out:2'; 'n:8' for batch only).")] = None,
 ) -> None:
     """Plan how to split every layer of a model over a cluster, and compare with DDP and FSDP."""
     import torch
@@ -79,7 +85,8 @@ def plan(
         graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[precision]), input_shapes=named or None,
                               user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
-                              checkpointing=checkpoint, search_gap=gap)
+                              checkpointing=checkpoint, search_gap=gap, space=space,
+                              force=parse_force(force or []))
         stages = PipelineOptions(schedule=schedule, max_stages=max_stages) if pipeline or only == "pipeline" else None
         try:
             result, priced = make_plan(graph, target, profile=measured, options=options, pipeline=stages,
@@ -96,6 +103,33 @@ def plan(
         _print_explain(graph, result, priced, explain)
     if json_path is not None:
         write_output(json_path, "--json", result.save)
+
+
+def parse_force(entries: list[str]) -> dict[str, dict[str, int]]:
+    """``--force`` values as {layer glob: {dimension: factor}}."""
+    forced: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        glob, sep, spec = entry.rpartition("=")
+        if not sep or not glob:
+            raise PaseError(f"--force {entry!r}: write LAYER_GLOB=DIM:FACTOR[,DIM:FACTOR], e.g. '*.to_q=n:4,c_out:2'")
+        splits: dict[str, int] = {}
+        for part in filter(None, spec.split(",")):
+            dim, colon, factor = part.partition(":")
+            if not colon or not factor.strip().isdigit() or int(factor) < 1:
+                raise PaseError(f"--force {entry!r}: {part!r} is not DIM:FACTOR with a positive whole factor")
+            splits[dim.strip()] = int(factor)
+        forced[glob] = splits
+    return forced
+
+
+def runnable_summary(result: Plan) -> str:
+    """One line: do all layers run as planned (the plan JSON's per-layer "runnable")."""
+    refused = [layer for layer in result.layers if not layer.runnable]
+    if not refused:
+        return f"all {len(result.layers)} layers run as planned (every configuration is one the runtime runs)."
+    return (f"[bold red]not runnable:[/] {len(refused)} of {len(result.layers)} layers use splits the runtime does not "
+            f"run (e.g. {refused[0].id}: {', '.join(f'{d}={f}' for d, f in refused[0].splits.items())}); "
+            "`pase.parallelize` refuses this plan. Plan without `--space all` for one that runs.")
 
 
 def print_plan(result: Plan) -> None:
@@ -132,6 +166,7 @@ def print_plan(result: Plan) -> None:
         console.print(f"{name}: n/a because {note}")
     if result.search.space_note:
         console.print(f"note: {result.search.space_note}")
+    console.print(runnable_summary(result))
     if result.search.pipeline:
         console.print(pipeline_summary(result))
     best = [p for name, p in result.baselines.items() if p and name in ("ddp", "fsdp")]

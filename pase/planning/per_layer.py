@@ -9,6 +9,7 @@ reported with what would help.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -22,10 +23,11 @@ from cost_models.layer_costs import CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.graph.attrs import LayerAttrs
+from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
+from strategies.runnable import SPACES, interface_config, restrict, runnable_mask, runnable_reason
 from strategies.splits import SplitSpace, split_space
 
 
@@ -38,8 +40,9 @@ class PlanDoesNotFit(PaseError):
         self.limit_bytes = limit_bytes
 
 
-# --only: dp (batch splits), fsdp (batch splits, sharded weights), tensor (channel and head splits, no
-# batch, spatial or sequence splits), pipeline (pipeline stages; see pase.planning.pipeline)
+# --only: dp (batch splits), fsdp (batch splits, sharded weights), tensor (every layer that can split its
+# channels or heads does, the batch split over the other devices), pipeline (pipeline stages; see
+# pase.planning.pipeline)
 ONLY_KINDS = ("dp", "fsdp", "tensor", "pipeline")
 
 
@@ -54,8 +57,14 @@ class PlanOptions:
     search_gap: float = 5e-3  # relative distance from the optimum the search may stop at (0: exact, slower)
     memory_price_steps: int = 8  # at most this many memory-price refinements when the limit binds (one search each)
     baselines: bool = True  # price DDP and FSDP beside the plan (reports that compare clusters skip them)
+    # "runnable": only configurations the runtime runs as planned (strategies.runnable); "all": every split
+    # PaSE can price, for what-if questions (such plans say which layers the runtime would refuse)
+    space: str = "runnable"
+    force: dict[str, dict[str, int]] | None = None  # layer-id glob -> the splits its layers must take
 
     def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise PaseError(f"space must be one of {', '.join(SPACES)}, not {self.space!r}")
         if self.only not in (None, *ONLY_KINDS):
             raise PaseError(f"only must be one of {', '.join(ONLY_KINDS)} (or None), not {self.only!r}")
         if self.only == "fsdp":
@@ -79,6 +88,9 @@ class PricedGraph:
     memory: list[np.ndarray]
     edges: list[tuple[int, int, np.ndarray]]
     weight_sync: list[np.ndarray] = field(default_factory=list)  # the exposed gradient collectives inside comm
+    comm_bytes: list[np.ndarray] = field(default_factory=list)  # bytes the layer's collectives move per device
+    runnable: list[np.ndarray] = field(default_factory=list)  # per configuration: does the runtime run it
+    relayout_bytes_per_second: float = 0.0  # re-layout seconds -> bytes per device (one rate prices them all)
 
     def cost_graph(self, memory_price: float, name: str, devices: int) -> CostGraph:
         costs = [c + m + memory_price * mem for c, m, mem in zip(self.compute, self.comm, self.memory)]
@@ -93,36 +105,122 @@ class PricedGraph:
         memory = sum(float(m[k]) for m, k in zip(self.memory, assignment))
         return compute, comm, relayout, memory
 
+    def comm_bytes_per_device(self, assignment: list[int]) -> float:
+        """Bytes every collective of an assignment moves per device per step (layers' and re-layouts')."""
+        layers = sum(float(b[k]) for b, k in zip(self.comm_bytes, assignment))
+        relayout = sum(float(m[assignment[s], assignment[d]]) for s, d, m in self.edges)
+        return layers + relayout * self.relayout_bytes_per_second
+
 
 def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
                 progress: Callable[[str], None] | None = None) -> PricedGraph:
     """Every layer's configurations and every edge's re-layouts priced. A UNet repeats layer shapes
-    (every block of a level), so each distinct layer and edge is priced once and shared."""
+    (every block of a level), so each distinct layer and edge is priced once and shared.
+
+    In the runnable space activations are batch-sharded between layers (``strategies.runnable``), so an
+    edge costs its producer's way back to that layout plus its consumer's way out of it."""
     devices = model.devices
     layers = list(graph.layers())
     ids = [layer_id for layer_id, _ in layers]
     index = {layer_id: i for i, layer_id in enumerate(ids)}
     block_outputs = block_output_layers(graph)
-    kind = layer_kinds(graph, block_outputs)
-    priced_kinds: dict[int, tuple[SplitSpace, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    forced = forced_splits(ids, options.force)
+    keys: dict[tuple[int, str], int] = {}
+    base = layer_kinds(graph, block_outputs)
+    kind = [keys.setdefault((base[v], json.dumps(forced.get(layer_id), sort_keys=True)), len(keys))
+            for v, layer_id in enumerate(ids)]
+    priced_kinds: dict[int, tuple[Any, ...]] = {}  # (space, compute, comm, memory, sync, comm bytes, runnable)
     for v, (layer_id, data) in enumerate(layers):
         if kind[v] not in priced_kinds:
-            space = split_space(data, devices, options.min_chunk, options.only)
+            space, mask = layer_space(layer_id, data, devices, options, forced.get(layer_id))
             parts: dict[str, np.ndarray] = {}
             costs = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts)
-            priced_kinds[kind[v]] = (space, *costs, parts["weight_sync"])
-    spaces, compute, comm, memory, weight_sync = (list(column) for column in zip(*(priced_kinds[k] for k in kind)))
+            priced_kinds[kind[v]] = (space, *costs, parts["weight_sync"], parts["comm_bytes"], mask)
+    spaces, compute, comm, memory, weight_sync, comm_bytes, runnable = (
+        list(column) for column in zip(*(priced_kinds[k] for k in kind)))
     if progress:
         progress("pricing re-layouts")
+    through_batch = options.space == "runnable"
     edges = []
     priced_edges: dict[str, np.ndarray] = {}
     for src, dst, data in graph.graph.edges(data=True):
         s, d = index[src], index[dst]
         key = edge_key(kind[s], kind[d], data)
         if key not in priced_edges:
-            priced_edges[key] = model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])
+            if through_batch:
+                priced_edges[key] = _edge_through_batch(model, data, graph[src], spaces[s], graph[dst], spaces[d])
+            else:
+                priced_edges[key] = model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])
         edges.append((s, d, priced_edges[key]))
-    return PricedGraph(ids, spaces, compute, comm, memory, edges, weight_sync)
+    return PricedGraph(ids, spaces, compute, comm, memory, edges, weight_sync, comm_bytes, runnable,
+                       float(model.relayout_bytes(1.0)))
+
+
+def layer_space(layer_id: str, data: LayerAttrs, devices: int, options: PlanOptions,
+                forced: dict[str, int] | None = None) -> tuple[SplitSpace, np.ndarray]:
+    """(the configurations the search may give ``layer_id``, which of them the runtime runs as planned)."""
+    space = split_space(data, devices, options.min_chunk, options.only)
+    runnable = runnable_mask(data, space, devices, options.fsdp)
+    if options.space == "runnable":
+        if not runnable.any():
+            batch = interface_config(data, space, devices)
+            extent = next((data["dims"][d] for d in data["dims"] if data["roles"][d] == "batch"), 1)
+            why = runnable_reason(data, space.config(batch), devices, options.fsdp) if batch is not None else \
+                f"its batch ({extent}) does not divide into {devices} equal chunks"
+            raise PaseError(f"layer {layer_id} ({data['op']}) has no configuration the runtime runs on {devices} "
+                            f"devices: {why}. Use a --batch divisible by the devices, or `--space all` to price "
+                            "splits the runtime does not run")
+        space, runnable = restrict(space, runnable), runnable[runnable]
+    if options.only == "tensor":  # a layer that can split its channels or heads does
+        tensor = np.array([any(data["roles"][d] != "batch" for d in space.config(k)) for k in range(len(space))])
+        if tensor.any():
+            space, runnable = restrict(space, tensor), runnable[tensor]
+    if forced is not None:
+        k = space.index_of(forced)
+        if k is None:
+            full = split_space(data, devices, options.min_chunk, options.only)
+            known = full.index_of(forced) is not None
+            why = runnable_reason(data, forced, devices, options.fsdp) if known else "it is not one of its splits"
+            choices = "; ".join(_splits_text(space.config(i)) for i in range(min(len(space), 12)))
+            raise PaseError(f"--force {layer_id}={_splits_text(forced)}: {why}. Its configurations"
+                            f"{' the runtime runs' if options.space == 'runnable' else ''}: {choices}")
+        one = np.zeros(len(space), dtype=bool)
+        one[k] = True
+        space, runnable = restrict(space, one), runnable[one]
+    return space, runnable
+
+
+def forced_splits(ids: list[str], force: Mapping[str, Mapping[str, int]] | None) -> dict[str, dict[str, int]]:
+    """Per layer id, the splits ``force`` (glob -> splits) gives it; the last matching glob wins. A glob that
+    matches no layer is an error (a typo would otherwise force nothing)."""
+    result: dict[str, dict[str, int]] = {}
+    known = set(ids)
+    for pattern, splits in (force or {}).items():
+        matched = [pattern] if pattern in known else fnmatch.filter(ids, pattern)
+        if not matched:
+            raise PaseError(f"--force {pattern}: no layer id matches; `pase graph --model ...` lists them")
+        for layer_id in matched:
+            result[layer_id] = {d: int(f) for d, f in splits.items() if int(f) > 1}
+    return result
+
+
+def _splits_text(splits: Mapping[str, int]) -> str:
+    return ",".join(f"{d}:{f}" for d, f in splits.items() if f > 1) or "none"
+
+
+def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs, src: SplitSpace,
+                        consumer: LayerAttrs, dst: SplitSpace) -> np.ndarray:
+    """Re-layout seconds for every (producer, consumer) pair when the activation passes through the batch
+    layout between them: the producer's way to it plus the consumer's way from it. O(K_src + K_dst)."""
+    to_batch = model.edge_costs(edge, producer, src, consumer, _interface(consumer, model.devices))[:, 0]
+    from_batch = model.edge_costs(edge, producer, _interface(producer, model.devices), consumer, dst)[0, :]
+    return to_batch[:, None] + from_batch[None, :]
+
+
+def _interface(layer: LayerAttrs, devices: int) -> SplitSpace:
+    """The one-configuration space of ``layer``'s batch split over all devices."""
+    batch = [d for d in layer["dims"] if layer["roles"][d] == "batch"][:1]
+    return SplitSpace(tuple(batch), np.full((1, len(batch)), devices, dtype=np.int64))
 
 
 def layer_key(data: LayerAttrs, block_output: bool) -> str:
@@ -168,7 +266,8 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     options = options or PlanOptions()
     started = time.perf_counter()
     rates = HardwareRates(cluster, profile, options.precision)
-    cost_options = CostOptions(precision=options.precision, fsdp=options.fsdp, checkpointing=options.checkpointing)
+    cost_options = CostOptions(precision=options.precision, fsdp=options.fsdp, checkpointing=options.checkpointing,
+                               batch_interface=options.space == "runnable")
     model = CostModel(cluster, rates, cost_options)
     if progress:
         progress(f"pricing {len(graph)} layers on {cluster.world_size} devices")
@@ -190,7 +289,8 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     for v, (layer_id, data) in enumerate(graph.layers()):
         k = assignment[v]
         layers.append(LayerChoice(layer_id, data["op"], data["block"], priced.spaces[v].config(k),
-                                  float(priced.compute[v][k] + priced.comm[v][k]), float(priced.memory[v][k])))
+                                  float(priced.compute[v][k] + priced.comm[v][k]), float(priced.memory[v][k]),
+                                  bool(priced.runnable[v][k])))
     search = SearchInfo(seconds=round(searched - priced_at, 3), pricing_seconds=round(priced_at - started, 3),
                         width=stats.width, largest_table=stats.largest_table, pruned_configs=stats.pruned_configs,
                         memory_price=price, conditioned_on=list(stats.conditioned_on), space_note=space_note,
@@ -209,6 +309,7 @@ def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: H
         options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
                  "search_gap": options.search_gap,
                  "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
+                 "space": options.space, "force": options.force,
                  "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
                  "rates": rates.compute("conv").source},
         **body)
@@ -371,7 +472,7 @@ def _prediction(priced: PricedGraph, assignment: list[int], batch: int) -> Predi
     sync = sum(float(w[k]) for w, k in zip(priced.weight_sync, assignment))
     return Prediction(step_seconds=step, samples_per_second=batch / step if step > 0 else 0.0,
                       memory_bytes_per_device=memory, compute_seconds=compute, communication_seconds=comm + relayout,
-                      gradient_sync_seconds=sync)
+                      gradient_sync_seconds=sync, comm_bytes_per_device=priced.comm_bytes_per_device(assignment))
 
 
 def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions, fsdp: bool,
@@ -386,8 +487,8 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
     block_outputs = block_output_layers(graph)
     spaces: dict[str, SplitSpace] = {}
     kinds = dict(zip((layer_id for layer_id, _ in graph.layers()), layer_kinds(graph, block_outputs)))
-    priced: dict[int, tuple[float, float, float]] = {}  # per layer kind (repeated shapes priced once)
-    compute = comm = memory = 0.0
+    priced: dict[int, tuple[float, float, float, float]] = {}  # per layer kind (repeated shapes priced once)
+    compute = comm = memory = comm_bytes = 0.0
     for layer_id, data in graph.layers():
         batch_dims = [d for d in data["dims"] if data["roles"][d] == "batch"]
         wanted: dict[str, int] = {}
@@ -400,9 +501,11 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
         spaces[layer_id] = space
         kind = kinds[layer_id]
         if kind not in priced:
-            c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs)
-            priced[kind] = float(c[0]), float(m[0]), float(mem[0])
+            parts: dict[str, np.ndarray] = {}
+            c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts)
+            priced[kind] = float(c[0]), float(m[0]), float(mem[0]), float(parts["comm_bytes"][0])
         compute, comm, memory = compute + priced[kind][0], comm + priced[kind][1], memory + priced[kind][2]
+        comm_bytes += priced[kind][3]
     relayouts = {} if relayouts is None else relayouts
     relayout = 0.0
     for s, d, edge in graph.graph.edges(data=True):
@@ -411,11 +514,12 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
             relayouts[key] = float(model.edge_costs(edge, graph[s], spaces[s], graph[d], spaces[d])[0, 0])
         relayout += relayouts[key]
     step = compute + comm + relayout
-    prediction = Prediction(step, graph.batch / step if step else 0.0, memory, compute, comm + relayout)
+    prediction = Prediction(step, graph.batch / step if step else 0.0, memory, compute, comm + relayout,
+                            comm_bytes_per_device=comm_bytes + float(model.relayout_bytes(relayout)))
     if memory > limit:
         return None, f"needs {memory / 2**30:.1f} GiB per device, over the {limit / 2**30:.1f} GiB limit"
     return prediction, None
 
 
-__all__ = ["PlanDoesNotFit", "PlanOptions", "plan_and_price", "plan_graph", "price_graph",
-           "new_plan", "search_under_memory"]
+__all__ = ["PlanDoesNotFit", "PlanOptions", "forced_splits", "layer_space", "plan_and_price", "plan_graph",
+           "price_graph", "new_plan", "search_under_memory"]

@@ -23,6 +23,7 @@ class LayerChoice:
     splits: dict[str, int]  # dimension -> split factor (absent = 1)
     seconds: float
     memory_bytes: float
+    runnable: bool = True  # the runtime runs this configuration as planned (strategies.runnable)
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Prediction:
     # the exposed weight-gradient collectives inside communication_seconds: under gradient accumulation
     # (DDP's no_sync) they run once per step, not once per micro-step (0 where not priced apart)
     gradient_sync_seconds: float = 0.0
+    # bytes every collective moves per device per step (layers' and re-layouts', hidden or not), in the bus-byte
+    # convention of cost_models.conventions: what `pase verify --check` counts at the torch.distributed calls
+    comm_bytes_per_device: float = 0.0
 
 
 @dataclass

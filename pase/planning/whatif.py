@@ -99,8 +99,14 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
                         interconnect=_interconnect(cluster), dollars_per_hour=price * cluster.world_size
                         if price is not None else None,
                         price_source=(cluster.price.source or cluster.price.as_of) if cluster.price else "")
-    steps = [k for k in range(1, batch + 1) if batch % k == 0]  # micro-steps per step: divisors of the batch
-    accumulation, plan = 1, None
+    # micro-steps per step: divisors of the batch (in the runnable space, leaving every device an equal chunk)
+    chunks = cluster.world_size if options.space == "runnable" else 1
+    steps = [k for k in range(1, batch + 1) if batch % k == 0 and (batch // k) % chunks == 0]
+    if not steps:
+        row.note = (f"the global batch {batch} does not divide into equal chunks over {cluster.world_size} devices, "
+                    "which the runtime needs")
+        return row
+    accumulation, plan = steps[0], None
     while plan is None:
         try:
             plan = plan_graph(graph_at(batch // accumulation), cluster, options=options)

@@ -37,9 +37,10 @@ from pase.graph import LayerGraph
 from pase.models.zoo import ZOO
 from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
-from pase.runtime.layout import ParallelLayout, layer_layouts
+from pase.runtime.layout import ParallelLayout
 from strategies.data import average_gradients
 from strategies.pipeline import check_schedule
+from strategies.runnable import runnable_reason
 
 
 class _Prediction(nn.Module):
@@ -123,12 +124,14 @@ def _check_batch_only(plan: Plan, graph: LayerGraph | None, group: int) -> None:
         raise PaseError("the plan's stages run on groups of devices: pass the model's LayerGraph (graph=) so pase can "
                         "check they split only the batch")
     stage_of = {layer_id: k for k, stage in enumerate(plan.stages) for layer_id in stage.layers}
-    for layout in layer_layouts(plan, graph):
-        if layout.kind != "batch":
-            raise PaseError(f"pipeline stage {stage_of.get(layout.layer, '?')} runs on groups of {group} devices and "
-                            f"splits layer {layout.layer} ({layout.applied}) across them; the pipeline runtime runs a "
-                            "stage's devices as data-parallel replicas (batch splits only); re-plan with "
-                            "`pase plan --only pipeline`")
+    for choice in plan.layers:
+        why = runnable_reason(graph[choice.id], choice.splits, group, fsdp=True)  # batch layouts only
+        if why is not None:
+            splits = ", ".join(f"{d}={f}" for d, f in choice.splits.items() if f > 1)
+            raise PaseError(f"pipeline stage {stage_of.get(choice.id, '?')} runs on groups of {group} devices and "
+                            f"splits layer {choice.id} ({splits}) across them, which it cannot run: the pipeline "
+                            "runtime runs a stage's devices as data-parallel replicas (the batch split over all of "
+                            "them); re-plan with `pase plan --only pipeline`")
 
 
 def _process_groups(mesh: PipelineMesh, rank: int) -> tuple[Any, Any]:

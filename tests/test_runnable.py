@@ -1,0 +1,151 @@
+"""A plan is a promise: the default search space is exactly what the runtime runs, the runtime refuses the rest
+by name, `--force` pins layers, and the predicted communication bytes follow the runtime's collectives."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cost_models.cluster import parse_spec
+from cost_models.layer_costs import CostModel, CostOptions
+from cost_models.rates import HardwareRates
+from pase.errors import PaseError
+from pase.graph import extract_model
+from pase.planning.per_layer import PlanOptions, plan_graph
+from pase.runtime.layout import PlanNotRunnable, layer_layouts
+from strategies.runnable import layer_run, runnable_reason
+from strategies.splits import SplitSpace, split_space
+
+SD15_CLUSTER = "8x8xH100-SXM+IB-NDR400x8"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return extract_model("unet-tiny", 16)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return extract_model("sd15-unet", 64)
+
+
+def _first(graph, op: str) -> tuple[str, dict]:
+    return next((layer_id, data) for layer_id, data in graph.layers() if data["op"] == op)
+
+
+def _dim(data: dict, role: str) -> str:
+    return next(d for d, r in data["roles"].items() if r == role)
+
+
+def _wide_conv(graph, role: str) -> tuple[str, dict]:
+    """The first convolution with at least 64 channels of ``role`` (so 2- and 4-way splits are in its space)."""
+    return next((i, d) for i, d in graph.layers() if d["op"] == "conv" and d["dims"][_dim(d, role)] >= 64)
+
+
+def test_runnable_configurations(tiny) -> None:
+    _, conv = _wide_conv(tiny, "reduction")
+    n, c_out, c_in = _dim(conv, "batch"), _dim(conv, "out_channel"), _dim(conv, "reduction")
+    assert layer_run(conv, {n: 4}, 4).kind == "batch"
+    assert layer_run(conv, {n: 2, c_out: 2}, 4).kind == "out" and layer_run(conv, {n: 2, c_out: 2}, 4).factor == 2
+    assert layer_run(conv, {n: 1, c_in: 4}, 4).kind == "in"
+    assert "splits at most one dimension" in runnable_reason(conv, {c_out: 2, c_in: 2}, 4)
+    assert "uses 2 of 4 ranks" in runnable_reason(conv, {c_out: 2}, 4)  # idle devices
+    assert "split 2 ways on 4 ranks" in runnable_reason(conv, {n: 2}, 4)  # replicas
+    assert "FSDP" in runnable_reason(conv, {n: 2, c_out: 2}, 4, fsdp=True)
+    assert "spatial splits of conv" in runnable_reason(conv, {n: 2, "h": 2}, 4)
+    _, norm = _first(tiny, "group_norm")
+    norm_split = {_dim(norm, "batch"): 2, _dim(norm, "channel"): 2}
+    assert "channel splits of group_norm" in runnable_reason(norm, norm_split, 4)
+    _, attention = _first(tiny, "attention")
+    assert layer_run(attention, {_dim(attention, "batch"): 2, _dim(attention, "head"): 2}, 4).kind == "heads"
+
+
+def test_default_sd15_plan_at_64_gpus_runs_as_planned(sd15) -> None:
+    plan = plan_graph(sd15, parse_spec(SD15_CLUSTER))
+    assert all(layer.runnable for layer in plan.layers)
+    layouts = layer_layouts(plan, sd15)  # the runtime's own check, without a process group
+    assert len(layouts) == len(plan.layers) == len(sd15)
+    assert {layout.kind for layout in layouts} > {"batch"}  # the plan uses tensor splits, all runnable
+    assert plan.predicted.step_seconds < plan.baselines["ddp"].step_seconds
+    assert plan.predicted.comm_bytes_per_device > 0
+    wide = plan_graph(sd15, parse_spec(SD15_CLUSTER), options=PlanOptions(space="all"))
+    refused = [layer for layer in wide.layers if not layer.runnable]
+    assert refused and wide.options["space"] == "all"
+    with pytest.raises(PlanNotRunnable, match=f"{refused[0].id} \\({refused[0].op}"):
+        layer_layouts(wide, sd15)
+
+
+def test_ddp_bytes_are_the_gradient_all_reduce(tiny) -> None:
+    """A batch-only plan moves exactly DDP's all-reduce of every gradient: 2 (p - 1) / p x the gradient bytes."""
+    plan = plan_graph(tiny, parse_spec("4xL40S"), options=PlanOptions(only="dp", precision="fp32"))
+    params = sum(p["numel"] for _, data in tiny.layers() for p in data["params"].values() if p.get("trainable"))
+    assert plan.predicted.comm_bytes_per_device == pytest.approx(2 * 3 / 4 * params * 4, rel=1e-9)
+    assert plan.baselines["ddp"].comm_bytes_per_device == pytest.approx(plan.predicted.comm_bytes_per_device)
+
+
+def test_partial_sums_are_reduce_scattered_between_batch_layouts(tiny) -> None:
+    """Between layers activations are batch-sharded, so a row-parallel layer's partial sums are reduce-scattered
+    (half an all-reduce's bytes) and an edge costs the producer's way to the batch layout plus the consumer's out."""
+    cluster = parse_spec("4xL40S")
+    _, conv = _wide_conv(tiny, "reduction")
+    n, c_in = _dim(conv, "batch"), _dim(conv, "reduction")
+    space = SplitSpace((n, c_in), np.array([[2, 2]]))
+    moved = {}
+    for interface in (False, True):
+        parts: dict = {}
+        model = CostModel(cluster, HardwareRates(cluster), CostOptions(overlap_gradients=False,
+                                                                       batch_interface=interface))
+        model.layer_costs(conv, space, parts=parts)
+        moved[interface] = float(parts["comm_bytes"][0])
+    out = np.prod([conv["dims"][d] for d in conv["tensors"]["output"]]) / 2 * 2  # batch half, bf16
+    weights = sum(p["numel"] for p in conv["params"].values() if p.get("trainable"))
+    assert moved[False] - moved[True] == pytest.approx(out * 2 * 1 / 2 - out * 1 / 2, rel=1e-6)
+    assert moved[True] > weights  # the weight gradients are still all-reduced over the data-parallel pair
+
+
+def test_force_pins_layers_and_refuses_what_does_not_run(tiny) -> None:
+    cluster = parse_spec("4xL40S")
+    layer_id, conv = _wide_conv(tiny, "out_channel")
+    n, c_out = _dim(conv, "batch"), _dim(conv, "out_channel")
+    plan = plan_graph(tiny, cluster, options=PlanOptions(force={layer_id: {n: 2, c_out: 2}}))
+    assert next(layer for layer in plan.layers if layer.id == layer_id).splits == {n: 2, c_out: 2}
+    with pytest.raises(PaseError, match="uses 2 of 4 ranks"):
+        plan_graph(tiny, cluster, options=PlanOptions(force={layer_id: {c_out: 2}}))
+    with pytest.raises(PaseError, match="no layer id matches"):
+        plan_graph(tiny, cluster, options=PlanOptions(force={"no_such_layer*": {n: 4}}))
+    wide = plan_graph(tiny, cluster, options=PlanOptions(space="all", force={layer_id: {c_out: 2}}))
+    assert not next(layer for layer in wide.layers if layer.id == layer_id).runnable
+
+
+def test_cli_force_and_space(tmp_path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "4xL40S",
+                               "--batch", "16", *args], capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "plan.json"
+    result = run("--force", "down_blocks.1.*conv1=n:2,c_out:2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "all 104 layers run as planned" in result.stdout
+    forced = [layer for layer in json.loads(out.read_text())["layers"] if "down_blocks.1" in layer["id"]
+              and layer["id"].endswith("conv1")]
+    assert forced and all(layer["splits"] == {"n": 2, "c_out": 2} and layer["runnable"] for layer in forced)
+    bad = run("--force", "conv_in=n:2:x")
+    assert bad.returncode != 0 and "DIM:FACTOR" in bad.stderr and "Traceback" not in bad.stderr
+    wide = run("--space", "all", "--force", "down_blocks.1.*conv1=c_out:2")
+    assert wide.returncode == 0 and "not runnable" in wide.stdout
+
+
+def test_every_default_configuration_is_runnable(tiny) -> None:
+    """The search's default space, layer by layer, is a subset of what the runtime runs."""
+    from pase.planning.per_layer import layer_space
+
+    for devices in (2, 4, 8):
+        for layer_id, data in tiny.layers():
+            space, mask = layer_space(layer_id, data, devices, PlanOptions())
+            assert mask.all() and len(space) >= 1
+            for k in range(len(space)):
+                assert runnable_reason(data, space.config(k), devices) is None
+            assert len(space) <= len(split_space(data, devices))
