@@ -14,14 +14,36 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES
 
+GRADIENT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+def apply_ddp(model: nn.Module, device: torch.device, precision: str = "fp32") -> DistributedDataParallel:
+    """DDP whose gradient all-reduce moves the plan's precision: the cost model prices gradients at 2 bytes
+    under bf16/fp16, and DDP would otherwise reduce the fp32 gradients of an autocast model (twice the bytes)."""
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    dtype = GRADIENT_DTYPES[precision]
+    if dtype != torch.float32:
+        ddp.register_comm_hook(dtype, _reduce_in)
+    return ddp
+
+
+def _reduce_in(dtype, bucket):  # noqa: ANN001, ANN202 - DDP checks these annotations at run time: strings fail
+    """DDP comm hook: the bucket averaged in ``dtype`` (what ``bf16_compress_hook`` does, on every backend)."""
+    group = dist.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(dtype).div_(dist.get_world_size(group))
+    work = dist.all_reduce(compressed, group=group, async_op=True)
+
+    def decompress(future: torch.futures.Future) -> torch.Tensor:
+        buffer.copy_(future.value()[0])
+        return buffer
+
+    return work.get_future().then(decompress)
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
@@ -62,12 +84,17 @@ def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None
             offset += grad.numel()
 
 
-def apply_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
+def apply_fsdp(model: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:
+    """FSDP2 over all ranks; under bf16/fp16 parameters are gathered and gradients reduced in that precision
+    (``MixedPrecisionPolicy``), the bytes the cost model prices."""
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    dtype = GRADIENT_DTYPES[precision]
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype) if dtype != torch.float32 \
+        else MixedPrecisionPolicy()
     for unit in fsdp_units(model):
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
-__all__ = ["apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units"]
+__all__ = ["GRADIENT_DTYPES", "apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units"]

@@ -56,7 +56,8 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
     _broadcast_from_rank0(model)
     if is_pure_data_parallel(layouts):
         fsdp = bool(plan.options.get("fsdp"))
-        result = apply_fsdp(model, device) if fsdp else apply_ddp(model, device)
+        apply = apply_fsdp if fsdp else apply_ddp
+        result = apply(model, device, plan.precision)
         result.pase_layout = ParallelLayout("fsdp" if fsdp else "ddp", world, layouts)
         return result
     return _apply_tensor_layouts(model, layouts, device, world)
