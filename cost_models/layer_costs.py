@@ -37,8 +37,9 @@ from pase.graph.attrs import EdgeAttrs, LayerAttrs
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
 NORM_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm"})
 TRAINING_BYTES_PER_PARAM = 16  # mixed-precision AdamW: bf16 weight + grad, fp32 master + two moments
-# DDP's default bucket: DDP, FSDP and pase's own averaging (strategies.data) fuse gradient collectives into
-# one call per 25 MiB, so the runtime and this model share the size.
+# DDP's default bucket: DDP, FSDP and pase's own gradient sync (strategies.tensor.GradientSync, and
+# strategies.data for pipeline replicas) fuse gradient collectives into one call per 25 MiB, so the runtime and
+# this model share the size.
 GRADIENT_BUCKET_BYTES = 25 * 2**20
 
 

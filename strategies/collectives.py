@@ -3,18 +3,30 @@
 The runtime keeps every activation *between* layers batch-sharded over all ranks (rank ``r`` holds
 rows ``r`` of ``p`` equal chunks). A layer split ``t`` ways over a tensor-parallel group of ``t``
 consecutive ranks enters and leaves that layout through these autograd functions (Megatron's
-"f/g" operators generalised to a batch-sharded outside world):
+"f/g" operators generalised to a batch-sharded outside world). Each uses the cheapest collective
+for its pair of layouts, so that a rank receives exactly what the cost model prices for the edge
+(``cost_models.layer_costs``: the consumer's block minus its overlap with the producer's, forward
+activation and backward gradient; partial sums of which the consumer needs ``1/t`` as a
+reduce-scatter):
 
-- ``gather_batch``: the group's batch chunks concatenated (forward all-gather along dim 0); the
-  backward sums the group's partial gradients and hands each rank its own chunk (reduce-scatter).
-- ``split_to_batch``: a tensor split along ``dim`` (channels or heads, rank ``i`` holds part ``i``)
-  back to batch chunks (forward all-gather along ``dim`` then this rank's batch chunk; backward
-  all-gather along dim 0 then this rank's part of ``dim``).
+- ``gather_batch``: the group's batch chunks concatenated (forward all-gather along dim 0), for a
+  layer that needs every input channel of the group's batch (out-channel split); the backward sums
+  the group's partial gradients and hands each rank its own chunk (reduce-scatter).
+- ``batch_to_split``: from batch chunks to "the group's batch, my part of ``dim``" (channels of an
+  in-channel split, heads of q, k, v): one all-to-all, each rank receiving the ``t - 1`` blocks of
+  its part of ``dim`` that the other ranks of the group hold, ``(t - 1) / t`` of its input; the
+  backward is the inverse all-to-all.
+- ``split_to_batch``: the inverse, from "the group's batch, my part of ``dim``" (an out-channel
+  split's or head split's output) back to batch chunks: ``(t - 1) / t`` of the local output moves,
+  not the ``t - 1`` times it that an all-gather along ``dim`` followed by keeping one batch chunk
+  would; the backward is ``batch_to_split``'s forward.
 - ``reduce_scatter_batch``: partial sums (in-channel split) summed over the group, each rank keeping
   its batch chunk; the backward all-gathers the gradient along dim 0.
 
-Plain ``torch.distributed`` collectives on local tensors: DTensor's convolution rule is wrong for
-channel-sharded operands on torch 2.13 (measured on gloo), these are not.
+All move data without arithmetic except the reduce-scatters' sums, so results equal the
+single-process model's as the old all-gather-then-slice re-layouts did. Plain ``torch.distributed``
+collectives on local tensors: DTensor's convolution rule is wrong for channel-sharded operands on
+torch 2.13 (measured on gloo), these are not.
 """
 from __future__ import annotations
 
@@ -31,18 +43,33 @@ def gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _chunk(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if x.shape[dim] % size:
-        raise RuntimeError(f"dimension {dim} of size {x.shape[dim]} does not split {size} ways")
-    return x.chunk(size, dim=dim)[rank].contiguous()
-
-
 def _reduce_scatter(x: torch.Tensor, group: Any) -> torch.Tensor:
     size = dist.get_world_size(group)
     out = torch.empty((x.shape[0] // size, *x.shape[1:]), dtype=x.dtype, device=x.device)
     (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x.contiguous(), group=group)
     return out
+
+
+def _to_split(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """All-to-all: this rank's batch chunk, all of ``dim`` -> the group's batch, this rank's part of ``dim``."""
+    size = dist.get_world_size(group)
+    if x.shape[dim] % size:
+        raise RuntimeError(f"dimension {dim} of size {x.shape[dim]} does not split {size} ways")
+    send = torch.stack(x.chunk(size, dim=dim)).contiguous()  # send[j]: part j of dim, for rank j
+    received = torch.empty(send.shape, dtype=send.dtype, device=send.device)
+    dist.all_to_all_single(received, send, group=group)  # received[j]: rank j's batch chunk, my part
+    return received.flatten(0, 1)  # batch chunks in rank order: the group's batch
+
+
+def _to_batch(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """All-to-all: the group's batch, this rank's part of ``dim`` -> this rank's batch chunk, all of ``dim``."""
+    size = dist.get_world_size(group)
+    if x.shape[0] % size:
+        raise RuntimeError(f"a batch of {x.shape[0]} does not split {size} ways")
+    send = x.reshape(size, x.shape[0] // size, *x.shape[1:]).contiguous()  # send[j]: rank j's batch chunk
+    received = torch.empty(send.shape, dtype=send.dtype, device=send.device)
+    dist.all_to_all_single(received, send, group=group)  # received[j]: my batch chunk, rank j's part
+    return torch.cat(received.unbind(0), dim=dim)
 
 
 class _GatherBatch(torch.autograd.Function):
@@ -56,15 +83,26 @@ class _GatherBatch(torch.autograd.Function):
         return _reduce_scatter(grad, ctx.group), None
 
 
+class _BatchToSplit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _to_split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _to_batch(grad, ctx.dim, ctx.group), None, None
+
+
 class _SplitToBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
         ctx.dim, ctx.group = dim, group
-        return _chunk(gather(x, dim, group), 0, group)
+        return _to_batch(x, dim, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _chunk(gather(grad, 0, ctx.group), ctx.dim, ctx.group), None, None
+        return _to_split(grad, ctx.dim, ctx.group), None, None
 
 
 class _ReduceScatterBatch(torch.autograd.Function):
@@ -83,6 +121,11 @@ def gather_batch(x: torch.Tensor, group: Any) -> torch.Tensor:
     return _GatherBatch.apply(x, group)
 
 
+def batch_to_split(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """From "rank i holds batch chunk i" to "rank i holds part i of ``dim``" of the group's whole batch."""
+    return _BatchToSplit.apply(x, dim % x.dim(), group)
+
+
 def split_to_batch(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     """From "rank i holds part i of ``dim``" (group's whole batch) to "rank i holds batch chunk i"."""
     return _SplitToBatch.apply(x, dim % x.dim(), group)
@@ -93,12 +136,4 @@ def reduce_scatter_batch(x: torch.Tensor, group: Any) -> torch.Tensor:
     return _ReduceScatterBatch.apply(x, group)
 
 
-def local_part(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-    """This rank's part of ``dim`` (plain slicing: its gradient is zero elsewhere, and the
-    reduce-scatter in ``gather_batch``'s backward adds the other ranks' parts)."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    step = x.shape[dim] // size
-    return x.narrow(dim, rank * step, step)
-
-
-__all__ = ["gather", "gather_batch", "local_part", "reduce_scatter_batch", "split_to_batch"]
+__all__ = ["batch_to_split", "gather", "gather_batch", "reduce_scatter_batch", "split_to_batch"]

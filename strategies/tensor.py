@@ -3,18 +3,23 @@
 The runtime half of the channel/head dimensions of ``strategies.splits``. Between layers every
 activation is batch-sharded over all ranks; a split layer runs on a tensor-parallel group of ``t``
 consecutive ranks (its data-parallel peers are the ranks with the same position in other groups)
-and re-lays its input and output with ``strategies.collectives``:
+and re-lays its input and output with ``strategies.collectives``, each re-layout with the collective
+that moves only what the layer lacks (what the cost model prices for the edge):
 
-- out-channel split (column parallel): the group's batch gathered, the local weight rows applied,
-  the output channels re-laid to batch chunks;
-- in-channel split (row parallel): the group's batch gathered, the local input channels and weight
-  columns applied, partial sums reduce-scattered to batch chunks, the bias added once;
-- head split: inside the attention module, ``scaled_dot_product_attention`` runs on the local heads
-  of the group's batch and its output is re-laid to batch chunks.
+- out-channel split (column parallel): the group's batch all-gathered (the layer needs every input
+  channel of it), the local weight rows applied, the output's channel parts exchanged all-to-all
+  for batch chunks;
+- in-channel split (row parallel): the input's channel parts exchanged all-to-all (each rank gets
+  its input channels of the group's batch), the local weight columns applied, partial sums
+  reduce-scattered to batch chunks, the bias added once;
+- head split: inside the attention module, q, k and v are exchanged all-to-all so that
+  ``scaled_dot_product_attention`` runs on the local heads of the group's batch, and its output is
+  exchanged back to batch chunks.
 
 Weight shards' gradients are summed over their data-parallel peers, replicated parameters' over
 all ranks, both divided by the world size (each rank's loss is its chunk's mean), so gradients
-equal the single-process model's on the global batch.
+equal the single-process model's on the global batch; ``GradientSync`` runs those all-reduces in
+buckets during the backward, as DDP does.
 """
 from __future__ import annotations
 
@@ -28,8 +33,8 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.overrides import TorchFunctionMode
 
-from strategies.collectives import gather_batch, local_part, reduce_scatter_batch, split_to_batch
-from strategies.data import average_gradients
+from cost_models.layer_costs import GRADIENT_BUCKET_BYTES
+from strategies.collectives import batch_to_split, gather_batch, reduce_scatter_batch, split_to_batch
 
 SHARD_GROUP = "_pase_replica_group"  # attribute naming the group a sharded parameter's gradient is summed over
 
@@ -80,10 +85,10 @@ class ChannelSplit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel = 1 if self.is_conv else -1
-        whole = gather_batch(x, self.groups.tp)
-        if self.split == "out":
-            return split_to_batch(self._apply_op(whole, self.bias), channel, self.groups.tp)
-        partial = self._apply_op(local_part(whole, channel % x.dim(), self.groups.tp), None)
+        if self.split == "out":  # needs every input channel of the group's batch
+            out = self._apply_op(gather_batch(x, self.groups.tp), self.bias)
+            return split_to_batch(out, channel, self.groups.tp)
+        partial = self._apply_op(batch_to_split(x, channel, self.groups.tp), None)
         out = reduce_scatter_batch(partial, self.groups.tp)
         if self.bias is not None:
             out = out + (self.bias.view(-1, 1, 1) if self.is_conv else self.bias)
@@ -108,7 +113,7 @@ class _HeadSplitAttention(TorchFunctionMode):
         if mask is not None:
             raise NotImplementedError("head-split attention with an attention mask")
         group = self.groups.tp
-        q, k, v = (local_part(gather_batch(t, group), 1, group) for t in args[:3])
+        q, k, v = (batch_to_split(t, 1, group) for t in args[:3])  # (batch, heads, sequence, head dim)
         self.calls += 1
         return split_to_batch(func(q, k, v, *args[3:], **kwargs), 1, group)
 
@@ -128,41 +133,104 @@ def split_heads(module: nn.Module, groups: TensorGroups) -> _HeadSplitAttention:
 
 
 @dataclass
-class GradientSync:
-    """After each backward: every parameter's gradient summed over its replica group, divided by the world.
+class _Bucket:
+    """Gradients of some parameters of one replica group, all-reduced as one flat tensor."""
+    group: Any
+    params: list[nn.Parameter]
+    waiting: int = 0  # parameters whose gradient this backward has not accumulated yet
+    flat: torch.Tensor | None = None
+    work: Any = None
 
-    Runs as an autograd-engine callback queued by the first gradient hook of a backward (as DDP
-    does), in flat bucketed all-reduces per replica group (``strategies.data.average_gradients``).
+
+@dataclass
+class GradientSync:
+    """During each backward: every parameter's gradient summed over its replica group, divided by the world.
+
+    Overlapped with the backward as DDP does (and as the cost model prices it): parameters are put in
+    buckets of ``GRADIENT_BUCKET_BYTES`` per replica group at install time, in reverse registration
+    order (roughly the order the backward produces their gradients); a post-accumulate-grad hook
+    counts a bucket's gradients and, once all have arrived, launches its flat all-reduce
+    (``async_op=True``) while the backward goes on. Buckets launch strictly in bucket order (a ready
+    bucket waits for every earlier one), so every rank issues the same collectives in the same order.
+    An autograd-engine callback, queued by the first hook of a backward, launches the buckets still
+    waiting (a parameter this rank's graph did not reach takes part with zeros), waits for all of
+    them and copies the sums, divided by the world, back into the gradients. (So a parameter that
+    never gets a gradient holds its bucket, and every later one, back to the end of the backward.)
     """
-    groups: list[tuple[Any, list[nn.Parameter]]]
+    buckets: list[_Bucket]
     world: int
+    _bucket_of: dict[int, int] = field(default_factory=dict, init=False)
+    _arrived: set[int] = field(default_factory=set, init=False)
+    _next: int = field(default=0, init=False)  # the first bucket not launched in this backward
     _queued: bool = field(default=False, init=False)
+    launched_in_backward: int = field(default=0, init=False)  # buckets the last backward launched before its end
 
     @classmethod
-    def install(cls, model: nn.Module, world: int) -> GradientSync:
-        by_group: dict[int, tuple[Any, list[nn.Parameter]]] = {}
-        for param in model.parameters():
-            if param.requires_grad:
-                group = getattr(param, SHARD_GROUP, None)
-                by_group.setdefault(id(group), (group, []))[1].append(param)
-        sync = cls(list(by_group.values()), world)
-        for _, params in sync.groups:
-            for param in params:
+    def install(cls, model: nn.Module, world: int, bucket_bytes: int = GRADIENT_BUCKET_BYTES) -> GradientSync:
+        params = [p for p in model.parameters() if p.requires_grad]
+        open_buckets: dict[int, _Bucket] = {}  # per replica group, the bucket being filled
+        filled: dict[int, int] = {}
+        closed: list[tuple[int, _Bucket]] = []  # (position of its last parameter, bucket)
+        for position, param in enumerate(reversed(params)):
+            group = getattr(param, SHARD_GROUP, None)
+            key = id(group)
+            if key not in open_buckets:
+                open_buckets[key], filled[key] = _Bucket(group, []), 0
+            open_buckets[key].params.append(param)
+            filled[key] += param.numel() * param.element_size()
+            if filled[key] >= bucket_bytes:
+                closed.append((position, open_buckets.pop(key)))
+        closed += [(len(params), bucket) for bucket in open_buckets.values()]  # the last ones, in group order
+        sync = cls([bucket for _, bucket in sorted(closed, key=lambda item: item[0])], world)
+        for index, bucket in enumerate(sync.buckets):
+            for param in bucket.params:
+                sync._bucket_of[id(param)] = index
                 param.register_post_accumulate_grad_hook(sync._on_grad)
         return sync
 
-    def _on_grad(self, _param: nn.Parameter) -> None:
+    def _start_backward(self) -> None:
+        self._queued, self._next, self._arrived, self.launched_in_backward = True, 0, set(), 0
+        for bucket in self.buckets:
+            bucket.waiting, bucket.flat, bucket.work = len(bucket.params), None, None
+        torch.autograd.Variable._execution_engine.queue_callback(self.synchronize)
+
+    def _on_grad(self, param: nn.Parameter) -> None:
         if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self.synchronize)
+            self._start_backward()
+        if id(param) in self._arrived:
+            return
+        self._arrived.add(id(param))
+        self.buckets[self._bucket_of[id(param)]].waiting -= 1
+        while self._next < len(self.buckets) and self.buckets[self._next].waiting == 0:
+            self._launch(self._next)
+            self.launched_in_backward += 1
+
+    def _launch(self, index: int) -> None:
+        bucket = self.buckets[index]
+        for param in bucket.params:  # a parameter this rank's graph did not reach still takes part, with zeros
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        bucket.flat = torch.cat([param.grad.reshape(-1) for param in bucket.params])
+        if dist.get_world_size(bucket.group) > 1:
+            bucket.work = dist.all_reduce(bucket.flat, group=bucket.group, async_op=True)
+        self._next = index + 1
 
     def synchronize(self) -> None:
         self._queued = False
-        for group, params in self.groups:
-            for param in params:  # a parameter this rank's graph did not reach still takes part, with zeros
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-            average_gradients(params, group, self.world)
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+            flat = bucket.flat
+            assert flat is not None
+            flat /= self.world
+            offset = 0
+            for param in bucket.params:
+                assert param.grad is not None
+                param.grad.copy_(flat[offset:offset + param.numel()].view_as(param.grad))
+                offset += param.numel()
+            bucket.flat = bucket.work = None
 
 
 __all__ = ["ChannelSplit", "GradientSync", "split_heads", "SHARD_GROUP", "TensorGroups"]
