@@ -159,6 +159,7 @@ class GradientSync:
     """
     buckets: list[_Bucket]
     world: int
+    dtype: torch.dtype = torch.float32  # gradients are reduced in the plan's precision (the bytes it priced)
     _bucket_of: dict[int, int] = field(default_factory=dict, init=False)
     _arrived: set[int] = field(default_factory=set, init=False)
     _next: int = field(default=0, init=False)  # the first bucket not launched in this backward
@@ -166,7 +167,8 @@ class GradientSync:
     launched_in_backward: int = field(default=0, init=False)  # buckets the last backward launched before its end
 
     @classmethod
-    def install(cls, model: nn.Module, world: int, bucket_bytes: int = GRADIENT_BUCKET_BYTES) -> GradientSync:
+    def install(cls, model: nn.Module, world: int, bucket_bytes: int = GRADIENT_BUCKET_BYTES,
+                dtype: torch.dtype = torch.float32) -> GradientSync:
         params = [p for p in model.parameters() if p.requires_grad]
         open_buckets: dict[int, _Bucket] = {}  # per replica group, the bucket being filled
         filled: dict[int, int] = {}
@@ -181,7 +183,7 @@ class GradientSync:
             if filled[key] >= bucket_bytes:
                 closed.append((position, open_buckets.pop(key)))
         closed += [(len(params), bucket) for bucket in open_buckets.values()]  # the last ones, in group order
-        sync = cls([bucket for _, bucket in sorted(closed, key=lambda item: item[0])], world)
+        sync = cls([bucket for _, bucket in sorted(closed, key=lambda item: item[0])], world, dtype)
         for index, bucket in enumerate(sync.buckets):
             for param in bucket.params:
                 sync._bucket_of[id(param)] = index
@@ -210,7 +212,7 @@ class GradientSync:
         for param in bucket.params:  # a parameter this rank's graph did not reach still takes part, with zeros
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        bucket.flat = torch.cat([param.grad.reshape(-1) for param in bucket.params])
+        bucket.flat = torch.cat([param.grad.reshape(-1) for param in bucket.params]).to(self.dtype)
         if dist.get_world_size(bucket.group) > 1:
             bucket.work = dist.all_reduce(bucket.flat, group=bucket.group, async_op=True)
         self._next = index + 1

@@ -20,7 +20,7 @@ from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parallel, layer_layouts
 from pase.runtime.pipeline import pipeline_parallelize
-from strategies.data import apply_ddp, apply_fsdp
+from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
 from strategies.tensor import ChannelSplit, GradientSync, TensorGroups, split_heads
 
 
@@ -60,7 +60,7 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
         result = apply(model, device, plan.precision)
         result.pase_layout = ParallelLayout("fsdp" if fsdp else "ddp", world, layouts)
         return result
-    return _apply_tensor_layouts(model, layouts, device, world)
+    return _apply_tensor_layouts(model, layouts, device, world, plan.precision)
 
 
 def _broadcast_from_rank0(model: nn.Module) -> None:
@@ -70,7 +70,7 @@ def _broadcast_from_rank0(model: nn.Module) -> None:
 
 
 def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: torch.device,
-                          world: int) -> nn.Module:
+                          world: int, precision: str) -> nn.Module:
     degrees = sorted({layout.factor for layout in layouts if layout.kind != "batch"})
     groups = {t: TensorGroups.build(device.type, world, t) for t in degrees}  # same order on every rank
     modes = []
@@ -87,7 +87,7 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
         parent_name, _, child = layout.module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ChannelSplit(module, layout.kind, groups[layout.factor]))
-    model.pase_sync = GradientSync.install(model, world)
+    model.pase_sync = GradientSync.install(model, world, dtype=GRADIENT_DTYPES[precision])
     model.pase_layout = ParallelLayout("tensor", world, layouts, degrees)
     model.pase_head_modes = modes
     return model
