@@ -88,6 +88,20 @@ def _heads(layer_id: str, data: dict) -> dict:
     return _batch_only(layer_id, data)
 
 
+def random_runnable(devices: int, seed: int) -> Any:
+    """A chooser drawing each layer's splits at random from its runnable configurations on ``devices`` ranks
+    (the search's default space); the draw depends only on the seed and the layer id, so every rank agrees."""
+    import random
+
+    from pase.planning.per_layer import PlanOptions, layer_space
+
+    def choose(layer_id: str, data: dict) -> dict:
+        space, _ = layer_space(layer_id, data, devices, PlanOptions())
+        return space.config(random.Random(f"{seed}:{layer_id}").randrange(len(space)))
+
+    return choose
+
+
 CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
          "heads": (_heads, False)}
 
@@ -112,7 +126,8 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
     import pase
     from pase.runtime import full_tensors
 
-    choose, fsdp = CASES[name]
+    choose, fsdp = (random_runnable(world, int(name.split(":")[1])), False) if name.startswith("random:") \
+        else CASES[name]
     plan = hand_plan(graph, world, choose, fsdp)
     model = build_model()
     reference = copy.deepcopy(model)
@@ -129,7 +144,8 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
         layout = parallel.pase_layout
         result = {"loss": run.mean(loss.detach()), "ref_loss": float(ref_loss.detach()), "kind": layout.kind,
                   "applied": sorted({lay.applied for lay in layout.layers}),
-                  "missing": sorted(set(want) - set(got)), "summary": layout.summary()}
+                  "missing": sorted(set(want) - set(got)), "summary": layout.summary(),
+                  "as_planned": layout.layers_as_planned, "total": layout.layers_total}
         result["errors"] = relative_errors(got, {n: g for n, g in want.items() if n in got})
         result["head_calls"] = sum(mode.calls for _, mode in getattr(parallel, "pase_head_modes", []))
         del parallel
