@@ -12,6 +12,10 @@ BUS_FACTOR: dict[str, Callable[[int], float]] = {
     "reduce_scatter": lambda n: (n - 1) / n,
     "send_recv": lambda n: 1.0,
 }
+# bytes per device per byte of buffer for every op pase counts (``pase.runtime.comm_count``): the calibrated ops
+# above, and the re-layouts' all-to-all (each device sends all but its own part)
+MOVED_FACTOR: dict[str, Callable[[int], float]] = {**BUS_FACTOR, "all_to_all": lambda n: (n - 1) / n,
+                                                   "broadcast": lambda n: (n - 1) / n}
 
 
 def bytes_per_element(precision: str, full: int = 4) -> int:

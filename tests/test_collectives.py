@@ -216,6 +216,26 @@ def _gradient_sync_checks(rank: int) -> dict[str, Any]:
     return results
 
 
+def _counter_checks(rank: int) -> dict[str, Any]:
+    """``pase.runtime.comm_count.CommCounter`` on known buffers: bytes per rank in the cost model's convention."""
+    import torch.distributed as dist
+
+    from pase.runtime.comm_count import CommCounter
+
+    with CommCounter() as counter:
+        dist.all_reduce(torch.ones(1000))  # 4000 bytes x 2 (g - 1) / g = 4000
+        dist.all_gather_into_tensor(torch.empty(2000), torch.ones(1000))  # output 8000 x 1/2 = 4000
+        dist.reduce_scatter_tensor(torch.empty(500), torch.ones(1000))  # input 4000 x 1/2 = 2000
+        dist.all_to_all_single(torch.empty(1000), torch.ones(1000))  # 4000 x 1/2 = 2000
+        parts = [torch.empty(10) for _ in range(WORLD)]
+        dist.all_gather(parts, torch.ones(10))  # outputs 80 x 1/2 = 40
+        if rank == 0:
+            dist.send(torch.ones(100), 1)  # 400, counted by the sender only
+        else:
+            dist.recv(torch.empty(100), 0)
+    return {"bytes": dict(counter.bytes), "calls": dict(counter.calls), "total": counter.total_bytes}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -225,7 +245,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results: dict[str, Any] = {}
     with process_group(Launch.local(rank, WORLD, port), "gloo", timeout_s=60):
         for name, check in (("relayout", _relayout_checks), ("layers", _layer_checks),
-                            ("sync", _gradient_sync_checks)):
+                            ("sync", _gradient_sync_checks), ("counter", _counter_checks)):
             try:
                 results[name] = check(rank)
             except Exception:  # reported to the test, which fails with the traceback
@@ -307,3 +327,12 @@ def test_gradient_sync_overlaps_the_backward_in_the_same_order_on_every_rank(res
             assert check["launched_in_backward"] >= 1  # all but the one holding the unused layer's parameters
             assert check["reduce_before_last_compute"], step  # an all-reduce ran while the backward computed
     assert per_rank[0]["step0"]["reduces"] == per_rank[1]["step0"]["reduces"]  # same collectives, same order
+
+
+@pytest.mark.timeout(120)
+def test_comm_counter_counts_bytes_per_rank_in_the_cost_model_convention(results) -> None:
+    first, second = _section(results, "counter")
+    assert first["bytes"] == {"all_reduce": 4000, "all_gather": 4040, "reduce_scatter": 2000, "all_to_all": 2000,
+                              "send_recv": 400}
+    assert first["calls"]["all_gather"] == 2 and first["calls"]["send_recv"] == 1
+    assert second["total"] == first["total"] - 400  # the receiver moves nothing of its own

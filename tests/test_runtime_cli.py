@@ -90,9 +90,11 @@ def _plan(local: tuple, only: str) -> Plan:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("only", ["tensor", "pipeline"])
+@pytest.mark.parametrize("only", ["dp", "fsdp", "tensor", "pipeline"])
 def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, only: str) -> None:
-    """`pase verify` under torchrun for a per-layer plan and for pipeline stages (their schedule, not forwards)."""
+    """`pase verify --check` under torchrun for per-layer plans and for pipeline stages (their schedule, not
+    forwards): one step matches a single process, every layer runs as planned, and the bytes the collectives
+    move are the bytes the plan priced; then the timed steps update the profile."""
     _, profile, _ = local
     plan = _plan(local, only)
     assert bool(plan.stages) == (only == "pipeline")
@@ -102,12 +104,17 @@ def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, onl
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pase", "verify", "--plan",
-                           str(plan_path), "--steps", "3", "--warmup", "1", "--json", "--update-profile",
+                           str(plan_path), "--steps", "3", "--warmup", "1", "--json", "--check", "--update-profile",
                            str(profile_path)], capture_output=True, text=True, timeout=200, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert list(summary) == ["predicted_step_seconds", "measured_step_seconds", "ratio", "predicted_memory_bytes",
-                             "measured_memory_bytes"]
+                             "measured_memory_bytes", "layers_as_planned", "layers_total", "max_rel_error",
+                             "comm_bytes_measured", "comm_bytes_predicted"]
+    assert summary["max_rel_error"] <= 1e-4
+    assert summary["layers_as_planned"] == summary["layers_total"] == len(plan.layers)
+    assert summary["comm_bytes_predicted"] == pytest.approx(plan.predicted.comm_bytes_per_device)
+    assert summary["comm_bytes_measured"] == pytest.approx(summary["comm_bytes_predicted"], rel=0.10)
     assert summary["predicted_step_seconds"] == pytest.approx(plan.predicted.step_seconds)
     assert summary["measured_step_seconds"] > 0 and summary["measured_memory_bytes"] > 0
     assert summary["ratio"] == pytest.approx(summary["measured_step_seconds"] / summary["predicted_step_seconds"])
@@ -135,3 +142,17 @@ def test_verify_refuses_a_plan_for_another_world(local, tmp_path: Path) -> None:
                            "3"], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert done.returncode == 2
     assert "made for 2 devices" in done.stderr and "1 processes" in done.stderr
+
+
+def test_update_profile_refuses_a_run_whose_layers_ran_differently(local) -> None:
+    from pase.errors import PaseError
+    from pase.train.verify import VerifyResult, apply_to_profile
+
+    cluster, profile, graph = local
+    plan = plan_graph(graph, cluster, profile=profile, options=PlanOptions(precision="fp32", only="dp"))
+    result = VerifyResult(0.1, 0.2, 2.0, 1, 1, [0.2, 0.2], [1, 1], [1.0], "ddp", "test", layers_as_planned=100,
+                          layers_total=104)
+    with pytest.raises(PaseError, match="4 of 104 layers ran differently"):
+        apply_to_profile(profile, plan, result)
+    result.layers_as_planned = 104
+    assert apply_to_profile(profile, plan, result)["verify"][-1]["compute_rate_factor"] > 0

@@ -1,15 +1,16 @@
-"""Benchmark: the runtime on 2 gloo processes with unet-tiny, predicted against measured.
+"""Benchmark: the runtime on 2 and 4 gloo processes with unet-tiny, predicted against measured.
 
-    PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--steps 8] [--profile FILE]
-        [--json bench_results/runtime.json]
+    PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4] [--kinds dp,fsdp,tensor,pipeline]
+        [--steps 8] [--batch 8] [--profile FILE] [--json bench_results/runtime.json]
 
-Plans come from `pase plan --cluster local --devices 2` priced by a CPU calibration profile (the
-saved one for this machine, or --profile). Rows: a pure data-parallel plan (`--only dp`, run as
-DDP by `pase.parallelize`) against a hand-written DDP loop on the same model, batch and synthetic
-data (target ratio <= 1.05); a channel/head-split plan (`--only tensor`); a 2-stage pipeline plan
-(`--only pipeline`, its schedule run by `pase verify`). Every row times `pase verify`'s synthetic
-steps (median after warm-up, slowest rank). Each run is a fresh `torchrun`; the DDP pair runs twice
-alternating and keeps each one's best median (the machine is shared).
+Plans come from `pase plan --cluster local --devices N --only KIND` (priced by the CPU calibration
+profile of this machine, or --profile), as users make them. Each row runs `pase verify --check`
+under a fresh `torchrun`: one checked step against a single process (max relative error, layers
+as planned), the communication bytes per rank per step counted at the torch.distributed calls
+against those the plan priced, and the step time (median after warm-up, slowest rank). The pure
+data-parallel plan is also timed against a hand-written DDP loop on the same model, batch and
+synthetic data (target: within 5%); the pair runs twice, alternating, keeping each one's best
+median (the machine is shared).
 """
 from __future__ import annotations
 
@@ -46,66 +47,82 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args: str) -> str:
-    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+def torchrun(world: int, *args: str) -> str:
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(world), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_env(), cwd=REPO)
     if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
+        raise RuntimeError((done.stderr or done.stdout)[-2000:])
     return done.stdout.strip().splitlines()[-1]
 
 
-def plan(only: str, out: Path, batch: int, profile: str | None) -> dict:
-    command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices", "2",
-               "--batch", str(batch), "--only", only, "--json", str(out), *(["--profile", profile] if profile else [])]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+def plan(only: str, world: int, out: Path, batch: int, profile: str | None) -> dict:
+    command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices",
+               str(world), "--batch", str(batch), "--only", only, "--json", str(out),
+               *(["--profile", profile] if profile else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_env(), cwd=REPO)
     if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
+        raise RuntimeError((done.stderr or done.stdout)[-2000:])
     return json.loads(out.read_text())
 
 
-def verify(plan_path: Path, steps: int) -> dict:
-    return json.loads(torchrun("-m", "pase", "verify", "--plan", str(plan_path), "--steps", str(steps), "--json"))
+def verify(world: int, plan_path: Path, steps: int) -> dict:
+    return json.loads(torchrun(world, "-m", "pase", "verify", "--plan", str(plan_path), "--steps", str(steps),
+                               "--check", "--json"))
+
+
+def describe(kind: str, data: dict) -> str:
+    if data.get("stages"):
+        return f"{kind} ({len(data['stages'])} stages, {data['schedule']}, {data['microbatches']} mb)"
+    return kind
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", default="2,4")
+    parser.add_argument("--kinds", default="dp,fsdp,tensor,pipeline")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--profile", default=None)
     parser.add_argument("--json", type=Path, default=REPO / "bench_results" / "runtime.json")
     options = parser.parse_args()
-    rows: dict[str, dict] = {}
+    from rich.console import Console
+    from rich.table import Table
+
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {only: Path(tmp) / f"{only}.json" for only in ("dp", "tensor", "pipeline")}
-        plans = {only: plan(only, path, options.batch, options.profile) for only, path in paths.items()}
         script = Path(tmp) / "plain_ddp.py"
         script.write_text(PLAIN_DDP)
-        dp_runs, ddp_runs = [], []
-        for _ in range(2):
-            dp_runs.append(verify(paths["dp"], options.steps))
-            ddp_runs.append(float(torchrun(str(script), str(paths["dp"]), str(options.steps))))
-        best = min(dp_runs, key=lambda r: r["measured_step_seconds"])
-        plain = min(ddp_runs)
-        rows["dp plan (pase.parallelize -> DDP)"] = {**best, "plain_ddp_step_seconds": plain,
-                                                    "vs_plain_ddp": best["measured_step_seconds"] / plain}
-        rows["tensor plan (channel/head splits)"] = verify(paths["tensor"], options.steps)
-        pipe = plans["pipeline"]
-        rows[f"pipeline plan ({len(pipe['stages'])} stages, {pipe['schedule']}, {pipe['microbatches']} mb)"] = {
-            **verify(paths["pipeline"], options.steps), "stages": len(pipe["stages"]),
-            "microbatches": pipe["microbatches"], "schedule": pipe["schedule"]}
-    for name, row in rows.items():
-        measured = row["measured_step_seconds"]
-        extra = f"  vs plain DDP {row['vs_plain_ddp']:.3f} (plain {row['plain_ddp_step_seconds']:.3f} s)" \
-            if "vs_plain_ddp" in row else ""
-        memory = f"  memory {row['measured_memory_bytes'] / 2**20:.0f} MiB (predicted " \
-            f"{row['predicted_memory_bytes'] / 2**20:.0f})"
-        print(f"{name:42s} predicted {row['predicted_step_seconds']:.3f} s  measured "
-              + (f"{measured:.3f} s  ratio {row['ratio']:.2f}" if measured else "n/a") + memory + extra)
+        for world in map(int, options.worlds.split(",")):
+            for kind in options.kinds.split(","):
+                path = Path(tmp) / f"{kind}-{world}.json"
+                data = plan(kind, world, path, options.batch, options.profile)
+                row = {"kind": describe(kind, data), "processes": world, **verify(world, path, options.steps)}
+                if kind == "dp":  # the same plan against a hand-written DDP loop, alternating, best of two each
+                    again = verify(world, path, options.steps)
+                    plain = min(float(torchrun(world, str(script), str(path), str(options.steps))) for _ in range(2))
+                    row["measured_step_seconds"] = min(row["measured_step_seconds"], again["measured_step_seconds"])
+                    row.update(plain_ddp_step_seconds=plain, vs_plain_ddp=row["measured_step_seconds"] / plain)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    table = Table(title=f"unet-tiny, global batch {options.batch}, gloo on CPU ({options.steps} steps)")
+    for column in ("plan", "procs", "max rel error", "layers as planned", "comm MiB measured", "comm MiB predicted",
+                   "measured / predicted", "step s", "vs hand DDP"):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for row in rows:
+        measured, predicted = row.get("comm_bytes_measured"), row.get("comm_bytes_predicted")
+        table.add_row(row["kind"], str(row["processes"]), f"{row.get('max_rel_error', float('nan')):.1e}",
+                      f"{row.get('layers_as_planned')}/{row.get('layers_total')}",
+                      f"{measured / 2**20:.2f}" if measured is not None else "n/a",
+                      f"{predicted / 2**20:.2f}" if predicted else "n/a",
+                      f"{measured / predicted:.3f}" if measured is not None and predicted else "n/a",
+                      f"{row['measured_step_seconds']:.3f}",
+                      f"{row['vs_plain_ddp']:.3f}" if "vs_plain_ddp" in row else "")
+    Console(width=160).print(table)
     options.json.parent.mkdir(parents=True, exist_ok=True)
     from pase import atomic
 
-    atomic.write_text(options.json, json.dumps({"model": "unet-tiny", "processes": 2, "batch": options.batch,
-                                                "steps": options.steps, "rows": rows}, indent=1))
+    atomic.write_text(options.json, json.dumps({"model": "unet-tiny", "batch": options.batch, "steps": options.steps,
+                                                "rows": rows}, indent=1))
     print(f"wrote {options.json}")
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pase.cli.console import console
+from pase.cli.console import console, err_console
 from pase.errors import PaseError
 
 
@@ -22,6 +22,11 @@ def verify(
         "--update-profile", help="Fold the measured gap into this calibration profile's compute rates (the next "
         "`pase plan --profile` prices with them).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the synthetic data.")] = 0,
+    check: Annotated[bool, typer.Option("--check", help="First run one step of the plan against the same step on "
+                                        "a single process: the largest relative error of the loss, gradients and "
+                                        "weights after an AdamW step, the layers run as planned, and the "
+                                        "communication bytes counted against those the plan priced; exit 1 when "
+                                        "the error is over 1e-4 or a layer ran differently.")] = False,
 ) -> None:
     """Run S steps of a plan on synthetic data (under torchrun) and print measured against predicted."""
     import torch.distributed as dist
@@ -35,9 +40,12 @@ def verify(
         raise PaseError(f"--update-profile {update_profile} does not exist; calibrate first with `pase hw calibrate "
                         f"--out {update_profile}`")
     plan = Plan.load(plan_path)
-    result = run_verify(plan, steps, warmup, seed, progress=not as_json)
+    result = run_verify(plan, steps, warmup, seed, progress=not as_json, check=check)
     rank = int(__import__("os").environ.get("RANK", "0"))
+    failed = result.check is not None and not result.check.passed
     if dist.is_initialized() or rank != 0:
+        if failed:
+            raise typer.Exit(1)
         return
     if update_profile is not None:
         from cost_models.calibrate import load_profile, save_profile
@@ -45,8 +53,18 @@ def verify(
         save_profile(apply_to_profile(load_profile(update_profile), plan, result), update_profile)
     if as_json:
         print(json.dumps(result.summary()))
-        return
-    _print(plan, result, update_profile)
+    else:
+        _print(plan, result, update_profile)
+    if failed:
+        assert result.check is not None
+        err_console.print(f"[bold red]check failed:[/] {_check_failure(result.check)}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _check_failure(check) -> str:  # noqa: ANN001 - CheckResult
+    if check.layers_as_planned < check.layers_total:
+        return f"{check.layers_total - check.layers_as_planned} of {check.layers_total} layers ran differently"
+    return f"{check.worst} is {check.max_rel_error:.2e} off the single-process step (over 1e-4)"
 
 
 def _print(plan, result, update_profile: Path | None) -> None:  # noqa: ANN001 - Plan, VerifyResult
@@ -61,10 +79,26 @@ def _print(plan, result, update_profile: Path | None) -> None:  # noqa: ANN001 -
                   ", ".join(f"{m / 2**20:.1f}" for m in result.per_rank_memory_bytes))
     console.print(table)
     console.print(f"step time: median after warm-up, slowest rank; memory: {result.memory_source}")
+    if result.check is not None:
+        _print_check(result.check)
     for flag in result.flags():
         console.print(f"[bold yellow]gap:[/] {flag}", highlight=False)
     if update_profile is not None:
         console.print(f"updated {update_profile}: compute rates scaled to this measurement")
+
+
+def _print_check(check) -> None:  # noqa: ANN001 - CheckResult
+    table = Table(title="one step against a single process (--check)")
+    for column in ("", "value", ""):
+        table.add_column(column, justify="left" if column != "value" else "right")
+    table.add_row("max relative error", f"{check.max_rel_error:.2e}",
+                  f"worst: {check.worst}; {check.compared} tensors and the loss compared")
+    table.add_row("layers as planned", f"{check.layers_as_planned}/{check.layers_total}", "")
+    predicted = check.comm_bytes_predicted
+    ratio = f"measured / predicted {check.comm_bytes_measured / predicted:.3f}" if predicted else "no prediction"
+    table.add_row("comm MiB per rank per step", f"{check.comm_bytes_measured / 2**20:.2f}",
+                  f"predicted {predicted / 2**20:.2f}; {ratio}")
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

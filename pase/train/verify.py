@@ -31,6 +31,7 @@ from pase.runtime.context import distributed
 from pase.train.loop import epsilon_objective
 
 GAP = 0.25  # a measured/predicted gap above this is flagged
+CHECK_TOLERANCE = 1e-4  # `verify --check` fails above this relative error (loss, gradients, weights after a step)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class VerifyResult:
     losses: list[float]
     layout: str
     memory_source: str
+    layers_as_planned: int = 0  # from the parallelized model's pase_layout
+    layers_total: int = 0
 
     @property
     def memory_ratio(self) -> float:
@@ -58,10 +61,35 @@ class VerifyResult:
             notes.append(f"peak memory is {self.memory_ratio:.2f}x the prediction (gap over {GAP:.0%})")
         return notes
 
+    check: CheckResult | None = None
+
     def summary(self) -> dict[str, Any]:
-        """The five numbers ``pase verify --json`` ends with."""
+        """The numbers ``pase verify --json`` ends with (and the check's, with ``--check``)."""
         keys = ("predicted_step_seconds", "measured_step_seconds", "ratio", "predicted_memory_bytes",
-                "measured_memory_bytes")
+                "measured_memory_bytes", "layers_as_planned", "layers_total")
+        data = asdict(self)
+        return {**{key: data[key] for key in keys}, **(self.check.summary() if self.check else {})}
+
+
+@dataclass
+class CheckResult:
+    """One step of the plan against the same step on one process (``pase verify --check``)."""
+    max_rel_error: float
+    worst: str  # the tensor (or "loss") with the largest relative error
+    loss: float
+    reference_loss: float
+    layers_as_planned: int
+    layers_total: int
+    comm_bytes_measured: float  # per rank per step, the busiest rank (pase.runtime.comm_count)
+    comm_bytes_predicted: float  # the plan's Prediction.comm_bytes_per_device
+    compared: int  # tensors compared (gradients and weights after the step)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= CHECK_TOLERANCE and self.layers_as_planned == self.layers_total
+
+    def summary(self) -> dict[str, Any]:
+        keys = ("max_rel_error", "layers_as_planned", "layers_total", "comm_bytes_measured", "comm_bytes_predicted")
         return {key: asdict(self)[key] for key in keys}
 
 
@@ -126,9 +154,10 @@ class _HostMemory:
 
 
 def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float = 1e-4,
-               progress: bool = True) -> VerifyResult:
+               progress: bool = True, check: bool = False) -> VerifyResult:
     """Run ``steps`` training steps of ``plan`` in the current process group (open one with
-    ``pase.distributed``); every rank returns the same result."""
+    ``pase.distributed``); every rank returns the same result. With ``check``, one step is first held
+    against the same step on a single process (``run_check``)."""
     if steps <= warmup:
         raise PaseError(f"--steps {steps} leaves nothing to measure after {warmup} warm-up steps; use more steps")
     if plan.model not in ZOO:
@@ -136,6 +165,7 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
     with distributed(plan) as run:
         with torch.device("meta"):
             graph = model_graph(ZOO[plan.model].build(), plan)  # capture (and imports) before the memory baseline
+        checked = run_check(run, plan, graph, seed, lr) if check else None
         cuda = run.device.type == "cuda"
         host = None if cuda else _HostMemory()
         if cuda:
@@ -183,6 +213,8 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
         gathered = [torch.zeros_like(mine) for _ in range(run.world_size)]
         dist.all_gather(gathered, mine)
         layout = parallel.pase_layout.summary()
+        as_planned = parallel.pase_layout.layers_as_planned
+        total = parallel.pase_layout.layers_total or len(plan.layers)
         del parallel, optimizer
     per_rank_steps = [float(g[0]) for g in gathered]
     per_rank_memory = [int(g[1]) for g in gathered]
@@ -191,7 +223,92 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
     return VerifyResult(predicted, measured, measured / predicted if predicted else float("inf"),
                         int(plan.predicted.memory_bytes_per_device), max(per_rank_memory), per_rank_steps,
                         per_rank_memory, losses, layout,
-                        "CUDA allocator peak" if cuda else "growth of peak resident memory (VmHWM)")
+                        "CUDA allocator peak" if cuda else "growth of peak resident memory (VmHWM)", as_planned,
+                        total, checked)
+
+
+def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckResult:
+    """One training step (forward, backward, AdamW) of ``plan`` on a seeded global batch, and the same step of
+    the same model on this process alone; every rank builds the reference itself. Compared: the loss, every
+    gradient and every weight after the step, as ``||a - b|| / ||b||`` per tensor (tensors whose reference is
+    zero up to rounding, such as attention key biases, relative to the largest norm instead). The plan's
+    step runs under ``CommCounter``, whose bytes (the busiest rank's) are held against the plan's."""
+    import copy  # noqa: PLC0415 - only the check copies models
+
+    from pase.runtime.comm_count import CommCounter  # noqa: PLC0415 - only the check counts bytes
+    from pase.runtime.state import full_tensors  # noqa: PLC0415 - only the check gathers full tensors
+    from pase.train.loop import epsilon_objective, step_generator  # noqa: PLC0415 - only the check draws batches
+
+    torch.manual_seed(seed)
+    model = ZOO[plan.model].build()
+    reference = copy.deepcopy(model)
+    objective = epsilon_objective()
+    args, _ = ZOO[plan.model].example_inputs(1, device="meta")
+    x0 = torch.randn((plan.batch, *args[0].shape[1:]), generator=torch.Generator().manual_seed(seed + 7))
+    replicas = plan.pipeline_replicas if plan.stages else run.world_size
+    share = plan.batch // replicas
+    drawn = [objective.prepare(x0[r * share:(r + 1) * share], step_generator(seed, 0, r)) for r in range(replicas)]
+    inputs = [torch.cat([d[0][k] for d in drawn]) for k in range(2)]
+    loss_tensor = objective.criterion(reference(*inputs), torch.cat([d[1] for d in drawn]))
+    loss_tensor.backward()
+    ref_loss = float(loss_tensor.detach())
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=lr)
+    want_grads = {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.grad is not None}
+    ref_optimizer.step()
+    want_weights = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    parallel = run.parallelize(model, graph=graph)
+    optimizer = torch.optim.AdamW(parallel.parameters(), lr=lr)
+    with CommCounter() as counter:
+        if hasattr(parallel, "pase_step"):
+            replica = parallel.replica
+            loss = parallel.pase_step(objective, x0[replica * share:(replica + 1) * share].to(run.device),
+                                      step_generator(seed, 0, replica))
+        else:
+            (sample, timestep), noise = drawn[run.rank]
+            loss = objective.criterion(parallel(sample.to(run.device), timestep.to(run.device)), noise.to(run.device))
+            loss.backward()
+    got_grads = _local_or_full(parallel, "grad", full_tensors)  # gathered outside the count: not part of a step
+    with counter:
+        optimizer.step()
+    got_weights = _local_or_full(parallel, "param", full_tensors)
+    mean_loss = float(loss.detach()) if hasattr(parallel, "pase_step") else run.mean(loss.detach())
+    errors = {"loss": abs(mean_loss - ref_loss) / max(abs(ref_loss), 1e-12)}
+    errors.update(_relative_errors({f"grad:{n}": g for n, g in got_grads.items()},
+                                   {f"grad:{n}": want_grads[n] for n in got_grads if n in want_grads}))
+    errors.update(_relative_errors({f"weight:{n}": w for n, w in got_weights.items()},
+                                   {f"weight:{n}": want_weights[n] for n in got_weights if n in want_weights}))
+    worst = max(errors, key=errors.get)
+    mine = torch.tensor([errors[worst], counter.total_bytes], dtype=torch.float64)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+    layout = parallel.pase_layout
+    as_planned = getattr(layout, "layers_as_planned", 0)
+    total = getattr(layout, "layers_total", len(plan.layers)) or len(plan.layers)
+    del parallel, optimizer
+    return CheckResult(float(mine[0]), worst, mean_loss, ref_loss, as_planned, total, float(mine[1]),
+                       float(plan.predicted.comm_bytes_per_device), len(errors) - 1)
+
+
+def _local_or_full(parallel: Any, what: str, full_tensors: Any) -> dict[str, torch.Tensor]:
+    """A pipeline stage's own tensors under the model's names, or every tensor at full size."""
+    if hasattr(parallel, "pase_step"):
+        names = parallel.original_names
+        return {names.get(n, n): (p if what == "param" else p.grad).detach().clone()
+                for n, p in parallel.stage_module.named_parameters() if (p if what == "param" else p.grad) is not None}
+    return {n: t.clone() for n, t in full_tensors(parallel, what).items()}
+
+
+def _relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor ``||got - want|| / ||want||``; a reference that is zero up to rounding (under 1e-6 of the
+    largest norm: attention key biases get none, softmax ignores a shift) is measured against the largest."""
+    if not want:
+        return {}
+    largest = max(float(t.norm()) for t in want.values())
+    errors = {}
+    for name, ref in want.items():
+        norm = float(ref.norm())
+        scale = norm if norm >= 1e-6 * largest else largest
+        errors[name] = float((got[name].to(ref.dtype) - ref).norm()) / max(scale, 1e-30)
+    return errors
 
 
 def _pipeline_latents(plan: Plan, stage: Any, seed: int) -> tuple[tuple[int, ...], torch.Generator]:
@@ -213,10 +330,16 @@ def _bar(total: int, enabled: bool) -> Any:
 
 
 def apply_to_profile(profile: dict[str, Any], plan: Plan, result: VerifyResult) -> dict[str, Any]:
-    """``profile`` with its compute rates scaled so the plan's compute would take what was measured
+    """Refused when any layer ran differently from the plan (the gap would be learned as slow compute).
+
+    ``profile`` with its compute rates scaled so the plan's compute would take what was measured
     (the gap is put on compute: communication keeps its measured collective rates), and the
     measurement appended to ``profile["verify"]``. A pipeline's bubble is its stages waiting for each
     other's compute, so it scales with the compute rates too."""
+    if result.layers_as_planned < result.layers_total:
+        raise PaseError(f"not learning from this run: {result.layers_total - result.layers_as_planned} of "
+                        f"{result.layers_total} layers ran differently from the plan, and their gap would be "
+                        "learned as slow compute; re-plan (without --space all) and verify again")
     predicted = plan.predicted
     compute = predicted.compute_seconds + predicted.bubble_seconds
     measured_compute = result.measured_step_seconds - predicted.communication_seconds
@@ -232,4 +355,5 @@ def apply_to_profile(profile: dict[str, Any], plan: Plan, result: VerifyResult) 
     return updated
 
 
-__all__ = ["GAP", "VerifyResult", "apply_to_profile", "run_verify", "synthetic_inputs"]
+__all__ = ["CHECK_TOLERANCE", "GAP", "CheckResult", "VerifyResult", "apply_to_profile", "run_verify",
+           "synthetic_inputs"]
