@@ -77,11 +77,14 @@ class ParallelLayout:
     world_size: int
     layers: list[LayerLayout] = field(default_factory=list)
     tensor_degrees: list[int] = field(default_factory=list)
+    checkpointed: list[str] = field(default_factory=list)  # blocks run under activation checkpointing
 
     def summary(self) -> str:
         split = [layout for layout in self.layers if layout.kind != "batch"]
         fallback = [layout for layout in self.layers if layout.note.endswith("batch-parallel")]
         text = f"{self.kind} over {self.world_size} ranks"
+        if self.checkpointed:
+            text += f"; activation checkpointing on {len(self.checkpointed)} blocks"
         if split:
             kinds = sorted({layout.applied for layout in split})
             text += f"; {len(split)} layers split ({', '.join(kinds)})"
