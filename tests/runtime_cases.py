@@ -49,14 +49,15 @@ def epsilon_loss(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, noise
     return F.mse_loss(getattr(out, "sample", out), noise)
 
 
-def hand_plan(graph: Any, devices: int, choose: Any, fsdp: bool = False) -> Any:
+def hand_plan(graph: Any, devices: int, choose: Any, fsdp: bool = False, checkpointing: bool = False) -> Any:
     """A plan for ``graph`` whose per-layer splits come from ``choose(layer_id, data) -> splits``."""
     from pase.planning.plan import LayerChoice, Plan, Prediction
 
     layers = [LayerChoice(layer_id, data["op"], data["block"], choose(layer_id, data), 0.0, 0.0)
               for layer_id, data in graph.layers()]
     return Plan(model="unet-tiny", model_fingerprint=graph.fingerprint(), cluster=f"local:{devices}",
-                devices=devices, batch=graph.batch, precision="fp32", options={"fsdp": fsdp}, layers=layers,
+                devices=devices, batch=graph.batch, precision="fp32",
+                options={"fsdp": fsdp, "checkpointing": checkpointing}, layers=layers,
                 predicted=Prediction(1.0, 1.0, 1.0))
 
 
@@ -104,6 +105,20 @@ def random_runnable(devices: int, seed: int) -> Any:
 
 CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
          "heads": (_heads, False)}
+# a case name with ":checkpoint" runs the plan with activation checkpointing (plan.options["checkpointing"])
+# layers inside checkpointed blocks (a resnet's first norm, an attention block's norm): their forward calls
+# per step count recomputation
+INNER = ("down_blocks.0.resnets.0.norm1", "down_blocks.1.attentions.0.group_norm")
+
+
+def count_calls(modules: dict[str, torch.nn.Module]) -> dict[str, int]:
+    """Forward calls of each module from now on (a dict that fills as they run)."""
+    calls = dict.fromkeys(modules, 0)
+    for name, module in modules.items():
+        def hook(*_: Any, name: str = name) -> None:
+            calls[name] += 1
+        module.register_forward_hook(hook)
+    return calls
 
 
 ZERO_GRADIENT = 1e-6  # relative to the largest gradient norm: below it a gradient is zero up to rounding
@@ -126,9 +141,13 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
     import pase
     from pase.runtime import full_tensors
 
-    choose, fsdp = (random_runnable(world, int(name.split(":")[1])), False) if name.startswith("random:") \
-        else CASES[name]
-    plan = hand_plan(graph, world, choose, fsdp)
+    kind, _, option = name.partition(":")
+    if kind == "random":
+        choose, fsdp = random_runnable(world, int(option)), False
+        option = ""
+    else:
+        choose, fsdp = CASES[kind]
+    plan = hand_plan(graph, world, choose, fsdp, checkpointing=option == "checkpoint")
     model = build_model()
     reference = copy.deepcopy(model)
     x, t, noise = batch()
@@ -136,7 +155,8 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
     ref_loss.backward()
     want = {n: p.grad for n, p in reference.named_parameters()}
     with pase.distributed(plan) as run:
-        parallel = run.parallelize(model, graph=graph if name != "channels" else None)
+        parallel = run.parallelize(model, graph=graph if kind != "channels" else None)
+        calls = count_calls({inner: model.get_submodule(inner) for inner in INNER})  # the model inside any wrapper
         rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         loss = epsilon_loss(parallel, x[rows], t[rows], noise[rows])
         loss.backward()
@@ -145,6 +165,7 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
         result = {"loss": run.mean(loss.detach()), "ref_loss": float(ref_loss.detach()), "kind": layout.kind,
                   "applied": sorted({lay.applied for lay in layout.layers}),
                   "missing": sorted(set(want) - set(got)), "summary": layout.summary(),
+                  "checkpointed": layout.checkpointed, "calls": calls,
                   "as_planned": layout.layers_as_planned, "total": layout.layers_total}
         result["errors"] = relative_errors(got, {n: g for n, g in want.items() if n in got})
         result["head_calls"] = sum(mode.calls for _, mode in getattr(parallel, "pase_head_modes", []))
@@ -203,9 +224,10 @@ def _pipeline_case(name: str, graph: Any, rank: int, world: int) -> dict[str, An
     from pase.runtime.pipeline import pipeline_parallelize
     from pase.train.loop import epsilon_objective, step_generator
 
-    _, schedule, split_at = name.split(":")
+    _, schedule, split_at, *option = name.split(":")
     replicas = world // 2
     plan = pipeline_plan(graph, world, split_at, schedule, microbatches=4 // replicas, replicas=replicas)
+    plan.options["checkpointing"] = option == ["checkpoint"]
     model = build_model()
     reference = copy.deepcopy(model)
     x0 = batch()[0]
@@ -217,13 +239,22 @@ def _pipeline_case(name: str, graph: Any, rank: int, world: int) -> dict[str, An
     ref_loss.backward()
     want = {n: p.grad for n, p in reference.named_parameters()}
     parallel = pipeline_parallelize(model, plan, device=torch.device("cpu"), graph=graph)
+    checkpointed = parallel.pase_layout.checkpointed
+    # a layer inside this stage's first block with inner layers (checkpointed or not): its calls per microbatch
+    from strategies.checkpointing import checkpointed_blocks
+
+    mine = {graph[layer_id]["block"] for layer_id in plan.stages[parallel.index].layers}
+    block = next(b for b in checkpointed_blocks(graph) if b in mine)
+    inner = next(name for name, _ in parallel.stage_module.get_submodule(f"model.{block}").named_children())
+    calls = count_calls({inner: parallel.stage_module.get_submodule(f"model.{block}.{inner}")})
     replica = parallel.replica
     loss = parallel.pase_step(objective, x0[replica * share:(replica + 1) * share], step_generator(0, 0, replica))
     got = {parallel.original_names[n]: p.grad for n, p in parallel.stage_module.named_parameters()}
     result = {"loss": float(loss), "ref_loss": float(ref_loss.detach()), "names": sorted(got),
               "missing_grads": sorted(n for n, g in got.items() if g is None),
               "summary": parallel.pase_layout.summary(), "replica": replica, "stage": parallel.index,
-              "inputs": sum(node.op == "placeholder" for node in parallel.stage_module.graph.nodes)}
+              "inputs": sum(node.op == "placeholder" for node in parallel.stage_module.graph.nodes),
+              "checkpointed": checkpointed, "calls_per_microbatch": calls[inner] / plan.microbatches}
     result["errors"] = relative_errors({n: g for n, g in got.items() if g is not None},
                                        {n: want[n] for n in got if got[n] is not None})
     return result

@@ -11,10 +11,19 @@ from torch import nn
 
 from cost_models.cluster import parse_spec
 from cost_models.rates import HardwareRates
+from pase.errors import PaseError
 from pase.graph import extract, extract_model
-from pase.planning.per_layer import PlanOptions, plan_and_price
-from pase.planning.pipeline import PipelineOptions, PipelineSearch, Setting, plan_with_pipeline, rebatch
+from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, plan_and_price
+from pase.planning.pipeline import (
+    PipelineOptions,
+    PipelineSearch,
+    Setting,
+    pipeline_problem,
+    plan_with_pipeline,
+    rebatch,
+)
 from pase.planning.plan import Plan
+from pase.runtime.pipeline import pipeline_mesh
 from pase.search.stages import StageProblem, brute_force, solve_stages
 from strategies.pipeline import in_flight, step_seconds
 
@@ -59,7 +68,8 @@ def _exhaustive(setting: Setting) -> StageProblem:
             group, held = setting.sizes[gi], setting.held(level)
             costs[i, j, gi, level] = setting.p.stage_exact(setting, i, j, group, held).seconds
     return StageProblem(costs, setting.sizes, setting.devices, setting.m, setting.p.pipeline.schedule,
-                        setting.p.pipeline.max_stages, setting.placement, min_stages=setting.min_stages)
+                        setting.max_stages, setting.placement, min_stages=setting.min_stages,
+                        equal_groups=setting.p.pipeline.runnable_only)
 
 
 # ---------------------------------------------------------------------- the DP
@@ -75,18 +85,21 @@ def test_stage_dp_equals_brute_force_on_random_problems() -> None:
         costs[rng.uniform(size=costs.shape) < 0.2] = np.inf
         placement = rng.uniform(size=(devices + 1, len(sizes))) < 0.8
         problem = StageProblem(costs, sizes, devices, m, schedule, stages, placement,
-                               min_stages=int(rng.integers(1, 3)))
+                               min_stages=int(rng.integers(1, 3)), equal_groups=bool(rng.integers(0, 2)))
         dp, oracle = solve_stages(problem), brute_force(problem)
         assert (dp is None) == (oracle is None)
         if dp is not None:
             assert dp.value == pytest.approx(oracle.value, rel=1e-12)
+            if problem.equal_groups:
+                assert len({s.group for s in dp.stages}) == 1
             assert dp.value == pytest.approx(step_seconds([s.seconds for s in dp.stages], m), rel=1e-12)
 
 
+@pytest.mark.parametrize("runnable_only", [True, False], ids=["runnable", "all"])
 @pytest.mark.parametrize("module", [_chain(), TinyU()], ids=["chain", "U"])
-def test_planner_equals_brute_force_over_exactly_priced_stages(module: nn.Module) -> None:
+def test_planner_equals_brute_force_over_exactly_priced_stages(module: nn.Module, runnable_only: bool) -> None:
     graph = _graph(module, c=16 if isinstance(module, nn.Sequential) else 32)
-    search = _search(graph, "4xH100-SXM", microbatches=(1, 4), max_stages=4)
+    search = _search(graph, "4xH100-SXM", microbatches=(1, 2, 4), max_stages=4, runnable_only=runnable_only)
     best = search.search([1, 2])
     oracle = None
     for setting in search.settings([1, 2]):
@@ -103,10 +116,14 @@ def test_one_stage_is_the_plain_per_layer_search() -> None:
     graph = extract_model("unet-tiny", 16)
     cluster = parse_spec("4xH100-SXM")
     plain, _ = plan_and_price(graph, cluster)
-    search = _search(graph, "4xH100-SXM", microbatches=(1,), max_stages=1)
+    search = _search(graph, "4xH100-SXM", microbatches=(1,), max_stages=1, runnable_only=False)
     one = search.search([1], min_stages=1)
     assert one is not None and len(one.partition.stages) == 1
     assert one.step_seconds == pytest.approx(plain.predicted.step_seconds, rel=1e-6)
+    # the runnable space runs one stage's devices as replicas: one stage on every device is DDP
+    runnable = _search(graph, "4xH100-SXM", microbatches=(1,), max_stages=1).search([1], min_stages=1)
+    assert runnable is not None and runnable.partition.stages[0].group == 4
+    assert runnable.step_seconds == pytest.approx(plain.baselines["ddp"].step_seconds, rel=1e-6)
 
 
 # ---------------------------------------------------------------------- skips
@@ -208,3 +225,82 @@ def test_plan_with_pipeline_reports_both_baselines_and_round_trips(tmp_path) -> 
     for key in ("stages", "microbatches", "schedule", "pipeline_replicas"):
         old.pop(key)
     assert Plan.from_dict(old).stages == []  # plans written before pipelines still load
+
+
+# ---------------------------------------------------------------------- the runnable space (a plan is a promise)
+
+def _assert_runnable(plan: Plan, graph) -> None:
+    """What pase.runtime.pipeline runs: equal stage groups whose layers split only the batch over the whole
+    group, and under 1F1B a microbatch per stage at least."""
+    widths = {len(stage.devices) for stage in plan.stages}
+    assert len(widths) == 1, widths
+    group = widths.pop() // plan.pipeline_replicas
+    stage_layers = {layer_id for stage in plan.stages for layer_id in stage.layers}
+    for layer in plan.layers:
+        assert layer.id in stage_layers
+        batch = {d: group for d, role in graph[layer.id]["roles"].items() if role == "batch"} if group > 1 else {}
+        assert {d: f for d, f in layer.splits.items() if f > 1} == batch, (layer.id, layer.splits, group)
+    if plan.schedule == "1f1b":
+        assert plan.microbatches >= len(plan.stages)
+    assert pipeline_problem(plan, graph) is None
+    assert plan.search.pipeline is not None and plan.search.pipeline.runnable_only is True
+    assert plan.search.pipeline.unrunnable is None
+
+
+RUNNABLE_CASES = [("unet-tiny", "4xH100-SXM", 16, "1f1b"), ("unet-tiny", "4xH100-SXM", 4, "1f1b"),
+                  ("unet-tiny", "8xH100-SXM", 8, "1f1b"), ("unet-tiny", "2x4xH100-SXM+IB-NDR400x4", 16, "1f1b"),
+                  ("unet-tiny", "8xL40S-PCIe", 8, "gpipe"), ("unet-tiny", "8xH100-SXM", 64, "1f1b")]
+
+
+@pytest.mark.parametrize("model,spec,batch,schedule", RUNNABLE_CASES)
+def test_default_search_emits_only_what_the_runtime_runs(model: str, spec: str, batch: int, schedule: str) -> None:
+    graph = extract_model(model, batch, use_cache=True)
+    cluster = parse_spec(spec)
+    options = PlanOptions(only="pipeline")
+    plan, _ = plan_with_pipeline(graph, cluster, options=options, pipeline=PipelineOptions(schedule=schedule))
+    assert plan.stages
+    _assert_runnable(plan, graph)
+    # the wider space is reachable only when asked, and never slower; a plan from it says whether it runs
+    wide, _ = plan_with_pipeline(graph, cluster, options=options,
+                                 pipeline=PipelineOptions(schedule=schedule, runnable_only=False))
+    assert wide.predicted.step_seconds <= plan.predicted.step_seconds * (1 + 1e-9)
+    assert wide.search.pipeline.runnable_only is False
+    assert wide.search.pipeline.unrunnable == pipeline_problem(wide, graph)
+
+
+def test_the_wider_space_labels_what_the_runtime_refuses() -> None:
+    """Here the wider space's best is 1F1B with one microbatch through two stages (torch refuses it): the plan
+    says so, and the runtime's check refuses it with the same line; the default space gives two microbatches."""
+    graph = extract_model("unet-tiny", 16, use_cache=True)
+    cluster = parse_spec("4xH100-SXM")
+    options = PlanOptions(only="pipeline")
+    wide, _ = plan_with_pipeline(graph, cluster, options=options, pipeline=PipelineOptions(runnable_only=False))
+    assert wide.microbatches < len(wide.stages)
+    assert "Schedule1F1B needs at least as many microbatches as stages" in wide.search.pipeline.unrunnable
+    with pytest.raises(PaseError, match="Schedule1F1B"):
+        pipeline_mesh(wide, graph)
+    plan, _ = plan_with_pipeline(graph, cluster, options=options)
+    assert plan.microbatches >= len(plan.stages) and pipeline_mesh(plan, graph).stages == len(plan.stages)
+
+
+def test_1f1b_with_few_microbatches_is_never_emitted() -> None:
+    """Offered only 1 or 2 microbatches, a 1F1B plan has at most 2 stages; with 1 only, no 1F1B pipeline runs."""
+    graph = extract_model("unet-tiny", 16, use_cache=True)
+    cluster = parse_spec("8xH100-SXM")
+    options = PlanOptions(only="pipeline")
+    plan, _ = plan_with_pipeline(graph, cluster, options=options, pipeline=PipelineOptions(microbatches=(1, 2)))
+    assert plan.microbatches == 2 and len(plan.stages) == 2
+    with pytest.raises(PlanDoesNotFit, match="no runnable pipeline plan"):
+        plan_with_pipeline(graph, cluster, options=options, pipeline=PipelineOptions(microbatches=(1,)))
+    gpipe, _ = plan_with_pipeline(graph, cluster, options=options,
+                                  pipeline=PipelineOptions(microbatches=(1,), schedule="gpipe"))
+    assert gpipe.microbatches == 1 and len(gpipe.stages) >= 2
+
+
+def test_sd15_on_64_gpus_plans_a_runnable_pipeline() -> None:
+    """The case that used to give stage groups of unequal widths with channel splits inside them."""
+    graph = rebatch(extract_model("sd15-unet", 2, use_cache=True), 64)
+    plan, _ = plan_with_pipeline(graph, parse_spec("8x8xH100-SXM+IB-NDR400x8"), options=PlanOptions(only="pipeline"))
+    assert len(plan.stages) >= 2
+    _assert_runnable(plan, graph)
+    assert plan.predicted.step_seconds < plan.baselines["ddp"].step_seconds

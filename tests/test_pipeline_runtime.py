@@ -1,8 +1,9 @@
 """Pipeline stages from a plan (torch.distributed.pipelining, gloo): one training step's loss and every gradient
 equal the single-process model's on the same global batch (fp32, 1e-5 relative), for GPipe and 1F1B on 2 ranks,
 with the split inside the decoder so the time embedding and skip tensors cross the stage boundary, and for 2
-pipeline replicas x 2 stages on 4 ranks (each replica on its half of the batch, gradients averaged per stage).
-Which rank runs which stage of which replica (the mesh) is checked without processes."""
+pipeline replicas x 2 stages on 4 ranks (each replica on its half of the batch, gradients averaged per stage),
+and with activation checkpointing (the stage's blocks recompute). Which rank runs which stage of which replica
+(the mesh), and the refusal of what the runtime would run otherwise than planned, are checked without processes."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,7 @@ from pase.runtime.pipeline import pipeline_mesh
 
 TOLERANCE = 1e-5
 SPLIT = "up_blocks.0.attentions.0"  # where `pase plan --only pipeline` splits unet-tiny for 2 devices
-CASES = [f"pipeline:gpipe:{SPLIT}", f"pipeline:1f1b:{SPLIT}"]
+CASES = [f"pipeline:gpipe:{SPLIT}", f"pipeline:1f1b:{SPLIT}", f"pipeline:1f1b:{SPLIT}:checkpoint"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,14 @@ def test_two_stage_pipeline_matches_single_process(results, case: str) -> None:
     assert any(name.startswith("up_blocks.0.resnets.0") for name in stage0)  # the split is inside up_blocks.0
     assert any(name.startswith("up_blocks.0.attentions.0") for name in stage1)
     assert per_rank[1]["inputs"] > 3  # the main path, the time embedding and skip tensors cross the boundary
+    checkpointing = case.endswith(":checkpoint")
+    for result in per_rank:  # under checkpointing a layer inside a block runs twice per microbatch (recomputed)
+        assert result["calls_per_microbatch"] == (2 if checkpointing else 1)
+        assert bool(result["checkpointed"]) == checkpointing
+        assert ("activation checkpointing on" in result["summary"]) == checkpointing
+    if checkpointing:
+        assert "down_blocks.0.resnets.0" in per_rank[0]["checkpointed"]
+        assert "up_blocks.0.attentions.0" in per_rank[1]["checkpointed"]
 
 
 @pytest.mark.slow  # 4 processes on 2 cores: about a minute
@@ -89,7 +98,7 @@ def test_stage_groups_that_split_only_the_batch_are_replicas(graph) -> None:
     out = next(d for d, role in graph[conv.id]["roles"].items() if role == "out_channel")
     plan.layers = [dataclasses.replace(layer, splits={out: 2}) if layer.id == conv.id else layer
                    for layer in plan.layers]
-    with pytest.raises(PaseError, match=f"stage 1 runs on groups of 2 devices and splits layer {conv.id}"):
+    with pytest.raises(PaseError, match=f"stage 1 runs on groups of 2 devices and plans layer {conv.id} as"):
         pipeline_mesh(plan, graph)
 
 
@@ -97,5 +106,38 @@ def test_stages_on_unequal_groups_are_refused(graph) -> None:
     plan = runtime_cases.pipeline_plan(graph, 3, SPLIT, "1f1b", 2)
     plan.stages = [dataclasses.replace(plan.stages[0], devices=[0]),
                    StagePlan(plan.stages[1].layers, [1, 2], 0.0, 0.0, plan.stages[1].blocks)]
-    with pytest.raises(PaseError, match=r"run on \[1, 2\] devices"):
+    with pytest.raises(PaseError, match=r"^pipeline stage 1 runs on 2 devices and stage 0 on 1: .*re-plan") as refused:
         pipeline_mesh(plan, graph)
+    assert "\n" not in str(refused.value)
+
+
+def test_1f1b_with_fewer_microbatches_than_stages_is_refused(graph) -> None:
+    """torch's Schedule1F1B needs a microbatch per stage: the runtime refuses such a plan in one line before any
+    work (GPipe, which has no such limit, runs it)."""
+    plan = runtime_cases.pipeline_plan(graph, 2, SPLIT, "1f1b", 1)
+    with pytest.raises(PaseError, match=r"^pipeline stage 1 cannot run: .*1F1B schedule runs 1 microbatch"):
+        pipeline_mesh(plan, graph)
+    assert pipeline_mesh(runtime_cases.pipeline_plan(graph, 2, SPLIT, "gpipe", 1), graph).stages == 2
+    assert pipeline_mesh(runtime_cases.pipeline_plan(graph, 2, SPLIT, "1f1b", 2), graph).stages == 2
+
+
+def test_stage_groups_must_split_the_batch_over_the_whole_group(graph) -> None:
+    """A layer of a 2-device stage group left unsplit (each device computing the whole microbatch) would run
+    batch-split by the runtime's replicas: refused, naming the stage and the layer."""
+    plan = runtime_cases.pipeline_plan(graph, 4, SPLIT, "1f1b", 2)
+    plan.stages = [dataclasses.replace(plan.stages[0], devices=[0, 1]),
+                   dataclasses.replace(plan.stages[1], devices=[2, 3])]
+    batch = {layer.id: {d: 2 for d, role in graph[layer.id]["roles"].items() if role == "batch"}
+             for layer in plan.layers}
+    first = plan.stages[0].layers[1]
+    plan.layers = [dataclasses.replace(layer, splits={} if layer.id == first else batch[layer.id])
+                   for layer in plan.layers]
+    with pytest.raises(PaseError, match=f"^pipeline stage 0 runs on groups of 2 devices and plans layer {first} as "
+                                        "no split on them"):
+        pipeline_mesh(plan, graph)
+    single = runtime_cases.pipeline_plan(graph, 2, SPLIT, "1f1b", 2)  # one device per stage: nothing may split
+    last = single.stages[1].layers[-1]
+    single.layers = [dataclasses.replace(layer, splits=batch[layer.id]) if layer.id == last else layer
+                     for layer in single.layers]
+    with pytest.raises(PaseError, match=f"^pipeline stage 1 runs on one device per replica but plans layer {last}"):
+        pipeline_mesh(single)

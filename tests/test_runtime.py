@@ -1,12 +1,14 @@
 """pase.parallelize on 2 gloo ranks: DDP, FSDP2, channel splits and head splits give the single-process
-model's loss and gradients (same seed, same global batch); plans for another world or model are refused."""
+model's loss and gradients (same seed, same global batch), with and without activation checkpointing (whose
+blocks really recompute); plans for another world or model are refused."""
 from __future__ import annotations
 
 import pytest
 import runtime_cases
 
 TOLERANCE = 1e-5
-CASES = ["dp", "fsdp", "channels", "heads", "refusals"]
+KINDS = ["dp", "fsdp", "channels", "heads"]
+CASES = [*KINDS, *(f"{kind}:checkpoint" for kind in KINDS), "refusals"]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,26 @@ def test_pure_data_parallel_plan_runs_as_ddp(results) -> None:
     per_rank = _case(results, "dp")
     assert {r["kind"] for r in per_rank} == {"ddp"}
     _assert_matches_single_process(per_rank)
+    for result in per_rank:  # no checkpointing: every layer runs its forward once
+        assert result["checkpointed"] == [] and set(result["calls"].values()) == {1}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind,layout", [("dp", "ddp"), ("fsdp", "fsdp"), ("channels", "tensor"),
+                                         ("heads", "tensor")])
+def test_checkpointed_plans_recompute_blocks_and_match(results, kind: str, layout: str) -> None:
+    """A plan made with --checkpoint runs its blocks under activation checkpointing: the same loss and
+    gradients, and the layers inside a block run their forward twice per step (forward, then recomputed)."""
+    per_rank = _case(results, f"{kind}:checkpoint")
+    assert {r["kind"] for r in per_rank} == {layout}
+    _assert_matches_single_process(per_rank)
+    for result in per_rank:
+        assert {"down_blocks.0.resnets.0", "down_blocks.1.attentions.0"} <= set(result["checkpointed"])
+        assert not {"conv_in", "conv_out", "<root>", "up_blocks.0"} & set(result["checkpointed"])
+        assert result["calls"] == {"down_blocks.0.resnets.0.norm1": 2, "down_blocks.1.attentions.0.group_norm": 2}
+        assert f"activation checkpointing on {len(result['checkpointed'])} blocks" in result["summary"]
+    if kind == "heads":  # the head-split attention is what recomputes: split again in backward
+        assert all(r["head_calls"] == 8 for r in per_rank)
 
 
 @pytest.mark.timeout(300)
@@ -70,3 +92,23 @@ def test_plans_for_another_world_or_model_are_refused(results) -> None:
         assert "another model" in messages["pipeline_model"]
         refusal = messages["norm_channels"]  # refused by name, never run batch-parallel instead
         assert "as planned" in refusal and "down_blocks.0.resnets.0.norm1 (group_norm, c=2)" in refusal
+
+
+def test_checkpointed_blocks_are_those_priced_as_recomputing() -> None:
+    """The runtime checkpoints exactly the blocks whose inner layers the cost model prices as recomputed."""
+    import torch
+    from torch import nn
+
+    from pase.graph import extract, extract_model
+    from pase.planning.per_layer import block_output_layers
+    from strategies.checkpointing import checkpointed_blocks, recomputed_layers
+
+    graph = extract_model("unet-tiny", 8, use_cache=True)
+    blocks, recomputed, saved = checkpointed_blocks(graph), recomputed_layers(graph), block_output_layers(graph)
+    assert recomputed and not recomputed & saved and recomputed | saved == {layer_id for layer_id, _ in graph.layers()}
+    assert {graph[layer_id]["block"] for layer_id in recomputed} == set(blocks)
+    assert {"down_blocks.0.resnets.0", "mid_block.attentions.0", "time_embedding"} <= set(blocks)
+    assert not {"<root>", "conv_in", "conv_out", "up_blocks.0", "down_blocks.0.downsamplers.0"} & set(blocks)
+    chain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
+    flat = extract(chain, (torch.zeros(2, 3, 8, 8, device="meta"),), name="chain")
+    assert checkpointed_blocks(flat) == [] and recomputed_layers(flat) == set()  # one-layer blocks: nothing to save

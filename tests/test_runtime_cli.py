@@ -156,3 +156,28 @@ def test_update_profile_refuses_a_run_whose_layers_ran_differently(local) -> Non
         apply_to_profile(profile, plan, result)
     result.layers_as_planned = 104
     assert apply_to_profile(profile, plan, result)["verify"][-1]["compute_rate_factor"] > 0
+
+
+@pytest.mark.slow  # 4 processes on 2 cores: about 30 s
+@pytest.mark.timeout(300)
+def test_verify_runs_a_4_process_1f1b_plan_with_few_microbatches(tmp_path: Path) -> None:
+    """`pase plan --only pipeline` at 4 devices offered few microbatches: the search never emits 1F1B with fewer
+    microbatches than stages (torch's Schedule1F1B refuses them), and what it emits runs under `pase verify`."""
+    from cost_models.local import cpu_cluster
+    from pase.planning.pipeline import PipelineOptions, plan_with_pipeline
+
+    profile = load_profile(PROFILE)
+    graph = extract_model("unet-tiny", 16, use_cache=True)
+    plan, _ = plan_with_pipeline(graph, cpu_cluster(4, profile), profile=profile,
+                                 options=PlanOptions(precision="fp32", only="pipeline"),
+                                 pipeline=PipelineOptions(microbatches=(1, 2)))
+    assert plan.schedule == "1f1b" and len(plan.stages) >= 2 and plan.microbatches >= len(plan.stages)
+    plan.save(tmp_path / "plan.json")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "4", "-m", "pase", "verify", "--plan",
+                           str(tmp_path / "plan.json"), "--steps", "3", "--warmup", "1", "--json"],
+                          capture_output=True, text=True, timeout=280, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["measured_step_seconds"] > 0

@@ -169,6 +169,9 @@ def print_plan(result: Plan) -> None:
     console.print(runnable_summary(result))
     if result.search.pipeline:
         console.print(pipeline_summary(result))
+        if result.search.pipeline.unrunnable:
+            console.print(f"note: pase's runtime cannot run this pipeline plan (searched beyond the runnable space): "
+                          f"{result.search.pipeline.unrunnable}")
     best = [p for name, p in result.baselines.items() if p and name in ("ddp", "fsdp")]
     search = result.search
     if best:
@@ -265,7 +268,8 @@ def pipeline_summary(plan: Plan) -> str | None:
     return (f"pipeline search {info.seconds:.2f} s: {info.settings} (replicas, microbatches) settings over "
             f"{info.segments} segments, {info.segment_searches} segment searches, "
             f"{info.exact_stage_searches} exact stage searches"
-            + (f", stopped {info.gap:.1%} from the bound" if info.gap else ", exact over the space")
+            + (f", stopped {info.gap:.1%} from the bound" if info.gap else
+               ", exact over the runnable space" if info.runnable_only else ", exact over the space")
             + "".join(f"; note: {note}" for note in info.notes))
 
 

@@ -27,6 +27,7 @@ from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
+from strategies.checkpointing import recomputed_layers
 from strategies.runnable import SPACES, interface_config, restrict, runnable_mask, runnable_reason
 from strategies.splits import SplitSpace, split_space
 
@@ -245,12 +246,11 @@ def layer_kinds(graph: LayerGraph, block_outputs: set[str]) -> list[int]:
 
 
 def block_output_layers(graph: LayerGraph) -> set[str]:
-    """Layers whose output leaves their block (or the model): they are priced as block outputs."""
-    outputs = {o["layer"] for o in graph.meta.get("outputs", [])}
-    for src, dst in graph.graph.edges():
-        if graph[src]["block"] != graph[dst]["block"]:
-            outputs.add(src)
-    return outputs
+    """Layers priced as block outputs: under checkpointing they keep their activations and do not recompute.
+    Every layer but those the runtime recomputes (``strategies.checkpointing.recomputed_layers``: the inner
+    layers of the blocks it wraps)."""
+    recomputed = recomputed_layers(graph)
+    return {layer_id for layer_id, _ in graph.layers() if layer_id not in recomputed}
 
 
 def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,

@@ -24,6 +24,13 @@ stages of the best bounded partition are searched exactly until the best partiti
 exactly priced stages and no (d, m) bound beats it. Repeated blocks share one pricing per
 distinct layer shape and one search per distinct segment.
 
+The runnable space (``PipelineOptions.runnable_only``, the default) is what the pipeline runtime
+runs: every stage on groups of the same size ``g`` (so ``D / g`` stages), every layer of a stage
+splitting only its batch, ``g`` ways (the group's devices are replicas of the stage), and under 1F1B
+at least as many microbatches as stages. The wider space (any group sizes, any per-layer split
+inside a stage) is searched only when asked, and a plan from it that the runtime cannot run says
+so (``pipeline_problem``, the same check the runtime refuses with).
+
 Placement: pipeline replica ``r`` holds ranks ``[r D, (r+1) D)`` (``D = p / d``) and its stages
 take consecutive ranks in stage order, so neighbouring stages are neighbours in the topology; a
 group lies inside one node or spans whole nodes. A crossing tensor is priced on the slowest
@@ -77,6 +84,11 @@ class PipelineOptions:
     max_stages: int = 8
     max_segments: int = 32
     max_exact: int = 400  # exact stage searches before the search stops and reports its bound gap
+    # Only what pase.runtime.pipeline runs (a plan is a promise): every stage on the same number of devices,
+    # each stage's layers splitting only the batch over its whole group (its devices are replicas of the
+    # stage), and under 1F1B at least as many microbatches as stages (torch's Schedule1F1B refuses fewer).
+    # False searches unequal groups and any split inside a stage too; such plans say they cannot run.
+    runnable_only: bool = True
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule)
@@ -166,8 +178,10 @@ class LayerPrice:
 class Pricer:
     """Prices each distinct layer shape and edge once per (group size, microbatch size)."""
 
-    def __init__(self, graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions) -> None:
+    def __init__(self, graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions,
+                 runnable_only: bool = False) -> None:
         self.graph, self.cluster, self.options = graph, cluster, options
+        self.runnable_only = runnable_only  # each layer only as a stage's replicas run it: its batch split g ways
         self.layers = list(graph.layers())
         self.index = {layer_id: v for v, (layer_id, _) in enumerate(self.layers)}
         outputs = block_output_layers(graph)
@@ -212,8 +226,13 @@ class Pricer:
             data = self.rebatched(v, batch)
             model = self.model(group)
             space = split_space(data, group, self.options.min_chunk, self.options.only)
+            runnable = True
+            if self.runnable_only:
+                space, runnable = _replica_space(data, space, group)
             parts: dict[str, np.ndarray] = {}
             compute, comm, memory = model.layer_costs(data, space, block_output=self.block_output[v], parts=parts)
+            if not runnable:  # the batch does not split over the group: no stage of this size runs it
+                compute = np.full_like(compute, np.inf)
             sync, saved = parts["weight_sync"], parts["saved"]
             self._layer_cache[key] = LayerPrice(space, compute, comm - sync, sync, memory - saved, saved,
                                                 parts["weight_bytes"])
@@ -238,6 +257,23 @@ class Pricer:
                                                   np.full(shard.shape, span), bucketed=True)
 
 
+def replica_splits(data: LayerAttrs | dict[str, Any], group: int) -> dict[str, int]:
+    """The splits of a layer on a stage group of ``group`` devices that the pipeline runtime runs: the
+    group's devices are replicas of the stage, so the batch splits ``group`` ways and nothing else does."""
+    if group <= 1:
+        return {}
+    return {d: group for d, role in data["roles"].items() if role == "batch"}
+
+
+def _replica_space(data: LayerAttrs, space: SplitSpace, group: int) -> tuple[SplitSpace, bool]:
+    """``space`` cut to the replica configuration (``replica_splits``); (one-row space, whether it exists)."""
+    wanted = replica_splits(data, group)
+    k = space.index_of(wanted) if set(wanted) <= set(space.dims) else None
+    if k is None:
+        return SplitSpace(space.dims, np.ones((1, len(space.dims)), dtype=np.int64)), False
+    return SplitSpace(space.dims, space.factors[k:k + 1]), True
+
+
 # ---------------------------------------------------------------------- one (d, m) setting
 
 @dataclass
@@ -259,8 +295,15 @@ class Setting:
         self.devices = planner.cluster.world_size // replicas
         self.batch = pr.graph.batch // (replicas * microbatches)
         gpn = planner.cluster.gpus_per_node
+        runnable = planner.pipeline.runnable_only
+        # under 1F1B torch's schedule needs a microbatch per stage at least; the wider space ignores that
+        self.max_stages = planner.pipeline.max_stages
+        if runnable and planner.pipeline.schedule == "1f1b":
+            self.max_stages = min(self.max_stages, microbatches)
         smallest = self.devices // (2 * planner.pipeline.max_stages)
         self.sizes = tuple(g for g in divisors(self.devices) if (g <= gpn or g % gpn == 0) and g >= smallest)
+        if runnable:  # equal groups: D / g stages, each group's replicas splitting the microbatch
+            self.sizes = tuple(g for g in self.sizes if self.devices // g <= self.max_stages and self.batch % g == 0)
         self.levels = 1 if planner.pipeline.schedule == "gpipe" else max(1, min(microbatches,
                                                                                  planner.pipeline.max_stages))
         self.placement = np.array([[legal_group(o, g, gpn) and o + g <= self.devices for g in self.sizes]
@@ -333,6 +376,8 @@ class Setting:
         for gi, g in enumerate(self.sizes):
             if self.min_stages >= 2 and g > self.devices - min(self.sizes):
                 continue  # no room left for a second stage: a group this large is never used
+            if self.p.pipeline.runnable_only and self.devices // g < self.min_stages:
+                continue  # equal groups of g make too few stages
             if level == 0:
                 per_layer = self.p.ideal_seconds * scale / g
             elif level == 1:
@@ -345,7 +390,10 @@ class Setting:
                 prefix = np.concatenate([[0.0], np.cumsum([self.p.segment_optimum(self, seg, g)
                                                            for seg in self.p.segments])])
             costs[:, :, gi, :] = (prefix[None, :] - prefix[:-1, None] + self.crossing_seconds)[:, :, None]
-        upper = np.triu(np.ones((n, n + 1), dtype=bool), 1)[:, :, None, None]
+        upper = np.triu(np.ones((n, n + 1), dtype=bool), 1)
+        if self.p.pipeline.runnable_only:  # a tensor may cross one stage boundary only (torch's pipelining)
+            upper &= np.arange(n + 1)[None, :] > self.p.reach[:, None]
+        upper = upper[:, :, None, None]
         fits: np.ndarray | bool = True
         if level >= 1:
             if self._memory is None:
@@ -360,8 +408,9 @@ class Setting:
     def solve(self, incumbent: float = np.inf) -> Partition | None:
         assert self.costs is not None
         problem = StageProblem(self.costs, group_sizes=self.sizes, devices=self.devices, microbatches=self.m,
-                               schedule=self.p.pipeline.schedule, max_stages=self.p.pipeline.max_stages,
-                               placement=self.placement, min_stages=self.min_stages)
+                               schedule=self.p.pipeline.schedule, max_stages=self.max_stages,
+                               placement=self.placement, min_stages=self.min_stages,
+                               equal_groups=self.p.pipeline.runnable_only)
         self.partition = solve_stages(problem, incumbent)
         return self.partition
 
@@ -410,6 +459,24 @@ class Crossing:
     in_count: np.ndarray
     out_bytes: np.ndarray
     out_count: np.ndarray
+
+
+def skip_reach(graph: LayerGraph, segment_of: list[int], n: int) -> np.ndarray:
+    """Per segment i, the last segment that reads a tensor made before segment i (-1: none). A stage that
+    starts at i must run through that segment: torch.distributed.pipelining sends a stage's outputs to the
+    next stage only ("backward of skip connections not supported"), so no tensor may cross two stage
+    boundaries. Model inputs are not sent: every stage reads them itself. O(edges + n)."""
+    index = {layer_id: v for v, (layer_id, _) in enumerate(graph.layers())}
+    last_reader = np.full(n, -1)  # per producing segment, its tensors' last reading segment
+    for src, dst, _ in graph.graph.edges(data=True):
+        if graph[src]["op"] == "input":
+            continue
+        a, c = segment_of[index[src]], segment_of[index[dst]]
+        last_reader[a] = max(last_reader[a], c)
+    reach = np.full(n, -1)
+    for i in range(1, n):
+        reach[i] = max(reach[i - 1], last_reader[i - 1])
+    return reach
 
 
 def crossing_tensors(graph: LayerGraph, segment_of: list[int], n: int) -> Crossing:
@@ -472,13 +539,14 @@ class PipelineSearch:
     def __init__(self, graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions,
                  pipeline: PipelineOptions) -> None:
         self.graph, self.cluster, self.plan_options, self.pipeline = graph, cluster, options, pipeline
-        self.pricer = Pricer(graph, cluster, rates, options)
+        self.pricer = Pricer(graph, cluster, rates, options, runnable_only=pipeline.runnable_only)
         self.segments = segments(graph, pipeline.max_segments)
         self.segment_of = [0] * len(graph)
         for k, seg in enumerate(self.segments):
             for v in seg.layers:
                 self.segment_of[v] = k
         self.crossing = crossing_tensors(graph, self.segment_of, len(self.segments))
+        self.reach = skip_reach(graph, self.segment_of, len(self.segments))
         self.bounds = np.array([seg.layers[0] for seg in self.segments] + [len(graph)])
         self.ideal_seconds = ideal_seconds(self.pricer, rates)
         self.limit = cluster.gpu.memory_bytes * options.memory_fraction
@@ -562,7 +630,9 @@ class PipelineSearch:
                 continue
             for m in self.pipeline.microbatches:
                 if batch % (d * m) == 0:
-                    out.append(Setting(self, d, m))
+                    setting = Setting(self, d, m)
+                    if setting.sizes:  # (the runnable space may leave no group size)
+                        out.append(setting)
         return out
 
     def search(self, replicas: list[int], incumbent: float = float("inf"), min_stages: int = 2
@@ -681,34 +751,120 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
                     pure.step_seconds if pure else float("inf"))
     hybrid = search.search([d for d in divisors(p) if 1 < d < p], incumbent=incumbent)
     best = min((r for r in (pure, hybrid) if r is not None), key=lambda r: r.step_seconds, default=None)
+    kind = "runnable pipeline" if pipeline.runnable_only else "pipeline"
     if plain is None:
         if best is None:
-            raise PlanDoesNotFit(unfit + " No pipeline of two or more stages fits either.")
+            raise PlanDoesNotFit(f"{unfit} No {kind} of two or more stages fits either.")
         plain = _pipeline_only_plan(graph, cluster, options, rates, unfit)
     baselines = {"no pipeline": plain.predicted if plain.layers else None,
                  "pure pipeline": pipeline_prediction(pure) if pure else None, **plain.baselines}
     notes = dict(plain.baseline_notes)
     if pure is None:
         notes["pure pipeline"] = ("one device: nothing to pipeline" if p == 1 else
-                                  "no pipeline of two or more stages fits memory")
+                                  f"no {kind} of two or more stages fits memory")
     report = search.report
     search_info = PipelineSearchInfo(
         seconds=round(report.seconds, 3), settings=report.settings, screened_out=report.screened_out,
         segments=len(search.segments), segment_searches=report.segment_searches,
         exact_stage_searches=report.exact_stage_searches, gap=report.gap, notes=report.notes,
-        schedule=pipeline.schedule, max_stages=pipeline.max_stages)
+        schedule=pipeline.schedule, max_stages=pipeline.max_stages, runnable_only=pipeline.runnable_only)
     plan = replace(plain, baselines=baselines, baseline_notes=notes,
                    search=replace(plain.search, pipeline=search_info))
     if forced and best is None:
-        raise PlanDoesNotFit(f"--only pipeline: no pipeline of two or more stages over {p} devices fits"
-                             + ("" if p > 1 else " (one device: nothing to pipeline)"))
+        if p == 1:
+            raise PlanDoesNotFit("no pipeline plan: one device, nothing to pipeline")
+        raise PlanDoesNotFit(f"no {kind} plan: no pipeline of two or more stages over {p} devices "
+                             + (f"that the runtime runs ({RUNNABLE}) " if pipeline.runnable_only else "") + "fits")
     if best is None or (not forced and plan.layers and best.step_seconds >= plain.predicted.step_seconds):
         return plan, priced
     stages, layers = stage_plans(search, best)
     plan = replace(plan, layers=layers, predicted=pipeline_prediction(best), stages=stages,
                    microbatches=best.setting.m, schedule=pipeline.schedule, pipeline_replicas=best.setting.d)
+    problem = pipeline_problem(plan, graph)
+    if problem is not None and pipeline.runnable_only:
+        raise AssertionError(f"the runnable pipeline search emitted a plan the runtime refuses: {problem}")
+    search_info.unrunnable = problem
     return plan, priced
 
 
-__all__ = ["PipelineOptions", "PipelineSearch", "Segment", "crossing_tensors", "plan_with_pipeline",
-           "rebatch", "segments"]
+RUNNABLE = ("every stage on the same number of devices, each splitting only the batch over them, and under 1F1B "
+            "at least as many microbatches as stages")
+
+
+def _skipped_stage(plan: Plan, graph: LayerGraph) -> str | None:
+    """A tensor that a stage makes and a stage two or more later reads (a UNet's skip connections across a
+    middle stage): torch.distributed.pipelining cannot send it there."""
+    stage_of = {layer_id: k for k, stage in enumerate(plan.stages) for layer_id in stage.layers}
+    for src, dst in graph.graph.edges():
+        if graph[src]["op"] == "input" or src not in stage_of or dst not in stage_of:
+            continue
+        if stage_of[dst] - stage_of[src] > 1:
+            return (f"pipeline stage {stage_of[dst]} reads the output of layer {src} from stage {stage_of[src]}: "
+                    "torch.distributed.pipelining sends a stage's outputs to the next stage only, so no tensor may "
+                    "skip a stage (a UNet's skip connections allow at most 2 stages)")
+    return None
+
+
+def pipeline_problem(plan: Plan, graph: LayerGraph | None) -> str | None:
+    """Why ``pase.runtime.pipeline`` cannot run ``plan``'s stages as planned, in one line naming the stage;
+    None when it can. ``graph`` (the model's LayerGraph) gives the layers' roles; it is needed only when a
+    stage runs on more devices than the plan has pipeline replicas. The runtime refuses with this message;
+    the planner labels plans from the wider space (``PipelineOptions.runnable_only=False``) with it."""
+    stages, replicas = plan.stages, plan.pipeline_replicas
+    if not stages:
+        return "the plan has no pipeline stages"
+    widths = [len(stage.devices) for stage in stages]
+    for k, width in enumerate(widths):
+        if width != widths[0]:
+            return (f"pipeline stage {k} runs on {width} devices and stage 0 on {widths[0]}: the pipeline runtime "
+                    "runs every stage on the same number of devices")
+    if replicas < 1 or widths[0] % replicas:
+        return (f"pipeline stage 0 runs on {widths[0]} devices, not a multiple of the plan's {replicas} pipeline "
+                "replica(s)")
+    placed = sorted(rank for stage in stages for rank in stage.devices)
+    if placed != list(range(plan.devices)):
+        return f"the plan's stages are placed on ranks {placed}, not once on each of ranks 0..{plan.devices - 1}"
+    for k in range(1, len(stages)):
+        for j, (before, rank) in enumerate(zip(stages[k - 1].devices, stages[k].devices)):
+            if rank < before:
+                return (f"pipeline stage {k} of replica {j} runs on rank {rank}, below stage {k - 1}'s rank {before}: "
+                        "the pipeline runtime needs a replica's stages in increasing rank order")
+    if (plan.schedule or "1f1b") == "1f1b" and plan.microbatches < len(stages):
+        short = (f"stage {plan.microbatches}" if plan.microbatches == len(stages) - 1 else
+                 f"stages {plan.microbatches}-{len(stages) - 1}")
+        return (f"pipeline {short} cannot run: the plan's 1F1B schedule runs {plan.microbatches} microbatch(es) "
+                f"through {len(stages)} stages, and torch's Schedule1F1B needs at least as many microbatches as "
+                "stages")
+    if graph is not None and (skipped := _skipped_stage(plan, graph)):
+        return skipped
+    group = widths[0] // replicas
+    choices = {layer.id: layer for layer in plan.layers}
+    if group == 1:  # one device per stage and replica: no layer splits anything (no roles needed to tell)
+        for k, stage in enumerate(stages):
+            split = next((choices[i] for i in stage.layers if i in choices
+                          and any(f > 1 for f in choices[i].splits.values())), None)
+            if split is not None:
+                return (f"pipeline stage {k} runs on one device per replica but plans layer {split.id} as "
+                        f"{' '.join(f'{d}={f}' for d, f in sorted(split.splits.items()) if f > 1)}; the pipeline "
+                        "runtime runs each stage's layers whole on its device")
+        return None
+    if graph is None:
+        raise PaseError("the plan's stages run on groups of devices: pass the model's LayerGraph (graph=) so pase can "
+                        "check they split only the batch")
+    for k, stage in enumerate(stages):
+        for layer_id in stage.layers:
+            choice = choices.get(layer_id)
+            if choice is None or layer_id not in graph.graph:
+                return f"pipeline stage {k} names layer {layer_id}, which the plan or the model lacks"
+            planned = {d: f for d, f in choice.splits.items() if f > 1}
+            wanted = replica_splits(graph[layer_id], group)
+            if planned != wanted:
+                shown = " ".join(f"{d}={f}" for d, f in sorted(planned.items())) or "no split"
+                return (f"pipeline stage {k} runs on groups of {group} devices and plans layer {layer_id} as "
+                        f"{shown} on them; the pipeline runtime runs a stage's devices as data-parallel replicas, "
+                        f"so every layer splits only its batch, {group} ways")
+    return None
+
+
+__all__ = ["PipelineOptions", "PipelineSearch", "RUNNABLE", "Segment", "crossing_tensors", "pipeline_problem",
+           "plan_with_pipeline", "rebatch", "replica_splits", "segments"]

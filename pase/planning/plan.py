@@ -69,6 +69,8 @@ class PipelineSearchInfo:
     notes: list[str]
     schedule: str
     max_stages: int
+    runnable_only: bool | None = None  # searched only what the runtime runs (None: a plan from before the option)
+    unrunnable: str | None = None  # why the runtime cannot run the plan's stages (None: it can, or no stages)
 
 
 @dataclass

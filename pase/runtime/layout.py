@@ -73,6 +73,7 @@ class ParallelLayout:
     layers: list[LayerLayout] = field(default_factory=list)
     tensor_degrees: list[int] = field(default_factory=list)
     layers_total: int = 0  # layers in the plan
+    checkpointed: list[str] = field(default_factory=list)  # blocks run under activation checkpointing
 
     def __post_init__(self) -> None:
         self.layers_total = self.layers_total or len(self.layers)
@@ -85,6 +86,8 @@ class ParallelLayout:
         split = [layout for layout in self.layers if layout.kind != "batch"]
         text = f"{self.kind} over {self.world_size} ranks; {self.layers_as_planned} of {self.layers_total} layers " \
                "as planned"
+        if self.checkpointed:
+            text += f"; activation checkpointing on {len(self.checkpointed)} blocks"
         if split:
             kinds = sorted({layout.applied for layout in split})
             text += f" ({len(split)} split: {', '.join(kinds)})"

@@ -4,7 +4,9 @@ Order (each step refuses bad input before any work): the world size and the mode
 against the plan; parameters are broadcast from rank 0 (every rank starts from the same weights);
 then either the fast path (DDP, or FSDP2 when the plan was made with ``--fsdp``) for plans that split
 only the batch, or the per-layer layouts of ``pase.runtime.layout`` on tensor-parallel groups built
-from the plan's split factors (one 2-D device mesh per degree), with gradient synchronisation.
+from the plan's split factors (one 2-D device mesh per degree), with gradient synchronisation. A plan
+made with ``--checkpoint`` has the blocks it priced as recomputing run under activation checkpointing
+(``strategies.checkpointing``) on every path, pipeline stages included.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parallel, layer_layouts
 from pase.runtime.pipeline import pipeline_parallelize
+from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
 from strategies.tensor import ChannelSplit, GradientSync, TensorGroups, split_heads
 
@@ -48,19 +51,23 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
     graph = graph if graph is not None else model_graph(model, plan, example_inputs)
     check_model(plan, graph)
     if plan.stages:  # this rank's pipeline stage: it runs whole training steps (pase_step), not forwards
-
         return pipeline_parallelize(model, plan, device=device or default_device(), graph=graph)
     layouts = layer_layouts(plan, graph)
     device = device or default_device()
     model.to(device)
     _broadcast_from_rank0(model)
+    blocks = checkpointed_blocks(graph) if plan.options.get("checkpointing") else []
     if is_pure_data_parallel(layouts):
         fsdp = bool(plan.options.get("fsdp"))
+        apply_checkpointing(model, blocks)  # inside the DDP / FSDP wrapping: the module tree is unchanged
         apply = apply_fsdp if fsdp else apply_ddp
         result = apply(model, device, plan.precision)
-        result.pase_layout = ParallelLayout("fsdp" if fsdp else "ddp", world, layouts)
+        result.pase_layout = ParallelLayout("fsdp" if fsdp else "ddp", world, layouts, checkpointed=blocks)
         return result
-    return _apply_tensor_layouts(model, layouts, device, world, plan.precision)
+    result = _apply_tensor_layouts(model, layouts, device, world, plan.precision)
+    # last: a block's forward that a split replaced (head-split attention) is what recomputes, collectives included
+    result.pase_layout.checkpointed = apply_checkpointing(result, blocks)
+    return result
 
 
 def _broadcast_from_rank0(model: nn.Module) -> None:

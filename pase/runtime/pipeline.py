@@ -13,7 +13,13 @@ Pipeline x data parallel: the ranks form a (replicas x stages) mesh (``pipeline_
 planner writes: ``pipeline_replicas`` copies of the pipeline (replica ``r`` on ranks ``[r S, (r+1) S)``)
 and stages on groups of devices that only split the batch (stage ``s`` on ranks ``[s g, (s+1) g)``),
 which are the same computation. Each replica has a process group over its stages (the schedule's
-point-to-point sends) and each stage one over its replicas (gradient averaging).
+point-to-point sends) and each stage one over its replicas (gradient averaging). Anything it would
+run otherwise than planned is refused before any work, in one line naming the stage
+(``pase.planning.pipeline.pipeline_problem``): stages on unequal groups, a stage group whose layers
+split anything but the batch over the whole group, 1F1B with fewer microbatches than stages.
+
+A plan made with ``--checkpoint`` has the blocks of this rank's stage (the traced stage module keeps
+the model's module tree under ``model.``) run under activation checkpointing (``strategies.checkpointing``).
 
 A training step is ``model.pase_step(objective, x0, generator)`` with ``x0`` this replica's share
 of the global batch (every rank of a replica passes the same ``x0`` and generator): the objective's
@@ -35,12 +41,13 @@ from torch import nn
 from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.models.zoo import ZOO
+from pase.planning.pipeline import pipeline_problem
 from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import ParallelLayout
+from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import average_gradients
 from strategies.pipeline import check_schedule
-from strategies.runnable import runnable_reason
 
 
 class _Prediction(nn.Module):
@@ -93,45 +100,18 @@ class PipelineMesh:
 
 
 def pipeline_mesh(plan: Plan, graph: LayerGraph | None = None) -> PipelineMesh:
-    """The (replicas x stages) mesh of ``plan``'s stages. A stage on more devices than the plan has
-    pipeline replicas must split only the batch across them (``graph`` gives the layers' roles), so
-    its devices are replicas of it; every stage needs the same number of devices."""
-    stages = plan.stages
-    if not stages:
+    """The (replicas x stages) mesh of ``plan``'s stages, or a one-line refusal of what the runtime would run
+    otherwise than planned (``pase.planning.pipeline.pipeline_problem``): stages on unequal groups, a stage
+    group whose layers split anything but the batch over the whole group (``graph`` gives the layers'
+    roles; the group's devices are replicas of the stage), or fewer 1F1B microbatches than stages."""
+    if not plan.stages:
         raise PaseError("the plan has no pipeline stages; run it with pase.parallelize")
-    widths = [len(stage.devices) for stage in stages]
-    replicas = plan.pipeline_replicas
-    if len(set(widths)) != 1 or widths[0] % replicas:
-        raise PaseError(f"the plan's pipeline stages run on {widths} devices with {replicas} pipeline replica(s); the "
-                        "pipeline runtime needs every stage on the same number of devices, a multiple of the "
-                        "replicas; re-plan with `pase plan --only pipeline`")
-    placed = sorted(rank for stage in stages for rank in stage.devices)
-    if placed != list(range(plan.devices)):
-        raise PaseError(f"the plan's stages are placed on ranks {placed}, not once on each of ranks "
-                        f"0..{plan.devices - 1}; re-plan with `pase plan --only pipeline`")
-    if widths[0] > replicas:
-        _check_batch_only(plan, graph, widths[0] // replicas)
-    rows = tuple(tuple(stage.devices[j] for stage in stages) for j in range(widths[0]))
-    for row in rows:
-        if list(row) != sorted(row):
-            raise PaseError(f"a pipeline replica of the plan runs its stages on ranks {list(row)}; the runtime needs "
-                            "them in increasing rank order; re-plan with `pase plan --only pipeline`")
+    problem = pipeline_problem(plan, graph)
+    if problem is not None:
+        raise PaseError(f"{problem}; re-plan with `pase plan --only pipeline` (its default space is what the "
+                        "runtime runs)")
+    rows = tuple(tuple(stage.devices[j] for stage in plan.stages) for j in range(len(plan.stages[0].devices)))
     return PipelineMesh(rows)
-
-
-def _check_batch_only(plan: Plan, graph: LayerGraph | None, group: int) -> None:
-    if graph is None:
-        raise PaseError("the plan's stages run on groups of devices: pass the model's LayerGraph (graph=) so pase can "
-                        "check they split only the batch")
-    stage_of = {layer_id: k for k, stage in enumerate(plan.stages) for layer_id in stage.layers}
-    for choice in plan.layers:
-        why = runnable_reason(graph[choice.id], choice.splits, group, fsdp=True)  # batch layouts only
-        if why is not None:
-            splits = ", ".join(f"{d}={f}" for d, f in choice.splits.items() if f > 1)
-            raise PaseError(f"pipeline stage {stage_of.get(choice.id, '?')} runs on groups of {group} devices and "
-                            f"splits layer {choice.id} ({splits}) across them, which it cannot run: the pipeline "
-                            "runtime runs a stage's devices as data-parallel replicas (the batch split over all of "
-                            "them); re-plan with `pase plan --only pipeline`")
 
 
 def _process_groups(mesh: PipelineMesh, rank: int) -> tuple[Any, Any]:
@@ -236,7 +216,8 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe  # noqa: PLC0415 - as above
     world, rank = dist.get_world_size(), dist.get_rank()
     check_world(plan, world)
-    if graph is None and _grouped(plan):  # the stages' groups must split only the batch: the layers' roles tell
+    checkpointing = bool(plan.options.get("checkpointing"))
+    if graph is None and (_grouped(plan) or checkpointing):  # the layers' roles and blocks tell
         graph = model_graph(model, plan)
     if graph is not None:
         check_model(plan, graph)
@@ -265,6 +246,12 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     _, index = mesh.position(rank)
     stage_module = pipe.get_stage_module(index)
     _contiguous_outputs(stage_module)
+    checkpointed: list[str] = []
+    if checkpointing:  # this stage's blocks, as traced (the stage module keeps the model's module tree)
+        assert graph is not None
+        mine = {graph[layer_id]["block"] for layer_id in plan.stages[index].layers}
+        checkpointed = apply_checkpointing(stage_module, [b for b in checkpointed_blocks(graph) if b in mine],
+                                           prefix="model.")
     placeholders = [n.name for n in pipe.get_stage_module(0).graph.nodes if n.op == "placeholder"]
     order = [0 if "sample" in name else 1 for name in placeholders]
     if sorted(order) != [0, 1]:
@@ -279,7 +266,7 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     result = PipelineModel(stage_module, stage, schedule, mesh, rank, order, names, groups)
     holder.append(result)
     model.pase_pipeline = result  # so full_state_dict(model) gathers the stages' weights, not this rank's stale copy
-    result.pase_layout = _layout(plan, mesh, world)
+    result.pase_layout = _layout(plan, mesh, world, checkpointed)
     return result
 
 
@@ -298,11 +285,12 @@ def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: i
     return sample, torch.randint(0, 1000, (microbatch,), device=device)
 
 
-def _layout(plan: Plan, mesh: PipelineMesh, world: int) -> Any:
-    layout = ParallelLayout("pipeline", world)
+def _layout(plan: Plan, mesh: PipelineMesh, world: int, checkpointed: list[str]) -> Any:
+    layout = ParallelLayout("pipeline", world, checkpointed=checkpointed)
     replicas = f" x {mesh.replicas} replicas" if mesh.replicas > 1 else ""
+    recompute = f"; activation checkpointing on {len(checkpointed)} blocks of this stage" if checkpointed else ""
     layout.summary = lambda: (f"pipeline of {mesh.stages} stages{replicas} ({plan.schedule}, {plan.microbatches} "  # type: ignore[method-assign]
-                              f"microbatches) over {world} ranks")
+                              f"microbatches) over {world} ranks{recompute}")
     return layout
 
 

@@ -13,12 +13,15 @@ stages after)), read the solution's own maximum ``mu``, then lower ``tau`` just 
 a solution with a larger maximum has a larger sum-or-max, so none is missed. The DP runs back
 to front so the number of stages after a stage, which fixes 1F1B's in-flight count, is state.
 Complexity per threshold: O(n * G * n * D * S) numpy element operations.
+
+``equal_groups`` restricts the partitions to stages of one group size (what the pipeline runtime
+runs): the DP is solved once per size with the other sizes left out, and the best kept.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,6 +56,7 @@ class StageProblem:
     max_stages: int = 8
     placement: np.ndarray | None = None  # (D + 1, G) bool: may a group of size g start at offset o
     min_stages: int = 1
+    equal_groups: bool = False  # every stage on the same number of devices
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule)
@@ -93,6 +97,8 @@ def value_of(problem: StageProblem, stages: list[tuple[int, int, int]]) -> Parti
         return None
     if sum(g for _, _, g in stages) != problem.devices or not problem.min_stages <= len(stages) <= problem.max_stages:
         return None
+    if problem.equal_groups and len({g for _, _, g in stages}) > 1:
+        return None
     chosen, offset = [], 0
     for s, (i, j, g) in enumerate(stages):
         if g not in problem.group_sizes or not problem.legal(offset, g):
@@ -128,6 +134,21 @@ def brute_force(problem: StageProblem) -> Partition | None:
 def solve_stages(problem: StageProblem, incumbent: float = np.inf) -> Partition | None:
     """The exact optimum of ``problem`` (None when no partition is feasible, or none is below
     ``incumbent``: then the search stops as soon as it can prove that)."""
+    if problem.equal_groups and len(problem.group_sizes) > 1:
+        best: Partition | None = None
+        for gi, g in enumerate(problem.group_sizes):
+            if problem.devices % g or not problem.min_stages <= problem.devices // g <= problem.max_stages:
+                continue
+            one = replace(problem, costs=problem.costs[:, :, gi:gi + 1, :], group_sizes=(g,),
+                          placement=None if problem.placement is None else problem.placement[:, gi:gi + 1])
+            found = solve_stages(one, best.value if best is not None else incumbent)
+            if found is not None and (best is None or found.value < best.value):
+                best = found
+        return best
+    return _solve_any_groups(problem, incumbent)
+
+
+def _solve_any_groups(problem: StageProblem, incumbent: float) -> Partition | None:
     costs = problem.costs
     best: Partition | None = None
     goal = incumbent
