@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from cost_models.cluster import Cluster, group_cluster
-from cost_models.conventions import bytes_per_element
+from cost_models.conventions import BUS_FACTOR, bytes_per_element
 from cost_models.layer_costs import COMPUTE_KINDS, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
@@ -694,7 +694,28 @@ def pipeline_prediction(result: PipelineResult) -> Prediction:
     return Prediction(step_seconds=step, samples_per_second=result.setting.p.graph.batch / step if step else 0.0,
                       memory_bytes_per_device=max(s.memory for s in result.stages),
                       compute_seconds=m * bottleneck.compute, communication_seconds=m * bottleneck.communication,
-                      bubble_seconds=bubble_seconds(times, m))
+                      bubble_seconds=bubble_seconds(times, m), comm_bytes_per_device=pipeline_comm_bytes(result))
+
+
+def pipeline_comm_bytes(result: PipelineResult) -> float:
+    """Bytes the busiest rank's collectives move per step, as the pipeline runtime issues them: each
+    microbatch's stage outputs sent forward and the gradients of its inputs sent back (its share of the
+    stage group's microbatch), and one all-reduce of the stage's weight gradients over every rank running
+    the stage (the replicas of its group and of the pipeline)."""
+    setting = result.setting
+    search = setting.p
+    crossing, scale = search.crossing, setting.batch / search.graph.batch
+    itemsize = bytes_per_element(search.plan_options.precision)
+    busiest = 0.0
+    for stage in result.partition.stages:
+        sent = setting.m * (crossing.out_bytes[stage.start, stage.stop] + crossing.in_bytes[stage.start, stage.stop])
+        layers = range(search.segments[stage.start].layers[0], search.segments[stage.stop - 1].layers[-1] + 1)
+        weights = sum(p["numel"] for v in layers for p in search.pricer.layers[v][1]["params"].values()
+                      if p.get("trainable") and "numel" in p) * itemsize
+        ranks = setting.d * stage.group
+        sync = weights * BUS_FACTOR["all_reduce"](ranks) if ranks > 1 else 0.0
+        busiest = max(busiest, float(sent) * scale / stage.group + sync)
+    return busiest
 
 
 def stage_plans(search: PipelineSearch, result: PipelineResult) -> tuple[list[StagePlan], list[LayerChoice]]:

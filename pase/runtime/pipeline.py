@@ -44,7 +44,7 @@ from pase.models.zoo import ZOO
 from pase.planning.pipeline import pipeline_problem
 from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
-from pase.runtime.layout import ParallelLayout
+from pase.runtime.layout import LayerLayout, ParallelLayout
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import average_gradients
 from strategies.pipeline import check_schedule
@@ -286,11 +286,15 @@ def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: i
 
 
 def _layout(plan: Plan, mesh: PipelineMesh, world: int, checkpointed: list[str]) -> Any:
-    layout = ParallelLayout("pipeline", world, checkpointed=checkpointed)
+    """Every layer of the plan runs as planned (``pipeline_problem`` refused the plan otherwise): whole on its
+    stage's devices, or its batch split over a stage group's replicas."""
+    layers = [LayerLayout(layer.id, layer.op, "", dict(layer.splits), "batch") for layer in plan.layers]
+    layout = ParallelLayout("pipeline", world, layers, checkpointed=checkpointed)
     replicas = f" x {mesh.replicas} replicas" if mesh.replicas > 1 else ""
     recompute = f"; activation checkpointing on {len(checkpointed)} blocks of this stage" if checkpointed else ""
     layout.summary = lambda: (f"pipeline of {mesh.stages} stages{replicas} ({plan.schedule}, {plan.microbatches} "  # type: ignore[method-assign]
-                              f"microbatches) over {world} ranks{recompute}")
+                              f"microbatches) over {world} ranks; {len(layers)} of {len(plan.layers)} layers as "
+                              f"planned{recompute}")
     return layout
 
 

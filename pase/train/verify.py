@@ -245,7 +245,9 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
     objective = epsilon_objective()
     args, _ = ZOO[plan.model].example_inputs(1, device="meta")
     x0 = torch.randn((plan.batch, *args[0].shape[1:]), generator=torch.Generator().manual_seed(seed + 7))
-    replicas = plan.pipeline_replicas if plan.stages else run.world_size
+    parallel = run.parallelize(model, graph=graph)
+    # data-parallel ranks: every rank, or a pipeline's replicas (stage groups run as replicas too)
+    replicas = parallel.pase_data_parallel[1] if hasattr(parallel, "pase_step") else run.world_size
     share = plan.batch // replicas
     drawn = [objective.prepare(x0[r * share:(r + 1) * share], step_generator(seed, 0, r)) for r in range(replicas)]
     inputs = [torch.cat([d[0][k] for d in drawn]) for k in range(2)]
@@ -256,7 +258,6 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
     want_grads = {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.grad is not None}
     ref_optimizer.step()
     want_weights = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    parallel = run.parallelize(model, graph=graph)
     optimizer = torch.optim.AdamW(parallel.parameters(), lr=lr)
     with CommCounter() as counter:
         if hasattr(parallel, "pase_step"):
