@@ -115,7 +115,7 @@ def test_planner_equals_brute_force_over_exactly_priced_stages(module: nn.Module
 def test_one_stage_is_the_plain_per_layer_search() -> None:
     graph = extract_model("unet-tiny", 16)
     cluster = parse_spec("4xH100-SXM")
-    plain, _ = plan_and_price(graph, cluster)
+    plain, _ = plan_and_price(graph, cluster, options=PlanOptions(space="all"))  # the wider space on both sides
     search = _search(graph, "4xH100-SXM", microbatches=(1,), max_stages=1, runnable_only=False)
     one = search.search([1], min_stages=1)
     assert one is not None and len(one.partition.stages) == 1
