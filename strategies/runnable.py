@@ -55,8 +55,9 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
     if not others:
         if batch == devices or (not batch_dims and batch == 1):
             return LayerRun("batch")
-        raise NotRunnable(f"the batch is split {batch} ways on {devices} ranks: the runtime splits it over all ranks "
-                          "(a split over fewer leaves replicas the runtime does not run)")
+        split = "unsplit" if batch == 1 else f"split {batch} ways"
+        raise NotRunnable(f"its batch is {split} on {devices} ranks, leaving replicas; the runtime splits the batch "
+                          "over all ranks")
     if len(others) > 1:
         raise NotRunnable(f"{' x '.join(sorted(others))}: the runtime splits at most one dimension besides the batch")
     (dim, factor), = others.items()

@@ -128,7 +128,7 @@ def runnable_summary(result: Plan) -> str:
     if not refused:
         return f"all {len(result.layers)} layers run as planned (every configuration is one the runtime runs)."
     return (f"[bold red]not runnable:[/] {len(refused)} of {len(result.layers)} layers use splits the runtime does not "
-            f"run (e.g. {refused[0].id}: {', '.join(f'{d}={f}' for d, f in refused[0].splits.items())}); "
+            f"run (e.g. {refused[0].id}: {', '.join(f'{d}={f}' for d, f in refused[0].splits.items()) or 'unsplit'}); "
             "`pase.parallelize` refuses this plan. Plan without `--space all` for one that runs.")
 
 

@@ -13,7 +13,7 @@ from pase.graph import LayerGraph
 from pase.planning.plan import Plan
 from strategies.runnable import NotRunnable, layer_run
 
-SHOWN_REFUSALS = 5  # layers named in a refusal; the rest are counted
+SHOWN_REFUSALS = 3  # reasons, and layers per reason, named in a refusal; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -37,22 +37,31 @@ class PlanNotRunnable(PaseError):
 def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
     """One ``LayerLayout`` per plan layer, in plan order; ``PlanNotRunnable`` when any layer's splits are not
     ones the runtime runs as planned. O(layers)."""
-    result, refused = [], []
+    result = []
+    refused: dict[str, list[str]] = {}  # reason -> the layers refused for it
     fsdp = bool(plan.options.get("fsdp"))
     for choice in plan.layers:
         data = graph[choice.id]
         try:
             run = layer_run(data, choice.splits, plan.devices, fsdp)
         except NotRunnable as exc:
-            refused.append(f"{choice.id} ({data['op']}, {_splits(choice.splits)}): {exc}")
+            refused.setdefault(str(exc), []).append(f"{choice.id} ({data['op']}, {_splits(choice.splits)})")
             continue
         result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor))
     if refused:
-        more = f"; and {len(refused) - SHOWN_REFUSALS} more" if len(refused) > SHOWN_REFUSALS else ""
-        raise PlanNotRunnable(f"the runtime would not run {len(refused)} of {len(plan.layers)} layers as planned: "
-                              + "; ".join(refused[:SHOWN_REFUSALS]) + more
+        count = sum(map(len, refused.values()))
+        reasons = [f"{_named(layers)}: {reason}" for reason, layers in refused.items()]
+        raise PlanNotRunnable(f"the runtime would not run {count} of {len(plan.layers)} layers as planned: "
+                              + "; ".join(reasons[:SHOWN_REFUSALS])
+                              + (f"; and {len(reasons) - SHOWN_REFUSALS} other reasons" if len(reasons) > SHOWN_REFUSALS
+                                 else "")
                               + ". Re-plan without `--space all` (the default space holds only runnable splits)")
     return result
+
+
+def _named(layers: list[str]) -> str:
+    more = len(layers) - SHOWN_REFUSALS
+    return ", ".join(layers[:SHOWN_REFUSALS]) + (f" and {more} more" if more > 0 else "")
 
 
 def _splits(splits: dict[str, int]) -> str:
