@@ -115,7 +115,8 @@ class CostModel:
 
     # ------------------------------------------------------------------ layers
     def layer_costs(self, layer: LayerAttrs, space: SplitTable, block_output: bool = True,
-                    parts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    parts: dict[str, np.ndarray] | None = None, recomputed: bool | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(compute seconds, communication seconds, bytes per device) for every configuration of
         ``layer``. O(K * dims). When ``parts`` is given it receives the pieces a pipeline prices
         apart: "weight_sync" (the weight-gradient collectives inside ``comm``, once per step),
@@ -162,7 +163,10 @@ class CostModel:
             seconds += np.maximum(flops / used / compute_rate, 3 * (touched + weight_local) * itemsize / memory_rate)
         pointwise = float(layer.get("pointwise_elems", 0)) * itemsize * 4  # fwd read+write, bwd read+write
         seconds += pointwise / used / memory_rate
-        if self.options.checkpointing and not block_output and kind in COMPUTE_KINDS:
+        # under checkpointing a layer inside a checkpointed block runs its forward again in the backward (the
+        # block's outputs too: checkpointing re-runs the whole block), forward collectives included
+        recomputed = (not block_output) if recomputed is None else recomputed
+        if self.options.checkpointing and recomputed and kind in COMPUTE_KINDS:
             seconds += float(layer["flops_fwd"]) / used / self.rates.compute(kind).value  # recompute forward
 
         # collectives from the tensor maps
@@ -176,6 +180,8 @@ class CostModel:
 
         partials = "reduce_scatter" if self.options.batch_interface else "all_reduce"
         comm = priced(partials, out_local * itemsize, missing(out_map))
+        if self.options.checkpointing and recomputed:  # the forward's partial sums are reduced again
+            comm += priced(partials, out_local * itemsize, missing(out_map))
         for m in activations:
             comm += priced(partials, local(m) * itemsize, missing(m))
         weight_sync = np.zeros(len(f))
@@ -272,7 +278,7 @@ class CostModel:
         return np.asarray(seconds) * (self.relayout_gbps * 1e9 if self.devices > 1 else 0.0)
 
     def edge_costs(self, edge: EdgeAttrs, producer: LayerAttrs, src: SplitTable, consumer: LayerAttrs,
-                   dst: SplitTable) -> np.ndarray:
+                   dst: SplitTable, forward_only: bool = False) -> np.ndarray:
         """Re-layout seconds for every (producer config, consumer config) pair: (K_src, K_dst)."""
         shape = np.array(edge["shape"], dtype=np.float64)
         if self.devices <= 1 or not len(shape):
@@ -307,7 +313,9 @@ class CostModel:
         for a in range(axes):
             overlap *= np.minimum.outer(s_block[:, a], t_block[:, a])
         # forward: the consumer gathers its block; backward: the producer gathers the gradient of its own
-        moved = np.maximum(0.0, target[None, :] - overlap) + np.maximum(0.0, source[:, None] - overlap)
+        moved = np.maximum(0.0, target[None, :] - overlap)
+        if not forward_only:
+            moved = moved + np.maximum(0.0, source[:, None] - overlap)
         fraction = min(1.0, edge["bytes"] / max(1.0, shape.prod() * edge["dtype_bytes"]))
         itemsize = bytes_per_element(self.options.precision, edge["dtype_bytes"])
         seconds = moved * (fraction * itemsize / (self.relayout_gbps * 1e9))

@@ -67,7 +67,9 @@ def recomputed_layers(graph: LayerGraph) -> set[str]:
 
 def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
     def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        # early_stop=False: the whole block re-runs (its collectives included), as the cost model prices it;
+        # torch's default stops once the last saved tensor is recomputed, which no plan could predict per layer
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, early_stop=False, **kwargs)
     return checkpointed_forward
 
 

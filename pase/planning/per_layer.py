@@ -27,7 +27,7 @@ from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
-from strategies.checkpointing import recomputed_layers
+from strategies.checkpointing import checkpointed_blocks, recomputed_layers
 from strategies.runnable import SPACES, interface_config, restrict, runnable_mask, runnable_reason
 from strategies.splits import SplitSpace, split_space
 
@@ -126,16 +126,18 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     index = {layer_id: i for i, layer_id in enumerate(ids)}
     block_outputs = block_output_layers(graph)
     forced = forced_splits(ids, options.force)
-    keys: dict[tuple[int, str], int] = {}
+    rerun = rerun_layers(graph) if options.checkpointing else set()
+    keys: dict[tuple[int, str, bool], int] = {}
     base = layer_kinds(graph, block_outputs)
-    kind = [keys.setdefault((base[v], json.dumps(forced.get(layer_id), sort_keys=True)), len(keys))
+    kind = [keys.setdefault((base[v], json.dumps(forced.get(layer_id), sort_keys=True), layer_id in rerun), len(keys))
             for v, layer_id in enumerate(ids)]
     priced_kinds: dict[int, tuple[Any, ...]] = {}  # (space, compute, comm, memory, sync, comm bytes, runnable)
     for v, (layer_id, data) in enumerate(layers):
         if kind[v] not in priced_kinds:
             space, mask = layer_space(layer_id, data, devices, options, forced.get(layer_id))
             parts: dict[str, np.ndarray] = {}
-            costs = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts)
+            costs = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts,
+                                      recomputed=(layer_id in rerun) if options.checkpointing else None)
             priced_kinds[kind[v]] = (space, *costs, parts["weight_sync"], parts["comm_bytes"], mask)
     spaces, compute, comm, memory, weight_sync, comm_bytes, runnable = (
         list(column) for column in zip(*(priced_kinds[k] for k in kind)))
@@ -149,7 +151,8 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
         key = edge_key(kind[s], kind[d], data)
         if key not in priced_edges:
             if through_batch:
-                priced_edges[key] = _edge_through_batch(model, data, graph[src], spaces[s], graph[dst], spaces[d])
+                priced_edges[key] = _edge_through_batch(model, data, graph[src], spaces[s], graph[dst], spaces[d],
+                                                        src in rerun, dst in rerun)
             else:
                 priced_edges[key] = model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])
         edges.append((s, d, priced_edges[key]))
@@ -210,12 +213,27 @@ def _splits_text(splits: Mapping[str, int]) -> str:
 
 
 def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs, src: SplitSpace,
-                        consumer: LayerAttrs, dst: SplitSpace) -> np.ndarray:
+                        consumer: LayerAttrs, dst: SplitSpace, producer_reruns: bool = False,
+                        consumer_reruns: bool = False) -> np.ndarray:
     """Re-layout seconds for every (producer, consumer) pair when the activation passes through the batch
-    layout between them: the producer's way to it plus the consumer's way from it. O(K_src + K_dst)."""
-    to_batch = model.edge_costs(edge, producer, src, consumer, _interface(consumer, model.devices))[:, 0]
-    from_batch = model.edge_costs(edge, producer, _interface(producer, model.devices), consumer, dst)[0, :]
+    layout between them: the producer's way to it plus the consumer's way from it. A layer whose forward
+    runs again under checkpointing (``rerun_layers``) re-lays its side forward again. O(K_src + K_dst)."""
+    producer_batch, consumer_batch = _interface(producer, model.devices), _interface(consumer, model.devices)
+    to_batch = model.edge_costs(edge, producer, src, consumer, consumer_batch)[:, 0]
+    from_batch = model.edge_costs(edge, producer, producer_batch, consumer, dst)[0, :]
+    if producer_reruns:
+        to_batch = to_batch + model.edge_costs(edge, producer, src, consumer, consumer_batch, forward_only=True)[:, 0]
+    if consumer_reruns:
+        from_batch = from_batch + model.edge_costs(edge, producer, producer_batch, consumer, dst,
+                                                   forward_only=True)[0, :]
     return to_batch[:, None] + from_batch[None, :]
+
+
+def rerun_layers(graph: LayerGraph) -> set[str]:
+    """Layers whose forward runs again in the backward under ``--checkpoint``: every layer of a block the
+    runtime checkpoints (``strategies.checkpointing``; torch re-runs the whole block, its output layers too)."""
+    blocks = set(checkpointed_blocks(graph))
+    return {layer_id for layer_id, data in graph.layers() if data["block"] in blocks}
 
 
 def _interface(layer: LayerAttrs, devices: int) -> SplitSpace:
