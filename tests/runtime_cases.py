@@ -140,6 +140,7 @@ def relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
 def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
     import pase
     from pase.runtime import full_tensors
+    from pase.runtime.comm_count import CommCounter
 
     kind, _, option = name.partition(":")
     if kind == "random":
@@ -158,15 +159,17 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
         parallel = run.parallelize(model, graph=graph if kind != "channels" else None)
         calls = count_calls({inner: model.get_submodule(inner) for inner in INNER})  # the model inside any wrapper
         rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-        loss = epsilon_loss(parallel, x[rows], t[rows], noise[rows])
-        loss.backward()
+        with CommCounter() as counter:
+            loss = epsilon_loss(parallel, x[rows], t[rows], noise[rows])
+            loss.backward()
         got = full_tensors(parallel, "grad")
         layout = parallel.pase_layout
         result = {"loss": run.mean(loss.detach()), "ref_loss": float(ref_loss.detach()), "kind": layout.kind,
                   "applied": sorted({lay.applied for lay in layout.layers}),
                   "missing": sorted(set(want) - set(got)), "summary": layout.summary(),
                   "checkpointed": layout.checkpointed, "calls": calls,
-                  "as_planned": layout.layers_as_planned, "total": layout.layers_total}
+                  "as_planned": layout.layers_as_planned, "total": layout.layers_total,
+                  "comm_bytes": counter.total_bytes, "splits": {layer.id: layer.splits for layer in plan.layers}}
         result["errors"] = relative_errors(got, {n: g for n, g in want.items() if n in got})
         result["head_calls"] = sum(mode.calls for _, mode in getattr(parallel, "pase_head_modes", []))
         del parallel

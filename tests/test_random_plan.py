@@ -28,3 +28,16 @@ def test_random_runnable_plans_match_a_single_process(world: int) -> None:
             assert result["errors"][worst] <= TOLERANCE, (seed, worst, result["errors"][worst])
             assert result["as_planned"] == result["total"] == 104
         assert len(per_rank[0]["applied"]) >= 3  # batch plus several tensor layouts were drawn
+        # the bytes the collectives moved are those the cost model prices for this plan (re-priced as forced)
+        predicted = _predicted_bytes(per_rank[0]["splits"], world)
+        assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=0.10)
+
+
+def _predicted_bytes(splits: dict, world: int) -> float:
+    from cost_models.cluster import parse_spec
+    from pase.graph import extract_model
+    from pase.planning.per_layer import PlanOptions, plan_graph
+
+    graph = extract_model("unet-tiny", runtime_cases.GLOBAL_BATCH, use_cache=True)
+    options = PlanOptions(precision="fp32", force=splits, baselines=False)
+    return plan_graph(graph, parse_spec(f"{world}xL40S"), options=options).predicted.comm_bytes_per_device
