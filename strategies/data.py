@@ -59,7 +59,8 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None:
+def average_gradients(params: list[nn.Parameter], group: Any, size: int,
+                      dtype: torch.dtype = torch.float32) -> None:
     """Every gradient summed over ``group`` and divided by ``size`` (the group's size for a mean), in flat
     buckets (one all-reduce each; gloo and NCCL are fastest on few large messages). Parameters without a
     gradient on this rank have none on the others either (the same graph ran everywhere)."""
@@ -74,7 +75,7 @@ def average_gradients(params: list[nn.Parameter], group: Any, size: int) -> None
     for bucket in buckets:
         if not bucket:
             continue
-        flat = torch.cat([g.reshape(-1) for g in bucket])
+        flat = torch.cat([g.reshape(-1) for g in bucket]).to(dtype)  # reduced in the plan's precision
         if dist.get_world_size(group) > 1:
             dist.all_reduce(flat, group=group)
         flat /= size

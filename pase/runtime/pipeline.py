@@ -46,7 +46,7 @@ from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import LayerLayout, ParallelLayout
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
-from strategies.data import average_gradients
+from strategies.data import GRADIENT_DTYPES, average_gradients
 from strategies.pipeline import check_schedule
 
 
@@ -159,6 +159,7 @@ class PipelineModel(nn.Module):
         super().__init__()
         self.stage_module = stage_module
         self.stage, self.schedule = stage, schedule
+        self.gradient_dtype = torch.float32
         self.mesh = mesh
         self.replica, self.index = mesh.position(rank)
         self.replicas, self.stages = mesh.replicas, mesh.stages
@@ -189,7 +190,8 @@ class PipelineModel(nn.Module):
         else:
             self.schedule.step()
         if self.replicas > 1:
-            average_gradients(list(self.stage_module.parameters()), self.replica_group, self.replicas)
+            average_gradients(list(self.stage_module.parameters()), self.replica_group, self.replicas,
+                              self.gradient_dtype)
         loss = torch.stack([v.detach().float() for v in losses]).mean() if losses else \
             torch.zeros((), device=x0.device)
         dist.broadcast(loss, group=self.pipeline_group, group_src=self.last_rank)
@@ -264,6 +266,7 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
                               loss_fn=lambda output, target: holder[0].criterion(output, target))
     names = {name: original.get(id(param), name) for name, param in stage_module.named_parameters()}
     result = PipelineModel(stage_module, stage, schedule, mesh, rank, order, names, groups)
+    result.gradient_dtype = GRADIENT_DTYPES[plan.precision]  # replicas average in the plan's precision (as priced)
     holder.append(result)
     model.pase_pipeline = result  # so full_state_dict(model) gathers the stages' weights, not this rank's stale copy
     result.pase_layout = _layout(plan, mesh, world, checkpointed)
