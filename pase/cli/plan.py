@@ -28,8 +28,8 @@ def plan(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the plan JSON here.")] = None,
     explain: Annotated[str | None, typer.Option(help="Show the best alternatives for this layer id.")] = None,
     only: Annotated[str | None, typer.Option(help="Restrict to one kind of parallelism: dp (batch splits), fsdp "
-                                             "(batch splits, sharded weights), tensor (channel and head splits) or "
-                                             "pipeline (pipeline stages).")] = None,
+                                             "(batch splits, sharded weights), tensor (every layer that can split "
+                                             "channels or heads does) or pipeline (pipeline stages).")] = None,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state.")] = False,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Recompute activations inside blocks.")] = False,
     gap: Annotated[float, typer.Option(help="Stop the search once the plan is proved within this relative "
