@@ -125,6 +125,9 @@ def parse_force(entries: list[str]) -> dict[str, dict[str, int]]:
 def runnable_summary(result: Plan) -> str:
     """One line: do all layers run as planned (the plan JSON's per-layer "runnable")."""
     refused = [layer for layer in result.layers if not layer.runnable]
+    if result.search.pipeline and result.search.pipeline.unrunnable:
+        return (f"[bold red]not runnable:[/] {result.search.pipeline.unrunnable}; `pase.parallelize` refuses this "
+                "plan. Plan without `--space all` for one that runs.")
     if not refused:
         return f"all {len(result.layers)} layers run as planned (every configuration is one the runtime runs)."
     return (f"[bold red]not runnable:[/] {len(refused)} of {len(result.layers)} layers use splits the runtime does not "
@@ -169,9 +172,6 @@ def print_plan(result: Plan) -> None:
     console.print(runnable_summary(result))
     if result.search.pipeline:
         console.print(pipeline_summary(result))
-        if result.search.pipeline.unrunnable:
-            console.print(f"note: pase's runtime cannot run this pipeline plan (searched beyond the runnable space): "
-                          f"{result.search.pipeline.unrunnable}")
     best = [p for name, p in result.baselines.items() if p and name in ("ddp", "fsdp")]
     search = result.search
     if best:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from cost_models.cluster import Cluster
@@ -28,8 +29,11 @@ def make_plan(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | 
     """
     options = options or PlanOptions()
     if pipeline is not None or options.only == "pipeline":
-        return plan_with_pipeline(graph, cluster, profile=profile, options=options,
-                                  pipeline=pipeline or PipelineOptions(), progress=progress)
+        pipeline = pipeline or PipelineOptions()
+        if options.space == "all":  # the wider space for stages too (such plans say why they cannot run)
+            pipeline = replace(pipeline, runnable_only=False)
+        return plan_with_pipeline(graph, cluster, profile=profile, options=options, pipeline=pipeline,
+                                  progress=progress)
     return plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)
 
 

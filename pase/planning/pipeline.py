@@ -805,6 +805,8 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
     if problem is not None and pipeline.runnable_only:
         raise AssertionError(f"the runnable pipeline search emitted a plan the runtime refuses: {problem}")
     search_info.unrunnable = problem
+    if problem is not None:  # the stages cannot run as planned, so none of their layers does
+        plan.layers = [replace(layer, runnable=False) for layer in plan.layers]
     return plan, priced
 
 
