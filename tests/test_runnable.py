@@ -149,3 +149,10 @@ def test_every_default_configuration_is_runnable(tiny) -> None:
             for k in range(len(space)):
                 assert runnable_reason(data, space.config(k), devices) is None
             assert len(space) <= len(split_space(data, devices))
+
+
+def test_checkpointed_dp_plan_is_priced_as_its_ddp_baseline(tiny) -> None:
+    """The DDP baseline prices checkpointing's re-run blocks as the plan does (whole blocks re-run)."""
+    plan = plan_graph(tiny, parse_spec("4xL40S"), options=PlanOptions(only="dp", checkpointing=True))
+    assert plan.predicted.step_seconds == pytest.approx(plan.baselines["ddp"].step_seconds, rel=1e-9)
+    assert plan.predicted.comm_bytes_per_device == pytest.approx(plan.baselines["ddp"].comm_bytes_per_device)

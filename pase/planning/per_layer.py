@@ -505,7 +505,8 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
     block_outputs = block_output_layers(graph)
     spaces: dict[str, SplitSpace] = {}
     kinds = dict(zip((layer_id for layer_id, _ in graph.layers()), layer_kinds(graph, block_outputs)))
-    priced: dict[int, tuple[float, float, float, float]] = {}  # per layer kind (repeated shapes priced once)
+    rerun = rerun_layers(graph) if options.checkpointing else set()  # as the plan prices them (price_graph)
+    priced: dict[tuple[int, bool], tuple[float, float, float, float]] = {}  # per layer kind (priced once)
     compute = comm = memory = comm_bytes = 0.0
     for layer_id, data in graph.layers():
         batch_dims = [d for d in data["dims"] if data["roles"][d] == "batch"]
@@ -517,10 +518,11 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
             wanted = {batch_dims[0]: devices}
         space = SplitSpace(tuple(wanted), np.array([list(wanted.values())], dtype=np.int64).reshape(1, len(wanted)))
         spaces[layer_id] = space
-        kind = kinds[layer_id]
+        kind = (kinds[layer_id], layer_id in rerun)
         if kind not in priced:
             parts: dict[str, np.ndarray] = {}
-            c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts)
+            c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts,
+                                          recomputed=(layer_id in rerun) if options.checkpointing else None)
             priced[kind] = float(c[0]), float(m[0]), float(mem[0]), float(parts["comm_bytes"][0])
         compute, comm, memory = compute + priced[kind][0], comm + priced[kind][1], memory + priced[kind][2]
         comm_bytes += priced[kind][3]
