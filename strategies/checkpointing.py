@@ -73,6 +73,13 @@ def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
     return checkpointed_forward
 
 
+def rerun_layers(graph: LayerGraph) -> set[str]:
+    """Layers whose forward runs again in the backward: every layer of a checkpointed block (the runtime
+    re-runs whole blocks, their output layers too), so their forward collectives are priced twice."""
+    blocks = set(checkpointed_blocks(graph))
+    return {layer_id for layer_id, data in graph.layers() if data["block"] in blocks}
+
+
 def apply_checkpointing(model: nn.Module, blocks: list[str], prefix: str = "") -> list[str]:
     """Run each of ``blocks`` (module paths of ``model``, under ``prefix``) under activation checkpointing.
 
@@ -92,4 +99,4 @@ def apply_checkpointing(model: nn.Module, blocks: list[str], prefix: str = "") -
     return list(blocks)
 
 
-__all__ = ["CHECKPOINTED", "apply_checkpointing", "checkpointed_blocks", "recomputed_layers"]
+__all__ = ["CHECKPOINTED", "apply_checkpointing", "checkpointed_blocks", "recomputed_layers", "rerun_layers"]

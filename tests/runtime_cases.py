@@ -121,20 +121,12 @@ def count_calls(modules: dict[str, torch.nn.Module]) -> dict[str, int]:
     return calls
 
 
-ZERO_GRADIENT = 1e-6  # relative to the largest gradient norm: below it a gradient is zero up to rounding
-
-
 def relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per parameter, ||got - want|| / ||want||. Gradients that are analytically zero (key biases:
-    softmax ignores a shift of every score) are rounding noise in both runs: for those (reference norm
-    under ``ZERO_GRADIENT`` x the largest gradient norm) the error is measured relative to the largest
-    gradient norm instead."""
-    largest = max(float(ref.norm()) for ref in want.values())
-    errors = {}
-    for name, ref in want.items():
-        scale = float(ref.norm()) if float(ref.norm()) >= ZERO_GRADIENT * largest else largest
-        errors[name] = float((got[name] - ref).norm()) / scale
-    return errors
+    """Per parameter, ||got - want|| / ||want|| (``pase verify --check``'s measure: gradients that are
+    analytically zero, such as key biases', are measured against the largest norm)."""
+    from pase.train.verify import relative_errors as measure
+
+    return measure(got, want)
 
 
 def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
-from strategies.checkpointing import checkpointed_blocks, recomputed_layers
+from strategies.checkpointing import recomputed_layers, rerun_layers
 from strategies.runnable import SPACES, interface_config, restrict, runnable_mask, runnable_reason
 from strategies.splits import SplitSpace, split_space
 
@@ -228,12 +228,6 @@ def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs,
                                                    forward_only=True)[0, :]
     return to_batch[:, None] + from_batch[None, :]
 
-
-def rerun_layers(graph: LayerGraph) -> set[str]:
-    """Layers whose forward runs again in the backward under ``--checkpoint``: every layer of a block the
-    runtime checkpoints (``strategies.checkpointing``; torch re-runs the whole block, its output layers too)."""
-    blocks = set(checkpointed_blocks(graph))
-    return {layer_id for layer_id, data in graph.layers() if data["block"] in blocks}
 
 
 def _interface(layer: LayerAttrs, devices: int) -> SplitSpace:

@@ -11,6 +11,7 @@ plan is priced with it.
 """
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import statistics
 import time
@@ -27,11 +28,14 @@ from pase.errors import PaseError
 from pase.models.zoo import ZOO
 from pase.planning.plan import Plan
 from pase.runtime.checks import model_graph
+from pase.runtime.comm_count import CommCounter
 from pase.runtime.context import distributed
-from pase.train.loop import epsilon_objective
+from pase.runtime.state import full_tensors
+from pase.train.loop import epsilon_objective, step_generator
 
 GAP = 0.25  # a measured/predicted gap above this is flagged
 CHECK_TOLERANCE = 1e-4  # `verify --check` fails above this relative error (loss, gradients, weights after a step)
+ZERO_NORM = 1e-6  # relative to the largest norm compared: below it a reference tensor is zero up to rounding
 
 
 @dataclass
@@ -48,6 +52,7 @@ class VerifyResult:
     memory_source: str
     layers_as_planned: int = 0  # from the parallelized model's pase_layout
     layers_total: int = 0
+    check: CheckResult | None = None  # with --check
 
     @property
     def memory_ratio(self) -> float:
@@ -60,8 +65,6 @@ class VerifyResult:
         if abs(self.memory_ratio - 1) > GAP:
             notes.append(f"peak memory is {self.memory_ratio:.2f}x the prediction (gap over {GAP:.0%})")
         return notes
-
-    check: CheckResult | None = None
 
     def summary(self) -> dict[str, Any]:
         """The numbers ``pase verify --json`` ends with (and the check's, with ``--check``)."""
@@ -213,8 +216,7 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
         gathered = [torch.zeros_like(mine) for _ in range(run.world_size)]
         dist.all_gather(gathered, mine)
         layout = parallel.pase_layout.summary()
-        as_planned = parallel.pase_layout.layers_as_planned
-        total = parallel.pase_layout.layers_total or len(plan.layers)
+        as_planned, total = parallel.pase_layout.layers_as_planned, parallel.pase_layout.layers_total
         del parallel, optimizer
     per_rank_steps = [float(g[0]) for g in gathered]
     per_rank_memory = [int(g[1]) for g in gathered]
@@ -233,12 +235,6 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
     gradient and every weight after the step, as ``||a - b|| / ||b||`` per tensor (tensors whose reference is
     zero up to rounding, such as attention key biases, relative to the largest norm instead). The plan's
     step runs under ``CommCounter``, whose bytes (the busiest rank's) are held against the plan's."""
-    import copy  # noqa: PLC0415 - only the check copies models
-
-    from pase.runtime.comm_count import CommCounter  # noqa: PLC0415 - only the check counts bytes
-    from pase.runtime.state import full_tensors  # noqa: PLC0415 - only the check gathers full tensors
-    from pase.train.loop import epsilon_objective, step_generator  # noqa: PLC0415 - only the check draws batches
-
     torch.manual_seed(seed)
     model = ZOO[plan.model].build()
     reference = copy.deepcopy(model)
@@ -246,8 +242,9 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
     args, _ = ZOO[plan.model].example_inputs(1, device="meta")
     x0 = torch.randn((plan.batch, *args[0].shape[1:]), generator=torch.Generator().manual_seed(seed + 7))
     parallel = run.parallelize(model, graph=graph)
+    pipelined = hasattr(parallel, "pase_step")  # a pipeline stage runs whole steps
     # data-parallel ranks: every rank, or a pipeline's replicas (stage groups run as replicas too)
-    replicas = parallel.pase_data_parallel[1] if hasattr(parallel, "pase_step") else run.world_size
+    replicas = parallel.pase_data_parallel[1] if pipelined else run.world_size
     share = plan.batch // replicas
     drawn = [objective.prepare(x0[r * share:(r + 1) * share], step_generator(seed, 0, r)) for r in range(replicas)]
     inputs = [torch.cat([d[0][k] for d in drawn]) for k in range(2)]
@@ -260,7 +257,7 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
     want_weights = {n: p.detach().clone() for n, p in reference.named_parameters()}
     optimizer = torch.optim.AdamW(parallel.parameters(), lr=lr)
     with CommCounter() as counter:
-        if hasattr(parallel, "pase_step"):
+        if pipelined:
             replica = parallel.replica
             loss = parallel.pase_step(objective, x0[replica * share:(replica + 1) * share].to(run.device),
                                       step_generator(seed, 0, replica))
@@ -268,46 +265,46 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
             (sample, timestep), noise = drawn[run.rank]
             loss = objective.criterion(parallel(sample.to(run.device), timestep.to(run.device)), noise.to(run.device))
             loss.backward()
-    got_grads = _local_or_full(parallel, "grad", full_tensors)  # gathered outside the count: not part of a step
+    got_grads = _local_or_full(parallel, "grad")  # gathered outside the count: not part of a step
     with counter:
         optimizer.step()
-    got_weights = _local_or_full(parallel, "param", full_tensors)
-    mean_loss = float(loss.detach()) if hasattr(parallel, "pase_step") else run.mean(loss.detach())
+    got_weights = _local_or_full(parallel, "param")
+    mean_loss = float(loss.detach()) if pipelined else run.mean(loss.detach())
     errors = {"loss": abs(mean_loss - ref_loss) / max(abs(ref_loss), 1e-12)}
-    errors.update(_relative_errors({f"grad:{n}": g for n, g in got_grads.items()},
-                                   {f"grad:{n}": want_grads[n] for n in got_grads if n in want_grads}))
-    errors.update(_relative_errors({f"weight:{n}": w for n, w in got_weights.items()},
-                                   {f"weight:{n}": want_weights[n] for n in got_weights if n in want_weights}))
+    errors.update(relative_errors({f"grad:{n}": g for n, g in got_grads.items()},
+                                  {f"grad:{n}": want_grads[n] for n in got_grads if n in want_grads}))
+    errors.update(relative_errors({f"weight:{n}": w for n, w in got_weights.items()},
+                                  {f"weight:{n}": want_weights[n] for n in got_weights if n in want_weights}))
     worst = max(errors, key=errors.get)
     mine = torch.tensor([errors[worst], counter.total_bytes], dtype=torch.float64)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)
     layout = parallel.pase_layout
-    as_planned = getattr(layout, "layers_as_planned", 0)
-    total = getattr(layout, "layers_total", len(plan.layers)) or len(plan.layers)
     del parallel, optimizer
-    return CheckResult(float(mine[0]), worst, mean_loss, ref_loss, as_planned, total, float(mine[1]),
+    return CheckResult(float(mine[0]), worst, mean_loss, ref_loss, layout.layers_as_planned, layout.layers_total,
+                       float(mine[1]),
                        float(plan.predicted.comm_bytes_per_device), len(errors) - 1)
 
 
-def _local_or_full(parallel: Any, what: str, full_tensors: Any) -> dict[str, torch.Tensor]:
+def _local_or_full(parallel: Any, what: str) -> dict[str, torch.Tensor]:
     """A pipeline stage's own tensors under the model's names, or every tensor at full size."""
     if hasattr(parallel, "pase_step"):
         names = parallel.original_names
-        return {names.get(n, n): (p if what == "param" else p.grad).detach().clone()
-                for n, p in parallel.stage_module.named_parameters() if (p if what == "param" else p.grad) is not None}
+        tensors = {n: p if what == "param" else p.grad for n, p in parallel.stage_module.named_parameters()}
+        return {names.get(n, n): t.detach().clone() for n, t in tensors.items() if t is not None}
     return {n: t.clone() for n, t in full_tensors(parallel, what).items()}
 
 
-def _relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per tensor ``||got - want|| / ||want||``; a reference that is zero up to rounding (under 1e-6 of the
-    largest norm: attention key biases get none, softmax ignores a shift) is measured against the largest."""
+def relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor ``||got - want|| / ||want||``; a reference that is zero up to rounding (under ``ZERO_NORM`` x
+    the largest norm: attention key biases get no gradient, softmax ignores a shift) is measured against the
+    largest instead."""
     if not want:
         return {}
     largest = max(float(t.norm()) for t in want.values())
     errors = {}
     for name, ref in want.items():
         norm = float(ref.norm())
-        scale = norm if norm >= 1e-6 * largest else largest
+        scale = norm if norm >= ZERO_NORM * largest else largest
         errors[name] = float((got[name].to(ref.dtype) - ref).norm()) / max(scale, 1e-30)
     return errors
 
@@ -356,5 +353,5 @@ def apply_to_profile(profile: dict[str, Any], plan: Plan, result: VerifyResult) 
     return updated
 
 
-__all__ = ["CHECK_TOLERANCE", "GAP", "CheckResult", "VerifyResult", "apply_to_profile", "run_verify",
-           "synthetic_inputs"]
+__all__ = ["CHECK_TOLERANCE", "GAP", "CheckResult", "VerifyResult", "apply_to_profile", "relative_errors",
+           "run_verify", "synthetic_inputs"]
