@@ -12,10 +12,22 @@ holds batch chunk ``r``). A layer then runs as one of:
 - **out** / **in** (``strategies.tensor``, column / row parallel): a plain Conv2d or Linear
   (ungrouped, not transposed) with ``{batch: p/t, out_channel: t}`` or ``{batch: p/t, reduction: t}``
   for ``1 < t | p``, on a tensor-parallel group of ``t`` consecutive ranks;
-- **heads** (``strategies.tensor``): attention with ``{batch: p/t, head: t}``.
+- **heads** (``strategies.tensor``): attention with ``{batch: p/t, head: t}``;
+- **local** (``strategies.tensor``): a group norm (whole groups) or an elementwise layer with
+  ``{batch: p/t, channel: t}``, run on this rank's channels without communication. Such a layer
+  neither takes nor gives the batch layout: its activations stay channel-split (see below).
+
+**Kept layouts.** An activation stays channel-split between two layers, with no collective, when its
+producer can give that layout (an out-split with that one consumer, or a local layer) and its
+consumer can take it (an in-split or a local layer) with the same degree, on the same tensor axis
+(``edge_mode``: "kept"). This is Megatron's pairing, applied to a UNet's ResNet block: ``conv1``
+out-split, the time-embedding add and ``norm2`` (+ SiLU) local, ``conv2`` in-split: one all-gather
+in and one reduce-scatter out for the block. Every other edge passes through the batch layout
+("batch"), which a local layer cannot do: a local layer whose neighbour does not keep the layout
+is not runnable (``edge_mode`` None), and the search prices that pair as infinite.
 
 Under FSDP only the batch layouts run (FSDP2 shards whole modules over all ranks). Every other
-configuration (spatial, sequence, norm-channel splits, two tensor dimensions at once, fewer
+configuration (spatial, sequence, layer-norm channel splits, two tensor dimensions at once, fewer
 devices than ``p``) is priced only by ``--space all``.
 """
 from __future__ import annotations
@@ -29,16 +41,25 @@ import numpy as np
 from strategies.splits import SplitSpace
 
 SPACES = ("runnable", "all")  # pase plan --space
+# ops that run on their channel part alone (not upsampling: diffusers' Upsample2D asserts its channel count)
+LOCAL_OPS = ("group_norm", "elementwise")
+GIVES_CHANNELS = ("out", "local")  # layer runs whose output can stay channel-split
+TAKES_CHANNELS = ("in", "local")  # layer runs that can take a channel-split input
+TENSOR_RUNS = ("out", "in", "heads")  # layer runs with their own tensor-parallel collectives
+KEPT_RULE = ("A channel-split norm or elementwise layer runs only between layers that keep its layout (before it, an "
+             "out-split conv/linear with it as its one consumer or another channel-split layer; after it, an in-split "
+             "or channel-split layer; same degree)")
 TENSOR_LAYOUTS = {("conv", "out_channel"): "out", ("conv", "reduction"): "in", ("linear", "out_channel"): "out",
                   ("linear", "reduction"): "in", ("attention", "head"): "heads"}
 
 
 @dataclass(frozen=True)
 class LayerRun:
-    """How the runtime runs one layer: ``kind`` is "batch", "out", "in" or "heads"; ``factor`` the
-    tensor-parallel degree (1 for batch)."""
+    """How the runtime runs one layer: ``kind`` is "batch", "out", "in", "heads" or "local"; ``factor`` the
+    tensor-parallel degree (1 for batch); ``dim`` the layer dimension split ``factor`` ways (None for batch)."""
     kind: str
     factor: int = 1
+    dim: str | None = None
 
 
 class NotRunnable(ValueError):
@@ -62,9 +83,11 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
         raise NotRunnable(f"{' x '.join(sorted(others))}: the runtime splits at most one dimension besides the batch")
     (dim, factor), = others.items()
     role, op = roles.get(dim), layer["op"]
-    kind = TENSOR_LAYOUTS.get((op, role))
+    kind = TENSOR_LAYOUTS.get((op, role)) or ("local" if role == "channel" and op in LOCAL_OPS else None)
     if kind is None:
         raise NotRunnable(f"{role} splits of {op} layers have no runtime (only {_tensor_kinds()})")
+    if kind == "local":
+        _check_local(layer, dim, factor)
     if fsdp:
         raise NotRunnable("FSDP runs batch layouts only (it shards whole modules over all ranks)")
     if kind in ("out", "in") and not _plain(layer):
@@ -72,7 +95,90 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
     if batch * factor != devices:
         raise NotRunnable(f"{role} split {factor} x batch split {batch} uses {batch * factor} of {devices} ranks: "
                           "the runtime needs the batch split over the rest")
-    return LayerRun(kind, factor)
+    return LayerRun(kind, factor, dim)
+
+
+def _check_local(layer: Mapping[str, Any], dim: str, factor: int) -> None:
+    """A local layer computes on its channel part alone: the split dimension runs through its output and
+    every input unchanged, it owns no parameter but a group norm's affine ones, and a group norm keeps
+    whole groups on each rank."""
+    tensors = layer["tensors"]
+    if dim not in tensors["output"] or any(dim not in m for m in tensors.get("inputs", [])):
+        raise NotRunnable(f"channel {dim} does not run through every input and the output unchanged")
+    if layer["op"] == "group_norm":
+        groups = int(layer.get("attrs", {}).get("groups", 0) or 0)
+        if not groups or groups % factor:
+            raise NotRunnable(f"a channel split {factor} ways would cut its {groups} groups")
+    elif any(p.get("trainable") for p in layer.get("params", {}).values()):
+        raise NotRunnable(f"{layer['op']} layers with parameters have no channel-split runtime")
+
+
+def edge_mode(edge: Mapping[str, Any], producer: Mapping[str, Any], source: LayerRun, consumer: Mapping[str, Any],
+              target: LayerRun, producer_edges: int) -> str | None:
+    """How the runtime carries the activation of ``edge`` from a layer run as ``source`` (with
+    ``producer_edges`` outgoing edges) to one run as ``target``: "kept" (it stays channel-split, no
+    collective), "batch" (through the batch layout: each side re-lays its part) or None (not runnable:
+    a local layer on one side and no kept layout). Read by the search (edge prices) and the runtime
+    (which re-layouts to skip), so both agree."""
+    if _keeps(edge, producer, source, consumer, target, producer_edges):
+        return "kept"
+    if source.kind == "local" or target.kind == "local":
+        return None
+    return "batch"
+
+
+def _keeps(edge: Mapping[str, Any], producer: Mapping[str, Any], source: LayerRun, consumer: Mapping[str, Any],
+           target: LayerRun, producer_edges: int) -> bool:
+    if source.kind not in GIVES_CHANNELS or target.kind not in TAKES_CHANNELS or source.factor != target.factor:
+        return False
+    if source.kind == "out" and producer_edges != 1:  # its one output cannot be both channel- and batch-split
+        return False
+    return _same_axis(edge, source.dim, target.dim) and _same_axis(edge, _batch_dim(producer), _batch_dim(consumer))
+
+
+def _same_axis(edge: Mapping[str, Any], produced: str | None, read: str | None) -> bool:
+    """Does the consumer read dimension ``read`` as exactly the tensor axis the producer writes as ``produced``
+    (whole, not merged with another dimension, not a slice of it)?"""
+    if produced is None or read is None:
+        return False
+    axes = [a for a, names in enumerate(edge["src_map"]) if list(names) == [produced]]
+    reads = [j for j, name in enumerate(edge["dst_map"]) if name == read]
+    if len(axes) != 1 or len(reads) != 1:
+        return False
+    j = reads[0]
+    axis_map = edge["axis_map"]
+    return j < len(axis_map) and list(axis_map[j]) == axes and edge["dst_shape"][j] == edge["shape"][axes[0]]
+
+
+def _batch_dim(layer: Mapping[str, Any]) -> str | None:
+    return next((d for d, role in layer["roles"].items() if role == "batch"), None)
+
+
+def space_runs(layer: Mapping[str, Any], space: SplitSpace, devices: int, fsdp: bool = False) -> list[LayerRun | None]:
+    """Per configuration of ``space``, how the runtime runs it (None: not runnable). O(K)."""
+    runs: list[LayerRun | None] = []
+    for k in range(len(space)):
+        try:
+            runs.append(layer_run(layer, space.config(k), devices, fsdp))
+        except NotRunnable:
+            runs.append(None)
+    return runs
+
+
+def edge_modes(edge: Mapping[str, Any], producer: Mapping[str, Any], sources: list[LayerRun | None],
+               consumer: Mapping[str, Any], targets: list[LayerRun | None], producer_edges: int) -> np.ndarray:
+    """``edge_mode`` for every (producer configuration, consumer configuration) pair, as an int8 matrix
+    (K_src, K_dst): 1 kept, 0 batch, -1 not runnable. Only pairs with a local side or a channel-split
+    pair are looked at one by one; the rest pass through the batch layout. O(K_src * K_dst)."""
+    modes = np.zeros((len(sources), len(targets)), dtype=np.int8)
+    codes = {"kept": 1, "batch": 0, None: -1}
+    for i, source in enumerate(sources):
+        for j, target in enumerate(targets):
+            if source is None or target is None:
+                continue
+            if source.kind in GIVES_CHANNELS or target.kind == "local":
+                modes[i, j] = codes[edge_mode(edge, producer, source, consumer, target, producer_edges)]
+    return modes
 
 
 def runnable_reason(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
@@ -109,8 +215,8 @@ def _plain(layer: Mapping[str, Any]) -> bool:
 
 
 def _tensor_kinds() -> str:
-    return ", ".join(f"{role} of {op}" for op, role in TENSOR_LAYOUTS)
+    return ", ".join([*(f"{role} of {op}" for op, role in TENSOR_LAYOUTS), f"channel of {'/'.join(LOCAL_OPS)}"])
 
 
-__all__ = ["LayerRun", "NotRunnable", "SPACES", "interface_config", "layer_run", "restrict", "runnable_mask",
-           "runnable_reason"]
+__all__ = ["KEPT_RULE", "LayerRun", "NotRunnable", "SPACES", "TENSOR_RUNS", "edge_mode", "edge_modes",
+           "interface_config", "layer_run", "restrict", "runnable_mask", "runnable_reason", "space_runs"]

@@ -14,7 +14,11 @@ that moves only what the layer lacks (what the cost model prices for the edge):
   reduce-scattered to batch chunks, the bias added once;
 - head split: inside the attention module, q, k and v are exchanged all-to-all so that
   ``scaled_dot_product_attention`` runs on the local heads of the group's batch, and its output is
-  exchanged back to batch chunks.
+  exchanged back to batch chunks;
+- kept layouts (``strategies.runnable.edge_mode``): an out-split whose one consumer takes a
+  channel-split input returns its channel part of the group's batch as it is (``keep_output``),
+  an in-split fed that way skips its all-to-all in (``kept_input``), and the local layers between
+  them (a ``ChannelGroupNorm`` on whole groups, elementwise ops) compute on their channel part.
 
 Weight shards' gradients are summed over their data-parallel peers, replicated parameters' over
 all ranks, both divided by the world size (each rank's loss is its chunk's mean), so gradients
@@ -55,11 +59,14 @@ class TensorGroups:
 
 class ChannelSplit(nn.Module):
     """A Conv2d or Linear whose output (``"out"``) or input (``"in"``) channels are split over ``groups.tp``."""
-    def __init__(self, module: nn.Conv2d | nn.Linear, split: str, groups: TensorGroups) -> None:
+    def __init__(self, module: nn.Conv2d | nn.Linear, split: str, groups: TensorGroups, keep_output: bool = False,
+                 kept_input: bool = False) -> None:
         super().__init__()
         if split not in ("out", "in"):
             raise ValueError(f"split must be 'out' or 'in', not {split!r}")
         self.split, self.groups = split, groups
+        self.keep_output = keep_output and split == "out"  # return this rank's channels of the group's batch
+        self.kept_input = kept_input and split == "in"  # the input arrives as this rank's channels already
         self.is_conv = isinstance(module, nn.Conv2d)
         if self.is_conv:
             if module.groups != 1 or module.padding_mode != "zeros":
@@ -87,15 +94,46 @@ class ChannelSplit(nn.Module):
         channel = 1 if self.is_conv else -1
         if self.split == "out":  # needs every input channel of the group's batch
             out = self._apply_op(gather_batch(x, self.groups.tp), self.bias)
-            return split_to_batch(out, channel, self.groups.tp)
-        partial = self._apply_op(batch_to_split(x, channel, self.groups.tp), None)
+            return out if self.keep_output else split_to_batch(out, channel, self.groups.tp)
+        part = x if self.kept_input else batch_to_split(x, channel, self.groups.tp)
+        partial = self._apply_op(part, None)
         out = reduce_scatter_batch(partial, self.groups.tp)
         if self.bias is not None:
             out = out + (self.bias.view(-1, 1, 1) if self.is_conv else self.bias)
         return out
 
+    def shard_dim(self, leaf: str) -> int | None:
+        """The dimension parameter ``leaf`` is split along over ``groups.tp`` (None: whole on every rank)."""
+        if self.split == "out":
+            return 0
+        return 1 if leaf == "weight" else None
+
     def extra_repr(self) -> str:
-        return f"{'Conv2d' if self.is_conv else 'Linear'}, {self.split}-channels / {self.groups.tp_size}"
+        kept = ", kept output" if self.keep_output else ", kept input" if self.kept_input else ""
+        return f"{'Conv2d' if self.is_conv else 'Linear'}, {self.split}-channels / {self.groups.tp_size}{kept}"
+
+
+class ChannelGroupNorm(nn.GroupNorm):
+    """A GroupNorm on this rank's channels of the group's batch: whole groups, so the statistics need no
+    communication; its affine parameters are the matching channel shard (gradients summed over
+    ``groups.dp``)."""
+    def __init__(self, module: nn.GroupNorm, groups: TensorGroups) -> None:
+        t, rank = groups.tp_size, dist.get_rank(groups.tp)
+        if module.num_groups % t:
+            raise ValueError(f"a GroupNorm of {module.num_groups} groups does not split {t} ways")
+        super().__init__(module.num_groups // t, module.num_channels // t, module.eps, module.affine,
+                         device=module.weight.device if module.affine else None)
+        self.groups = groups
+        if module.affine:
+            with torch.no_grad():
+                self.weight.copy_(module.weight.detach().chunk(t)[rank])
+                self.bias.copy_(module.bias.detach().chunk(t)[rank])
+            for param, full in ((self.weight, module.weight), (self.bias, module.bias)):
+                param.requires_grad_(full.requires_grad)
+                setattr(param, SHARD_GROUP, groups.dp)
+
+    def shard_dim(self, leaf: str) -> int | None:
+        return 0
 
 
 class _HeadSplitAttention(TorchFunctionMode):
@@ -235,4 +273,4 @@ class GradientSync:
             bucket.flat = bucket.work = None
 
 
-__all__ = ["ChannelSplit", "GradientSync", "split_heads", "SHARD_GROUP", "TensorGroups"]
+__all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "split_heads", "SHARD_GROUP", "TensorGroups"]

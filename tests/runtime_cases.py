@@ -89,22 +89,61 @@ def _heads(layer_id: str, data: dict) -> dict:
     return _batch_only(layer_id, data)
 
 
-def random_runnable(devices: int, seed: int) -> Any:
-    """A chooser drawing each layer's splits at random from its runnable configurations on ``devices`` ranks
-    (the search's default space); the draw depends only on the seed and the layer id, so every rank agrees."""
+KEPT_CHAIN = {".conv1": "out_channel", ".time_emb_proj": "out_channel", "/elementwise": "channel",
+              ".norm2": "channel", ".conv2": "reduction"}  # a ResNet block's Megatron pair, by layer id suffix
+
+
+def kept_chain(layer_id: str, data: dict, devices: int, t: int) -> dict | None:
+    """``layer_id``'s splits in its ResNet block's kept chain (conv1 out, the time-embedding add and norm2
+    channel-split, conv2 in, all ``t`` ways), for blocks of 32 ``t`` channels or more (the default space's
+    minimum chunk); None outside such a chain."""
+    if ".resnets." not in layer_id:
+        return None
+    role = next((r for suffix, r in KEPT_CHAIN.items() if layer_id.endswith(suffix)), None)
+    dim = next((d for d, r in data["roles"].items() if r == role), None)
+    if dim is None or data["dims"][dim] < 32 * t:
+        return None
+    return {"n": devices // t, dim: t}
+
+
+def _kept(layer_id: str, data: dict) -> dict:
+    """Every ResNet block of 64+ channels as a kept Megatron pair over 2 ranks, batch elsewhere."""
+    return kept_chain(layer_id, data, 2, 2) or _batch_only(layer_id, data)
+
+
+def random_runnable(devices: int, seed: int, graph: Any) -> Any:
+    """A chooser drawing a runnable plan at random on ``devices`` ranks: each layer's splits from its runnable
+    configurations (the search's default space), half the ResNet blocks as kept chains, then every
+    channel-split layer left without a kept neighbour put back on the batch (the runtime refuses such
+    layers). The draw depends only on the seed and the layer ids, so every rank agrees."""
     import random
 
     from pase.planning.per_layer import PlanOptions, layer_space
+    from strategies.runnable import edge_mode, layer_run
 
-    def choose(layer_id: str, data: dict) -> dict:
+    rng = random.Random(seed)
+    chained = {block: rng.random() < 0.5 for block in sorted({data["block"] for _, data in graph.layers()})}
+    degree = {block: rng.choice([t for t in (2, 4) if devices % t == 0]) for block in chained}
+    splits = {}
+    for layer_id, data in graph.layers():
         space, _ = layer_space(layer_id, data, devices, PlanOptions())
-        return space.config(random.Random(f"{seed}:{layer_id}").randrange(len(space)))
-
-    return choose
+        chain = kept_chain(layer_id, data, devices, degree[data["block"]]) if chained[data["block"]] else None
+        splits[layer_id] = chain or space.config(random.Random(f"{seed}:{layer_id}").randrange(len(space)))
+    changed = True
+    while changed:
+        changed = False
+        runs = {layer_id: layer_run(graph[layer_id], s, devices) for layer_id, s in splits.items()}
+        for src, dst, edge in graph.graph.edges(data=True):
+            if edge_mode(edge, graph[src], runs[src], graph[dst], runs[dst], graph.graph.out_degree(src)) is None:
+                for layer_id in (src, dst):
+                    if runs[layer_id].kind == "local":
+                        splits[layer_id], changed = {"n": devices}, True
+                break
+    return lambda layer_id, data: splits[layer_id]
 
 
 CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
-         "heads": (_heads, False)}
+         "heads": (_heads, False), "kept": (_kept, False)}
 # a case name with ":checkpoint" runs the plan with activation checkpointing (plan.options["checkpointing"])
 # layers inside checkpointed blocks (a resnet's first norm, an attention block's norm): their forward calls
 # per step count recomputation
@@ -136,7 +175,7 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
 
     kind, _, option = name.partition(":")
     if kind == "random":
-        choose, fsdp = random_runnable(world, int(option)), False
+        choose, fsdp = random_runnable(world, int(option), graph), False
         option = ""
     else:
         choose, fsdp = CASES[kind]

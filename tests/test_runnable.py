@@ -16,7 +16,7 @@ from pase.errors import PaseError
 from pase.graph import extract_model
 from pase.planning.per_layer import PlanOptions, plan_graph
 from pase.runtime.layout import PlanNotRunnable, layer_layouts
-from strategies.runnable import layer_run, runnable_reason
+from strategies.runnable import KEPT_RULE, LayerRun, edge_mode, layer_run, runnable_reason
 from strategies.splits import SplitSpace, split_space
 
 SD15_CLUSTER = "8x8xH100-SXM+IB-NDR400x8"
@@ -58,9 +58,48 @@ def test_runnable_configurations(tiny) -> None:
     assert "spatial splits of conv" in runnable_reason(conv, {n: 2, "h": 2}, 4)
     _, norm = _first(tiny, "group_norm")
     norm_split = {_dim(norm, "batch"): 2, _dim(norm, "channel"): 2}
-    assert "channel splits of group_norm" in runnable_reason(norm, norm_split, 4)
+    assert layer_run(norm, norm_split, 4) == LayerRun("local", 2, _dim(norm, "channel"))  # whole groups per rank
+    assert "cut its 8 groups" in runnable_reason(norm, {_dim(norm, "channel"): 16}, 16)
+    assert "FSDP" in runnable_reason(norm, norm_split, 4, fsdp=True)
     _, attention = _first(tiny, "attention")
     assert layer_run(attention, {_dim(attention, "batch"): 2, _dim(attention, "head"): 2}, 4).kind == "heads"
+
+
+def test_kept_layouts_pair_a_resnet_block(tiny) -> None:
+    """conv1 out-split -> time-embedding add and norm2 on their channel part -> conv2 in-split keep the
+    activation channel-split (no collective); a channel-split layer next to a batch layout cannot run, and an
+    out-split with two consumers cannot keep its output for one of them."""
+    block = "down_blocks.1.resnets.0"
+    conv1, add, norm2, conv2, emb = (f"{block}.conv1", f"{block}/elementwise", f"{block}.norm2", f"{block}.conv2",
+                                     f"{block}.time_emb_proj")
+    runs = {conv1: LayerRun("out", 2, "c_out"), emb: LayerRun("out", 2, "c_out"), add: LayerRun("local", 2, "c"),
+            norm2: LayerRun("local", 2, "c"), conv2: LayerRun("in", 2, "c_in")}
+
+    def mode(src: str, dst: str, source: LayerRun | None = None, target: LayerRun | None = None) -> str | None:
+        edge = tiny.graph.get_edge_data(src, dst)[0]
+        return edge_mode(edge, tiny[src], source or runs[src], tiny[dst], target or runs[dst],
+                         tiny.graph.out_degree(src))
+
+    assert [mode(*pair) for pair in ((conv1, add), (emb, add), (add, norm2), (norm2, conv2))] == ["kept"] * 4
+    batch = LayerRun("batch")
+    assert mode(norm2, conv2, target=batch) is None and mode(conv1, add, source=batch) is None
+    assert mode(norm2, conv2, target=LayerRun("in", 4, "c_in")) is None  # another degree: another group
+    assert mode(conv1, add, target=batch) == "batch" == mode(norm2, conv2, source=batch)
+    wide = "conv_in"  # three consumers: its out-split output returns to the batch layout
+    consumer = next(iter(tiny.graph.successors(wide)))
+    assert mode(wide, consumer, LayerRun("out", 2, "c_out"), LayerRun("local", 2, "c")) is None
+
+
+def test_forced_channel_split_without_kept_neighbours_is_refused(tiny) -> None:
+    cluster = parse_spec("2xL40S")
+    alone = {"down_blocks.1.resnets.0/elementwise_1": {"c": 2}}  # the residual add: conv2's sums arrive batch-split
+    with pytest.raises(PaseError, match="leaves no runnable plan.*" + KEPT_RULE[:40]):
+        plan_graph(tiny, cluster, options=PlanOptions(force=alone))
+    plan = plan_graph(tiny, cluster, options=PlanOptions(force={"down_blocks.1.resnets.0.norm2": {"c": 2}}))
+    chosen = {layer.id: layer.splits for layer in plan.layers}
+    assert chosen["down_blocks.1.resnets.0.conv1"] == {"c_out": 2}  # the search gives the norm its kept neighbours
+    assert chosen["down_blocks.1.resnets.0.conv2"] == {"c_in": 2}
+    assert all(layout.kind != "local" or layout.factor == 2 for layout in layer_layouts(plan, tiny))
 
 
 def test_default_sd15_plan_at_64_gpus_runs_as_planned(sd15) -> None:
@@ -68,7 +107,8 @@ def test_default_sd15_plan_at_64_gpus_runs_as_planned(sd15) -> None:
     assert all(layer.runnable for layer in plan.layers)
     layouts = layer_layouts(plan, sd15)  # the runtime's own check, without a process group
     assert len(layouts) == len(plan.layers) == len(sd15)
-    assert {layout.kind for layout in layouts} > {"batch"}  # the plan uses tensor splits, all runnable
+    assert {layout.kind for layout in layouts} > {"batch", "local"}  # tensor splits and kept layouts, all runnable
+    assert any(layout.keep_output for layout in layouts) and any(layout.kept_input for layout in layouts)
     assert plan.predicted.step_seconds < plan.baselines["ddp"].step_seconds
     assert plan.predicted.comm_bytes_per_device > 0
     wide = plan_graph(sd15, parse_spec(SD15_CLUSTER), options=PlanOptions(space="all"))

@@ -1,13 +1,13 @@
-"""pase.parallelize on 2 gloo ranks: DDP, FSDP2, channel splits and head splits give the single-process
-model's loss and gradients (same seed, same global batch), with and without activation checkpointing (whose
-blocks really recompute); plans for another world or model are refused."""
+"""pase.parallelize on 2 gloo ranks: DDP, FSDP2, channel splits, head splits and kept channel layouts give
+the single-process model's loss and gradients (same seed, same global batch), with and without activation
+checkpointing (whose blocks really recompute); plans for another world or model are refused."""
 from __future__ import annotations
 
 import pytest
 import runtime_cases
 
 TOLERANCE = 1e-5
-KINDS = ["dp", "fsdp", "channels", "heads"]
+KINDS = ["dp", "fsdp", "channels", "heads", "kept"]
 CASES = [*KINDS, *(f"{kind}:checkpoint" for kind in KINDS), "refusals"]
 
 
@@ -43,7 +43,7 @@ def test_pure_data_parallel_plan_runs_as_ddp(results) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind,layout", [("dp", "ddp"), ("fsdp", "fsdp"), ("channels", "tensor"),
-                                         ("heads", "tensor")])
+                                         ("heads", "tensor"), ("kept", "tensor")])
 def test_checkpointed_plans_recompute_blocks_and_match(results, kind: str, layout: str) -> None:
     """A plan made with --checkpoint runs its blocks under activation checkpointing: the same loss and
     gradients, and the layers inside a block run their forward twice per step (forward, then recomputed)."""
@@ -83,6 +83,40 @@ def test_head_split_attention(results) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_kept_channel_layouts_between_resnet_layers(results) -> None:
+    """ResNet blocks as Megatron pairs (conv1 out-split, the time-embedding add and norm2 on their channel
+    part, conv2 in-split): the single-process result, and exactly the bytes the cost model prices for the plan,
+    which are fewer than for the same splits passing through the batch layout between layers."""
+    per_rank = _case(results, "kept")
+    assert {"out/2", "local/2", "in/2"} <= set(per_rank[0]["applied"])
+    _assert_matches_single_process(per_rank)
+    kept = per_rank[0]["splits"]
+    measured = max(r["comm_bytes"] for r in per_rank)
+    assert measured == pytest.approx(_predicted_bytes(kept), rel=0.02)
+    conv_roles = ("out_channel", "reduction")  # the same conv splits, norms and adds batch-parallel
+    through_batch = {layer: splits if any(r in conv_roles for r in _roles(layer, splits)) else {"n": 2}
+                     for layer, splits in kept.items()}
+    assert measured < 0.9 * _predicted_bytes(through_batch)
+
+
+def _roles(layer: str, splits: dict) -> list[str]:
+    from pase.graph import extract_model
+
+    data = extract_model("unet-tiny", runtime_cases.GLOBAL_BATCH, use_cache=True)[layer]
+    return [data["roles"][d] for d, f in splits.items() if f > 1]
+
+
+def _predicted_bytes(splits: dict) -> float:
+    from cost_models.cluster import parse_spec
+    from pase.graph import extract_model
+    from pase.planning.per_layer import PlanOptions, plan_graph
+
+    graph = extract_model("unet-tiny", runtime_cases.GLOBAL_BATCH, use_cache=True)
+    options = PlanOptions(precision="fp32", force=splits, baselines=False)
+    return plan_graph(graph, parse_spec("2xL40S"), options=options).predicted.comm_bytes_per_device
+
+
+@pytest.mark.timeout(300)
 def test_plans_for_another_world_or_model_are_refused(results) -> None:
     for messages in _case(results, "refusals"):
         assert "made for 4 devices" in messages["world"] and "--nproc-per-node 4" in messages["world"]
@@ -91,7 +125,8 @@ def test_plans_for_another_world_or_model_are_refused(results) -> None:
         assert "made for 4 devices" in messages["pipeline_world"]
         assert "another model" in messages["pipeline_model"]
         refusal = messages["norm_channels"]  # refused by name, never run batch-parallel instead
-        assert "as planned" in refusal and "down_blocks.0.resnets.0.norm1 (group_norm, c=2)" in refusal
+        assert "as planned" in refusal and "down_blocks.0.resnets.0.norm1 (local/2, next to" in refusal
+        assert "keep its layout" in refusal
 
 
 def test_checkpointed_blocks_are_those_priced_as_recomputing() -> None:

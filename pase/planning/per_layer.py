@@ -28,7 +28,17 @@ from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
 from strategies.checkpointing import recomputed_layers, rerun_layers
-from strategies.runnable import SPACES, interface_config, restrict, runnable_mask, runnable_reason
+from strategies.runnable import (
+    KEPT_RULE,
+    SPACES,
+    TENSOR_RUNS,
+    edge_modes,
+    interface_config,
+    restrict,
+    runnable_mask,
+    runnable_reason,
+    space_runs,
+)
 from strategies.splits import SplitSpace, split_space
 
 
@@ -118,8 +128,9 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     """Every layer's configurations and every edge's re-layouts priced. A UNet repeats layer shapes
     (every block of a level), so each distinct layer and edge is priced once and shared.
 
-    In the runnable space activations are batch-sharded between layers (``strategies.runnable``), so an
-    edge costs its producer's way back to that layout plus its consumer's way out of it."""
+    In the runnable space an activation passes between layers in the batch layout, and an edge costs its
+    producer's way back to that layout plus its consumer's way out of it, unless the runtime keeps it
+    channel-split (free) or cannot run the pair (infinite): ``strategies.runnable.edge_modes``."""
     devices = model.devices
     layers = list(graph.layers())
     ids = [layer_id for layer_id, _ in layers]
@@ -146,16 +157,24 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     through_batch = options.space == "runnable"
     edges = []
     priced_edges: dict[str, np.ndarray] = {}
+    out_edges = [graph.graph.out_degree(layer_id) for layer_id in ids]
+    runs_of: dict[int, list] = {}  # per layer kind, how the runtime runs each configuration
+    runs = [runs_of.setdefault(kind[v], space_runs(data, spaces[v], devices, options.fsdp)) if through_batch else []
+            for v, (_, data) in enumerate(layers)]
     for src, dst, data in graph.graph.edges(data=True):
         s, d = index[src], index[dst]
-        key = edge_key(kind[s], kind[d], data)
+        key = edge_key(kind[s], kind[d], data) + f"/{out_edges[s]}"
         if key not in priced_edges:
             if through_batch:
-                priced_edges[key] = _edge_through_batch(model, data, graph[src], spaces[s], graph[dst], spaces[d],
-                                                        src in rerun, dst in rerun)
+                priced = _edge_through_batch(model, data, graph[src], spaces[s], graph[dst], spaces[d],
+                                             src in rerun, dst in rerun)
+                modes = edge_modes(data, graph[src], runs[s], graph[dst], runs[d], out_edges[s])
+                priced_edges[key] = np.where(modes > 0, 0.0, np.where(modes < 0, np.inf, priced))
             else:
                 priced_edges[key] = model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])
         edges.append((s, d, priced_edges[key]))
+    if through_batch and forced:
+        _check_forced_pairs(ids, spaces, edges, sorted(forced))
     return PricedGraph(ids, spaces, compute, comm, memory, edges, weight_sync, comm_bytes, runnable,
                        float(model.relayout_bytes(1.0)))
 
@@ -175,8 +194,12 @@ def layer_space(layer_id: str, data: LayerAttrs, devices: int, options: PlanOpti
                             f"devices: {why}. Use a --batch divisible by the devices, or `--space all` to price "
                             "splits the runtime does not run")
         space, runnable = restrict(space, runnable), runnable[runnable]
-    if options.only == "tensor":  # a layer that can split its channels or heads does
-        tensor = np.array([any(data["roles"][d] != "batch" for d in space.config(k)) for k in range(len(space))])
+    if options.only == "tensor":  # a conv, linear or attention that can split its channels or heads does
+        if options.space == "runnable":  # (local layers between them may, or may not)
+            tensor = np.array([run is not None and run.kind in TENSOR_RUNS
+                               for run in space_runs(data, space, devices, options.fsdp)])
+        else:
+            tensor = np.array([any(data["roles"][d] != "batch" for d in space.config(k)) for k in range(len(space))])
         if tensor.any():
             space, runnable = restrict(space, tensor), runnable[tensor]
     if forced is not None:
@@ -206,6 +229,33 @@ def forced_splits(ids: list[str], force: Mapping[str, Mapping[str, int]] | None)
         for layer_id in matched:
             result[layer_id] = {d: int(f) for d, f in splits.items() if int(f) > 1}
     return result
+
+
+def _check_forced_pairs(ids: list[str], spaces: list[SplitSpace], edges: list[tuple[int, int, np.ndarray]],
+                        forced: list[str]) -> None:
+    """Refuse, naming two neighbours, forced splits that leave no runnable pair on some edge: a forced
+    channel-split layer whose neighbours cannot keep its layout. Without ``--force`` the batch layout
+    always runs, so only forcing can leave none. Arc consistency over the edges: O(iterations * edges * K^2)."""
+    alive = [np.ones(len(space), dtype=bool) for space in spaces]
+    changed = True
+    while changed:
+        changed = False
+        for s, d, matrix in edges:
+            finite = np.isfinite(matrix)
+            for v, other, ok in ((s, d, (finite & alive[d][None, :]).any(axis=1)),
+                                 (d, s, (finite & alive[s][:, None]).any(axis=0))):
+                left = alive[v] & ok
+                if not left.any():
+                    raise PaseError(
+                        f"--force ({_named_few(forced)}) leaves no runnable plan: with the forced splits, layer "
+                        f"{ids[v]} has no configuration that runs next to layer {ids[other]}. " + KEPT_RULE
+                        + ": force those neighbours too, or `--space all` to price it without running it")
+                if (left != alive[v]).any():
+                    alive[v], changed = left, True
+
+
+def _named_few(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _splits_text(splits: Mapping[str, int]) -> str:

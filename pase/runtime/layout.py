@@ -1,8 +1,9 @@
 """What the runtime does with each layer of a plan: the plan's splits mapped onto the layouts it runs.
 
-``strategies.runnable`` says which configurations run as planned; every layer of a plan must be one
-of them, or ``layer_layouts`` refuses the plan, naming the layers and why. Nothing runs differently
-from its plan: there is no fallback.
+``strategies.runnable`` says which configurations run as planned, and on which edges an activation
+stays channel-split (``edge_mode``); every layer and edge of a plan must be runnable, or
+``layer_layouts`` refuses the plan, naming the layers and why. Nothing runs differently from its
+plan: there is no fallback.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.planning.plan import Plan
-from strategies.runnable import NotRunnable, layer_run
+from strategies.runnable import KEPT_RULE, LayerRun, NotRunnable, edge_mode, layer_run
 
 SHOWN_REFUSALS = 3  # reasons, and layers per reason, named in a refusal; the rest are counted
 
@@ -22,8 +23,10 @@ class LayerLayout:
     op: str
     module: str
     planned: dict[str, int]
-    kind: str  # "batch", "out", "in" or "heads"
+    kind: str  # "batch", "out", "in", "heads" or "local"
     factor: int = 1  # tensor-parallel degree (1 for batch)
+    keep_output: bool = False  # an out-split whose output stays channel-split for its consumer
+    kept_input: bool = False  # an in-split whose input arrives channel-split
 
     @property
     def applied(self) -> str:
@@ -37,17 +40,35 @@ class PlanNotRunnable(PaseError):
 def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
     """One ``LayerLayout`` per plan layer, in plan order; ``PlanNotRunnable`` when any layer's splits are not
     ones the runtime runs as planned. O(layers)."""
-    result = []
+    runs: dict[str, LayerRun] = {}
     refused: dict[str, list[str]] = {}  # reason -> the layers refused for it
     fsdp = bool(plan.options.get("fsdp"))
     for choice in plan.layers:
         data = graph[choice.id]
         try:
-            run = layer_run(data, choice.splits, plan.devices, fsdp)
+            runs[choice.id] = layer_run(data, choice.splits, plan.devices, fsdp)
         except NotRunnable as exc:
             refused.setdefault(str(exc), []).append(f"{choice.id} ({data['op']}, {_splits(choice.splits)})")
+    kept: set[tuple[str, str]] = set()  # (producer, consumer) edges whose activation stays channel-split
+    for src, dst, edge in graph.graph.edges(data=True):
+        if src not in runs or dst not in runs:
             continue
-        result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor))
+        mode = edge_mode(edge, graph[src], runs[src], graph[dst], runs[dst], graph.graph.out_degree(src))
+        if mode == "kept":
+            kept.add((src, dst))
+        elif mode is None:
+            local, other = (src, dst) if runs[src].kind == "local" else (dst, src)
+            beside = f"next to {other} as {runs[other].kind}/{runs[other].factor}"
+            refused.setdefault(KEPT_RULE, []).append(f"{local} ({runs[local].kind}/{runs[local].factor}, {beside})")
+    result = []
+    for choice in plan.layers:
+        if choice.id not in runs:
+            continue
+        run, data = runs[choice.id], graph[choice.id]
+        keep_output = run.kind == "out" and any((choice.id, dst) in kept for dst in graph.graph.successors(choice.id))
+        kept_input = run.kind == "in" and any((src, choice.id) in kept for src in graph.graph.predecessors(choice.id))
+        result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor,
+                                  keep_output, kept_input))
     if refused:
         count = sum(map(len, refused.values()))
         reasons = [f"{_named(layers)}: {reason}" for reason, layers in refused.items()]

@@ -24,7 +24,7 @@ from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parall
 from pase.runtime.pipeline import pipeline_parallelize
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
-from strategies.tensor import ChannelSplit, GradientSync, TensorGroups, split_heads
+from strategies.tensor import ChannelGroupNorm, ChannelSplit, GradientSync, TensorGroups, split_heads
 
 
 def default_device() -> torch.device:
@@ -88,12 +88,20 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
         if layout.kind == "heads":
             modes.append((layout.layer, split_heads(module, groups[layout.factor])))
             continue
+        parent_name, _, child = layout.module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if layout.kind == "local":  # elementwise ops compute on whatever channel part reaches them
+            if layout.op == "group_norm":
+                if not isinstance(module, nn.GroupNorm):
+                    raise PaseError(f"layer {layout.layer} is planned as a channel-split group norm but module "
+                                    f"{layout.module!r} is a {type(module).__name__}, not GroupNorm")
+                setattr(parent, child, ChannelGroupNorm(module, groups[layout.factor]))
+            continue
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise PaseError(f"layer {layout.layer} is planned as a {layout.kind}-channel split but module "
                             f"{layout.module!r} is a {type(module).__name__}, not Conv2d or Linear")
-        parent_name, _, child = layout.module.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, ChannelSplit(module, layout.kind, groups[layout.factor]))
+        setattr(parent, child, ChannelSplit(module, layout.kind, groups[layout.factor], layout.keep_output,
+                                            layout.kept_input))
     model.pase_sync = GradientSync.install(model, world, dtype=GRADIENT_DTYPES[precision])
     model.pase_layout = ParallelLayout("tensor", world, layouts, degrees)
     model.pase_head_modes = modes

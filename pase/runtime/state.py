@@ -1,8 +1,8 @@
 """Full-size views of a parallelized model's trainable state, so checkpoints do not depend on the plan.
 
 After ``parallelize`` a parameter may be a whole tensor (DDP, batch-parallel layers), an FSDP2 shard
-(a DTensor) or a channel shard of a ``ChannelSplit``. ``ShardMap`` knows which, per parameter name
-(the original model's names), and turns any tensor shaped like a parameter's local part (the
+(a DTensor) or a channel shard of a ``ChannelSplit`` or ``ChannelGroupNorm``. ``ShardMap`` knows
+which, per parameter name (the original model's names), and turns any tensor shaped like a parameter's local part (the
 parameter, its gradient, its optimizer state, its EMA) into the full tensor (a collective: every
 rank calls it in the same order) and a full tensor back into this rank's part. Checkpoints written
 through it hold full tensors, so a run resumes under the same plan or another one, or alone.
@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from strategies.collectives import gather
-from strategies.tensor import ChannelSplit
+from strategies.tensor import ChannelGroupNorm, ChannelSplit
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class ShardMap:
             self.shards = {name: _Shard("stage") for name, _ in self.named}
             return
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        splits = {name: module for name, module in inner.named_modules() if isinstance(module, ChannelSplit)}
+        splits = {name: module for name, module in inner.named_modules()
+                  if isinstance(module, (ChannelSplit, ChannelGroupNorm))}
         self.named: list[tuple[str, nn.Parameter]] = []
         self.shards: dict[str, _Shard] = {}
         for name, param in inner.named_parameters():
@@ -51,9 +52,8 @@ class ShardMap:
             split = splits.get(owner)
             if _is_dtensor(param):
                 self.shards[name] = _Shard("dtensor")
-            elif split is not None and (leaf == "weight" or split.split == "out"):
-                self.shards[name] = _Shard("channels", 0 if split.split == "out" or leaf == "bias" else 1,
-                                           split.groups.tp)
+            elif split is not None and split.shard_dim(leaf) is not None:
+                self.shards[name] = _Shard("channels", split.shard_dim(leaf), split.groups.tp)
             else:
                 self.shards[name] = _Shard("whole")
 
@@ -172,7 +172,8 @@ def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tenso
     """Every parameter (``what="param"``) or gradient (``"grad"``) at full size on every rank, under the
     original model's names: FSDP shards and channel shards are gathered (collective: call on all ranks)."""
     inner = unwrap(model)
-    splits = {name: module for name, module in inner.named_modules() if isinstance(module, ChannelSplit)}
+    splits = {name: module for name, module in inner.named_modules()
+              if isinstance(module, (ChannelSplit, ChannelGroupNorm))}
     result: dict[str, torch.Tensor] = {}
     for name, param in inner.named_parameters():
         tensor = param if what == "param" else param.grad
@@ -183,8 +184,8 @@ def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tenso
             tensor = tensor.full_tensor()
         owner, _, leaf = name.rpartition(".")
         split = splits.get(owner)
-        if split is not None and (leaf == "weight" or split.split == "out"):
-            dim = 0 if split.split == "out" or leaf == "bias" else 1
+        dim = split.shard_dim(leaf) if split is not None else None
+        if split is not None and dim is not None:
             tensor = gather(tensor, dim, split.groups.tp)
         result[name] = tensor
     return result
