@@ -144,11 +144,16 @@ class CostModel:
         def gradient_group(weight_map: list) -> np.ndarray:
             """Devices whose gradients of this weight differ and must be summed: the splits of the dims
             its gradient contraction sums over (output dims for a bias or scale, output and input dims
-            for a weight)."""
-            summed = set(out_map) if set(weight_map) <= set(out_map) else set(out_map).union(*map(set, activations))
+            for a weight). Between batch layouts a reduction split's partial sums are reduce-scattered to
+            batch chunks before the bias is added, so a bias's gradient is summed over that split too."""
+            if set(weight_map) <= set(out_map):
+                summed = set(out_map) | (reductions if self.options.batch_interface else set())
+            else:
+                summed = set(out_map).union(*map(set, activations))
             return missing(weight_map, summed)
 
         kind = layer["op"]
+        reductions = {d for d in dims if layer["roles"][d] == "reduction" and kind in ("conv", "linear")}
         flops = float(layer["flops_fwd"] + layer["flops_bwd"])
         activations = maps.get("inputs", [])
         weights = [p for p in layer["params"].values() if p.get("trainable") and "map" in p and "numel" in p]
@@ -178,12 +183,18 @@ class CostModel:
             comm_bytes = comm_bytes + self.collective_bytes(op, nbytes, group)
             return self.collective_seconds(op, nbytes, group, stride, bucketed)
 
+        # partial sums (of a reduction split): all-reduced in place, or, between batch layouts, reduce-scattered to
+        # batch chunks, whose backward all-gathers the gradient (the layer's whole way back to the batch layout)
         partials = "reduce_scatter" if self.options.batch_interface else "all_reduce"
-        comm = priced(partials, out_local * itemsize, missing(out_map))
+        summed = out_local * self._anchor_share(layer, dims, f, extent) * itemsize
+        comm = priced(partials, summed, missing(out_map))
+        if self.options.batch_interface:
+            comm += priced("all_gather", summed, missing(out_map))
         if self.options.checkpointing and recomputed:  # the forward's partial sums are reduced again
-            comm += priced(partials, out_local * itemsize, missing(out_map))
-        for m in activations:
-            comm += priced(partials, local(m) * itemsize, missing(m))
+            comm += priced(partials, summed, missing(out_map))
+        for m, grad in zip(activations, maps.get("inputs_grad") or [True] * len(activations)):
+            if grad:  # the input's gradient is summed over the splits it does not run over (none without one)
+                comm += priced(partials, local(m) * itemsize, missing(m))
         weight_sync = np.zeros(len(f))
         for p in weights:
             replicas = gradient_group(p["map"])
@@ -216,6 +227,22 @@ class CostModel:
             parts.update(weight_sync=weight_sync, saved=saved, weight_bytes=weight_local * itemsize,
                          comm_bytes=comm_bytes)
         return seconds, comm, state + saved
+
+    @staticmethod
+    def _anchor_share(layer: LayerAttrs, dims: list[str], f: np.ndarray, extent: np.ndarray) -> np.ndarray | float:
+        """Elements of the anchor op's output (where partial sums are reduced) per element of the layer's
+        output: 1, except where ops fused after a projection regroup its channels (GEGLU's chunk, gelu and
+        mul halve them: the partial sums are the 2F channels before it, the output the F after)."""
+        if layer["op"] not in ("conv", "linear"):
+            return 1.0
+        out_map = layer["tensors"]["output"]
+        operand_dims = {d for m in layer["tensors"]["operands"] for d in (m or []) if d}
+        regrouped = [i for i, d in enumerate(dims) if layer["roles"][d] == "out_channel" and d not in out_map]
+        derived = [i for i, d in enumerate(dims) if d in out_map and d not in operand_dims]
+        if not regrouped or not derived:
+            return 1.0
+        return extent[regrouped].prod() / f[:, regrouped].prod(axis=1) / (extent[derived].prod()
+                                                                           / f[:, derived].prod(axis=1))
 
     @staticmethod
     def _weight_split(weight_map: list, dims: list[str], f: np.ndarray) -> np.ndarray:
@@ -279,7 +306,9 @@ class CostModel:
 
     def edge_costs(self, edge: EdgeAttrs, producer: LayerAttrs, src: SplitTable, consumer: LayerAttrs,
                    dst: SplitTable, forward_only: bool = False) -> np.ndarray:
-        """Re-layout seconds for every (producer config, consumer config) pair: (K_src, K_dst)."""
+        """Re-layout seconds for every (producer config, consumer config) pair: (K_src, K_dst). A tensor that
+        carries no gradient (a model input, the timestep embedding) re-lays out forward only."""
+        forward_only = forward_only or not edge.get("requires_grad", True)
         shape = np.array(edge["shape"], dtype=np.float64)
         if self.devices <= 1 or not len(shape):
             return np.zeros((len(src), len(dst)))

@@ -12,7 +12,8 @@ holds batch chunk ``r``). A layer then runs as one of:
 - **out** / **in** (``strategies.tensor``, column / row parallel): a plain Conv2d or Linear
   (ungrouped, not transposed) with ``{batch: p/t, out_channel: t}`` or ``{batch: p/t, reduction: t}``
   for ``1 < t | p``, on a tensor-parallel group of ``t`` consecutive ranks;
-- **heads** (``strategies.tensor``): attention with ``{batch: p/t, head: t}``;
+- **heads** (``strategies.tensor``): attention computed by ``scaled_dot_product_attention`` with
+  ``{batch: p/t, head: t}``;
 - **local** (``strategies.tensor``): a group norm (whole groups) or an elementwise layer with
   ``{batch: p/t, channel: t}``, run on this rank's channels without communication. Such a layer
   neither takes nor gives the batch layout: its activations stay channel-split (see below).
@@ -22,7 +23,9 @@ producer can give that layout (an out-split with that one consumer, or a local l
 consumer can take it (an in-split or a local layer) with the same degree, on the same tensor axis
 (``edge_mode``: "kept"). This is Megatron's pairing, applied to a UNet's ResNet block: ``conv1``
 out-split, the time-embedding add and ``norm2`` (+ SiLU) local, ``conv2`` in-split: one all-gather
-in and one reduce-scatter out for the block. Every other edge passes through the batch layout
+in and one reduce-scatter out for the block; and to attention: ``to_q``/``to_k``/``to_v``
+out-split, the attention on its heads (a diffusers ``Attention``, whose processor the runtime
+replaces), ``to_out`` in-split. Every other edge passes through the batch layout
 ("batch"), which a local layer cannot do: a local layer whose neighbour does not keep the layout
 is not runnable (``edge_mode`` None), and the search prices that pair as infinite.
 
@@ -43,8 +46,11 @@ from strategies.splits import SplitSpace
 SPACES = ("runnable", "all")  # pase plan --space
 # ops that run on their channel part alone (not upsampling: diffusers' Upsample2D asserts its channel count)
 LOCAL_OPS = ("group_norm", "elementwise")
-GIVES_CHANNELS = ("out", "local")  # layer runs whose output can stay channel-split
-TAKES_CHANNELS = ("in", "local")  # layer runs that can take a channel-split input
+GIVES_CHANNELS = ("out", "local", "heads")  # layer runs whose output can stay channel-split
+TAKES_CHANNELS = ("in", "local", "heads")  # layer runs that can take a channel-split input
+SDPA = "scaled_dot_product_attention"  # the attention op the runtime splits by heads
+# attention modules whose q, k, v and output the runtime can keep head-split (it installs its own processor)
+KEEPING_ATTENTION = ("diffusers.models.attention_processor.Attention",)
 TENSOR_RUNS = ("out", "in", "heads")  # layer runs with their own tensor-parallel collectives
 KEPT_RULE = ("A channel-split norm or elementwise layer runs only between layers that keep its layout (before it, an "
              "out-split conv/linear with it as its one consumer or another channel-split layer; after it, an in-split "
@@ -88,6 +94,14 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
         raise NotRunnable(f"{role} splits of {op} layers have no runtime (only {_tensor_kinds()})")
     if kind == "local":
         _check_local(layer, dim, factor)
+    if kind == "out" and dim not in layer["tensors"]["output"]:  # GEGLU: chunk(2), gelu and mul fused after it
+        fused = ", ".join(layer.get("fused_ops", []))
+        raise NotRunnable(f"its output channels are regrouped by ops fused after it ({fused}): the runtime splits "
+                          "output channels only where the output keeps them (an in-split runs)")
+    built = layer.get("attrs", {}).get("attention_of")  # attention the graph folded from matmul, softmax, matmul
+    if kind == "heads" and built:
+        raise NotRunnable(f"head splits of attention computed as {built} have no runtime (the runtime splits torch's "
+                          f"{SDPA})")
     if fsdp:
         raise NotRunnable("FSDP runs batch layouts only (it shards whole modules over all ranks)")
     if kind in ("out", "in") and not _plain(layer):
@@ -131,23 +145,34 @@ def _keeps(edge: Mapping[str, Any], producer: Mapping[str, Any], source: LayerRu
            target: LayerRun, producer_edges: int) -> bool:
     if source.kind not in GIVES_CHANNELS or target.kind not in TAKES_CHANNELS or source.factor != target.factor:
         return False
-    if source.kind == "out" and producer_edges != 1:  # its one output cannot be both channel- and batch-split
+    if source.kind != "local" and producer_edges != 1:  # its one output cannot be both channel- and batch-split
+        return False
+    if "heads" in (source.kind, target.kind) and not all(
+            layer.get("module_class") in KEEPING_ATTENTION for layer, run in ((producer, source), (consumer, target))
+            if run.kind == "heads"):
         return False
     return _same_axis(edge, source.dim, target.dim) and _same_axis(edge, _batch_dim(producer), _batch_dim(consumer))
 
 
 def _same_axis(edge: Mapping[str, Any], produced: str | None, read: str | None) -> bool:
-    """Does the consumer read dimension ``read`` as exactly the tensor axis the producer writes as ``produced``
-    (whole, not merged with another dimension, not a slice of it)?"""
+    """Does part ``r`` of the producer's dimension ``produced`` hold exactly part ``r`` of the consumer's
+    dimension ``read``? True when ``read`` is the same tensor axis, or the major part of it after a reshape
+    (channels viewed as heads x head size, or heads x head size merged into channels), never a slice."""
     if produced is None or read is None:
         return False
-    axes = [a for a, names in enumerate(edge["src_map"]) if list(names) == [produced]]
+    axes = [a for a, names in enumerate(edge["src_map"]) if list(names[:1]) == [produced]]
     reads = [j for j, name in enumerate(edge["dst_map"]) if name == read]
     if len(axes) != 1 or len(reads) != 1:
         return False
-    j = reads[0]
-    axis_map = edge["axis_map"]
-    return j < len(axis_map) and list(axis_map[j]) == axes and edge["dst_shape"][j] == edge["shape"][axes[0]]
+    a, j = axes[0], reads[0]
+    axis_map, shape, dst_shape = edge["axis_map"], edge["shape"], edge["dst_shape"]
+    merged = list(axis_map[j]) if j < len(axis_map) else []
+    if not merged or merged[0] != a:
+        return False
+    if len(merged) > 1:  # source axes merged into ``read``, ``produced``'s axis the major one
+        return int(np.prod([shape[x] for x in merged])) == dst_shape[j]
+    sharing = [i for i, m in enumerate(axis_map) if list(m) == [a]]  # the consumer dims axis ``a`` is viewed as
+    return sharing[0] == j and int(np.prod([dst_shape[i] for i in sharing])) == shape[a]
 
 
 def _batch_dim(layer: Mapping[str, Any]) -> str | None:

@@ -60,6 +60,10 @@ class SplitSpace:
         return {d: int(f) for d, f in zip(self.dims, self.factors[k]) if f > 1}
 
     def index_of(self, splits: dict[str, int]) -> int | None:
+        """The configuration with exactly ``splits`` (None when absent, a split of a dimension this space
+        never splits included)."""
+        if any(int(f) > 1 and d not in self.dims for d, f in splits.items()):
+            return None
         target = np.array([splits.get(d, 1) for d in self.dims])
         hits = np.flatnonzero((self.factors == target).all(axis=1))
         return int(hits[0]) if hits.size else None

@@ -12,13 +12,15 @@ that moves only what the layer lacks (what the cost model prices for the edge):
 - in-channel split (row parallel): the input's channel parts exchanged all-to-all (each rank gets
   its input channels of the group's batch), the local weight columns applied, partial sums
   reduce-scattered to batch chunks, the bias added once;
-- head split: inside the attention module, q, k and v are exchanged all-to-all so that
-  ``scaled_dot_product_attention`` runs on the local heads of the group's batch, and its output is
+- head split: inside the attention module (a diffusers ``Attention`` through ``HeadSplitProcessor``,
+  any other module by intercepting its ``scaled_dot_product_attention``), q, k and v are exchanged
+  all-to-all so that attention runs on the local heads of the group's batch, and its output is
   exchanged back to batch chunks;
 - kept layouts (``strategies.runnable.edge_mode``): an out-split whose one consumer takes a
   channel-split input returns its channel part of the group's batch as it is (``keep_output``),
   an in-split fed that way skips its all-to-all in (``kept_input``), and the local layers between
-  them (a ``ChannelGroupNorm`` on whole groups, elementwise ops) compute on their channel part.
+  them (a ``ChannelGroupNorm`` on whole groups, elementwise ops) compute on their channel part; a
+  head-split ``Attention`` takes kept q, k, v and gives its output kept to an in-split ``to_out``.
 
 Weight shards' gradients are summed over their data-parallel peers, replicated parameters' over
 all ranks, both divided by the world size (each rank's loss is its chunk's mean), so gradients
@@ -156,18 +158,88 @@ class _HeadSplitAttention(TorchFunctionMode):
         return split_to_batch(func(q, k, v, *args[3:], **kwargs), 1, group)
 
 
-def split_heads(module: nn.Module, groups: TensorGroups) -> _HeadSplitAttention:
-    """Make ``module``'s attention run on this rank's heads (its forward runs under the mode; parameter
-    names and the module tree stay as they were). Returns the mode, whose ``calls`` counts applications."""
+def split_heads(module: nn.Module, groups: TensorGroups, kept_inputs: tuple[str, ...] = (),
+                keep_output: bool = False) -> _HeadSplitAttention | HeadSplitProcessor:
+    """Make ``module``'s attention run on this rank's heads; parameter names and the module tree stay as
+    they were. A diffusers ``Attention`` gets a ``HeadSplitProcessor`` (which can keep q, k, v and the
+    output head-split: ``kept_inputs`` names the projections, "to_q", "to_k", "to_v", whose output arrives
+    head-split); any other module runs its forward under a mode that splits its
+    ``scaled_dot_product_attention``, and a forward that never calls it is an error, not an unsplit run.
+    Returns the processor or mode, whose ``calls`` counts applications."""
+    if hasattr(module, "set_processor") and hasattr(module, "to_q"):
+        processor = HeadSplitProcessor(groups, kept_inputs, keep_output)
+        module.set_processor(processor)
+        return processor
+    if kept_inputs or keep_output:
+        raise ValueError(f"only a diffusers Attention keeps its layout head-split, not a {type(module).__name__}")
     mode = _HeadSplitAttention(groups)
     forward = module.forward
 
     def head_split_forward(*args: Any, **kwargs: Any) -> Any:
+        before = mode.calls
         with mode:
-            return forward(*args, **kwargs)
+            result = forward(*args, **kwargs)
+        if mode.calls == before:
+            raise RuntimeError(f"a {type(module).__name__} planned as a head split never called "
+                               "scaled_dot_product_attention: it cannot run split as planned")
+        return result
 
     module.forward = head_split_forward
     return mode
+
+
+class HeadSplitProcessor:
+    """diffusers' ``AttnProcessor2_0`` on this rank's heads of the tensor-parallel group's batch.
+
+    q, k and v whose projection is an out-split keeping its output (``kept_inputs``) arrive as this rank's
+    head channels of the group's batch; the others arrive batch-split and are exchanged all-to-all into
+    that layout. Attention runs on ``heads / t`` local heads; its output goes to ``to_out`` as it is when
+    ``to_out`` is an in-split taking it kept (``keep_output``), else exchanged back to batch chunks. The
+    residual connection and rescaling run on the batch layout, as the single-process model's do."""
+    def __init__(self, groups: TensorGroups, kept_inputs: tuple[str, ...] = (), keep_output: bool = False) -> None:
+        self.groups, self.kept_inputs, self.keep_output = groups, set(kept_inputs), keep_output
+        self.calls = 0
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise NotImplementedError("head-split attention with an attention mask")
+        group, t = self.groups.tp, self.groups.tp_size
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        projected = {"to_q": attn.to_q(hidden_states), "to_k": attn.to_k(encoder_hidden_states),
+                     "to_v": attn.to_v(encoder_hidden_states)}
+        heads = attn.heads // t
+        q, k, v = (x if name in self.kept_inputs else batch_to_split(x, -1, group)  # (group batch, L, local heads x d)
+                   for name, x in projected.items())
+        group_batch, head_dim = q.shape[0], q.shape[-1] // heads
+        q, k, v = (x.view(group_batch, -1, heads, head_dim).transpose(1, 2) for x in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        self.calls += 1
+        out = out.transpose(1, 2).reshape(group_batch, -1, heads * head_dim).to(q.dtype)
+        if not self.keep_output:
+            out = split_to_batch(out, -1, group)
+        out = attn.to_out[1](attn.to_out[0](out))  # this rank's batch chunk again
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(out.shape[0], channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
 
 
 @dataclass
@@ -273,4 +345,5 @@ class GradientSync:
             bucket.flat = bucket.work = None
 
 
-__all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "split_heads", "SHARD_GROUP", "TensorGroups"]
+__all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "HeadSplitProcessor", "split_heads", "SHARD_GROUP",
+           "TensorGroups"]

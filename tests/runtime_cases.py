@@ -106,9 +106,24 @@ def kept_chain(layer_id: str, data: dict, devices: int, t: int) -> dict | None:
     return {"n": devices // t, dim: t}
 
 
+KEPT_ATTENTION = {".to_q": "out_channel", ".to_k": "out_channel", ".to_v": "out_channel", "/attention": "head",
+                  ".to_out.0": "reduction"}  # an attention's pair: projections out-split, heads, to_out in-split
+
+
+def kept_attention(layer_id: str, data: dict, devices: int, t: int) -> dict | None:
+    """``layer_id``'s splits in its attention's kept chain (q, k, v head-split from their projections to
+    ``to_out``), all ``t`` ways; None outside one."""
+    role = next((r for suffix, r in KEPT_ATTENTION.items() if layer_id.endswith(suffix)), None)
+    dim = next((d for d, r in data["roles"].items() if r == role), None)
+    if dim is None or data["dims"][dim] < (1 if role == "head" else 32) * t:
+        return None
+    return {"n": devices // t, dim: t}
+
+
 def _kept(layer_id: str, data: dict) -> dict:
-    """Every ResNet block of 64+ channels as a kept Megatron pair over 2 ranks, batch elsewhere."""
-    return kept_chain(layer_id, data, 2, 2) or _batch_only(layer_id, data)
+    """Every ResNet block of 64+ channels and every attention as a kept Megatron pair over 2 ranks, batch
+    elsewhere."""
+    return kept_chain(layer_id, data, 2, 2) or kept_attention(layer_id, data, 2, 2) or _batch_only(layer_id, data)
 
 
 def random_runnable(devices: int, seed: int, graph: Any) -> Any:

@@ -173,6 +173,18 @@ def _layer_checks(rank: int) -> dict[str, Any]:
     results["heads"] = {"forward": torch.allclose(got, want[rows], atol=1e-6), "calls": mode.calls,
                         "forward_ops": forward, "input_bytes": local[0].numel() * ITEM,
                         "output_bytes": got.numel() * ITEM}
+
+    class MatmulAttention(nn.Module):  # attention without scaled_dot_product_attention: no head split can apply
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+    unsplit = MatmulAttention()
+    split_heads(unsplit, groups)
+    try:
+        unsplit(*local)
+        results["heads_without_sdpa"] = "ran"
+    except RuntimeError as exc:
+        results["heads_without_sdpa"] = str(exc)
     return results
 
 
@@ -313,6 +325,7 @@ def test_split_layers_use_the_cheapest_collective_for_each_relayout(results) -> 
         assert heads["forward"] and heads["calls"] == 1
         assert heads["forward_ops"] == [["alltoall_base_", heads["input_bytes"] * (T - 1) // T]] * 3 + \
             [["alltoall_base_", heads["output_bytes"] * (T - 1) // T]]
+        assert "never called scaled_dot_product_attention" in checks["heads_without_sdpa"]  # refused, not run whole
 
 
 @pytest.mark.timeout(120)

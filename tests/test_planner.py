@@ -86,7 +86,7 @@ def test_relayout_is_free_only_between_matching_layouts() -> None:
     s_space, d_space = split_space(graph[src], 4), split_space(graph[dst], 4)
     costs = model.edge_costs(edge, graph[src], s_space, graph[dst], d_space)
     same = costs[s_space.index_of({"n": 4}), d_space.index_of({"n": 4})]
-    different = costs[s_space.index_of({"n": 4}), d_space.index_of({"c": 4})]
+    different = costs[s_space.index_of({"n": 4}), d_space.index_of({"n": 2, "h": 2})]
     replicate_to_split = costs[s_space.index_of({}), d_space.index_of({"n": 4})]
     split_to_replicate = costs[s_space.index_of({"n": 4}), d_space.index_of({})]
     assert same == 0.0 and different > 0.0

@@ -90,6 +90,30 @@ def test_kept_layouts_pair_a_resnet_block(tiny) -> None:
     assert mode(wide, consumer, LayerRun("out", 2, "c_out"), LayerRun("local", 2, "c")) is None
 
 
+def test_kept_layouts_pair_an_attention(tiny) -> None:
+    """q, k, v out-split -> attention on its heads -> to_out in-split keep the head channels in place (a diffusers
+    Attention, whose processor the runtime replaces); attention built from matmul and softmax is not head-split."""
+    block = "down_blocks.1.attentions.0"
+    attention = f"{block}/attention"
+    heads, out, to_in = LayerRun("heads", 2, "heads"), LayerRun("out", 2, "c_out"), LayerRun("in", 2, "c_in")
+
+    def mode(src: str, dst: str, source: LayerRun, target: LayerRun, graph=tiny) -> str | None:
+        edge = graph.graph.get_edge_data(src, dst)[0]
+        return edge_mode(edge, graph[src], source, graph[dst], target, graph.graph.out_degree(src))
+
+    for projection in ("to_q", "to_k", "to_v"):
+        assert mode(f"{block}.{projection}", attention, out, heads) == "kept"
+    assert mode(attention, f"{block}.to_out.0", heads, to_in) == "kept"
+    assert mode(attention, f"{block}.to_out.0", heads, LayerRun("batch")) == "batch"
+    other_module = {**tiny[attention], "module_class": "my.models.Attention"}  # its processor is not replaced
+    edge = tiny.graph.get_edge_data(f"{block}.to_q", attention)[0]
+    assert edge_mode(edge, tiny[f"{block}.to_q"], out, other_module, heads, 1) == "batch"
+    own = extract_model("pase-unet", 8)
+    layer_id, folded = _first(own, "attention")
+    assert folded["attrs"]["attention_of"] == "matmul-softmax-matmul"
+    assert "no runtime" in runnable_reason(folded, {_dim(folded, "batch"): 4, _dim(folded, "head"): 2}, 8)
+
+
 def test_forced_channel_split_without_kept_neighbours_is_refused(tiny) -> None:
     cluster = parse_spec("2xL40S")
     alone = {"down_blocks.1.resnets.0/elementwise_1": {"c": 2}}  # the residual add: conv2's sums arrive batch-split
@@ -128,7 +152,8 @@ def test_ddp_bytes_are_the_gradient_all_reduce(tiny) -> None:
 
 def test_partial_sums_are_reduce_scattered_between_batch_layouts(tiny) -> None:
     """Between layers activations are batch-sharded, so a row-parallel layer's partial sums are reduce-scattered
-    (half an all-reduce's bytes) and an edge costs the producer's way to the batch layout plus the consumer's out."""
+    to batch chunks and its gradient all-gathered back (priced with the layer: together the bytes of the
+    all-reduce the unrestricted space prices), and its edges to the next layers have no way left to go."""
     cluster = parse_spec("4xL40S")
     _, conv = _wide_conv(tiny, "reduction")
     n, c_in = _dim(conv, "batch"), _dim(conv, "reduction")
@@ -142,7 +167,10 @@ def test_partial_sums_are_reduce_scattered_between_batch_layouts(tiny) -> None:
         moved[interface] = float(parts["comm_bytes"][0])
     out = np.prod([conv["dims"][d] for d in conv["tensors"]["output"]]) / 2 * 2  # batch half, bf16
     weights = sum(p["numel"] for p in conv["params"].values() if p.get("trainable"))
-    assert moved[False] - moved[True] == pytest.approx(out * 2 * 1 / 2 - out * 1 / 2, rel=1e-6)
+    bias = conv["dims"][_dim(conv, "out_channel")] * 2  # added after the reduce-scatter: summed over all 4 ranks
+    reduce_scatter_and_gather, all_reduce = 2 * out * 1 / 2, out * 2 * 1 / 2
+    assert moved[True] - reduce_scatter_and_gather - bias * 2 * 3 / 4 == \
+        pytest.approx(moved[False] - all_reduce - bias * 2 * 1 / 2, rel=1e-6)
     assert moved[True] > weights  # the weight gradients are still all-reduced over the data-parallel pair
 
 

@@ -85,17 +85,19 @@ def test_head_split_attention(results) -> None:
 @pytest.mark.timeout(300)
 def test_kept_channel_layouts_between_resnet_layers(results) -> None:
     """ResNet blocks as Megatron pairs (conv1 out-split, the time-embedding add and norm2 on their channel
-    part, conv2 in-split): the single-process result, and exactly the bytes the cost model prices for the plan,
+    part, conv2 in-split) and attentions too (q, k, v out-split, attention on the kept heads, to_out in-split):
+    the single-process result, and exactly the bytes the cost model prices for the plan,
     which are fewer than for the same splits passing through the batch layout between layers."""
     per_rank = _case(results, "kept")
-    assert {"out/2", "local/2", "in/2"} <= set(per_rank[0]["applied"])
+    assert {"out/2", "local/2", "in/2", "heads/2"} <= set(per_rank[0]["applied"])
+    assert all(r["head_calls"] == 4 for r in per_rank)  # unet-tiny's 4 attentions ran on their kept heads
     _assert_matches_single_process(per_rank)
     kept = per_rank[0]["splits"]
     measured = max(r["comm_bytes"] for r in per_rank)
     assert measured == pytest.approx(_predicted_bytes(kept), rel=0.02)
-    conv_roles = ("out_channel", "reduction")  # the same conv splits, norms and adds batch-parallel
-    through_batch = {layer: splits if any(r in conv_roles for r in _roles(layer, splits)) else {"n": 2}
-                     for layer, splits in kept.items()}
+    split_roles = ("out_channel", "reduction", "head")  # the same conv, linear and head splits; norms and adds
+    through_batch = {layer: splits if any(r in split_roles for r in _roles(layer, splits)) else {"n": 2}
+                     for layer, splits in kept.items()}  # batch-parallel (attention keeps its heads still)
     assert measured < 0.9 * _predicted_bytes(through_batch)
 
 

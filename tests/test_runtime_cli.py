@@ -131,6 +131,39 @@ def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, onl
     assert ("pipeline of 2 stages" in record["layout"]) == (only == "pipeline")
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("only", ["dp", "tensor"])
+def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str) -> None:
+    """sd-tiny (SD's architecture at test size: cross-attention transformer blocks, layer norms, GEGLU) under
+    `pase verify --check` with text embeddings: the tensor plan keeps channels and heads split between layers,
+    matches a single process, and moves exactly the bytes it priced."""
+    from pase.runtime.layout import layer_layouts
+
+    cluster, profile, _ = local
+    graph = extract_model("sd-tiny", 8, use_cache=True)
+    # the tensor plan with one ResNet block's norm2 and time-embedding add channel-split: the search must give
+    # them kept neighbours (conv1 out-split, conv2 in-split)
+    kept = {f"mid_block.resnets.0{layer}": {"c": 2} for layer in (".norm2", "/elementwise")}
+    options = PlanOptions(precision="fp32", only=only, force=kept if only == "tensor" else None)
+    plan = plan_graph(graph, cluster, profile=profile, options=options)
+    layouts = layer_layouts(plan, graph)
+    kinds = {layout.kind for layout in layouts}
+    assert kinds == {"batch"} if only == "dp" else {"out", "in", "heads", "local"} <= kinds
+    assert any(layout.keep_output for layout in layouts) == (only == "tensor")
+    plan_path = tmp_path / "plan.json"
+    plan.save(plan_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pase", "verify", "--plan",
+                           str(plan_path), "--steps", "2", "--warmup", "1", "--json", "--check"],
+                          capture_output=True, text=True, timeout=200, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["max_rel_error"] <= 1e-4
+    assert summary["layers_as_planned"] == summary["layers_total"] == len(plan.layers)
+    assert summary["comm_bytes_measured"] == pytest.approx(summary["comm_bytes_predicted"], rel=0.01)
+
+
 def test_verify_refuses_a_plan_for_another_world(local, tmp_path: Path) -> None:
     """Under a world of one (no torchrun), a 2-device plan is refused before any work starts."""
     cluster, profile, graph = local

@@ -5,7 +5,7 @@ networkx stores plain JSON-ready dicts, and these types say which keys each one 
 """
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class ParamInfo(TypedDict, total=False):
@@ -19,6 +19,7 @@ class ParamInfo(TypedDict, total=False):
 class TensorMaps(TypedDict):
     operands: list[list[str | None]]  # per operand of the anchor op: the dimension of each axis
     inputs: list[list[str | None]]  # per input activation (an edge's dst_map)
+    inputs_grad: NotRequired[list[bool]]  # per input activation: does a gradient flow back (older graphs: yes)
     output: list[str | None]
 
 
@@ -63,6 +64,7 @@ class EdgeAttrs(TypedDict):
     dst_map: list[str | None]  # consumer dimension per read axis
     axis_map: list[list[int]]  # produced axes each read axis comes from
     views: list[Any]  # the folded view ops
+    requires_grad: NotRequired[bool]  # does a gradient flow back along it (absent in older graphs: yes)
 
 
 __all__ = ["EdgeAttrs", "LayerAttrs", "ParamInfo", "TensorMaps"]

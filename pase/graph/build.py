@@ -62,6 +62,7 @@ class _Layer:
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
     input_maps: list[list[str | None]] = field(default_factory=list)  # one per activation edge in
+    input_grads: list[bool] = field(default_factory=list)  # per activation edge in: does it carry a gradient back
 
 
 class _Builder:
@@ -342,6 +343,7 @@ class _Builder:
         self.edge_keys.add(key)
         if dim_map is not None:
             layer.input_maps.append(list(dim_map))
+            layer.input_grads.append(bool(value.requires_grad))
         meta = value.meta if isinstance(value.meta, TensorMeta) else value.base_meta
         base = value.base_meta or meta
         assert meta is not None and base is not None
@@ -352,6 +354,7 @@ class _Builder:
             "src_map": [list(a) for a in self.values[value.base].axes],
             "dst_map": list(dim_map) if dim_map is not None else [None] * len(meta.shape),
             "axis_map": [list(a) for a in value.axis_map], "views": list(value.views),
+            "requires_grad": bool(value.requires_grad),
         })
 
     # ---------------------------------------------------------------- output
@@ -374,7 +377,7 @@ class _Builder:
                 layer.id, index=layer.index, op=layer.op, module=layer.module, module_class=layer.module_class,
                 block=layer.block, dims=dict(rule.dims), roles=dict(rule.roles),
                 tensors={"operands": [m for m in rule.operand_maps], "inputs": layer.input_maps,
-                         "output": list(rule.out_map)},
+                         "inputs_grad": layer.input_grads, "output": list(rule.out_map)},
                 params=layer.params,
                 param_count=sum(p.get("numel", 0) for p in layer.params.values() if p["trainable"]),
                 param_bytes=sum(p.get("bytes", 0) for p in layer.params.values() if p["trainable"]),

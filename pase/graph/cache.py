@@ -21,6 +21,10 @@ from pase._version import __version__
 from pase.graph.capture import CAPTURE_METHODS
 from pase.graph.layer_graph import SCHEMA_VERSION, LayerGraph
 
+# bumped when captured graphs gain a field that pricing reads (2: which edges and inputs carry gradients), so
+# entries written before it are captured again instead of priced without it
+CACHE_REVISION = 2
+
 
 def cache_dir() -> Path:
     base = os.environ.get("PASE_CACHE_DIR") or os.path.join(
@@ -35,7 +39,8 @@ def cache_key(name: str, config: dict[str, Any], batch: int | str | None, dtype:
     method = "auto:" + ",".join(CAPTURE_METHODS) if method == "auto" else method
     material = json.dumps({"model": name, "config": config, "batch": batch, "dtype": str(dtype), "method": method,
                            "inputs": {k: list(v) for k, v in (input_shapes or {}).items()}, "versions": versions,
-                           "pase": __version__, "schema": SCHEMA_VERSION}, sort_keys=True, default=str)
+                           "pase": __version__, "schema": SCHEMA_VERSION, "revision": CACHE_REVISION},
+                          sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 

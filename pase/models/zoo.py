@@ -159,6 +159,15 @@ SDXL_UNET = dict(
     flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, norm_num_groups=32,
 )
 
+# the tiny text-conditioned UNet diffusers' own tests use: cross-attention transformer blocks (layer norms,
+# GEGLU feed-forward) at unit-test size
+SD_TINY = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+
+
 def _unconditional_inputs(channels: int, size: int) -> tuple[InputSpec, ...]:
     return InputSpec("sample", (BATCH, channels, size, size)), InputSpec("timestep", (BATCH,), kind="long")
 
@@ -173,6 +182,10 @@ ZOO: dict[str, ModelSpec] = {
         ModelSpec("sd15-unet", "diffusers UNet2DConditionModel, Stable Diffusion 1.5, 860M params",
                   "diffusers.UNet2DConditionModel", SD15_UNET,
                   (*_unconditional_inputs(4, 64), InputSpec("encoder_hidden_states", (BATCH, 77, 768))),
+                  _unet2d_condition),
+        ModelSpec("sd-tiny", "diffusers UNet2DConditionModel, SD-shaped at test size (tests)",
+                  "diffusers.UNet2DConditionModel", SD_TINY,
+                  (*_unconditional_inputs(4, 16), InputSpec("encoder_hidden_states", (BATCH, 77, 32))),
                   _unet2d_condition),
         ModelSpec("sdxl-unet", "diffusers UNet2DConditionModel, Stable Diffusion XL base, 2.57B params",
                   "diffusers.UNet2DConditionModel", SDXL_UNET,

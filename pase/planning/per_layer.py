@@ -167,7 +167,8 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
         if key not in priced_edges:
             if through_batch:
                 priced = _edge_through_batch(model, data, graph[src], spaces[s], graph[dst], spaces[d],
-                                             src in rerun, dst in rerun)
+                                             src in rerun, dst in rerun, out_edges[s],
+                                             [run is not None and run.kind == "in" for run in runs[s]])
                 modes = edge_modes(data, graph[src], runs[s], graph[dst], runs[d], out_edges[s])
                 priced_edges[key] = np.where(modes > 0, 0.0, np.where(modes < 0, np.inf, priced))
             else:
@@ -264,10 +265,15 @@ def _splits_text(splits: Mapping[str, int]) -> str:
 
 def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs, src: SplitSpace,
                         consumer: LayerAttrs, dst: SplitSpace, producer_reruns: bool = False,
-                        consumer_reruns: bool = False) -> np.ndarray:
+                        consumer_reruns: bool = False, producer_edges: int = 1,
+                        reduced: list[bool] | None = None) -> np.ndarray:
     """Re-layout seconds for every (producer, consumer) pair when the activation passes through the batch
-    layout between them: the producer's way to it plus the consumer's way from it. A layer whose forward
-    runs again under checkpointing (``rerun_layers``) re-lays its side forward again. O(K_src + K_dst)."""
+    layout between them: the producer's way to it plus the consumer's way from it. The producer re-lays its
+    output once for all its ``producer_edges`` consumers (the backward sums their gradients first), so each
+    edge carries its share; a producer configuration that ``reduced`` marks (an in-split, whose partial sums
+    are reduce-scattered to batch chunks and priced with the layer) has no way left to go. A layer whose
+    forward runs again under checkpointing (``rerun_layers``) re-lays its side forward again.
+    O(K_src + K_dst)."""
     producer_batch, consumer_batch = _interface(producer, model.devices), _interface(consumer, model.devices)
     to_batch = model.edge_costs(edge, producer, src, consumer, consumer_batch)[:, 0]
     from_batch = model.edge_costs(edge, producer, producer_batch, consumer, dst)[0, :]
@@ -276,7 +282,9 @@ def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs,
     if consumer_reruns:
         from_batch = from_batch + model.edge_costs(edge, producer, producer_batch, consumer, dst,
                                                    forward_only=True)[0, :]
-    return to_batch[:, None] + from_batch[None, :]
+    if reduced is not None:
+        to_batch = np.where(np.asarray(reduced, dtype=bool), 0.0, to_batch)
+    return to_batch[:, None] / max(1, producer_edges) + from_batch[None, :]
 
 
 

@@ -25,8 +25,9 @@ class LayerLayout:
     planned: dict[str, int]
     kind: str  # "batch", "out", "in", "heads" or "local"
     factor: int = 1  # tensor-parallel degree (1 for batch)
-    keep_output: bool = False  # an out-split whose output stays channel-split for its consumer
+    keep_output: bool = False  # an out-split or head split whose output stays channel-split for its consumer
     kept_input: bool = False  # an in-split whose input arrives channel-split
+    kept_inputs: tuple[str, ...] = ()  # a head split's projections ("to_q", ...) whose output arrives head-split
 
     @property
     def applied(self) -> str:
@@ -65,10 +66,12 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
         if choice.id not in runs:
             continue
         run, data = runs[choice.id], graph[choice.id]
-        keep_output = run.kind == "out" and any((choice.id, dst) in kept for dst in graph.graph.successors(choice.id))
-        kept_input = run.kind == "in" and any((src, choice.id) in kept for src in graph.graph.predecessors(choice.id))
+        keep_output = run.kind in ("out", "heads") and any((choice.id, dst) in kept
+                                                           for dst in graph.graph.successors(choice.id))
+        kept_from = [graph[src]["module"] for src in graph.graph.predecessors(choice.id) if (src, choice.id) in kept]
+        kept_inputs = tuple(sorted(module.rpartition(".")[2] for module in kept_from)) if run.kind == "heads" else ()
         result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor,
-                                  keep_output, kept_input))
+                                  keep_output, run.kind == "in" and bool(kept_from), kept_inputs))
     if refused:
         count = sum(map(len, refused.values()))
         reasons = [f"{_named(layers)}: {reason}" for reason, layers in refused.items()]

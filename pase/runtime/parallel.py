@@ -86,7 +86,8 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
             continue
         module = model.get_submodule(layout.module)
         if layout.kind == "heads":
-            modes.append((layout.layer, split_heads(module, groups[layout.factor])))
+            modes.append((layout.layer, split_heads(module, groups[layout.factor], layout.kept_inputs,
+                                                    layout.keep_output)))
             continue
         parent_name, _, child = layout.module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
