@@ -33,6 +33,7 @@ from cost_models.cluster import Cluster
 from cost_models.conventions import BUS_FACTOR, bytes_per_element
 from cost_models.rates import HardwareRates
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
+from pase.graph.gating import gated_dims
 
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
 NORM_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm"})
@@ -130,11 +131,13 @@ class CostModel:
         itemsize = bytes_per_element(self.options.precision)
         maps = layer["tensors"]
         out_map = maps["output"]
+        gated = gated_dims(layer)  # a GEGLU projection: its anchor computes the 2F channels its output halves
+        anchor_map = [gated[0] if d == gated[1] else d for d in out_map] if gated else out_map
 
-        def local(tensor_map: list) -> np.ndarray:
+        def local(tensor_map: list, table: np.ndarray = f) -> np.ndarray:
             """Elements of a tensor over ``tensor_map`` held by one device."""
             idx = [dims.index(d) for d in tensor_map if d in dims]
-            return (extent[idx].prod() / f[:, idx].prod(axis=1)) if idx else np.ones(len(f))
+            return (extent[idx].prod() / table[:, idx].prod(axis=1)) if idx else np.ones(len(f))
 
         def missing(tensor_map: list, among: set[str | None] | None = None) -> np.ndarray:
             """Product of the splits of dimensions (``among`` these) a tensor does not run over."""
@@ -146,10 +149,10 @@ class CostModel:
             its gradient contraction sums over (output dims for a bias or scale, output and input dims
             for a weight). Between batch layouts a reduction split's partial sums are reduce-scattered to
             batch chunks before the bias is added, so a bias's gradient is summed over that split too."""
-            if set(weight_map) <= set(out_map):
-                summed = set(out_map) | (reductions if self.options.batch_interface else set())
+            if set(weight_map) <= set(anchor_map):
+                summed = set(anchor_map) | (reductions if self.options.batch_interface else set())
             else:
-                summed = set(out_map).union(*map(set, activations))
+                summed = set(anchor_map).union(*map(set, activations))
             return missing(weight_map, summed)
 
         kind = layer["op"]
@@ -157,7 +160,7 @@ class CostModel:
         flops = float(layer["flops_fwd"] + layer["flops_bwd"])
         activations = maps.get("inputs", [])
         weights = [p for p in layer["params"].values() if p.get("trainable") and "map" in p and "numel" in p]
-        out_local = local(out_map)
+        out_local = local(out_map, self._factor_table(layer, space, output=True))
         touched = out_local + sum((local(m) for m in activations), np.zeros(len(f)))
         weight_local = sum((p["numel"] / np.maximum(1, self._weight_split(p["map"], dims, f)) for p in weights),
                            np.zeros(len(f)))
@@ -186,12 +189,12 @@ class CostModel:
         # partial sums (of a reduction split): all-reduced in place, or, between batch layouts, reduce-scattered to
         # batch chunks, whose backward all-gathers the gradient (the layer's whole way back to the batch layout)
         partials = "reduce_scatter" if self.options.batch_interface else "all_reduce"
-        summed = out_local * self._anchor_share(layer, dims, f, extent) * itemsize
-        comm = priced(partials, summed, missing(out_map))
+        summed, reducing = local(anchor_map) * itemsize, missing(anchor_map)
+        comm = priced(partials, summed, reducing)
         if self.options.batch_interface:
-            comm += priced("all_gather", summed, missing(out_map))
+            comm += priced("all_gather", summed, reducing)
         if self.options.checkpointing and recomputed:  # the forward's partial sums are reduced again
-            comm += priced(partials, summed, missing(out_map))
+            comm += priced(partials, summed, reducing)
         for m, grad in zip(activations, maps.get("inputs_grad") or [True] * len(activations)):
             if grad:  # the input's gradient is summed over the splits it does not run over (none without one)
                 comm += priced(partials, local(m) * itemsize, missing(m))
@@ -229,32 +232,22 @@ class CostModel:
         return seconds, comm, state + saved
 
     @staticmethod
-    def _anchor_share(layer: LayerAttrs, dims: list[str], f: np.ndarray, extent: np.ndarray) -> np.ndarray | float:
-        """Elements of the anchor op's output (where partial sums are reduced) per element of the layer's
-        output: 1, except where ops fused after a projection regroup its channels (GEGLU's chunk, gelu and
-        mul halve them: the partial sums are the 2F channels before it, the output the F after)."""
-        if layer["op"] not in ("conv", "linear"):
-            return 1.0
-        out_map = layer["tensors"]["output"]
-        operand_dims = {d for m in layer["tensors"]["operands"] for d in (m or []) if d}
-        regrouped = [i for i, d in enumerate(dims) if layer["roles"][d] == "out_channel" and d not in out_map]
-        derived = [i for i, d in enumerate(dims) if d in out_map and d not in operand_dims]
-        if not regrouped or not derived:
-            return 1.0
-        return extent[regrouped].prod() / f[:, regrouped].prod(axis=1) / (extent[derived].prod()
-                                                                           / f[:, derived].prod(axis=1))
-
-    @staticmethod
     def _weight_split(weight_map: list, dims: list[str], f: np.ndarray) -> np.ndarray:
         idx = [dims.index(d) for d in weight_map if d in dims]
         return f[:, idx].prod(axis=1) if idx else np.ones(len(f), dtype=np.int64)
 
     @staticmethod
-    def _factor_table(layer: LayerAttrs, space: SplitTable) -> np.ndarray:
+    def _factor_table(layer: LayerAttrs, space: SplitTable, output: bool = False) -> np.ndarray:
+        """Per configuration, the split of every layer dimension. ``output``: as the layer's output holds it,
+        where a gated projection's output channels split with its projection channels
+        (``pase.graph.gating.gated_dims``; not an extra split of the devices, so only for the output)."""
         dims = list(layer["dims"])
         table = np.ones((len(space), len(dims)), dtype=np.int64)
         for j, name in enumerate(space.dims):
             table[:, dims.index(name)] = space.factors[:, j]
+        gated = gated_dims(layer) if output else None
+        if gated is not None:
+            table[:, dims.index(gated[1])] = table[:, dims.index(gated[0])]
         return table
 
     def _halo(self, layer: LayerAttrs, dims: list[str], f: np.ndarray, extent: np.ndarray,
@@ -312,7 +305,7 @@ class CostModel:
         shape = np.array(edge["shape"], dtype=np.float64)
         if self.devices <= 1 or not len(shape):
             return np.zeros((len(src), len(dst)))
-        fp = self._factor_table(producer, src)
+        fp = self._factor_table(producer, src, output=True)
         fc = self._factor_table(consumer, dst)
         pdims, cdims = list(producer["dims"]), list(consumer["dims"])
         axes = len(shape)

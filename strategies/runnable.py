@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from pase.graph.gating import gated_dims
 from strategies.splits import SplitSpace
 
 SPACES = ("runnable", "all")  # pase plan --space
@@ -52,9 +53,9 @@ SDPA = "scaled_dot_product_attention"  # the attention op the runtime splits by 
 # attention modules whose q, k, v and output the runtime can keep head-split (it installs its own processor)
 KEEPING_ATTENTION = ("diffusers.models.attention_processor.Attention",)
 TENSOR_RUNS = ("out", "in", "heads")  # layer runs with their own tensor-parallel collectives
-KEPT_RULE = ("A channel-split norm or elementwise layer runs only between layers that keep its layout (before it, an "
-             "out-split conv/linear with it as its one consumer or another channel-split layer; after it, an in-split "
-             "or channel-split layer; same degree)")
+KEPT_RULE = ("A channel-split norm or elementwise layer, or an out-split GEGLU projection, runs only between layers "
+             "that keep its layout (before it, an out-split conv/linear with it as its one consumer or another "
+             "channel-split layer; after it, an in-split or channel-split layer; same degree)")
 TENSOR_LAYOUTS = {("conv", "out_channel"): "out", ("conv", "reduction"): "in", ("linear", "out_channel"): "out",
                   ("linear", "reduction"): "in", ("attention", "head"): "heads"}
 
@@ -66,6 +67,7 @@ class LayerRun:
     kind: str
     factor: int = 1
     dim: str | None = None
+    gated: bool = False  # an out-split of a GEGLU projection: interleaved rows, ``dim`` its output channels
 
 
 class NotRunnable(ValueError):
@@ -94,10 +96,11 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
         raise NotRunnable(f"{role} splits of {op} layers have no runtime (only {_tensor_kinds()})")
     if kind == "local":
         _check_local(layer, dim, factor)
-    if kind == "out" and dim not in layer["tensors"]["output"]:  # GEGLU: chunk(2), gelu and mul fused after it
+    gated = gated_dims(layer)
+    if kind == "out" and dim not in layer["tensors"]["output"] and not (gated and gated[0] == dim):
         fused = ", ".join(layer.get("fused_ops", []))
         raise NotRunnable(f"its output channels are regrouped by ops fused after it ({fused}): the runtime splits "
-                          "output channels only where the output keeps them (an in-split runs)")
+                          "output channels only where the output keeps them or a GEGLU halves them")
     built = layer.get("attrs", {}).get("attention_of")  # attention the graph folded from matmul, softmax, matmul
     if kind == "heads" and built:
         raise NotRunnable(f"head splits of attention computed as {built} have no runtime (the runtime splits torch's "
@@ -109,6 +112,8 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
     if batch * factor != devices:
         raise NotRunnable(f"{role} split {factor} x batch split {batch} uses {batch * factor} of {devices} ranks: "
                           "the runtime needs the batch split over the rest")
+    if kind == "out" and gated and gated[0] == dim:  # rows interleaved: this rank's output channels of both halves
+        return LayerRun(kind, factor, gated[1], gated=True)
     return LayerRun(kind, factor, dim)
 
 
@@ -136,7 +141,7 @@ def edge_mode(edge: Mapping[str, Any], producer: Mapping[str, Any], source: Laye
     (which re-layouts to skip), so both agree."""
     if _keeps(edge, producer, source, consumer, target, producer_edges):
         return "kept"
-    if source.kind == "local" or target.kind == "local":
+    if source.kind == "local" or target.kind == "local" or source.gated:  # none of these re-lays its activation
         return None
     return "batch"
 

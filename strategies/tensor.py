@@ -62,13 +62,19 @@ class TensorGroups:
 class ChannelSplit(nn.Module):
     """A Conv2d or Linear whose output (``"out"``) or input (``"in"``) channels are split over ``groups.tp``."""
     def __init__(self, module: nn.Conv2d | nn.Linear, split: str, groups: TensorGroups, keep_output: bool = False,
-                 kept_input: bool = False) -> None:
+                 kept_input: bool = False, gated: bool = False) -> None:
         super().__init__()
         if split not in ("out", "in"):
             raise ValueError(f"split must be 'out' or 'in', not {split!r}")
         self.split, self.groups = split, groups
         self.keep_output = keep_output and split == "out"  # return this rank's channels of the group's batch
         self.kept_input = kept_input and split == "in"  # the input arrives as this rank's channels already
+        # a GEGLU projection split by rows: this rank holds its part of both halves (h_r, g_r), so that the
+        # module's chunk(2) and product give its part of the output, kept for an in-split consumer (returned
+        # to batch chunks it would move the 2F channels before the product, twice what the pair moves)
+        self.halves = 2 if gated and split == "out" else 1
+        if self.halves > 1 and not self.keep_output:
+            raise ValueError("an out-split GEGLU projection runs only with its output kept for an in-split")
         self.is_conv = isinstance(module, nn.Conv2d)
         if self.is_conv:
             if module.groups != 1 or module.padding_mode != "zeros":
@@ -76,13 +82,13 @@ class ChannelSplit(nn.Module):
             self.stride, self.padding, self.dilation = module.stride, module.padding, module.dilation
         t, rank = groups.tp_size, dist.get_rank(groups.tp)
         weight = module.weight.detach()
-        self.weight = nn.Parameter(weight.chunk(t, dim=0 if split == "out" else 1)[rank].clone(),
-                                   requires_grad=module.weight.requires_grad)
+        part = (rows_of(weight, t, rank, self.halves) if split == "out" else weight.chunk(t, dim=1)[rank]).clone()
+        self.weight = nn.Parameter(part, requires_grad=module.weight.requires_grad)
         setattr(self.weight, SHARD_GROUP, groups.dp)
         self.bias: nn.Parameter | None = None
         if module.bias is not None:
             bias = module.bias.detach()
-            self.bias = nn.Parameter(bias.chunk(t)[rank].clone() if split == "out" else bias.clone(),
+            self.bias = nn.Parameter(rows_of(bias, t, rank, self.halves).clone() if split == "out" else bias.clone(),
                                      requires_grad=module.bias.requires_grad)
             if split == "out":
                 setattr(self.bias, SHARD_GROUP, groups.dp)
@@ -110,9 +116,28 @@ class ChannelSplit(nn.Module):
             return 0
         return 1 if leaf == "weight" else None
 
+    @property
+    def shard_halves(self) -> int:
+        """Rows interleaved from this many halves (``rows_of``): 2 for a GEGLU projection, else 1."""
+        return self.halves
+
     def extra_repr(self) -> str:
         kept = ", kept output" if self.keep_output else ", kept input" if self.kept_input else ""
         return f"{'Conv2d' if self.is_conv else 'Linear'}, {self.split}-channels / {self.groups.tp_size}{kept}"
+
+
+def rows_of(full: torch.Tensor, t: int, rank: int, halves: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s rows (dim 0) of ``full`` split ``t`` ways: its chunk of each of ``halves`` equal halves,
+    concatenated (halves=1: its plain chunk)."""
+    return torch.cat([half.chunk(t)[rank] for half in full.chunk(halves)])
+
+
+def ordered_rows(gathered: torch.Tensor, t: int, halves: int = 1) -> torch.Tensor:
+    """The ranks' ``rows_of`` parts concatenated in rank order (dim 0), back in the full tensor's row order."""
+    if halves == 1:
+        return gathered
+    rows = gathered.shape[0] // (t * halves)
+    return gathered.reshape(t, halves, rows, *gathered.shape[1:]).transpose(0, 1).reshape(gathered.shape)
 
 
 class ChannelGroupNorm(nn.GroupNorm):
@@ -136,6 +161,10 @@ class ChannelGroupNorm(nn.GroupNorm):
 
     def shard_dim(self, leaf: str) -> int | None:
         return 0
+
+    @property
+    def shard_halves(self) -> int:
+        return 1
 
 
 class _HeadSplitAttention(TorchFunctionMode):
@@ -345,5 +374,5 @@ class GradientSync:
             bucket.flat = bucket.work = None
 
 
-__all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "HeadSplitProcessor", "split_heads", "SHARD_GROUP",
-           "TensorGroups"]
+__all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "HeadSplitProcessor", "ordered_rows", "rows_of",
+           "split_heads", "SHARD_GROUP", "TensorGroups"]

@@ -114,6 +114,31 @@ def test_kept_layouts_pair_an_attention(tiny) -> None:
     assert "no runtime" in runnable_reason(folded, {_dim(folded, "batch"): 4, _dim(folded, "head"): 2}, 8)
 
 
+def test_geglu_projection_splits_its_rows_only_as_a_kept_pair() -> None:
+    """A GEGLU projection (chunk, gelu and product fused after it) out-splits with interleaved rows, its output
+    channels F split with its 2F projection channels, and only with its output kept for an in-split of the
+    feed-forward's second linear; row shards gather back to the full weight's order."""
+    import torch
+
+    from pase.graph.gating import gated_dims
+    from strategies.tensor import ordered_rows, rows_of
+
+    graph = extract_model("sd-tiny", 8)
+    block = "mid_block.attentions.0.transformer_blocks.0.ff"
+    proj, second = f"{block}.net.0.proj", f"{block}.net.2"
+    projected, output = gated_dims(graph[proj])
+    assert graph[proj]["dims"][projected] == 2 * graph[proj]["dims"][output] and gated_dims(graph[second]) is None
+    run = layer_run(graph[proj], {projected: 2}, 2)
+    assert run == LayerRun("out", 2, output, gated=True)
+    edge = graph.graph.get_edge_data(proj, second)[0]
+    assert edge_mode(edge, graph[proj], run, graph[second], LayerRun("in", 2, "c_in"), 1) == "kept"
+    assert edge_mode(edge, graph[proj], run, graph[second], LayerRun("batch"), 1) is None  # 2F channels back: no
+    weight = torch.arange(24.0).reshape(12, 2)  # rows: h (0..5), g (6..11)
+    parts = [rows_of(weight, 3, rank, halves=2) for rank in range(3)]
+    assert parts[1][:, 0].tolist() == [4.0, 6.0, 16.0, 18.0]  # rank 1: its third of h, then of g
+    assert torch.equal(ordered_rows(torch.cat(parts), 3, halves=2), weight)
+
+
 def test_forced_channel_split_without_kept_neighbours_is_refused(tiny) -> None:
     cluster = parse_spec("2xL40S")
     alone = {"down_blocks.1.resnets.0/elementwise_1": {"c": 2}}  # the residual add: conv2's sums arrive batch-split

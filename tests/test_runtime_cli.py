@@ -135,8 +135,9 @@ def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, onl
 @pytest.mark.parametrize("only", ["dp", "tensor"])
 def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str) -> None:
     """sd-tiny (SD's architecture at test size: cross-attention transformer blocks, layer norms, GEGLU) under
-    `pase verify --check` with text embeddings: the tensor plan keeps channels and heads split between layers,
-    matches a single process, and moves exactly the bytes it priced."""
+    `pase verify --check` with text embeddings: the tensor plan keeps channels and heads split between layers
+    (a ResNet block, attentions, a GEGLU feed-forward with interleaved rows), matches a single process, and
+    moves exactly the bytes it priced."""
     from pase.runtime.layout import layer_layouts
 
     cluster, profile, _ = local
@@ -144,12 +145,14 @@ def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str)
     # the tensor plan with one ResNet block's norm2 and time-embedding add channel-split: the search must give
     # them kept neighbours (conv1 out-split, conv2 in-split)
     kept = {f"mid_block.resnets.0{layer}": {"c": 2} for layer in (".norm2", "/elementwise")}
+    kept["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"] = {"c_out": 2}  # GEGLU rows, kept for net.2
     options = PlanOptions(precision="fp32", only=only, force=kept if only == "tensor" else None)
     plan = plan_graph(graph, cluster, profile=profile, options=options)
     layouts = layer_layouts(plan, graph)
     kinds = {layout.kind for layout in layouts}
     assert kinds == {"batch"} if only == "dp" else {"out", "in", "heads", "local"} <= kinds
     assert any(layout.keep_output for layout in layouts) == (only == "tensor")
+    assert any(layout.gated and layout.keep_output for layout in layouts) == (only == "tensor")
     plan_path = tmp_path / "plan.json"
     plan.save(plan_path)
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -28,6 +28,7 @@ class LayerLayout:
     keep_output: bool = False  # an out-split or head split whose output stays channel-split for its consumer
     kept_input: bool = False  # an in-split whose input arrives channel-split
     kept_inputs: tuple[str, ...] = ()  # a head split's projections ("to_q", ...) whose output arrives head-split
+    gated: bool = False  # an out-split GEGLU projection (interleaved rows)
 
     @property
     def applied(self) -> str:
@@ -58,7 +59,7 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
         if mode == "kept":
             kept.add((src, dst))
         elif mode is None:
-            local, other = (src, dst) if runs[src].kind == "local" else (dst, src)
+            local, other = (src, dst) if runs[src].kind == "local" or runs[src].gated else (dst, src)
             beside = f"next to {other} as {runs[other].kind}/{runs[other].factor}"
             refused.setdefault(KEPT_RULE, []).append(f"{local} ({runs[local].kind}/{runs[local].factor}, {beside})")
     result = []
@@ -71,7 +72,7 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
         kept_from = [graph[src]["module"] for src in graph.graph.predecessors(choice.id) if (src, choice.id) in kept]
         kept_inputs = tuple(sorted(module.rpartition(".")[2] for module in kept_from)) if run.kind == "heads" else ()
         result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor,
-                                  keep_output, run.kind == "in" and bool(kept_from), kept_inputs))
+                                  keep_output, run.kind == "in" and bool(kept_from), kept_inputs, run.gated))
     if refused:
         count = sum(map(len, refused.values()))
         reasons = [f"{_named(layers)}: {reason}" for reason, layers in refused.items()]

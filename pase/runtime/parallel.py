@@ -102,7 +102,7 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
             raise PaseError(f"layer {layout.layer} is planned as a {layout.kind}-channel split but module "
                             f"{layout.module!r} is a {type(module).__name__}, not Conv2d or Linear")
         setattr(parent, child, ChannelSplit(module, layout.kind, groups[layout.factor], layout.keep_output,
-                                            layout.kept_input))
+                                            layout.kept_input, layout.gated))
     model.pase_sync = GradientSync.install(model, world, dtype=GRADIENT_DTYPES[precision])
     model.pase_layout = ParallelLayout("tensor", world, layouts, degrees)
     model.pase_head_modes = modes

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from strategies.collectives import gather
-from strategies.tensor import ChannelGroupNorm, ChannelSplit
+from strategies.tensor import ChannelGroupNorm, ChannelSplit, ordered_rows, rows_of
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class _Shard:
     kind: str  # "whole", "dtensor" or "channels"
     dim: int = 0
     group: Any = None  # tensor-parallel group of a channel shard
+    halves: int = 1  # a channel shard's rows interleaved from this many halves (GEGLU: 2; ``rows_of``)
 
 
 class ShardMap:
@@ -53,7 +54,7 @@ class ShardMap:
             if _is_dtensor(param):
                 self.shards[name] = _Shard("dtensor")
             elif split is not None and split.shard_dim(leaf) is not None:
-                self.shards[name] = _Shard("channels", split.shard_dim(leaf), split.groups.tp)
+                self.shards[name] = _Shard("channels", split.shard_dim(leaf), split.groups.tp, split.shard_halves)
             else:
                 self.shards[name] = _Shard("whole")
 
@@ -67,7 +68,7 @@ class ShardMap:
         if _is_dtensor(tensor):
             return tensor.full_tensor()
         if shard.kind == "channels" and tensor.dim() > 0:
-            return gather(tensor, shard.dim, shard.group)
+            return _gather_rows(tensor, shard.dim, shard.group, shard.halves)
         return tensor
 
     def local(self, name: str, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ class ShardMap:
         shard = self.shards[name]
         if shard.kind == "channels" and like.dim() > 0:
             size, rank = dist.get_world_size(shard.group), dist.get_rank(shard.group)
-            return full.chunk(size, dim=shard.dim)[rank].clone()
+            return rows_of(full.movedim(shard.dim, 0), size, rank, shard.halves).movedim(0, shard.dim).clone()
         return full.clone()
 
     def full_named(self, tensors: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,7 +187,7 @@ def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tenso
         split = splits.get(owner)
         dim = split.shard_dim(leaf) if split is not None else None
         if split is not None and dim is not None:
-            tensor = gather(tensor, dim, split.groups.tp)
+            tensor = _gather_rows(tensor, dim, split.groups.tp, split.shard_halves)
         result[name] = tensor
     return result
 
@@ -219,6 +220,12 @@ def _gather_stages(local: dict[str, torch.Tensor], group: Any = None) -> dict[st
     for part in parts:
         merged.update(part)
     return merged
+
+
+def _gather_rows(part: torch.Tensor, dim: int, group: Any, halves: int) -> torch.Tensor:
+    """The full tensor of channel shards along ``dim`` (collective), rows interleaved from ``halves`` put back."""
+    gathered = gather(part, dim, group)
+    return ordered_rows(gathered.movedim(dim, 0), dist.get_world_size(group), halves).movedim(0, dim)
 
 
 def _is_dtensor(tensor: Any) -> bool:
