@@ -199,16 +199,21 @@ class CostModel:
             if grad:  # the input's gradient is summed over the splits it does not run over (none without one)
                 comm += priced(partials, local(m) * itemsize, missing(m))
         weight_sync = np.zeros(len(f))
+        reduction_split = f[:, [dims.index(d) for d in reductions]].prod(axis=1) > 1 if reductions else \
+            np.zeros(len(f), dtype=bool)
         for p in weights:
             replicas = gradient_group(p["map"])
             shard = p["numel"] / self._weight_split(p["map"], dims, f) * itemsize
             stride = np.maximum(1, used // np.maximum(1, replicas))
-            if self.options.fsdp:
-                weight_sync += priced("reduce_scatter", shard, replicas, stride, bucketed=True)
-                weight_sync += 2 * priced("all_gather", shard, replicas, stride, bucketed=True)
-                comm_bytes = comm_bytes + self.collective_bytes("all_gather", shard, replicas)  # the second gather
-            else:
-                weight_sync += priced("all_reduce", shard, replicas, stride, bucketed=True)
+            # under FSDP a parameter is sharded with its module's data-parallel peers; the bias of an in-split,
+            # summed over every rank (``gradient_group``), stays whole and is all-reduced instead
+            whole = ~np.asarray(self.options.fsdp, dtype=bool) | (
+                reduction_split & (set(p["map"]) <= set(anchor_map)) & self.options.batch_interface)
+            sharded = np.where(whole, 0.0, shard)
+            weight_sync += priced("reduce_scatter", sharded, replicas, stride, bucketed=True)
+            weight_sync += 2 * priced("all_gather", sharded, replicas, stride, bucketed=True)
+            comm_bytes = comm_bytes + self.collective_bytes("all_gather", sharded, replicas)  # the second gather
+            weight_sync += priced("all_reduce", np.where(whole, shard, 0.0), replicas, stride, bucketed=True)
         if self.options.overlap_gradients:
             hiding = seconds if self.options.fsdp else seconds * float(layer["flops_bwd"]) / max(flops, 1.0)
             weight_sync = np.maximum(0.0, weight_sync - hiding)

@@ -29,7 +29,8 @@ replaces), ``to_out`` in-split. Every other edge passes through the batch layout
 ("batch"), which a local layer cannot do: a local layer whose neighbour does not keep the layout
 is not runnable (``edge_mode`` None), and the search prices that pair as infinite.
 
-Under FSDP only the batch layouts run (FSDP2 shards whole modules over all ranks). Every other
+Under FSDP the same layouts run, each module's parameters sharded over its data-parallel peers
+(``strategies.tensor.shard_parameters``). Every other
 configuration (spatial, sequence, layer-norm channel splits, two tensor dimensions at once, fewer
 devices than ``p``) is priced only by ``--space all``.
 """
@@ -105,8 +106,6 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
     if kind == "heads" and built:
         raise NotRunnable(f"head splits of attention computed as {built} have no runtime (the runtime splits torch's "
                           f"{SDPA})")
-    if fsdp:
-        raise NotRunnable("FSDP runs batch layouts only (it shards whole modules over all ranks)")
     if kind in ("out", "in") and not _plain(layer):
         raise NotRunnable(f"{role} splits of grouped or transposed {op} layers have no runtime")
     if batch * factor != devices:

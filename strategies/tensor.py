@@ -37,10 +37,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.overrides import TorchFunctionMode
 
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES
 from strategies.collectives import batch_to_split, gather_batch, reduce_scatter_batch, split_to_batch
+from strategies.data import GRADIENT_DTYPES
 
 SHARD_GROUP = "_pase_replica_group"  # attribute naming the group a sharded parameter's gradient is summed over
 
@@ -307,8 +309,10 @@ class GradientSync:
 
     @classmethod
     def install(cls, model: nn.Module, world: int, bucket_bytes: int = GRADIENT_BUCKET_BYTES,
-                dtype: torch.dtype = torch.float32) -> GradientSync:
-        params = [p for p in model.parameters() if p.requires_grad]
+                dtype: torch.dtype = torch.float32, only: list[nn.Parameter] | None = None) -> GradientSync:
+        """Buckets for every trainable parameter of ``model`` (``only``: these of them)."""
+        chosen = None if only is None else {id(p) for p in only}
+        params = [p for p in model.parameters() if p.requires_grad and (chosen is None or id(p) in chosen)]
         open_buckets: dict[int, _Bucket] = {}  # per replica group, the bucket being filled
         filled: dict[int, int] = {}
         closed: list[tuple[int, _Bucket]] = []  # (position of its last parameter, bucket)
@@ -374,5 +378,38 @@ class GradientSync:
             bucket.flat = bucket.work = None
 
 
+def shard_parameters(model: nn.Module, device_type: str, world: int, precision: str = "fp32"
+                     ) -> list[nn.Parameter]:
+    """FSDP2 (``fully_shard``) on every module that owns trainable parameters, for a plan with both tensor splits
+    and ``--fsdp``: a channel-split module's shards are sharded again over its data-parallel peers (the "dp"
+    axis of its 2-D mesh), every other module's parameters over all ranks. Each unit all-gathers its
+    parameters before its forward and again for its backward, and reduce-scatters its gradients, summed and
+    divided by the world as ``GradientSync`` would (each rank's loss is its chunk's mean): per layer, the
+    collectives the cost model prices for FSDP. An in-split's bias, whose gradient is summed over every rank
+    (it is added to each rank's batch chunk), is left out of its module's unit, and so is a module split over
+    every rank (no peer to shard it with); the returned parameters (those) need ``GradientSync``."""
+    world_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    dtype = GRADIENT_DTYPES[precision]
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype) if dtype != torch.float32 \
+        else MixedPrecisionPolicy()
+    whole: list[nn.Parameter] = []
+    for module in list(model.modules()):
+        if not any(param.requires_grad for param in module.parameters(recurse=False)):
+            continue
+        split = isinstance(module, (ChannelSplit, ChannelGroupNorm))
+        if split and module.groups.tp_size == world:  # split over every rank: no peer to shard it with
+            whole.extend(param for param in module.parameters(recurse=False) if param.requires_grad)
+            continue
+        ignored = {module.bias} if isinstance(module, ChannelSplit) and module.split == "in" and \
+            module.bias is not None else set()
+        whole.extend(ignored)
+        fully_shard(module, mesh=module.groups.mesh["dp"] if split else world_mesh, mp_policy=policy,
+                    ignored_params=ignored or None)
+        module.set_gradient_divide_factor(float(world))  # type: ignore[operator]
+        if dist.get_backend() != "nccl":  # gloo has no pre-scaled sum: sum, then divide by the world
+            module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
+    return whole
+
+
 __all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "HeadSplitProcessor", "ordered_rows", "rows_of",
-           "split_heads", "SHARD_GROUP", "TensorGroups"]
+           "shard_parameters", "split_heads", "SHARD_GROUP", "TensorGroups"]

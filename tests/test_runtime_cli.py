@@ -83,19 +83,20 @@ def _plan(local: tuple, only: str) -> Plan:
     from pase.planning.pipeline import plan_with_pipeline
 
     cluster, profile, graph = local
-    only, _, extra = only.partition("+")
-    options = PlanOptions(precision="fp32", only=only, checkpointing=extra == "checkpoint")
+    only, *extras = only.split("+")
+    options = PlanOptions(precision="fp32", only=only, checkpointing="checkpoint" in extras, fsdp="fsdp" in extras)
     if only == "pipeline":
         return plan_with_pipeline(graph, cluster, profile=profile, options=options)[0]
     return plan_graph(graph, cluster, profile=profile, options=options)
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("only", ["dp", "fsdp", "tensor", "tensor+checkpoint", "pipeline"])
+@pytest.mark.parametrize("only", ["dp", "fsdp", "tensor", "tensor+checkpoint", "tensor+fsdp+checkpoint", "pipeline"])
 def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, only: str) -> None:
-    """`pase verify --check` under torchrun for per-layer plans and for pipeline stages (their schedule, not
-    forwards): one step matches a single process, every layer runs as planned, and the bytes the collectives
-    move are the bytes the plan priced; then the timed steps update the profile."""
+    """`pase verify --check` under torchrun for per-layer plans (tensor splits with FSDP over each split's data-
+    parallel peers too) and for pipeline stages (their schedule, not forwards): one step matches a single process,
+    every layer runs as planned, and the bytes the collectives move are the bytes the plan priced; then the timed
+    steps update the profile."""
     _, profile, _ = local
     plan = _plan(local, only)
     assert bool(plan.stages) == (only == "pipeline")

@@ -1,12 +1,12 @@
 """Benchmark: the runtime on 2 and 4 gloo processes with unet-tiny, predicted against measured.
 
-    PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4] [--kinds dp,fsdp,tensor,pipeline]
+    PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4] [--kinds dp,fsdp,tensor,tensor+fsdp,pipeline]
         [--steps 8] [--batch 8] [--profile FILE] [--json bench_results/runtime.json]
 
-Plans come from `pase plan --cluster local --devices N --only KIND` (priced by the CPU calibration
-profile of this machine, or --profile), as users make them. Each row runs `pase verify --check`
-under a fresh `torchrun`: one checked step against a single process (max relative error, layers
-as planned), the communication bytes per rank per step counted at the torch.distributed calls
+Plans come from `pase plan --cluster local --devices N --only KIND` (`tensor+fsdp`: with `--fsdp`;
+priced by the CPU calibration profile of this machine, or --profile), as users make them. Each row
+runs `pase verify --check` under a fresh `torchrun`: one checked step against a single process (max
+relative error, layers as planned), the communication bytes per rank per step counted at the torch.distributed calls
 against those the plan priced, and the step time (median after warm-up, slowest rank). The pure
 data-parallel plan is also timed against a hand-written DDP loop on the same model, batch and
 synthetic data (target: within 5%); the pair runs twice, alternating, keeping each one's best
@@ -55,10 +55,12 @@ def torchrun(world: int, *args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def plan(only: str, world: int, out: Path, batch: int, profile: str | None) -> dict:
+def plan(kind: str, world: int, out: Path, batch: int, profile: str | None) -> dict:
+    """``kind`` is an ``--only`` value, with "+fsdp" for ``--fsdp`` too (tensor+fsdp: FSDP over the splits)."""
+    only, *extras = kind.split("+")
     command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices",
                str(world), "--batch", str(batch), "--only", only, "--json", str(out),
-               *(["--profile", profile] if profile else [])]
+               *(["--fsdp"] if "fsdp" in extras else []), *(["--profile", profile] if profile else [])]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_env(), cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError((done.stderr or done.stdout)[-2000:])
@@ -79,7 +81,7 @@ def describe(kind: str, data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="2,4")
-    parser.add_argument("--kinds", default="dp,fsdp,tensor,pipeline")
+    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,pipeline")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--profile", default=None)

@@ -4,7 +4,9 @@ Order (each step refuses bad input before any work): the world size and the mode
 against the plan; parameters are broadcast from rank 0 (every rank starts from the same weights);
 then either the fast path (DDP, or FSDP2 when the plan was made with ``--fsdp``) for plans that split
 only the batch, or the per-layer layouts of ``pase.runtime.layout`` on tensor-parallel groups built
-from the plan's split factors (one 2-D device mesh per degree), with gradient synchronisation. A plan
+from the plan's split factors (one 2-D device mesh per degree), with gradient synchronisation; with
+``--fsdp`` too, FSDP2 shards each module's parameters over its data-parallel peers (the 2-D mesh's dp
+axis for a split module, every rank for the others: ``strategies.tensor.shard_parameters``). A plan
 made with ``--checkpoint`` has the blocks it priced as recomputing run under activation checkpointing
 (``strategies.checkpointing``) on every path, pipeline stages included.
 """
@@ -24,7 +26,14 @@ from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parall
 from pase.runtime.pipeline import pipeline_parallelize
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
-from strategies.tensor import ChannelGroupNorm, ChannelSplit, GradientSync, TensorGroups, split_heads
+from strategies.tensor import (
+    ChannelGroupNorm,
+    ChannelSplit,
+    GradientSync,
+    TensorGroups,
+    shard_parameters,
+    split_heads,
+)
 
 
 def default_device() -> torch.device:
@@ -64,7 +73,12 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
         result = apply(model, device, plan.precision)
         result.pase_layout = ParallelLayout("fsdp" if fsdp else "ddp", world, layouts, checkpointed=blocks)
         return result
-    result = _apply_tensor_layouts(model, layouts, device, world, plan.precision)
+    fsdp = bool(plan.options.get("fsdp"))
+    result = _apply_tensor_layouts(model, layouts, device, world, plan.precision, sync=not fsdp)
+    if fsdp:  # FSDP2 on each module with parameters, a split module's over its data-parallel peers
+        whole = shard_parameters(result, device.type, world, plan.precision)
+        result.pase_sync = GradientSync.install(result, world, dtype=GRADIENT_DTYPES[plan.precision], only=whole)
+        result.pase_layout.kind = "fsdp+tensor"
     # last: a block's forward that a split replaced (head-split attention) is what recomputes, collectives included
     result.pase_layout.checkpointed = apply_checkpointing(result, blocks)
     return result
@@ -77,7 +91,7 @@ def _broadcast_from_rank0(model: nn.Module) -> None:
 
 
 def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: torch.device,
-                          world: int, precision: str) -> nn.Module:
+                          world: int, precision: str, sync: bool = True) -> nn.Module:
     degrees = sorted({layout.factor for layout in layouts if layout.kind != "batch"})
     groups = {t: TensorGroups.build(device.type, world, t) for t in degrees}  # same order on every rank
     modes = []
@@ -103,7 +117,8 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
                             f"{layout.module!r} is a {type(module).__name__}, not Conv2d or Linear")
         setattr(parent, child, ChannelSplit(module, layout.kind, groups[layout.factor], layout.keep_output,
                                             layout.kept_input, layout.gated))
-    model.pase_sync = GradientSync.install(model, world, dtype=GRADIENT_DTYPES[precision])
+    if sync:  # (under FSDP its reduce-scatters sum the gradients instead)
+        model.pase_sync = GradientSync.install(model, world, dtype=GRADIENT_DTYPES[precision])
     model.pase_layout = ParallelLayout("tensor", world, layouts, degrees)
     model.pase_head_modes = modes
     return model

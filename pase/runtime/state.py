@@ -24,7 +24,7 @@ from strategies.tensor import ChannelGroupNorm, ChannelSplit, ordered_rows, rows
 
 @dataclass(frozen=True)
 class _Shard:
-    kind: str  # "whole", "dtensor" or "channels"
+    kind: str  # "whole", "dtensor", "channels" or "dtensor+channels" (an FSDP shard of a channel shard)
     dim: int = 0
     group: Any = None  # tensor-parallel group of a channel shard
     halves: int = 1  # a channel shard's rows interleaved from this many halves (GEGLU: 2; ``rows_of``)
@@ -51,10 +51,12 @@ class ShardMap:
             self.named.append((name, param))
             owner, _, leaf = name.rpartition(".")
             split = splits.get(owner)
-            if _is_dtensor(param):
+            channel_dim = split.shard_dim(leaf) if split is not None else None
+            if split is not None and channel_dim is not None:  # FSDP may shard the channel shard again
+                kind = "dtensor+channels" if _is_dtensor(param) else "channels"
+                self.shards[name] = _Shard(kind, channel_dim, split.groups.tp, split.shard_halves)
+            elif _is_dtensor(param):
                 self.shards[name] = _Shard("dtensor")
-            elif split is not None and split.shard_dim(leaf) is not None:
-                self.shards[name] = _Shard("channels", split.shard_dim(leaf), split.groups.tp, split.shard_halves)
             else:
                 self.shards[name] = _Shard("whole")
 
@@ -66,20 +68,20 @@ class ShardMap:
         """The full tensor of a tensor laid out like parameter ``name`` (collective over its shard group)."""
         shard = self.shards[name]
         if _is_dtensor(tensor):
-            return tensor.full_tensor()
-        if shard.kind == "channels" and tensor.dim() > 0:
+            tensor = tensor.full_tensor()
+        if shard.kind in ("channels", "dtensor+channels") and tensor.dim() > 0:
             return _gather_rows(tensor, shard.dim, shard.group, shard.halves)
         return tensor
 
     def local(self, name: str, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``full``, laid out like ``like`` (the parameter or a tensor of its state)."""
         full = full.to(device=like.device, dtype=like.dtype)
+        shard = self.shards[name]
+        if shard.kind in ("channels", "dtensor+channels") and like.dim() > 0:
+            size, rank = dist.get_world_size(shard.group), dist.get_rank(shard.group)
+            full = rows_of(full.movedim(shard.dim, 0), size, rank, shard.halves).movedim(0, shard.dim).contiguous()
         if _is_dtensor(like):
             return distribute_tensor(full, like.device_mesh, like.placements)
-        shard = self.shards[name]
-        if shard.kind == "channels" and like.dim() > 0:
-            size, rank = dist.get_world_size(shard.group), dist.get_rank(shard.group)
-            return rows_of(full.movedim(shard.dim, 0), size, rank, shard.halves).movedim(0, shard.dim).clone()
         return full.clone()
 
     def full_named(self, tensors: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
