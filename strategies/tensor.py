@@ -403,8 +403,10 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
         ignored = {module.bias} if isinstance(module, ChannelSplit) and module.split == "in" and \
             module.bias is not None else set()
         whole.extend(ignored)
+        # every unit is its own root (there is no enclosing one): reshard after forward explicitly, as FSDP does for
+        # non-root units, so that the backward gathers again (the memory FSDP saves, the bytes priced)
         fully_shard(module, mesh=module.groups.mesh["dp"] if split else world_mesh, mp_policy=policy,
-                    ignored_params=ignored or None)
+                    reshard_after_forward=True, ignored_params=ignored or None)
         module.set_gradient_divide_factor(float(world))  # type: ignore[operator]
         if dist.get_backend() != "nccl":  # gloo has no pre-scaled sum: sum, then divide by the world
             module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
