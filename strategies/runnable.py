@@ -12,6 +12,9 @@ holds batch chunk ``r``). A layer then runs as one of:
 - **out** / **in** (``strategies.tensor``, column / row parallel): a plain Conv2d or Linear
   (ungrouped, not transposed) with ``{batch: p/t, out_channel: t}`` or ``{batch: p/t, reduction: t}``
   for ``1 < t | p``, on a tensor-parallel group of ``t`` consecutive ranks;
+- **grid** (``strategies.tensor``, 2-D tensor parallel): a plain Conv2d or Linear with
+  ``{batch: p/(t*u), out_channel: t, reduction: u}`` on a ``t x u`` grid of consecutive ranks, each
+  holding one weight block;
 - **heads** (``strategies.tensor``): attention computed by ``scaled_dot_product_attention`` with
   ``{batch: p/t, head: t}``;
 - **local** (``strategies.tensor``): a group norm (whole groups) or an elementwise layer with
@@ -31,8 +34,8 @@ is not runnable (``edge_mode`` None), and the search prices that pair as infinit
 
 Under FSDP the same layouts run, each module's parameters sharded over its data-parallel peers
 (``strategies.tensor.shard_parameters``). Every other
-configuration (spatial, sequence, layer-norm channel splits, two tensor dimensions at once, fewer
-devices than ``p``) is priced only by ``--space all``.
+configuration (spatial, sequence, layer-norm channel splits, two tensor dimensions other than a grid,
+fewer devices than ``p``) is priced only by ``--space all``.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ TAKES_CHANNELS = ("in", "local", "heads")  # layer runs that can take a channel-
 SDPA = "scaled_dot_product_attention"  # the attention op the runtime splits by heads
 # attention modules whose q, k, v and output the runtime can keep head-split (it installs its own processor)
 KEEPING_ATTENTION = ("diffusers.models.attention_processor.Attention",)
-TENSOR_RUNS = ("out", "in", "heads")  # layer runs with their own tensor-parallel collectives
+TENSOR_RUNS = ("out", "in", "heads", "grid")  # layer runs with their own tensor-parallel collectives
 KEPT_RULE = ("A channel-split norm or elementwise layer, or an out-split GEGLU projection, runs only between layers "
              "that keep its layout (before it, an out-split conv/linear with it as its one consumer or another "
              "channel-split layer; after it, an in-split or channel-split layer; same degree)")
@@ -63,12 +66,27 @@ TENSOR_LAYOUTS = {("conv", "out_channel"): "out", ("conv", "reduction"): "in", (
 
 @dataclass(frozen=True)
 class LayerRun:
-    """How the runtime runs one layer: ``kind`` is "batch", "out", "in", "heads" or "local"; ``factor`` the
-    tensor-parallel degree (1 for batch); ``dim`` the layer dimension split ``factor`` ways (None for batch)."""
+    """How the runtime runs one layer: ``kind`` is "batch", "out", "in", "heads", "local" or "grid" (output and
+    input channels at once); ``factor`` the tensor-parallel degree (1 for batch; a grid's output-channel split);
+    ``dim`` the layer dimension split ``factor`` ways (None for batch)."""
     kind: str
     factor: int = 1
     dim: str | None = None
     gated: bool = False  # an out-split of a GEGLU projection: interleaved rows, ``dim`` its output channels
+    inner: int = 1  # a "grid" run's input-channel split (``factor`` splits its output channels)
+    inner_dim: str | None = None  # that input-channel dimension
+
+    @property
+    def ranks(self) -> int:
+        """Ranks of one tensor-parallel group of this run (1 for batch)."""
+        return self.factor * self.inner
+
+    @property
+    def label(self) -> str:
+        """How it prints: "batch", "out/2", "grid/2x2" (output x input channels)."""
+        if self.kind == "batch":
+            return "batch"
+        return f"grid/{self.factor}x{self.inner}" if self.kind == "grid" else f"{self.kind}/{self.factor}"
 
 
 class NotRunnable(ValueError):
@@ -89,7 +107,7 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
         raise NotRunnable(f"its batch is {split} on {devices} ranks, leaving replicas; the runtime splits the batch "
                           "over all ranks")
     if len(others) > 1:
-        raise NotRunnable(f"{' x '.join(sorted(others))}: the runtime splits at most one dimension besides the batch")
+        return _grid_run(layer, others, batch, devices)
     (dim, factor), = others.items()
     role, op = roles.get(dim), layer["op"]
     kind = TENSOR_LAYOUTS.get((op, role)) or ("local" if role == "channel" and op in LOCAL_OPS else None)
@@ -114,6 +132,28 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
     if kind == "out" and gated and gated[0] == dim:  # rows interleaved: this rank's output channels of both halves
         return LayerRun(kind, factor, gated[1], gated=True)
     return LayerRun(kind, factor, dim)
+
+
+def _grid_run(layer: Mapping[str, Any], others: dict[str, int], batch: int, devices: int) -> LayerRun:
+    """A plain Conv2d or Linear split over both its output and its input channels (a 2-D tensor-parallel grid)."""
+    roles = {layer["roles"].get(d): d for d in others}
+    out_dim, in_dim = roles.get("out_channel"), roles.get("reduction")
+    if len(others) != 2 or layer["op"] not in ("conv", "linear") or out_dim is None or in_dim is None:
+        raise NotRunnable(f"{' x '.join(sorted(others))}: the runtime splits two dimensions besides the batch only "
+                          "as output x input channels of a conv or linear")
+    if not _plain(layer):
+        raise NotRunnable(f"output x input channel splits of grouped or transposed {layer['op']} layers have no "
+                          "runtime")
+    if out_dim not in layer["tensors"]["output"]:
+        fused = ", ".join(layer.get("fused_ops", []))
+        raise NotRunnable(f"its output channels are regrouped by ops fused after it ({fused}): the runtime splits "
+                          "output channels only where the output keeps them")
+    out_factor, in_factor = others[out_dim], others[in_dim]
+    if batch * out_factor * in_factor != devices:
+        raise NotRunnable(f"output x input channel split {out_factor} x {in_factor} x batch split {batch} uses "
+                          f"{batch * out_factor * in_factor} of {devices} ranks: the runtime needs the batch split "
+                          "over the rest")
+    return LayerRun("grid", out_factor, out_dim, inner=in_factor, inner_dim=in_dim)
 
 
 def _check_local(layer: Mapping[str, Any], dim: str, factor: int) -> None:
@@ -210,6 +250,31 @@ def edge_modes(edge: Mapping[str, Any], producer: Mapping[str, Any], sources: li
     return modes
 
 
+REDUCING_RUNS = ("in", "grid")  # layer runs whose partial sums are reduce-scattered along the batch
+
+
+def output_space(layer: Mapping[str, Any], space: SplitSpace, runs: list[LayerRun | None]) -> SplitSpace:
+    """Per configuration, the split the layer's output leaves it with, on the way to the batch layout: a
+    reduction split's partial sums are reduce-scattered along the batch (``REDUCING_RUNS``), so its output is
+    split that many ways more along the batch and not at all along the reduction. The rest of the way is the
+    edge's re-layout (none for an in-split, whose reduce-scatter gives batch chunks; a grid's all-to-all of
+    its output-channel parts). O(K)."""
+    batch = _batch_dim(layer)
+    if batch is None:
+        return space
+    dims = space.dims if batch in space.dims else (*space.dims, batch)
+    factors = np.ones((len(space), len(dims)), dtype=np.int64)
+    factors[:, :len(space.dims)] = space.factors
+    column = dims.index(batch)
+    for k, run in enumerate(runs):
+        if run is not None and run.kind in REDUCING_RUNS:
+            reduction = run.inner_dim if run.kind == "grid" else run.dim
+            j = dims.index(reduction)
+            factors[k, column] *= factors[k, j]
+            factors[k, j] = 1
+    return SplitSpace(dims, factors)
+
+
 def runnable_reason(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
                     fsdp: bool = False) -> str | None:
     """None when the runtime runs ``splits`` as planned, else why not (one line)."""
@@ -247,5 +312,6 @@ def _tensor_kinds() -> str:
     return ", ".join([*(f"{role} of {op}" for op, role in TENSOR_LAYOUTS), f"channel of {'/'.join(LOCAL_OPS)}"])
 
 
-__all__ = ["KEPT_RULE", "LayerRun", "NotRunnable", "SPACES", "TENSOR_RUNS", "edge_mode", "edge_modes",
-           "interface_config", "layer_run", "restrict", "runnable_mask", "runnable_reason", "space_runs"]
+__all__ = ["KEPT_RULE", "LayerRun", "NotRunnable", "REDUCING_RUNS", "SPACES", "TENSOR_RUNS", "edge_mode",
+           "edge_modes", "interface_config", "layer_run", "output_space", "restrict", "runnable_mask",
+           "runnable_reason", "space_runs"]

@@ -112,11 +112,11 @@ class ChannelSplit(nn.Module):
             out = out + (self.bias.view(-1, 1, 1) if self.is_conv else self.bias)
         return out
 
-    def shard_dim(self, leaf: str) -> int | None:
-        """The dimension parameter ``leaf`` is split along over ``groups.tp`` (None: whole on every rank)."""
+    def shard_cuts(self, leaf: str) -> tuple[tuple[int, Any], ...]:
+        """(dimension, group) per split of parameter ``leaf`` (none: whole on every rank)."""
         if self.split == "out":
-            return 0
-        return 1 if leaf == "weight" else None
+            return ((0, self.groups.tp),)
+        return ((1, self.groups.tp),) if leaf == "weight" else ()
 
     @property
     def shard_halves(self) -> int:
@@ -126,6 +126,89 @@ class ChannelSplit(nn.Module):
     def extra_repr(self) -> str:
         kept = ", kept output" if self.keep_output else ", kept input" if self.kept_input else ""
         return f"{'Conv2d' if self.is_conv else 'Linear'}, {self.split}-channels / {self.groups.tp_size}{kept}"
+
+
+@dataclass
+class GridGroups:
+    """The process groups of a 2-D tensor-parallel grid: a 3-D device mesh (dp, out, in) of ``p / (t * u)`` x
+    ``t`` x ``u`` ranks (``in`` consecutive), and ``bias`` the ranks holding the same output-channel part
+    (dp x in: an output part's bias gradient is summed over them)."""
+    out: Any
+    inp: Any
+    dp: Any
+    bias: Any
+    out_size: int
+    in_size: int
+    mesh: Any = None
+
+    @property
+    def tp_size(self) -> int:
+        return self.out_size * self.in_size
+
+    @classmethod
+    def build(cls, device_type: str, world: int, t: int, u: int) -> GridGroups:
+        mesh = init_device_mesh(device_type, (world // (t * u), t, u), mesh_dim_names=("dp", "out", "in"))
+        bias = mesh["dp", "in"]._flatten(f"dp_in_{t}x{u}").get_group()
+        return cls(out=mesh.get_group("out"), inp=mesh.get_group("in"), dp=mesh.get_group("dp"), bias=bias,
+                   out_size=t, in_size=u, mesh=mesh)
+
+
+class GridSplit(nn.Module):
+    """A Conv2d or Linear split over its output channels ``t`` ways and its input channels ``u`` ways at once,
+    on a ``t x u`` grid of ranks: the rank at (k, j) holds weight block ``W[k, j]`` (output part k, input part
+    j). From the batch layout the input's channel parts are exchanged all-to-all over the ``in`` axis and the
+    result all-gathered over the ``out`` axis (this rank's input channels of the grid's batch, ``(t*u - 1) /
+    (t*u)`` of it received); the partial sums are reduce-scattered along the batch over ``in`` (rows ordered
+    so that each rank's share is the batch chunks of its ``out`` peers), the bias part added, and the output's
+    channel parts exchanged all-to-all over ``out`` back to batch chunks: with ``out`` alone an out-split's
+    collectives, with ``in`` alone an in-split's."""
+    def __init__(self, module: nn.Conv2d | nn.Linear, groups: GridGroups) -> None:
+        super().__init__()
+        self.groups = groups
+        self.is_conv = isinstance(module, nn.Conv2d)
+        if self.is_conv:
+            if module.groups != 1 or module.padding_mode != "zeros":
+                raise ValueError("only ungrouped, zero-padded convolutions can be channel-split")
+            self.stride, self.padding, self.dilation = module.stride, module.padding, module.dilation
+        t, u = groups.out_size, groups.in_size
+        k, j = dist.get_rank(groups.out), dist.get_rank(groups.inp)
+        weight = module.weight.detach()
+        self.weight = nn.Parameter(weight.chunk(t, dim=0)[k].chunk(u, dim=1)[j].clone(),
+                                   requires_grad=module.weight.requires_grad)
+        setattr(self.weight, SHARD_GROUP, groups.dp)
+        self.bias: nn.Parameter | None = None
+        if module.bias is not None:
+            self.bias = nn.Parameter(module.bias.detach().chunk(t)[k].clone(), requires_grad=module.bias.requires_grad)
+            setattr(self.bias, SHARD_GROUP, groups.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel = 1 if self.is_conv else -1
+        t, u = self.groups.out_size, self.groups.in_size
+        part = gather_batch(batch_to_split(x, channel, self.groups.inp), self.groups.out)  # rows (out, in, chunk)
+        if self.is_conv:
+            partial = F.conv2d(part, self.weight, None, self.stride, self.padding, self.dilation)
+        else:
+            partial = F.linear(part, self.weight)
+        rows = partial.shape[0] // (t * u)  # reorder rows to (in, out, chunk): in-peer j's share holds chunks (*, j)
+        partial = partial.reshape(t, u, rows, *partial.shape[1:]).transpose(0, 1).reshape(partial.shape)
+        out = reduce_scatter_batch(partial, self.groups.inp)
+        if self.bias is not None:
+            out = out + (self.bias.view(-1, 1, 1) if self.is_conv else self.bias)
+        return split_to_batch(out, channel, self.groups.out)
+
+    def shard_cuts(self, leaf: str) -> tuple[tuple[int, Any], ...]:
+        """(dimension, group) per split of parameter ``leaf``: gathered over each group along its dimension."""
+        if leaf == "weight":
+            return ((0, self.groups.out), (1, self.groups.inp))
+        return ((0, self.groups.out),)
+
+    @property
+    def shard_halves(self) -> int:
+        return 1
+
+    def extra_repr(self) -> str:
+        return f"{'Conv2d' if self.is_conv else 'Linear'}, out x in channels / {self.groups.out_size} x " \
+               f"{self.groups.in_size}"
 
 
 def rows_of(full: torch.Tensor, t: int, rank: int, halves: int = 1) -> torch.Tensor:
@@ -161,8 +244,8 @@ class ChannelGroupNorm(nn.GroupNorm):
                 param.requires_grad_(full.requires_grad)
                 setattr(param, SHARD_GROUP, groups.dp)
 
-    def shard_dim(self, leaf: str) -> int | None:
-        return 0
+    def shard_cuts(self, leaf: str) -> tuple[tuple[int, Any], ...]:
+        return ((0, self.groups.tp),)
 
     @property
     def shard_halves(self) -> int:
@@ -387,7 +470,8 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
     divided by the world as ``GradientSync`` would (each rank's loss is its chunk's mean): per layer, the
     collectives the cost model prices for FSDP. An in-split's bias, whose gradient is summed over every rank
     (it is added to each rank's batch chunk), is left out of its module's unit, and so is a module split over
-    every rank (no peer to shard it with); the returned parameters (those) need ``GradientSync``."""
+    every rank (no peer to shard it with); the returned parameters (those) need ``GradientSync``. (A grid's bias
+    is left out likewise: it is summed over its output part's dp x in ranks.)"""
     world_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
     dtype = GRADIENT_DTYPES[precision]
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype) if dtype != torch.float32 \
@@ -396,12 +480,12 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
     for module in list(model.modules()):
         if not any(param.requires_grad for param in module.parameters(recurse=False)):
             continue
-        split = isinstance(module, (ChannelSplit, ChannelGroupNorm))
+        split = isinstance(module, SPLIT_MODULES)
         if split and module.groups.tp_size == world:  # split over every rank: no peer to shard it with
             whole.extend(param for param in module.parameters(recurse=False) if param.requires_grad)
             continue
-        ignored = {module.bias} if isinstance(module, ChannelSplit) and module.split == "in" and \
-            module.bias is not None else set()
+        reduced = isinstance(module, GridSplit) or isinstance(module, ChannelSplit) and module.split == "in"
+        ignored = {module.bias} if reduced and module.bias is not None else set()
         whole.extend(ignored)
         # every unit is its own root (there is no enclosing one): reshard after forward explicitly, as FSDP does for
         # non-root units, so that the backward gathers again (the memory FSDP saves, the bytes priced)
@@ -413,5 +497,8 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
     return whole
 
 
-__all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "HeadSplitProcessor", "ordered_rows", "rows_of",
-           "shard_parameters", "split_heads", "SHARD_GROUP", "TensorGroups"]
+SPLIT_MODULES = (ChannelSplit, ChannelGroupNorm, GridSplit)  # modules holding channel shards of a model's parameters
+
+__all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "GridGroups", "GridSplit", "HeadSplitProcessor",
+           "SHARD_GROUP", "SPLIT_MODULES", "TensorGroups", "ordered_rows", "rows_of", "shard_parameters",
+           "split_heads"]

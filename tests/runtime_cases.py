@@ -76,6 +76,16 @@ def _channels(layer_id: str, data: dict) -> dict:
     return _batch_only(layer_id, data)
 
 
+def _grid(layer_id: str, data: dict) -> dict:
+    """Every conv and linear with 64+ input and output channels on a 2 x 2 grid (output x input channels, 4
+    ranks), batch elsewhere."""
+    if data["op"] in ("conv", "linear"):
+        dims = {r: d for d, r in data["roles"].items() if r in ("out_channel", "reduction")}
+        if len(dims) == 2 and all(data["dims"][d] >= 64 for d in dims.values()):
+            return {dims["out_channel"]: 2, dims["reduction"]: 2}
+    return {d: 4 for d, role in data["roles"].items() if role == "batch"}
+
+
 def _norm_channels(layer_id: str, data: dict) -> dict:
     """Channel splits of group norms: splits the runtime has no layout for (it must refuse them)."""
     if data["op"] == "group_norm":
@@ -158,7 +168,7 @@ def random_runnable(devices: int, seed: int, graph: Any) -> Any:
 
 
 CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
-         "heads": (_heads, False), "kept": (_kept, False)}
+         "heads": (_heads, False), "kept": (_kept, False), "grid": (_grid, False), "grid_fsdp": (_grid, True)}
 # a case name with ":checkpoint" runs the plan with activation checkpointing (plan.options["checkpointing"])
 # layers inside checkpointed blocks (a resnet's first norm, an attention block's norm): their forward calls
 # per step count recomputation
@@ -217,9 +227,24 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
                   "as_planned": layout.layers_as_planned, "total": layout.layers_total,
                   "comm_bytes": counter.total_bytes, "splits": {layer.id: layer.splits for layer in plan.layers}}
         result["errors"] = relative_errors(got, {n: g for n, g in want.items() if n in got})
+        result["round_trip"] = _round_trip(parallel)
         result["head_calls"] = sum(mode.calls for _, mode in getattr(parallel, "pase_head_modes", []))
         del parallel
     return result
+
+
+def _round_trip(model: torch.nn.Module) -> float:
+    """Largest difference between each parameter's local part and the part ``ShardMap.local`` cuts from its full
+    tensor (``ShardMap.full``): what a checkpoint's save and load go through."""
+    from pase.runtime.state import ShardMap
+
+    shards = ShardMap(model)
+    worst = 0.0
+    for name, param in shards.named:
+        local = shards.local(name, shards.full(name, param.detach()), param.detach())
+        mine, back = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (param.detach(), local))
+        worst = max(worst, float((mine - back).abs().max()) if mine.numel() else 0.0)
+    return worst
 
 
 def _refusals(graph: Any, rank: int, world: int) -> dict[str, Any]:
@@ -334,3 +359,44 @@ def _worker(rank: int, world: int, port: int, case_names: list[str], out: str) -
                 dist.barrier()
         finally:
             Path(out, f"{rank}.json").write_text(json.dumps(results))
+
+
+def grid_layer(rank: int, world: int, port: int, shapes: list[tuple[int, int]], out: str) -> None:
+    """One Conv2d and one Linear on every ``(t, u)`` grid of ``shapes`` (output x input channels, the batch over
+    ``world / (t * u)``): each rank's output rows and input/weight/bias gradients against the layers alone on the
+    whole batch; writes ``{"t x u": worst relative error}`` as JSON to ``out`` (rank 0)."""
+    torch.set_num_threads(1)
+    from pase.process_group import Launch, process_group
+    from strategies.tensor import GridGroups, GridSplit
+
+    errors: dict[str, float] = {}
+    with process_group(Launch.local(rank, world, port), "gloo", timeout_s=120):
+        for t, u in shapes:
+            groups = GridGroups.build("cpu", world, t, u)
+            for layer, shape in ((torch.nn.Conv2d(8 * u, 8 * t, 3, padding=1), (2 * world, 8 * u, 5, 5)),
+                                 (torch.nn.Linear(8 * u, 8 * t), (2 * world, 3, 8 * u))):
+                torch.manual_seed(0)
+                layer.reset_parameters()
+                x = torch.randn(shape, requires_grad=True)
+                reference = layer(x)
+                (reference * torch.arange(reference.numel()).reshape(reference.shape).sin()).sum().backward()
+                rows = slice(rank * 2, rank * 2 + 2)
+                mine = x.detach()[rows].clone().requires_grad_(True)
+                split = GridSplit(layer, groups)
+                got = split(mine)
+                (got * torch.arange(reference.numel()).reshape(reference.shape)[rows].sin()).sum().backward()
+                k, j = torch.distributed.get_rank(groups.out), torch.distributed.get_rank(groups.inp)
+                weight = layer.weight.grad.chunk(t, 0)[k].chunk(u, 1)[j]
+                pairs = [(got, reference[rows]), (mine.grad, x.grad[rows]), (split.bias.grad, None),
+                         (split.weight.grad, None)]
+                worst = max(float((a - b).norm() / b.norm()) for a, b in pairs[:2])
+                # a weight block's and bias part's gradients from this rank's share: summed over their groups
+                for param, full, group in ((split.weight, weight, groups.dp), (split.bias, layer.bias.grad.chunk(t)[k],
+                                                                               groups.bias)):
+                    summed = param.grad.clone()
+                    torch.distributed.all_reduce(summed, group=group)
+                    worst = max(worst, float((summed - full).norm() / full.norm()))
+                key = f"{t}x{u}"
+                errors[key] = max(errors.get(key, 0.0), worst)
+    if rank == 0:
+        Path(out).write_text(json.dumps(errors))

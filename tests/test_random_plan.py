@@ -1,10 +1,10 @@
 """Plans drawn at random from the runnable space run as planned and match the single-process model.
 
 Each layer of unet-tiny takes a random configuration among those the search may emit by default
-(batch splits, out/in-channel splits of convs and linears, head splits of attention, channel-split
-norms and adds kept between them, over 2 or 4 ranks), so the runtime meets mixes no hand-written
-case covers; loss and every gradient must equal the single-process model's on the same global batch,
-and every layer must run as planned.
+(batch splits, out/in-channel splits of convs and linears and both at once on a 2-D grid, head
+splits of attention, channel-split norms and adds kept between them, over 2 or 4 ranks), so the
+runtime meets mixes no hand-written case covers; loss and every gradient must equal the
+single-process model's on the same global batch, and every layer must run as planned.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def test_random_runnable_plans_match_a_single_process(world: int) -> None:
         assert len(per_rank[0]["applied"]) >= 3  # batch plus several tensor layouts were drawn
         if world == 2:  # kept channel layouts among them (on 4 ranks unet-tiny's blocks are too narrow for 4 ways)
             assert "local/2" in per_rank[0]["applied"]
+        else:  # and 2 x 2 grids of output x input channels
+            assert "grid/2x2" in per_rank[0]["applied"]
         # the bytes the collectives moved are those the cost model prices for this plan (re-priced as forced)
         predicted = _predicted_bytes(per_rank[0]["splits"], world)
         assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=0.10)

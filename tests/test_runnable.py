@@ -51,7 +51,10 @@ def test_runnable_configurations(tiny) -> None:
     assert layer_run(conv, {n: 4}, 4).kind == "batch"
     assert layer_run(conv, {n: 2, c_out: 2}, 4).kind == "out" and layer_run(conv, {n: 2, c_out: 2}, 4).factor == 2
     assert layer_run(conv, {n: 1, c_in: 4}, 4).kind == "in"
-    assert "splits at most one dimension" in runnable_reason(conv, {c_out: 2, c_in: 2}, 4)
+    grid = layer_run(conv, {n: 1, c_out: 2, c_in: 2}, 4)  # output x input channels on a 2 x 2 grid of ranks
+    assert (grid.kind, grid.factor, grid.inner, grid.ranks, grid.label) == ("grid", 2, 2, 4, "grid/2x2")
+    assert "uses 4 of 8 ranks" in runnable_reason(conv, {c_out: 2, c_in: 2}, 8)
+    assert "only as output x input channels" in runnable_reason(conv, {c_out: 2, "h": 2}, 4)
     assert "uses 2 of 4 ranks" in runnable_reason(conv, {c_out: 2}, 4)  # idle devices
     assert "split 2 ways on 4 ranks" in runnable_reason(conv, {n: 2}, 4)  # replicas
     assert layer_run(conv, {n: 2, c_out: 2}, 4, fsdp=True).kind == "out"  # FSDP shards the shards (2-D mesh)

@@ -1,9 +1,11 @@
 """Benchmark: the runtime on 2 and 4 gloo processes with unet-tiny, predicted against measured.
 
-    PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4] [--kinds dp,fsdp,tensor,tensor+fsdp,pipeline]
-        [--steps 8] [--batch 8] [--profile FILE] [--json bench_results/runtime.json]
+    PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4]
+        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,pipeline] [--steps 8] [--batch 8] [--profile FILE]
+        [--json bench_results/runtime.json]
 
-Plans come from `pase plan --cluster local --devices N --only KIND` (`tensor+fsdp`: with `--fsdp`;
+Plans come from `pase plan --cluster local --devices N --only KIND` (`tensor+fsdp`: with `--fsdp`; `grid`:
+`--only tensor` with every conv and linear of 64+ channels forced onto a 2 x 2 output x input grid, 4+ ranks;
 priced by the CPU calibration profile of this machine, or --profile), as users make them. Each row
 runs `pase verify --check` under a fresh `torchrun`: one checked step against a single process (max
 relative error, layers as planned), the communication bytes per rank per step counted at the torch.distributed calls
@@ -55,12 +57,28 @@ def torchrun(world: int, *args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def grid_forces(world: int, batch: int) -> list[str]:
+    """``--force`` options putting every conv and linear of unet-tiny wide enough on a 2 x 2 grid of output x input
+    channels (the batch over the other ``world / 4`` ranks); the search never picks grids on this CPU."""
+    from pase.graph import extract_model
+
+    forces = []
+    for layer_id, data in extract_model("unet-tiny", batch, use_cache=True).layers():
+        dims = {role: d for d, role in data["roles"].items()}
+        if data["op"] in ("conv", "linear") and all(data["dims"][dims[r]] >= 64 for r in ("out_channel", "reduction")):
+            forces += ["--force", f"{layer_id}={dims['batch']}:{world // 4},{dims['out_channel']}:2,"
+                                  f"{dims['reduction']}:2"]
+    return forces
+
+
 def plan(kind: str, world: int, out: Path, batch: int, profile: str | None) -> dict:
-    """``kind`` is an ``--only`` value, with "+fsdp" for ``--fsdp`` too (tensor+fsdp: FSDP over the splits)."""
+    """``kind`` is an ``--only`` value, with "+fsdp" for ``--fsdp`` too (tensor+fsdp: FSDP over the splits), or
+    "grid" (``--only tensor`` with ``grid_forces``)."""
     only, *extras = kind.split("+")
+    forces = grid_forces(world, batch) if only == "grid" else []
     command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices",
-               str(world), "--batch", str(batch), "--only", only, "--json", str(out),
-               *(["--fsdp"] if "fsdp" in extras else []), *(["--profile", profile] if profile else [])]
+               str(world), "--batch", str(batch), "--only", "tensor" if only == "grid" else only, "--json", str(out),
+               *(["--fsdp"] if "fsdp" in extras else []), *(["--profile", profile] if profile else []), *forces]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_env(), cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError((done.stderr or done.stdout)[-2000:])
@@ -81,7 +99,7 @@ def describe(kind: str, data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="2,4")
-    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,pipeline")
+    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,grid,pipeline")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--profile", default=None)
@@ -96,6 +114,8 @@ def main() -> None:
         script.write_text(PLAIN_DDP)
         for world in map(int, options.worlds.split(",")):
             for kind in options.kinds.split(","):
+                if kind.startswith("grid") and world % 4:
+                    continue  # a 2 x 2 grid needs 4 ranks
                 path = Path(tmp) / f"{kind}-{world}.json"
                 data = plan(kind, world, path, options.batch, options.profile)
                 row = {"kind": describe(kind, data), "processes": world, **verify(world, path, options.steps)}

@@ -34,6 +34,7 @@ from strategies.runnable import (
     TENSOR_RUNS,
     edge_modes,
     interface_config,
+    output_space,
     restrict,
     runnable_mask,
     runnable_reason,
@@ -166,9 +167,8 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
         key = edge_key(kind[s], kind[d], data) + f"/{out_edges[s]}"
         if key not in priced_edges:
             if through_batch:
-                priced = _edge_through_batch(model, data, graph[src], spaces[s], graph[dst], spaces[d],
-                                             src in rerun, dst in rerun, out_edges[s],
-                                             [run is not None and run.kind == "in" for run in runs[s]])
+                priced = _edge_through_batch(model, data, graph[src], output_space(graph[src], spaces[s], runs[s]),
+                                             graph[dst], spaces[d], src in rerun, dst in rerun, out_edges[s])
                 modes = edge_modes(data, graph[src], runs[s], graph[dst], runs[d], out_edges[s])
                 priced_edges[key] = np.where(modes > 0, 0.0, np.where(modes < 0, np.inf, priced))
             else:
@@ -265,14 +265,13 @@ def _splits_text(splits: Mapping[str, int]) -> str:
 
 def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs, src: SplitSpace,
                         consumer: LayerAttrs, dst: SplitSpace, producer_reruns: bool = False,
-                        consumer_reruns: bool = False, producer_edges: int = 1,
-                        reduced: list[bool] | None = None) -> np.ndarray:
+                        consumer_reruns: bool = False, producer_edges: int = 1) -> np.ndarray:
     """Re-layout seconds for every (producer, consumer) pair when the activation passes through the batch
-    layout between them: the producer's way to it plus the consumer's way from it. The producer re-lays its
-    output once for all its ``producer_edges`` consumers (the backward sums their gradients first), so each
-    edge carries its share; a producer configuration that ``reduced`` marks (an in-split, whose partial sums
-    are reduce-scattered to batch chunks and priced with the layer) has no way left to go. A layer whose
-    forward runs again under checkpointing (``rerun_layers``) re-lays its side forward again.
+    layout between them: the producer's way to it plus the consumer's way from it. ``src`` holds the producer's
+    configurations as their output leaves the layer (``strategies.runnable.output_space``: after a reduction
+    split's reduce-scatter, priced with the layer). The producer re-lays its output once for all its
+    ``producer_edges`` consumers (the backward sums their gradients first), so each edge carries its share. A
+    layer whose forward runs again under checkpointing (``rerun_layers``) re-lays its side forward again.
     O(K_src + K_dst)."""
     producer_batch, consumer_batch = _interface(producer, model.devices), _interface(consumer, model.devices)
     to_batch = model.edge_costs(edge, producer, src, consumer, consumer_batch)[:, 0]
@@ -282,8 +281,6 @@ def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs,
     if consumer_reruns:
         from_batch = from_batch + model.edge_costs(edge, producer, producer_batch, consumer, dst,
                                                    forward_only=True)[0, :]
-    if reduced is not None:
-        to_batch = np.where(np.asarray(reduced, dtype=bool), 0.0, to_batch)
     return to_batch[:, None] / max(1, producer_edges) + from_batch[None, :]
 
 

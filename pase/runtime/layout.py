@@ -23,16 +23,17 @@ class LayerLayout:
     op: str
     module: str
     planned: dict[str, int]
-    kind: str  # "batch", "out", "in", "heads" or "local"
-    factor: int = 1  # tensor-parallel degree (1 for batch)
+    kind: str  # "batch", "out", "in", "heads", "local" or "grid"
+    factor: int = 1  # tensor-parallel degree (1 for batch; a grid's output-channel split)
     keep_output: bool = False  # an out-split or head split whose output stays channel-split for its consumer
     kept_input: bool = False  # an in-split whose input arrives channel-split
     kept_inputs: tuple[str, ...] = ()  # a head split's projections ("to_q", ...) whose output arrives head-split
     gated: bool = False  # an out-split GEGLU projection (interleaved rows)
+    inner: int = 1  # a grid's input-channel split
 
     @property
     def applied(self) -> str:
-        return "batch" if self.kind == "batch" else f"{self.kind}/{self.factor}"
+        return LayerRun(self.kind, self.factor, inner=self.inner).label
 
 
 class PlanNotRunnable(PaseError):
@@ -60,8 +61,8 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
             kept.add((src, dst))
         elif mode is None:
             local, other = (src, dst) if runs[src].kind == "local" or runs[src].gated else (dst, src)
-            beside = f"next to {other} as {runs[other].kind}/{runs[other].factor}"
-            refused.setdefault(KEPT_RULE, []).append(f"{local} ({runs[local].kind}/{runs[local].factor}, {beside})")
+            beside = f"next to {other} as {runs[other].label}"
+            refused.setdefault(KEPT_RULE, []).append(f"{local} ({runs[local].label}, {beside})")
     result = []
     for choice in plan.layers:
         if choice.id not in runs:
@@ -72,7 +73,7 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
         kept_from = [graph[src]["module"] for src in graph.graph.predecessors(choice.id) if (src, choice.id) in kept]
         kept_inputs = tuple(sorted(module.rpartition(".")[2] for module in kept_from)) if run.kind == "heads" else ()
         result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor,
-                                  keep_output, run.kind == "in" and bool(kept_from), kept_inputs, run.gated))
+                                  keep_output, run.kind == "in" and bool(kept_from), kept_inputs, run.gated, run.inner))
     if refused:
         count = sum(map(len, refused.values()))
         reasons = [f"{_named(layers)}: {reason}" for reason, layers in refused.items()]

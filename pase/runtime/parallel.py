@@ -30,6 +30,8 @@ from strategies.tensor import (
     ChannelGroupNorm,
     ChannelSplit,
     GradientSync,
+    GridGroups,
+    GridSplit,
     TensorGroups,
     shard_parameters,
     split_heads,
@@ -92,8 +94,10 @@ def _broadcast_from_rank0(model: nn.Module) -> None:
 
 def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: torch.device,
                           world: int, precision: str, sync: bool = True) -> nn.Module:
-    degrees = sorted({layout.factor for layout in layouts if layout.kind != "batch"})
+    degrees = sorted({layout.factor for layout in layouts if layout.kind not in ("batch", "grid")})
     groups = {t: TensorGroups.build(device.type, world, t) for t in degrees}  # same order on every rank
+    grids = {(t, u): GridGroups.build(device.type, world, t, u)
+             for t, u in sorted({(layout.factor, layout.inner) for layout in layouts if layout.kind == "grid"})}
     modes = []
     for layout in layouts:
         if layout.kind == "batch":
@@ -115,11 +119,14 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise PaseError(f"layer {layout.layer} is planned as a {layout.kind}-channel split but module "
                             f"{layout.module!r} is a {type(module).__name__}, not Conv2d or Linear")
+        if layout.kind == "grid":
+            setattr(parent, child, GridSplit(module, grids[layout.factor, layout.inner]))
+            continue
         setattr(parent, child, ChannelSplit(module, layout.kind, groups[layout.factor], layout.keep_output,
                                             layout.kept_input, layout.gated))
     if sync:  # (under FSDP its reduce-scatters sum the gradients instead)
         model.pase_sync = GradientSync.install(model, world, dtype=GRADIENT_DTYPES[precision])
-    model.pase_layout = ParallelLayout("tensor", world, layouts, degrees)
+    model.pase_layout = ParallelLayout("tensor", world, layouts, sorted({*degrees, *(t * u for t, u in grids)}))
     model.pase_head_modes = modes
     return model
 

@@ -1,7 +1,8 @@
 """Full-size views of a parallelized model's trainable state, so checkpoints do not depend on the plan.
 
 After ``parallelize`` a parameter may be a whole tensor (DDP, batch-parallel layers), an FSDP2 shard
-(a DTensor) or a channel shard of a ``ChannelSplit`` or ``ChannelGroupNorm``. ``ShardMap`` knows
+(a DTensor) or a channel shard of a ``ChannelSplit``, ``ChannelGroupNorm`` or ``GridSplit`` (split along one
+or two dimensions, each over its own group). ``ShardMap`` knows
 which, per parameter name (the original model's names), and turns any tensor shaped like a parameter's local part (the
 parameter, its gradient, its optimizer state, its EMA) into the full tensor (a collective: every
 rank calls it in the same order) and a full tensor back into this rank's part. Checkpoints written
@@ -19,14 +20,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from strategies.collectives import gather
-from strategies.tensor import ChannelGroupNorm, ChannelSplit, ordered_rows, rows_of
+from strategies.tensor import SPLIT_MODULES, ordered_rows, rows_of
 
 
 @dataclass(frozen=True)
 class _Shard:
     kind: str  # "whole", "dtensor", "channels" or "dtensor+channels" (an FSDP shard of a channel shard)
-    dim: int = 0
-    group: Any = None  # tensor-parallel group of a channel shard
+    cuts: tuple[tuple[int, Any], ...] = ()  # a channel shard's (dimension, tensor-parallel group) per split
     halves: int = 1  # a channel shard's rows interleaved from this many halves (GEGLU: 2; ``rows_of``)
 
 
@@ -41,8 +41,7 @@ class ShardMap:
             self.shards = {name: _Shard("stage") for name, _ in self.named}
             return
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        splits = {name: module for name, module in inner.named_modules()
-                  if isinstance(module, (ChannelSplit, ChannelGroupNorm))}
+        splits = {name: module for name, module in inner.named_modules() if isinstance(module, SPLIT_MODULES)}
         self.named: list[tuple[str, nn.Parameter]] = []
         self.shards: dict[str, _Shard] = {}
         for name, param in inner.named_parameters():
@@ -51,10 +50,10 @@ class ShardMap:
             self.named.append((name, param))
             owner, _, leaf = name.rpartition(".")
             split = splits.get(owner)
-            channel_dim = split.shard_dim(leaf) if split is not None else None
-            if split is not None and channel_dim is not None:  # FSDP may shard the channel shard again
+            cuts = split.shard_cuts(leaf) if split is not None else ()
+            if cuts:  # FSDP may shard the channel shard again
                 kind = "dtensor+channels" if _is_dtensor(param) else "channels"
-                self.shards[name] = _Shard(kind, channel_dim, split.groups.tp, split.shard_halves)
+                self.shards[name] = _Shard(kind, cuts, split.shard_halves)
             elif _is_dtensor(param):
                 self.shards[name] = _Shard("dtensor")
             else:
@@ -70,7 +69,7 @@ class ShardMap:
         if _is_dtensor(tensor):
             tensor = tensor.full_tensor()
         if shard.kind in ("channels", "dtensor+channels") and tensor.dim() > 0:
-            return _gather_rows(tensor, shard.dim, shard.group, shard.halves)
+            return _gather_cuts(tensor, shard.cuts, shard.halves)
         return tensor
 
     def local(self, name: str, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -78,8 +77,10 @@ class ShardMap:
         full = full.to(device=like.device, dtype=like.dtype)
         shard = self.shards[name]
         if shard.kind in ("channels", "dtensor+channels") and like.dim() > 0:
-            size, rank = dist.get_world_size(shard.group), dist.get_rank(shard.group)
-            full = rows_of(full.movedim(shard.dim, 0), size, rank, shard.halves).movedim(0, shard.dim).contiguous()
+            for dim, group in shard.cuts:
+                size, rank = dist.get_world_size(group), dist.get_rank(group)
+                full = rows_of(full.movedim(dim, 0), size, rank, shard.halves if dim == 0 else 1).movedim(0, dim)
+            full = full.contiguous()
         if _is_dtensor(like):
             return distribute_tensor(full, like.device_mesh, like.placements)
         return full.clone()
@@ -145,19 +146,22 @@ class ShardMap:
         if not any(shard.kind == "channels" for shard in self.shards.values()):
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
-        by_group: dict[int, tuple[Any, torch.Tensor]] = {}
+        by_groups: dict[tuple[int, ...], tuple[list[Any], torch.Tensor]] = {}  # summed over each group in turn
         for name, param in self.named:
             if param.grad is None:
                 continue
             squares = param.grad.detach().double().pow(2).sum()
             shard = self.shards[name]
             if shard.kind == "channels":
-                group, partial = by_group.get(id(shard.group), (shard.group, torch.zeros_like(total)))
-                by_group[id(shard.group)] = (group, partial + squares)
+                groups = [group for _, group in shard.cuts]
+                key = tuple(id(group) for group in groups)
+                _, partial = by_groups.get(key, (groups, torch.zeros_like(total)))
+                by_groups[key] = (groups, partial + squares)
             else:
                 total = total + squares
-        for group, partial in by_group.values():
-            dist.all_reduce(partial, group=group)
+        for groups, partial in by_groups.values():
+            for group in groups:
+                dist.all_reduce(partial, group=group)
             total = total + partial
         norm = total.sqrt()
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -175,8 +179,7 @@ def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tenso
     """Every parameter (``what="param"``) or gradient (``"grad"``) at full size on every rank, under the
     original model's names: FSDP shards and channel shards are gathered (collective: call on all ranks)."""
     inner = unwrap(model)
-    splits = {name: module for name, module in inner.named_modules()
-              if isinstance(module, (ChannelSplit, ChannelGroupNorm))}
+    splits = {name: module for name, module in inner.named_modules() if isinstance(module, SPLIT_MODULES)}
     result: dict[str, torch.Tensor] = {}
     for name, param in inner.named_parameters():
         tensor = param if what == "param" else param.grad
@@ -187,9 +190,9 @@ def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tenso
             tensor = tensor.full_tensor()
         owner, _, leaf = name.rpartition(".")
         split = splits.get(owner)
-        dim = split.shard_dim(leaf) if split is not None else None
-        if split is not None and dim is not None:
-            tensor = _gather_rows(tensor, dim, split.groups.tp, split.shard_halves)
+        cuts = split.shard_cuts(leaf) if split is not None else ()
+        if cuts:
+            tensor = _gather_cuts(tensor, cuts, split.shard_halves)
         result[name] = tensor
     return result
 
@@ -224,10 +227,14 @@ def _gather_stages(local: dict[str, torch.Tensor], group: Any = None) -> dict[st
     return merged
 
 
-def _gather_rows(part: torch.Tensor, dim: int, group: Any, halves: int) -> torch.Tensor:
-    """The full tensor of channel shards along ``dim`` (collective), rows interleaved from ``halves`` put back."""
-    gathered = gather(part, dim, group)
-    return ordered_rows(gathered.movedim(dim, 0), dist.get_world_size(group), halves).movedim(0, dim)
+def _gather_cuts(part: torch.Tensor, cuts: tuple[tuple[int, Any], ...], halves: int) -> torch.Tensor:
+    """The full tensor of channel shards split along each cut's dimension over its group (collectives, last cut
+    first), rows interleaved from ``halves`` put back along dimension 0."""
+    for dim, group in reversed(cuts):
+        gathered = gather(part, dim, group)
+        part = ordered_rows(gathered.movedim(dim, 0), dist.get_world_size(group), halves if dim == 0 else 1
+                            ).movedim(0, dim)
+    return part
 
 
 def _is_dtensor(tensor: Any) -> bool:

@@ -8,6 +8,7 @@ that file cannot be written a sampling thread reads the resident set every milli
 """
 from __future__ import annotations
 
+import gc
 import re
 import threading
 from pathlib import Path
@@ -56,6 +57,9 @@ class PeakMemory:
             self._baseline = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated"
             return self
+        # collect garbage first: a collection during the measured work would lower the resident set below the
+        # baseline and hide as much of the peak as it freed
+        gc.collect()
         self._baseline = current_rss_bytes()
         try:
             _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
