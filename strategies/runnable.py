@@ -17,6 +17,8 @@ holds batch chunk ``r``). A layer then runs as one of:
   holding one weight block;
 - **heads** (``strategies.tensor``): attention computed by ``scaled_dot_product_attention`` with
   ``{batch: p/t, head: t}``;
+- **seq** (``strategies.tensor``): the same attention with ``{batch: p/t, query sequence: t}``, each rank
+  attending from its part of the queries to every key and value of the group's batch (gathered);
 - **local** (``strategies.tensor``): a group norm (whole groups) or an elementwise layer with
   ``{batch: p/t, channel: t}``, run on this rank's channels without communication. Such a layer
   neither takes nor gives the batch layout: its activations stay channel-split (see below).
@@ -33,9 +35,9 @@ replaces), ``to_out`` in-split. Every other edge passes through the batch layout
 is not runnable (``edge_mode`` None), and the search prices that pair as infinite.
 
 Under FSDP the same layouts run, each module's parameters sharded over its data-parallel peers
-(``strategies.tensor.shard_parameters``). Every other
-configuration (spatial, sequence, layer-norm channel splits, two tensor dimensions other than a grid,
-fewer devices than ``p``) is priced only by ``--space all``.
+(``strategies.tensor.shard_parameters``). Every other configuration (spatial splits, sequence splits
+of other layers, layer-norm channel splits, two dimensions besides the batch other than a grid, fewer
+devices than ``p``) is priced only by ``--space all``.
 """
 from __future__ import annotations
 
@@ -61,14 +63,15 @@ KEPT_RULE = ("A channel-split norm or elementwise layer, or an out-split GEGLU p
              "that keep its layout (before it, an out-split conv/linear with it as its one consumer or another "
              "channel-split layer; after it, an in-split or channel-split layer; same degree)")
 TENSOR_LAYOUTS = {("conv", "out_channel"): "out", ("conv", "reduction"): "in", ("linear", "out_channel"): "out",
-                  ("linear", "reduction"): "in", ("attention", "head"): "heads"}
+                  ("linear", "reduction"): "in", ("attention", "head"): "heads", ("attention", "sequence"): "seq"}
 
 
 @dataclass(frozen=True)
 class LayerRun:
-    """How the runtime runs one layer: ``kind`` is "batch", "out", "in", "heads", "local" or "grid" (output and
-    input channels at once); ``factor`` the tensor-parallel degree (1 for batch; a grid's output-channel split);
-    ``dim`` the layer dimension split ``factor`` ways (None for batch)."""
+    """How the runtime runs one layer: ``kind`` is "batch", "out", "in", "heads", "seq" (attention's query
+    sequence), "local" or "grid" (output and input channels at once); ``factor`` the tensor-parallel degree (1
+    for batch; a grid's output-channel split); ``dim`` the layer dimension split ``factor`` ways (None for
+    batch)."""
     kind: str
     factor: int = 1
     dim: str | None = None
@@ -121,9 +124,12 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
         raise NotRunnable(f"its output channels are regrouped by ops fused after it ({fused}): the runtime splits "
                           "output channels only where the output keeps them or a GEGLU halves them")
     built = layer.get("attrs", {}).get("attention_of")  # attention the graph folded from matmul, softmax, matmul
-    if kind == "heads" and built:
-        raise NotRunnable(f"head splits of attention computed as {built} have no runtime (the runtime splits torch's "
-                          f"{SDPA})")
+    if kind in ("heads", "seq") and built:
+        raise NotRunnable(f"{role} splits of attention computed as {built} have no runtime (the runtime splits "
+                          f"torch's {SDPA})")
+    if kind == "seq" and dim not in layer["tensors"]["output"]:
+        raise NotRunnable(f"a split of the key/value sequence {dim} would need a distributed softmax: the runtime "
+                          "splits the query sequence")
     if kind in ("out", "in") and not _plain(layer):
         raise NotRunnable(f"{role} splits of grouped or transposed {op} layers have no runtime")
     if batch * factor != devices:

@@ -253,10 +253,14 @@ class ChannelGroupNorm(nn.GroupNorm):
 
 
 class _HeadSplitAttention(TorchFunctionMode):
-    """Runs ``scaled_dot_product_attention`` on this rank's heads of the group's batch."""
-    def __init__(self, groups: TensorGroups) -> None:
+    """Runs ``scaled_dot_product_attention`` on this rank's heads of the group's batch (``split="heads"``), or on
+    its part of the query sequence of the group's batch against every key and value of it (``split="seq"``:
+    q exchanged all-to-all, k and v all-gathered; their backward reduce-scatters the partial gradients)."""
+    def __init__(self, groups: TensorGroups, split: str = "heads") -> None:
         super().__init__()
-        self.groups = groups
+        if split not in ("heads", "seq"):
+            raise ValueError(f"split must be 'heads' or 'seq', not {split!r}")
+        self.groups, self.split = groups, split
         self.calls = 0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -265,10 +269,13 @@ class _HeadSplitAttention(TorchFunctionMode):
             return func(*args, **kwargs)
         mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
         if mask is not None:
-            raise NotImplementedError("head-split attention with an attention mask")
+            raise NotImplementedError(f"{self.split}-split attention with an attention mask")
         group = self.groups.tp
-        q, k, v = (batch_to_split(t, 1, group) for t in args[:3])  # (batch, heads, sequence, head dim)
         self.calls += 1
+        if self.split == "seq":  # (batch, heads, sequence, head dim): queries split, keys and values whole
+            q, k, v = batch_to_split(args[0], 2, group), gather_batch(args[1], group), gather_batch(args[2], group)
+            return split_to_batch(func(q, k, v, *args[3:], **kwargs), 2, group)
+        q, k, v = (batch_to_split(t, 1, group) for t in args[:3])
         return split_to_batch(func(q, k, v, *args[3:], **kwargs), 1, group)
 
 
@@ -286,19 +293,31 @@ def split_heads(module: nn.Module, groups: TensorGroups, kept_inputs: tuple[str,
         return processor
     if kept_inputs or keep_output:
         raise ValueError(f"only a diffusers Attention keeps its layout head-split, not a {type(module).__name__}")
-    mode = _HeadSplitAttention(groups)
+    return _forward_under(module, _HeadSplitAttention(groups), "a head split")
+
+
+def split_sequence(module: nn.Module, groups: TensorGroups) -> _HeadSplitAttention:
+    """Make ``module``'s ``scaled_dot_product_attention`` run on this rank's part of the query sequence of the
+    group's batch (keys and values gathered whole); a forward that never calls it is an error. Returns the mode,
+    whose ``calls`` counts applications."""
+    return _forward_under(module, _HeadSplitAttention(groups, "seq"), "a query-sequence split")
+
+
+def _forward_under(module: nn.Module, mode: _HeadSplitAttention, planned: str) -> _HeadSplitAttention:
+    """``module``'s forward run under ``mode``; a forward that never calls the attention ``mode`` splits fails
+    (it would run unsplit, not as planned)."""
     forward = module.forward
 
-    def head_split_forward(*args: Any, **kwargs: Any) -> Any:
+    def split_forward(*args: Any, **kwargs: Any) -> Any:
         before = mode.calls
         with mode:
             result = forward(*args, **kwargs)
         if mode.calls == before:
-            raise RuntimeError(f"a {type(module).__name__} planned as a head split never called "
+            raise RuntimeError(f"a {type(module).__name__} planned as {planned} never called "
                                "scaled_dot_product_attention: it cannot run split as planned")
         return result
 
-    module.forward = head_split_forward
+    module.forward = split_forward
     return mode
 
 
@@ -501,4 +520,4 @@ SPLIT_MODULES = (ChannelSplit, ChannelGroupNorm, GridSplit)  # modules holding c
 
 __all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "GridGroups", "GridSplit", "HeadSplitProcessor",
            "SHARD_GROUP", "SPLIT_MODULES", "TensorGroups", "ordered_rows", "rows_of", "shard_parameters",
-           "split_heads"]
+           "split_heads", "split_sequence"]

@@ -99,6 +99,13 @@ def _heads(layer_id: str, data: dict) -> dict:
     return _batch_only(layer_id, data)
 
 
+def _sequence(layer_id: str, data: dict) -> dict:
+    """Every attention split by its query sequence (keys and values gathered), batch elsewhere."""
+    if data["op"] == "attention":
+        return {"q": 2}
+    return _batch_only(layer_id, data)
+
+
 KEPT_CHAIN = {".conv1": "out_channel", ".time_emb_proj": "out_channel", "/elementwise": "channel",
               ".norm2": "channel", ".conv2": "reduction"}  # a ResNet block's Megatron pair, by layer id suffix
 
@@ -168,7 +175,8 @@ def random_runnable(devices: int, seed: int, graph: Any) -> Any:
 
 
 CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
-         "heads": (_heads, False), "kept": (_kept, False), "grid": (_grid, False), "grid_fsdp": (_grid, True)}
+         "heads": (_heads, False), "seq": (_sequence, False), "kept": (_kept, False), "grid": (_grid, False),
+         "grid_fsdp": (_grid, True)}
 # a case name with ":checkpoint" runs the plan with activation checkpointing (plan.options["checkpointing"])
 # layers inside checkpointed blocks (a resnet's first norm, an attention block's norm): their forward calls
 # per step count recomputation

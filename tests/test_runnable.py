@@ -66,6 +66,8 @@ def test_runnable_configurations(tiny) -> None:
     assert layer_run(norm, norm_split, 4, fsdp=True).kind == "local"
     _, attention = _first(tiny, "attention")
     assert layer_run(attention, {_dim(attention, "batch"): 2, _dim(attention, "head"): 2}, 4).kind == "heads"
+    assert layer_run(attention, {_dim(attention, "batch"): 2, "q": 2}, 4) == LayerRun("seq", 2, "q")
+    assert "distributed softmax" in runnable_reason(attention, {_dim(attention, "batch"): 2, "kv": 2}, 4)
 
 
 def test_kept_layouts_pair_a_resnet_block(tiny) -> None:

@@ -7,7 +7,7 @@ import pytest
 import runtime_cases
 
 TOLERANCE = 1e-5
-KINDS = ["dp", "fsdp", "channels", "heads", "kept"]
+KINDS = ["dp", "fsdp", "channels", "heads", "seq", "kept"]
 CASES = [*KINDS, *(f"{kind}:checkpoint" for kind in KINDS), "refusals"]
 
 
@@ -43,7 +43,7 @@ def test_pure_data_parallel_plan_runs_as_ddp(results) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind,layout", [("dp", "ddp"), ("fsdp", "fsdp"), ("channels", "tensor"),
-                                         ("heads", "tensor"), ("kept", "tensor")])
+                                         ("heads", "tensor"), ("seq", "tensor"), ("kept", "tensor")])
 def test_checkpointed_plans_recompute_blocks_and_match(results, kind: str, layout: str) -> None:
     """A plan made with --checkpoint runs its blocks under activation checkpointing: the same loss and
     gradients, and the layers inside a block run their forward twice per step (forward, then recomputed)."""
@@ -55,7 +55,7 @@ def test_checkpointed_plans_recompute_blocks_and_match(results, kind: str, layou
         assert not {"conv_in", "conv_out", "<root>", "up_blocks.0"} & set(result["checkpointed"])
         assert result["calls"] == {"down_blocks.0.resnets.0.norm1": 2, "down_blocks.1.attentions.0.group_norm": 2}
         assert f"activation checkpointing on {len(result['checkpointed'])} blocks" in result["summary"]
-    if kind == "heads":  # the head-split attention is what recomputes: split again in backward
+    if kind in ("heads", "seq"):  # the split attention is what recomputes: split again in backward
         assert all(r["head_calls"] == 8 for r in per_rank)
 
 
@@ -80,6 +80,18 @@ def test_head_split_attention(results) -> None:
     assert "heads/2" in per_rank[0]["applied"]
     assert all(r["head_calls"] == 4 for r in per_rank)  # each of unet-tiny's 4 attentions ran split
     _assert_matches_single_process(per_rank)
+
+
+@pytest.mark.timeout(300)
+def test_query_sequence_split_attention(results) -> None:
+    """Each attention on its half of the queries of both ranks' batch, keys and values gathered: the single-process
+    result, and the bytes the cost model prices (an all-to-all of q and the output, an all-gather of k and v and
+    the reduce-scatter of their gradients)."""
+    per_rank = _case(results, "seq")
+    assert "seq/2" in per_rank[0]["applied"]
+    assert all(r["head_calls"] == 4 for r in per_rank)  # each of unet-tiny's 4 attentions ran split
+    _assert_matches_single_process(per_rank)
+    assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(_predicted_bytes(per_rank[0]["splits"]), rel=0.02)
 
 
 @pytest.mark.timeout(300)

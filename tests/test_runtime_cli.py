@@ -133,12 +133,13 @@ def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, onl
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("only", ["dp", "tensor"])
+@pytest.mark.parametrize("only", ["dp", "tensor", "seq"])
 def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str) -> None:
     """sd-tiny (SD's architecture at test size: cross-attention transformer blocks, layer norms, GEGLU) under
     `pase verify --check` with text embeddings: the tensor plan keeps channels and heads split between layers
     (a ResNet block, attentions, a GEGLU feed-forward with interleaved rows), matches a single process, and
-    moves exactly the bytes it priced."""
+    moves exactly the bytes it priced; so does a plan with attentions split by their query sequence
+    (self-attention and cross-attention to the text, keys and values gathered)."""
     from pase.runtime.layout import layer_layouts
 
     cluster, profile, _ = local
@@ -147,11 +148,20 @@ def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str)
     # them kept neighbours (conv1 out-split, conv2 in-split)
     kept = {f"mid_block.resnets.0{layer}": {"c": 2} for layer in (".norm2", "/elementwise")}
     kept["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"] = {"c_out": 2}  # GEGLU rows, kept for net.2
-    options = PlanOptions(precision="fp32", only=only, force=kept if only == "tensor" else None)
+    sequence = {f"{level}_blocks.*/attention": {"q": 2} for level in ("down", "up")}  # 256 queries (mid: 64)
+    forced = kept if only == "tensor" else sequence if only == "seq" else None
+    options = PlanOptions(precision="fp32", only=None if only == "seq" else only, force=forced)
     plan = plan_graph(graph, cluster, profile=profile, options=options)
     layouts = layer_layouts(plan, graph)
     kinds = {layout.kind for layout in layouts}
-    assert kinds == {"batch"} if only == "dp" else {"out", "in", "heads", "local"} <= kinds
+    attentions = sum(data["op"] == "attention" and layer_id.startswith(("down_", "up_")) for layer_id, data in
+                     graph.layers())
+    if only == "dp":
+        assert kinds == {"batch"}
+    elif only == "tensor":
+        assert {"out", "in", "heads", "local"} <= kinds
+    else:  # every self- and cross-attention outside the mid block
+        assert sum(layout.kind == "seq" for layout in layouts) == attentions > 4
     assert any(layout.keep_output for layout in layouts) == (only == "tensor")
     assert any(layout.gated and layout.keep_output for layout in layouts) == (only == "tensor")
     plan_path = tmp_path / "plan.json"

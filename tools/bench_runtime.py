@@ -1,11 +1,12 @@
 """Benchmark: the runtime on 2 and 4 gloo processes with unet-tiny, predicted against measured.
 
     PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4]
-        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,pipeline] [--steps 8] [--batch 8] [--profile FILE]
+        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,seq,pipeline] [--steps 8] [--batch 8] [--profile FILE]
         [--json bench_results/runtime.json]
 
 Plans come from `pase plan --cluster local --devices N --only KIND` (`tensor+fsdp`: with `--fsdp`; `grid`:
 `--only tensor` with every conv and linear of 64+ channels forced onto a 2 x 2 output x input grid, 4+ ranks;
+`seq`: every attention forced to split its queries 2 ways;
 priced by the CPU calibration profile of this machine, or --profile), as users make them. Each row
 runs `pase verify --check` under a fresh `torchrun`: one checked step against a single process (max
 relative error, layers as planned), the communication bytes per rank per step counted at the torch.distributed calls
@@ -57,28 +58,33 @@ def torchrun(world: int, *args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def grid_forces(world: int, batch: int) -> list[str]:
-    """``--force`` options putting every conv and linear of unet-tiny wide enough on a 2 x 2 grid of output x input
-    channels (the batch over the other ``world / 4`` ranks); the search never picks grids on this CPU."""
+def forces(kind: str, world: int, batch: int) -> list[str]:
+    """``--force`` options for the kinds the search never picks on this CPU: "grid" puts every conv and linear of
+    unet-tiny wide enough on a 2 x 2 grid of output x input channels, "seq" splits every attention's queries 2
+    ways (the batch over the other ranks)."""
     from pase.graph import extract_model
 
-    forces = []
+    options = []
     for layer_id, data in extract_model("unet-tiny", batch, use_cache=True).layers():
         dims = {role: d for d, role in data["roles"].items()}
-        if data["op"] in ("conv", "linear") and all(data["dims"][dims[r]] >= 64 for r in ("out_channel", "reduction")):
-            forces += ["--force", f"{layer_id}={dims['batch']}:{world // 4},{dims['out_channel']}:2,"
-                                  f"{dims['reduction']}:2"]
-    return forces
+        if kind == "grid" and data["op"] in ("conv", "linear") and \
+                all(data["dims"][dims[r]] >= 64 for r in ("out_channel", "reduction")):
+            options += ["--force", f"{layer_id}={dims['batch']}:{world // 4},{dims['out_channel']}:2,"
+                                   f"{dims['reduction']}:2"]
+        if kind == "seq" and data["op"] == "attention":
+            options += ["--force", f"{layer_id}={dims['batch']}:{world // 2},q:2"]
+    return options
 
 
 def plan(kind: str, world: int, out: Path, batch: int, profile: str | None) -> dict:
     """``kind`` is an ``--only`` value, with "+fsdp" for ``--fsdp`` too (tensor+fsdp: FSDP over the splits), or
-    "grid" (``--only tensor`` with ``grid_forces``)."""
+    "grid" (``--only tensor`` with ``forces``) or "seq" (the default space with ``forces``)."""
     only, *extras = kind.split("+")
-    forces = grid_forces(world, batch) if only == "grid" else []
+    forced = forces(only, world, batch)
+    restrict = {"grid": ["--only", "tensor"], "seq": []}.get(only, ["--only", only])
     command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices",
-               str(world), "--batch", str(batch), "--only", "tensor" if only == "grid" else only, "--json", str(out),
-               *(["--fsdp"] if "fsdp" in extras else []), *(["--profile", profile] if profile else []), *forces]
+               str(world), "--batch", str(batch), *restrict, "--json", str(out),
+               *(["--fsdp"] if "fsdp" in extras else []), *(["--profile", profile] if profile else []), *forced]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_env(), cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError((done.stderr or done.stdout)[-2000:])
@@ -99,7 +105,7 @@ def describe(kind: str, data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="2,4")
-    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,grid,pipeline")
+    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,grid,seq,pipeline")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--profile", default=None)

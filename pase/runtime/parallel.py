@@ -35,6 +35,7 @@ from strategies.tensor import (
     TensorGroups,
     shard_parameters,
     split_heads,
+    split_sequence,
 )
 
 
@@ -106,6 +107,9 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
         if layout.kind == "heads":
             modes.append((layout.layer, split_heads(module, groups[layout.factor], layout.kept_inputs,
                                                     layout.keep_output)))
+            continue
+        if layout.kind == "seq":
+            modes.append((layout.layer, split_sequence(module, groups[layout.factor])))
             continue
         parent_name, _, child = layout.module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
