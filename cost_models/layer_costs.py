@@ -257,21 +257,28 @@ class CostModel:
 
     def _halo(self, layer: LayerAttrs, dims: list[str], f: np.ndarray, extent: np.ndarray,
               itemsize: int) -> tuple[np.ndarray, np.ndarray]:
-        """(seconds, bytes per device) of a spatially split convolution's halo exchange, forward and backward."""
+        """(seconds, bytes per device) of a spatially split convolution's halo exchange, forward and backward: along
+        each split spatial axis the busiest rank sends ``kernel // 2`` boundary rows of its input (all its input
+        channels and samples) to each neighbour, one neighbour for a 2-way split and two beyond, and gets the rows'
+        gradients back the same way (``strategies.spatial``) unless its input carries no gradient."""
         none = (np.zeros(len(f)), np.zeros(len(f)))
-        if layer["op"] != "conv" or "h" not in dims:
+        roles = layer["roles"]
+        spatial = [d for d in dims if roles[d] == "spatial"]
+        kernels = [d for d in dims if roles[d] == "kernel"]
+        if layer["op"] != "conv" or not spatial or len(kernels) != len(spatial):
             return none
-        kh = layer["dims"].get("kh", 1)
-        if kh <= 1:
-            return none
-        h, w = dims.index("h"), dims.index("w")
-        n, c_in = dims.index("n"), dims.index("c_in")
-        split = f[:, h] * f[:, w]
-        rows = (kh // 2) * (extent[w] / f[:, w] + extent[h] / f[:, h])  # halo cells around the local tile
-        nbytes = 2 * rows * (extent[c_in] / f[:, c_in]) * (extent[n] / f[:, n]) * itemsize
-        pairs = np.where(split > 1, 2, 1)
-        return (np.where(split > 1, 2 * self.collective_seconds("send_recv", nbytes, pairs, 1), 0.0),
-                2 * self.collective_bytes("send_recv", nbytes, pairs))
+        carried = [i for i, d in enumerate(dims) if roles[d] in ("batch", "reduction")]  # the input's other dims
+        plane = extent[carried].prod() / f[:, carried].prod(axis=1) if carried else np.ones(len(f))
+        nbytes = np.zeros(len(f))
+        for d, kernel in zip(spatial, kernels):
+            split = f[:, dims.index(d)]
+            sides = np.where(split > 2, 2, np.where(split > 1, 1, 0))
+            across = np.prod([extent[dims.index(o)] / f[:, dims.index(o)] for o in spatial if o != d], axis=0)
+            nbytes += sides * (int(layer["dims"][kernel]) // 2) * across * plane * itemsize
+        pairs = np.where(nbytes > 0, 2, 1)
+        ways = 2 if (layer["tensors"].get("inputs_grad") or [True])[0] else 1  # forward, and backward for a gradient
+        return (np.where(nbytes > 0, ways * self.collective_seconds("send_recv", nbytes, pairs, 1), 0.0),
+                ways * self.collective_bytes("send_recv", nbytes, pairs))
 
     def _norm_stats(self, layer: LayerAttrs, dims: list[str], f: np.ndarray,
                     extent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -116,6 +116,27 @@ class _ReduceScatterBatch(torch.autograd.Function):
         return gather(grad, 0, ctx.group), None
 
 
+class _SumOver(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def sum_over(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """``x`` summed over the group (all-reduce), differentiable: the backward sums the gradients likewise (each rank's
+    result feeds its own part of the loss)."""
+    return _SumOver.apply(x, group)
+
+
 def gather_batch(x: torch.Tensor, group: Any) -> torch.Tensor:
     """The tensor-parallel group's batch chunks, concatenated (identical on every rank of the group)."""
     return _GatherBatch.apply(x, group)
@@ -136,4 +157,4 @@ def reduce_scatter_batch(x: torch.Tensor, group: Any) -> torch.Tensor:
     return _ReduceScatterBatch.apply(x, group)
 
 
-__all__ = ["batch_to_split", "gather", "gather_batch", "reduce_scatter_batch", "split_to_batch"]
+__all__ = ["batch_to_split", "gather", "gather_batch", "reduce_scatter_batch", "split_to_batch", "sum_over"]

@@ -17,6 +17,9 @@ holds batch chunk ``r``). A layer then runs as one of:
   holding one weight block;
 - **heads** (``strategies.tensor``): attention computed by ``scaled_dot_product_attention`` with
   ``{batch: p/t, head: t}``;
+- **spatial** (``strategies.spatial``): a convolution (stride 1, "same" padding) or a group norm with
+  ``{batch: p/t, h or w: t}``, on its rows of the group's batch: a convolution exchanges its boundary rows
+  with its neighbours (halo), a group norm sums its statistics over the group;
 - **seq** (``strategies.tensor``): the same attention with ``{batch: p/t, query sequence: t}``, each rank
   attending from its part of the queries to every key and value of the group's batch (gathered);
 - **local** (``strategies.tensor``): a group norm (whole groups) or an elementwise layer with
@@ -35,9 +38,9 @@ replaces), ``to_out`` in-split. Every other edge passes through the batch layout
 is not runnable (``edge_mode`` None), and the search prices that pair as infinite.
 
 Under FSDP the same layouts run, each module's parameters sharded over its data-parallel peers
-(``strategies.tensor.shard_parameters``). Every other configuration (spatial splits, sequence splits
-of other layers, layer-norm channel splits, two dimensions besides the batch other than a grid, fewer
-devices than ``p``) is priced only by ``--space all``.
+(``strategies.tensor.shard_parameters``). Every other configuration (spatial splits of other layers,
+sequence splits of other layers than attention, layer-norm channel splits, two dimensions besides the
+batch other than a grid, fewer devices than ``p``) is priced only by ``--space all``.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ from strategies.splits import SplitSpace
 SPACES = ("runnable", "all")  # pase plan --space
 # ops that run on their channel part alone (not upsampling: diffusers' Upsample2D asserts its channel count)
 LOCAL_OPS = ("group_norm", "elementwise")
+SPATIAL_OPS = ("conv", "group_norm")  # ops the runtime splits by rows (halo exchange; statistics all-reduce)
 GIVES_CHANNELS = ("out", "local", "heads")  # layer runs whose output can stay channel-split
 TAKES_CHANNELS = ("in", "local", "heads")  # layer runs that can take a channel-split input
 SDPA = "scaled_dot_product_attention"  # the attention op the runtime splits by heads
@@ -69,9 +73,9 @@ TENSOR_LAYOUTS = {("conv", "out_channel"): "out", ("conv", "reduction"): "in", (
 @dataclass(frozen=True)
 class LayerRun:
     """How the runtime runs one layer: ``kind`` is "batch", "out", "in", "heads", "seq" (attention's query
-    sequence), "local" or "grid" (output and input channels at once); ``factor`` the tensor-parallel degree (1
-    for batch; a grid's output-channel split); ``dim`` the layer dimension split ``factor`` ways (None for
-    batch)."""
+    sequence), "spatial", "local" or "grid" (output and input channels at once); ``factor`` the tensor-parallel
+    degree (1 for batch; a grid's output-channel split); ``dim`` the layer dimension split ``factor`` ways (None
+    for batch)."""
     kind: str
     factor: int = 1
     dim: str | None = None
@@ -113,11 +117,14 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
         return _grid_run(layer, others, batch, devices)
     (dim, factor), = others.items()
     role, op = roles.get(dim), layer["op"]
-    kind = TENSOR_LAYOUTS.get((op, role)) or ("local" if role == "channel" and op in LOCAL_OPS else None)
+    kind = TENSOR_LAYOUTS.get((op, role)) or ("local" if role == "channel" and op in LOCAL_OPS else None) or \
+        ("spatial" if role == "spatial" and op in SPATIAL_OPS else None)
     if kind is None:
         raise NotRunnable(f"{role} splits of {op} layers have no runtime (only {_tensor_kinds()})")
     if kind == "local":
         _check_local(layer, dim, factor)
+    if kind == "spatial":
+        _check_spatial(layer, dim, factor)
     gated = gated_dims(layer)
     if kind == "out" and dim not in layer["tensors"]["output"] and not (gated and gated[0] == dim):
         fused = ", ".join(layer.get("fused_ops", []))
@@ -160,6 +167,30 @@ def _grid_run(layer: Mapping[str, Any], others: dict[str, int], batch: int, devi
                           f"{batch * out_factor * in_factor} of {devices} ranks: the runtime needs the batch split "
                           "over the rest")
     return LayerRun("grid", out_factor, out_dim, inner=in_factor, inner_dim=in_dim)
+
+
+def _check_spatial(layer: Mapping[str, Any], dim: str, factor: int) -> None:
+    """A spatial split runs on the rows of this rank's part of the group's batch: a convolution with stride 1 and
+    "same" zero padding along the split dimension (its neighbours' boundary rows exchanged, the halo), a group
+    norm (its statistics summed over the group)."""
+    if layer["op"] != "conv":
+        return
+    attrs = layer.get("attrs", {})
+    spatial = [d for d, role in layer["roles"].items() if role == "spatial"]
+    kernels = [d for d, role in layer["roles"].items() if role == "kernel"]
+    axis = spatial.index(dim)
+    kernel = int(layer["dims"][kernels[axis]]) if axis < len(kernels) else 1
+
+    def along(value: Any) -> int:
+        return int(value[axis] if isinstance(value, (list, tuple)) else value)
+
+    stride, padding, dilation = (along(attrs.get(key, default)) for key, default in
+                                 (("stride", 1), ("padding", 0), ("dilation", 1)))
+    if attrs.get("transposed") or stride != 1 or dilation != 1 or kernel % 2 == 0 or padding != kernel // 2:
+        raise NotRunnable(f"spatial splits run convolutions of stride 1 and odd kernels with 'same' padding, not "
+                          f"stride {stride}, kernel {kernel}, padding {padding}, dilation {dilation}")
+    if layer["dims"][dim] // factor < kernel // 2:
+        raise NotRunnable(f"{layer['dims'][dim] // factor} rows per rank are fewer than its halo of {kernel // 2}")
 
 
 def _check_local(layer: Mapping[str, Any], dim: str, factor: int) -> None:

@@ -86,6 +86,23 @@ def _grid(layer_id: str, data: dict) -> dict:
     return {d: 4 for d, role in data["roles"].items() if role == "batch"}
 
 
+def _spatial(layer_id: str, data: dict) -> dict:
+    """Every convolution and group norm the search may split by rows (16+ per rank) split 2 ways along height
+    (width for every other one; the attention's norm along its flattened positions), batch elsewhere."""
+    from strategies.runnable import NotRunnable, layer_run
+    from strategies.splits import MIN_CHUNK
+
+    spatial = [d for d, role in data["roles"].items() if role == "spatial"]
+    if data["op"] in ("conv", "group_norm") and spatial and data["dims"][spatial[0]] >= 2 * MIN_CHUNK["spatial"]:
+        splits = {spatial[data["index"] % len(spatial)]: 2}
+        try:
+            layer_run(data, splits, 2)
+            return splits
+        except NotRunnable:
+            pass
+    return _batch_only(layer_id, data)
+
+
 def _norm_channels(layer_id: str, data: dict) -> dict:
     """Channel splits of group norms: splits the runtime has no layout for (it must refuse them)."""
     if data["op"] == "group_norm":
@@ -175,12 +192,27 @@ def random_runnable(devices: int, seed: int, graph: Any) -> Any:
 
 
 CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
-         "heads": (_heads, False), "seq": (_sequence, False), "kept": (_kept, False), "grid": (_grid, False),
+         "heads": (_heads, False), "seq": (_sequence, False), "spatial": (_spatial, False), "kept": (_kept, False),
+         "grid": (_grid, False),
          "grid_fsdp": (_grid, True)}
 # a case name with ":checkpoint" runs the plan with activation checkpointing (plan.options["checkpointing"])
 # layers inside checkpointed blocks (a resnet's first norm, an attention block's norm): their forward calls
 # per step count recomputation
 INNER = ("down_blocks.0.resnets.0.norm1", "down_blocks.1.attentions.0.group_norm")
+
+
+def matching_ranks(results: dict[int, dict[str, Any]], case: str, tolerance: float = 1e-5) -> list[dict[str, Any]]:
+    """Every rank's result for ``case``, after checking that it ran, as planned, to the single-process model's
+    loss and gradients (every parameter's, within ``tolerance`` relative)."""
+    per_rank = [results[rank][case] for rank in sorted(results)]
+    for result in per_rank:
+        assert "error" not in result, result.get("error")
+        assert result["missing"] == []
+        assert abs(result["loss"] - result["ref_loss"]) <= tolerance * abs(result["ref_loss"])
+        worst = max(result["errors"], key=result["errors"].get)
+        assert result["errors"][worst] <= tolerance, (worst, result["errors"][worst])
+        assert len(result["errors"]) > 50 and result["as_planned"] == result["total"]
+    return per_rank
 
 
 def count_calls(modules: dict[str, torch.nn.Module]) -> dict[str, int]:
@@ -233,7 +265,8 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
                   "missing": sorted(set(want) - set(got)), "summary": layout.summary(),
                   "checkpointed": layout.checkpointed, "calls": calls,
                   "as_planned": layout.layers_as_planned, "total": layout.layers_total,
-                  "comm_bytes": counter.total_bytes, "splits": {layer.id: layer.splits for layer in plan.layers}}
+                  "comm_bytes": counter.total_bytes, "comm_by_op": dict(counter.bytes),
+                  "splits": {layer.id: layer.splits for layer in plan.layers}}
         result["errors"] = relative_errors(got, {n: g for n, g in want.items() if n in got})
         result["round_trip"] = _round_trip(parallel)
         result["head_calls"] = sum(mode.calls for _, mode in getattr(parallel, "pase_head_modes", []))
@@ -408,3 +441,52 @@ def grid_layer(rank: int, world: int, port: int, shapes: list[tuple[int, int]], 
                 errors[key] = max(errors.get(key, 0.0), worst)
     if rank == 0:
         Path(out).write_text(json.dumps(errors))
+
+
+def spatial_layers(rank: int, world: int, port: int, out: str) -> None:
+    """A 3x3 and a 5x5 Conv2d and a GroupNorm split by height, then by width, over all ``world`` ranks (interior
+    ranks have two neighbours): each rank's output, input gradient and the parameters' gradients summed over the
+    ranks against the layers alone on the whole batch; writes ``{"layer axis": worst relative error}`` and the
+    halo bytes each rank sent (``send_bytes``) as JSON to ``out`` (rank 0)."""
+    torch.set_num_threads(1)
+    from pase.process_group import Launch, process_group
+    from pase.runtime.comm_count import CommCounter
+    from strategies.spatial import SpatialConv, SpatialGroupNorm
+    from strategies.tensor import TensorGroups
+
+    errors: dict[str, float] = {}
+    sends: list[float] = []
+    with process_group(Launch.local(rank, world, port), "gloo", timeout_s=120):
+        group = TensorGroups.build("cpu", world, world).tp
+        layers = {"conv3": lambda: torch.nn.Conv2d(4, 6, 3, padding=1),
+                  "conv5": lambda: torch.nn.Conv2d(4, 6, 5, padding=2), "norm": lambda: torch.nn.GroupNorm(2, 4)}
+        for name, make in layers.items():
+            for axis in (2, 3):
+                torch.manual_seed(0)
+                layer = make()
+                if name == "norm":
+                    torch.nn.init.normal_(layer.weight)
+                    torch.nn.init.normal_(layer.bias)
+                x = torch.randn(world, 4, 4 * world, 4 * world + 4, requires_grad=True)
+                reference = layer(x)
+                weights = torch.linspace(0.5, 1.5, reference.numel()).reshape(reference.shape)  # no cancellation
+                (reference * weights).sum().backward()
+                want = {n: p.grad.clone() for n, p in layer.named_parameters()}
+                layer.zero_grad()
+                split = (SpatialGroupNorm if name == "norm" else SpatialConv)(layer, axis, group)
+                mine = x.detach()[rank:rank + 1].clone().requires_grad_(True)
+                with CommCounter() as counter:
+                    got = split(mine)
+                    (got * weights[rank:rank + 1]).sum().backward()
+                if name == "conv5":
+                    sends.append(counter.bytes["send_recv"])
+                pairs = [(got, reference[rank:rank + 1]), (mine.grad, x.grad[rank:rank + 1])]
+                for n, p in layer.named_parameters():
+                    summed = p.grad.clone()
+                    torch.distributed.all_reduce(summed)
+                    pairs.append((summed, want[n]))
+                errors[f"{name} {axis}"] = max(float((a - b).detach().norm() / b.norm()) for a, b in pairs)
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, sends)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"errors": errors, "send_bytes": gathered}))

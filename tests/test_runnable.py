@@ -58,12 +58,15 @@ def test_runnable_configurations(tiny) -> None:
     assert "uses 2 of 4 ranks" in runnable_reason(conv, {c_out: 2}, 4)  # idle devices
     assert "split 2 ways on 4 ranks" in runnable_reason(conv, {n: 2}, 4)  # replicas
     assert layer_run(conv, {n: 2, c_out: 2}, 4, fsdp=True).kind == "out"  # FSDP shards the shards (2-D mesh)
-    assert "spatial splits of conv" in runnable_reason(conv, {n: 2, "h": 2}, 4)
+    assert layer_run(conv, {n: 2, "h": 2}, 4) == LayerRun("spatial", 2, "h")  # rows, with a halo exchange
+    down = next(d for i, d in tiny.layers() if i.endswith("downsamplers.0.conv"))
+    assert "stride 1" in runnable_reason(down, {"n": 2, "h": 2}, 4)  # strided convolutions are not split by rows
     _, norm = _first(tiny, "group_norm")
     norm_split = {_dim(norm, "batch"): 2, _dim(norm, "channel"): 2}
     assert layer_run(norm, norm_split, 4) == LayerRun("local", 2, _dim(norm, "channel"))  # whole groups per rank
     assert "cut its 8 groups" in runnable_reason(norm, {_dim(norm, "channel"): 16}, 16)
     assert layer_run(norm, norm_split, 4, fsdp=True).kind == "local"
+    assert layer_run(norm, {_dim(norm, "batch"): 2, "h": 2}, 4).kind == "spatial"  # statistics summed over the group
     _, attention = _first(tiny, "attention")
     assert layer_run(attention, {_dim(attention, "batch"): 2, _dim(attention, "head"): 2}, 4).kind == "heads"
     assert layer_run(attention, {_dim(attention, "batch"): 2, "q": 2}, 4) == LayerRun("seq", 2, "q")

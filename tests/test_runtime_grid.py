@@ -21,16 +21,8 @@ def results() -> dict:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", CASES)
 def test_grid_split_layers_match_a_single_process(results, case: str) -> None:
-    per_rank = [results[rank][case] for rank in sorted(results)]
-    for result in per_rank:
-        assert "error" not in result, result.get("error")
-        assert result["missing"] == []
-        assert result["loss"] == pytest.approx(result["ref_loss"], rel=TOLERANCE)
-        worst = max(result["errors"], key=result["errors"].get)
-        assert result["errors"][worst] <= TOLERANCE, (worst, result["errors"][worst])
-        assert len(result["errors"]) > 50
-        assert result["as_planned"] == result["total"] == 104
-        assert result["round_trip"] == 0.0
+    per_rank = runtime_cases.matching_ranks(results, case, TOLERANCE)
+    assert all(result["round_trip"] == 0.0 for result in per_rank)
     applied = per_rank[0]["applied"]
     assert "grid/2x2" in applied and set(applied) == {"batch", "grid/2x2"}
     assert per_rank[0]["kind"] == ("fsdp+tensor" if case == "grid_fsdp" else "tensor")

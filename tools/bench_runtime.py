@@ -1,12 +1,13 @@
 """Benchmark: the runtime on 2 and 4 gloo processes with unet-tiny, predicted against measured.
 
     PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4]
-        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,seq,pipeline] [--steps 8] [--batch 8] [--profile FILE]
+        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,pipeline] [--steps 8] [--batch 8] [--profile FILE]
         [--json bench_results/runtime.json]
 
 Plans come from `pase plan --cluster local --devices N --only KIND` (`tensor+fsdp`: with `--fsdp`; `grid`:
 `--only tensor` with every conv and linear of 64+ channels forced onto a 2 x 2 output x input grid, 4+ ranks;
-`seq`: every attention forced to split its queries 2 ways;
+`seq`: every attention forced to split its queries 2 ways; `spatial`: every convolution and group norm of 32+
+rows that runs split by rows forced to split 2 ways by height (an attention's norm by its positions);
 priced by the CPU calibration profile of this machine, or --profile), as users make them. Each row
 runs `pase verify --check` under a fresh `torchrun`: one checked step against a single process (max
 relative error, layers as planned), the communication bytes per rank per step counted at the torch.distributed calls
@@ -61,8 +62,10 @@ def torchrun(world: int, *args: str) -> str:
 def forces(kind: str, world: int, batch: int) -> list[str]:
     """``--force`` options for the kinds the search never picks on this CPU: "grid" puts every conv and linear of
     unet-tiny wide enough on a 2 x 2 grid of output x input channels, "seq" splits every attention's queries 2
-    ways (the batch over the other ranks)."""
+    ways, "spatial" every convolution and group norm of 32+ rows that the runtime splits by rows 2 ways by its
+    first spatial axis (the batch over the other ranks)."""
     from pase.graph import extract_model
+    from strategies.runnable import runnable_reason
 
     options = []
     for layer_id, data in extract_model("unet-tiny", batch, use_cache=True).layers():
@@ -73,6 +76,10 @@ def forces(kind: str, world: int, batch: int) -> list[str]:
                                    f"{dims['reduction']}:2"]
         if kind == "seq" and data["op"] == "attention":
             options += ["--force", f"{layer_id}={dims['batch']}:{world // 2},q:2"]
+        spatial = [d for d, role in data["roles"].items() if role == "spatial"]
+        if kind == "spatial" and spatial and data["dims"][spatial[0]] >= 32 and \
+                runnable_reason(data, {spatial[0]: 2, dims["batch"]: world // 2}, world) is None:
+            options += ["--force", f"{layer_id}={dims['batch']}:{world // 2},{spatial[0]}:2"]
     return options
 
 
@@ -81,7 +88,7 @@ def plan(kind: str, world: int, out: Path, batch: int, profile: str | None) -> d
     "grid" (``--only tensor`` with ``forces``) or "seq" (the default space with ``forces``)."""
     only, *extras = kind.split("+")
     forced = forces(only, world, batch)
-    restrict = {"grid": ["--only", "tensor"], "seq": []}.get(only, ["--only", only])
+    restrict = {"grid": ["--only", "tensor"], "seq": [], "spatial": []}.get(only, ["--only", only])
     command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices",
                str(world), "--batch", str(batch), *restrict, "--json", str(out),
                *(["--fsdp"] if "fsdp" in extras else []), *(["--profile", profile] if profile else []), *forced]
@@ -105,7 +112,7 @@ def describe(kind: str, data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="2,4")
-    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,grid,seq,pipeline")
+    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,pipeline")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--profile", default=None)

@@ -174,6 +174,12 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
             else:
                 priced_edges[key] = model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])
         edges.append((s, d, priced_edges[key]))
+    if through_batch:  # a model's outputs leave in the batch layout too (each rank returns its batch chunk)
+        for v, (_, data) in enumerate(layers):
+            if out_edges[v] == 0 and data["tensors"].get("output"):
+                leaving = _output_relayout(model, data, output_space(data, spaces[v], runs[v]))
+                comm[v] = comm[v] + leaving
+                comm_bytes[v] = comm_bytes[v] + model.relayout_bytes(leaving)
     if through_batch and forced:
         _check_forced_pairs(ids, spaces, edges, sorted(forced))
     return PricedGraph(ids, spaces, compute, comm, memory, edges, weight_sync, comm_bytes, runnable,
@@ -283,6 +289,18 @@ def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs,
                                                    forward_only=True)[0, :]
     return to_batch[:, None] / max(1, producer_edges) + from_batch[None, :]
 
+
+
+def _output_relayout(model: CostModel, layer: LayerAttrs, src: SplitSpace) -> np.ndarray:
+    """Per configuration, the seconds a model output (``layer``'s, consumed by no layer) takes back to the batch
+    layout the model returns it in. O(K)."""
+    out_map = [str(d) for d in layer["tensors"]["output"]]
+    shape = [int(layer["dims"][d]) for d in out_map]
+    edge = EdgeAttrs(src="", dst="", slot=0, tensor="output", shape=shape, dst_shape=shape, dtype="float32",
+                     dtype_bytes=4, bytes=4 * int(np.prod(shape)), src_map=[[d] for d in out_map],
+                     dst_map=list[str | None](out_map), axis_map=[[a] for a in range(len(shape))], views=[],
+                     requires_grad=True)
+    return model.edge_costs(edge, layer, src, layer, _interface(layer, model.devices))[:, 0]
 
 
 def _interface(layer: LayerAttrs, devices: int) -> SplitSpace:

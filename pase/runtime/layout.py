@@ -23,13 +23,14 @@ class LayerLayout:
     op: str
     module: str
     planned: dict[str, int]
-    kind: str  # "batch", "out", "in", "heads", "seq", "local" or "grid"
+    kind: str  # "batch", "out", "in", "heads", "seq", "spatial", "local" or "grid"
     factor: int = 1  # tensor-parallel degree (1 for batch; a grid's output-channel split)
     keep_output: bool = False  # an out-split or head split whose output stays channel-split for its consumer
     kept_input: bool = False  # an in-split whose input arrives channel-split
     kept_inputs: tuple[str, ...] = ()  # a head split's projections ("to_q", ...) whose output arrives head-split
     gated: bool = False  # an out-split GEGLU projection (interleaved rows)
     inner: int = 1  # a grid's input-channel split
+    axis: int | None = None  # a spatial split's axis in the module's input (2: height, 3: width)
 
     @property
     def applied(self) -> str:
@@ -72,8 +73,10 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
                                                            for dst in graph.graph.successors(choice.id))
         kept_from = [graph[src]["module"] for src in graph.graph.predecessors(choice.id) if (src, choice.id) in kept]
         kept_inputs = tuple(sorted(module.rpartition(".")[2] for module in kept_from)) if run.kind == "heads" else ()
+        axis = data["tensors"]["inputs"][0].index(run.dim) if run.kind == "spatial" else None
         result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor,
-                                  keep_output, run.kind == "in" and bool(kept_from), kept_inputs, run.gated, run.inner))
+                                  keep_output, run.kind == "in" and bool(kept_from), kept_inputs, run.gated, run.inner,
+                                  axis))
     if refused:
         count = sum(map(len, refused.values()))
         reasons = [f"{_named(layers)}: {reason}" for reason, layers in refused.items()]

@@ -26,6 +26,7 @@ from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parall
 from pase.runtime.pipeline import pipeline_parallelize
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
+from strategies.spatial import SpatialConv, SpatialGroupNorm
 from strategies.tensor import (
     ChannelGroupNorm,
     ChannelSplit,
@@ -113,6 +114,17 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
             continue
         parent_name, _, child = layout.module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if layout.kind == "spatial":
+            assert layout.axis is not None
+            group = groups[layout.factor].tp
+            if isinstance(module, nn.Conv2d):
+                setattr(parent, child, SpatialConv(module, layout.axis, group))
+            elif isinstance(module, nn.GroupNorm):
+                setattr(parent, child, SpatialGroupNorm(module, layout.axis, group))
+            else:
+                raise PaseError(f"layer {layout.layer} is planned as a spatial split but module {layout.module!r} is "
+                                f"a {type(module).__name__}, not Conv2d or GroupNorm")
+            continue
         if layout.kind == "local":  # elementwise ops compute on whatever channel part reaches them
             if layout.op == "group_norm":
                 if not isinstance(module, nn.GroupNorm):
