@@ -22,7 +22,7 @@ from cost_models.calibrate import (
     save_profile,
 )
 from cost_models.catalog import Catalog
-from cost_models.cluster import Cluster, cluster_from_dict, group_cluster
+from cost_models.cluster import Cluster, cluster_from_dict, group_cluster, load_cluster
 from cost_models.probe import NoNvidiaDriver, probe
 from pase.errors import PaseError
 
@@ -102,4 +102,19 @@ def local_cluster(devices: int | None, profile_path: str | Path | None = None, c
     return cpu_cluster(devices, profile, catalog), profile
 
 
-__all__ = ["CPU_DEVICE", "cpu_cluster", "cpu_profile", "host_memory_bytes", "local_cluster"]
+def target_cluster(cluster: str, devices: int | None = None, profile: str | Path | None = None,
+                   gpu_files: list[str] | None = None, progress: Callable[[str], None] | None = None
+                   ) -> tuple[Cluster, dict[str, Any] | None, str]:
+    """(cluster, profile to price with, default precision) for a ``--cluster`` value, the same for the CLI and the
+    Python API: "local" is this machine (``local_cluster``; fp32 on CPU processes), anything else a spec or a
+    system file (``devices`` is then an error: the spec says how many)."""
+    catalog = Catalog.load(gpu_files or [])
+    if cluster == "local":
+        target, measured = local_cluster(devices, profile, catalog, progress)
+        return target, measured, "fp32" if target.gpu.id == CPU_DEVICE else "bf16"
+    if devices is not None:
+        raise PaseError("devices go with the local cluster; a cluster spec already says how many devices")
+    return load_cluster(cluster, catalog), load_profile(profile) if profile else None, "bf16"
+
+
+__all__ = ["CPU_DEVICE", "cpu_cluster", "cpu_profile", "host_memory_bytes", "local_cluster", "target_cluster"]

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cost_models.calibrate import load_profile
-from cost_models.cluster import Cluster, load_cluster
+from cost_models.cluster import Cluster
+from cost_models.local import target_cluster
+from cost_models.rates import profile_mismatch
 from pase.errors import PaseError
 from pase.graph import extract
 from pase.planning import Plan, PlanOptions, make_plan
@@ -23,9 +24,11 @@ def plan(
     cluster: Any = "8xH100-SXM",
     batch: int | None = None,
     profile: dict[str, Any] | str | Path | None = None,
+    devices: int | None = None,
     **options: Any,
 ) -> Plan:
-    """Plan ``model`` on ``cluster`` (a spec string, a system-file path or a ``Cluster``).
+    """Plan ``model`` on ``cluster`` (a spec string, a system-file path, "local" for this machine with ``devices``
+    GPUs or gloo processes, as ``pase plan --cluster local --devices N``, or a ``Cluster``).
 
     ``example_inputs`` fix the shapes (use meta tensors for big models). ``batch`` replaces the
     leading (batch) dimension of every input that has the examples' batch size, so one example
@@ -36,8 +39,18 @@ def plan(
     unknown = set(options) - allowed
     if unknown:
         raise PaseError(f"unknown plan option(s) {sorted(unknown)}; choose from {sorted(allowed)}")
-    target = cluster if isinstance(cluster, Cluster) else load_cluster(str(cluster))
-    measured = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    if isinstance(cluster, Cluster):
+        target, measured, precision = cluster, None, "bf16"
+        if devices is not None:
+            raise PaseError("devices= goes with cluster='local'; a Cluster already says how many devices")
+    else:
+        path = profile if isinstance(profile, (str, Path)) else None
+        target, measured, precision = target_cluster(str(cluster), devices, path)
+    if isinstance(profile, dict):
+        measured = profile
+    options.setdefault("precision", precision)
+    if measured is not None and (reason := profile_mismatch(target, measured)):
+        raise PaseError(reason)
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     if batch is not None:

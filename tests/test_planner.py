@@ -354,6 +354,34 @@ def test_python_api_plans_a_module_at_any_batch() -> None:
         pase.plan(model, (x, t), cluster="4xL40S", warp_speed=True)
 
 
+def test_python_plans_for_this_machine_as_the_cli_does(tmp_path) -> None:
+    """`pase.plan(..., cluster="local", devices=2)` plans for 2 gloo processes priced by their calibration, in fp32,
+    as `pase plan --cluster local --devices 2` does; devices with a cluster spec is an error."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pase
+    from pase.models.pase_unet import PaseUNet
+
+    profile = Path(__file__).parent / "fixtures" / "calibration" / "cpu_gloo_2.json"
+    with torch.device("meta"):
+        model = PaseUNet()
+    x, t = torch.zeros(8, 3, 32, 32, device="meta"), torch.zeros(8, dtype=torch.long, device="meta")
+    plan = pase.plan(model, (x, t), cluster="local", devices=2, profile=profile)
+    done = subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "pase-unet", "--cluster", "local",
+                           "--devices", "2", "--batch", "8", "--profile", str(profile), "--json",
+                           str(tmp_path / "cli.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cli = json.loads((tmp_path / "cli.json").read_text())
+    assert (plan.cluster, plan.devices, plan.precision) == (cli["cluster"], 2, "fp32") == \
+        (cli["cluster"], cli["devices"], cli["precision"])
+    assert [layer.splits for layer in plan.layers] == [layer["splits"] for layer in cli["layers"]]
+    with pytest.raises(Exception, match="devices go with the local cluster"):
+        pase.plan(model, (x, t), cluster="4xL40S", devices=2)
+
+
 def test_a_plan_that_does_not_fit_suggests_only_options_not_already_on() -> None:
     from pase.planning.per_layer import fit_remedies
 

@@ -57,26 +57,17 @@ def plan(
     """Plan how to split every layer of a model over a cluster, and compare with DDP and FSDP."""
     import torch
 
-    from cost_models.calibrate import load_profile
-    from cost_models.catalog import Catalog
-    from cost_models.cluster import load_cluster
+    from cost_models.local import target_cluster
     from cost_models.rates import profile_mismatch
     from pase.graph import extract_model
     from pase.planning import PipelineOptions, PlanDoesNotFit, PlanOptions, make_plan
 
     if devices is not None and cluster != "local":
         raise PaseError("--devices goes with --cluster local; a cluster spec already says how many devices")
-    if cluster == "local":
-        from cost_models.local import CPU_DEVICE, local_cluster
-
-        with err_console.status("probing this machine ...") as status:
-            target, measured = local_cluster(devices, profile, Catalog.load(gpu_file or []),
-                                             progress=lambda what: status.update(f"{what} ..."))
-        precision = precision or ("fp32" if target.gpu.id == CPU_DEVICE else "bf16")
-    else:
-        target = load_cluster(cluster, Catalog.load(gpu_file or []))
-        measured = load_profile(profile) if profile else None
-    precision = precision or "bf16"
+    with err_console.status("probing this machine ..." if cluster == "local" else "reading the cluster ...") as status:
+        target, measured, default_precision = target_cluster(cluster, devices, profile, gpu_file,
+                                                             progress=lambda what: status.update(f"{what} ..."))
+    precision = precision or default_precision
     check_precision(precision)
     if measured is not None and (reason := profile_mismatch(target, measured)):
         raise PaseError(reason)

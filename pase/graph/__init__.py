@@ -18,7 +18,7 @@ from pase.graph.capture import CAPTURE_METHODS, capture, quiet_torch_logs
 from pase.graph.ir import OpGraph
 from pase.graph.layer_graph import SCHEMA_VERSION, LayerGraph
 from pase.graph.rescale import with_batch
-from pase.models.zoo import ZOO, resolve_model
+from pase.models.zoo import resolve_model
 
 __all__ = ["CAPTURE_METHODS", "SCHEMA_VERSION", "LayerGraph", "extract", "extract_model", "layer_graph_of"]
 
@@ -88,14 +88,16 @@ def extract_model(
     use_cache: bool = False,
     refresh_cache: bool = False,
 ) -> LayerGraph:
-    """Build a zoo model (or ``module:factory``) on the meta device and extract its graph.
+    """Build a zoo model (a diffusers folder's, or ``module:factory``) on the meta device and extract its graph.
 
-    ``use_cache`` reads and writes the on-disk graph cache (zoo models only; see ``cache``);
+    ``use_cache`` reads and writes the on-disk graph cache (zoo and folder models, keyed by their config; see
+    ``cache``);
     ``refresh_cache`` captures again and overwrites the entry. Without input-shape overrides the
     entry serves every batch: a graph cached at one batch is rescaled (``rescale.with_batch``).
     """
     spec = resolve_model(name, user_input_shapes)
-    cacheable = use_cache and name in ZOO
+    name = spec.name  # a folder by its absolute path: what plans record
+    cacheable = use_cache and spec.family != "user"  # zoo and folder models are built from their config alone
     any_batch = cacheable and not input_shapes
     key = cache.cache_key(name, spec.config, "any" if any_batch else batch, dtype, method, input_shapes) \
         if cacheable else None

@@ -3,19 +3,22 @@
 Each entry is a ``ModelSpec``: a config you can print, a builder, and named example
 inputs with the shapes the model expects (``B`` is the batch). Models are built on whatever
 device is current, so ``with torch.device("meta")`` builds SD-size UNets without allocating
-their weights. ``resolve_model`` also accepts ``package.module:factory`` for a user's model.
+their weights. ``resolve_model`` also accepts a diffusers pipeline or UNet folder and ``package.module:factory``
+for a user's model.
 """
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from pase.errors import InputShapeError, UnknownModelError
+from pase.models import folders
 from pase.models.pase_unet import PaseUNet, PaseUNetConfig
 
 BATCH = "B"
@@ -199,17 +202,20 @@ ZOO: dict[str, ModelSpec] = {
 
 
 def resolve_model(name: str, input_shapes: list[tuple[int, ...]] | None = None) -> ModelSpec:
-    """A zoo entry by name, or a user model from ``package.module:factory``.
+    """A zoo entry by name, a diffusers folder (a pipeline's, or a UNet's: ``pase.models.folders``), or a user
+    model from ``package.module:factory``.
 
     A user factory is called with no arguments and must return an ``nn.Module``; its inputs
     come from ``input_shapes`` (full shapes, batch first), passed positionally.
     """
     if name in ZOO:
         return ZOO[name]
+    if folders.looks_like_folder(name):
+        return folder_model(name)
     if ":" not in name:
         raise UnknownModelError(
-            f"unknown model {name!r}. Built-in models: {', '.join(ZOO)}. "
-            "For your own model pass 'package.module:factory' with --input-shape."
+            f"unknown model {name!r}. Built-in models: {', '.join(ZOO)}. Or give a diffusers pipeline or UNet "
+            "folder (a path), or for your own model 'package.module:factory' with --input-shape."
         )
     module_name, _, attr = name.partition(":")
     try:
@@ -227,6 +233,32 @@ def resolve_model(name: str, input_shapes: list[tuple[int, ...]] | None = None) 
     inputs = tuple(InputSpec(f"input{i}", tuple(shape)) for i, shape in enumerate(input_shapes))
     return ModelSpec(name, f"user model from {name}", "user", {}, inputs, lambda _cfg: _call_factory(factory, name),
                      default_batch=input_shapes[0][0] if input_shapes[0] else 1)
+
+
+def recorded_model(name: str) -> ModelSpec | None:
+    """The model a plan records as ``name`` when pase can rebuild it from data alone: a zoo entry or a diffusers
+    folder (None for a user's ``package.module:factory``: a plan never makes pase import code)."""
+    if name in ZOO:
+        return ZOO[name]
+    if ":" not in name and folders.looks_like_folder(name):
+        return folder_model(name)
+    return None
+
+
+def folder_model(name: str) -> ModelSpec:
+    """The UNet of a diffusers folder as a ``ModelSpec`` named by the folder's absolute path (what a plan records,
+    so that train and verify rebuild it from anywhere)."""
+    unet, pipeline = folders.unet_folder(name)
+    cls, config = folders.read_config(unet)
+    size = config.get("sample_size") or 64
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    inputs = [InputSpec("sample", (BATCH, int(config.get("in_channels", 4)), height, width)),
+              InputSpec("timestep", (BATCH,), kind="long")]
+    conditioning = folders.conditioning_inputs(cls, config, folders.text_length(pipeline))
+    inputs += [InputSpec(input_name, shape, keyword=keyword) for input_name, shape, keyword in conditioning]
+    root = Path(name).expanduser().resolve()
+    return ModelSpec(str(root), f"diffusers {cls} from {root}", f"diffusers.{cls}", config, tuple(inputs),
+                     lambda cfg: folders.build_from_folder(cls, cfg, unet))
 
 
 def _call_factory(factory: Callable[[], Any], name: str) -> nn.Module:

@@ -9,7 +9,7 @@ from torch import nn
 
 from pase.errors import PaseError
 from pase.graph import LayerGraph, extract
-from pase.models.zoo import ZOO
+from pase.models.zoo import recorded_model
 from pase.planning.plan import Plan
 
 
@@ -17,9 +17,11 @@ class PlanMismatch(PaseError):
     """A plan made for another model, batch or world size than the one at hand."""
 def check_world(plan: Plan, world_size: int) -> None:
     if plan.devices != world_size:
+        replan = "run without --plan (one process has nothing to split)" if world_size == 1 else \
+            f"re-plan with `pase plan --devices {world_size}`"
         raise PlanMismatch(
             f"the plan was made for {plan.devices} devices but this run has {world_size} processes; launch "
-            f"`torchrun --nproc-per-node {plan.devices} ...` or re-plan with `pase plan --devices {world_size}`")
+            f"`torchrun --nproc-per-node {plan.devices} ...` or {replan}")
     if not plan.stages and plan.batch % world_size:  # a pipeline splits it by replicas and microbatches instead
         raise PlanMismatch(f"the plan's global batch {plan.batch} does not split over {world_size} processes; "
                            f"re-plan with a --batch divisible by {world_size}")
@@ -33,10 +35,12 @@ def example_inputs_for(plan: Plan, example_inputs: Any = None) -> tuple[tuple[An
         if isinstance(example_inputs, dict):
             return (), example_inputs
         return tuple(example_inputs), {}
-    if plan.model not in ZOO:
-        raise PaseError(f"the plan is for {plan.model!r}, which is not a zoo model: pass example_inputs= (meta "
-                        f"tensors at the plan's batch {plan.batch}) so pase can check the model matches the plan")
-    return ZOO[plan.model].example_inputs(plan.batch, device="meta")
+    spec = recorded_model(plan.model)
+    if spec is None:
+        raise PaseError(f"the plan is for {plan.model!r}, which is neither a zoo model nor a diffusers folder: pass "
+                        f"example_inputs= (meta tensors at the plan's batch {plan.batch}) so pase can check the model "
+                        "matches the plan")
+    return spec.example_inputs(plan.batch, device="meta")
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

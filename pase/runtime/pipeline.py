@@ -40,7 +40,7 @@ from torch import nn
 
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.models.zoo import ZOO
+from pase.models.zoo import recorded_model
 from pase.planning.pipeline import pipeline_problem
 from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
@@ -280,9 +280,11 @@ def _grouped(plan: Plan) -> bool:
 
 def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: int | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if plan.model not in ZOO:
-        raise PaseError(f"{plan.model!r} is not a zoo model: pass example_inputs=(sample, timestep) of one microbatch")
-    args, _ = ZOO[plan.model].example_inputs(microbatch, device="cpu")
+    spec = recorded_model(plan.model)
+    if spec is None:
+        raise PaseError(f"{plan.model!r} is neither a zoo model nor a diffusers folder: pass example_inputs=(sample, "
+                        "timestep) of one microbatch")
+    args, _ = spec.example_inputs(microbatch, device="cpu")
     shape = tuple(args[0].shape[:-2]) + ((image_size, image_size) if image_size else tuple(args[0].shape[-2:]))
     sample = torch.randn(shape, device=device)
     return sample, torch.randint(0, 1000, (microbatch,), device=device)

@@ -92,6 +92,11 @@ def _data(options: JobOptions, spec: ModelSpec) -> tuple[torch.Tensor, torch.Ten
     if len(sample.shape) != 4:
         raise PaseError(f"model {spec.name!r} does not take images (its first input is {sample.shape}); pase train "
                         "needs an image diffusion UNet")
+    conditioning = [i.name for i in spec.inputs[2:]]
+    if conditioning:
+        raise PaseError(f"model {spec.name!r} is conditioned on {', '.join(conditioning)}: pase train and finetune "
+                        "train unconditional UNets from images so far (no captions, text encoder or latents yet); "
+                        "`pase plan` and `pase verify` (synthetic conditioning) take it")
     size = options.image_size or int(sample.shape[-1])
     images = load_images(options.data, size, int(sample.shape[1]), options.data_count, options.seed)
     train, held_out = split_held_out(images, 0.1, options.seed)

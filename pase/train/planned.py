@@ -24,7 +24,7 @@ from torch import nn
 
 from pase.errors import PaseError
 from pase.graph import LayerGraph, extract_model
-from pase.models.zoo import ZOO, ModelSpec
+from pase.models.zoo import ModelSpec
 from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import is_pure_data_parallel, layer_layouts
@@ -87,7 +87,7 @@ def job_settings(plan: Plan, model: str | None, batch: int | None) -> tuple[str,
 def check_plan(plan: Plan, env: DistEnv, spec: ModelSpec, strategy: str) -> PlannedRun:
     """Refuse a plan for another world size, model or strategy before any work starts."""
     check_world(plan, env.world)
-    if spec.name in ZOO:  # the job builds the zoo config: its graph comes from the on-disk graph cache
+    if spec.family != "user":  # a zoo or folder config: its graph comes from the on-disk graph cache
         graph = extract_model(spec.name, plan.batch, use_cache=True)
     else:
         with torch.device("meta"):

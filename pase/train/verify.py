@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from pase.errors import PaseError
-from pase.models.zoo import ZOO
+from pase.models.zoo import ModelSpec, recorded_model
 from pase.planning.plan import Plan
 from pase.runtime.checks import model_graph
 from pase.runtime.comm_count import CommCounter
@@ -99,12 +99,21 @@ class CheckResult:
         return {key: asdict(self)[key] for key in keys}
 
 
+def plan_spec(plan: Plan) -> ModelSpec:
+    """The plan's model, rebuilt from data: a zoo entry or a diffusers folder (``recorded_model``)."""
+    spec = recorded_model(plan.model)
+    if spec is None:
+        raise PaseError(f"pase verify rebuilds the plan's model from the zoo or a diffusers folder, and {plan.model!r} "
+                        "is neither (a plan never imports a user's factory)")
+    return spec
+
+
 def synthetic_inputs(plan: Plan, batch: int, device: torch.device, generator: torch.Generator
                      ) -> tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]:
     """(noise target, model args, model kwargs) for one step of a zoo model: noised latents, timesteps."""
     from diffusers import DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import; only the DDPM schedule needs it
 
-    spec = ZOO[plan.model]
+    spec = plan_spec(plan)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     args, kwargs = spec.example_inputs(batch, device="cpu")
     values = []
@@ -166,18 +175,17 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
     against the same step on a single process (``run_check``)."""
     if steps <= warmup:
         raise PaseError(f"--steps {steps} leaves nothing to measure after {warmup} warm-up steps; use more steps")
-    if plan.model not in ZOO:
-        raise PaseError(f"pase verify builds the plan's model from the zoo, and {plan.model!r} is not in it")
+    plan_spec(plan)  # a model pase can rebuild, or a clear error before any process group work
     with distributed(plan) as run:
         with torch.device("meta"):
-            graph = model_graph(ZOO[plan.model].build(), plan)  # capture (and imports) before the memory baseline
+            graph = model_graph(plan_spec(plan).build(), plan)  # capture (and imports) before the memory baseline
         checked = run_check(run, plan, graph, seed, lr) if check else None
         cuda = run.device.type == "cuda"
         host = None if cuda else _HostMemory()
         if cuda:
             torch.cuda.reset_peak_memory_stats(run.device)
         torch.manual_seed(seed)
-        model = ZOO[plan.model].build()
+        model = plan_spec(plan).build()
         parallel = run.parallelize(model, graph=graph)
         optimizer = torch.optim.AdamW(parallel.parameters(), lr=lr)
         generator = torch.Generator().manual_seed(seed + 1 + run.rank)
@@ -241,10 +249,10 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
     elements whose reference gradient is under ``ADAM_UNSTABLE_GRAD`` left out, their AdamW step being rounding).
     The plan's step runs under ``CommCounter``, whose bytes (the busiest rank's) are held against the plan's."""
     torch.manual_seed(seed)
-    model = ZOO[plan.model].build()
+    model = plan_spec(plan).build()
     reference = copy.deepcopy(model)
     objective = epsilon_objective()
-    args, _ = ZOO[plan.model].example_inputs(1, device="meta")
+    args, _ = plan_spec(plan).example_inputs(1, device="meta")
     x0 = torch.randn((plan.batch, *args[0].shape[1:]), generator=torch.Generator().manual_seed(seed + 7))
     parallel = run.parallelize(model, graph=graph)
     pipelined = hasattr(parallel, "pase_step")  # a pipeline stage runs whole steps
@@ -302,7 +310,7 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
 def _conditioning(plan: Plan, seed: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
     """The model's inputs after the sample and timestep (text embeddings, SDXL's pooled embeddings and time
     ids) for the plan's global batch, seeded: random, as ``synthetic_inputs`` draws them."""
-    spec = ZOO[plan.model]
+    spec = plan_spec(plan)
     args, kwargs = spec.example_inputs(plan.batch, device="cpu")
     generator = torch.Generator().manual_seed(seed + 11)
     extra_args = tuple(torch.randn(a.shape, generator=generator) for a in args[2:])
@@ -347,7 +355,7 @@ def _pipeline_latents(plan: Plan, stage: Any, seed: int) -> tuple[tuple[int, ...
     """Shape of this replica's share of the global batch of latents, and the replica's generator (every rank
     of a replica draws the same numbers: stage 0 feeds the noised latents, the last stage scores the noise)."""
     replica, replicas = stage.pase_data_parallel
-    args, _ = ZOO[plan.model].example_inputs(1, device="meta")
+    args, _ = plan_spec(plan).example_inputs(1, device="meta")
     return (plan.batch // replicas, *args[0].shape[1:]), torch.Generator().manual_seed(seed + 1 + replica)
 
 
