@@ -91,7 +91,11 @@ def _plan(local: tuple, only: str) -> Plan:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("only", ["dp", "fsdp", "tensor", "tensor+checkpoint", "tensor+fsdp+checkpoint", "pipeline"])
+# the default suite keeps one plan per runtime path; "fsdp" and "tensor+checkpoint" (covered by tensor+fsdp+checkpoint)
+# run with the slow tests
+@pytest.mark.parametrize("only", ["dp", pytest.param("fsdp", marks=pytest.mark.slow), "tensor",
+                                  pytest.param("tensor+checkpoint", marks=pytest.mark.slow), "tensor+fsdp+checkpoint",
+                                  "pipeline"])
 def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, only: str) -> None:
     """`pase verify --check` under torchrun for per-layer plans (tensor splits with FSDP over each split's data-
     parallel peers too) and for pipeline stages (their schedule, not forwards): one step matches a single process,
@@ -133,7 +137,7 @@ def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, onl
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("only", ["dp", "tensor", "seq"])
+@pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow), "tensor", "seq"])
 def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str) -> None:
     """sd-tiny (SD's architecture at test size: cross-attention transformer blocks, layer norms, GEGLU) under
     `pase verify --check` with text embeddings: the tensor plan keeps channels and heads split between layers
