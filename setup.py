@@ -37,6 +37,7 @@ setup(
         "matplotlib>=3.8",  # what-if report charts
         "safetensors>=0.4",  # training checkpoints, pase sample --out
         "pillow>=9",  # folder-of-images training data
+        "jsonschema>=4.18",  # plan files are checked against their declared schema
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.12", "import-linter>=2.1", "mypy>=1.11"],

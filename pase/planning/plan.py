@@ -9,6 +9,7 @@ from typing import Any
 
 from pase import atomic
 from pase.errors import PaseError
+from pase.planning.plan_schema import check_plan_data
 from pase.schema import check_header
 
 PLAN_SCHEMA = "pase.plan"
@@ -134,8 +135,9 @@ class Plan:
         atomic.write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
+    def from_dict(cls, data: dict[str, Any], source: str = "plan file") -> Plan:
         check_header(data, PLAN_SCHEMA, PLAN_VERSION, "pase plan", "pase plan --json")
+        check_plan_data(data, source)
         known = {f.name for f in fields(cls)}
         body = {k: v for k, v in data.items() if k in known}  # unknown keys (newer writers) are ignored
         try:
@@ -151,7 +153,20 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The plan in ``path``, or one ``PaseError`` line naming the file and what is wrong with it."""
+        path = Path(path)
+        if not path.is_file():
+            what = "a folder, not a plan file" if path.is_dir() else "missing"
+            raise PaseError(f"plan file {path} is {what}; write one with `pase plan ... --json {path}`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PaseError(f"plan file {path} is not JSON ({exc}); write one with `pase plan ... --json`") from None
+        try:
+            return cls.from_dict(data, f"plan file {path}")
+        except PaseError as exc:
+            message = str(exc)
+            raise PaseError(message if str(path) in message else f"plan file {path}: {message}") from None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import Any
 
 import torch
@@ -68,6 +69,20 @@ def check_model(plan: Plan, graph: LayerGraph) -> None:
     missing = [layer.id for layer in plan.layers if layer.id not in graph.graph]
     if missing:
         raise PlanMismatch(f"the plan names layers this model lacks ({', '.join(missing[:5])}); re-plan it")
+    counts = Counter(layer.id for layer in plan.layers)
+    twice = sorted(layer_id for layer_id, count in counts.items() if count > 1)
+    if twice:
+        raise PlanMismatch(f"the plan gives layer(s) {', '.join(twice[:5])} more than one configuration; re-plan it")
+    absent = [layer_id for layer_id, _ in graph.layers() if layer_id not in counts]
+    if absent:
+        raise PlanMismatch(f"the plan covers {len(counts)} of the model's {len(counts) + len(absent)} layers (no "
+                           f"configuration for {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}); re-plan it")
+    for layer in plan.layers:
+        dims = graph[layer.id]["dims"]
+        unknown = sorted(set(layer.splits) - set(dims))
+        if unknown:
+            raise PlanMismatch(f"the plan splits layer {layer.id} along {', '.join(unknown)}, which it does not have "
+                               f"(its dimensions: {', '.join(dims)}); re-plan it")
 
 
 __all__ = ["PlanMismatch", "check_model", "check_world", "example_inputs_for", "meta_copy", "model_graph"]

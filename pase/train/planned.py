@@ -24,7 +24,8 @@ from torch import nn
 
 from pase.errors import PaseError
 from pase.graph import LayerGraph, extract_model
-from pase.models.zoo import ModelSpec
+from pase.models.folders import looks_like_folder
+from pase.models.zoo import ModelSpec, recorded_model
 from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import is_pure_data_parallel, layer_layouts
@@ -74,7 +75,14 @@ def load_plan(path: Path) -> Plan:
 
 
 def job_settings(plan: Plan, model: str | None, batch: int | None) -> tuple[str, int]:
-    """The model and global batch a planned job runs: the plan's, and explicit options must agree with them."""
+    """The model and global batch a planned job runs: the plan's, and explicit options must agree with them. A plan
+    for a user's ``package.module:factory`` runs only when the command line names that factory too: a plan file
+    never makes pase import code."""
+    if model is not None and looks_like_folder(model) and ":" not in model:
+        model = str(Path(model).expanduser().resolve())  # a folder, however it is written
+    if model is None and recorded_model(plan.model) is None:
+        raise PaseError(f"the plan is for the model factory {plan.model!r}: a plan file never makes pase import code, "
+                        f"so name it yourself, `--model {plan.model}`, to run it")
     if model is not None and model != plan.model:
         raise PaseError(f"the plan was made for model {plan.model!r}, not {model!r}; drop --model or re-plan with "
                         f"`pase plan --model {model} ...`")
