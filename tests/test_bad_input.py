@@ -85,3 +85,49 @@ def test_cli_graph_writes_json_readable_without_pase(tests_dir, tmp_path) -> Non
     graph = nx.node_link_graph(data, directed=True, multigraph=True, edges="edges")
     assert graph.nodes["stem"]["dims"]["c_out"] == 8
     assert {"op", "module", "dims", "flops_fwd", "flops_bwd", "param_bytes", "out_bytes"} <= set(graph.nodes["head"])
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "--model", "unet-tiny", "--gap", "nan"],
+    ["plan", "--model", "unet-tiny", "--memory-fraction", "nan"],
+    ["train", "--model", "unet-tiny", "--data", "digits", "--lr", "inf"],
+    ["train", "--model", "unet-tiny", "--data", "digits", "--weight-decay", "nan"],
+    ["sample", "--model", "unet-tiny", "--tol", "nan"],
+    ["sample-plan", "--model", "unet-tiny", "--margin", "nan"],
+    ["whatif", "--model", "unet-tiny", "--samples", "inf"],
+])
+def test_non_finite_numbers_are_usage_errors(args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"Invalid value for '{args[-2]}'" in result.output  # (a range, or not finite)
+
+
+def test_nan_merge_weights_are_refused() -> None:
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+    from pase.errors import PaseError
+
+    result = CliRunner().invoke(app, ["finetune", "--strategy", "deme", "--merge-weights", "nan,nan", "--steps", "1"])
+    assert isinstance(result.exception, PaseError) and "must be finite" in str(result.exception)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
+    """A learning rate that blows the weights up: step 1's checkpoint stays, the run stops at the first NaN loss with
+    one line, and no final model is written."""
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+    from pase.errors import PaseError
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", "unet-tiny", "--data", "digits", "--image-size", "16",
+                                      "--steps", "4", "--batch", "4", "--lr", "1e30", "--checkpoint-every", "1",
+                                      "--out", str(out), "--no-progress"])
+    assert isinstance(result.exception, PaseError) and "the loss is nan" in str(result.exception)
+    assert not (out / "model.safetensors").exists()
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
+    assert saved and all("nan" not in name for name in saved)

@@ -213,7 +213,7 @@ def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
 @pytest.mark.parametrize(("args", "needle"), [
     (("--clusters", "8xH900"), "H900"),
     (("--samples", "0"), "--samples must be a positive"),
-    (("--samples", "inf"), "--samples must be a positive"),
+    (("--samples", "inf"), "'--samples': inf is not a finite number"),
     (("--price", "H100-SXM=free"), "GPU=DOLLARS_PER_GPU_HOUR"),
     (("--price", "H100-SXM=nan"), "positive, finite"),
     (("--clusters", "2xZ", "--gpu", "Z:bf16_tflops=100,fp32_tflops=10,memory_gb=80,memory_bw_gbps=500,price=nan"),

@@ -4,10 +4,12 @@ Imports nothing heavy (no torch), so every command module can import it at load 
 """
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import typer
 from rich.console import Console
 
 from pase.errors import InputShapeError, PaseError
@@ -18,6 +20,14 @@ console = Console(width=shutil.get_terminal_size((150, 24)).columns, emoji=False
 err_console = Console(stderr=True, width=shutil.get_terminal_size((150, 24)).columns, emoji=False)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def finite(param: typer.CallbackParam, value: float | None) -> float | None:
+    """A float option's callback: NaN and infinities are usage errors (click's ranges let NaN through, and a NaN
+    learning rate or tolerance would run to a meaningless result)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number", param=param)
+    return value
 
 
 def check_precision(precision: str, option: str = "--precision") -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pase.cli.console import console
+from pase.cli.console import console, finite
 from pase.errors import PaseError
 
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware: catalog, clusters, probe, calibration.")
@@ -74,7 +74,7 @@ def list_catalog(gpu_file: GpuFile = None, as_json: Annotated[bool, typer.Option
 def show(
     spec: Annotated[str, typer.Argument(help="Cluster spec (8xH100-SXM) or a JSON/YAML system file.")],
     gpu_file: GpuFile = None,
-    price: Annotated[float | None, typer.Option(help="Override $/GPU-hour.")] = None,
+    price: Annotated[float | None, typer.Option(callback=finite, help="Override $/GPU-hour.")] = None,
     efficiency: Annotated[list[str] | None, typer.Option(help="Override an op kind's efficiency, e.g. conv=0.45.")]
     = None,
     profile: Annotated[Path | None, typer.Option(help="A calibration profile to price with.")] = None,

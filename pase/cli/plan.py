@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pase.cli.console import DTYPES, check_precision, console, err_console, parse_input_shapes, write_output
+from pase.cli.console import DTYPES, check_precision, console, err_console, finite, parse_input_shapes, write_output
 from pase.errors import PaseError
 
 if TYPE_CHECKING:
@@ -33,11 +33,12 @@ def plan(
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state.")] = False,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Recompute activations inside blocks.")] = False,
     gap: Annotated[float, typer.Option(help="Stop the search once the plan is proved within this relative "
-                                            "distance of the optimum (0: exact, slower at 32+ devices).")] = 5e-3,
+                                            "distance of the optimum (0: exact, slower at 32+ devices).",
+                                            callback=finite)] = 5e-3,
     precision: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default bf16; fp32 for --cluster "
                                                   "local on CPU).")] = None,
     memory_fraction: Annotated[float, typer.Option(min=0.05, max=1.0, help="Share of GPU memory a plan may "
-                                                   "use.")] = 0.9,
+                                                   "use.", callback=finite)] = 0.9,
     profile: Annotated[Path | None, typer.Option(help="Calibration profile to price with.")] = None,
     gpu_file: Annotated[list[Path] | None, typer.Option("--gpu-file", help="Extra catalog entries.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option("--input-shape", help="As for `pase graph`.")] = None,

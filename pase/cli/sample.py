@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pase.cli.console import check_precision, console, err_console, write_output
+from pase.cli.console import check_precision, console, err_console, finite, write_output
 from pase.errors import PaseError
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Zoo model (see `pase models`).")]
@@ -20,7 +20,7 @@ Size = Annotated[int | None, typer.Option(help="Spatial size of the samples (def
 Threads = Annotated[int, typer.Option(help="torch threads per process. 1 by default: more threads than free cores "
                                           "makes CPU runs many times slower on a shared box.")]
 Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (text-conditioned models; "
-                                               "pairs stay on one device).")]
+                                               "pairs stay on one device).", callback=finite)]
 
 
 def sample_command(
@@ -31,7 +31,8 @@ def sample_command(
     steps: Steps = 100,
     window: Annotated[int, typer.Option(help="ParaDiGMS window: steps evaluated per pass.")] = 16,
     tol: Annotated[float | None, typer.Option(help="Tolerance: ParaDiGMS relative to the noise scale (default "
-                                              "0.1); SRDS relative change of the output (default 0.01).")] = None,
+                                              "0.1); SRDS relative change of the output (default 0.01).",
+                                              callback=finite)] = None,
     blocks: Annotated[int | None, typer.Option(help="SRDS blocks, must divide --steps (default ~sqrt(N)).")] = None,
     pipelined: Annotated[bool, typer.Option(help="SRDS: start a block's fine solve as soon as its input is "
                                             "ready.")] = False,
@@ -135,13 +136,14 @@ def sample_plan_command(
     guidance_scale: Guidance = 1.0,
     probe: Annotated[bool, typer.Option(help="Measure ParaDiGMS passes and SRDS iterations by running them "
                                         "on the seeded model here (else stated defaults).")] = False,
-    tol: Annotated[float | None, typer.Option(help="Tolerance of the probe (ParaDiGMS; SRDS uses a tenth).")]
+    tol: Annotated[float | None, typer.Option(help="Tolerance of the probe (ParaDiGMS; SRDS uses a tenth).",
+                                              callback=finite)]
     = None,
     profile: Annotated[Path | None, typer.Option(help="A calibration profile (`pase hw calibrate`).")] = None,
     precision: Annotated[str, typer.Option(help="GPU precision: bf16, fp16 or fp32.")] = "bf16",
     threads: Threads = 1,
     margin: Annotated[float, typer.Option(help="A time-parallel sampler must beat the best baseline by this "
-                                          "fraction.")] = 0.05,
+                                          "fraction.", callback=finite)] = 0.05,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Predict latency and throughput of sequential, ParaDiGMS (best window), SRDS (best blocks) and batch

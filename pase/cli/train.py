@@ -8,13 +8,14 @@ grad_and_optimizer_bytes, peak_memory_bytes and final_loss.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from pase.cli.console import console, size
+from pase.cli.console import console, finite, size
 from pase.errors import PaseError
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (see `pase models`); default: the "
@@ -48,9 +49,12 @@ def _numbers(text: str | None, option: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(part) for part in text.split(",") if part.strip()]
+        numbers = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise PaseError(f"{option} {text!r}: write comma-separated numbers, e.g. 0.1,0.1,0.2,0.5") from None
+    if not all(math.isfinite(number) for number in numbers):
+        raise PaseError(f"{option} {text!r}: every number must be finite (no nan or inf)")
+    return numbers
 
 
 def _print_report(report: dict[str, Any], as_json: bool, predicted: dict[str, Any] | None) -> None:
@@ -115,9 +119,10 @@ def train(
     data_count: CountOpt = 2048,
     steps: StepsOpt = 200,
     batch: BatchOpt = None,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    ema: Annotated[float | None, typer.Option(help="Keep an EMA of the weights with this decay, e.g. 0.999.")] = None,
+    lr: Annotated[float, typer.Option(callback=finite, help="AdamW learning rate.")] = 2e-4,
+    weight_decay: Annotated[float, typer.Option(callback=finite, help="AdamW weight decay.")] = 0.0,
+    ema: Annotated[float | None, typer.Option(help="Keep an EMA of the weights with this decay, e.g. 0.999.",
+                                              callback=finite)] = None,
     image_size: Annotated[int | None, typer.Option(help="Train at this resolution (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order, noise and timesteps.")] = 0,
     init: InitOpt = None,
@@ -156,9 +161,9 @@ def finetune(
     data_count: CountOpt = 2048,
     steps: StepsOpt = 100,
     batch: BatchOpt = None,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    ema: Annotated[float | None, typer.Option(help="EMA decay of the trained weights.")] = None,
+    lr: Annotated[float, typer.Option(callback=finite, help="AdamW learning rate.")] = 5e-5,
+    weight_decay: Annotated[float, typer.Option(callback=finite, help="AdamW weight decay.")] = 0.0,
+    ema: Annotated[float | None, typer.Option(callback=finite, help="EMA decay of the trained weights.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Fine-tune at this resolution.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data order, noise and timesteps.")] = 0,
     init: InitOpt = None,
@@ -168,9 +173,11 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoints in OUT.")] = False,
     ranges: Annotated[int, typer.Option(help="DeMe: number of uniform timestep ranges.")] = 4,
     range_bounds: Annotated[str | None, typer.Option(help="DeMe: explicit bounds, e.g. 0,100,400,1000.")] = None,
-    p_global: Annotated[float, typer.Option(help="DeMe: probability of a timestep from all of [0, T).")] = 0.3,
+    p_global: Annotated[float, typer.Option(help="DeMe: probability of a timestep from all of [0, T).",
+                                            callback=finite)] = 0.3,
     antithetic: Annotated[bool, typer.Option("--antithetic", help="DeMe: antithetic timestep pairs.")] = False,
-    consistency: Annotated[float, typer.Option(help="DeMe: weight of the consistency loss (0: off).")] = 1.0,
+    consistency: Annotated[float, typer.Option(help="DeMe: weight of the consistency loss (0: off).",
+                                               callback=finite)] = 1.0,
     adapters: Annotated[bool, typer.Option("--adapters", help="DeMe: identity 1x1 channel projections.")] = False,
     merge_weights: Annotated[str | None, typer.Option(help="DeMe: merge weights, one per range (default: grid "
                                                       "search on held-out loss).")] = None,

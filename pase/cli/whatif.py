@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pase.cli.console import DTYPES, check_precision, console, err_console, write_output
+from pase.cli.console import DTYPES, check_precision, console, err_console, finite, write_output
 from pase.errors import PaseError
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ def whatif(
     batch: Annotated[int, typer.Option("--batch", "-b", help="Global batch per training step.")] = 2048,
     clusters: Annotated[str, typer.Option("--clusters", help="Comma-separated cluster specs or system files.")]
     = DEFAULT_CLUSTERS,
-    samples: Annotated[float, typer.Option(help="Training samples to price (time, $ and energy).")] = 1e9,
+    samples: Annotated[float, typer.Option(help="Training samples to price (time, $ and energy).",
+                                           callback=finite)] = 1e9,
     precision: Annotated[str, typer.Option(help="bf16 (mixed precision), fp16 or fp32.")] = "bf16",
     price: Annotated[list[str] | None, typer.Option("--price", help="GPU=DOLLARS per GPU-hour, overriding the "
                                                     "catalog's typical price (repeatable).")] = None,
@@ -43,7 +44,7 @@ def whatif(
                                            "and its PCIe twin (the scaling curves stay per-layer); several "
                                            "times slower.")] = False,
     memory_fraction: Annotated[float, typer.Option(min=0.05, max=1.0, help="Share of GPU memory a plan may "
-                                                   "use.")] = 0.9,
+                                                   "use.", callback=finite)] = 0.9,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (for scripts).")] = False,
 ) -> None:

@@ -12,6 +12,7 @@ and batches are a function of the step, so a run resumed from a checkpoint conti
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -265,6 +266,10 @@ def fit(
             if ema is not None:
                 ema.update()
             losses.append(_group_mean(loss, group))
+            if not math.isfinite(losses[-1]):  # the group's mean: every rank stops at the same step
+                raise PaseError(f"step {step + 1}: the loss is {losses[-1]}, so training stopped there and saved "
+                                "nothing from that step (earlier checkpoints are kept); try a lower --lr or gradient "
+                                "clipping")
             if group.device.type == "cuda":
                 torch.cuda.synchronize(group.device)
             seconds.append(time.perf_counter() - began)

@@ -60,11 +60,14 @@ class PeakMemory:
         # collect garbage first: a collection during the measured work would lower the resident set below the
         # baseline and hide as much of the peak as it freed
         gc.collect()
-        self._baseline = current_rss_bytes()
         try:
             _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
+            # the baseline is the level VmHWM was reset to (read after the reset: memory freed between a reading
+            # before it and the reset would hide that much of the peak)
+            self._baseline = current_rss_bytes()
             self.method = "VmHWM (kernel high-water mark of RSS)"
         except OSError:
+            self._baseline = current_rss_bytes()
             self._sampled_peak = self._baseline
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
