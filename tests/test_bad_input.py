@@ -131,3 +131,18 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path) 
     assert not (out / "model.safetensors").exists()
     saved = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
     assert saved and all("nan" not in name for name in saved)
+
+
+def test_huge_batches_are_refused_and_divisors_stay_fast() -> None:
+    """`--batch 99999999999999999999` used to loop over every number up to it: now a usage error, and the largest
+    batch allowed (2^31) has its divisors (whatif's micro-step choices) at once."""
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+    from pase.planning.whatif import divisors_of
+
+    for command in ("whatif", "plan"):
+        result = CliRunner().invoke(app, [command, "--model", "unet-tiny", "--batch", "99999999999999999999"])
+        assert result.exit_code == 2 and "Invalid value for '--batch'" in result.output
+    assert divisors_of(12) == [1, 2, 3, 4, 6, 12] and divisors_of(49) == [1, 7, 49]
+    assert len(divisors_of(2**31)) == 32

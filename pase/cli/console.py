@@ -22,6 +22,9 @@ err_console = Console(stderr=True, width=shutil.get_terminal_size((150, 24)).col
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+MAX_BATCH = 1 << 31  # no training step is larger; a larger --batch is a typo (and would make loops over it endless)
+
+
 def finite(param: typer.CallbackParam, value: float | None) -> float | None:
     """A float option's callback: NaN and infinities are usage errors (click's ranges let NaN through, and a NaN
     learning rate or tolerance would run to a meaningless result)."""

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from pase.cli.console import (
     DTYPES,
+    MAX_BATCH,
     check_precision,
     console,
     err_console,
@@ -36,7 +37,7 @@ def models() -> None:
 def graph(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (see `pase models`) or "
                                         "package.module:factory for your own nn.Module.")] = "sd15-unet",
-    batch: Annotated[int | None, typer.Option("--batch", "-b", min=1,
+    batch: Annotated[int | None, typer.Option("--batch", "-b", min=1, max=MAX_BATCH,
                                               help="Batch size to capture with (default: the model's).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the LayerGraph as JSON here.")] = None,
     dtype: Annotated[str, typer.Option(help="Capture dtype: fp32, bf16 or fp16.")] = "fp32",

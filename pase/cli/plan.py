@@ -8,7 +8,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pase.cli.console import DTYPES, check_precision, console, err_console, finite, parse_input_shapes, write_output
+from pase.cli.console import (
+    DTYPES,
+    MAX_BATCH,
+    check_precision,
+    console,
+    err_console,
+    finite,
+    parse_input_shapes,
+    write_output,
+)
 from pase.errors import PaseError
 
 if TYPE_CHECKING:
@@ -24,7 +33,8 @@ def plan(
     = "8xH100-SXM",
     devices: Annotated[int | None, typer.Option("--devices", min=1, help="With --cluster local: how many "
                                                 "devices (GPUs, or CPU processes) the run will use.")] = None,
-    batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Global batch per training step.")] = 64,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, max=MAX_BATCH,
+                                       help="Global batch per training step.")] = 64,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the plan JSON here.")] = None,
     explain: Annotated[str | None, typer.Option(help="Show the best alternatives for this layer id.")] = None,
     only: Annotated[str | None, typer.Option(help="Restrict to one kind of parallelism: dp (batch splits), fsdp "

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pase.cli.console import console, finite, size
+from pase.cli.console import MAX_BATCH, console, finite, size
 from pase.errors import PaseError
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (see `pase models`); default: the "
@@ -23,8 +23,9 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (
 DataOpt = Annotated[str, typer.Option(help="shapes (generated), digits (the UCI 8x8 handwritten digits, shipped, "
                                       "upscaled) or a folder of images.")]
 StepsOpt = Annotated[int, typer.Option(min=1, help="Total optimizer steps (a resumed run continues up to this).")]
-BatchOpt = Annotated[int | None, typer.Option("--batch", "-b", min=1, help="Global batch per step (split over the "
-                                              "ranks); default: the plan's, or 16 (train) / 8 (finetune).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch", "-b", min=1, max=MAX_BATCH,
+                                              help="Global batch per step (split over the ranks); default: the "
+                                                   "plan's, or 16 (train) / 8 (finetune).")]
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Run under this plan (`pase plan --json`): DP, FSDP, "
                                               "channel/head splits or pipeline stages, launched with torchrun.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs unless the plan is fp32; fp32 on CPU), "

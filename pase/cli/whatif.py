@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pase.cli.console import DTYPES, check_precision, console, err_console, finite, write_output
+from pase.cli.console import DTYPES, MAX_BATCH, check_precision, console, err_console, finite, write_output
 from pase.errors import PaseError
 
 if TYPE_CHECKING:
@@ -25,7 +25,8 @@ GPU_FLAG_KEYS = {"bf16_tflops", "fp16_tflops", "fp32_tflops", "memory_gb", "memo
 
 def whatif(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model or package.module:factory.")] = "sd15-unet",
-    batch: Annotated[int, typer.Option("--batch", "-b", help="Global batch per training step.")] = 2048,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, max=MAX_BATCH,
+                                       help="Global batch per training step.")] = 2048,
     clusters: Annotated[str, typer.Option("--clusters", help="Comma-separated cluster specs or system files.")]
     = DEFAULT_CLUSTERS,
     samples: Annotated[float, typer.Option(help="Training samples to price (time, $ and energy).",

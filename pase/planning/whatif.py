@@ -101,7 +101,7 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
                         price_source=(cluster.price.source or cluster.price.as_of) if cluster.price else "")
     # micro-steps per step: divisors of the batch (in the runnable space, leaving every device an equal chunk)
     chunks = cluster.world_size if options.space == "runnable" else 1
-    steps = [k for k in range(1, batch + 1) if batch % k == 0 and (batch // k) % chunks == 0]
+    steps = [k for k in divisors_of(batch) if (batch // k) % chunks == 0]
     if not steps:
         row.note = (f"the global batch {batch} does not divide into equal chunks over {cluster.world_size} devices, "
                     "which the runtime needs")
@@ -339,3 +339,9 @@ def _mark_scaling(points: list[ClusterResult]) -> None:
             point.note = (point.note + "; " if point.note else "") + f"fewer samples/s than {best.devices} GPUs ({why})"
         if best is None or point.throughput > best.throughput:
             best = point
+
+
+def divisors_of(n: int) -> list[int]:
+    """The divisors of ``n`` in increasing order, in O(sqrt(n)) (a batch of 2^31 has its divisors in a blink)."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return small + [n // k for k in reversed(small) if k * k != n]
