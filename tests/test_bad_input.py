@@ -95,14 +95,28 @@ def test_cli_graph_writes_json_readable_without_pase(tests_dir, tmp_path) -> Non
     ["sample", "--model", "unet-tiny", "--tol", "nan"],
     ["sample-plan", "--model", "unet-tiny", "--margin", "nan"],
     ["whatif", "--model", "unet-tiny", "--samples", "inf"],
+    ["train", "--model", "unet-tiny", "--data", "digits", "--seed", "-1"],
+    ["train", "--model", "unet-tiny", "--data", "digits", "--image-size", "0"],
+    ["train", "--model", "unet-tiny", "--data", "digits", "--image-size", "100000"],
 ])
-def test_non_finite_numbers_are_usage_errors(args: list[str]) -> None:
+def test_non_finite_or_out_of_range_numbers_are_usage_errors(args: list[str]) -> None:
     from typer.testing import CliRunner
 
     from pase.cli import app
 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and f"Invalid value for '{args[-2]}'" in result.output  # (a range, or not finite)
+
+
+def test_an_image_size_the_unet_cannot_halve_is_refused() -> None:
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+    from pase.errors import PaseError
+
+    result = CliRunner().invoke(app, ["train", "--model", "ddpm-cifar10", "--data", "digits", "--image-size", "12",
+                                      "--steps", "1", "--no-progress"])
+    assert isinstance(result.exception, PaseError) and "must be a multiple of 8" in str(result.exception)
 
 
 def test_nan_merge_weights_are_refused() -> None:

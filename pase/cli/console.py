@@ -22,6 +22,7 @@ err_console = Console(stderr=True, width=shutil.get_terminal_size((150, 24)).col
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+MAX_SEED = (1 << 63) - 1  # torch generators take seeds in [0, 2^63)
 MAX_BATCH = 1 << 31  # no training step is larger; a larger --batch is a typo (and would make loops over it endless)
 
 

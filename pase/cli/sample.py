@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pase.cli.console import check_precision, console, err_console, finite, write_output
+from pase.cli.console import MAX_SEED, check_precision, console, err_console, finite, write_output
 from pase.errors import PaseError
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Zoo model (see `pase models`).")]
@@ -37,7 +37,8 @@ def sample_command(
     pipelined: Annotated[bool, typer.Option(help="SRDS: start a block's fine solve as soon as its input is "
                                             "ready.")] = False,
     samples: Annotated[int, typer.Option(help="Samples to draw.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the weights, x_T and the noise (same on every rank).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED,
+                                      help="Seed of the weights, x_T and the noise (same on every rank).")] = 0,
     size: Size = None,
     guidance_scale: Guidance = 1.0,
     clip_sample: Annotated[bool, typer.Option(help="Clamp predicted x0 to [-1, 1] (chaotic on random "

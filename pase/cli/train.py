@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pase.cli.console import MAX_BATCH, console, finite, size
+from pase.cli.console import MAX_BATCH, MAX_SEED, console, finite, size
 from pase.errors import PaseError
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (see `pase models`); default: the "
@@ -124,10 +124,11 @@ def train(
     weight_decay: Annotated[float, typer.Option(callback=finite, help="AdamW weight decay.")] = 0.0,
     ema: Annotated[float | None, typer.Option(help="Keep an EMA of the weights with this decay, e.g. 0.999.",
                                               callback=finite)] = None,
-    image_size: Annotated[int | None, typer.Option(help="Train at this resolution (default: the model's).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the data order, noise and timesteps.")] = 0,
+    image_size: Annotated[int | None, typer.Option(min=8, max=4096,
+                                                   help="Train at this resolution (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the data order, noise and timesteps.")] = 0,
     init: InitOpt = None,
-    init_seed: Annotated[int, typer.Option(help="Seed of the random starting weights.")] = 0,
+    init_seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the random starting weights.")] = 0,
     out: OutOpt = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: at the end only).")] = 0,
     keep_checkpoints: Annotated[int, typer.Option(min=0, help="Checkpoints kept in OUT (0: all).")] = 2,
@@ -165,10 +166,11 @@ def finetune(
     lr: Annotated[float, typer.Option(callback=finite, help="AdamW learning rate.")] = 5e-5,
     weight_decay: Annotated[float, typer.Option(callback=finite, help="AdamW weight decay.")] = 0.0,
     ema: Annotated[float | None, typer.Option(callback=finite, help="EMA decay of the trained weights.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Fine-tune at this resolution.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of data order, noise and timesteps.")] = 0,
+    image_size: Annotated[int | None, typer.Option(min=8, max=4096, help="Fine-tune at this resolution.")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of data order, noise and timesteps.")] = 0,
     init: InitOpt = None,
-    init_seed: Annotated[int, typer.Option(help="Seed of the random starting weights (without --init).")] = 0,
+    init_seed: Annotated[int, typer.Option(min=0, max=MAX_SEED,
+                                           help="Seed of the random starting weights (without --init).")] = 0,
     out: OutOpt = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: at the end).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoints in OUT.")] = False,

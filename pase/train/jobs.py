@@ -98,6 +98,10 @@ def _data(options: JobOptions, spec: ModelSpec) -> tuple[torch.Tensor, torch.Ten
                         "train unconditional UNets from images so far (no captions, text encoder or latents yet); "
                         "`pase plan` and `pase verify` (synthetic conditioning) take it")
     size = options.image_size or int(sample.shape[-1])
+    levels = len(spec.config.get("block_out_channels") or ()) or 1
+    if size % 2 ** (levels - 1):
+        raise PaseError(f"--image-size {size}: {spec.name}'s {levels} levels halve the image {levels - 1} times, so "
+                        f"the size must be a multiple of {2 ** (levels - 1)}")
     images = load_images(options.data, size, int(sample.shape[1]), options.data_count, options.seed)
     train, held_out = split_held_out(images, 0.1, options.seed)
     return train, held_out, size
