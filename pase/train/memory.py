@@ -2,9 +2,10 @@
 
 ``PeakMemory`` is started just before the model is built; ``peak_bytes()`` is then the process's
 peak above that level. On a GPU it is ``torch.cuda.max_memory_allocated`` minus the allocation at
-start. On Linux CPU it is the kernel's high-water mark of the resident set (VmHWM), which writing
-``5`` to ``/proc/self/clear_refs`` resets, so every allocation is seen, not a sample of them; where
-that file cannot be written a sampling thread reads the resident set every millisecond instead.
+start. On Linux CPU it is the larger of the kernel's high-water mark of the resident set (VmHWM), which
+writing ``5`` to ``/proc/self/clear_refs`` resets, and the resident set sampled every millisecond by a
+thread: the high-water mark sees allocations too short for a sample, the sampler memory the kernel
+releases without raising the mark; where clear_refs cannot be written, the sampler alone.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class PeakMemory:
         self.method = ""
         self._baseline = 0
         self._sampled_peak = 0
+        self._hwm = False  # VmHWM was reset at start (Linux), so it holds this run's peak too
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
@@ -62,17 +64,18 @@ class PeakMemory:
         gc.collect()
         try:
             _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
-            # the baseline is the level VmHWM was reset to (read after the reset: memory freed between a reading
-            # before it and the reset would hide that much of the peak)
-            self._baseline = current_rss_bytes()
-            self.method = "VmHWM (kernel high-water mark of RSS)"
+            self._hwm = True
+            self.method = "VmHWM (kernel high-water mark of RSS) and RSS sampled every 1 ms"
         except OSError:
-            self._baseline = current_rss_bytes()
-            self._sampled_peak = self._baseline
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
             self.method = "RSS sampled every 1 ms"
+        # the baseline is the level VmHWM was reset to (read after the reset: memory freed between a reading before
+        # it and the reset would hide that much of the peak); the sampler runs beside VmHWM too, since the kernel
+        # does not raise the high-water mark when memory is released without an unmap (seen: a 64 MiB transient
+        # allocation missing from VmHWM now and then)
+        self._baseline = self._sampled_peak = current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -84,10 +87,11 @@ class PeakMemory:
         """Peak above the baseline so far (the sampler keeps running)."""
         if self.device.type == "cuda":
             return max(0, torch.cuda.max_memory_allocated(self.device) - self._baseline)
-        if self._thread is not None:
-            return max(0, max(self._sampled_peak, current_rss_bytes()) - self._baseline)
-        hwm = _status_kib("VmHWM")
-        return max(0, hwm * 1024 - self._baseline) if hwm is not None else 0
+        peak = max(self._sampled_peak, current_rss_bytes())
+        hwm = _status_kib("VmHWM") if self._hwm else None
+        if hwm is not None:
+            peak = max(peak, hwm * 1024)
+        return max(0, peak - self._baseline)
 
     def stop(self) -> int:
         peak = self.peak_bytes()
