@@ -38,6 +38,7 @@ setup(
         "safetensors>=0.4",  # training checkpoints, pase sample --out
         "pillow>=9",  # folder-of-images training data
         "jsonschema>=4.18",  # plan files are checked against their declared schema
+        "transformers>=4.40",  # text encoders and tokenizers of Stable Diffusion pipeline folders
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.12", "import-linter>=2.1", "mypy>=1.11"],

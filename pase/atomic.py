@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def _read_umask() -> int:
@@ -18,7 +21,16 @@ UMASK = _read_umask()  # read once at import: os.umask can only be read by setti
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (creating parent folders); returns the path."""
-    path = Path(path)
+    return _write(Path(path), lambda handle: handle.write(data))
+
+
+def copy_file(source: str | Path, path: str | Path) -> Path:
+    """Copy ``source`` to ``path`` atomically, streamed (a multi-GB weights file is never held in memory)."""
+    with Path(source).open("rb") as reading:
+        return _write(Path(path), lambda handle: shutil.copyfileobj(reading, handle, 16 * 2**20))
+
+
+def _write(path: Path, fill: Callable[[BinaryIO], object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -26,7 +38,7 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
             # mkstemp makes the file private (0600): give it a normal file's mode, where the file system has modes
             with contextlib.suppress(OSError):
                 os.fchmod(handle.fileno(), 0o666 & ~UMASK)
-            handle.write(data)
+            fill(handle)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

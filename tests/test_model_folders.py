@@ -120,7 +120,7 @@ def test_plan_and_verify_a_pipeline_folder_from_another_directory(folders) -> No
     assert summary["comm_bytes_measured"] == pytest.approx(summary["comm_bytes_predicted"], rel=0.01)
 
 
-def test_training_a_text_conditioned_folder_is_refused_in_one_line(folders, tmp_path) -> None:
+def test_training_a_pipeline_folder_without_its_encoders_is_refused_in_one_line(folders, tmp_path) -> None:
     from typer.testing import CliRunner
 
     from pase.cli import app
@@ -128,4 +128,4 @@ def test_training_a_text_conditioned_folder_is_refused_in_one_line(folders, tmp_
     result = CliRunner().invoke(app, ["train", "--model", str(folders["pipeline"]), "--data", "digits", "--steps",
                                       "1", "--batch", "2", "--out", str(tmp_path / "run"), "--no-progress"])
     assert isinstance(result.exception, PaseError)  # `pase` prints it as one line (pase.cli.run)
-    assert "conditioned on encoder_hidden_states" in str(result.exception)
+    assert "has no text_encoder, vae, scheduler folder(s)" in str(result.exception)

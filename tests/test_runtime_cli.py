@@ -93,9 +93,12 @@ def _plan(local: tuple, only: str) -> Plan:
 @pytest.mark.timeout(240)
 # the default suite keeps one plan per runtime path; "fsdp" and "tensor+checkpoint" (covered by tensor+fsdp+checkpoint)
 # run with the slow tests
+# tensor+fsdp and checkpointing also run in the default suite in tests/test_runtime_grid.py, pipelines in
+# tests/test_pipeline_runtime.py; here through the CLI
 @pytest.mark.parametrize("only", ["dp", pytest.param("fsdp", marks=pytest.mark.slow), "tensor",
-                                  pytest.param("tensor+checkpoint", marks=pytest.mark.slow), "tensor+fsdp+checkpoint",
-                                  "pipeline"])
+                                  pytest.param("tensor+checkpoint", marks=pytest.mark.slow),
+                                  pytest.param("tensor+fsdp+checkpoint", marks=pytest.mark.slow),
+                                  pytest.param("pipeline", marks=pytest.mark.slow)])
 def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, only: str) -> None:
     """`pase verify --check` under torchrun for per-layer plans (tensor splits with FSDP over each split's data-
     parallel peers too) and for pipeline stages (their schedule, not forwards): one step matches a single process,
@@ -137,7 +140,8 @@ def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, onl
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow), "tensor", "seq"])
+@pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow), "tensor",
+                                  pytest.param("seq", marks=pytest.mark.slow)])  # seq: also in tests/test_runtime.py
 def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str) -> None:
     """sd-tiny (SD's architecture at test size: cross-attention transformer blocks, layer norms, GEGLU) under
     `pase verify --check` with text embeddings: the tensor plan keeps channels and heads split between layers

@@ -94,23 +94,18 @@ def plans(tmp_path_factory) -> dict[str, Path]:
     return {only: make_plan(folder, only) for only in ("dp",)}
 
 
-@pytest.fixture(scope="module")
-def long_run(plans, tmp_path_factory) -> tuple[Path, dict]:
-    """200 steps under the data-parallel plan, every 10th step's checkpoint kept (the uninterrupted reference)."""
-    out = tmp_path_factory.mktemp("long")
-    return out, train(plans["dp"], out, 200, "--checkpoint-every", "10", "--keep-checkpoints", "0", timeout=280)
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_train_under_a_plan_lowers_the_loss_over_200_steps(long_run) -> None:
-    _, report = long_run
+def test_train_under_a_plan_lowers_the_loss_over_200_steps(plans, tmp_path) -> None:
+    report = train(plans["dp"], tmp_path, 200, timeout=280)
     assert report["plan"] == "dp" and report["world_size"] == 2 and report["steps"] == 200
     assert report["final_loss"] < 0.5 * report["initial_loss"], (report["initial_loss"], report["final_loss"])
 
 
 @pytest.mark.timeout(300)
-def test_sigkilled_run_resumes_with_identical_parameters(plans, long_run, tmp_path) -> None:
-    reference, _ = long_run
+def test_sigkilled_run_resumes_with_identical_parameters(plans, tmp_path) -> None:
+    reference = tmp_path / "uninterrupted"  # 30 steps under the data-parallel plan, every 10th step's checkpoint kept
+    train(plans["dp"], reference, 30, "--checkpoint-every", "10", "--keep-checkpoints", "0", timeout=280)
     out = tmp_path / "killed"
     command = torchrun_command("train", "--plan", str(plans["dp"]), "--steps", "30", "--out", str(out), *COMMON,
                                "--checkpoint-every", "10", "--keep-checkpoints", "0")

@@ -18,10 +18,21 @@ from rich.table import Table
 from pase.cli.console import MAX_BATCH, MAX_SEED, console, finite, size
 from pase.errors import PaseError
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (see `pase models`); default: the "
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo model (see `pase models`), a diffusers "
+                                              "pipeline or UNet folder, or package.module:factory; default: the "
                                               "plan's, or unet-tiny.")]
 DataOpt = Annotated[str, typer.Option(help="shapes (generated), digits (the UCI 8x8 handwritten digits, shipped, "
-                                      "upscaled) or a folder of images.")]
+                                      "upscaled) or a folder of images; for a text-to-image pipeline folder, images "
+                                      "with captions (a .txt beside each, or metadata.jsonl) or a `pase cache` "
+                                      "folder.")]
+PredictionOpt = Annotated[str | None, typer.Option(help="Text-to-image: epsilon or v_prediction (default: the "
+                                                   "pipeline scheduler's).")]
+SnrOpt = Annotated[float | None, typer.Option(callback=finite, help="Text-to-image: min-SNR loss weighting with "
+                                              "this gamma (5.0 in the paper); default off.")]
+NoiseOffsetOpt = Annotated[float, typer.Option(callback=finite, min=0.0, help="Text-to-image: per-channel noise "
+                                               "offset, e.g. 0.05.")]
+WorkersOpt = Annotated[int, typer.Option(min=0, max=64, help="Text-to-image: DataLoader worker processes per rank "
+                                         "reading images or a cache.")]
 StepsOpt = Annotated[int, typer.Option(min=1, help="Total optimizer steps (a resumed run continues up to this).")]
 BatchOpt = Annotated[int | None, typer.Option("--batch", "-b", min=1, max=MAX_BATCH,
                                               help="Global batch per step (split over the ranks); default: the "
@@ -135,10 +146,15 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
     plan: PlanOpt = None,
     precision: PrecisionOpt = "auto",
+    prediction_type: PredictionOpt = None,
+    snr_gamma: SnrOpt = None,
+    noise_offset: NoiseOffsetOpt = 0.0,
+    workers: WorkersOpt = 2,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a diffusion UNet (DDPM epsilon loss, AdamW) on offline data; data parallel (or a plan) under torchrun."""
+    """Train a diffusion UNet (AdamW) on offline data: epsilon loss on images, or for a text-to-image pipeline
+    folder the latent loss on captioned images; data parallel (or a plan) under torchrun."""
     from pase.train.distributed import distributed_session
     from pase.train.jobs import JobOptions, run_train
 
@@ -148,7 +164,8 @@ def train(
                          batch=batch, lr=lr,
                          weight_decay=weight_decay, ema=ema, seed=seed, out=out, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, resume=resume, progress=not no_progress, init=init,
-                         init_seed=init_seed)
+                         init_seed=init_seed, prediction_type=prediction_type, snr_gamma=snr_gamma,
+                         noise_offset=noise_offset, workers=workers)
     with distributed_session() as env:
         report = run_train(options, env)
         if env.is_main:
@@ -191,6 +208,10 @@ def finetune(
                                                   "(the PEQA baseline).")] = False,
     plan: PlanOpt = None,
     precision: PrecisionOpt = "auto",
+    prediction_type: PredictionOpt = None,
+    snr_gamma: SnrOpt = None,
+    noise_offset: NoiseOffsetOpt = 0.0,
+    workers: WorkersOpt = 2,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -211,13 +232,61 @@ def finetune(
                               init_seed=init_seed, strategy=strategy, ranges=ranges, range_bounds=range_bounds,
                               p_global=p_global, antithetic=antithetic, consistency=consistency, adapters=adapters,
                               merge_weights=_numbers(merge_weights, "--merge-weights"), merge_grid=grid, bits=bits,
-                              experts=experts, input_scales=not no_input_scales)
+                              experts=experts, input_scales=not no_input_scales, prediction_type=prediction_type,
+                              snr_gamma=snr_gamma, noise_offset=noise_offset, workers=workers)
     with distributed_session() as env:
         report = run_finetune(options, env)
         if env.is_main:
             _print_report(report, as_json, _predicted(options, strategy, env.world))
 
 
+def cache(
+    model: Annotated[str, typer.Option("--model", "-m", help="A diffusers text-to-image pipeline folder (its "
+                                       "tokenizer, text_encoder and vae encode the data).")],
+    data: Annotated[Path, typer.Option(help="A folder of images with captions (a .txt beside each, or "
+                                       "metadata.jsonl).")],
+    out: Annotated[Path, typer.Option(help="The cache folder to write (safetensors shards and cache.json).")],
+    image_size: Annotated[int | None, typer.Option(min=8, max=4096, help="Resolution in pixels (default: the "
+                                                   "UNet's sample size times the VAE's factor).")] = None,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, max=4096, help="Images encoded at once.")] = 8,
+    workers: WorkersOpt = 2,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 (GPUs): the encoders' precision.")] = "fp32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode captioned images once (VAE latents, text embeddings) into a cache that `pase train --data` reads
+    without loading the VAE or the text encoder."""
+    import os
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pase.models.zoo import resolve_model
+    from pase.process_group import pick_device
+    from pase.train.latent_cache import write_cache
+    from pase.train.text_jobs import text_cache_settings
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PaseError("pase cache runs as one process; run it once, without torchrun")
+    if precision not in ("fp32", "bf16"):
+        raise PaseError(f"--precision {precision!r}: choose fp32 or bf16")
+    pipeline, resolution = text_cache_settings(resolve_model(model), image_size)
+    device = pick_device(0)
+    bar = Progress(TextColumn("cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console if not as_json else None, transient=as_json)
+    with bar:
+        task = bar.add_task("cache", total=None)
+        manifest = write_cache(pipeline, data, out, resolution, device,
+                               torch.bfloat16 if precision == "bf16" else torch.float32, batch, workers=workers,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        print(json.dumps(manifest, indent=1))
+        return
+    console.print(f"cached {manifest['count']} images at {resolution} px into {out} "
+                  f"({len(manifest['shards'])} shard(s); latents {manifest['shapes']['latent_mean']}, text "
+                  f"embeddings {manifest['shapes']['encoder_hidden_states']})")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("cache")(cache)
     app.command("train")(train)
     app.command("finetune")(finetune)

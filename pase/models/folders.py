@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from pase.errors import UnknownModelError
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 VARIANTS = ("fp16", "bf16")  # weight-file variants diffusers' save_pretrained writes
 CLIP_TEXT_LENGTH = 77
+LOW_MEMORY_LOAD = importlib.util.find_spec("accelerate") is not None  # diffusers warns without it, loads plainly
 
 
 def looks_like_folder(name: str) -> bool:
@@ -113,6 +117,31 @@ def conditioning_inputs(cls: str, config: dict[str, Any], tokens: int) -> list[t
     return inputs
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading chatter (progress bars, info logs, deprecation notes about a folder's
+    config, the accelerate hint) silenced while a folder loads: pase reports what it loaded itself, and errors
+    still raise."""
+    import diffusers.utils.logging as diffusers_logging  # noqa: PLC0415
+    import transformers.utils.logging as transformers_logging  # noqa: PLC0415
+
+    saved = [(module, module.get_verbosity(), module.is_progress_bar_enabled())
+             for module in (diffusers_logging, transformers_logging)]
+    for module, _, _ in saved:
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for library in ("diffusers", "transformers"):
+                warnings.filterwarnings("ignore", module=rf"{library}(\..*)?")
+            yield
+    finally:
+        for module, verbosity, bars in saved:
+            module.set_verbosity(verbosity)
+            if bars:
+                module.enable_progress_bar()
+
+
 def build_from_folder(cls: str, config: dict[str, Any], unet: Path) -> nn.Module:
     """The UNet: from its config on the meta device, with the folder's weights anywhere else."""
     import diffusers  # noqa: PLC0415 - diffusers takes 1-2 s to import
@@ -120,10 +149,11 @@ def build_from_folder(cls: str, config: dict[str, Any], unet: Path) -> nn.Module
     model_class = getattr(diffusers, cls)
     if torch.get_default_device().type == "meta":
         return model_class.from_config(config)
-    low_memory = importlib.util.find_spec("accelerate") is not None  # diffusers warns without it, and loads plainly
-    return model_class.from_pretrained(unet, variant=weights_variant(unet), local_files_only=True,
-                                       low_cpu_mem_usage=low_memory)
+    with quiet_loading():
+        return model_class.from_pretrained(unet, variant=weights_variant(unet), local_files_only=True,
+                                           low_cpu_mem_usage=LOW_MEMORY_LOAD)
 
 
-__all__ = ["build_from_folder", "conditioning_inputs", "looks_like_folder", "read_config", "text_length",
+__all__ = ["LOW_MEMORY_LOAD", "build_from_folder", "conditioning_inputs", "looks_like_folder", "quiet_loading",
+           "read_config", "text_length",
            "unet_folder", "weights_variant"]

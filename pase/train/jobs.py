@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pase.errors import PaseError
+from pase.models.folders import looks_like_folder
 from pase.models.zoo import ModelSpec, resolve_model
 from pase.runtime.state import full_state_dict
 from pase.train.data import LoaderFactory, load_images, split_held_out, step_batches
@@ -29,6 +30,8 @@ from pase.train.distributed import DistEnv
 from pase.train.loop import DataGroup, LoopConfig, Parallelize, TrainResult, default_parallelize, epsilon_objective, fit
 from pase.train.memory import PeakMemory
 from pase.train.planned import PlannedRun, autocast_for, check_plan, load_plan
+from pase.train.text_jobs import export_model, is_text_conditioned, text_training
+from pase.train.text_to_image import LatentLoss
 from pase.weights import load_weights_into, save_weights
 from strategies import deme, tuneqdm
 
@@ -59,6 +62,10 @@ class JobOptions:
     init_seed: int = 0
     plan: Path | None = None  # run under this plan (pase plan --json); model and batch must match it
     precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPU
+    prediction_type: str | None = None  # text-to-image: epsilon or v_prediction (default: the pipeline scheduler's)
+    snr_gamma: float | None = None  # text-to-image: min-SNR loss weighting
+    noise_offset: float = 0.0  # text-to-image: per-channel noise offset
+    workers: int = 2  # DataLoader workers reading captioned images or a cache
 
 
 @dataclass
@@ -126,11 +133,16 @@ def pretrained_builder(spec: ModelSpec, init: Path | None, init_seed: int, devic
     return build
 
 
-def warm_imports(spec: ModelSpec) -> None:
+def warm_imports(spec: ModelSpec, text: bool = False) -> None:
     """Build the model once on the meta device, so the libraries its build imports (diffusers' model
-    code) are loaded before the memory baseline is taken and do not count as training memory."""
+    code; for text-to-image, transformers' CLIP and diffusers' VAE) are loaded before the memory baseline is
+    taken and do not count as training memory."""
     with torch.device("meta"):
         spec.build()
+    if text:
+        import diffusers.training_utils  # noqa: F401, PLC0415
+        from diffusers import AutoencoderKL  # noqa: F401, PLC0415
+        from transformers import CLIPTextModel  # noqa: F401, PLC0415
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
 
 
@@ -175,10 +187,17 @@ def _full_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
 
 
 def _save_full(out: Path | None, model: nn.Module, result: TrainResult, metadata: dict[str, str],
-               env: DistEnv) -> list[str]:
+               env: DistEnv, spec: ModelSpec | None = None) -> list[str]:
+    """The trained weights at full size: a diffusers folder for a folder model (``OUT/unet/``, the pipeline's other
+    parts around it, ``OUT/unet-ema/``), else ``OUT/model.safetensors`` (and ``model-ema``)."""
     weights = _full_state(model, env)
     if not (out and env.is_main):
         return []
+    if spec is not None and looks_like_folder(spec.name):
+        exported = export_model(out, spec, weights)
+        if result.ema:
+            exported += export_model(out, spec, {**weights, **result.ema}, folder="unet-ema")
+        return [str(p) for p in exported if p.parent.name in ("unet", "unet-ema") or p.name == "model_index.json"]
     paths = [save_weights(out / "model.safetensors", weights, metadata)]
     if result.ema:
         state = {**weights, **result.ema}
@@ -203,21 +222,46 @@ def _report(options: JobOptions, env: DistEnv, result: TrainResult, memory: Peak
 
 def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = default_parallelize,
               loader: LoaderFactory = step_batches) -> dict[str, Any]:
-    """Train a zoo model from seeded random weights (or ``--init``): epsilon loss, data parallel over the world."""
+    """Train a model from seeded random weights (or ``--init``, or a folder's own weights): the epsilon loss on
+    images, or for a text-to-image pipeline folder the latent loss on captioned images or a cache."""
     spec = resolve_model(options.model)
     planned, parallelize, autocast = _planned(options, env, spec, "train", parallelize)
-    train, _, _ = _data(options, spec)
-    warm_imports(spec)
-    memory = PeakMemory(env.device).start()
+    return _fit_whole_model(options, env, spec, planned, parallelize, loader, autocast, "train",
+                            f"train {_short(options.model)}")
+
+
+def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned: PlannedRun | None,
+                     parallelize: Parallelize, loader: LoaderFactory, autocast: str | None, strategy: str,
+                     description: str) -> dict[str, Any]:
+    """Every weight trained (``pase train``, ``pase finetune --strategy full``); full weights saved."""
+    text = is_text_conditioned(spec)
+    if text and planned is not None and planned.plan.stages:
+        raise PaseError("pipeline plans run unconditional models only so far; plan the text-to-image UNet without "
+                        "stages (pase plan --only dp, --only tensor or the default search)")
+    dataset: Any = None if text else _data(options, spec)[0]
+    warm_imports(spec, text)
+    memory = PeakMemory(env.device).start()  # the frozen encoders are part of what the job holds
+    objective = epsilon_objective()
+    identity = _job_identity(options, strategy)
+    if text:
+        job = text_training(spec, options.data, options.image_size, LatentLoss(options.prediction_type,
+                            options.snr_gamma, options.noise_offset), env.device,
+                            torch.bfloat16 if autocast == "bf16" else torch.float32, options.workers)
+        dataset, loader, objective = job.dataset, job.loader, job.objective
+        identity.update(job.identity)
     model = pretrained_builder(spec, options.init, options.init_seed, env.device)()
     total = sum(p.numel() for p in model.parameters())
-    result = fit(model, epsilon_objective(), train, _loop_config(options, f"train {options.model}", autocast),
-                 group=_world_group(env), parallelize=parallelize, loader=loader,
-                 job=_job_identity(options, "train"))
+    result = fit(model, objective, dataset, _loop_config(options, description, autocast),
+                 group=_world_group(env), parallelize=parallelize, loader=loader, job=identity)
     peak = _max_over_ranks(memory.stop(), env)
-    outputs = _save_full(options.out, model, result, {"pase_model": options.model}, env)
-    return _report(options, env, result, memory, peak, "train", result.trainable_params, total,
+    outputs = _save_full(options.out, model, result, {"pase_model": options.model}, env, spec)
+    return _report(options, env, result, memory, peak, strategy, result.trainable_params, total,
                    result.grad_and_optimizer_bytes, outputs, **_plan_report(planned))
+
+
+def _short(model: str) -> str:
+    """A model's name for a progress bar: a folder's last part."""
+    return Path(model).name if looks_like_folder(model) else model
 
 
 def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Parallelize = default_parallelize,
@@ -227,11 +271,15 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
         raise PaseError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     spec = resolve_model(options.model)
     planned, planned_parallelize, autocast = _planned(options, env, spec, options.strategy, parallelize)
+    if options.strategy == "full":
+        return _fit_whole_model(options, env, spec, planned, planned_parallelize, loader, autocast, "full",
+                                f"fine-tune {_short(options.model)} (full)")
+    if is_text_conditioned(spec):
+        raise PaseError(f"--strategy {options.strategy} fine-tunes unconditional UNets from images so far; fine-tune "
+                        f"a text-to-image pipeline with --strategy full")
     train, held_out, _ = _data(options, spec)
     warm_imports(spec)
-    if options.strategy == "full":
-        report = _finetune_full(options, env, spec, train, planned_parallelize, loader, autocast)
-    elif options.strategy == "tuneqdm":
+    if options.strategy == "tuneqdm":
         # check_plan admits only data-parallel plans for TuneQDM: they run as the job's own DDP, which
         # tolerates the experts that get no gradient in a step (find_unused_parameters)
         report = _finetune_tuneqdm(options, env, spec, train, parallelize, loader, autocast)
@@ -240,20 +288,6 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
                                 single_group=planned is not None)
     head = {k: v for k, v in report.items() if k not in REPORT_TAIL}
     return {**head, **_plan_report(planned), **{k: report[k] for k in REPORT_TAIL}}
-
-
-def _finetune_full(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
-                   parallelize: Parallelize, loader: LoaderFactory, autocast: str | None = None) -> dict[str, Any]:
-    memory = PeakMemory(env.device).start()
-    model = pretrained_builder(spec, options.init, options.init_seed, env.device)()
-    total = sum(p.numel() for p in model.parameters())
-    result = fit(model, epsilon_objective(), train,
-                 _loop_config(options, f"fine-tune {options.model} (full)", autocast),
-                 group=_world_group(env), parallelize=parallelize, loader=loader, job=_job_identity(options, "full"))
-    peak = _max_over_ranks(memory.stop(), env)
-    outputs = _save_full(options.out, model, result, {"pase_model": options.model}, env)
-    return _report(options, env, result, memory, peak, "full", result.trainable_params, total,
-                   result.grad_and_optimizer_bytes, outputs)
 
 
 def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,

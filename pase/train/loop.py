@@ -41,7 +41,7 @@ from pase.train.checkpoint import (
 )
 from pase.train.data import LoaderFactory, step_batches
 
-Objective = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+Objective = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]  # (model, batch, generator) -> loss
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def _group_mean(value: torch.Tensor, group: DataGroup) -> float:
 def fit(
     model: nn.Module,
     objective: Objective,
-    dataset: torch.Tensor,
+    dataset: Any,
     config: LoopConfig,
     *,
     group: DataGroup | None = None,
@@ -253,7 +253,7 @@ def fit(
     try:
         for step in range(start, config.steps):
             began = time.perf_counter()
-            x0 = next(batches).to(group.device, non_blocking=True)
+            x0 = on_device(next(batches), group.device)
             generator = step_generator(config.seed, step, data_rank)
             with amp:
                 loss = runner(objective, x0, generator) if runner else objective(wrapped, x0, generator)
@@ -289,6 +289,13 @@ def fit(
     return TrainResult(max(start, config.steps), len(losses), sum(tail) / len(tail) if tail else float("nan"), losses,
                        median, config.batch / median if median else 0.0, ema_state, resumed_from, trainable,
                        sum(_local(p).numel() * p.element_size() for _, p in shards.named), optimizer_bytes)
+
+
+def on_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, or a dict of tensors for conditioned models) on ``device``."""
+    if isinstance(batch, dict):
+        return {key: on_device(value, device) for key, value in batch.items()}
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

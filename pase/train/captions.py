@@ -1,0 +1,109 @@
+"""Captioned images as people keep them: a folder of images with a ``.txt`` caption beside each, or the
+imagefolder convention's ``metadata.jsonl`` (one JSON object per line with ``file_name`` and ``text``).
+
+Only paths and captions are held; an image is read, resized and cropped when a batch needs it (in a
+``DataLoader`` worker), so a large folder never sits in memory on every rank. A missing caption is an
+error, not an empty prompt: training a text-to-image model on silently unconditioned images is a
+different job.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from pase.train.data import IMAGE_SUFFIXES, DataError
+
+METADATA = "metadata.jsonl"
+CAPTION_KEY = "text"  # the imagefolder column diffusers' train_text_to_image reads by default
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    path: Path
+    caption: str
+
+
+def find_captioned(folder: Path) -> list[CaptionedImage]:
+    """The folder's images and captions, in file-name order: from ``metadata.jsonl`` when the folder has one,
+    else from a ``.txt`` file beside each image (same stem)."""
+    if not folder.is_dir():
+        raise DataError(f"--data {folder} is not a folder; give a folder of images with captions (a .txt beside "
+                        f"each image, or a {METADATA})")
+    items = _from_metadata(folder) if (folder / METADATA).is_file() else _from_sidecars(folder)
+    if not items:
+        raise DataError(f"no captioned images in {folder}")
+    return sorted(items, key=lambda item: str(item.path))
+
+
+def _from_metadata(folder: Path) -> list[CaptionedImage]:
+    metadata = folder / METADATA
+    items = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{metadata} line {number} is not JSON ({exc.msg}); write one object per line with "
+                            f"file_name and {CAPTION_KEY}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or \
+                not isinstance(row.get(CAPTION_KEY), str):
+            raise DataError(f"{metadata} line {number} needs a string file_name and a string {CAPTION_KEY}")
+        path = (folder / row["file_name"]).resolve()
+        if not path.is_relative_to(folder.resolve()) or not path.is_file():
+            raise DataError(f"{metadata} line {number}: {row['file_name']!r} is not a file inside {folder}")
+        items.append(CaptionedImage(path, row[CAPTION_KEY]))
+    return items
+
+
+def _from_sidecars(folder: Path) -> list[CaptionedImage]:
+    images = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    missing = [p for p in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(images)} images in {folder} have no caption (e.g. "
+                        f"{missing[0].relative_to(folder)}: no {missing[0].with_suffix('.txt').name}); write a .txt "
+                        f"beside each image or a {METADATA}")
+    return [CaptionedImage(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+
+
+def load_square(path: Path, resolution: int) -> torch.Tensor:
+    """One image as (3, resolution, resolution) in [-1, 1]: the shorter side resized to ``resolution``
+    (bilinear), then the centre cropped, as diffusers' training scripts do with ``--center_crop``."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = resolution / min(image.size)
+            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+            image = image.resize(size, Image.BILINEAR)
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+            pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}; remove it from the data or fix it") from None
+    return torch.from_numpy(pixels.copy()) * 2 - 1
+
+
+class CaptionedImages(Dataset):
+    """Map-style data set of ``{"pixel_values", "input_ids"}``: the image at ``resolution`` and its caption
+    tokenized (``tokenize``: captions -> token ids; picklable, it runs in the workers)."""
+    def __init__(self, items: list[CaptionedImage], resolution: int,
+                 tokenize: Callable[[list[str]], torch.Tensor]) -> None:
+        self.items, self.resolution, self.tokenize = items, resolution, tokenize
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.items[index]
+        ids = self.tokenize([item.caption])
+        return {"pixel_values": load_square(item.path, self.resolution), "input_ids": ids[0]}
+
+
+__all__ = ["CaptionedImage", "CaptionedImages", "find_captioned", "load_square"]

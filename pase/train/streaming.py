@@ -1,0 +1,74 @@
+"""Batches streamed from a map-style data set: ``DistributedSampler`` epochs, ``DataLoader`` workers.
+
+Each data-parallel rank takes its part of every epoch from a ``DistributedSampler`` (shuffled with the
+run's seed, the epoch advanced with ``set_epoch``, the remainder dropped so that every rank takes as many
+batches); a step's batch is the rank's next ``batch_per_rank`` indices. The schedule is a function of the
+step number, so a run resumed at step ``s`` starts at the same epoch and position without reading the
+batches before it. Workers read and decode (images, token ids, cached tensors); ``transform`` then runs in
+the training process on its device (the frozen encoders), batch by batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from pase.train.data import DataError, LoaderFactory
+
+Transform = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+
+
+def batch_indices(dataset: Dataset, batch_per_rank: int, dp_rank: int, dp_size: int, seed: int,
+                  start_step: int) -> Iterator[list[int]]:
+    """This rank's indices for steps ``start_step, start_step + 1, ...`` (endless; epochs advance)."""
+    sampler = DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank, shuffle=True, seed=seed, drop_last=True)
+    steps_per_epoch = len(sampler) // batch_per_rank
+    if steps_per_epoch == 0:
+        raise DataError(f"the data has {len(dataset)} items, fewer than one global batch of "  # type: ignore[arg-type]
+                        f"{batch_per_rank * dp_size}; use a smaller --batch or more data")
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for step in range(skip, steps_per_epoch):
+            yield order[step * batch_per_rank:(step + 1) * batch_per_rank]
+        epoch, skip = epoch + 1, 0
+
+
+def row_seed(seed: int, step: int, item: int) -> int:
+    """The seed of one sample's random draws at one step: a function of the run, the step and the item only."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + item) % 2**63
+
+
+class _Indexed(Dataset):
+    """A data set of dicts whose items also carry their index (collated into the batch's ``index``)."""
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "index": index}
+
+
+def streamed(transform: Transform | None = None, workers: int = 2) -> LoaderFactory:
+    """A loop ``loader`` for map-style data sets of dicts: ``batch_indices`` through a ``DataLoader`` with
+    ``workers`` processes, each collated batch passed through ``transform`` (None: as collated) and given
+    ``seeds``, one per row (``row_seed``), for the objective's per-sample draws."""
+    def factory(dataset: Any, batch_per_rank: int, dp_rank: int, dp_size: int, seed: int,
+                start_step: int) -> Iterator[Any]:
+        schedule = batch_indices(dataset, batch_per_rank, dp_rank, dp_size, seed, start_step)
+        loader = DataLoader(_Indexed(dataset), batch_sampler=schedule, num_workers=workers,  # type: ignore[arg-type]
+                            persistent_workers=False, prefetch_factor=2 if workers else None)
+        for step, batch in enumerate(loader, start=start_step):
+            items = batch.pop("index")
+            out = transform(batch) if transform is not None else batch
+            yield {**out, "seeds": torch.tensor([row_seed(seed, step, int(i)) for i in items], dtype=torch.int64)}
+
+    return factory
+
+
+__all__ = ["batch_indices", "row_seed", "streamed"]

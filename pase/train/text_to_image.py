@@ -1,0 +1,196 @@
+"""Text-conditioned latent training, as diffusers' ``train_text_to_image.py`` does it, for SD-1.x/2.x pipelines.
+
+A pipeline folder's frozen parts (``tokenizer/``, ``text_encoder/``, ``vae/``, ``scheduler/``) turn captioned
+images into the UNet's training inputs: the VAE's latent distribution (mean and standard deviation, scaled by
+its ``scaling_factor``) and the text encoder's last hidden state. Both encoders run without gradients, in
+the training precision (bf16 on GPUs under bf16 autocast, fp32 otherwise).
+
+The latent is *sampled* from its distribution inside the objective, from the step's generator, not in the
+encoder: so training from images and training from a ``pase cache`` of the same images draw the same numbers
+and give the same run. The objective follows the pipeline's noise scheduler (its ``alphas_cumprod`` and
+``prediction_type``, epsilon or v-prediction), with min-SNR weighting (``--snr-gamma``) and a noise offset as
+in diffusers' script.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pase.errors import PaseError
+from pase.models.folders import LOW_MEMORY_LOAD, quiet_loading
+from pase.train.loop import Objective, model_output
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+
+
+class TextToImageError(PaseError):
+    """A pipeline folder pase cannot train from (a missing part, a kind of conditioning not supported)."""
+
+
+def check_pipeline(pipeline: Path | None, model: str) -> Path:
+    """The pipeline folder around a text-conditioned UNet, with every part training needs."""
+    if pipeline is None:
+        raise TextToImageError(f"{model} is a text-conditioned UNet without its pipeline: training it needs the "
+                               "tokenizer, text encoder, VAE and scheduler, so give the pipeline folder (with "
+                               "model_index.json) as --model")
+    if any((pipeline / part).is_dir() for part in SDXL_PARTS):
+        raise TextToImageError(f"{pipeline} is an SDXL pipeline (two text encoders); pase trains SD-1.x/2.x "
+                               "pipelines (one CLIP text encoder) so far")
+    missing = [part for part in PIPELINE_PARTS if not (pipeline / part).is_dir()]
+    if missing:
+        raise TextToImageError(f"{pipeline} has no {', '.join(missing)} folder(s); a text-to-image pipeline folder "
+                               f"as save_pretrained writes it has {', '.join(PIPELINE_PARTS)} and unet")
+    return pipeline
+
+
+def vae_scale_factor(pipeline: Path) -> int:
+    """Pixels per latent along each side: 2 per VAE level after the first (8 for SD's VAE)."""
+    try:
+        config = json.loads((pipeline / "vae" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TextToImageError(f"cannot read {pipeline / 'vae' / 'config.json'}: {exc}") from None
+    return 2 ** (len(config.get("block_out_channels") or [0]) - 1)
+
+
+def noise_scheduler(pipeline: Path) -> Any:
+    """DDPM over the pipeline scheduler's training schedule (betas, timesteps, prediction type), as diffusers'
+    training scripts load it whatever sampler the pipeline ships."""
+    from diffusers import DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import
+
+    with quiet_loading():
+        return DDPMScheduler.from_pretrained(pipeline, subfolder="scheduler", local_files_only=True)
+
+
+class Tokenize:
+    """Captions -> token ids padded to the tokenizer's length (picklable: DataLoader workers run it)."""
+    def __init__(self, pipeline: Path) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is loaded
+        from transformers import AutoTokenizer  # noqa: PLC0415 - transformers takes seconds to import
+
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(pipeline / "tokenizer", local_files_only=True)
+
+    @property
+    def length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", max_length=self.length, truncation=True,
+                              return_tensors="pt").input_ids
+
+
+class FrozenEncoders(nn.Module):
+    """The pipeline's VAE encoder and text encoder, frozen: (pixels, token ids) -> the UNet's conditioning and
+    the latent distribution, scaled."""
+    def __init__(self, pipeline: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL  # noqa: PLC0415
+        from transformers import CLIPTextModel  # noqa: PLC0415
+
+        with quiet_loading():
+            self.vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae", local_files_only=True,
+                                                     low_cpu_mem_usage=LOW_MEMORY_LOAD)
+            self.text_encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder", local_files_only=True)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.requires_grad_(False)
+        self.eval()
+        self.to(device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        dist = self.vae.encode(pixel_values.to(self.device, self.dtype)).latent_dist
+        text = self.text_encoder(input_ids.to(self.device))[0]
+        return {"latent_mean": (dist.mean * self.scaling_factor).float(),
+                "latent_std": (dist.std * self.scaling_factor).float(),
+                "encoder_hidden_states": text.float()}
+
+
+@dataclass(frozen=True)
+class LatentLoss:
+    """What the objective needs to know besides the scheduler: the target and the weighting."""
+    prediction_type: str | None = None  # None: the pipeline scheduler's
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+
+    def validate(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise PaseError(f"--prediction-type {self.prediction_type!r}: choose {' or '.join(PREDICTION_TYPES)}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise PaseError(f"--snr-gamma {self.snr_gamma}: use a positive gamma (5.0 is the paper's)")
+        if self.noise_offset < 0:
+            raise PaseError(f"--noise-offset {self.noise_offset}: use 0 (off) or a small positive value, e.g. 0.05")
+
+
+def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
+    """The text-to-image diffusion loss on a batch ``{"latent_mean", "latent_std", "encoder_hidden_states"}``:
+    latents sampled from their distribution, noise (plus ``noise_offset`` times per-channel noise), timesteps
+    uniform over the scheduler's, the target epsilon or v, MSE weighted by min(SNR, gamma) / SNR (epsilon) or
+    / (SNR + 1) (v) when ``snr_gamma`` is set.
+
+    The draws come, in that order, from one generator per sample seeded by the batch's ``seeds`` (one per row:
+    the run's seed, the step and the item, see ``pase.train.streaming``), so that a sample gets the same noise
+    whichever rank and batch position it lands on: one process and N processes run the same training; without
+    ``seeds``, from ``generator`` for the whole batch."""
+    from diffusers.training_utils import compute_snr  # noqa: PLC0415
+
+    steps = int(scheduler.config.num_train_timesteps)
+
+    def objective(model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        rows = batch.get("seeds")
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in rows] if rows is not None else None
+        per_row = (1, *mean.shape[1:])
+        offset_shape = (1, mean.shape[1], 1, 1)
+
+        def draw(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.randn((len(mean), *shape[1:]), generator=generator)
+
+        if generators is None:
+            eps, noise = draw(per_row), draw(per_row)
+            offset = draw(offset_shape) if loss.noise_offset else None
+            t = torch.randint(0, steps, (len(mean),), generator=generator)
+        else:
+            drawn = [_row_draws(g, per_row, offset_shape if loss.noise_offset else None, steps) for g in generators]
+            eps, noise, t = (torch.cat([d[k] for d in drawn]) for k in range(3))
+            offset = torch.cat([d[3] for d in drawn]) if loss.noise_offset else None
+        eps, noise, t = eps.to(mean), noise.to(mean), t.to(mean.device)
+        latents = mean + std * eps
+        if offset is not None:
+            noise = noise + loss.noise_offset * offset.to(mean)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = noise if loss.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        prediction = model_output(model(noisy, t, encoder_hidden_states=batch["encoder_hidden_states"]))
+        if loss.snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float())
+        snr = compute_snr(scheduler, t)
+        weights = torch.minimum(snr, torch.full_like(snr, loss.snr_gamma))
+        weights = weights / snr if loss.prediction_type == "epsilon" else weights / (snr + 1)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weights).mean()
+
+    return objective
+
+
+def _row_draws(generator: torch.Generator, shape: tuple[int, ...], offset_shape: tuple[int, ...] | None,
+               steps: int) -> tuple[torch.Tensor, ...]:
+    """One sample's draws (drawn as latent noise, diffusion noise, offset noise, timestep): (latent noise, diffusion
+    noise, timestep, offset noise)."""
+    eps = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    offset = torch.randn(offset_shape, generator=generator) if offset_shape else torch.zeros(0)
+    t = torch.randint(0, steps, (1,), generator=generator)
+    return eps, noise, t, offset
+
+
+__all__ = ["FrozenEncoders", "LatentLoss", "PREDICTION_TYPES", "TextToImageError", "Tokenize", "check_pipeline",
+           "latent_objective", "noise_scheduler", "vae_scale_factor"]

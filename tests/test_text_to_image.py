@@ -1,0 +1,243 @@
+"""Text-to-image training from a diffusers pipeline folder: captions, frozen encoders, latents, the cache, outputs.
+
+Every run uses a tiny SD-1.x-style pipeline built and saved here (``pase.models.tiny_pipeline``: a CLIP text
+encoder, a VAE, a cross-attention UNet and a DDPM scheduler, saved with ``save_pretrained``) and PNGs of
+coloured shapes captioned with what they show.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pase.cli import app
+from pase.errors import PaseError
+from pase.models.tiny_pipeline import save_captioned_shapes, save_tiny_pipeline
+from pase.models.zoo import resolve_model
+from pase.train.captions import find_captioned
+from pase.train.data import DataError
+from pase.train.distributed import DistEnv
+from pase.train.jobs import JobOptions, run_train
+from pase.train.latent_cache import LatentCache, write_cache
+from pase.train.streaming import batch_indices, row_seed
+from pase.train.text_jobs import text_training
+from pase.train.text_to_image import LatentLoss, TextToImageError, check_pipeline, latent_objective, noise_scheduler
+
+REPO = Path(__file__).parent.parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+PROFILE = REPO / "tests" / "fixtures" / "calibration" / "cpu_gloo_2.json"
+SINGLE = DistEnv(0, 1, 0, torch.device("cpu"), None)
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-sd")
+    return {"pipeline": save_tiny_pipeline(root / "pipeline"), "images": save_captioned_shapes(root / "images", 16),
+            "metadata": save_captioned_shapes(root / "metadata", 8, seed=1, metadata=True), "root": root}
+
+
+def _options(tiny_sd: dict[str, Path], out: Path | None, **changes) -> JobOptions:
+    settings = {"model": str(tiny_sd["pipeline"]), "data": str(tiny_sd["images"]), "steps": 3, "batch": 4,
+                "lr": 1e-3, "out": out, "progress": False, "workers": 0}
+    return JobOptions(**{**settings, **changes})
+
+
+def _torchrun(*args: str, timeout: float = 240) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pase", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def _max_rel(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    assert got.keys() == want.keys()
+    return max(float((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)) for k in want)
+
+
+def test_captions_come_from_txt_files_or_metadata_jsonl(tiny_sd) -> None:
+    for folder, count in ((tiny_sd["images"], 16), (tiny_sd["metadata"], 8)):
+        items = find_captioned(folder)
+        assert len(items) == count and all(item.path.suffix == ".png" for item in items)
+        words = [item.caption.split() for item in items]
+        assert all(w[0] == "a" and w[2] in ("disc", "square") and w[-1] == "background" for w in words)
+        assert len({item.caption for item in items}) > 1
+
+
+def test_missing_captions_and_bad_metadata_are_named(tiny_sd, tmp_path) -> None:
+    images = shutil.copytree(tiny_sd["images"], tmp_path / "images")
+    (images / "0003.txt").unlink()
+    with pytest.raises(DataError, match=r"1 of 16 images .* no caption .*0003.png"):
+        find_captioned(images)
+    metadata = shutil.copytree(tiny_sd["metadata"], tmp_path / "metadata")
+    lines = (metadata / "metadata.jsonl").read_text().splitlines()
+    (metadata / "metadata.jsonl").write_text("\n".join([lines[0], "{not json", *lines[2:]]))
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        find_captioned(metadata)
+    (metadata / "metadata.jsonl").write_text(json.dumps({"file_name": "../images/0000.png", "text": "x"}))
+    with pytest.raises(DataError, match="not a file inside"):
+        find_captioned(metadata)
+
+
+def test_pipelines_without_their_parts_or_with_two_encoders_are_refused(tiny_sd, tmp_path) -> None:
+    with pytest.raises(TextToImageError, match="without its pipeline"):
+        check_pipeline(None, "sd15-unet")
+    sdxl = shutil.copytree(tiny_sd["pipeline"], tmp_path / "sdxl")
+    (sdxl / "text_encoder_2").mkdir()
+    with pytest.raises(TextToImageError, match="SDXL"):
+        check_pipeline(sdxl, str(sdxl))
+    shutil.rmtree(sdxl / "text_encoder_2")
+    shutil.rmtree(sdxl / "vae")
+    with pytest.raises(TextToImageError, match="no vae"):
+        check_pipeline(sdxl, str(sdxl))
+    result = CliRunner().invoke(app, ["train", "--model", "sd15-unet", "--steps", "1"])
+    assert isinstance(result.exception, PaseError) and "give the pipeline folder" in str(result.exception)
+
+
+class _Zeros(torch.nn.Module):
+    """A stand-in network that predicts zeros, so that the loss is the weighted mean square of the target."""
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(sample)
+
+
+@pytest.mark.parametrize(("prediction_type", "snr_gamma", "noise_offset"),
+                         [("epsilon", None, 0.0), ("epsilon", 5.0, 0.1), ("v_prediction", 5.0, 0.0)])
+def test_the_objective_follows_the_scheduler_and_min_snr_formulas(tiny_sd, prediction_type, snr_gamma,
+                                                                  noise_offset) -> None:
+    scheduler = noise_scheduler(tiny_sd["pipeline"])
+    batch = {"latent_mean": torch.randn(6, 4, 8, 8), "latent_std": torch.rand(6, 4, 8, 8) * 0.1,
+             "encoder_hidden_states": torch.randn(6, 16, 32)}
+    loss = latent_objective(scheduler, LatentLoss(prediction_type, snr_gamma, noise_offset))
+    got = float(loss(_Zeros(), batch, torch.Generator().manual_seed(3)))
+    # the same draws, in the order the objective documents, and the formulas written out
+    generator = torch.Generator().manual_seed(3)
+    latents = batch["latent_mean"] + batch["latent_std"] * torch.randn(6, 4, 8, 8, generator=generator)
+    noise = torch.randn(6, 4, 8, 8, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(6, 4, 1, 1, generator=generator)
+    t = torch.randint(0, 1000, (6,), generator=generator)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    per_sample = (target**2).mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        want = per_sample.mean()
+    else:
+        snr = (abar / (1 - abar)).flatten()
+        weights = snr.clamp(max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+        want = (per_sample * weights).mean()
+    assert got == pytest.approx(float(want), rel=1e-5)
+
+
+def test_per_sample_seeds_make_the_loss_independent_of_how_the_batch_is_split(tiny_sd) -> None:
+    scheduler = noise_scheduler(tiny_sd["pipeline"])
+    batch = {"latent_mean": torch.randn(4, 4, 8, 8), "latent_std": torch.rand(4, 4, 8, 8) * 0.1,
+             "encoder_hidden_states": torch.randn(4, 16, 32), "seeds": torch.tensor([row_seed(0, 7, i) for i in
+                                                                                      (5, 1, 9, 2)])}
+    loss = latent_objective(scheduler, LatentLoss("epsilon", 5.0, 0.05))
+    whole = float(loss(_Zeros(), batch, torch.Generator().manual_seed(0)))
+    halves = [float(loss(_Zeros(), {k: v[rows] for k, v in batch.items()}, torch.Generator().manual_seed(r)))
+              for r, rows in enumerate((slice(0, 2), slice(2, 4)))]  # two ranks, each with its own generator
+    assert whole == pytest.approx(sum(halves) / 2, rel=1e-6)
+
+
+def test_the_batch_schedule_walks_distributed_sampler_epochs_and_resumes_mid_epoch() -> None:
+    data = list(range(10))  # 10 items, 2 ranks, 2 per rank: 2 steps per epoch (the remainder dropped)
+
+    def steps(rank: int, start: int, count: int) -> list[list[int]]:
+        schedule = batch_indices(data, 2, rank, 2, seed=5, start_step=start)
+        return [next(schedule) for _ in range(count)]
+
+    full = [steps(rank, 0, 6) for rank in (0, 1)]
+    for rank in (0, 1):
+        assert steps(rank, 3, 3) == full[rank][3:]  # resumed at step 3 (mid epoch 1): the same batches
+    for epoch in range(3):
+        seen = [i for rank in (0, 1) for step in full[rank][2 * epoch:2 * epoch + 2] for i in step]
+        assert len(seen) == len(set(seen)) == 8  # an epoch hands each item out at most once
+    assert full[0][0:2] != full[0][2:4]  # the epoch advances: a new order
+
+
+def test_training_from_a_cache_equals_training_from_images(tiny_sd, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    manifest = write_cache(tiny_sd["pipeline"], tiny_sd["images"], cache, 16, torch.device("cpu"), batch=5,
+                           shard_items=6, workers=0)
+    assert manifest["count"] == 16 and [s["count"] for s in manifest["shards"]] == [10, 6]
+    assert LatentCache(cache).shape("latent_mean") == (4, 8, 8)
+    from_images = run_train(_options(tiny_sd, tmp_path / "images", workers=2), SINGLE)
+    from_cache = run_train(_options(tiny_sd, tmp_path / "cached", data=str(cache)), SINGLE)
+    assert from_cache["final_loss"] == pytest.approx(from_images["final_loss"], rel=1e-5)
+    got, want = (load_file(tmp_path / run / UNET_WEIGHTS) for run in ("cached", "images"))
+    assert _max_rel(got, want) < 1e-4  # AdamW steps amplify the encoders' batch-size rounding (~1e-7)
+    start = load_file(tiny_sd["pipeline"] / UNET_WEIGHTS)
+    assert _max_rel(want, start) > 1e-4  # and training changed the weights
+
+
+def test_a_cache_that_does_not_fit_the_model_is_refused(tiny_sd, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    write_cache(tiny_sd["pipeline"], tiny_sd["metadata"], cache, 16, torch.device("cpu"), workers=0)
+    spec = resolve_model(str(tiny_sd["pipeline"]))
+    with pytest.raises(DataError, match="not --image-size 32"):
+        text_training(spec, str(cache), 32, LatentLoss(), torch.device("cpu"))
+    manifest = json.loads((cache / "cache.json").read_text())
+    manifest["shapes"]["encoder_hidden_states"] = [16, 64]
+    (cache / "cache.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="does not fit"):
+        text_training(spec, str(cache), None, LatentLoss(), torch.device("cpu"))
+    (cache / "cache.json").write_text("{")
+    with pytest.raises(DataError, match="cannot read the cache manifest"):
+        text_training(spec, str(cache), None, LatentLoss(), torch.device("cpu"))
+
+
+def test_the_output_folder_loads_as_a_pipeline_and_resume_continues_exactly(tiny_sd, tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    straight = run_train(_options(tiny_sd, tmp_path / "straight", steps=4, checkpoint_every=2), SINGLE)
+    run_train(_options(tiny_sd, tmp_path / "resumed", steps=2, checkpoint_every=2), SINGLE)
+    resumed = run_train(_options(tiny_sd, tmp_path / "resumed", steps=4, checkpoint_every=2, resume=True), SINGLE)
+    assert resumed["steps_run"] == 2 and resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-6)
+    assert _max_rel(load_file(tmp_path / "resumed" / UNET_WEIGHTS), load_file(tmp_path / "straight" / UNET_WEIGHTS)) \
+        < 1e-6
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "straight", local_files_only=True)
+    image = pipeline("a red disc on a blue background", num_inference_steps=2, height=16, width=16,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 16, 16, 3) and float(image.std()) > 0
+
+
+def test_pase_cache_cli_writes_a_manifest(tiny_sd, tmp_path) -> None:
+    result = CliRunner().invoke(app, ["cache", "--model", str(tiny_sd["pipeline"]), "--data", str(tiny_sd["metadata"]),
+                                      "--out", str(tmp_path / "cache"), "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert manifest["count"] == 8 and manifest["resolution"] == 16
+    assert manifest["shapes"] == {"latent_mean": [4, 8, 8], "latent_std": [4, 8, 8],
+                                  "encoder_hidden_states": [16, 32]}
+    again = CliRunner().invoke(app, ["cache", "--model", str(tiny_sd["pipeline"]), "--data", str(tiny_sd["metadata"]),
+                                     "--out", str(tmp_path / "cache")])
+    assert isinstance(again.exception, PaseError) and "already holds a cache" in str(again.exception)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow), "tensor"])
+def test_two_processes_under_a_plan_match_one_process(tiny_sd, tmp_path, only) -> None:
+    plan = tmp_path / "plan.json"
+    planned = CliRunner().invoke(app, ["plan", "--model", str(tiny_sd["pipeline"]), "--cluster", "local", "--devices",
+                                       "2", "--batch", "4", "--only", only, "--profile", str(PROFILE), "--json",
+                                       str(plan)])
+    assert planned.exit_code == 0, planned.output
+    single = run_train(_options(tiny_sd, tmp_path / "single", steps=2), SINGLE)
+    report = _torchrun("train", "--plan", str(plan), "--data", str(tiny_sd["images"]), "--steps", "2", "--lr", "1e-3",
+                       "--workers", "1", "--out", str(tmp_path / "two"), "--no-progress", "--json")
+    assert report["world_size"] == 2 and report["plan"] == only
+    assert report["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
+    got, want = (load_file(tmp_path / run / UNET_WEIGHTS) for run in ("two", "single"))
+    assert _max_rel(got, want) < 1e-4  # full tensors saved (not a rank's shards), equal to one process's
