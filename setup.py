@@ -39,6 +39,7 @@ setup(
         "pillow>=9",  # folder-of-images training data
         "jsonschema>=4.18",  # plan files are checked against their declared schema
         "transformers>=4.40",  # text encoders and tokenizers of Stable Diffusion pipeline folders
+        "tensorboard>=2.14",  # pase train --report-to tensorboard
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.12", "import-linter>=2.1", "mypy>=1.11"],

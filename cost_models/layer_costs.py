@@ -120,7 +120,8 @@ class CostModel:
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(compute seconds, communication seconds, bytes per device) for every configuration of
         ``layer``. O(K * dims). When ``parts`` is given it receives the pieces a pipeline prices
-        apart: "weight_sync" (the weight-gradient collectives inside ``comm``, once per step),
+        apart: "weight_sync" (the exposed part of the whole gradients' all-reduce inside ``comm``: once per step
+        under gradient accumulation or microbatches, where FSDP's gathers and reduce-scatters run every time),
         "saved" (the activation bytes inside the memory, per microbatch), "weight_bytes" (the
         local weight-gradient shard) and "comm_bytes" (bytes every collective of ``comm`` moves per
         device, hidden or not)."""
@@ -199,6 +200,7 @@ class CostModel:
             if grad:  # the input's gradient is summed over the splits it does not run over (none without one)
                 comm += priced(partials, local(m) * itemsize, missing(m))
         weight_sync = np.zeros(len(f))
+        once = np.zeros(len(f))  # the all-reduce of whole gradients: paused between micro-steps, so once per step
         reduction_split = f[:, [dims.index(d) for d in reductions]].prod(axis=1) > 1 if reductions else \
             np.zeros(len(f), dtype=bool)
         for p in weights:
@@ -213,10 +215,14 @@ class CostModel:
             weight_sync += priced("reduce_scatter", sharded, replicas, stride, bucketed=True)
             weight_sync += 2 * priced("all_gather", sharded, replicas, stride, bucketed=True)
             comm_bytes = comm_bytes + self.collective_bytes("all_gather", sharded, replicas)  # the second gather
-            weight_sync += priced("all_reduce", np.where(whole, shard, 0.0), replicas, stride, bucketed=True)
+            reduced = priced("all_reduce", np.where(whole, shard, 0.0), replicas, stride, bucketed=True)
+            weight_sync += reduced
+            once += reduced
         if self.options.overlap_gradients:
             hiding = seconds if self.options.fsdp else seconds * float(layer["flops_bwd"]) / max(flops, 1.0)
-            weight_sync = np.maximum(0.0, weight_sync - hiding)
+            exposed = np.maximum(0.0, weight_sync - hiding)
+            once = np.divide(once * exposed, weight_sync, out=np.zeros(len(f)), where=weight_sync > 0)
+            weight_sync = exposed
         comm += weight_sync
         halo, halo_bytes = self._halo(layer, dims, f, extent, itemsize)
         stats, stats_bytes = self._norm_stats(layer, dims, f, extent)
@@ -232,7 +238,7 @@ class CostModel:
         if self.options.checkpointing and not block_output:
             saved = np.zeros(len(f))
         if parts is not None:
-            parts.update(weight_sync=weight_sync, saved=saved, weight_bytes=weight_local * itemsize,
+            parts.update(weight_sync=once, saved=saved, weight_bytes=weight_local * itemsize,
                          comm_bytes=comm_bytes)
         return seconds, comm, state + saved
 

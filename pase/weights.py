@@ -1,4 +1,4 @@
-"""Weight files: state dicts as safetensors, written atomically and read one tensor at a time.
+"""Weight files: state dicts as safetensors, written atomically and read a bounded chunk at a time.
 
 Every layer that saves or loads weights (training, fine-tuning strategies, sampling) goes through
 here, so a large file is never memory-mapped or held whole in memory, and a file that is not what it
@@ -6,21 +6,20 @@ claims gives one clear error.
 """
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
 from pase import atomic
 from pase.errors import PaseError
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+READ_CHUNK_BYTES = 64 * 2**20  # mapped and read before the file is reopened (see read_safetensors)
+_ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class CheckpointError(PaseError):
@@ -37,31 +36,44 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     return atomic.write_bytes(path, safetensors_save({k: plain_tensor(v) for k, v in state.items()}, metadata=metadata))
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]]]:
-    """The header and a lazy iterator over (name, tensor): each tensor is read with a seek and a read, so
-    only one is in memory at a time (no memory map whose pages would count in the resident set)."""
+def read_safetensors(path: str | Path) -> tuple[dict[str, str], Iterator[tuple[str, torch.Tensor]]]:
+    """The file's metadata and a lazy iterator over (name, tensor), through the safetensors library (its header
+    checks included). The library memory-maps the file, and every page a read touches counts in the resident set
+    until the map closes: the file is reopened every ``READ_CHUNK_BYTES`` of tensors, so a large file never
+    counts whole in a run's peak memory."""
     path = Path(path)
     try:
-        handle = path.open("rb")
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            names = handle.keys()  # a safetensors handle is not iterable
+            sizes = [(name, _nbytes(handle.get_slice(name))) for name in names]
+    except (OSError, SafetensorError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path} as a safetensors file: {exc}") from None
-    start = 8 + length
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        with handle:
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                handle.seek(start + begin)
-                raw = bytearray(handle.read(end - begin))
-                dtype = _DTYPES[info["dtype"]]
-                tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-                yield name, tensor.reshape(info["shape"])
+        chunk: list[str] = []
+        filled = 0
+        for index, (name, size) in enumerate(sizes):
+            chunk.append(name)
+            filled += size
+            if filled >= READ_CHUNK_BYTES or index == len(sizes) - 1:
+                try:
+                    with safe_open(str(path), framework="pt") as handle:
+                        loaded = [(name, handle.get_tensor(name)) for name in chunk]
+                except (OSError, SafetensorError, ValueError) as exc:
+                    raise CheckpointError(f"cannot read {path}: {exc}") from None
+                yield from loaded
+                chunk, filled = [], 0
 
-    return header, tensors()
+    return metadata, tensors()
+
+
+def _nbytes(part: Any) -> int:
+    """Bytes of a tensor in the file, from its shape and dtype (nothing read)."""
+    count = 1
+    for extent in part.get_shape():
+        count *= extent
+    return count * _ITEM_BYTES.get(part.get_dtype(), 8)
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -29,6 +29,8 @@ buckets during the backward, as DDP does.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -408,6 +410,7 @@ class GradientSync:
     _next: int = field(default=0, init=False)  # the first bucket not launched in this backward
     _queued: bool = field(default=False, init=False)
     launched_in_backward: int = field(default=0, init=False)  # buckets the last backward launched before its end
+    _paused: bool = field(default=False, init=False)
 
     @classmethod
     def install(cls, model: nn.Module, world: int, bucket_bytes: int = GRADIENT_BUCKET_BYTES,
@@ -441,7 +444,19 @@ class GradientSync:
             bucket.waiting, bucket.flat, bucket.work = len(bucket.params), None, None
         torch.autograd.Variable._execution_engine.queue_callback(self.synchronize)
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Backward passes inside leave their gradients local, to be added to (gradient accumulation); the next
+        backward outside reduces the sums."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _on_grad(self, param: nn.Parameter) -> None:
+        if self._paused:
+            return
         if not self._queued:
             self._start_backward()
         if id(param) in self._arrived:

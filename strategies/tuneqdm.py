@@ -445,8 +445,8 @@ def save_scales(path: str | Path, model: nn.Module, extra: dict[str, Any] | None
 
 @torch.no_grad()
 def load_scales(model: nn.Module, path: str | Path) -> None:
-    header, _ = read_safetensors(path)
-    saved = json.loads((header.get("__metadata__") or {}).get("pase_tuneqdm", "null") or "null")
+    metadata, _ = read_safetensors(path)
+    saved = json.loads(metadata.get("pase_tuneqdm", "null") or "null")
     if saved is None:
         raise TuneQDMError(f"{path} is not a TuneQDM scale checkpoint (no pase_tuneqdm metadata)")
     config = asdict(model.tuneqdm_config)

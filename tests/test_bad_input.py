@@ -160,3 +160,51 @@ def test_huge_batches_are_refused_and_divisors_stay_fast() -> None:
         assert result.exit_code == 2 and "Invalid value for '--batch'" in result.output
     assert divisors_of(12) == [1, 2, 3, 4, 6, 12] and divisors_of(49) == [1, 7, 49]
     assert len(divisors_of(2**31)) == 32
+
+
+def _crafted_safetensors() -> dict[str, bytes]:
+    """Files that claim to be safetensors and are not quite: each must give one CheckpointError line."""
+    import json
+    import struct
+
+    def file(header: object, data: bytes = b"") -> bytes:
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw + data
+
+    good = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    return {"empty": b"", "short": b"\x01\x02", "huge header length": struct.pack("<Q", 2**62) + b"{}",
+            "not json": struct.pack("<Q", 4) + b"oops", "no offsets": file({"w": {"dtype": "F32", "shape": [2]}}),
+            "offsets past the end": file({"w": {**good, "data_offsets": [0, 4096]}}, b"\0" * 8),
+            "unknown dtype": file({"w": {**good, "dtype": "F99"}}, b"\0" * 8),
+            "shape and size disagree": file({"w": {**good, "shape": [3]}}, b"\0" * 8),
+            "header a list": file([1, 2]), "metadata not strings": file({"__metadata__": {"a": 1}})}
+
+
+def test_crafted_weight_files_give_one_line(tmp_path) -> None:
+    """--init, checkpoints and TuneQDM scales are read through the safetensors library: whatever a file claims, a
+    CheckpointError names the file (no MemoryError, KeyError or struct error)."""
+    from pase.weights import CheckpointError, load_weights
+
+    for name, content in _crafted_safetensors().items():
+        path = tmp_path / f"{name.replace(' ', '-')}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"cannot read {path}"):
+            load_weights(path)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_weights(tmp_path)  # a folder
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_weights(tmp_path / "missing.safetensors")
+
+
+def test_weights_read_in_chunks_equal_the_file(tmp_path, monkeypatch) -> None:
+    from safetensors.torch import save_file
+
+    from pase import weights
+
+    state = {f"w{i}": torch.randn(64, 33) for i in range(7)} | {"half": torch.randn(5).half(), "empty": torch.zeros(0)}
+    save_file(state, tmp_path / "w.safetensors", metadata={"note": "x"})
+    monkeypatch.setattr(weights, "READ_CHUNK_BYTES", 3 * 64 * 33 * 4)  # reopen every 3 tensors
+    metadata, tensors = weights.read_safetensors(tmp_path / "w.safetensors")
+    loaded = dict(tensors)
+    assert metadata == {"note": "x"} and loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) and loaded[k].dtype == state[k].dtype for k in state)

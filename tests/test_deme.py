@@ -144,6 +144,7 @@ def _options(out: Path) -> list[str]:
             "--out", str(out), "--no-progress", "--json"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_gloo_groups_equal_ranges_run_one_after_another(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -99,6 +99,7 @@ def test_bad_folders_are_refused_by_name(tmp_path, layout: str, message: str) ->
         spec.build()  # (a folder without weights fails when the weights are needed)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_plan_and_verify_a_pipeline_folder_from_another_directory(folders) -> None:
     """`pase plan --model FOLDER` records the folder's absolute path; `pase verify --check` under torchrun, started

@@ -15,7 +15,8 @@ TOLERANCE = 1e-5
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
 def test_random_runnable_plans_match_a_single_process(world: int) -> None:
     seeds = [11, 12] if world == 2 else [21]
     results = runtime_cases.run_ranks([f"random:{seed}" for seed in seeds], world=world, timeout_s=280)

@@ -95,7 +95,8 @@ def _plan(local: tuple, only: str) -> Plan:
 # run with the slow tests
 # tensor+fsdp and checkpointing also run in the default suite in tests/test_runtime_grid.py, pipelines in
 # tests/test_pipeline_runtime.py; here through the CLI
-@pytest.mark.parametrize("only", ["dp", pytest.param("fsdp", marks=pytest.mark.slow), "tensor",
+@pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow),
+                                  pytest.param("fsdp", marks=pytest.mark.slow), "tensor",
                                   pytest.param("tensor+checkpoint", marks=pytest.mark.slow),
                                   pytest.param("tensor+fsdp+checkpoint", marks=pytest.mark.slow),
                                   pytest.param("pipeline", marks=pytest.mark.slow)])

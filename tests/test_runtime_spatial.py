@@ -41,6 +41,7 @@ def _predicted_bytes(splits: dict, checkpointing: bool) -> float:
     return plan_graph(graph, parse_spec("2xL40S"), options=options).predicted.comm_bytes_per_device
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_halos_and_statistics_on_4_ranks(tmp_path) -> None:
     """3x3 and 5x5 convolutions and a group norm split 4 ways by height and by width: each rank's output and

@@ -112,6 +112,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert any(batch < 12 for batch, _ in two["calls"])  # the 6-row window really was split over the ranks
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_cli_matches_one_process(tmp_path):
     from safetensors.torch import load_file

@@ -116,6 +116,7 @@ def test_measured_convergence_never_advances_more_than_the_window():
     assert two.passes >= 50 and two.evals == 100
 
 
+@pytest.mark.slow
 def test_measured_eval_time_is_per_network_row_under_guidance(monkeypatch):
     """``Pricing`` doubles the rows under classifier-free guidance, so the CPU probe must time network rows;
     timing a guided denoiser (which doubles again inside) counted every CFG call twice."""

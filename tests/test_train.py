@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -115,15 +116,19 @@ def test_checkpoint_round_trip_with_optimizer_state(tmp_path) -> None:
 
 def test_resume_continues_exactly(tmp_path) -> None:
     data = load_images("shapes", 16, 3, 64, seed=0)
-    common = dict(batch=4, lr=1e-3, ema_decay=0.9, progress=False)
+    common = dict(batch=4, lr=1e-3, ema_decay=0.9, progress=False, lr_scheduler="cosine", lr_warmup_steps=1)
     straight = _tiny()
-    fit(straight, epsilon_objective(), data, LoopConfig(steps=4, **common))
+    whole = fit(straight, epsilon_objective(), data, LoopConfig(steps=4, **common))
     first = _tiny()
-    fit(first, epsilon_objective(), data, LoopConfig(steps=2, checkpoint_dir=tmp_path, **common), job={"m": 1})
+    begun = fit(first, epsilon_objective(), data, LoopConfig(steps=2, checkpoint_dir=tmp_path, **common), job={"m": 1})
     resumed = _tiny(seed=99)  # different starting weights: everything trainable must come from the checkpoint
     result = fit(resumed, epsilon_objective(), data, LoopConfig(steps=4, checkpoint_dir=tmp_path, resume=True,
                                                                 **common), job={"m": 1})
     assert result.steps_run == 2 and result.resumed_from is not None and result.steps == 4
+    # warm-up from 0 over 1 step, then a half cosine over the other 3; the resumed run continues the curve
+    want = [0.0, *(0.5 * (1 + math.cos(math.pi * s / 3)) * 1e-3 for s in range(3))]
+    assert whole.learning_rates == pytest.approx(want) and begun.learning_rates + result.learning_rates == \
+        pytest.approx(want)
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), name
     assert latest_checkpoint(tmp_path).name == "step-00000004.safetensors"
@@ -146,6 +151,10 @@ def test_bad_loop_settings() -> None:
         LoopConfig(steps=1, batch=3).validate(2)
     with pytest.raises(PaseError, match="--resume needs --out"):
         LoopConfig(steps=1, batch=2, resume=True).validate(1)
+    with pytest.raises(PaseError, match="--lr-scheduler 'warm'"):
+        LoopConfig(steps=1, batch=2, lr_scheduler="warm").validate(1)
+    with pytest.raises(PaseError, match="--lr-warmup-steps 5"):
+        LoopConfig(steps=4, batch=2, lr_warmup_steps=5).validate(1)
 
 
 def test_peak_memory_sees_a_transient_allocation() -> None:

@@ -102,6 +102,7 @@ def test_train_under_a_plan_lowers_the_loss_over_200_steps(plans, tmp_path) -> N
     assert report["final_loss"] < 0.5 * report["initial_loss"], (report["initial_loss"], report["final_loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkilled_run_resumes_with_identical_parameters(plans, tmp_path) -> None:
     reference = tmp_path / "uninterrupted"  # 30 steps under the data-parallel plan, every 10th step's checkpoint kept
@@ -177,3 +178,7 @@ def test_strategies_refused_under_plan_kinds_they_cannot_run(tmp_path) -> None:
     assert check_plan(dp, env, spec, "tuneqdm").kind == "dp"
     assert check_plan(tensor, env, spec, "deme").kind == "tensor"
     assert check_plan(pipeline, env, spec, "full").kind == "pipeline"
+    from pase.train.jobs import JobOptions, run_train
+
+    with pytest.raises(PaseError, match="--grad-accum does not combine with the pipeline plan"):
+        run_train(JobOptions(plan=tmp_path / "pipeline.json", model="unet-tiny", batch=8, grad_accum=2), env)

@@ -119,6 +119,24 @@ def test_accumulated_micro_steps_sync_gradients_once() -> None:
     assert row.step_seconds < k * micro.step_seconds
 
 
+def test_fsdp_micro_steps_gather_and_reduce_every_time() -> None:
+    """FSDP gathers its weights for every micro-step's forward and backward and reduce-scatters every backward (the
+    runtime keeps gradients sharded): nothing of its weight sync is paid once per step."""
+    from cost_models.cluster import cluster_from_dict
+    from pase.planning.per_layer import plan_graph
+    from pase.planning.whatif import evaluate
+
+    cluster = cluster_from_dict({"gpu": {"id": "Small", "bf16_tflops": 50, "fp32_tflops": 10, "memory_gb": 0.02,
+                                         "memory_bw_gbps": 500}, "gpus_per_node": 2})
+    graph_at = lambda b: extract_model("unet-tiny", b, use_cache=True)  # noqa: E731
+    options = PlanOptions(only="fsdp")
+    row = evaluate(graph_at, cluster, 64, 1e6, options)
+    k = row.accumulation
+    micro = plan_graph(graph_at(64 // k), cluster, options=options).predicted
+    assert k > 1 and micro.gradient_sync_seconds == 0 and micro.communication_seconds > 0
+    assert row.step_seconds == pytest.approx(k * micro.step_seconds)
+
+
 def test_step_seconds_print_readably() -> None:
     from pase.planning.whatif import seconds_text
 

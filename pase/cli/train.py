@@ -31,6 +31,25 @@ SnrOpt = Annotated[float | None, typer.Option(callback=finite, help="Text-to-ima
                                               "this gamma (5.0 in the paper); default off.")]
 NoiseOffsetOpt = Annotated[float, typer.Option(callback=finite, min=0.0, help="Text-to-image: per-channel noise "
                                                "offset, e.g. 0.05.")]
+SchedulerOpt = Annotated[str, typer.Option(help="Learning-rate schedule (diffusers' get_scheduler): constant, "
+                                           "constant_with_warmup, linear, cosine, cosine_with_restarts or "
+                                           "polynomial.")]
+WarmupOpt = Annotated[int, typer.Option(min=0, max=2**31, help="Steps of linear learning-rate warm-up.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the earlier run in OUT (its checkpoints, "
+                                            "log, validation images and TensorBoard events); without it a used "
+                                            "OUT needs --resume.")]
+AccumOpt = Annotated[int, typer.Option(min=1, max=2**16, help="Gradient accumulation: micro-steps of --batch per "
+                                       "optimizer step (an effective batch of K x --batch; a plan's batch is one "
+                                       "micro-step).")]
+ClipOpt = Annotated[float, typer.Option(callback=finite, min=0.0, help="Clip the gradients' global norm to this "
+                                        "(0: no clipping).")]
+PromptOpt = Annotated[list[str] | None, typer.Option("--validation-prompt", help="Text-to-image: a prompt to draw "
+                                                    "(repeatable); images go to OUT/validation/ after the last step "
+                                                    "and every --validation-every steps.")]
+ValidateEveryOpt = Annotated[int, typer.Option(min=0, max=2**31, help="Steps between validation images (0: after the "
+                                               "last step only).")]
+ReportOpt = Annotated[str, typer.Option(help="Where the run's per-step log goes besides OUT/log.jsonl: none or "
+                                        "tensorboard (OUT/tensorboard/).")]
 WorkersOpt = Annotated[int, typer.Option(min=0, max=64, help="Text-to-image: DataLoader worker processes per rank "
                                          "reading images or a cache.")]
 StepsOpt = Annotated[int, typer.Option(min=1, help="Total optimizer steps (a resumed run continues up to this).")]
@@ -144,12 +163,20 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: at the end only).")] = 0,
     keep_checkpoints: Annotated[int, typer.Option(min=0, help="Checkpoints kept in OUT (0: all).")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
+    overwrite: OverwriteOpt = False,
     plan: PlanOpt = None,
     precision: PrecisionOpt = "auto",
     prediction_type: PredictionOpt = None,
     snr_gamma: SnrOpt = None,
     noise_offset: NoiseOffsetOpt = 0.0,
     workers: WorkersOpt = 2,
+    lr_scheduler: SchedulerOpt = "constant",
+    lr_warmup_steps: WarmupOpt = 0,
+    max_grad_norm: ClipOpt = 1.0,
+    grad_accum: AccumOpt = 1,
+    validation_prompt: PromptOpt = None,
+    validation_every: ValidateEveryOpt = 0,
+    report_to: ReportOpt = "none",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -163,9 +190,13 @@ def train(
                          image_size=image_size, steps=steps,
                          batch=batch, lr=lr,
                          weight_decay=weight_decay, ema=ema, seed=seed, out=out, checkpoint_every=checkpoint_every,
-                         keep_checkpoints=keep_checkpoints, resume=resume, progress=not no_progress, init=init,
+                         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite,
+                         progress=not no_progress, init=init,
                          init_seed=init_seed, prediction_type=prediction_type, snr_gamma=snr_gamma,
-                         noise_offset=noise_offset, workers=workers)
+                         noise_offset=noise_offset, workers=workers, lr_scheduler=lr_scheduler,
+                         lr_warmup_steps=lr_warmup_steps, grad_clip=max_grad_norm or None, grad_accum=grad_accum,
+                         validation_prompts=list(validation_prompt or []), validation_every=validation_every,
+                         report_to=report_to)
     with distributed_session() as env:
         report = run_train(options, env)
         if env.is_main:
@@ -191,6 +222,7 @@ def finetune(
     out: OutOpt = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: at the end).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoints in OUT.")] = False,
+    overwrite: OverwriteOpt = False,
     ranges: Annotated[int, typer.Option(help="DeMe: number of uniform timestep ranges.")] = 4,
     range_bounds: Annotated[str | None, typer.Option(help="DeMe: explicit bounds, e.g. 0,100,400,1000.")] = None,
     p_global: Annotated[float, typer.Option(help="DeMe: probability of a timestep from all of [0, T).",
@@ -212,6 +244,13 @@ def finetune(
     snr_gamma: SnrOpt = None,
     noise_offset: NoiseOffsetOpt = 0.0,
     workers: WorkersOpt = 2,
+    lr_scheduler: SchedulerOpt = "constant",
+    lr_warmup_steps: WarmupOpt = 0,
+    max_grad_norm: ClipOpt = 1.0,
+    grad_accum: AccumOpt = 1,
+    validation_prompt: PromptOpt = None,
+    validation_every: ValidateEveryOpt = 0,
+    report_to: ReportOpt = "none",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -228,12 +267,17 @@ def finetune(
                               image_size=image_size, steps=steps,
                               batch=batch, lr=lr,
                               weight_decay=weight_decay, ema=ema, seed=seed, out=out,
-                              checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress, init=init,
+                              checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+                              progress=not no_progress, init=init,
                               init_seed=init_seed, strategy=strategy, ranges=ranges, range_bounds=range_bounds,
                               p_global=p_global, antithetic=antithetic, consistency=consistency, adapters=adapters,
                               merge_weights=_numbers(merge_weights, "--merge-weights"), merge_grid=grid, bits=bits,
                               experts=experts, input_scales=not no_input_scales, prediction_type=prediction_type,
-                              snr_gamma=snr_gamma, noise_offset=noise_offset, workers=workers)
+                              snr_gamma=snr_gamma, noise_offset=noise_offset, workers=workers,
+                              lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
+                              grad_clip=max_grad_norm or None, grad_accum=grad_accum,
+                              validation_prompts=list(validation_prompt or []),
+                              validation_every=validation_every, report_to=report_to)
     with distributed_session() as env:
         report = run_finetune(options, env)
         if env.is_main:

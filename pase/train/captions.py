@@ -73,28 +73,32 @@ def _from_sidecars(folder: Path) -> list[CaptionedImage]:
     return [CaptionedImage(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
 
 
-def load_square(path: Path, resolution: int) -> torch.Tensor:
-    """One image as (3, resolution, resolution) in [-1, 1]: the shorter side resized to ``resolution``
-    (bilinear), then the centre cropped, as diffusers' training scripts do with ``--center_crop``."""
+def load_square(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """One image as (3, resolution, resolution) in [-1, 1], its original (height, width) and the crop's (top, left):
+    the shorter side resized to ``resolution`` (bilinear), then the centre cropped, as diffusers' training scripts
+    do with ``--center_crop`` (SDXL conditions on the original size and the crop)."""
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
+            original = (image.height, image.width)
             scale = resolution / min(image.size)
             size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
             image = image.resize(size, Image.BILINEAR)
-            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+            top = max(0, int(round((image.height - resolution) / 2.0)))
+            left = max(0, int(round((image.width - resolution) / 2.0)))
             image = image.crop((left, top, left + resolution, top + resolution))
             pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}; remove it from the data or fix it") from None
-    return torch.from_numpy(pixels.copy()) * 2 - 1
+    return torch.from_numpy(pixels.copy()) * 2 - 1, original, (top, left)
 
 
 class CaptionedImages(Dataset):
-    """Map-style data set of ``{"pixel_values", "input_ids"}``: the image at ``resolution`` and its caption
-    tokenized (``tokenize``: captions -> token ids; picklable, it runs in the workers)."""
+    """Map-style data set of ``{"pixel_values", "original_size", "crop_top_left", "input_ids"[, "input_ids_2"]}``:
+    the image at ``resolution`` and its caption tokenized (``tokenize``: captions -> token ids per tokenizer;
+    picklable, it runs in the workers)."""
     def __init__(self, items: list[CaptionedImage], resolution: int,
-                 tokenize: Callable[[list[str]], torch.Tensor]) -> None:
+                 tokenize: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
         self.items, self.resolution, self.tokenize = items, resolution, tokenize
 
     def __len__(self) -> int:
@@ -102,8 +106,10 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
-        ids = self.tokenize([item.caption])
-        return {"pixel_values": load_square(item.path, self.resolution), "input_ids": ids[0]}
+        pixels, original, crop = load_square(item.path, self.resolution)
+        ids = {name: value[0] for name, value in self.tokenize([item.caption]).items()}
+        return {"pixel_values": pixels, "original_size": torch.tensor(original),
+                "crop_top_left": torch.tensor(crop), **ids}
 
 
 __all__ = ["CaptionedImage", "CaptionedImages", "find_captioned", "load_square"]

@@ -83,8 +83,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    header, tensors = read_safetensors(path)
-    meta = header.get("__metadata__") or {}
+    meta, tensors = read_safetensors(path)
     if "pase_step" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a pase training checkpoint (no step in its "
                               "metadata); pass it as --init to start from its weights instead")

@@ -9,6 +9,7 @@ for TuneQDM (scales only), ``OUT/range-R/weights.safetensors`` for DeMe, ``OUT/c
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pase.errors import PaseError
+from pase.models import folders
 from pase.models.folders import looks_like_folder
 from pase.models.zoo import ModelSpec, resolve_model
 from pase.runtime.state import full_state_dict
@@ -27,11 +29,23 @@ from pase.train.data import LoaderFactory, load_images, split_held_out, step_bat
 from pase.train.deme import denoising_score, save_range_weights
 from pase.train.deme import train_ranges as train_deme_ranges
 from pase.train.distributed import DistEnv
-from pase.train.loop import DataGroup, LoopConfig, Parallelize, TrainResult, default_parallelize, epsilon_objective, fit
+from pase.train.loop import (
+    AfterStep,
+    DataGroup,
+    LoopConfig,
+    Parallelize,
+    TrainResult,
+    default_parallelize,
+    epsilon_objective,
+    fit,
+)
 from pase.train.memory import PeakMemory
+from pase.train.out_folder import owned_out
 from pase.train.planned import PlannedRun, autocast_for, check_plan, load_plan
+from pase.train.run_log import RunLog
 from pase.train.text_jobs import export_model, is_text_conditioned, text_training
-from pase.train.text_to_image import LatentLoss
+from pase.train.text_to_image import LatentLoss, check_pipeline
+from pase.train.validation import Validation
 from pase.weights import load_weights_into, save_weights
 from strategies import deme, tuneqdm
 
@@ -66,6 +80,13 @@ class JobOptions:
     snr_gamma: float | None = None  # text-to-image: min-SNR loss weighting
     noise_offset: float = 0.0  # text-to-image: per-channel noise offset
     workers: int = 2  # DataLoader workers reading captioned images or a cache
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    grad_accum: int = 1  # micro-steps of --batch per optimizer step
+    validation_prompts: list[str] = field(default_factory=list)  # text-to-image: images of these, under OUT/validation
+    validation_every: int = 0  # steps between validations (0: after the last step only)
+    report_to: str = "none"  # "tensorboard": scalars and validation images under OUT/tensorboard
+    overwrite: bool = False  # replace an earlier run in --out (else it needs --resume)
 
 
 @dataclass
@@ -91,7 +112,8 @@ def _loop_config(options: JobOptions, description: str, autocast: str | None = N
                       checkpoint_dir=options.out / "checkpoints" if options.out else None,
                       checkpoint_every=options.checkpoint_every, keep_checkpoints=options.keep_checkpoints,
                       resume=options.resume, progress=options.progress,
-                      description=description, autocast=autocast)
+                      description=description, autocast=autocast, lr_scheduler=options.lr_scheduler,
+                      lr_warmup_steps=options.lr_warmup_steps, grad_accum=options.grad_accum)
 
 
 def _data(options: JobOptions, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -102,8 +124,8 @@ def _data(options: JobOptions, spec: ModelSpec) -> tuple[torch.Tensor, torch.Ten
     conditioning = [i.name for i in spec.inputs[2:]]
     if conditioning:
         raise PaseError(f"model {spec.name!r} is conditioned on {', '.join(conditioning)}: pase train and finetune "
-                        "train unconditional UNets from images so far (no captions, text encoder or latents yet); "
-                        "`pase plan` and `pase verify` (synthetic conditioning) take it")
+                        "train unconditional UNets on images, and the UNets of text-to-image pipeline folders on "
+                        "captioned images; `pase plan` and `pase verify` (synthetic conditioning) take it")
     size = options.image_size or int(sample.shape[-1])
     levels = len(spec.config.get("block_out_channels") or ()) or 1
     if size % 2 ** (levels - 1):
@@ -148,7 +170,8 @@ def warm_imports(spec: ModelSpec, text: bool = False) -> None:
 
 def _job_identity(options: JobOptions, strategy: str, **extra: Any) -> dict[str, Any]:
     return {"model": options.model, "strategy": strategy, "data": options.data, "image_size": options.image_size,
-            "batch": options.batch, "seed": options.seed, "init": str(options.init) if options.init else None,
+            "batch": options.batch, **({"grad_accum": options.grad_accum} if options.grad_accum > 1 else {}),
+            "seed": options.seed, "init": str(options.init) if options.init else None,
             "init_seed": options.init_seed, "ema": options.ema, **extra}
 
 
@@ -170,7 +193,12 @@ def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str,
     the loop's parallelize under it, and the autocast dtype."""
     if options.plan is None:
         return None, parallelize, autocast_for(options.precision, env.device, None)
-    planned = check_plan(load_plan(options.plan), env, spec, strategy)
+    plan = load_plan(options.plan)
+    if plan.stages and options.grad_accum > 1:
+        raise PaseError(f"--grad-accum does not combine with the pipeline plan {options.plan}, whose schedule already "
+                        f"accumulates over its {plan.microbatches} microbatches; plan the larger batch instead "
+                        "(pase plan --batch)")
+    planned = check_plan(plan, env, spec, strategy)
     planned.image_size = options.image_size
     return planned, planned.parallelize(), autocast_for(options.precision, env.device, planned.plan)
 
@@ -208,8 +236,10 @@ def _save_full(out: Path | None, model: nn.Module, result: TrainResult, metadata
 def _report(options: JobOptions, env: DistEnv, result: TrainResult, memory: PeakMemory, peak: int, strategy: str,
             trainable: int, total: int, grad_and_optimizer: int, outputs: list[str], **extra: Any) -> dict[str, Any]:
     head = {"model": options.model, "data": options.data, "steps": result.steps, "steps_run": result.steps_run,
-            "batch": options.batch, "world_size": env.world, "device": str(env.device),
+            "batch": options.batch, "grad_accum": options.grad_accum, "world_size": env.world,
+            "device": str(env.device),
             "step_seconds": result.step_seconds,
+            "last_learning_rate": result.learning_rates[-1] if result.learning_rates else None,
             "samples_per_second": result.samples_per_second,
             "initial_loss": sum(result.losses[:10]) / len(result.losses[:10]) if result.losses else None,
             "memory_method": memory.method, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
@@ -226,8 +256,14 @@ def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = d
     images, or for a text-to-image pipeline folder the latent loss on captioned images or a cache."""
     spec = resolve_model(options.model)
     planned, parallelize, autocast = _planned(options, env, spec, "train", parallelize)
-    return _fit_whole_model(options, env, spec, planned, parallelize, loader, autocast, "train",
-                            f"train {_short(options.model)}")
+    with _owned(options, env):  # after the checks: a refused run leaves no --out behind
+        return _fit_whole_model(options, env, spec, planned, parallelize, loader, autocast, "train",
+                                f"train {_short(options.model)}")
+
+
+def _owned(options: JobOptions, env: DistEnv) -> contextlib.AbstractContextManager[None]:
+    """This job's hold on --out for its whole run (pase.train.out_folder)."""
+    return owned_out(options.out, options.resume, options.overwrite, env.is_main, distributed=bool(env.backend))
 
 
 def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned: PlannedRun | None,
@@ -238,6 +274,12 @@ def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned
     if text and planned is not None and planned.plan.stages:
         raise PaseError("pipeline plans run unconditional models only so far; plan the text-to-image UNet without "
                         "stages (pase plan --only dp, --only tensor or the default search)")
+    if options.validation_prompts and not text:
+        raise PaseError("--validation-prompt makes images with a text-to-image pipeline; give a pipeline folder as "
+                        "--model, or leave --validation-prompt out")
+    if options.validation_every and not options.validation_prompts:
+        raise PaseError("--validation-every needs at least one --validation-prompt")
+    run_log = RunLog(options.out, options.report_to, active=env.is_main)
     dataset: Any = None if text else _data(options, spec)[0]
     warm_imports(spec, text)
     memory = PeakMemory(env.device).start()  # the frozen encoders are part of what the job holds
@@ -249,12 +291,27 @@ def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned
                             torch.bfloat16 if autocast == "bf16" else torch.float32, options.workers)
         dataset, loader, objective = job.dataset, job.loader, job.objective
         identity.update(job.identity)
+    hooks: list[AfterStep] = [run_log]
+    validation = None
+    if options.validation_prompts:
+        unet, pipeline = folders.unet_folder(spec.name)
+        validation = Validation(unet, check_pipeline(pipeline, spec.name), options.validation_prompts,
+                                options.validation_every, options.steps, job.resolution, options.out, run_log,
+                                env.device, options.seed, env.is_main, distributed=bool(env.backend))
+        hooks.append(validation)
     model = pretrained_builder(spec, options.init, options.init_seed, env.device)()
     total = sum(p.numel() for p in model.parameters())
-    result = fit(model, objective, dataset, _loop_config(options, description, autocast),
-                 group=_world_group(env), parallelize=parallelize, loader=loader, job=identity)
+    try:
+        result = fit(model, objective, dataset, _loop_config(options, description, autocast),
+                     group=_world_group(env), parallelize=parallelize, loader=loader, job=identity, after_step=hooks)
+    finally:
+        run_log.close()
     peak = _max_over_ranks(memory.stop(), env)
     outputs = _save_full(options.out, model, result, {"pase_model": options.model}, env, spec)
+    if run_log.path is not None and run_log.path.is_file():
+        outputs.append(str(run_log.path))
+    if validation is not None:
+        outputs += [str(path) for path in validation.saved]
     return _report(options, env, result, memory, peak, strategy, result.trainable_params, total,
                    result.grad_and_optimizer_bytes, outputs, **_plan_report(planned))
 
@@ -271,6 +328,13 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
         raise PaseError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     spec = resolve_model(options.model)
     planned, planned_parallelize, autocast = _planned(options, env, spec, options.strategy, parallelize)
+    with _owned(options, env):  # after the checks: a refused run leaves no --out behind
+        return _finetune(options, env, spec, planned, planned_parallelize, parallelize, loader, autocast)
+
+
+def _finetune(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, planned: PlannedRun | None,
+              planned_parallelize: Parallelize, parallelize: Parallelize, loader: LoaderFactory,
+              autocast: str | None) -> dict[str, Any]:
     if options.strategy == "full":
         return _fit_whole_model(options, env, spec, planned, planned_parallelize, loader, autocast, "full",
                                 f"fine-tune {_short(options.model)} (full)")

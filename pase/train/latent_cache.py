@@ -1,10 +1,10 @@
 """``pase cache``: the latents and text embeddings of captioned images, computed once into safetensors shards.
 
 Large text-to-image runs encode their data once and train from the cache, without loading the VAE or the
-text encoder. A cache folder holds ``shard-NNNNN.safetensors`` files (``latent_mean``, ``latent_std`` and
-``encoder_hidden_states``, one row per image, in the data's file order) and ``cache.json`` (written last:
-a folder without it is an unfinished cache), which records the pipeline, resolution and shapes so that
-training checks the cache against the model before its first step.
+text encoders. A cache folder holds ``shard-NNNNN.safetensors`` files (``latent_mean``, ``latent_std`` and
+``encoder_hidden_states``, for SDXL also ``text_embeds`` and ``time_ids``; one row per image, in the data's
+file order) and ``cache.json`` (written last: a folder without it is an unfinished cache), which records the
+pipeline, resolution and shapes so that training checks the cache against the model before its first step.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from pase.train.text_to_image import FrozenEncoders, Tokenize
 
 MANIFEST = "cache.json"
 VERSION = 1
-TENSORS = ("latent_mean", "latent_std", "encoder_hidden_states")
+TENSORS = ("latent_mean", "latent_std", "encoder_hidden_states")  # every cache
+XL_TENSORS = ("text_embeds", "time_ids")  # an SDXL pipeline's caches too
 
 
 def is_cache(folder: str | Path) -> bool:
@@ -46,7 +47,8 @@ def write_cache(pipeline: Path, data: Path, out: Path, resolution: int, device: 
     loader = DataLoader(CaptionedImages(items, resolution, tokenize), batch_size=batch, shuffle=False,
                         num_workers=workers)
     shards: list[dict[str, Any]] = []
-    pending: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
+    names = TENSORS + (XL_TENSORS if encoders.xl else ())
+    pending: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     done = 0
 
     def flush() -> None:
@@ -60,8 +62,8 @@ def write_cache(pipeline: Path, data: Path, out: Path, resolution: int, device: 
             parts.clear()
 
     for batch_inputs in loader:
-        encoded = encoders(batch_inputs["pixel_values"], batch_inputs["input_ids"])
-        for name in TENSORS:
+        encoded = encoders(batch_inputs)
+        for name in names:
             pending[name].append(encoded[name].cpu())
         done += len(batch_inputs["input_ids"])
         if sum(len(t) for t in pending["latent_mean"]) >= shard_items:
@@ -79,7 +81,8 @@ def write_cache(pipeline: Path, data: Path, out: Path, resolution: int, device: 
 
 def load_shard_shapes(path: Path) -> dict[str, list[int]]:
     with safe_open(str(path), framework="pt") as handle:
-        return {name: list(handle.get_slice(name).get_shape()[1:]) for name in TENSORS}
+        names = handle.keys()  # a safetensors handle is not iterable
+        return {name: list(handle.get_slice(name).get_shape()[1:]) for name in names}
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -98,9 +101,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int) and
             s["count"] > 0 and "/" not in s["file"] and (folder / s["file"]).is_file() for s in shards):
         raise DataError(f"{path}: its shards are missing or malformed; write the cache again with pase cache")
-    if not isinstance(shapes, dict) or set(shapes) != set(TENSORS) or not all(
+    if not isinstance(shapes, dict) or set(shapes) not in (set(TENSORS), set(TENSORS + XL_TENSORS)) or not all(
             isinstance(v, list) and all(isinstance(d, int) and d > 0 for d in v) for v in shapes.values()):
-        raise DataError(f"{path}: 'shapes' must give {', '.join(TENSORS)}; write the cache again with pase cache")
+        raise DataError(f"{path}: 'shapes' must give {', '.join(TENSORS)} (and {', '.join(XL_TENSORS)} for SDXL); "
+                        "write the cache again with pase cache")
     return manifest
 
 
@@ -131,7 +135,7 @@ class LatentCache(Dataset):
                 raise DataError(f"cannot read cache shard {self.folder / self.files[shard]}: {exc}; write the cache "
                                 "again with pase cache") from None
         handle, row = self._handles[shard], index - self.starts[shard]
-        return {name: handle.get_slice(name)[row:row + 1][0] for name in TENSORS}
+        return {name: handle.get_slice(name)[row:row + 1][0] for name in self.manifest["shapes"]}
 
     def __getstate__(self) -> dict[str, Any]:  # workers reopen the shards themselves
         return {**self.__dict__, "_handles": {}}

@@ -7,15 +7,17 @@ runtime reuse the loop unchanged:
 - ``parallelize(model, group) -> model``: how the model is wrapped for its group (DDP by default);
 - the loader factory: which batch each rank gets at each step (``data.step_batches`` by default);
 - the optimizer's parameter groups (TuneQDM keeps one per timestep expert).
-All randomness of a step (noise, timesteps) comes from a generator seeded by (seed, step, rank),
-and batches are a function of the step, so a run resumed from a checkpoint continues exactly.
+All randomness of a step (noise, timesteps) comes from a generator seeded by (seed, micro-step, rank)
+or, for streamed data, one per sample seeded by (seed, epoch, item), and batches are a function of the
+micro-step, so a run resumed from a checkpoint continues exactly. ``grad_accum`` micro-steps make a step.
 """
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pase.errors import PaseError
+from pase.runtime.accumulation import gradient_sync_paused
 from pase.runtime.state import ShardMap
 from pase.train.checkpoint import (
     Checkpoint,
@@ -41,7 +44,10 @@ from pase.train.checkpoint import (
 )
 from pase.train.data import LoaderFactory, step_batches
 
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 Objective = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]  # (model, batch, generator) -> loss
+# called on every rank after each optimizer step (and its checkpoint): (step, that step's record, the model)
+AfterStep = Callable[[int, dict[str, float], nn.Module], None]
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,9 @@ class LoopConfig:
     progress: bool = True
     description: str = "train"
     autocast: str | None = None  # "bf16": bf16 autocast of the forward (CUDA only; CPU runs fp32)
+    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler's names
+    lr_warmup_steps: int = 0
+    grad_accum: int = 1  # micro-steps of ``batch`` per optimizer step
 
     def validate(self, group_size: int) -> None:
         if self.steps < 1:
@@ -88,6 +97,12 @@ class LoopConfig:
             raise PaseError(f"--ema {self.ema_decay} is not a decay in (0, 1); use e.g. 0.999")
         if self.resume and self.checkpoint_dir is None:
             raise PaseError("--resume needs --out, the folder whose checkpoints it continues from")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise PaseError(f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+        if not 1 <= self.grad_accum <= 2**16:
+            raise PaseError(f"--grad-accum {self.grad_accum}: use 1 (no accumulation) to 65536 micro-steps per step")
+        if not 0 <= self.lr_warmup_steps <= self.steps:
+            raise PaseError(f"--lr-warmup-steps {self.lr_warmup_steps}: use 0 to --steps ({self.steps})")
 
 
 @dataclass
@@ -96,6 +111,7 @@ class TrainResult:
     steps_run: int  # steps run by this call
     final_loss: float  # mean loss of the last (up to) 10 steps, averaged over the group's ranks
     losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)  # the rate each step of this call ran at
     step_seconds: float = 0.0  # median wall time of one step (the first step, warm-up, left out)
     samples_per_second: float = 0.0
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -212,11 +228,13 @@ def fit(
     loader: LoaderFactory = step_batches,
     param_groups: list[dict[str, Any]] | None = None,
     job: dict[str, Any] | None = None,
+    after_step: Sequence[AfterStep] = (),
 ) -> TrainResult:
     """Train ``model``'s trainable parameters for ``config.steps`` steps (fewer after ``--resume``).
 
     ``job`` identifies the job (model, strategy, ...); it is stored in every checkpoint and a
     resumed run must match it. Checkpoints hold only the trainable parameters (see checkpoint.py).
+    ``after_step`` hooks (a run log, validation images) see each step's loss, learning rate and speed.
     """
     group = group or DataGroup.single()
     config.validate(group.size)
@@ -240,28 +258,38 @@ def fit(
     ema = EMA(shards.named, config.ema_decay) if config.ema_decay else None
     if checkpoint is not None:
         _restore_state(checkpoint, shards, optimizer, ema)
+    schedule = _lr_schedule(optimizer, config, start)
     optimizer.zero_grad(set_to_none=True)
     runner = getattr(wrapped, "pase_step", None)  # a pipeline runs forward and backward in its schedule
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if config.autocast == "bf16" and \
         group.device.type == "cuda" else nullcontext()
     # a pipeline replica's ranks all see its whole batch: they are one data-parallel rank
     data_rank, data_size = getattr(wrapped, "pase_data_parallel", (group.rank, group.size))
-    batches = loader(dataset, config.batch // data_size, data_rank, data_size, config.seed, start)
+    accum = config.grad_accum
+    if runner is not None and accum > 1:
+        raise PaseError("--grad-accum does not combine with a pipeline plan, whose schedule already accumulates over "
+                        "its microbatches; plan the larger batch instead (pase plan --batch)")
+    # the loader counts micro-steps: micro-step k of step s reads what step s*K+k of batch B reads, so K micro-steps
+    # of B see the rows one step of K*B sees
+    batches = loader(dataset, config.batch // data_size, data_rank, data_size, config.seed, start * accum)
     losses: list[float] = []
+    rates: list[float] = []
     seconds: list[float] = []
     progress = _Progress(config, start, group.reporter)
     try:
         for step in range(start, config.steps):
             began = time.perf_counter()
-            x0 = on_device(next(batches), group.device)
-            generator = step_generator(config.seed, step, data_rank)
-            with amp:
-                loss = runner(objective, x0, generator) if runner else objective(wrapped, x0, generator)
-            if runner is None:
-                loss.backward()
+            if runner is not None:  # a pipeline schedule: forward and backward of all its microbatches
+                x0 = on_device(next(batches), group.device)
+                with amp:
+                    loss = runner(objective, x0, step_generator(config.seed, step, data_rank))
+            else:
+                loss = _accumulate(wrapped, objective, batches, config, step, data_rank, amp, group.device)
             if config.grad_clip:
                 shards.clip_grad_norm_(config.grad_clip)
+            rates.append(float(optimizer.param_groups[0]["lr"]))
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
             if ema is not None:
                 ema.update()
@@ -273,10 +301,14 @@ def fit(
             if group.device.type == "cuda":
                 torch.cuda.synchronize(group.device)
             seconds.append(time.perf_counter() - began)
-            progress.advance(step + 1, losses[-1], config.batch / seconds[-1])
+            progress.advance(step + 1, losses[-1], config.batch * accum / seconds[-1])
             due = step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
             if config.checkpoint_dir is not None and due and (group.rank == 0 or shards.sharded):
                 _save(config, step + 1, shards, optimizer, ema, job, (previous + losses)[-10:], group.rank == 0)
+            record = {"loss": losses[-1], "learning_rate": rates[-1],
+                      "samples_per_second": config.batch * accum / seconds[-1], "seconds": seconds[-1]}
+            for hook in after_step:
+                hook(step + 1, record, model)
     finally:
         progress.close()
     ema_state = {k: v.clone() for k, v in shards.full_named(ema.shadow).items()} if ema else {}
@@ -286,8 +318,9 @@ def fit(
     tail = (previous + losses)[-10:]  # the last 10 steps, across a resume
     optimizer_bytes = sum(_local(v).numel() * v.element_size() for state in optimizer.state.values()
                           for v in state.values() if isinstance(v, torch.Tensor))
+    samples = config.batch * accum  # per optimizer step
     return TrainResult(max(start, config.steps), len(losses), sum(tail) / len(tail) if tail else float("nan"), losses,
-                       median, config.batch / median if median else 0.0, ema_state, resumed_from, trainable,
+                       rates, median, samples / median if median else 0.0, ema_state, resumed_from, trainable,
                        sum(_local(p).numel() * p.element_size() for _, p in shards.named), optimizer_bytes)
 
 
@@ -296,6 +329,42 @@ def on_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {key: on_device(value, device) for key, value in batch.items()}
     return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def _accumulate(wrapped: nn.Module, objective: Objective, batches: Iterator[Any], config: LoopConfig, step: int,
+                data_rank: int, amp: Any, device: torch.device) -> torch.Tensor:
+    """One optimizer step's forward and backward passes: ``config.grad_accum`` micro-steps whose gradients add up
+    (each loss divided by their count, so the sum is the gradient of the mean over all their samples); the
+    data-parallel reduction runs in the last micro-step's backward only (``gradient_sync_paused``). Returns the
+    mean loss."""
+    accum = config.grad_accum
+    total = torch.zeros((), device=device)
+    for micro in range(accum):
+        x0 = on_device(next(batches), device)
+        generator = step_generator(config.seed, step * accum + micro, data_rank)
+        with gradient_sync_paused(wrapped) if micro < accum - 1 else nullcontext():
+            with amp:
+                loss = objective(wrapped, x0, generator)
+            (loss / accum if accum > 1 else loss).backward()
+        total += loss.detach()
+    return total / accum
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, config: LoopConfig, start: int) -> Any:
+    """diffusers' learning-rate schedule over ``config.steps`` steps (warm-up first), advanced to ``start``: a
+    resumed run continues the curve (the schedule is a function of the step, so it needs no saved state)."""
+    from diffusers.optimization import get_scheduler  # noqa: PLC0415
+
+    for group in optimizer.param_groups:  # the curve starts from --lr, not from a checkpoint's last rate
+        group.pop("initial_lr", None)
+        group["lr"] = config.lr
+    schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                             num_training_steps=config.steps)
+    with warnings.catch_warnings():  # stepping before any optimizer step is what a resume means here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            schedule.step()
+    return schedule
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

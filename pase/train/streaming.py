@@ -20,26 +20,36 @@ from pase.train.data import DataError, LoaderFactory
 Transform = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 
 
+def _sampler(dataset: Dataset, dp_rank: int, dp_size: int, seed: int) -> DistributedSampler:
+    return DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank, shuffle=True, seed=seed, drop_last=True)
+
+
+def steps_per_epoch(dataset: Dataset, batch_per_rank: int, dp_size: int) -> int:
+    steps = len(_sampler(dataset, 0, dp_size, 0)) // batch_per_rank
+    if steps == 0:
+        raise DataError(f"the data has {len(dataset)} items, fewer than one global batch of "  # type: ignore[arg-type]
+                        f"{batch_per_rank * dp_size}; use a smaller --batch or more data")
+    return steps
+
+
 def batch_indices(dataset: Dataset, batch_per_rank: int, dp_rank: int, dp_size: int, seed: int,
                   start_step: int) -> Iterator[list[int]]:
     """This rank's indices for steps ``start_step, start_step + 1, ...`` (endless; epochs advance)."""
-    sampler = DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank, shuffle=True, seed=seed, drop_last=True)
-    steps_per_epoch = len(sampler) // batch_per_rank
-    if steps_per_epoch == 0:
-        raise DataError(f"the data has {len(dataset)} items, fewer than one global batch of "  # type: ignore[arg-type]
-                        f"{batch_per_rank * dp_size}; use a smaller --batch or more data")
-    epoch, skip = divmod(start_step, steps_per_epoch)
+    sampler = _sampler(dataset, dp_rank, dp_size, seed)
+    epoch_steps = steps_per_epoch(dataset, batch_per_rank, dp_size)
+    epoch, skip = divmod(start_step, epoch_steps)
     while True:
         sampler.set_epoch(epoch)
         order = list(sampler)
-        for step in range(skip, steps_per_epoch):
+        for step in range(skip, epoch_steps):
             yield order[step * batch_per_rank:(step + 1) * batch_per_rank]
         epoch, skip = epoch + 1, 0
 
 
-def row_seed(seed: int, step: int, item: int) -> int:
-    """The seed of one sample's random draws at one step: a function of the run, the step and the item only."""
-    return ((seed * 1_000_003 + step) * 1_000_033 + item) % 2**63
+def row_seed(seed: int, epoch: int, item: int) -> int:
+    """The seed of one sample's random draws: a function of the run, the epoch and the item only (an item comes
+    once per epoch), so the draws do not depend on how the epoch is cut into batches or micro-batches."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + item) % 2**63
 
 
 class _Indexed(Dataset):
@@ -61,14 +71,16 @@ def streamed(transform: Transform | None = None, workers: int = 2) -> LoaderFact
     def factory(dataset: Any, batch_per_rank: int, dp_rank: int, dp_size: int, seed: int,
                 start_step: int) -> Iterator[Any]:
         schedule = batch_indices(dataset, batch_per_rank, dp_rank, dp_size, seed, start_step)
+        epoch_steps = steps_per_epoch(dataset, batch_per_rank, dp_size)
         loader = DataLoader(_Indexed(dataset), batch_sampler=schedule, num_workers=workers,  # type: ignore[arg-type]
                             persistent_workers=False, prefetch_factor=2 if workers else None)
         for step, batch in enumerate(loader, start=start_step):
             items = batch.pop("index")
             out = transform(batch) if transform is not None else batch
-            yield {**out, "seeds": torch.tensor([row_seed(seed, step, int(i)) for i in items], dtype=torch.int64)}
+            epoch = step // epoch_steps
+            yield {**out, "seeds": torch.tensor([row_seed(seed, epoch, int(i)) for i in items], dtype=torch.int64)}
 
     return factory
 
 
-__all__ = ["batch_indices", "row_seed", "streamed"]
+__all__ = ["batch_indices", "row_seed", "steps_per_epoch", "streamed"]

@@ -31,8 +31,10 @@ from pase.train.streaming import streamed
 from pase.train.text_to_image import (
     FrozenEncoders,
     LatentLoss,
+    TextToImageError,
     Tokenize,
     check_pipeline,
+    is_sdxl,
     latent_objective,
     noise_scheduler,
     vae_scale_factor,
@@ -68,6 +70,11 @@ def text_training(spec: ModelSpec, data: str, image_size: int | None, loss: Late
                   dtype: torch.dtype = torch.float32, workers: int = 2) -> TextTraining:
     """The streamed data, loader and objective of a text-to-image job; every check before any weights load."""
     pipeline = check_pipeline(pipeline_of(spec), spec.name)
+    takes_pooled = any(spec_input.name == "text_embeds" for spec_input in spec.inputs)
+    if takes_pooled != is_sdxl(pipeline):
+        takes, has = ("takes", "one text encoder") if takes_pooled else ("does not take", "two text encoders")
+        raise TextToImageError(f"{spec.name}: its UNet {takes} SDXL's pooled text embeddings and time ids, but the "
+                               f"pipeline has {has}; use the pipeline folder the UNet belongs to")
     scheduler = noise_scheduler(pipeline)
     loss = LatentLoss(loss.prediction_type or scheduler.config.prediction_type, loss.snr_gamma, loss.noise_offset)
     loss.validate()
@@ -84,6 +91,11 @@ def text_training(spec: ModelSpec, data: str, image_size: int | None, loss: Late
             raise DataError(f"the cache {data} holds latents of {resolution}-pixel images, not --image-size "
                             f"{image_size}; write a cache at that size or leave --image-size out")
         latent = cache.shape("latent_mean")
+        xl = takes_pooled
+        if xl != ("text_embeds" in cache.manifest["shapes"]):
+            raise DataError(f"the cache {data} was written {'with' if not xl else 'without'} SDXL's pooled text "
+                            f"embeddings and time ids, which {spec.name} {'takes' if xl else 'does not take'}; cache "
+                            "the data with this model's pipeline")
         if latent[0] != latent_channels or latent[1] % 2 ** (levels - 1) or cache.shape("encoder_hidden_states")[
                 -1] != int(context[-1]):
             raise DataError(f"the cache {data} (latents {latent}, text embeddings "
@@ -97,10 +109,7 @@ def text_training(spec: ModelSpec, data: str, image_size: int | None, loss: Late
     tokenize = Tokenize(pipeline)
     encoders = FrozenEncoders(pipeline, device, dtype)
 
-    def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return encoders(batch["pixel_values"], batch["input_ids"])
-
-    return TextTraining(CaptionedImages(items, resolution, tokenize), streamed(encode, workers),
+    return TextTraining(CaptionedImages(items, resolution, tokenize), streamed(encoders, workers),
                         latent_objective(scheduler, loss), resolution, "images", {**identity, "resolution": resolution})
 
 

@@ -1,4 +1,5 @@
-"""Text-conditioned latent training, as diffusers' ``train_text_to_image.py`` does it, for SD-1.x/2.x pipelines.
+"""Text-conditioned latent training, as diffusers' ``train_text_to_image.py`` and ``train_text_to_image_sdxl.py`` do
+it, for SD-1.x/2.x and SDXL pipelines.
 
 A pipeline folder's frozen parts (``tokenizer/``, ``text_encoder/``, ``vae/``, ``scheduler/``) turn captioned
 images into the UNet's training inputs: the VAE's latent distribution (mean and standard deviation, scaled by
@@ -30,6 +31,7 @@ from pase.train.loop import Objective, model_output
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+SDXL_INPUTS = ("text_embeds", "time_ids")  # the UNet's added_cond_kwargs
 
 
 class TextToImageError(PaseError):
@@ -37,19 +39,24 @@ class TextToImageError(PaseError):
 
 
 def check_pipeline(pipeline: Path | None, model: str) -> Path:
-    """The pipeline folder around a text-conditioned UNet, with every part training needs."""
+    """The pipeline folder around a text-conditioned UNet, with every part training needs (SDXL's second
+    tokenizer and text encoder too)."""
     if pipeline is None:
         raise TextToImageError(f"{model} is a text-conditioned UNet without its pipeline: training it needs the "
                                "tokenizer, text encoder, VAE and scheduler, so give the pipeline folder (with "
                                "model_index.json) as --model")
-    if any((pipeline / part).is_dir() for part in SDXL_PARTS):
-        raise TextToImageError(f"{pipeline} is an SDXL pipeline (two text encoders); pase trains SD-1.x/2.x "
-                               "pipelines (one CLIP text encoder) so far")
-    missing = [part for part in PIPELINE_PARTS if not (pipeline / part).is_dir()]
+    wanted = PIPELINE_PARTS + (SDXL_PARTS if any((pipeline / part).is_dir() for part in SDXL_PARTS) else ())
+    missing = [part for part in wanted if not (pipeline / part).is_dir()]
     if missing:
         raise TextToImageError(f"{pipeline} has no {', '.join(missing)} folder(s); a text-to-image pipeline folder "
-                               f"as save_pretrained writes it has {', '.join(PIPELINE_PARTS)} and unet")
+                               f"as save_pretrained writes it has {', '.join(wanted)} and unet")
     return pipeline
+
+
+def is_sdxl(pipeline: Path) -> bool:
+    """Two text encoders (SDXL): the UNet takes both encoders' hidden states, the pooled text embedding and the
+    size and crop ids."""
+    return (pipeline / SDXL_PARTS[0]).is_dir()
 
 
 def vae_scale_factor(pipeline: Path) -> int:
@@ -71,35 +78,44 @@ def noise_scheduler(pipeline: Path) -> Any:
 
 
 class Tokenize:
-    """Captions -> token ids padded to the tokenizer's length (picklable: DataLoader workers run it)."""
+    """Captions -> token ids padded to each tokenizer's length: ``{"input_ids"}``, and ``"input_ids_2"`` for SDXL's
+    second tokenizer (picklable: DataLoader workers run it)."""
     def __init__(self, pipeline: Path) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is loaded
         from transformers import AutoTokenizer  # noqa: PLC0415 - transformers takes seconds to import
 
+        names = ("tokenizer", "tokenizer_2") if is_sdxl(pipeline) else ("tokenizer",)
         with quiet_loading():
-            self.tokenizer = AutoTokenizer.from_pretrained(pipeline / "tokenizer", local_files_only=True)
+            self.tokenizers = [AutoTokenizer.from_pretrained(pipeline / name, local_files_only=True) for name in names]
 
     @property
     def length(self) -> int:
-        return int(self.tokenizer.model_max_length)
+        return int(self.tokenizers[0].model_max_length)
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(captions, padding="max_length", max_length=self.length, truncation=True,
-                              return_tensors="pt").input_ids
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids" + (f"_{i + 1}" if i else ""): tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt").input_ids for i, tokenizer in enumerate(self.tokenizers)}
 
 
 class FrozenEncoders(nn.Module):
-    """The pipeline's VAE encoder and text encoder, frozen: (pixels, token ids) -> the UNet's conditioning and
-    the latent distribution, scaled."""
+    """The pipeline's VAE encoder and text encoder(s), frozen: a batch of pixels and token ids -> the latent
+    distribution (scaled) and the UNet's conditioning, as the pipeline's own ``encode_prompt`` computes it:
+    SD-1.x/2.x the text encoder's last hidden state; SDXL both encoders' penultimate hidden states side by side,
+    the second's pooled projection (``text_embeds``) and ``time_ids`` (original size, crop top-left, target
+    size)."""
     def __init__(self, pipeline: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         from diffusers import AutoencoderKL  # noqa: PLC0415
-        from transformers import CLIPTextModel  # noqa: PLC0415
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: PLC0415
 
+        self.xl = is_sdxl(pipeline)
         with quiet_loading():
             self.vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae", local_files_only=True,
                                                      low_cpu_mem_usage=LOW_MEMORY_LOAD)
             self.text_encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder", local_files_only=True)
+            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                pipeline / "text_encoder_2", local_files_only=True) if self.xl else None
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.requires_grad_(False)
         self.eval()
@@ -107,12 +123,23 @@ class FrozenEncoders(nn.Module):
         self.device, self.dtype = device, dtype
 
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        dist = self.vae.encode(pixel_values.to(self.device, self.dtype)).latent_dist
-        text = self.text_encoder(input_ids.to(self.device))[0]
-        return {"latent_mean": (dist.mean * self.scaling_factor).float(),
-                "latent_std": (dist.std * self.scaling_factor).float(),
-                "encoder_hidden_states": text.float()}
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pixels = batch["pixel_values"].to(self.device, self.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        out = {"latent_mean": (dist.mean * self.scaling_factor).float(),
+               "latent_std": (dist.std * self.scaling_factor).float()}
+        ids = batch["input_ids"].to(self.device)
+        if self.text_encoder_2 is None:
+            out["encoder_hidden_states"] = self.text_encoder(ids)[0].float()
+            return out
+        first = self.text_encoder(ids, output_hidden_states=True)
+        second = self.text_encoder_2(batch["input_ids_2"].to(self.device), output_hidden_states=True)
+        out["encoder_hidden_states"] = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()
+        out["text_embeds"] = second.text_embeds.float()
+        target = torch.full_like(batch["original_size"], pixels.shape[-1])
+        out["time_ids"] = torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float().to(
+            self.device)
+        return out
 
 
 @dataclass(frozen=True)
@@ -169,7 +196,8 @@ def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
             noise = noise + loss.noise_offset * offset.to(mean)
         noisy = scheduler.add_noise(latents, noise, t)
         target = noise if loss.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-        prediction = model_output(model(noisy, t, encoder_hidden_states=batch["encoder_hidden_states"]))
+        added = {"added_cond_kwargs": {key: batch[key] for key in SDXL_INPUTS}} if "text_embeds" in batch else {}
+        prediction = model_output(model(noisy, t, encoder_hidden_states=batch["encoder_hidden_states"], **added))
         if loss.snr_gamma is None:
             return F.mse_loss(prediction.float(), target.float())
         snr = compute_snr(scheduler, t)
@@ -192,5 +220,6 @@ def _row_draws(generator: torch.Generator, shape: tuple[int, ...], offset_shape:
     return eps, noise, t, offset
 
 
-__all__ = ["FrozenEncoders", "LatentLoss", "PREDICTION_TYPES", "TextToImageError", "Tokenize", "check_pipeline",
+__all__ = ["FrozenEncoders", "LatentLoss", "PREDICTION_TYPES", "SDXL_INPUTS", "TextToImageError", "Tokenize",
+           "check_pipeline", "is_sdxl",
            "latent_objective", "noise_scheduler", "vae_scale_factor"]
