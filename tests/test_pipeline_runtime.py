@@ -19,11 +19,18 @@ from pase.runtime.pipeline import pipeline_mesh
 TOLERANCE = 1e-5
 SPLIT = "up_blocks.0.attentions.0"  # where `pase plan --only pipeline` splits unet-tiny for 2 devices
 CASES = [f"pipeline:gpipe:{SPLIT}", f"pipeline:1f1b:{SPLIT}", f"pipeline:1f1b:{SPLIT}:checkpoint"]
+DEFAULT_CASES = CASES[1:]  # 1F1B, with and without checkpointing; GPipe runs with the slow tests
 
 
-@pytest.fixture(scope="module")
-def results() -> dict:
-    return runtime_cases.run_ranks(CASES, world=2, timeout_s=280)
+_LAUNCHES: dict[tuple[str, ...], dict] = {}
+
+
+def _results(case: str) -> dict:
+    """The default cases share one launch; the slow one runs alone, only when the slow tests run."""
+    cases = tuple(DEFAULT_CASES) if case in DEFAULT_CASES else (case,)
+    if cases not in _LAUNCHES:
+        _LAUNCHES[cases] = runtime_cases.run_ranks(list(cases), world=2, timeout_s=280)
+    return _LAUNCHES[cases]
 
 
 def _assert_matches(per_rank: list[dict]) -> None:
@@ -36,8 +43,9 @@ def _assert_matches(per_rank: list[dict]) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", CASES)
-def test_two_stage_pipeline_matches_single_process(results, case: str) -> None:
+@pytest.mark.parametrize("case", [pytest.param(CASES[0], marks=pytest.mark.slow), *DEFAULT_CASES])
+def test_two_stage_pipeline_matches_single_process(case: str) -> None:
+    results = _results(case)
     per_rank = [results[rank][case] for rank in sorted(results)]
     _assert_matches(per_rank)
     stage0, stage1 = (set(r["names"]) for r in per_rank)

@@ -13,14 +13,10 @@ TOLERANCE = 1e-5
 CASES = ["spatial", "spatial:checkpoint"]
 
 
-@pytest.fixture(scope="module")
-def results() -> dict:
-    return runtime_cases.run_ranks(CASES, world=2, timeout_s=280)
-
-
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", CASES)
-def test_spatially_split_layers_match_a_single_process(results, case: str) -> None:
+@pytest.mark.parametrize("case", ["spatial", pytest.param("spatial:checkpoint", marks=pytest.mark.slow)])
+def test_spatially_split_layers_match_a_single_process(case: str) -> None:
+    results = runtime_cases.run_ranks([case], world=2, timeout_s=280)
     per_rank = runtime_cases.matching_ranks(results, case, TOLERANCE)
     assert all(result["comm_by_op"]["send_recv"] > 0 for result in per_rank)  # halos were exchanged
     assert set(per_rank[0]["applied"]) == {"batch", "spatial/2"}
