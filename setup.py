@@ -42,7 +42,8 @@ setup(
         "tensorboard>=2.14",  # pase train --report-to tensorboard
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.12", "import-linter>=2.1", "mypy>=1.11"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.12", "import-linter>=2.1",
+                 "mypy>=1.11"],
     },
     entry_points={"console_scripts": ["pase=pase.cli:run"]},
 )

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from pase import atomic
 from pase.errors import PaseError
 from pase.graph import LayerGraph, extract_model
 from pase.process_group import Launch, free_port, pick_backend, process_group, spawn
+from pase.schema import read_json
 
 PROFILE_FORMAT = "pase-calibration"
 COMPUTE_KINDS = ("conv", "linear", "matmul", "attention")
@@ -123,8 +125,16 @@ def run_calibration(config: CalibrationConfig, progress: bool = True) -> dict[st
 
 def _layer_graph_for(config: CalibrationConfig) -> dict[str, Any]:
     path = Path(config.model)
-    graph = LayerGraph.from_json(path) if path.suffix == ".json" else extract_model(config.model, config.batch)
-    return sample_layers(graph, config.layers_per_kind)
+    if path.suffix != ".json":
+        return sample_layers(extract_model(config.model, config.batch), config.layers_per_kind)
+    fix = "write one with `pase graph --model MODEL --json FILE`"
+    data = read_json(path, "layer graph", fix)
+    try:
+        graph = LayerGraph.from_dict(data)
+        return sample_layers(graph, config.layers_per_kind)
+    except (ValueError, KeyError, TypeError, AttributeError, nx.NetworkXError) as exc:
+        raise PaseError(f"layer graph {path} is not one pase wrote ({type(exc).__name__}: {str(exc)[:200]}); "
+                        f"{fix}") from None
 
 
 def sample_layers(graph: Any, per_kind: int) -> dict[str, Any]:
@@ -424,8 +434,43 @@ def save_profile(profile: dict[str, Any], path: str | Path | None = None) -> Pat
     return atomic.write_text(target, json.dumps(profile, indent=1))
 
 
+_POSITIVE = {"type": "number", "exclusiveMinimum": 0}
+_RATE = {"type": "object", "properties": {"flops_per_second": _POSITIVE, "bytes_per_second": _POSITIVE}}
+# What pricing, `pase hw show` and `--update-profile` read from a profile: declared once, checked on load.
+PROFILE_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["format", "created", "fingerprint", "backend", "world_size", "device", "collectives", "compute",
+                 "memory_bandwidth", "layer_graph"],
+    "properties": {
+        "format": {"const": PROFILE_FORMAT},
+        "created": {"type": "string"},
+        "fingerprint": {"type": "object", "required": ["id"], "properties": {
+            "id": {"type": "string"}, "devices": {"type": "array", "items": {"type": "string"}}}},
+        "backend": {"type": "string"},
+        "world_size": {"type": "integer", "minimum": 1},
+        "device": {"type": "string"},
+        "collectives": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["alpha_us", "busbw_gbps"],
+            "properties": {"alpha_us": {"type": "number", "minimum": 0}, "busbw_gbps": _POSITIVE}}}},
+        "compute": {"type": "object", "additionalProperties": _RATE},
+        "memory_bandwidth": {"type": "object", "required": ["bytes_per_second"],
+                             "properties": {"bytes_per_second": _POSITIVE}},
+        "layer_graph": {"type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}},
+        "verify": {"type": "array"},
+    },
+}
+
+
 def load_profile(path: str | Path) -> dict[str, Any]:
-    data = json.loads(Path(path).read_text())
-    if data.get("format") != PROFILE_FORMAT:
-        raise PaseError(f"{path} is not a pase calibration profile (format {data.get('format')!r})")
+    """The calibration profile in ``path``, checked against ``PROFILE_JSON_SCHEMA``; one ``PaseError`` line naming
+    the file and the first field that is wrong otherwise."""
+    fix = "write one with `pase hw calibrate --out FILE`"
+    data = read_json(path, "calibration profile", fix)
+    from jsonschema import Draft202012Validator  # noqa: PLC0415 - only profile loading needs it
+    from jsonschema.exceptions import best_match  # noqa: PLC0415
+
+    error = best_match(Draft202012Validator(PROFILE_JSON_SCHEMA).iter_errors(data))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+        raise PaseError(f"calibration profile {path}: {where or 'top level'}: {error.message[:200]}; {fix}")
     return data

@@ -19,6 +19,7 @@ from typing import Any
 import networkx as nx
 
 from cost_models.catalog import Catalog, GPUSpec, NetworkSpec, Price, is_positive_number, read_data_file
+from pase import paths
 from pase.errors import PaseError
 
 SPEC_GRAMMAR = (
@@ -124,6 +125,8 @@ class Cluster:
         }
 
 
+MAX_CLUSTER_GPUS = 1 << 20  # as a plan file's "devices" (pase.planning.plan_schema.MAX_DEVICES)
+
 # ---------------------------------------------------------------------- building
 
 def parse_spec(spec: str, catalog: Catalog | None = None) -> Cluster:
@@ -137,6 +140,9 @@ def parse_spec(spec: str, catalog: Catalog | None = None) -> Cluster:
     if nodes < 1 or gpus < 1:
         raise ClusterSpecError(f"cluster spec {spec!r} has zero {'nodes' if nodes < 1 else 'GPUs'}; "
                                f"a cluster needs at least one of each. Grammar: {SPEC_GRAMMAR}")
+    if nodes * gpus > MAX_CLUSTER_GPUS:
+        raise ClusterSpecError(f"cluster spec {spec!r} has {nodes * gpus} GPUs; pase plans clusters of up to "
+                               f"{MAX_CLUSTER_GPUS} (the largest plan a file holds)")
     gpu = catalog.gpu(match["gpu"])
     if gpus > gpu.max_gpus_per_node:
         raise ClusterSpecError(
@@ -361,7 +367,7 @@ def _fabric_from_dict(fabric: dict[str, Any], origin: str) -> nx.Graph:
 def load_cluster(description: str, catalog: Catalog | None = None) -> Cluster:
     """A spec string, or the path of a JSON/YAML system file."""
     path = Path(description)
-    if path.suffix.lower() in (".json", ".yaml", ".yml") or (description.strip() and path.is_file()):
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or (description.strip() and paths.is_file(path)):
         data = read_data_file(path)
         cluster = cluster_from_dict(data, catalog, origin=str(path))
         # an unnamed file is named by its shape and its file, so two files never read as one cluster

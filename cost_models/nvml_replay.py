@@ -8,13 +8,13 @@ not have. ``record_nvml`` writes such a file from a live driver (``pase hw probe
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pynvml
 
 from pase.errors import PaseError
+from pase.schema import read_json
 
 RECORDING_FORMAT = "pase-nvml-recording"
 P2P_READ, P2P_NVLINK = 0, 2  # NVML_P2P_CAPS_INDEX_*; pynvml 13.x defines READ as the tuple (0,), so use ints
@@ -37,6 +37,55 @@ DEVICE_FUNCTIONS = (  # plain per-device calls: (function name, extra argument o
 LINK_FUNCTIONS = ("nvmlDeviceGetNvLinkState", "nvmlDeviceGetNvLinkVersion", "nvmlDeviceGetNvLinkRemotePciInfo",
                   "nvmlDeviceGetNvLinkRemoteDeviceType")
 
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"enum": sorted(ERRORS)}}}
+
+
+def _answer_of(schema: dict[str, Any]) -> dict[str, Any]:
+    """A recorded answer: the value NVML returned (``schema``) or the error it raised."""
+    return {"anyOf": [schema, _ERROR]}
+
+
+_INT = {"type": "integer", "minimum": 0, "maximum": 2**63}
+_PCI = {"type": "object", "required": ["busId"], "properties": {"busId": {"type": "string"}}}
+_DEVICE_VALUES: dict[str, dict[str, Any]] = {
+    "nvmlDeviceGetName": {"type": "string"}, "nvmlDeviceGetUUID": {"type": "string"}, "nvmlDeviceGetPciInfo": _PCI,
+    "nvmlDeviceGetMemoryInfo": {"type": "object", "required": ["total"], "properties": {"total": _INT}},
+    "nvmlDeviceGetCudaComputeCapability": {"type": "array", "items": _INT, "minItems": 2, "maxItems": 2},
+    "nvmlDeviceGetArchitecture": _INT, "nvmlDeviceGetMemoryBusWidth": _INT, "nvmlDeviceGetPowerManagementLimit": _INT,
+    "nvmlDeviceGetMaxPcieLinkGeneration": _INT, "nvmlDeviceGetMaxPcieLinkWidth": _INT,
+    "nvmlDeviceGetCurrPcieLinkGeneration": _INT, "nvmlDeviceGetCurrPcieLinkWidth": _INT,
+    "nvmlDeviceGetMaxClockInfo": {"type": "object", "additionalProperties": _answer_of(_INT)},
+    **{function: {"type": "array", "items": _answer_of(_PCI if function.endswith("PciInfo") else _INT)}
+       for function in LINK_FUNCTIONS},
+}
+_MATRIX = {"type": "array", "items": {"type": "array", "items": _answer_of(_INT)}}
+# What the probe reads from a recording, declared once and checked on load (a hand-edited or foreign file is one
+# line naming the field, never a traceback from inside the probe).
+RECORDING_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["format", "devices"],
+    "properties": {
+        "format": {"const": RECORDING_FORMAT},
+        "system": {"type": "object", "properties": {"nvmlSystemGetDriverVersion": _answer_of({"type": "string"})}},
+        "devices": {"type": "array", "items": {"type": "object", "properties": {
+            name: _answer_of(schema) for name, schema in _DEVICE_VALUES.items()}}},
+        "pairs": {"type": "object", "properties": {
+            "nvmlDeviceGetTopologyCommonAncestor": _MATRIX,
+            "nvmlDeviceGetP2PStatus": {"type": "object", "additionalProperties": _MATRIX}}},
+    },
+}
+
+
+def check_recording(recording: Any) -> None:
+    """Raise one ``PaseError`` line naming the first field of ``recording`` that NVML could not have answered."""
+    from jsonschema import Draft202012Validator  # noqa: PLC0415 - only replays need it
+    from jsonschema.exceptions import best_match  # noqa: PLC0415
+
+    error = best_match(Draft202012Validator(RECORDING_JSON_SCHEMA).iter_errors(recording))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+        raise PaseError(f"not an NVML recording pase can replay: {where or 'top level'}: {error.message[:200]}; "
+                        "record one with `pase hw probe --record FILE`")
+
 
 class _Struct:
     """Attribute access over a recorded struct (``.busId``, ``.total``), like pynvml's structures."""
@@ -51,15 +100,33 @@ class ReplayNVML:
     NVMLError = pynvml.NVMLError
 
     def __init__(self, recording: dict[str, Any]) -> None:
-        if recording.get("format") != RECORDING_FORMAT:
-            raise PaseError(f"not an NVML recording (format {recording.get('format')!r}, want {RECORDING_FORMAT!r})")
+        format_ = recording.get("format") if isinstance(recording, dict) else None
+        if format_ != RECORDING_FORMAT:
+            raise PaseError(f"not an NVML recording (format {format_!r}, want {RECORDING_FORMAT!r})")
+        check_recording(recording)
+        count = len(recording["devices"])
+        pairs = recording.get("pairs", {})
+        matrices = [("nvmlDeviceGetTopologyCommonAncestor", pairs.get("nvmlDeviceGetTopologyCommonAncestor")),
+                    *((f"nvmlDeviceGetP2PStatus.{k}", v) for k, v in pairs.get("nvmlDeviceGetP2PStatus", {}).items())]
+        for name, matrix in matrices:
+            if matrix is not None and (len(matrix) != count or any(len(row) != count for row in matrix)):
+                raise PaseError(f"not an NVML recording pase can replay: pairs.{name} must be {count}x{count} (one "
+                                "row and column per device); record one with `pase hw probe --record FILE`")
+        if count > 1 and pairs.get("nvmlDeviceGetTopologyCommonAncestor") is None:
+            raise PaseError("not an NVML recording pase can replay: pairs.nvmlDeviceGetTopologyCommonAncestor is "
+                            "missing; record one with `pase hw probe --record FILE`")
         self.recording = recording
         self.devices: list[dict[str, Any]] = recording["devices"]
         self.pairs: dict[str, Any] = recording.get("pairs", {})
 
     @classmethod
     def from_file(cls, path: str | Path) -> ReplayNVML:
-        return cls(json.loads(Path(path).read_text()))
+        fix = "record one with `pase hw probe --record FILE` on a machine with NVIDIA GPUs"
+        try:
+            return cls(read_json(path, "NVML recording", fix))
+        except PaseError as exc:
+            message = str(exc)
+            raise PaseError(message if str(path) in message else f"{path}: {message}") from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(pynvml, name)
@@ -188,6 +255,8 @@ def record_nvml(nvml: Any = pynvml) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, _Struct):  # a replayed struct, recorded again
+        return {name: _plain(field) for name, field in vars(value).items()}
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     if isinstance(value, tuple):

@@ -20,3 +20,7 @@ class InputShapeError(PaseError):
 
 class GraphCaptureError(PaseError):
     """No capture front end (meta_trace, torch.export, torch.fx.symbolic_trace) could capture the model."""
+
+
+class UserCodeError(PaseError):
+    """A user's model factory that cannot be imported or called, or that raised: named with the exception."""

@@ -11,7 +11,7 @@ process learns its place in the job, and on how the group ends.
   (a rank stuck in ProcessGroupGloo's destructor). After an error the barrier is skipped: the other ranks may never
   reach it (torchrun, or ``spawn``'s deadline, stops them).
 
-Below every other pase package: imports only the standard library, torch and ``pase.errors``.
+Below every other pase package: imports only the standard library, torch, ``pase.errors`` and ``pase.rank_faults``.
 """
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pase.errors import PaseError
+from pase.rank_faults import (
+    PeerFailure,
+    is_collective_failure,
+    peer_failure,
+    record_failure,
+    register_process,
+    watch_sigterm,
+)
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; long enough for a first step that compiles or loads
 
@@ -98,6 +106,8 @@ def open_group(launch: Launch, backend: str | None = None, *, timeout_s: float =
     dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,
                             world_size=launch.world_size, timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+    if launch.world_size > 1:
+        register_process()
     return device
 
 
@@ -131,13 +141,34 @@ def _bounded_barrier(timeout_s: float) -> None:
 @contextmanager
 def leaving_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
     """``close_group`` after the block: with the barrier when the block succeeded, at once after an error (the
-    other ranks may never reach the barrier, and the error, not a timeout, is what the user must see)."""
-    try:
-        yield
-    except BaseException:
-        close_group(timeout_s, barrier=False)
-        raise
+    other ranks may never reach the barrier, and the error, not a timeout, is what the user must see).
+
+    In a job of several ranks (``pase.rank_faults``): a rank's own error is recorded for the others before it
+    leaves; a rank stopped by another's failure (a collective that lost its peer, or torchrun's SIGTERM) raises
+    ``PeerFailure``, one line naming the failed rank and its error."""
+    with watch_sigterm() as sigterm:
+        try:
+            yield
+        except BaseException as exc:
+            sigterm.ignore()  # torchrun's SIGTERM must not cut short the line that says why this rank stops
+            failure = job_failure(exc)
+            close_group(timeout_s, barrier=False)
+            if failure is not None:
+                raise failure from exc
+            raise
     close_group(timeout_s)
+
+
+def job_failure(exc: BaseException) -> PeerFailure | None:
+    """``PeerFailure`` when ``exc`` means another rank failed; otherwise record ``exc`` as this rank's failure."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if isinstance(exc, SystemExit) and not exc.code:
+        return None
+    if is_collective_failure(exc):
+        return peer_failure(exc)
+    record_failure(exc)
+    return None
 
 
 @contextmanager
@@ -165,5 +196,5 @@ def spawn(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int, timeo
                 process.kill()
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Launch", "close_group", "free_port", "leaving_group", "open_group", "pick_backend",
-           "pick_device", "process_group", "spawn"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Launch", "close_group", "free_port", "job_failure", "leaving_group", "open_group",
+           "pick_backend", "pick_device", "process_group", "spawn"]

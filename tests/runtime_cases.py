@@ -270,7 +270,28 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
         result["errors"] = relative_errors(got, {n: g for n, g in want.items() if n in got})
         result["round_trip"] = _round_trip(parallel)
         result["head_calls"] = sum(mode.calls for _, mode in getattr(parallel, "pase_head_modes", []))
+        result.update(_api_copies(run, parallel, reference, x, t))
         del parallel
+    return result
+
+
+def _api_copies(run: Any, parallel: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor,
+                t: torch.Tensor) -> dict[str, Any]:
+    """``run.state_dict()`` (full tensors on every rank) and ``run.unwrap()`` (a plain module on rank 0 alone, the
+    other rank waiting at the block's end) against the single-process reference (no optimizer step taken)."""
+    want = reference.state_dict()
+    state = run.state_dict(parallel)
+    result: dict[str, Any] = {"state_keys_match": sorted(state) == sorted(want),
+                              "state_error": max(float((state[k] - want[k]).abs().max()) for k in want)}
+    with run.unwrap(parallel) as plain:
+        result["unwrapped_on_this_rank"] = plain is not None
+        if plain is not None:
+            with torch.no_grad():
+                got = plain(x, t)
+                expected = reference(x, t)
+            got, expected = (getattr(o, "sample", o) for o in (got, expected))
+            result["plain_output_error"] = float((got - expected).abs().max())
+            result["plain_is_plain"] = type(plain) is type(reference)
     return result
 
 

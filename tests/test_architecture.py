@@ -21,10 +21,10 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
 
 
 def test_the_bottom_layer_needs_nothing_above_it() -> None:
-    """pase.process_group, pase.weights, pase.atomic, pase.schema and pase.errors import in a fresh interpreter
-    without loading the graph, cost models or anything above."""
+    """pase.process_group (with pase.rank_faults), pase.weights, pase.atomic, pase.schema and pase.errors import in
+    a fresh interpreter without loading the graph, cost models or anything above."""
     code = ("import sys, pase.process_group, pase.weights, pase.atomic, pase.schema, pase.errors; "
             "print(sorted(m for m in sys.modules if m.startswith(('pase.', 'cost_models', 'strategies'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert loaded.stdout.strip() == str(sorted(["pase._version", "pase.atomic", "pase.errors", "pase.process_group",
-                                                "pase.schema", "pase.weights"]))
+                                                "pase.rank_faults", "pase.schema", "pase.weights"]))

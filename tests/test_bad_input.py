@@ -208,3 +208,83 @@ def test_weights_read_in_chunks_equal_the_file(tmp_path, monkeypatch) -> None:
     loaded = dict(tensors)
     assert metadata == {"note": "x"} and loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) and loaded[k].dtype == state[k].dtype for k in state)
+
+
+@pytest.mark.parametrize(("reference", "expected"), [
+    ("user_models:factory_that_raises", "model factory 'user_models:factory_that_raises' raised KeyError: 'missing "
+                                        "weight' (set PASE_DEBUG=1"),
+    ("user_models:factory_with_arguments", "needs arguments (width) but pase calls it with none"),
+    ("user_models:NOT_CALLABLE", "is not callable (it is int 3)"),
+    ("user_models:not_a_module", "returned str, not a torch.nn.Module"),
+    ("user_models:no_such_factory", "module 'user_models' has no attribute 'no_such_factory'"),
+    ("no_such_module_anywhere:factory", "ModuleNotFoundError: No module named 'no_such_module_anywhere'"),
+])
+def test_user_factory_errors_are_one_line_naming_the_factory(reference: str, expected: str) -> None:
+    from pase.errors import UserCodeError
+
+    with pytest.raises(UserCodeError) as info:
+        extract_model(reference, 2, user_input_shapes=[(2, 3, 8, 8)])
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_user_modules_that_do_not_import_are_named(tmp_path, monkeypatch) -> None:
+    from pase.errors import UserCodeError
+
+    (tmp_path / "broken_syntax.py").write_text("def factory(:\n    pass\n")
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserCodeError, match=r"SyntaxError in .*broken_syntax.py line 1"):
+        extract_model("broken_syntax:factory", 2, user_input_shapes=[(2, 3, 8, 8)])
+    with pytest.raises(UserCodeError, match="importing 'raises_on_import' .* RuntimeError: no GPU here"):
+        extract_model("raises_on_import:factory", 2, user_input_shapes=[(2, 3, 8, 8)])
+
+
+def test_pase_debug_shows_the_user_code_traceback(tests_dir, monkeypatch) -> None:
+    args = ("graph", "--model", "user_models:factory_that_raises", "--input-shape", "2,3,8,8")
+    quiet = run_cli(*args, tests_dir=tests_dir)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert "raised KeyError: 'missing weight'" in quiet.stderr
+    monkeypatch.setenv("PASE_DEBUG", "1")
+    loud = run_cli(*args, tests_dir=tests_dir)
+    assert loud.returncode == 2 and "Traceback" in loud.stderr
+    assert 'raise KeyError("missing weight")' in loud.stderr  # the user's own line, from the cause's traceback
+
+
+def test_a_decompression_bomb_in_an_image_folder_is_named(tmp_path) -> None:
+    """A 30000x30000 PNG of a few kB: PIL refuses to decode it, and pase names the file instead of a traceback."""
+    import struct
+    import zlib
+
+    from pase.train.data import DataError, image_folder
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 90001)) + \
+        chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    with pytest.raises(DataError, match=r"cannot read image .*bomb.png: .*decompression bomb"):
+        image_folder(tmp_path, 8)
+
+
+@pytest.mark.parametrize("args", [
+    ["hw", "calibrate", "--out", "{folder}"],  # refused before minutes of measuring
+    ["hw", "calibrate", "--out", "{file}/profile.json"],
+    ["plan", "--model", "unet-tiny", "--json", "{folder}"],
+    ["graph", "--model", "unet-tiny", "--json", "{file}/graph.json"],
+    ["whatif", "--model", "unet-tiny", "--html", "{folder}"],
+    ["hw", "probe", "--save", "{folder}"],
+])
+def test_output_paths_that_cannot_be_written_are_refused_first(tmp_path, args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+    from pase.errors import PaseError
+
+    (tmp_path / "a-file").write_text("x")
+    filled = [a.format(folder=tmp_path, file=tmp_path / "a-file") for a in args]
+    result = CliRunner().invoke(app, filled)
+    assert isinstance(result.exception, PaseError), result.output
+    assert "is a folder" in str(result.exception) or "is a file, not a folder" in str(result.exception)

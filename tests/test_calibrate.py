@@ -12,6 +12,7 @@ from cost_models.calibrate import fit_alpha_beta, load_profile
 from cost_models.cluster import parse_spec
 from cost_models.conventions import BUS_FACTOR, bytes_per_element
 from cost_models.rates import HardwareRates
+from pase.errors import PaseError
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +96,18 @@ def test_profile_file_is_json(profile, tmp_path) -> None:
     path = tmp_path / "p.json"
     path.write_text(json.dumps(profile))
     assert load_profile(path)["format"] == "pase-calibration"
-    path.write_text(json.dumps({"format": "other"}))
-    with pytest.raises(Exception, match="not a pase calibration profile"):
+    path.write_text(json.dumps({**profile, "format": "other"}))
+    with pytest.raises(PaseError, match=r"calibration profile .*p.json: format: 'pase-calibration' was expected"):
         load_profile(path)
+    path.write_text(json.dumps({**profile, "compute": {"conv": {"flops_per_second": -1}}}))
+    with pytest.raises(PaseError, match=r"compute.conv.flops_per_second: -1 is less than or equal to"):
+        load_profile(path)
+    for text, needle in (("[1, 2]", "is not of type 'object'"), ("{", "is not JSON")):
+        path.write_text(text)
+        with pytest.raises(PaseError, match=needle):
+            load_profile(path)
+    with pytest.raises(PaseError, match="is a folder"):
+        load_profile(tmp_path)
 
 
 def test_group_sizes() -> None:

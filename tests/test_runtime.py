@@ -24,7 +24,10 @@ def _case(results: dict, name: str) -> list[dict]:
 
 
 def _assert_matches_single_process(per_rank: list[dict]) -> None:
+    assert [r["unwrapped_on_this_rank"] for r in per_rank] == [True] + [False] * (len(per_rank) - 1)
+    assert per_rank[0]["plain_is_plain"] and per_rank[0]["plain_output_error"] <= 1e-5
     for result in per_rank:
+        assert result["state_keys_match"] and result["state_error"] == 0.0  # run.state_dict(): full tensors
         assert result["missing"] == []
         assert result["loss"] == pytest.approx(result["ref_loss"], rel=TOLERANCE)
         worst = max(result["errors"], key=result["errors"].get)

@@ -174,6 +174,8 @@ def test_convergence_below_the_smallest_probe_interpolates_from_window_one():
     (["sample-plan", "--margin", "-5"], "--margin must be >= 0"),
     (["sample-plan", "--precision", "banana", "--cluster", "8xA100-80GB-SXM"], "unknown --precision 'banana'"),
     (["sample-plan", "--size", "0"], "--size must be >= 1"),
+    (["sample", "--size", "100000"], "--size must be <= 4096"),
+    (["sample-plan", "--devices", "1000000"], "without --cluster the devices are processes on this machine"),
 ])
 def test_sampling_commands_name_bad_input(args, needle):
     from typer.testing import CliRunner

@@ -25,7 +25,7 @@ from pase.cli import app
 from pase.errors import PaseError
 from pase.models.tiny_pipeline import save_captioned_shapes, save_tiny_pipeline
 from pase.models.zoo import resolve_model
-from pase.train.captions import CaptionedImages, find_captioned
+from pase.train.captions import Augment, CaptionedImages, find_captioned
 from pase.train.data import DataError
 from pase.train.distributed import DistEnv
 from pase.train.jobs import JobOptions, run_train
@@ -240,6 +240,8 @@ def test_a_cache_that_does_not_fit_the_model_is_refused(tiny_sd, tmp_path) -> No
     spec = resolve_model(str(tiny_sd["pipeline"]))
     with pytest.raises(DataError, match="not --image-size 32"):
         text_training(spec, str(cache), 32, LatentLoss(), torch.device("cpu"))
+    with pytest.raises(DataError, match="--random-flip need the images"):
+        text_training(spec, str(cache), None, LatentLoss(), torch.device("cpu"), augment=Augment(random_flip=True))
     manifest = json.loads((cache / "cache.json").read_text())
     manifest["shapes"]["encoder_hidden_states"] = [16, 64]
     (cache / "cache.json").write_text(json.dumps(manifest))
@@ -364,3 +366,67 @@ def test_two_processes_under_a_plan_match_one_process(tiny_sd, tmp_path, kind, o
         png = Path("validation") / f"step-{step:08d}.png"
         assert np.abs(_png(tmp_path / "two" / png) - _png(tmp_path / "single" / png)).max() <= 2
     assert len((tmp_path / "two" / "log.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs
+
+
+def test_random_crops_and_flips_follow_the_row_seed(tmp_path) -> None:
+    """A row's crop and flip are a function of its seed alone; a flip mirrors the pixels and, as diffusers' SDXL
+    script does, counts the crop's left from the right edge."""
+    from pase.train.captions import load_square
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 40, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    path = tmp_path / "wide.png"
+    centre, _, (top, left) = load_square(path, 16)
+    assert (top, left) == (0, 12)
+    crops = {seed: load_square(path, 16, Augment(random_crop=True), seed) for seed in range(12)}
+    assert len({crop for _, _, crop in crops.values()}) > 3  # the crop moves with the seed ...
+    for seed, (pixels, original, (top, left)) in crops.items():  # ... and is the same for the same seed
+        again, _, crop = load_square(path, 16, Augment(random_crop=True), seed)
+        assert torch.equal(again, pixels) and crop == (top, left) and original == (16, 40) and 0 <= left <= 24
+    flips = {seed: load_square(path, 16, Augment(random_flip=True), seed) for seed in range(12)}
+    flipped = [seed for seed, (_, _, crop) in flips.items() if crop != (0, 12)]
+    assert 0 < len(flipped) < 12  # about half
+    for seed in flipped:
+        pixels, _, crop = flips[seed]
+        assert crop == (0, 16 - 12) and torch.equal(pixels, centre.flip(-1))
+    with pytest.raises(ValueError, match="seed"):
+        load_square(path, 16, Augment(random_flip=True))
+
+
+def test_augmented_rows_train_alike_however_the_batch_is_split(tiny_sd, tmp_path) -> None:
+    """With --random-crop and --random-flip, 2 micro-steps of 4 read the pixels of one step of 8 (flips drawn from
+    the row's seed); the flips change what is trained; a cache cannot flip and says so."""
+    augment = {"random_crop": True, "random_flip": True}
+    large = run_train(_options(tiny_sd, tmp_path / "large", steps=2, batch=8, **augment), SINGLE)
+    accum = run_train(_options(tiny_sd, tmp_path / "accum", steps=2, batch=4, grad_accum=2, **augment), SINGLE)
+    plain = run_train(_options(tiny_sd, tmp_path / "plain", steps=2, batch=8), SINGLE)
+    assert accum["final_loss"] == pytest.approx(large["final_loss"], rel=1e-5)
+    assert plain["final_loss"] != pytest.approx(large["final_loss"], rel=1e-6)
+    with pytest.raises(PaseError, match="--random-flip apply to captioned images"):
+        run_train(JobOptions(model="unet-tiny", steps=1, batch=2, random_flip=True, progress=False), SINGLE)
+
+
+def test_gradient_checkpointing_wraps_the_blocks_and_trains_the_same(tiny_sd, tmp_path) -> None:
+    """--gradient-checkpointing re-runs blocks in backward: the blocks a --checkpoint plan would wrap are wrapped,
+    and the weights come out as without it; a plan priced without checkpointing refuses it."""
+    from pase.train.loop import default_parallelize
+    from strategies.checkpointing import CHECKPOINTED
+
+    wrapped: list[int] = []
+
+    def recording(model, group):  # noqa: ANN001, ANN202 - the loop's parallelize
+        wrapped.append(sum(bool(getattr(m, CHECKPOINTED, False)) for m in model.modules()))
+        return default_parallelize(model, group)
+
+    on = run_train(_options(tiny_sd, tmp_path / "on", steps=2, gradient_checkpointing=True), SINGLE,
+                   parallelize=recording)
+    off = run_train(_options(tiny_sd, tmp_path / "off", steps=2), SINGLE, parallelize=recording)
+    assert wrapped[0] > 2 and wrapped[1] == 0 and on["gradient_checkpointing"] is True
+    assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-6)
+    assert _max_rel(load_file(tmp_path / "on" / UNET_WEIGHTS), load_file(tmp_path / "off" / UNET_WEIGHTS)) < 1e-5
+    plan = tmp_path / "plan.json"
+    planned = CliRunner().invoke(app, ["plan", "--model", str(tiny_sd["pipeline"]), "--cluster", "local", "--devices",
+                                       "2", "--batch", "4", "--profile", str(PROFILE), "--json", str(plan)])
+    assert planned.exit_code == 0, planned.output
+    with pytest.raises(PaseError, match="made without activation checkpointing"):
+        run_train(_options(tiny_sd, None, plan=plan, gradient_checkpointing=True), SINGLE)

@@ -239,7 +239,8 @@ def test_cli_json_a_user_gpu_and_a_cluster_that_cannot_fit() -> None:
     (("--clusters", "2xZ", "--gpu", "Z:bf16_tflops=100,fp32_tflops=10,memory_gb=80,memory_bw_gbps=-5"),
      "memory_bw_gbps must be a positive number"),
     (("--gpu", "Odd:memory_gb=8"), "lacks"),
-    (("--clusters", "1xH100-SXM", "--no-interconnect", "--html", "/dev/null/r.html"), "cannot write --html"),
+    (("--clusters", "1xH100-SXM", "--no-interconnect", "--html", "/dev/null/r.html"),
+     "/dev/null is a file, not a folder"),
 ])
 def test_bad_input_names_the_problem(args: tuple[str, ...], needle: str) -> None:
     result = _whatif(*args)

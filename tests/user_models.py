@@ -105,3 +105,41 @@ class Embedder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids)
+
+
+class FailsOnOneRank(nn.Module):
+    """Fails in its Nth real forward on the rank named by PASE_TEST_FAIL_RANK: raises, or with PASE_TEST_FAIL_KILL
+    set SIGKILLs its own process (a rank that dies without a word). Meta-device captures never fail."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        import os
+        import signal
+
+        if x.device.type != "meta":
+            FailsOnOneRank.calls += 1
+            if FailsOnOneRank.calls == 2 and os.environ.get("PASE_TEST_FAIL_RANK") == os.environ.get("RANK"):
+                if os.environ.get("PASE_TEST_FAIL_KILL"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise ValueError("forward failed on purpose")
+        return self.conv(x)
+
+
+def fails_on_one_rank() -> nn.Module:
+    return FailsOnOneRank()
+
+
+def factory_that_raises() -> nn.Module:
+    raise KeyError("missing weight")
+
+
+def factory_with_arguments(width: int) -> nn.Module:
+    return nn.Conv2d(3, width, 1)
+
+
+NOT_CALLABLE = 3

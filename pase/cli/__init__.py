@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Annotated
 
 import typer
@@ -46,10 +47,13 @@ for module in (whatif, sample, verify, train):
 
 def main() -> None:
     """Console-script entry point. typer reports usage errors itself (exit 2); user errors that
-    pase detects (``PaseError``) become one red line and exit status 2 too."""
+    pase detects (``PaseError``) become one red line and exit status 2 too; ``PASE_DEBUG=1`` prints the traceback
+    (and the exception behind it, e.g. the one a user's factory raised) before that line."""
     try:
         app()
     except PaseError as exc:
+        if os.environ.get("PASE_DEBUG"):
+            traceback.print_exception(exc, file=sys.stderr)
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
 

@@ -5,6 +5,7 @@ Imports nothing heavy (no torch), so every command module can import it at load 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from pase import paths
 from pase.errors import InputShapeError, PaseError
 
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
@@ -80,6 +82,23 @@ def size(value: float) -> str:
     return f"{value:.3g}"
 
 
+def check_writable(path: Path | None, option: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, a path under a file, or a folder
+    this user may not write (the nearest one that exists; missing folders are created)."""
+    if path is None:
+        return
+    path = paths.expanded(path)
+    if path.is_dir():
+        raise PaseError(f"{option} {path} is a folder; give the name of a file (in it, or elsewhere)")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PaseError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PaseError(f"{option} {path}: the folder {parent} is not writable; choose another path")
+
+
 def write_output(path: Path, option: str, write: Callable[[Path], object], announce: bool = True) -> None:
     """``write(path)``; a path that cannot be written is the user's error, named with its option."""
     try:
@@ -90,5 +109,5 @@ def write_output(path: Path, option: str, write: Callable[[Path], object], annou
         console.print(f"wrote {path}")
 
 
-__all__ = ["DTYPES", "check_precision", "console", "err_console", "human", "parse_input_shapes", "size",
-           "write_output"]
+__all__ = ["DTYPES", "check_precision", "check_writable", "console", "err_console", "human", "parse_input_shapes",
+           "size", "write_output"]

@@ -11,6 +11,7 @@ from pase.cli.console import (
     DTYPES,
     MAX_BATCH,
     check_precision,
+    check_writable,
     console,
     err_console,
     human,
@@ -57,6 +58,7 @@ def graph(
     if capture not in ("auto", *CAPTURE_METHODS):
         raise PaseError(f"unknown --capture {capture!r}; choose auto, {', '.join(CAPTURE_METHODS)}")
     named, positional = parse_input_shapes(input_shape or [])
+    check_writable(json_path, "--json")
     with err_console.status(f"capturing {model} on the meta device ({capture}) ..."):
         layer_graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[dtype]), method=capture,
                                     input_shapes=named or None, user_input_shapes=positional or None)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pase.cli.console import console, finite
+from pase.cli.console import check_writable, console, finite, write_output
 from pase.errors import PaseError
 
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware: catalog, clusters, probe, calibration.")
@@ -165,6 +165,8 @@ def probe_command(
     from cost_models.nvml_replay import ReplayNVML, record_nvml
     from cost_models.probe import NoNvidiaDriver, level_name, probe
 
+    check_writable(record, "--record")
+    check_writable(save, "--save")
     nvml = ReplayNVML.from_file(replay) if replay else None
     try:
         if record:
@@ -229,11 +231,16 @@ def calibrate_command(
 
     if backend not in (None, "nccl", "gloo"):
         raise PaseError(f"--backend must be nccl or gloo, not {backend!r}")
+    check_writable(out, "--out")  # before minutes of measuring
     config = CalibrationConfig(nproc=nproc, backend=backend, sizes=parse_sizes(sizes) if sizes else [],
                                iterations=iterations, model=model, batch=batch,
                                precision=precision if torch.cuda.is_available() else "fp32")
     profile = run_calibration(config, progress=not as_json)
-    path = save_profile(profile, out)
+    if out is None:
+        path = save_profile(profile, None)
+    else:
+        write_output(out, "--out", lambda target: save_profile(profile, target), announce=False)
+        path = out
     if as_json:
         print(json.dumps(profile, indent=1))
         return

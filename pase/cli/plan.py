@@ -12,6 +12,7 @@ from pase.cli.console import (
     DTYPES,
     MAX_BATCH,
     check_precision,
+    check_writable,
     console,
     err_console,
     finite,
@@ -83,6 +84,7 @@ def plan(
     if measured is not None and (reason := profile_mismatch(target, measured)):
         raise PaseError(reason)
     named, positional = parse_input_shapes(input_shape or [])
+    check_writable(json_path, "--json")
     with err_console.status(f"capturing {model} at batch {batch} ...") as status:
         graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[precision]), input_shapes=named or None,
                               user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)

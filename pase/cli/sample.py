@@ -10,13 +10,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pase.cli.console import MAX_SEED, check_precision, console, err_console, finite, write_output
+from pase.cli.console import MAX_SEED, check_precision, check_writable, console, err_console, finite, write_output
 from pase.errors import PaseError
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Zoo model (see `pase models`).")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Zoo model (see `pase models`); for `pase sample` also a "
+                                    "diffusers text-to-image pipeline folder, with --prompt.")]
 Scheduler = Annotated[str, typer.Option(help="ddpm (noise drawn up front) or ddim (eta = 0).")]
 Steps = Annotated[int, typer.Option(help="Sampling steps N.")]
 Size = Annotated[int | None, typer.Option(help="Spatial size of the samples (default: the model's).")]
+MAX_LOCAL_PROCESSES = 256  # sampling processes on one machine: more is a typo, not a plan
 Threads = Annotated[int, typer.Option(help="torch threads per process. 1 by default: more threads than free cores "
                                           "makes CPU runs many times slower on a shared box.")]
 Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (text-conditioned models; "
@@ -46,7 +48,12 @@ def sample_command(
     threads: Threads = 1,
     check: Annotated[bool, typer.Option(help="Also run sequential sampling and report the relative error.")]
     = False,
-    out: Annotated[Path | None, typer.Option(help="Save the samples (safetensors, key 'sample').")] = None,
+    prompt: Annotated[str | None, typer.Option(help="A pipeline folder: what to draw (its text encoder encodes "
+                                               "it, its VAE decodes the result).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="A pipeline folder under --guidance-scale: what to "
+                                                        "steer away from (default: the empty prompt).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Save the samples: FILE.png (a pipeline folder: decoded images "
+                                             "side by side) or FILE.safetensors (key 'sample').")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line: sampler, passes, evals, seconds, "
                                           "rel_error_vs_sequential.")] = False,
 ) -> None:
@@ -58,18 +65,26 @@ def sample_command(
     from pase.sampling.runner import SampleConfig, sample, summary
 
     config = SampleConfig(model, sampler, scheduler, steps, window, tol, blocks, pipelined, samples, seed, size,
-                          guidance_scale, clip_sample, check)
+                          guidance_scale, clip_sample, check, prompt, negative_prompt)
     config.validate()
     _check_threads(threads)
     if out is not None and out.is_dir():
         raise PaseError(f"--out {out} is a folder; give a file name, e.g. {out / 'samples.safetensors'}")
+    check_writable(out, "--out")
+    if out is not None and out.suffix.lower() == ".png" and prompt is None:
+        raise PaseError("--out FILE.png decodes latents with a pipeline folder's VAE: give the folder as --model and "
+                        "a --prompt, or save FILE.safetensors")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(threads)
     with distributed.session():
         rank0 = distributed.is_rank0()
         result, error = _run_with_progress(config, sample, show=rank0 and not as_json)
         if rank0:
-            if out is not None:
+            if out is not None and out.suffix.lower() == ".png":
+                from pase.sampling.pipeline_folder import save_images
+
+                write_output(out, "--out", lambda path: save_images(model, result.sample, path), announce=False)
+            elif out is not None:
                 write_output(out, "--out", lambda path: _save(path, result.sample), announce=False)
             _print_result(summary(result, error), result, world, as_json)
 
@@ -213,6 +228,10 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
     else:
         devices = devices or 2
         cores = os.cpu_count() or 1
+        if devices > MAX_LOCAL_PROCESSES:
+            raise PaseError(f"--devices {devices}: without --cluster the devices are processes on this machine "
+                            f"({cores} cores), at most {MAX_LOCAL_PROCESSES}; price GPUs with --cluster "
+                            "(e.g. --cluster 8xA100-80GB-SXM)")
         build_denoiser(model, 0, guidance_scale)  # fail early on a model `pase sample` cannot run
         eval_time = planner.measure_eval_time(model, size, threads=threads)
         gather = planner.gather_time(None, measured, devices)

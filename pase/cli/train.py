@@ -31,6 +31,14 @@ SnrOpt = Annotated[float | None, typer.Option(callback=finite, help="Text-to-ima
                                               "this gamma (5.0 in the paper); default off.")]
 NoiseOffsetOpt = Annotated[float, typer.Option(callback=finite, min=0.0, help="Text-to-image: per-channel noise "
                                                "offset, e.g. 0.05.")]
+CropOpt = Annotated[bool, typer.Option("--random-crop", help="Text-to-image: crop a random square of each image "
+                                        "(else its centre), drawn per image and epoch from --seed.")]
+FlipOpt = Annotated[bool, typer.Option("--random-flip", help="Text-to-image: mirror each image with probability 1/2, "
+                                       "drawn per image and epoch from --seed.")]
+CheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Re-run each block's forward in "
+                                                "backward instead of keeping its activations (less memory, about "
+                                                "a third more compute); a plan made with --checkpoint does this "
+                                                "by itself.")]
 SchedulerOpt = Annotated[str, typer.Option(help="Learning-rate schedule (diffusers' get_scheduler): constant, "
                                            "constant_with_warmup, linear, cosine, cosine_with_restarts or "
                                            "polynomial.")]
@@ -154,7 +162,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(callback=finite, help="AdamW weight decay.")] = 0.0,
     ema: Annotated[float | None, typer.Option(help="Keep an EMA of the weights with this decay, e.g. 0.999.",
                                               callback=finite)] = None,
-    image_size: Annotated[int | None, typer.Option(min=8, max=4096,
+    image_size: Annotated[int | None, typer.Option("--image-size", "--resolution", min=8, max=4096,
                                                    help="Train at this resolution (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the data order, noise and timesteps.")] = 0,
     init: InitOpt = None,
@@ -169,6 +177,9 @@ def train(
     prediction_type: PredictionOpt = None,
     snr_gamma: SnrOpt = None,
     noise_offset: NoiseOffsetOpt = 0.0,
+    random_crop: CropOpt = False,
+    random_flip: FlipOpt = False,
+    gradient_checkpointing: CheckpointingOpt = False,
     workers: WorkersOpt = 2,
     lr_scheduler: SchedulerOpt = "constant",
     lr_warmup_steps: WarmupOpt = 0,
@@ -193,7 +204,8 @@ def train(
                          keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite,
                          progress=not no_progress, init=init,
                          init_seed=init_seed, prediction_type=prediction_type, snr_gamma=snr_gamma,
-                         noise_offset=noise_offset, workers=workers, lr_scheduler=lr_scheduler,
+                         noise_offset=noise_offset, random_crop=random_crop, random_flip=random_flip,
+                         gradient_checkpointing=gradient_checkpointing, workers=workers, lr_scheduler=lr_scheduler,
                          lr_warmup_steps=lr_warmup_steps, grad_clip=max_grad_norm or None, grad_accum=grad_accum,
                          validation_prompts=list(validation_prompt or []), validation_every=validation_every,
                          report_to=report_to)
@@ -214,7 +226,8 @@ def finetune(
     lr: Annotated[float, typer.Option(callback=finite, help="AdamW learning rate.")] = 5e-5,
     weight_decay: Annotated[float, typer.Option(callback=finite, help="AdamW weight decay.")] = 0.0,
     ema: Annotated[float | None, typer.Option(callback=finite, help="EMA decay of the trained weights.")] = None,
-    image_size: Annotated[int | None, typer.Option(min=8, max=4096, help="Fine-tune at this resolution.")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", "--resolution", min=8, max=4096,
+                                                   help="Fine-tune at this resolution.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of data order, noise and timesteps.")] = 0,
     init: InitOpt = None,
     init_seed: Annotated[int, typer.Option(min=0, max=MAX_SEED,
@@ -243,6 +256,9 @@ def finetune(
     prediction_type: PredictionOpt = None,
     snr_gamma: SnrOpt = None,
     noise_offset: NoiseOffsetOpt = 0.0,
+    random_crop: CropOpt = False,
+    random_flip: FlipOpt = False,
+    gradient_checkpointing: CheckpointingOpt = False,
     workers: WorkersOpt = 2,
     lr_scheduler: SchedulerOpt = "constant",
     lr_warmup_steps: WarmupOpt = 0,
@@ -273,7 +289,9 @@ def finetune(
                               p_global=p_global, antithetic=antithetic, consistency=consistency, adapters=adapters,
                               merge_weights=_numbers(merge_weights, "--merge-weights"), merge_grid=grid, bits=bits,
                               experts=experts, input_scales=not no_input_scales, prediction_type=prediction_type,
-                              snr_gamma=snr_gamma, noise_offset=noise_offset, workers=workers,
+                              snr_gamma=snr_gamma, noise_offset=noise_offset, random_crop=random_crop,
+                              random_flip=random_flip, gradient_checkpointing=gradient_checkpointing,
+                              workers=workers,
                               lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
                               grad_clip=max_grad_norm or None, grad_accum=grad_accum,
                               validation_prompts=list(validation_prompt or []),
@@ -290,8 +308,9 @@ def cache(
     data: Annotated[Path, typer.Option(help="A folder of images with captions (a .txt beside each, or "
                                        "metadata.jsonl).")],
     out: Annotated[Path, typer.Option(help="The cache folder to write (safetensors shards and cache.json).")],
-    image_size: Annotated[int | None, typer.Option(min=8, max=4096, help="Resolution in pixels (default: the "
-                                                   "UNet's sample size times the VAE's factor).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", "--resolution", min=8, max=4096,
+                                                   help="Resolution in pixels (default: the UNet's sample size "
+                                                   "times the VAE's factor).")] = None,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, max=4096, help="Images encoded at once.")] = 8,
     workers: WorkersOpt = 2,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 (GPUs): the encoders' precision.")] = "fp32",

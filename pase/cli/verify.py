@@ -22,6 +22,8 @@ def verify(
         "--update-profile", help="Fold the measured gap into this calibration profile's compute rates (the next "
         "`pase plan --profile` prices with them).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the synthetic data.")] = 0,
+    model: Annotated[str | None, typer.Option(help="For a plan of your own package.module:factory: name the same "
+                                              "factory (a plan file never makes pase import code).")] = None,
     check: Annotated[bool, typer.Option("--check", help="First run one step of the plan against the same step on "
                                         "a single process: the largest relative error of the loss, gradients and "
                                         "weights after an AdamW step, the layers run as planned, and the "
@@ -40,7 +42,7 @@ def verify(
         raise PaseError(f"--update-profile {update_profile} does not exist; calibrate first with `pase hw calibrate "
                         f"--out {update_profile}`")
     plan = Plan.load(plan_path)
-    result = run_verify(plan, steps, warmup, seed, progress=not as_json, check=check)
+    result = run_verify(plan, steps, warmup, seed, progress=not as_json, check=check, model=model)
     rank = int(__import__("os").environ.get("RANK", "0"))
     failed = result.check is not None and not result.check.passed
     if dist.is_initialized() or rank != 0:

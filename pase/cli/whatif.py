@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pase.cli.console import DTYPES, MAX_BATCH, check_precision, console, err_console, finite, write_output
+from pase.cli.console import (
+    DTYPES,
+    MAX_BATCH,
+    check_precision,
+    check_writable,
+    console,
+    err_console,
+    finite,
+    write_output,
+)
 from pase.errors import PaseError
 
 if TYPE_CHECKING:
@@ -58,6 +67,7 @@ def whatif(
 
     check_precision(precision)
     check_inputs(batch, samples)
+    check_writable(html, "--html")
     catalog = _catalog(gpu_file or [], gpu or [])
     targets = _clusters(clusters, catalog, _prices(price or [], catalog))
     graphs: dict[int, LayerGraph] = {}

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pase import paths
 from pase.errors import UnknownModelError
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -31,13 +32,13 @@ LOW_MEMORY_LOAD = importlib.util.find_spec("accelerate") is not None  # diffuser
 
 def looks_like_folder(name: str) -> bool:
     """Is ``--model NAME`` meant as a path (an existing folder, or written as one)?"""
-    return Path(name).is_dir() or name.startswith((".", "/", "~")) or ("/" in name and ":" not in name)
+    return paths.is_dir(name) or name.startswith((".", "/", "~")) or ("/" in name and ":" not in name)
 
 
 def unet_folder(name: str) -> tuple[Path, Path | None]:
     """(the UNet folder, the pipeline folder around it or None) for ``--model NAME``, or ``UnknownModelError``."""
-    root = Path(name).expanduser()
-    if not root.is_dir():
+    root = paths.expanded(name)
+    if not paths.is_dir(root):
         raise UnknownModelError(f"model folder {name!r} does not exist; give a diffusers pipeline folder (with "
                                 "model_index.json) or a UNet folder (config.json and weights)")
     if (root / "model_index.json").is_file():

@@ -8,18 +8,18 @@ for a user's model.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pase import paths
 from pase.errors import InputShapeError, UnknownModelError
 from pase.models import folders
 from pase.models.pase_unet import PaseUNet, PaseUNetConfig
+from pase.models.user_code import call_factory, load_factory
 
 BATCH = "B"
 
@@ -217,21 +217,14 @@ def resolve_model(name: str, input_shapes: list[tuple[int, ...]] | None = None) 
             f"unknown model {name!r}. Built-in models: {', '.join(ZOO)}. Or give a diffusers pipeline or UNet "
             "folder (a path), or for your own model 'package.module:factory' with --input-shape."
         )
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UnknownModelError(
-            f"cannot load model factory {name!r}: {exc}. Give 'package.module:factory' where the module "
-            "is importable (on PYTHONPATH) and factory() returns an nn.Module."
-        ) from exc
+    factory = load_factory(name)
     if not input_shapes:
         raise InputShapeError(
             f"model {name!r} is not in the zoo, so pase does not know its inputs: pass one --input-shape "
             "per positional input, batch first (e.g. --input-shape 8,3,32,32 --input-shape 8)."
         )
     inputs = tuple(InputSpec(f"input{i}", tuple(shape)) for i, shape in enumerate(input_shapes))
-    return ModelSpec(name, f"user model from {name}", "user", {}, inputs, lambda _cfg: _call_factory(factory, name),
+    return ModelSpec(name, f"user model from {name}", "user", {}, inputs, lambda _cfg: call_factory(factory, name),
                      default_batch=input_shapes[0][0] if input_shapes[0] else 1)
 
 
@@ -256,13 +249,6 @@ def folder_model(name: str) -> ModelSpec:
               InputSpec("timestep", (BATCH,), kind="long")]
     conditioning = folders.conditioning_inputs(cls, config, folders.text_length(pipeline))
     inputs += [InputSpec(input_name, shape, keyword=keyword) for input_name, shape, keyword in conditioning]
-    root = Path(name).expanduser().resolve()
+    root = paths.expanded(name).resolve()
     return ModelSpec(str(root), f"diffusers {cls} from {root}", f"diffusers.{cls}", config, tuple(inputs),
                      lambda cfg: folders.build_from_folder(cls, cfg, unet))
-
-
-def _call_factory(factory: Callable[[], Any], name: str) -> nn.Module:
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise UnknownModelError(f"factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model

@@ -24,6 +24,8 @@ from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
+from pase.models.folders import looks_like_folder
+from pase.models.zoo import ZOO
 from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
@@ -397,7 +399,15 @@ def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: H
                  "space": options.space, "force": options.force,
                  "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
                  "rates": rates.compute("conv").source},
-        **body)
+        input_shapes=user_input_shapes(graph), **body)
+
+
+def user_input_shapes(graph: LayerGraph) -> list[list[int]] | None:
+    """A user factory's positional input shapes, as captured (None for zoo models and diffusers folders)."""
+    name = str(graph.meta.get("model"))
+    if name in ZOO or ":" not in name or looks_like_folder(name):
+        return None
+    return [[int(d) for d in shape] for shape in graph.meta.get("inputs", {}).values()] or None
 
 
 def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, options: PlanOptions | None = None

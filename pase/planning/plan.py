@@ -124,6 +124,9 @@ class Plan:
     microbatches: int = 1
     schedule: str | None = None  # "1f1b" or "gpipe" when there are stages
     pipeline_replicas: int = 1  # data-parallel copies of the whole pipeline
+    # A user's ``package.module:factory`` model: its positional input shapes (batch first), so that train and verify
+    # rebuild it when the command line names the factory (None for zoo models and folders, whose inputs are known).
+    input_shapes: list[list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -57,6 +57,8 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
         "microbatches": _COUNT,
         "schedule": {"enum": [None, "1f1b", "gpipe"]},
         "pipeline_replicas": _COUNT,
+        "input_shapes": {"anyOf": [{"type": "null"}, {"type": "array", "minItems": 1, "items": {
+            "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 1 << 31}}}]},
     },
 }
 

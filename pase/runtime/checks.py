@@ -29,7 +29,8 @@ def check_world(plan: Plan, world_size: int) -> None:
 
 
 def example_inputs_for(plan: Plan, example_inputs: Any = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The inputs the plan's graph was captured with: zoo models know theirs; other models pass them."""
+    """The inputs the plan's graph was captured with: zoo models know theirs, user factories' plans record their
+    shapes; other models pass them."""
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             return (example_inputs,), {}
@@ -37,6 +38,8 @@ def example_inputs_for(plan: Plan, example_inputs: Any = None) -> tuple[tuple[An
             return (), example_inputs
         return tuple(example_inputs), {}
     spec = recorded_model(plan.model)
+    if spec is None and plan.input_shapes:  # a user factory's plan records the shapes it was captured with
+        return tuple(torch.zeros(shape, device="meta") for shape in plan.input_shapes), {}
     if spec is None:
         raise PaseError(f"the plan is for {plan.model!r}, which is neither a zoo model nor a diffusers folder: pass "
                         f"example_inputs= (meta tensors at the plan's batch {plan.batch}) so pase can check the model "

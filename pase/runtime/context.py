@@ -13,6 +13,8 @@ owns it only when it created it, and then tears it down: drop the models, collec
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,9 +28,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pase.errors import PaseError
 from pase.planning.plan import Plan
-from pase.process_group import Launch, close_group, open_group, pick_backend
-from pase.runtime.checks import check_world
+from pase.process_group import Launch, close_group, job_failure, open_group, pick_backend
+from pase.rank_faults import watch_sigterm
+from pase.runtime.checks import check_world, meta_copy
 from pase.runtime.parallel import parallelize
+from pase.runtime.state import full_state_dict
 
 TIMEOUT_S = 600.0  # every collective, and the barrier at the end
 
@@ -44,14 +48,58 @@ class Run:
     owns_group: bool = False
     timeout_s: float = TIMEOUT_S
     models: list[nn.Module] = field(default_factory=list)
+    # per parallelized model: the original's structure on the meta device and its non-persistent buffers
+    _originals: dict[int, tuple[nn.Module, dict[str, torch.Tensor]]] = field(default_factory=dict, repr=False)
 
     def parallelize(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         """``pase.parallelize(model, plan)`` with this run's plan and device."""
         if self.plan is None:
             raise PaseError("this run has no plan: open it with pase.distributed(plan)")
+        persistent = set(model.state_dict())
+        transient = {name: buffer.detach().clone() for name, buffer in model.named_buffers() if name not in persistent}
+        original = meta_copy(model)  # before parallelize replaces or shards its modules
         result = parallelize(model, self.plan, device=self.device, **kwargs)
         self.models.append(result)
+        self._originals[id(result)] = (original, transient)
         return result
+
+    def _parallel(self, model: nn.Module | None) -> nn.Module:
+        if model is not None:
+            return model
+        if not self.models:
+            raise PaseError("this run has parallelized no model yet: call run.parallelize(model) first")
+        return self.models[-1]
+
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The model's (default: the last parallelized) whole state dict at full size under its original names, on
+        every rank: FSDP, channel and pipeline shards gathered, so ``torch.save`` / ``save_pretrained``-style
+        writers get tensors a single process loads. A collective: every rank calls it."""
+        return full_state_dict(self._parallel(model))
+
+    @contextmanager
+    def unwrap(self, model: nn.Module | None = None, rank: int = 0) -> Iterator[nn.Module | None]:
+        """A plain copy of the model (default: the last parallelized) with its full weights, on ``rank`` alone (the
+        others get None), e.g. to draw validation images there. Every rank enters the block: the weights are
+        gathered on the way in, and the other ranks wait at the end of the block (within the run's timeout) instead
+        of in a collective rank ``rank`` never joins."""
+        parallel = self._parallel(model)
+        if id(parallel) not in self._originals:
+            raise PaseError("run.unwrap takes a model that this run parallelized")
+        state = full_state_dict(parallel)
+        plain = None
+        if self.rank == rank:
+            original, transient = self._originals[id(parallel)]
+            plain = copy.deepcopy(original).to_empty(device=self.device)
+            plain.load_state_dict(state, strict=True)
+            for name, value in transient.items():
+                plain.get_buffer(name).copy_(value)
+        del state
+        try:
+            yield plain
+        finally:
+            del plain
+            if self.world_size > 1:
+                dist.barrier()
 
     @property
     def local_batch(self) -> int:
@@ -107,15 +155,22 @@ def _start(plan: Plan | None, backend: str | None, timeout_s: float) -> Run:
 def distributed(plan: Plan | str | Path | None = None, *, backend: str | None = None,
                 timeout_s: float = TIMEOUT_S) -> Iterator[Run]:
     """Join (or start) the process group for ``plan`` (a Plan or a plan file); refuse a plan made for
-    another world size before any work starts."""
+    another world size before any work starts. A group it started reports rank failures as ``pase.rank_faults``
+    does: a failing rank's error reaches the others, which stop with ``PeerFailure`` naming it."""
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     run = _start(plan, backend, timeout_s)
-    try:
-        yield run
-    except BaseException:
-        run.close(barrier=False)
-        raise
+    with watch_sigterm() if run.owns_group else contextlib.nullcontext() as sigterm:
+        try:
+            yield run
+        except BaseException as exc:
+            if sigterm is not None:
+                sigterm.ignore()
+            failure = job_failure(exc) if run.owns_group else None  # as pase.process_group.leaving_group does
+            run.close(barrier=False)
+            if failure is not None:
+                raise failure from exc
+            raise
     run.close()
 
 

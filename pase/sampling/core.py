@@ -137,13 +137,21 @@ def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def make_scheduler(kind: str, steps: int, **config: Any):  # noqa: ANN201 - a diffusers SchedulerMixin
-    """A diffusers DDPM or DDIM scheduler built from a plain config, with ``steps`` set."""
+    """A diffusers DDPM or DDIM scheduler built from a plain config (keys the class does not take, such as another
+    scheduler's, are ignored), with ``steps`` set."""
     from diffusers import DDIMScheduler, DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import; sample-plan prices samplers without schedulers
 
     if kind not in SCHEDULERS:
         raise PaseError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
-    scheduler = cls(**config)
+    from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "config attributes ... will be ignored": expected for a folder's
+    try:
+        scheduler = cls.from_config(config)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     train_steps = scheduler.config.num_train_timesteps
     if not 1 <= steps <= train_steps:
         raise PaseError(f"--steps {steps} must be between 1 and the scheduler's {train_steps} training timesteps")

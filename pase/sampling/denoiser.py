@@ -22,12 +22,15 @@ class Denoiser(Protocol):
 
 class UNetDenoiser:
     """A UNet as a denoiser; ``context`` (1, L, E) enables cross-attention models and, with
-    ``guidance_scale`` > 1, classifier-free guidance against an all-zero context."""
+    ``guidance_scale`` > 1, classifier-free guidance against ``uncond_context`` (a negative prompt's embedding;
+    default: an all-zero context)."""
 
-    def __init__(self, model: nn.Module, context: torch.Tensor | None = None, guidance_scale: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, context: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                 uncond_context: torch.Tensor | None = None) -> None:
         self.model = model.eval()
         self.context = context
         self.guidance_scale = guidance_scale
+        self.uncond_context = uncond_context
         if guidance_scale != 1.0 and context is None:
             raise PaseError("--guidance-scale needs a text-conditioned model (e.g. sd15-unet); this model has no "
                             "encoder_hidden_states input")
@@ -49,7 +52,8 @@ class UNetDenoiser:
         rows = x.shape[0]
         if not self.guided:
             return _sample(self.model(x, t, encoder_hidden_states=self.context.expand(rows, -1, -1)))
-        context = torch.cat([torch.zeros_like(self.context).expand(rows, -1, -1), self.context.expand(rows, -1, -1)])
+        uncond = torch.zeros_like(self.context) if self.uncond_context is None else self.uncond_context
+        context = torch.cat([uncond.expand(rows, -1, -1), self.context.expand(rows, -1, -1)])
         out = _sample(self.model(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=context))
         uncond, cond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)

@@ -19,6 +19,13 @@ from pase.sampling.core import SamplerCore, build_core
 from pase.sampling.denoiser import UNetDenoiser
 from pase.sampling.distributed import Evaluator
 from pase.sampling.paradigms import paradigms
+from pase.sampling.pipeline_folder import (
+    FolderSamplingError,
+    is_pipeline_folder,
+    load_folder_model,
+    pipeline_of,
+    scheduler_config,
+)
 from pase.sampling.sequential import Progress, SampleResult, batch_parallel, sequential
 from pase.sampling.srds import srds
 
@@ -42,6 +49,8 @@ class SampleConfig:
     guidance_scale: float = 1.0
     clip_sample: bool = False
     check: bool = False
+    prompt: str | None = None  # a pipeline folder: what to draw (its text encoder encodes it)
+    negative_prompt: str | None = None  # under guidance, what to steer away from ("" when None, as diffusers)
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -51,10 +60,21 @@ class SampleConfig:
         if self.steps < 1:
             raise PaseError(f"--steps must be >= 1, not {self.steps}")
         check_size(self.model, self.size)
+        folder = is_pipeline_folder(self.model)
+        if self.prompt is not None or self.negative_prompt is not None:
+            pipeline_of(self.model)  # refuses zoo models, UNet folders alone and SDXL by name
+        elif folder:
+            raise FolderSamplingError(f"{self.model} is a text-to-image pipeline: say what to draw with --prompt")
+        if self.negative_prompt is not None and self.guidance_scale == 1.0:
+            raise FolderSamplingError("--negative-prompt acts through classifier-free guidance: give a "
+                                      "--guidance-scale above 1 (e.g. 7.5)")
 
     @property
     def tolerance(self) -> float:
         return DEFAULT_TOL.get(self.sampler, 0.0) if self.tol is None else self.tol
+
+
+MAX_SIZE = 4096  # pixels or latents per side, as training's --image-size
 
 
 def check_size(model: str, size: int | None) -> None:
@@ -64,6 +84,8 @@ def check_size(model: str, size: int | None) -> None:
         return
     if size < 1:
         raise PaseError(f"--size must be >= 1, not {size}")
+    if size > MAX_SIZE:
+        raise PaseError(f"--size must be <= {MAX_SIZE}, not {size} (a {size}x{size} sample would not fit in memory)")
 
     spec = resolve_model(model)
     if spec.family == "diffusers.UNet2DConditionModel":
@@ -102,7 +124,23 @@ def build_denoiser(name: str, seed: int, guidance_scale: float = 1.0, device: to
 
 
 def make_core(config: SampleConfig) -> SamplerCore:
+    """DDPM or DDIM over ``config.steps``: a pipeline folder's noise schedule, else diffusers' defaults."""
+    if config.prompt is not None:
+        folder = scheduler_config(config.model)
+        clip = bool(folder.get("clip_sample")) or config.clip_sample
+        return build_core(config.scheduler, config.steps, **{**folder, "clip_sample": clip})
     return build_core(config.scheduler, config.steps, clip_sample=config.clip_sample)
+
+
+def build_folder_denoiser(config: SampleConfig, device: torch.device) -> tuple[UNetDenoiser, tuple[int, int, int]]:
+    """The folder's UNet with the prompt's context (and the negative prompt's under guidance), and its latents'
+    (C, H, W)."""
+    assert config.prompt is not None
+    loaded = load_folder_model(config.model, config.prompt, config.negative_prompt, config.guidance_scale != 1.0,
+                               device)
+    _, channels, height, width = resolve_model(config.model).inputs[0].concrete(1)
+    return UNetDenoiser(loaded.unet, loaded.context, config.guidance_scale, loaded.uncond_context), \
+        (channels, height, width)
 
 
 def run_sampler(name: str, core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, noise: torch.Tensor,
@@ -126,7 +164,10 @@ def sample(config: SampleConfig, progress: Progress | None = None) -> tuple[Samp
     sample against sequential sampling from the same x_T and noise."""
     config.validate()
     device = device_for_rank()
-    denoiser, (channels, height, width) = build_denoiser(config.model, config.seed, config.guidance_scale, device)
+    if config.prompt is not None:
+        denoiser, (channels, height, width) = build_folder_denoiser(config, device)
+    else:
+        denoiser, (channels, height, width) = build_denoiser(config.model, config.seed, config.guidance_scale, device)
     if config.size is not None:
         height = width = config.size
     core = make_core(config).to(device)

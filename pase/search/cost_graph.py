@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,14 @@ class CostGraph:
         path = Path(path)
         if not path.exists():
             raise CostGraphError(f"cost graph file {path} does not exist")
-        raw = path.read_bytes()
+        if path.is_dir():
+            raise CostGraphError(f"cost graph file {path} is a folder; give a {FORMAT} file (JSON or gzip JSON)")
         try:
+            raw = path.read_bytes()
             text = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
             data = _parse_json(text)
-        except (OSError, ValueError) as exc:
-            raise CostGraphError(f"{path} is not JSON or gzip JSON: {exc}") from None
+        except (OSError, ValueError, EOFError, zlib.error, RecursionError) as exc:
+            raise CostGraphError(f"{path} is not JSON or gzip JSON: {str(exc)[:200]}") from None
         return cls.from_dict(data, origin=str(path))
 
     @classmethod
@@ -102,15 +105,18 @@ class CostGraph:
             if cost.size == 0:
                 raise CostGraphError(f"{where}: has no configurations (empty \"cost\")")
             config = vertex.get("configs") or [[i] for i in range(cost.size)]
-            if len(config) != cost.size:
-                raise CostGraphError(f"{where}: {len(config)} configs but {cost.size} costs")
+            if not isinstance(config, list) or len(config) != cost.size:
+                raise CostGraphError(f"{where}: \"configs\" must be a list of one entry per cost ({cost.size})")
             index[vid] = n
             ids.append(vid)
             ops.append(str(vertex.get("op", "")))
-            configs.append([list(map(int, c)) if isinstance(c, (list, tuple)) else [int(c)] for c in config])
+            configs.append([_config(c, where) for c in config])
             costs.append(cost)
         edges = []
-        for n, edge in enumerate(data.get("edges") or []):
+        listed = data.get("edges") or []
+        if not isinstance(listed, list):
+            raise CostGraphError(f"{origin}: \"edges\" must be a list")
+        for n, edge in enumerate(listed):
             where = f"{origin}: edge #{n}"
             if not isinstance(edge, dict) or not {"src", "dst", "cost"} <= set(edge):
                 raise CostGraphError(f"{where} needs \"src\", \"dst\" and \"cost\"")
@@ -126,7 +132,22 @@ class CostGraph:
                 raise CostGraphError(f"{where}: cost matrix is {matrix.shape[0]}x{matrix.shape[1]}, but the vertices "
                                      f"have {costs[s].size} and {costs[d].size} configs")
             edges.append((s, d, matrix))
-        return cls(str(data.get("name", origin)), int(data.get("devices", 0)), ids, ops, configs, costs, edges)
+        devices = data.get("devices", 0)
+        if not _is_int(devices) or devices < 0:
+            raise CostGraphError(f"{origin}: \"devices\" must be a whole number >= 0, not {devices!r}")
+        return cls(str(data.get("name", origin)), devices, ids, ops, configs, costs, edges)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config(value: Any, where: str) -> list[int]:
+    """One configuration: a whole number or a list of them (its split factors)."""
+    items = value if isinstance(value, list) else [value]
+    if not all(_is_int(v) for v in items):
+        raise CostGraphError(f"{where}: a configuration must be a whole number or a list of them, not {value!r}")
+    return list(items)
 
 
 def _parse_json(text: bytes) -> Any:

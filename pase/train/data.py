@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from pase import paths
 from pase.errors import PaseError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -34,7 +35,7 @@ def load_images(source: str, size: int = 32, channels: int = 3, count: int = 204
         images = generated_shapes(count, size, seed)
     elif source == "digits":
         images = digits(size)
-    elif Path(source).is_dir():
+    elif source.strip() and paths.is_dir(source):  # "" would be the current folder: never what was meant
         images = image_folder(Path(source), size)
     else:
         raise DataError(f"unknown data source {source!r}: use 'shapes' (generated), 'digits' (the UCI "
@@ -118,7 +119,7 @@ def image_folder(folder: Path, size: int) -> torch.Tensor:
                 left, top = (image.width - side) // 2, (image.height - side) // 2
                 image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
                 images.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise DataError(f"cannot read image {path}: {exc}; remove it from the folder or fix it") from None
     return torch.from_numpy(np.stack(images)) * 2 - 1
 

@@ -20,11 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pase import paths
 from pase.errors import PaseError
+from pase.graph import extract_model
 from pase.models import folders
 from pase.models.folders import looks_like_folder
-from pase.models.zoo import ModelSpec, resolve_model
+from pase.models.zoo import ModelSpec
 from pase.runtime.state import full_state_dict
+from pase.train.captions import Augment
 from pase.train.data import LoaderFactory, load_images, split_held_out, step_batches
 from pase.train.deme import denoising_score, save_range_weights
 from pase.train.deme import train_ranges as train_deme_ranges
@@ -40,14 +43,16 @@ from pase.train.loop import (
     fit,
 )
 from pase.train.memory import PeakMemory
+from pase.train.node_views import check_same_view, describe_view
 from pase.train.out_folder import owned_out
-from pase.train.planned import PlannedRun, autocast_for, check_plan, load_plan
+from pase.train.planned import PlannedRun, autocast_for, check_plan, job_model, load_plan
 from pase.train.run_log import RunLog
 from pase.train.text_jobs import export_model, is_text_conditioned, text_training
 from pase.train.text_to_image import LatentLoss, check_pipeline
 from pase.train.validation import Validation
 from pase.weights import load_weights_into, save_weights
 from strategies import deme, tuneqdm
+from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 
 STRATEGIES = ("full", "deme", "tuneqdm")
 REPORT_TAIL = ("strategy", "trainable_params", "total_params", "grad_and_optimizer_bytes", "peak_memory_bytes",
@@ -79,6 +84,9 @@ class JobOptions:
     prediction_type: str | None = None  # text-to-image: epsilon or v_prediction (default: the pipeline scheduler's)
     snr_gamma: float | None = None  # text-to-image: min-SNR loss weighting
     noise_offset: float = 0.0  # text-to-image: per-channel noise offset
+    random_crop: bool = False  # text-to-image: a random square of each image (else its centre)
+    random_flip: bool = False  # text-to-image: mirror half the images
+    gradient_checkpointing: bool = False  # re-run blocks in backward instead of keeping their activations
     workers: int = 2  # DataLoader workers reading captioned images or a cache
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -139,7 +147,7 @@ def _data(options: JobOptions, spec: ModelSpec) -> tuple[torch.Tensor, torch.Ten
 def pretrained_builder(spec: ModelSpec, init: Path | None, init_seed: int, device: torch.device,
                        ) -> Callable[[], nn.Module]:
     """Builds the starting weights again on every call: streamed from ``init``, or seeded random weights."""
-    if init is not None and not Path(init).is_file():
+    if init is not None and not paths.is_file(init):
         raise PaseError(f"--init {init} is not a file; give a weights file (pase train writes OUT/model.safetensors)")
 
     def build() -> nn.Module:
@@ -191,9 +199,18 @@ def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str,
              parallelize: Parallelize) -> tuple[PlannedRun | None, Parallelize, str | None]:
     """The job's plan checked against the world and the model before any work starts (None without --plan),
     the loop's parallelize under it, and the autocast dtype."""
+    if options.gradient_checkpointing and strategy == "tuneqdm":
+        raise PaseError("--gradient-checkpointing does not run with TuneQDM (its quantized layers keep their own "
+                        "activations); leave it out")
     if options.plan is None:
+        if options.gradient_checkpointing:
+            parallelize = checkpointing_first(parallelize, spec, options.batch // env.world)
         return None, parallelize, autocast_for(options.precision, env.device, None)
     plan = load_plan(options.plan)
+    if options.gradient_checkpointing and not plan.options.get("checkpointing"):
+        raise PaseError(f"the plan {options.plan} was made without activation checkpointing, so its time and memory "
+                        "assume none; re-plan with `pase plan --checkpoint ...` (whose plans checkpoint by themselves) "
+                        "or leave --gradient-checkpointing out")
     if plan.stages and options.grad_accum > 1:
         raise PaseError(f"--grad-accum does not combine with the pipeline plan {options.plan}, whose schedule already "
                         f"accumulates over its {plan.microbatches} microbatches; plan the larger batch instead "
@@ -201,6 +218,21 @@ def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str,
     planned = check_plan(plan, env, spec, strategy)
     planned.image_size = options.image_size
     return planned, planned.parallelize(), autocast_for(options.precision, env.device, planned.plan)
+
+
+def checkpointing_first(parallelize: Parallelize, spec: ModelSpec, batch_per_rank: int) -> Parallelize:
+    """``parallelize`` after wrapping the blocks a ``--checkpoint`` plan would (``strategies.checkpointing``: every
+    block whose output alone leaves it) in activation checkpointing; the blocks come from the model's layer graph."""
+    if spec.family == "user":
+        raise PaseError("--gradient-checkpointing without a plan needs a zoo model or a diffusers folder; for your own "
+                        "model make a plan with `pase plan --checkpoint` and train with --plan")
+    blocks = checkpointed_blocks(extract_model(spec.name, max(1, batch_per_rank), use_cache=True))
+
+    def apply(model: nn.Module, group: DataGroup) -> nn.Module:
+        apply_checkpointing(model, blocks)
+        return parallelize(model, group)
+
+    return apply
 
 
 def _plan_report(planned: PlannedRun | None) -> dict[str, Any]:
@@ -236,7 +268,8 @@ def _save_full(out: Path | None, model: nn.Module, result: TrainResult, metadata
 def _report(options: JobOptions, env: DistEnv, result: TrainResult, memory: PeakMemory, peak: int, strategy: str,
             trainable: int, total: int, grad_and_optimizer: int, outputs: list[str], **extra: Any) -> dict[str, Any]:
     head = {"model": options.model, "data": options.data, "steps": result.steps, "steps_run": result.steps_run,
-            "batch": options.batch, "grad_accum": options.grad_accum, "world_size": env.world,
+            "batch": options.batch, "grad_accum": options.grad_accum,
+            "gradient_checkpointing": options.gradient_checkpointing, "world_size": env.world,
             "device": str(env.device),
             "step_seconds": result.step_seconds,
             "last_learning_rate": result.learning_rates[-1] if result.learning_rates else None,
@@ -254,7 +287,7 @@ def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = d
               loader: LoaderFactory = step_batches) -> dict[str, Any]:
     """Train a model from seeded random weights (or ``--init``, or a folder's own weights): the epsilon loss on
     images, or for a text-to-image pipeline folder the latent loss on captioned images or a cache."""
-    spec = resolve_model(options.model)
+    spec = job_model(options.model, options.plan)
     planned, parallelize, autocast = _planned(options, env, spec, "train", parallelize)
     with _owned(options, env):  # after the checks: a refused run leaves no --out behind
         return _fit_whole_model(options, env, spec, planned, parallelize, loader, autocast, "train",
@@ -262,7 +295,9 @@ def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = d
 
 
 def _owned(options: JobOptions, env: DistEnv) -> contextlib.AbstractContextManager[None]:
-    """This job's hold on --out for its whole run (pase.train.out_folder)."""
+    """This job's hold on --out for its whole run (pase.train.out_folder), once every rank is known to read the same
+    --init and --resume files (pase.train.node_views)."""
+    check_same_view(describe_view(options.out, options.init, options.resume), distributed=bool(env.backend))
     return owned_out(options.out, options.resume, options.overwrite, env.is_main, distributed=bool(env.backend))
 
 
@@ -279,6 +314,9 @@ def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned
                         "--model, or leave --validation-prompt out")
     if options.validation_every and not options.validation_prompts:
         raise PaseError("--validation-every needs at least one --validation-prompt")
+    if (options.random_crop or options.random_flip) and not text:
+        raise PaseError("--random-crop and --random-flip apply to captioned images for a text-to-image pipeline "
+                        f"folder; {spec.name} trains on --data {options.data} without them")
     run_log = RunLog(options.out, options.report_to, active=env.is_main)
     dataset: Any = None if text else _data(options, spec)[0]
     warm_imports(spec, text)
@@ -288,7 +326,8 @@ def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned
     if text:
         job = text_training(spec, options.data, options.image_size, LatentLoss(options.prediction_type,
                             options.snr_gamma, options.noise_offset), env.device,
-                            torch.bfloat16 if autocast == "bf16" else torch.float32, options.workers)
+                            torch.bfloat16 if autocast == "bf16" else torch.float32, options.workers,
+                            Augment(options.random_crop, options.random_flip))
         dataset, loader, objective = job.dataset, job.loader, job.objective
         identity.update(job.identity)
     hooks: list[AfterStep] = [run_log]
@@ -326,7 +365,7 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
     """Fine-tune with one strategy; the report ends with REPORT_TAIL's keys."""
     if options.strategy not in STRATEGIES:
         raise PaseError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    spec = resolve_model(options.model)
+    spec = job_model(options.model, options.plan)
     planned, planned_parallelize, autocast = _planned(options, env, spec, options.strategy, parallelize)
     with _owned(options, env):  # after the checks: a refused run leaves no --out behind
         return _finetune(options, env, spec, planned, planned_parallelize, parallelize, loader, autocast)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch.utils.data import DataLoader, Dataset
 
-from pase import atomic
+from pase import atomic, paths
 from pase.train.captions import CaptionedImages, find_captioned
 from pase.train.data import DataError
 from pase.train.text_to_image import FrozenEncoders, Tokenize
@@ -31,7 +31,7 @@ XL_TENSORS = ("text_embeds", "time_ids")  # an SDXL pipeline's caches too
 
 
 def is_cache(folder: str | Path) -> bool:
-    return (Path(folder) / MANIFEST).is_file()
+    return paths.is_file(Path(folder) / MANIFEST)
 
 
 def write_cache(pipeline: Path, data: Path, out: Path, resolution: int, device: torch.device,

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pase import paths
 from pase.errors import PaseError
 from pase.graph import LayerGraph, extract_model
 from pase.models.folders import looks_like_folder
-from pase.models.zoo import ModelSpec, recorded_model
+from pase.models.zoo import ModelSpec, recorded_model, resolve_model
 from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import is_pure_data_parallel, layer_layouts
@@ -74,12 +75,21 @@ def load_plan(path: Path) -> Plan:
     return Plan.load(path)
 
 
+def job_model(model: str, plan_path: Path | None) -> ModelSpec:
+    """The job's model; for a plan of a user's factory (named on the command line: ``job_settings``), built with the
+    input shapes the plan recorded."""
+    shapes = None
+    if plan_path is not None and recorded_model(model) is None:
+        shapes = [tuple(shape) for shape in load_plan(plan_path).input_shapes or []] or None
+    return resolve_model(model, shapes)
+
+
 def job_settings(plan: Plan, model: str | None, batch: int | None) -> tuple[str, int]:
     """The model and global batch a planned job runs: the plan's, and explicit options must agree with them. A plan
     for a user's ``package.module:factory`` runs only when the command line names that factory too: a plan file
     never makes pase import code."""
     if model is not None and looks_like_folder(model) and ":" not in model:
-        model = str(Path(model).expanduser().resolve())  # a folder, however it is written
+        model = str(paths.expanded(model).resolve())  # a folder, however it is written
     if model is None and recorded_model(plan.model) is None:
         raise PaseError(f"the plan is for the model factory {plan.model!r}: a plan file never makes pase import code, "
                         f"so name it yourself, `--model {plan.model}`, to run it")
@@ -127,4 +137,4 @@ def autocast_for(precision: str, device: torch.device, plan: Plan | None) -> str
     return "bf16"
 
 
-__all__ = ["PRECISIONS", "PlannedRun", "autocast_for", "check_plan", "job_settings", "load_plan"]
+__all__ = ["PRECISIONS", "PlannedRun", "autocast_for", "check_plan", "job_model", "job_settings", "load_plan"]

@@ -53,15 +53,27 @@ def row_seed(seed: int, epoch: int, item: int) -> int:
 
 
 class _Indexed(Dataset):
-    """A data set of dicts whose items also carry their index (collated into the batch's ``index``)."""
+    """A data set of dicts read by ``(index, row seed)`` keys, whose items also carry their index (collated into the
+    batch's ``index``); a data set with a ``sample(index, seed)`` method (random crops and flips) gets the seed."""
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.dataset[index], "index": index}
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        sample = getattr(self.dataset, "sample", None)
+        item = sample(index, seed) if sample is not None else self.dataset[index]
+        return {**item, "index": index}
+
+
+def _seeded(schedule: Iterator[list[int]], seed: int, start_step: int, epoch_steps: int
+            ) -> Iterator[list[tuple[int, int]]]:
+    """Each batch of indices as ``(index, row_seed)`` keys."""
+    for step, indices in enumerate(schedule, start=start_step):
+        epoch = step // epoch_steps
+        yield [(int(i), row_seed(seed, epoch, int(i))) for i in indices]
 
 
 def streamed(transform: Transform | None = None, workers: int = 2) -> LoaderFactory:
@@ -72,7 +84,8 @@ def streamed(transform: Transform | None = None, workers: int = 2) -> LoaderFact
                 start_step: int) -> Iterator[Any]:
         schedule = batch_indices(dataset, batch_per_rank, dp_rank, dp_size, seed, start_step)
         epoch_steps = steps_per_epoch(dataset, batch_per_rank, dp_size)
-        loader = DataLoader(_Indexed(dataset), batch_sampler=schedule, num_workers=workers,  # type: ignore[arg-type]
+        keys = _seeded(iter(schedule), seed, start_step, epoch_steps)
+        loader = DataLoader(_Indexed(dataset), batch_sampler=keys, num_workers=workers,  # type: ignore[arg-type]
                             persistent_workers=False, prefetch_factor=2 if workers else None)
         for step, batch in enumerate(loader, start=start_step):
             items = batch.pop("index")

@@ -23,7 +23,7 @@ from pase import atomic
 from pase.errors import PaseError
 from pase.models import folders
 from pase.models.zoo import ModelSpec
-from pase.train.captions import CaptionedImages, find_captioned
+from pase.train.captions import Augment, CaptionedImages, find_captioned
 from pase.train.data import DataError, LoaderFactory
 from pase.train.latent_cache import LatentCache, is_cache
 from pase.train.loop import Objective
@@ -67,8 +67,10 @@ def pipeline_of(spec: ModelSpec) -> Path | None:
 
 
 def text_training(spec: ModelSpec, data: str, image_size: int | None, loss: LatentLoss, device: torch.device,
-                  dtype: torch.dtype = torch.float32, workers: int = 2) -> TextTraining:
+                  dtype: torch.dtype = torch.float32, workers: int = 2, augment: Augment = Augment()) -> TextTraining:
     """The streamed data, loader and objective of a text-to-image job; every check before any weights load."""
+    if not data.strip():  # "" would be the current folder: never what was meant
+        raise DataError("--data is empty: give a folder of captioned images or a `pase cache` folder")
     pipeline = check_pipeline(pipeline_of(spec), spec.name)
     takes_pooled = any(spec_input.name == "text_embeds" for spec_input in spec.inputs)
     if takes_pooled != is_sdxl(pipeline):
@@ -84,7 +86,12 @@ def text_training(spec: ModelSpec, data: str, image_size: int | None, loss: Late
     context = next(i for i in spec.inputs if i.name == "encoder_hidden_states").shape[1:]
     identity = {"prediction_type": loss.prediction_type, "snr_gamma": loss.snr_gamma,
                 "noise_offset": loss.noise_offset}
+    if augment.active:  # a resume must crop and flip alike
+        identity.update(random_crop=augment.random_crop, random_flip=augment.random_flip)
     if is_cache(data):
+        if augment.active:
+            raise DataError(f"--random-crop and --random-flip need the images: the cache {data} holds the latents of "
+                            "one centre crop of each; train from the image folder, or leave them out")
         cache = LatentCache(data)
         resolution = int(cache.manifest["resolution"])
         if image_size is not None and image_size != resolution:
@@ -109,7 +116,7 @@ def text_training(spec: ModelSpec, data: str, image_size: int | None, loss: Late
     tokenize = Tokenize(pipeline)
     encoders = FrozenEncoders(pipeline, device, dtype)
 
-    return TextTraining(CaptionedImages(items, resolution, tokenize), streamed(encoders, workers),
+    return TextTraining(CaptionedImages(items, resolution, tokenize, augment), streamed(encoders, workers),
                         latent_objective(scheduler, loss), resolution, "images", {**identity, "resolution": resolution})
 
 

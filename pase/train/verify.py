@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from pase.errors import PaseError
-from pase.models.zoo import ModelSpec, recorded_model
+from pase.models.zoo import ModelSpec, recorded_model, resolve_model
 from pase.planning.plan import Plan
 from pase.runtime.checks import model_graph
 from pase.runtime.comm_count import CommCounter
@@ -99,27 +99,43 @@ class CheckResult:
         return {key: asdict(self)[key] for key in keys}
 
 
-def plan_spec(plan: Plan) -> ModelSpec:
-    """The plan's model, rebuilt from data: a zoo entry or a diffusers folder (``recorded_model``)."""
+def plan_spec(plan: Plan, model: str | None = None) -> ModelSpec:
+    """The plan's model: a zoo entry or a diffusers folder rebuilt from data (``recorded_model``), or a user's
+    factory when ``model`` (the command line's ``--model``) names the same one, built at the plan's input shapes."""
     spec = recorded_model(plan.model)
-    if spec is None:
-        raise PaseError(f"pase verify rebuilds the plan's model from the zoo or a diffusers folder, and {plan.model!r} "
-                        "is neither (a plan never imports a user's factory)")
-    return spec
+    if spec is not None:
+        return spec
+    if model is None:
+        raise PaseError(f"the plan is for the model factory {plan.model!r}: a plan file never makes pase import code, "
+                        f"so name it yourself, `--model {plan.model}`, to verify it")
+    if model != plan.model:
+        raise PaseError(f"the plan was made for model {plan.model!r}, not {model!r}; drop --model or re-plan with "
+                        f"`pase plan --model {model} ...`")
+    if not plan.input_shapes:
+        raise PaseError(f"the plan for {plan.model!r} does not record its input shapes (an older plan file); re-plan "
+                        "it with `pase plan --model ... --input-shape ...`")
+    return resolve_model(model, [tuple(shape) for shape in plan.input_shapes])
 
 
-def synthetic_inputs(plan: Plan, batch: int, device: torch.device, generator: torch.Generator
-                     ) -> tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]:
-    """(noise target, model args, model kwargs) for one step of a zoo model: noised latents, timesteps."""
+def _is_timestep(spec: ModelSpec, position: int, name: str, template: torch.Tensor) -> bool:
+    """A UNet's timestep input: named so in the zoo and in folders; a user model's second input when it is 1-D
+    (the ``(sample, timestep)`` convention that ``pase train`` follows too)."""
+    return name == "timestep" or (spec.family == "user" and position == 1 and template.dim() == 1)
+
+
+def synthetic_inputs(plan: Plan, batch: int, device: torch.device, generator: torch.Generator,
+                     spec: ModelSpec | None = None) -> tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]:
+    """(noise target, model args, model kwargs) for one step of the plan's model (``spec``, default: rebuilt from
+    the plan): noised latents, timesteps."""
     from diffusers import DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import; only the DDPM schedule needs it
 
-    spec = plan_spec(plan)
+    spec = spec or plan_spec(plan)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     args, kwargs = spec.example_inputs(batch, device="cpu")
     values = []
     noise = None
-    for name, template in [(s.name, t) for s, t in zip(spec.inputs, (*args, *_leaves(kwargs)))]:
-        if name == "timestep":
+    for position, (name, template) in enumerate((s.name, t) for s, t in zip(spec.inputs, (*args, *_leaves(kwargs)))):
+        if _is_timestep(spec, position, name, template):
             values.append(torch.randint(0, 1000, template.shape, generator=generator))
         else:
             values.append(torch.randn(template.shape, generator=generator))
@@ -169,24 +185,24 @@ class _HostMemory:
 
 
 def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float = 1e-4,
-               progress: bool = True, check: bool = False) -> VerifyResult:
+               progress: bool = True, check: bool = False, model: str | None = None) -> VerifyResult:
     """Run ``steps`` training steps of ``plan`` in the current process group (open one with
     ``pase.distributed``); every rank returns the same result. With ``check``, one step is first held
     against the same step on a single process (``run_check``)."""
     if steps <= warmup:
         raise PaseError(f"--steps {steps} leaves nothing to measure after {warmup} warm-up steps; use more steps")
-    plan_spec(plan)  # a model pase can rebuild, or a clear error before any process group work
+    spec = plan_spec(plan, model)  # a model pase can rebuild, or a clear error before any process group work
     with distributed(plan) as run:
         with torch.device("meta"):
-            graph = model_graph(plan_spec(plan).build(), plan)  # capture (and imports) before the memory baseline
-        checked = run_check(run, plan, graph, seed, lr) if check else None
+            graph = model_graph(spec.build(), plan)  # capture (and imports) before the memory baseline
+        checked = run_check(run, plan, graph, seed, lr, spec) if check else None
         cuda = run.device.type == "cuda"
         host = None if cuda else _HostMemory()
         if cuda:
             torch.cuda.reset_peak_memory_stats(run.device)
         torch.manual_seed(seed)
-        model = plan_spec(plan).build()
-        parallel = run.parallelize(model, graph=graph)
+        built = spec.build()
+        parallel = run.parallelize(built, graph=graph)
         optimizer = torch.optim.AdamW(parallel.parameters(), lr=lr)
         generator = torch.Generator().manual_seed(seed + 1 + run.rank)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16 if plan.precision == "bf16" else torch.float16,
@@ -194,14 +210,14 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
         bar = _bar(steps, progress and run.rank == 0)
         pipelined = hasattr(parallel, "pase_step")  # a pipeline stage runs whole steps in its schedule
         if pipelined:
-            shape, generator = _pipeline_latents(plan, parallel, seed)
+            shape, generator = _pipeline_latents(plan, spec, parallel, seed)
             objective = epsilon_objective()
         times, losses = [], []
         for _ in range(steps):
             if pipelined:  # the objective draws noise and timesteps inside the step (the last stage needs them)
                 x0 = torch.randn(shape, generator=generator).to(run.device)
             else:
-                target, args, kwargs = synthetic_inputs(plan, run.local_batch, run.device, generator)
+                target, args, kwargs = synthetic_inputs(plan, run.local_batch, run.device, generator, spec)
             if cuda:
                 torch.cuda.synchronize(run.device)
             started = time.perf_counter()
@@ -240,7 +256,7 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
                         total, checked)
 
 
-def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckResult:
+def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: ModelSpec | None = None) -> CheckResult:
     """One training step (forward, backward, AdamW) of ``plan`` on a seeded global batch, and the same step of
     the same model on this process alone; every rank builds the reference itself. A text-conditioned model
     gets seeded random conditioning (text embeddings, SDXL's added inputs) for the same global batch. Compared:
@@ -248,11 +264,12 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
     reference is zero up to rounding, such as attention key biases, relative to the largest norm instead; weight
     elements whose reference gradient is under ``ADAM_UNSTABLE_GRAD`` left out, their AdamW step being rounding).
     The plan's step runs under ``CommCounter``, whose bytes (the busiest rank's) are held against the plan's."""
+    spec = spec or plan_spec(plan)
     torch.manual_seed(seed)
-    model = plan_spec(plan).build()
+    model = spec.build()
     reference = copy.deepcopy(model)
     objective = epsilon_objective()
-    args, _ = plan_spec(plan).example_inputs(1, device="meta")
+    args, _ = spec.example_inputs(1, device="meta")
     x0 = torch.randn((plan.batch, *args[0].shape[1:]), generator=torch.Generator().manual_seed(seed + 7))
     parallel = run.parallelize(model, graph=graph)
     pipelined = hasattr(parallel, "pase_step")  # a pipeline stage runs whole steps
@@ -261,7 +278,7 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
     share = plan.batch // replicas
     drawn = [objective.prepare(x0[r * share:(r + 1) * share], step_generator(seed, 0, r)) for r in range(replicas)]
     inputs = [torch.cat([d[0][k] for d in drawn]) for k in range(2)]
-    extra_args, extra_kwargs = _conditioning(plan, seed)
+    extra_args, extra_kwargs = _conditioning(plan, spec, seed)
     if pipelined and (extra_args or extra_kwargs):
         raise PaseError(f"pase verify --check runs pipeline plans of unconditional models only; {plan.model} takes "
                         "conditioning inputs")
@@ -307,10 +324,9 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float) -> CheckRe
                        float(plan.predicted.comm_bytes_per_device), len(errors) - 1)
 
 
-def _conditioning(plan: Plan, seed: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+def _conditioning(plan: Plan, spec: ModelSpec, seed: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
     """The model's inputs after the sample and timestep (text embeddings, SDXL's pooled embeddings and time
     ids) for the plan's global batch, seeded: random, as ``synthetic_inputs`` draws them."""
-    spec = plan_spec(plan)
     args, kwargs = spec.example_inputs(plan.batch, device="cpu")
     generator = torch.Generator().manual_seed(seed + 11)
     extra_args = tuple(torch.randn(a.shape, generator=generator) for a in args[2:])
@@ -351,11 +367,11 @@ def relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
     return errors
 
 
-def _pipeline_latents(plan: Plan, stage: Any, seed: int) -> tuple[tuple[int, ...], torch.Generator]:
+def _pipeline_latents(plan: Plan, spec: ModelSpec, stage: Any, seed: int) -> tuple[tuple[int, ...], torch.Generator]:
     """Shape of this replica's share of the global batch of latents, and the replica's generator (every rank
     of a replica draws the same numbers: stage 0 feeds the noised latents, the last stage scores the noise)."""
     replica, replicas = stage.pase_data_parallel
-    args, _ = plan_spec(plan).example_inputs(1, device="meta")
+    args, _ = spec.example_inputs(1, device="meta")
     return (plan.batch // replicas, *args[0].shape[1:]), torch.Generator().manual_seed(seed + 1 + replica)
 
 
