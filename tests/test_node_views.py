@@ -57,6 +57,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_nodes_that_see_different_checkpoints_stop_at_start_up(trained: Path, tmp_path: Path) -> None:
     runs = _two_nodes([["--steps", "3", "--resume", "--out", str(trained)],

@@ -57,6 +57,7 @@ def test_a_user_factory_plan_trains_on_two_ranks(user_plan: Path) -> None:
     assert "final loss" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_verify_checks_a_user_factory_plan_named_on_the_command_line(user_plan: Path) -> None:
     checked = _torchrun("verify", "--plan", str(user_plan), "--model", FACTORY, "--steps", "3", "--warmup", "1",
