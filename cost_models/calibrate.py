@@ -38,7 +38,7 @@ from pase import atomic
 from pase.errors import PaseError
 from pase.graph import LayerGraph, extract_model
 from pase.process_group import Launch, free_port, pick_backend, process_group, spawn
-from pase.schema import read_json
+from pase.schema import read_json, schema_error
 
 PROFILE_FORMAT = "pase-calibration"
 COMPUTE_KINDS = ("conv", "linear", "matmul", "attention")
@@ -466,11 +466,7 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     the file and the first field that is wrong otherwise."""
     fix = "write one with `pase hw calibrate --out FILE`"
     data = read_json(path, "calibration profile", fix)
-    from jsonschema import Draft202012Validator  # noqa: PLC0415 - only profile loading needs it
-    from jsonschema.exceptions import best_match  # noqa: PLC0415
-
-    error = best_match(Draft202012Validator(PROFILE_JSON_SCHEMA).iter_errors(data))
-    if error is not None:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-        raise PaseError(f"calibration profile {path}: {where or 'top level'}: {error.message[:200]}; {fix}")
+    problem = schema_error(data, PROFILE_JSON_SCHEMA)
+    if problem is not None:
+        raise PaseError(f"calibration profile {path}: {problem[:300]}; {fix}")
     return data

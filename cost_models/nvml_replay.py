@@ -14,7 +14,7 @@ from typing import Any
 import pynvml
 
 from pase.errors import PaseError
-from pase.schema import read_json
+from pase.schema import read_json, schema_error
 
 RECORDING_FORMAT = "pase-nvml-recording"
 P2P_READ, P2P_NVLINK = 0, 2  # NVML_P2P_CAPS_INDEX_*; pynvml 13.x defines READ as the tuple (0,), so use ints
@@ -77,14 +77,10 @@ RECORDING_JSON_SCHEMA: dict[str, Any] = {
 
 def check_recording(recording: Any) -> None:
     """Raise one ``PaseError`` line naming the first field of ``recording`` that NVML could not have answered."""
-    from jsonschema import Draft202012Validator  # noqa: PLC0415 - only replays need it
-    from jsonschema.exceptions import best_match  # noqa: PLC0415
-
-    error = best_match(Draft202012Validator(RECORDING_JSON_SCHEMA).iter_errors(recording))
-    if error is not None:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-        raise PaseError(f"not an NVML recording pase can replay: {where or 'top level'}: {error.message[:200]}; "
-                        "record one with `pase hw probe --record FILE`")
+    problem = schema_error(recording, RECORDING_JSON_SCHEMA)
+    if problem is not None:
+        raise PaseError(f"not an NVML recording pase can replay: {problem[:300]}; record one with "
+                        "`pase hw probe --record FILE`")
 
 
 class _Struct:

@@ -151,7 +151,7 @@ def leaving_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
             yield
         except BaseException as exc:
             sigterm.ignore()  # torchrun's SIGTERM must not cut short the line that says why this rank stops
-            failure = job_failure(exc)
+            failure = _job_failure(exc)
             close_group(timeout_s, barrier=False)
             if failure is not None:
                 raise failure from exc
@@ -159,7 +159,7 @@ def leaving_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
     close_group(timeout_s)
 
 
-def job_failure(exc: BaseException) -> PeerFailure | None:
+def _job_failure(exc: BaseException) -> PeerFailure | None:
     """``PeerFailure`` when ``exc`` means another rank failed; otherwise record ``exc`` as this rank's failure."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
@@ -196,5 +196,5 @@ def spawn(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int, timeo
                 process.kill()
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Launch", "close_group", "free_port", "job_failure", "leaving_group", "open_group",
+__all__ = ["DEFAULT_TIMEOUT_S", "Launch", "close_group", "free_port", "leaving_group", "open_group",
            "pick_backend", "pick_device", "process_group", "spawn"]

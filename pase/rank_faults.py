@@ -110,11 +110,12 @@ def _await_record(store: dist.Store | None) -> tuple[str | None, list[int]]:
     """(the failed rank's record, ranks on this host known dead): polls for the record up to ``READ_WAIT_S``,
     half a second when a rank of this host is already gone (a killed rank writes none)."""
     started = time.monotonic()
+    local = _local_peers(store)  # read once: every rank registered at start-up
     while True:
-        reported = _read(store, FAILURE_KEY, 0.0)
+        reported = _read(store, FAILURE_KEY)
         if reported:
             return reported, []
-        gone = _dead_ranks(store)
+        gone = [rank for rank, pid in local.items() if not _alive(pid)]
         waited = time.monotonic() - started
         if waited > READ_WAIT_S or (gone and waited > 0.5) or store is None:
             return None, gone
@@ -130,34 +131,27 @@ def _symptom(exc: BaseException) -> str:
     return f"its collective saw {marker!r}" if marker else one_line(exc)
 
 
-def _read(store: dist.Store | None, key: str, wait_s: float) -> str | None:
-    """``key``'s value once it is set (polled: a timed-out ``Store.wait`` prints C++ warnings), None after
-    ``wait_s`` or when the store is gone."""
+def _read(store: dist.Store | None, key: str) -> str | None:
+    """``key``'s value if it is set now (``check`` first: a ``get`` or ``wait`` of a missing key blocks, then prints
+    C++ warnings), None otherwise or when the store is gone."""
     if store is None:
         return None
-    deadline = time.monotonic() + wait_s
     try:
-        while not store.check([key]):
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.05)
-        return bytes(store.get(key)).decode(errors="replace")
+        return bytes(store.get(key)).decode(errors="replace") if store.check([key]) else None
     except Exception:  # noqa: BLE001 - no store (it went with the rank that hosted it): the caller says what it can
         return None
 
 
-def _dead_ranks(store: dist.Store | None) -> list[int]:
-    """Ranks on this host whose process is gone (or a zombie)."""
+def _local_peers(store: dist.Store | None) -> dict[int, int]:
+    """{rank: pid} of the other ranks registered on this host."""
     if store is None or not dist.is_initialized():
-        return []
-    host, dead = socket.gethostname(), []
+        return {}
+    host, peers = socket.gethostname(), {}
     for rank in range(dist.get_world_size()):
-        if rank == dist.get_rank():
-            continue
-        record = _read(store, _PROCESS_KEY.format(rank=rank), 0.2)
-        if record and record.rpartition(":")[0] == host and not _alive(int(record.rpartition(":")[2])):
-            dead.append(rank)
-    return dead
+        record = _read(store, _PROCESS_KEY.format(rank=rank)) if rank != dist.get_rank() else None
+        if record and record.rpartition(":")[0] == host:
+            peers[rank] = int(record.rpartition(":")[2])
+    return peers
 
 
 def _alive(pid: int) -> bool:

@@ -38,6 +38,19 @@ def read_json(path: str | Path, what: str, fix: str, error: type[Exception] = Pa
         raise error(f"{what} {path} is not JSON ({str(exc).splitlines()[0][:200]}); {fix}") from None
 
 
+def schema_error(data: Any, schema: dict[str, Any]) -> str | None:
+    """``where: what`` for the first part of ``data`` that the JSON Schema ``schema`` refuses (jsonschema's best
+    match), or None when it conforms."""
+    from jsonschema import Draft202012Validator  # noqa: PLC0415 - only file loading needs it
+    from jsonschema.exceptions import best_match  # noqa: PLC0415
+
+    error = best_match(Draft202012Validator(schema).iter_errors(data))
+    if error is None:
+        return None
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    return f"{where or 'top level'}: {error.message}"
+
+
 def require_object(data: Any, what: str, fix: str, error: type[Exception] = PaseError) -> dict[str, Any]:
     """``data`` when it is a JSON object, else one ``error`` line."""
     if not isinstance(data, dict):

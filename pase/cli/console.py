@@ -88,12 +88,12 @@ def check_writable(path: Path | None, option: str) -> None:
     if path is None:
         return
     path = paths.expanded(path)
-    if path.is_dir():
+    if paths.is_dir(path):
         raise PaseError(f"{option} {path} is a folder; give the name of a file (in it, or elsewhere)")
     parent = path.absolute().parent
-    while not parent.exists():
+    while not paths.exists(parent):
         parent = parent.parent
-    if not parent.is_dir():
+    if not paths.is_dir(parent):
         raise PaseError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PaseError(f"{option} {path}: the folder {parent} is not writable; choose another path")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pase.errors import PaseError
+from pase.schema import schema_error
 
 MAX_DEVICES = 1 << 20  # no cluster has more; a larger number is a typo
 MAX_FACTOR = 1 << 20
@@ -65,14 +66,9 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
 
 def check_plan_data(data: Any, source: str = "plan file") -> None:
     """Raise ``PaseError`` in one line naming the first field of ``data`` the schema refuses, and the fix."""
-    from jsonschema import Draft202012Validator  # noqa: PLC0415 - only plan loading needs it
-    from jsonschema.exceptions import best_match  # noqa: PLC0415
-
-    error = best_match(Draft202012Validator(PLAN_JSON_SCHEMA).iter_errors(data))
-    if error is None:
-        return
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".") or "top level"
-    raise PaseError(f"{source}: {where}: {error.message}; re-run `pase plan --json` (or fix that field)")
+    problem = schema_error(data, PLAN_JSON_SCHEMA)
+    if problem is not None:
+        raise PaseError(f"{source}: {problem}; re-run `pase plan --json` (or fix that field)")
 
 
 __all__ = ["PLAN_JSON_SCHEMA", "check_plan_data"]

@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pase.errors import PaseError
 from pase.planning.plan import Plan
-from pase.process_group import Launch, close_group, job_failure, open_group, pick_backend
-from pase.rank_faults import watch_sigterm
+from pase.process_group import Launch, close_group, leaving_group, open_group, pick_backend
 from pase.runtime.checks import check_world, meta_copy
 from pase.runtime.parallel import parallelize
 from pase.runtime.state import full_state_dict
@@ -128,10 +127,11 @@ class Run:
 
     def close(self, barrier: bool = True) -> None:
         """Drop the models; leave the process group if this run opened it (``barrier=False`` after an error,
-        when some rank may never reach the barrier)."""
+        when some rank may never reach the barrier). ``pase.distributed`` does this itself on leaving its block."""
         self.models.clear()
         if self.owns_group:
             close_group(self.timeout_s, barrier=barrier)
+
 
 
 def _start(plan: Plan | None, backend: str | None, timeout_s: float) -> Run:
@@ -160,18 +160,11 @@ def distributed(plan: Plan | str | Path | None = None, *, backend: str | None = 
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     run = _start(plan, backend, timeout_s)
-    with watch_sigterm() if run.owns_group else contextlib.nullcontext() as sigterm:
+    with leaving_group(timeout_s) if run.owns_group else contextlib.nullcontext():  # a group it started it ends
         try:
             yield run
-        except BaseException as exc:
-            if sigterm is not None:
-                sigterm.ignore()
-            failure = job_failure(exc) if run.owns_group else None  # as pase.process_group.leaving_group does
-            run.close(barrier=False)
-            if failure is not None:
-                raise failure from exc
-            raise
-    run.close()
+        finally:
+            run.models.clear()
 
 
 __all__ = ["Run", "distributed", "pick_backend"]

@@ -26,6 +26,7 @@ from pase.graph import extract_model
 from pase.models import folders
 from pase.models.folders import looks_like_folder
 from pase.models.zoo import ModelSpec
+from pase.planning.plan import Plan
 from pase.runtime.state import full_state_dict
 from pase.train.captions import Augment
 from pase.train.data import LoaderFactory, load_images, split_held_out, step_batches
@@ -195,18 +196,17 @@ def _max_over_ranks(value: int, env: DistEnv) -> int:
     return int(tensor.item())
 
 
-def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str,
-             parallelize: Parallelize) -> tuple[PlannedRun | None, Parallelize, str | None]:
+def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str, parallelize: Parallelize,
+             plan: Plan | None) -> tuple[PlannedRun | None, Parallelize, str | None]:
     """The job's plan checked against the world and the model before any work starts (None without --plan),
     the loop's parallelize under it, and the autocast dtype."""
     if options.gradient_checkpointing and strategy == "tuneqdm":
         raise PaseError("--gradient-checkpointing does not run with TuneQDM (its quantized layers keep their own "
                         "activations); leave it out")
-    if options.plan is None:
+    if plan is None:
         if options.gradient_checkpointing:
             parallelize = checkpointing_first(parallelize, spec, options.batch // env.world)
         return None, parallelize, autocast_for(options.precision, env.device, None)
-    plan = load_plan(options.plan)
     if options.gradient_checkpointing and not plan.options.get("checkpointing"):
         raise PaseError(f"the plan {options.plan} was made without activation checkpointing, so its time and memory "
                         "assume none; re-plan with `pase plan --checkpoint ...` (whose plans checkpoint by themselves) "
@@ -287,8 +287,9 @@ def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = d
               loader: LoaderFactory = step_batches) -> dict[str, Any]:
     """Train a model from seeded random weights (or ``--init``, or a folder's own weights): the epsilon loss on
     images, or for a text-to-image pipeline folder the latent loss on captioned images or a cache."""
-    spec = job_model(options.model, options.plan)
-    planned, parallelize, autocast = _planned(options, env, spec, "train", parallelize)
+    plan = load_plan(options.plan) if options.plan else None
+    spec = job_model(options.model, plan)
+    planned, parallelize, autocast = _planned(options, env, spec, "train", parallelize, plan)
     with _owned(options, env):  # after the checks: a refused run leaves no --out behind
         return _fit_whole_model(options, env, spec, planned, parallelize, loader, autocast, "train",
                                 f"train {_short(options.model)}")
@@ -365,8 +366,9 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
     """Fine-tune with one strategy; the report ends with REPORT_TAIL's keys."""
     if options.strategy not in STRATEGIES:
         raise PaseError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    spec = job_model(options.model, options.plan)
-    planned, planned_parallelize, autocast = _planned(options, env, spec, options.strategy, parallelize)
+    plan = load_plan(options.plan) if options.plan else None
+    spec = job_model(options.model, plan)
+    planned, planned_parallelize, autocast = _planned(options, env, spec, options.strategy, parallelize, plan)
     with _owned(options, env):  # after the checks: a refused run leaves no --out behind
         return _finetune(options, env, spec, planned, planned_parallelize, parallelize, loader, autocast)
 

@@ -75,12 +75,15 @@ def load_plan(path: Path) -> Plan:
     return Plan.load(path)
 
 
-def job_model(model: str, plan_path: Path | None) -> ModelSpec:
+def job_model(model: str, plan: Plan | None) -> ModelSpec:
     """The job's model; for a plan of a user's factory (named on the command line: ``job_settings``), built with the
     input shapes the plan recorded."""
     shapes = None
-    if plan_path is not None and recorded_model(model) is None:
-        shapes = [tuple(shape) for shape in load_plan(plan_path).input_shapes or []] or None
+    if plan is not None and recorded_model(model) is None:
+        if not plan.input_shapes:
+            raise PaseError(f"the plan for {plan.model!r} does not record its input shapes (an older plan file); "
+                            "re-plan it with `pase plan --model ... --input-shape ...`")
+        shapes = [tuple(shape) for shape in plan.input_shapes]
     return resolve_model(model, shapes)
 
 

@@ -53,8 +53,8 @@ def row_seed(seed: int, epoch: int, item: int) -> int:
 
 
 class _Indexed(Dataset):
-    """A data set of dicts read by ``(index, row seed)`` keys, whose items also carry their index (collated into the
-    batch's ``index``); a data set with a ``sample(index, seed)`` method (random crops and flips) gets the seed."""
+    """A data set of dicts read by ``(index, row seed)`` keys, whose items also carry their seed (collated into the
+    batch's ``seed``); a data set with a ``sample(index, seed)`` method (random crops and flips) gets the seed."""
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
 
@@ -65,7 +65,7 @@ class _Indexed(Dataset):
         index, seed = key
         sample = getattr(self.dataset, "sample", None)
         item = sample(index, seed) if sample is not None else self.dataset[index]
-        return {**item, "index": index}
+        return {**item, "seed": seed}
 
 
 def _seeded(schedule: Iterator[list[int]], seed: int, start_step: int, epoch_steps: int
@@ -87,11 +87,10 @@ def streamed(transform: Transform | None = None, workers: int = 2) -> LoaderFact
         keys = _seeded(iter(schedule), seed, start_step, epoch_steps)
         loader = DataLoader(_Indexed(dataset), batch_sampler=keys, num_workers=workers,  # type: ignore[arg-type]
                             persistent_workers=False, prefetch_factor=2 if workers else None)
-        for step, batch in enumerate(loader, start=start_step):
-            items = batch.pop("index")
+        for batch in loader:
+            seeds = batch.pop("seed").to(torch.int64)  # the keys' row seeds, drawn once per row in _seeded
             out = transform(batch) if transform is not None else batch
-            epoch = step // epoch_steps
-            yield {**out, "seeds": torch.tensor([row_seed(seed, epoch, int(i)) for i in items], dtype=torch.int64)}
+            yield {**out, "seeds": seeds}
 
     return factory
 

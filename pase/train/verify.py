@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from pase.errors import PaseError
-from pase.models.zoo import ModelSpec, recorded_model, resolve_model
+from pase.models.zoo import ModelSpec
 from pase.planning.plan import Plan
 from pase.runtime.checks import model_graph
 from pase.runtime.comm_count import CommCounter
 from pase.runtime.context import distributed
 from pase.runtime.state import full_tensors
 from pase.train.loop import epsilon_objective, step_generator
+from pase.train.planned import job_model, job_settings
 
 GAP = 0.25  # a measured/predicted gap above this is flagged
 CHECK_TOLERANCE = 1e-4  # `verify --check` fails above this relative error (loss, gradients, weights after a step)
@@ -102,19 +103,7 @@ class CheckResult:
 def plan_spec(plan: Plan, model: str | None = None) -> ModelSpec:
     """The plan's model: a zoo entry or a diffusers folder rebuilt from data (``recorded_model``), or a user's
     factory when ``model`` (the command line's ``--model``) names the same one, built at the plan's input shapes."""
-    spec = recorded_model(plan.model)
-    if spec is not None:
-        return spec
-    if model is None:
-        raise PaseError(f"the plan is for the model factory {plan.model!r}: a plan file never makes pase import code, "
-                        f"so name it yourself, `--model {plan.model}`, to verify it")
-    if model != plan.model:
-        raise PaseError(f"the plan was made for model {plan.model!r}, not {model!r}; drop --model or re-plan with "
-                        f"`pase plan --model {model} ...`")
-    if not plan.input_shapes:
-        raise PaseError(f"the plan for {plan.model!r} does not record its input shapes (an older plan file); re-plan "
-                        "it with `pase plan --model ... --input-shape ...`")
-    return resolve_model(model, [tuple(shape) for shape in plan.input_shapes])
+    return job_model(job_settings(plan, model, None)[0], plan)
 
 
 def _is_timestep(spec: ModelSpec, position: int, name: str, template: torch.Tensor) -> bool:
