@@ -20,6 +20,9 @@ reduce-scatter):
   split's or head split's output) back to batch chunks: ``(t - 1) / t`` of the local output moves,
   not the ``t - 1`` times it that an all-gather along ``dim`` followed by keeping one batch chunk
   would; the backward is ``batch_to_split``'s forward.
+- ``replicate`` / ``own_chunk``: to and from the group's whole batch held alike by every rank of the group
+  (a layer run on replicas, ``strategies.replication``): an all-gather whose backward keeps this rank's chunk of
+  the (replicated) gradient without communication, and the inverse, whose backward all-gathers.
 - ``reduce_scatter_batch``: partial sums (in-channel split) summed over the group, each rank keeping
   its batch chunk; the backward all-gathers the gradient along dim 0.
 
@@ -30,6 +33,8 @@ torch 2.13 (measured on gloo), these are not.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -50,7 +55,7 @@ def _reduce_scatter(x: torch.Tensor, group: Any) -> torch.Tensor:
     return out
 
 
-def _to_split(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+def _to_split(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     """All-to-all: this rank's batch chunk, all of ``dim`` -> the group's batch, this rank's part of ``dim``."""
     size = dist.get_world_size(group)
     if x.shape[dim] % size:
@@ -61,7 +66,7 @@ def _to_split(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return received.flatten(0, 1)  # batch chunks in rank order: the group's batch
 
 
-def _to_batch(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+def _to_batch(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     """All-to-all: the group's batch, this rank's part of ``dim`` -> this rank's batch chunk, all of ``dim``."""
     size = dist.get_world_size(group)
     if x.shape[0] % size:
@@ -72,89 +77,73 @@ def _to_batch(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return torch.cat(received.unbind(0), dim=dim)
 
 
-class _GatherBatch(torch.autograd.Function):
+def _sum(x: torch.Tensor, group: Any) -> torch.Tensor:
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _own_chunk(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group))[dist.get_rank(group)].contiguous()
+
+
+Move = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+class _Relayout(torch.autograd.Function):
+    """``forward_move(x, group)``, whose backward is ``backward_move(grad, group)``: each public function below is
+    one such pair of collectives."""
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return gather(x, 0, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _reduce_scatter(grad, ctx.group), None
-
-
-class _BatchToSplit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-        ctx.dim, ctx.group = dim, group
-        return _to_split(x, dim, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _to_batch(grad, ctx.dim, ctx.group), None, None
-
-
-class _SplitToBatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-        ctx.dim, ctx.group = dim, group
-        return _to_batch(x, dim, group)
+    def forward(ctx: Any, x: torch.Tensor, group: Any, forward_move: Move, backward_move: Move) -> torch.Tensor:
+        ctx.group, ctx.backward_move = group, backward_move
+        return forward_move(x, group)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _to_split(grad, ctx.dim, ctx.group), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return ctx.backward_move(grad, ctx.group), None, None, None
 
 
-class _ReduceScatterBatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return gather(grad, 0, ctx.group), None
-
-
-class _SumOver(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        out = grad.contiguous().clone()
-        dist.all_reduce(out, group=ctx.group)
-        return out, None
+def _gather_rows(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return gather(x, 0, group)
 
 
 def sum_over(x: torch.Tensor, group: Any) -> torch.Tensor:
     """``x`` summed over the group (all-reduce), differentiable: the backward sums the gradients likewise (each rank's
     result feeds its own part of the loss)."""
-    return _SumOver.apply(x, group)
+    return _Relayout.apply(x, group, _sum, _sum)
 
 
 def gather_batch(x: torch.Tensor, group: Any) -> torch.Tensor:
     """The tensor-parallel group's batch chunks, concatenated (identical on every rank of the group)."""
-    return _GatherBatch.apply(x, group)
+    return _Relayout.apply(x, group, _gather_rows, _reduce_scatter)
 
 
 def batch_to_split(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     """From "rank i holds batch chunk i" to "rank i holds part i of ``dim``" of the group's whole batch."""
-    return _BatchToSplit.apply(x, dim % x.dim(), group)
+    dim = dim % x.dim()
+    return _Relayout.apply(x, group, partial(_to_split, dim=dim), partial(_to_batch, dim=dim))
 
 
 def split_to_batch(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     """From "rank i holds part i of ``dim``" (group's whole batch) to "rank i holds batch chunk i"."""
-    return _SplitToBatch.apply(x, dim % x.dim(), group)
+    dim = dim % x.dim()
+    return _Relayout.apply(x, group, partial(_to_batch, dim=dim), partial(_to_split, dim=dim))
 
 
 def reduce_scatter_batch(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Partial sums over the group added up, each rank keeping its batch chunk."""
-    return _ReduceScatterBatch.apply(x, group)
+    return _Relayout.apply(x, group, _reduce_scatter, _gather_rows)
 
 
-__all__ = ["batch_to_split", "gather", "gather_batch", "reduce_scatter_batch", "split_to_batch", "sum_over"]
+def replicate(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """From this rank's batch chunk to the group's whole batch, the same on every rank of ``group``."""
+    return _Relayout.apply(x, group, _gather_rows, _own_chunk)
+
+
+def own_chunk(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """From the group's whole batch (the same on every rank) back to this rank's batch chunk."""
+    return _Relayout.apply(x, group, _own_chunk, _gather_rows)
+
+
+__all__ = ["batch_to_split", "gather", "gather_batch", "own_chunk", "reduce_scatter_batch", "replicate",
+           "split_to_batch", "sum_over"]

@@ -22,6 +22,11 @@ holds batch chunk ``r``). A layer then runs as one of:
   with its neighbours (halo), a group norm sums its statistics over the group;
 - **seq** (``strategies.tensor``): the same attention with ``{batch: p/t, query sequence: t}``, each rank
   attending from its part of the queries to every key and value of the group's batch (gathered);
+- **replicated** (``strategies.replication``): a whole Conv2d, Linear, GroupNorm or LayerNorm module, or an SDPA
+  attention, with ``{batch: p/t}`` (``t > 1``: fewer ranks than the world, PaSE's "idle devices"), on groups of
+  ``t`` consecutive ranks that each compute the group's batch (replicas), gradients summed over the ``p/t`` groups;
+- **norm** (``strategies.tensor``): a LayerNorm with ``{batch: p/t, channel: t}``, its statistics summed over the
+  group;
 - **local** (``strategies.tensor``): a group norm (whole groups) or an elementwise layer with
   ``{batch: p/t, channel: t}``, run on this rank's channels without communication. Such a layer
   neither takes nor gives the batch layout: its activations stay channel-split (see below).
@@ -39,8 +44,8 @@ is not runnable (``edge_mode`` None), and the search prices that pair as infinit
 
 Under FSDP the same layouts run, each module's parameters sharded over its data-parallel peers
 (``strategies.tensor.shard_parameters``). Every other configuration (spatial splits of other layers,
-sequence splits of other layers than attention, layer-norm channel splits, two dimensions besides the
-batch other than a grid, fewer devices than ``p``) is priced only by ``--space all``.
+sequence splits of other layers than attention, two dimensions besides the batch other than a grid, fewer
+devices than ``p`` together with another split, replicas of other layers) is priced only by ``--space all``.
 """
 from __future__ import annotations
 
@@ -52,6 +57,10 @@ import numpy as np
 
 from pase.graph.gating import gated_dims
 from strategies.splits import SplitSpace
+
+# the module classes whose forward is the whole of one layer: the runtime can run them on replica groups
+REPLICABLE_MODULES = ("torch.nn.modules.conv.Conv2d", "torch.nn.modules.linear.Linear",
+                      "torch.nn.modules.normalization.GroupNorm", "torch.nn.modules.normalization.LayerNorm")
 
 SPACES = ("runnable", "all")  # pase plan --space
 # ops that run on their channel part alone (not upsampling: diffusers' Upsample2D asserts its channel count)
@@ -67,15 +76,16 @@ KEPT_RULE = ("A channel-split norm or elementwise layer, or an out-split GEGLU p
              "that keep its layout (before it, an out-split conv/linear with it as its one consumer or another "
              "channel-split layer; after it, an in-split or channel-split layer; same degree)")
 TENSOR_LAYOUTS = {("conv", "out_channel"): "out", ("conv", "reduction"): "in", ("linear", "out_channel"): "out",
-                  ("linear", "reduction"): "in", ("attention", "head"): "heads", ("attention", "sequence"): "seq"}
+                  ("linear", "reduction"): "in", ("attention", "head"): "heads", ("attention", "sequence"): "seq",
+                  ("layer_norm", "channel"): "norm"}
 
 
 @dataclass(frozen=True)
 class LayerRun:
     """How the runtime runs one layer: ``kind`` is "batch", "out", "in", "heads", "seq" (attention's query
-    sequence), "spatial", "local" or "grid" (output and input channels at once); ``factor`` the tensor-parallel
-    degree (1 for batch; a grid's output-channel split); ``dim`` the layer dimension split ``factor`` ways (None
-    for batch)."""
+    sequence), "spatial", "local", "norm" (a layer norm's channels), "grid" (output and input channels at once)
+    or "replicated"; ``factor`` the tensor-parallel degree (1 for batch; a grid's output-channel split; the ranks
+    of a replica group); ``dim`` the layer dimension split ``factor`` ways (None for batch and replicas)."""
     kind: str
     factor: int = 1
     dim: str | None = None
@@ -110,9 +120,7 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
     if not others:
         if batch == devices or (not batch_dims and batch == 1):
             return LayerRun("batch")
-        split = "unsplit" if batch == 1 else f"split {batch} ways"
-        raise NotRunnable(f"its batch is {split} on {devices} ranks, leaving replicas; the runtime splits the batch "
-                          "over all ranks")
+        return _replicated_run(layer, batch, devices)
     if len(others) > 1:
         return _grid_run(layer, others, batch, devices)
     (dim, factor), = others.items()
@@ -125,6 +133,8 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
         _check_local(layer, dim, factor)
     if kind == "spatial":
         _check_spatial(layer, dim, factor)
+    if kind == "norm":
+        _check_channel_norm(layer, dim)
     gated = gated_dims(layer)
     if kind == "out" and dim not in layer["tensors"]["output"] and not (gated and gated[0] == dim):
         fused = ", ".join(layer.get("fused_ops", []))
@@ -169,6 +179,28 @@ def _grid_run(layer: Mapping[str, Any], others: dict[str, int], batch: int, devi
     return LayerRun("grid", out_factor, out_dim, inner=in_factor, inner_dim=in_dim)
 
 
+def _replicated_run(layer: Mapping[str, Any], batch: int, devices: int) -> LayerRun:
+    """A batch split over fewer ranks than the world: each group of ``devices / batch`` consecutive ranks runs its
+    batch chunk as replicas (``strategies.replication``), for a layer that is one module's whole forward (or an
+    attention computed by torch's SDPA), batch first in and out."""
+    split = "unsplit" if batch == 1 else f"split {batch} ways"
+    if devices % batch:
+        raise NotRunnable(f"its batch is {split} on {devices} ranks, which do not form equal groups")
+    tensors = layer["tensors"]
+    batch_dim = _batch_dim(layer)
+    if layer["op"] == "attention":
+        if layer.get("attrs", {}).get("attention_of"):
+            raise NotRunnable(f"its batch is {split} on {devices} ranks: replicas of attention computed as "
+                              f"{layer['attrs']['attention_of']} have no runtime (the runtime gathers torch's {SDPA})")
+    elif layer.get("module_class") not in REPLICABLE_MODULES or len(tensors.get("inputs", [])) != 1:
+        raise NotRunnable(f"its batch is {split} on {devices} ranks: replicas run only layers that are a whole "
+                          f"Conv2d, Linear, GroupNorm or LayerNorm (or an SDPA attention), not {layer['op']} of "
+                          f"{layer.get('module_class') or 'no module'}")
+    if any(names[:1] != [batch_dim] for names in (*tensors.get("inputs", []), tensors["output"])):
+        raise NotRunnable(f"its batch is {split} on {devices} ranks: replicas need the batch first in and out")
+    return LayerRun("replicated", devices // batch)
+
+
 def _check_spatial(layer: Mapping[str, Any], dim: str, factor: int) -> None:
     """A spatial split runs on the rows of this rank's part of the group's batch: a convolution with stride 1 and
     "same" zero padding along the split dimension (its neighbours' boundary rows exchanged, the halo), a group
@@ -191,6 +223,18 @@ def _check_spatial(layer: Mapping[str, Any], dim: str, factor: int) -> None:
                           f"stride {stride}, kernel {kernel}, padding {padding}, dilation {dilation}")
     if layer["dims"][dim] // factor < kernel // 2:
         raise NotRunnable(f"{layer['dims'][dim] // factor} rows per rank are fewer than its halo of {kernel // 2}")
+
+
+def _check_channel_norm(layer: Mapping[str, Any], dim: str) -> None:
+    """A channel-split layer norm is a whole ``nn.LayerNorm`` over the last axis (the split one), batch first, so
+    that the runtime can exchange the channel parts of its one input and output (``ChannelLayerNorm``)."""
+    tensors = layer["tensors"]
+    batch = _batch_dim(layer)
+    if layer.get("module_class") != REPLICABLE_MODULES[3] or len(tensors.get("inputs", [])) != 1:
+        raise NotRunnable(f"channel splits of layer norms run whole nn.LayerNorm modules of one input, not "
+                          f"{layer.get('module_class') or 'a function'}")
+    if any(names[:1] != [batch] or names[-1:] != [dim] for names in (*tensors["inputs"], tensors["output"])):
+        raise NotRunnable(f"channel splits of layer norms need the batch first and the channels {dim} last")
 
 
 def _check_local(layer: Mapping[str, Any], dim: str, factor: int) -> None:

@@ -10,7 +10,8 @@ replicas). Kernel dimensions are never split. Each kind's splittable roles:
 - linear / matmul / embedding: out-channel, in-channel / reduction, sequence;
 - attention: heads and query sequence;
 - group norm: channel (whole groups only), spatial (statistics all-reduce);
-- elementwise, concat, resampling, layer norm: the dimensions they carry through.
+- layer norm: sequence, channel (statistics all-reduce);
+- elementwise, concat, resampling: the dimensions they carry through.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ SPLITTABLE_ROLES: dict[str, tuple[str, ...]] = {
     "attention": ("batch", "head", "sequence"),
     "group_norm": ("batch", "channel", "spatial"),
     "batch_norm": ("batch", "spatial"),
-    "layer_norm": ("batch", "sequence"),
+    "layer_norm": ("batch", "sequence", "channel"),
     "elementwise": ("batch", "channel", "spatial", "sequence"),
     "concat": ("batch", "channel", "spatial", "sequence"),
     "upsample": ("batch", "channel", "spatial"),

@@ -43,10 +43,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.overrides import TorchFunctionMode
 
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES
-from strategies.collectives import batch_to_split, gather_batch, reduce_scatter_batch, split_to_batch
+from strategies.collectives import batch_to_split, gather_batch, reduce_scatter_batch, split_to_batch, sum_over
 from strategies.data import GRADIENT_DTYPES
 
 SHARD_GROUP = "_pase_replica_group"  # attribute naming the group a sharded parameter's gradient is summed over
+REPLICA_GROUPS = "pase_replica_groups"  # attribute of a module run replicated (strategies.replication): its groups
 
 
 @dataclass
@@ -254,6 +255,53 @@ class ChannelGroupNorm(nn.GroupNorm):
         return 1
 
 
+class ChannelLayerNorm(nn.Module):
+    """A LayerNorm on this rank's part of the normalised (last) dimension of the group's batch: the input's channel
+    parts exchanged all-to-all from batch chunks, each position's mean and squared deviations summed over the group
+    (two all-reduces of ``group batch x positions`` floats, forward and backward: the statistics exchange the cost
+    model prices), the matching shard of the affine parameters applied (gradients summed over ``groups.dp``), and
+    the output exchanged back to batch chunks."""
+    def __init__(self, module: nn.LayerNorm, groups: TensorGroups) -> None:
+        super().__init__()
+        t, rank = groups.tp_size, dist.get_rank(groups.tp)
+        if len(module.normalized_shape) != 1 or module.normalized_shape[0] % t:
+            raise ValueError(f"a LayerNorm over {tuple(module.normalized_shape)} does not split its last dimension "
+                             f"{t} ways")
+        self.groups, self.eps, self.channels = groups, module.eps, module.normalized_shape[0]
+        self.weight: nn.Parameter | None = None
+        self.bias: nn.Parameter | None = None
+        for leaf in ("weight", "bias"):
+            full = getattr(module, leaf)
+            if full is not None:
+                part = nn.Parameter(full.detach().chunk(t)[rank].clone(), requires_grad=full.requires_grad)
+                setattr(part, SHARD_GROUP, groups.dp)
+                setattr(self, leaf, part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.groups.tp
+        part = batch_to_split(x, -1, group)
+        local = part.float()
+        mean = sum_over(local.sum(-1, keepdim=True), group) / self.channels
+        centred = local - mean
+        variance = sum_over(centred.pow(2).sum(-1, keepdim=True), group) / self.channels
+        out = (centred * torch.rsqrt(variance + self.eps)).to(part.dtype)
+        if self.weight is not None:
+            out = out * self.weight
+        if self.bias is not None:
+            out = out + self.bias
+        return split_to_batch(out, -1, group)
+
+    def shard_cuts(self, leaf: str) -> tuple[tuple[int, Any], ...]:
+        return ((0, self.groups.tp),)
+
+    @property
+    def shard_halves(self) -> int:
+        return 1
+
+    def extra_repr(self) -> str:
+        return f"LayerNorm({self.channels}), channels / {self.groups.tp_size}"
+
+
 class _HeadSplitAttention(TorchFunctionMode):
     """Runs ``scaled_dot_product_attention`` on this rank's heads of the group's batch (``split="heads"``), or on
     its part of the query sequence of the group's batch against every key and value of it (``split="seq"``:
@@ -295,17 +343,17 @@ def split_heads(module: nn.Module, groups: TensorGroups, kept_inputs: tuple[str,
         return processor
     if kept_inputs or keep_output:
         raise ValueError(f"only a diffusers Attention keeps its layout head-split, not a {type(module).__name__}")
-    return _forward_under(module, _HeadSplitAttention(groups), "a head split")
+    return forward_under(module, _HeadSplitAttention(groups), "a head split")
 
 
 def split_sequence(module: nn.Module, groups: TensorGroups) -> _HeadSplitAttention:
     """Make ``module``'s ``scaled_dot_product_attention`` run on this rank's part of the query sequence of the
     group's batch (keys and values gathered whole); a forward that never calls it is an error. Returns the mode,
     whose ``calls`` counts applications."""
-    return _forward_under(module, _HeadSplitAttention(groups, "seq"), "a query-sequence split")
+    return forward_under(module, _HeadSplitAttention(groups, "seq"), "a query-sequence split")
 
 
-def _forward_under(module: nn.Module, mode: _HeadSplitAttention, planned: str) -> _HeadSplitAttention:
+def forward_under(module: nn.Module, mode: Any, planned: str) -> Any:
     """``module``'s forward run under ``mode``; a forward that never calls the attention ``mode`` splits fails
     (it would run unsplit, not as planned)."""
     forward = module.forward
@@ -499,7 +547,8 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
                      ) -> list[nn.Parameter]:
     """FSDP2 (``fully_shard``) on every module that owns trainable parameters, for a plan with both tensor splits
     and ``--fsdp``: a channel-split module's shards are sharded again over its data-parallel peers (the "dp"
-    axis of its 2-D mesh), every other module's parameters over all ranks. Each unit all-gathers its
+    axis of its 2-D mesh), a replicated module's (``strategies.replication``) over the same peers of its replica
+    groups, every other module's parameters over all ranks. Each unit all-gathers its
     parameters before its forward and again for its backward, and reduce-scatters its gradients, summed and
     divided by the world as ``GradientSync`` would (each rank's loss is its chunk's mean): per layer, the
     collectives the cost model prices for FSDP. An in-split's bias, whose gradient is summed over every rank
@@ -514,8 +563,8 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
     for module in list(model.modules()):
         if not any(param.requires_grad for param in module.parameters(recurse=False)):
             continue
-        split = isinstance(module, SPLIT_MODULES)
-        if split and module.groups.tp_size == world:  # split over every rank: no peer to shard it with
+        groups = module.groups if isinstance(module, SPLIT_MODULES) else getattr(module, REPLICA_GROUPS, None)
+        if groups is not None and groups.tp_size == world:  # split or replicated over every rank: no peer to shard
             whole.extend(param for param in module.parameters(recurse=False) if param.requires_grad)
             continue
         reduced = isinstance(module, GridSplit) or isinstance(module, ChannelSplit) and module.split == "in"
@@ -523,7 +572,7 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
         whole.extend(ignored)
         # every unit is its own root (there is no enclosing one): reshard after forward explicitly, as FSDP does for
         # non-root units, so that the backward gathers again (the memory FSDP saves, the bytes priced)
-        fully_shard(module, mesh=module.groups.mesh["dp"] if split else world_mesh, mp_policy=policy,
+        fully_shard(module, mesh=groups.mesh["dp"] if groups is not None else world_mesh, mp_policy=policy,
                     reshard_after_forward=True, ignored_params=ignored or None)
         module.set_gradient_divide_factor(float(world))  # type: ignore[operator]
         if dist.get_backend() != "nccl":  # gloo has no pre-scaled sum: sum, then divide by the world
@@ -531,8 +580,10 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
     return whole
 
 
-SPLIT_MODULES = (ChannelSplit, ChannelGroupNorm, GridSplit)  # modules holding channel shards of a model's parameters
+# modules holding channel shards of a model's parameters
+SPLIT_MODULES = (ChannelSplit, ChannelGroupNorm, ChannelLayerNorm, GridSplit)
 
-__all__ = ["ChannelGroupNorm", "ChannelSplit", "GradientSync", "GridGroups", "GridSplit", "HeadSplitProcessor",
-           "SHARD_GROUP", "SPLIT_MODULES", "TensorGroups", "ordered_rows", "rows_of", "shard_parameters",
-           "split_heads", "split_sequence"]
+__all__ = ["ChannelGroupNorm", "ChannelLayerNorm", "ChannelSplit", "GradientSync", "GridGroups", "GridSplit",
+           "HeadSplitProcessor",
+           "REPLICA_GROUPS", "SHARD_GROUP", "SPLIT_MODULES", "TensorGroups", "forward_under", "ordered_rows",
+           "rows_of", "shard_parameters", "split_heads", "split_sequence"]

@@ -103,6 +103,26 @@ def _spatial(layer_id: str, data: dict) -> dict:
     return _batch_only(layer_id, data)
 
 
+def replicas(world: int) -> Any:
+    """A chooser running every replicable layer (a whole Conv2d, Linear or GroupNorm, or an SDPA attention) on
+    replica groups: its batch split over 1, 2, ... ranks in turn (fewer than ``world``), the rest on all ranks."""
+    from strategies.runnable import NotRunnable, layer_run
+
+    ways = [b for b in (1, 2, 4) if b < world and world % b == 0]
+
+    def choose(layer_id: str, data: dict) -> dict:
+        batch = [d for d, role in data["roles"].items() if role == "batch"]
+        if batch:
+            splits = {batch[0]: ways[data["index"] % len(ways)]}
+            try:
+                if layer_run(data, splits, world).kind == "replicated":
+                    return splits
+            except NotRunnable:
+                pass
+        return {d: world for d in batch}
+    return choose
+
+
 def _norm_channels(layer_id: str, data: dict) -> dict:
     """Channel splits of group norms: splits the runtime has no layout for (it must refuse them)."""
     if data["op"] == "group_norm":
@@ -242,6 +262,8 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
     if kind == "random":
         choose, fsdp = random_runnable(world, int(option), graph), False
         option = ""
+    elif kind in ("replicated", "replicated_fsdp"):
+        choose, fsdp = replicas(world), kind.endswith("fsdp")
     else:
         choose, fsdp = CASES[kind]
     plan = hand_plan(graph, world, choose, fsdp, checkpointing=option == "checkpoint")

@@ -56,7 +56,11 @@ def test_runnable_configurations(tiny) -> None:
     assert "uses 4 of 8 ranks" in runnable_reason(conv, {c_out: 2, c_in: 2}, 8)
     assert "only as output x input channels" in runnable_reason(conv, {c_out: 2, "h": 2}, 4)
     assert "uses 2 of 4 ranks" in runnable_reason(conv, {c_out: 2}, 4)  # idle devices
-    assert "split 2 ways on 4 ranks" in runnable_reason(conv, {n: 2}, 4)  # replicas
+    assert layer_run(conv, {n: 2}, 4) == LayerRun("replicated", 2)  # 2 groups of 2 replicas
+    assert layer_run(conv, {}, 4).label == "replicated/4"  # unsplit: every rank computes the whole batch
+    assert "do not form equal groups" in runnable_reason(conv, {n: 2}, 3)
+    adds = [data for _, data in tiny.layers() if data["op"] == "elementwise" and len(data["tensors"]["inputs"]) == 2]
+    assert "whole Conv2d, Linear" in runnable_reason(adds[0], {n: 2}, 4)  # a residual add is no module of its own
     assert layer_run(conv, {n: 2, c_out: 2}, 4, fsdp=True).kind == "out"  # FSDP shards the shards (2-D mesh)
     assert layer_run(conv, {n: 2, "h": 2}, 4) == LayerRun("spatial", 2, "h")  # rows, with a halo exchange
     down = next(d for i, d in tiny.layers() if i.endswith("downsamplers.0.conv"))
@@ -164,7 +168,8 @@ def test_default_sd15_plan_at_64_gpus_runs_as_planned(sd15) -> None:
     assert all(layer.runnable for layer in plan.layers)
     layouts = layer_layouts(plan, sd15)  # the runtime's own check, without a process group
     assert len(layouts) == len(plan.layers) == len(sd15)
-    assert {layout.kind for layout in layouts} > {"batch", "local"}  # tensor splits and kept layouts, all runnable
+    kinds = {layout.kind for layout in layouts}  # tensor splits, kept layouts and replicas, all runnable
+    assert {"batch", "replicated"} < kinds and {"out", "in", "grid"} <= kinds
     assert any(layout.keep_output for layout in layouts) and any(layout.kept_input for layout in layouts)
     assert plan.predicted.step_seconds < plan.baselines["ddp"].step_seconds
     assert plan.predicted.comm_bytes_per_device > 0

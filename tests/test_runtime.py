@@ -1,4 +1,5 @@
-"""pase.parallelize on 2 gloo ranks: DDP, FSDP2, channel splits, head splits and kept channel layouts give
+"""pase.parallelize on 2 gloo ranks: DDP, FSDP2, channel splits, head splits, kept channel layouts and replicated
+layouts give
 the single-process model's loss and gradients (same seed, same global batch), with and without activation
 checkpointing (whose blocks really recompute); plans for another world or model are refused."""
 from __future__ import annotations
@@ -7,7 +8,7 @@ import pytest
 import runtime_cases
 
 TOLERANCE = 1e-5
-KINDS = ["dp", "fsdp", "channels", "heads", "seq", "kept"]
+KINDS = ["dp", "fsdp", "channels", "heads", "seq", "kept", "replicated"]
 CASES = [*KINDS, *(f"{kind}:checkpoint" for kind in KINDS), "refusals"]
 
 
@@ -46,7 +47,8 @@ def test_pure_data_parallel_plan_runs_as_ddp(results) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind,layout", [("dp", "ddp"), ("fsdp", "fsdp"), ("channels", "tensor"),
-                                         ("heads", "tensor"), ("seq", "tensor"), ("kept", "tensor")])
+                                         ("heads", "tensor"), ("seq", "tensor"), ("kept", "tensor"),
+                                         ("replicated", "tensor")])
 def test_checkpointed_plans_recompute_blocks_and_match(results, kind: str, layout: str) -> None:
     """A plan made with --checkpoint runs its blocks under activation checkpointing: the same loss and
     gradients, and the layers inside a block run their forward twice per step (forward, then recomputed)."""
@@ -58,7 +60,7 @@ def test_checkpointed_plans_recompute_blocks_and_match(results, kind: str, layou
         assert not {"conv_in", "conv_out", "<root>", "up_blocks.0"} & set(result["checkpointed"])
         assert result["calls"] == {"down_blocks.0.resnets.0.norm1": 2, "down_blocks.1.attentions.0.group_norm": 2}
         assert f"activation checkpointing on {len(result['checkpointed'])} blocks" in result["summary"]
-    if kind in ("heads", "seq"):  # the split attention is what recomputes: split again in backward
+    if kind in ("heads", "seq", "replicated"):  # the split attention is what recomputes: split again in backward
         assert all(r["head_calls"] == 8 for r in per_rank)
 
 
@@ -116,6 +118,35 @@ def test_kept_channel_layouts_between_resnet_layers(results) -> None:
     assert measured < 0.9 * _predicted_bytes(through_batch)
 
 
+@pytest.mark.timeout(300)
+def test_replicated_layers_run_on_sub_groups(results) -> None:
+    """Every conv, linear, group norm and attention with its batch unsplit on 2 ranks (``{n: 1}``: PaSE's
+    configurations that leave devices idle) runs on both ranks as replicas of the whole batch: the input gathered,
+    each rank's chunk of the output kept, and no gradient all-reduce (every replica holds the whole batch's
+    gradient already). The single-process result, and exactly the bytes the cost model prices."""
+    per_rank = _case(results, "replicated")
+    assert {"batch", "replicated/2"} == set(per_rank[0]["applied"])
+    assert all(r["head_calls"] == 4 for r in per_rank)  # unet-tiny's 4 attentions ran replicated
+    _assert_matches_single_process(per_rank)
+    assert all(set(r["comm_by_op"]) == {"all_gather"} for r in per_rank)
+    assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(_predicted_bytes(per_rank[0]["splits"]), rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_replicas_on_4_ranks_with_and_without_fsdp() -> None:
+    """On 4 ranks, layers unsplit (4 replicas) and split 2 ways (2 replica groups of 2, gradients summed over the 2
+    groups), with DDP-style gradient sync and with FSDP2 sharding each replicated module over its groups' peers."""
+    cases = ["replicated", "replicated_fsdp"]
+    results = runtime_cases.run_ranks(cases, world=4, timeout_s=280)
+    for case in cases:
+        per_rank = runtime_cases.matching_ranks(results, case, TOLERANCE)
+        assert {"batch", "replicated/2", "replicated/4"} == set(per_rank[0]["applied"])
+        assert ("reduce_scatter" if case.endswith("fsdp") else "all_reduce") in per_rank[0]["comm_by_op"]
+        predicted = _predicted_bytes(per_rank[0]["splits"], world=4, fsdp=case.endswith("fsdp"))
+        assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=1e-3)
+
+
 def _roles(layer: str, splits: dict) -> list[str]:
     from pase.graph import extract_model
 
@@ -123,14 +154,14 @@ def _roles(layer: str, splits: dict) -> list[str]:
     return [data["roles"][d] for d, f in splits.items() if f > 1]
 
 
-def _predicted_bytes(splits: dict) -> float:
+def _predicted_bytes(splits: dict, world: int = 2, fsdp: bool = False) -> float:
     from cost_models.cluster import parse_spec
     from pase.graph import extract_model
     from pase.planning.per_layer import PlanOptions, plan_graph
 
     graph = extract_model("unet-tiny", runtime_cases.GLOBAL_BATCH, use_cache=True)
-    options = PlanOptions(precision="fp32", force=splits, baselines=False)
-    return plan_graph(graph, parse_spec("2xL40S"), options=options).predicted.comm_bytes_per_device
+    options = PlanOptions(precision="fp32", force=splits, baselines=False, fsdp=fsdp)
+    return plan_graph(graph, parse_spec(f"{world}xL40S"), options=options).predicted.comm_bytes_per_device
 
 
 @pytest.mark.timeout(300)

@@ -173,7 +173,34 @@ def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str)
         assert sum(layout.kind == "seq" for layout in layouts) == attentions > 4
     assert any(layout.keep_output for layout in layouts) == (only == "tensor")
     assert any(layout.gated and layout.keep_output for layout in layouts) == (only == "tensor")
-    plan_path = tmp_path / "plan.json"
+    _verify_check_passes(plan, tmp_path / "plan.json")
+
+
+@pytest.mark.timeout(240)
+def test_verify_checks_channel_split_layer_norms_and_replicas(local, tmp_path: Path) -> None:
+    """sd-tiny's transformer layer norms split over their channels (statistics all-reduced over the group) and its
+    attentions, projections and time-embedding linears run as replicas of the whole batch (batch unsplit on 2
+    ranks), through `pase plan --force` and `pase verify --check`: the single process's step, every layer as
+    planned, exactly the bytes priced."""
+    from pase.runtime.layout import layer_layouts
+
+    cluster, profile, _ = local
+    graph = extract_model("sd-tiny", 8, use_cache=True)
+    forced = {"*transformer_blocks.0.norm[123]": {"c": 2}, "*/attention": {}, "*attn[12].to_[qkv]": {},
+              "*time_emb*": {}, "*.proj_in": {}}
+    options = PlanOptions(precision="fp32", force=forced, min_chunk={"channel": 16})
+    plan = plan_graph(graph, cluster, profile=profile, options=options)
+    kinds = {}
+    for layout in layer_layouts(plan, graph):
+        kinds.setdefault(layout.applied, []).append(layout.op)
+    assert kinds["norm/2"] == ["layer_norm"] * 3 * 4  # the 4 transformer blocks
+    assert {"attention", "linear", "conv"} <= set(kinds["replicated/2"])
+    _verify_check_passes(plan, tmp_path / "plan.json")
+
+
+def _verify_check_passes(plan: Plan, plan_path: Path) -> None:
+    """`pase verify --check` of ``plan`` on 2 torchrun processes: the single process's step, every layer as planned,
+    the priced bytes."""
     plan.save(plan_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -54,9 +54,9 @@ class PlanDoesNotFit(PaseError):
         self.limit_bytes = limit_bytes
 
 
-# --only: dp (batch splits), fsdp (batch splits, sharded weights), tensor (every layer that can split its
-# channels or heads does, the batch split over the other devices), pipeline (pipeline stages; see
-# pase.planning.pipeline)
+# --only: dp (the batch split over every device: DDP), fsdp (the same, sharded weights), tensor (every layer
+# that can split its channels or heads does, the batch split over the other devices), pipeline (pipeline
+# stages; see pase.planning.pipeline)
 ONLY_KINDS = ("dp", "fsdp", "tensor", "pipeline")
 
 
@@ -203,6 +203,11 @@ def layer_space(layer_id: str, data: LayerAttrs, devices: int, options: PlanOpti
                             f"devices: {why}. Use a --batch divisible by the devices, or `--space all` to price "
                             "splits the runtime does not run")
         space, runnable = restrict(space, runnable), runnable[runnable]
+    if options.only in ("dp", "fsdp"):  # DDP / FSDP: every device a batch chunk (no replicas of a layer)
+        every = interface_config(data, space, devices)
+        if every is not None:
+            keep = np.arange(len(space)) == every
+            space, runnable = restrict(space, keep), runnable[keep]
     if options.only == "tensor":  # a conv, linear or attention that can split its channels or heads does
         if options.space == "runnable":  # (local layers between them may, or may not)
             tensor = np.array([run is not None and run.kind in TENSOR_RUNS

@@ -23,7 +23,7 @@ class LayerLayout:
     op: str
     module: str
     planned: dict[str, int]
-    kind: str  # "batch", "out", "in", "heads", "seq", "spatial", "local" or "grid"
+    kind: str  # "batch", "out", "in", "heads", "seq", "spatial", "local", "norm", "grid" or "replicated"
     factor: int = 1  # tensor-parallel degree (1 for batch; a grid's output-channel split)
     keep_output: bool = False  # an out-split or head split whose output stays channel-split for its consumer
     kept_input: bool = False  # an in-split whose input arrives channel-split

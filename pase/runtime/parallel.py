@@ -26,18 +26,23 @@ from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parall
 from pase.runtime.pipeline import pipeline_parallelize
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
+from strategies.replication import ReplicatedAttention, replicate_module
 from strategies.spatial import SpatialConv, SpatialGroupNorm
 from strategies.tensor import (
     ChannelGroupNorm,
+    ChannelLayerNorm,
     ChannelSplit,
     GradientSync,
     GridGroups,
     GridSplit,
     TensorGroups,
+    forward_under,
     shard_parameters,
     split_heads,
     split_sequence,
 )
+
+REPLICABLE = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)  # modules whose forward is one layer (replicas)
 
 
 def default_device() -> torch.device:
@@ -112,29 +117,32 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
         if layout.kind == "seq":
             modes.append((layout.layer, split_sequence(module, groups[layout.factor])))
             continue
+        if layout.kind == "replicated":
+            if layout.op == "attention":
+                modes.append((layout.layer, forward_under(module, ReplicatedAttention(groups[layout.factor]),
+                                                          "replicas")))
+            else:
+                _expect(module, REPLICABLE, layout, "replicas")
+                replicate_module(module, groups[layout.factor])
+            continue
         parent_name, _, child = layout.module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if layout.kind == "spatial":
             assert layout.axis is not None
-            group = groups[layout.factor].tp
-            if isinstance(module, nn.Conv2d):
-                setattr(parent, child, SpatialConv(module, layout.axis, group))
-            elif isinstance(module, nn.GroupNorm):
-                setattr(parent, child, SpatialGroupNorm(module, layout.axis, group))
-            else:
-                raise PaseError(f"layer {layout.layer} is planned as a spatial split but module {layout.module!r} is "
-                                f"a {type(module).__name__}, not Conv2d or GroupNorm")
+            _expect(module, (nn.Conv2d, nn.GroupNorm), layout, "a spatial split")
+            spatial = SpatialConv if isinstance(module, nn.Conv2d) else SpatialGroupNorm
+            setattr(parent, child, spatial(module, layout.axis, groups[layout.factor].tp))
+            continue
+        if layout.kind == "norm":
+            _expect(module, (nn.LayerNorm,), layout, "a channel-split layer norm")
+            setattr(parent, child, ChannelLayerNorm(module, groups[layout.factor]))
             continue
         if layout.kind == "local":  # elementwise ops compute on whatever channel part reaches them
             if layout.op == "group_norm":
-                if not isinstance(module, nn.GroupNorm):
-                    raise PaseError(f"layer {layout.layer} is planned as a channel-split group norm but module "
-                                    f"{layout.module!r} is a {type(module).__name__}, not GroupNorm")
+                _expect(module, (nn.GroupNorm,), layout, "a channel-split group norm")
                 setattr(parent, child, ChannelGroupNorm(module, groups[layout.factor]))
             continue
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            raise PaseError(f"layer {layout.layer} is planned as a {layout.kind}-channel split but module "
-                            f"{layout.module!r} is a {type(module).__name__}, not Conv2d or Linear")
+        _expect(module, (nn.Conv2d, nn.Linear), layout, f"a {layout.kind}-channel split")
         if layout.kind == "grid":
             setattr(parent, child, GridSplit(module, grids[layout.factor, layout.inner]))
             continue
@@ -145,6 +153,14 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
     model.pase_layout = ParallelLayout("tensor", world, layouts, sorted({*degrees, *(t * u for t, u in grids)}))
     model.pase_head_modes = modes
     return model
+
+
+def _expect(module: nn.Module, classes: tuple[type[nn.Module], ...], layout: LayerLayout, planned: str) -> None:
+    """A plan made for another model's module tree fails here, by name, instead of running some other way."""
+    if not isinstance(module, classes):
+        expected = " or ".join(cls.__name__ for cls in classes)
+        raise PaseError(f"layer {layout.layer} is planned as {planned} but module {layout.module!r} is a "
+                        f"{type(module).__name__}, not {expected}")
 
 
 __all__ = ["default_device", "parallelize"]
