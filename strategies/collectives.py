@@ -23,6 +23,8 @@ reduce-scatter):
 - ``replicate`` / ``own_chunk``: to and from the group's whole batch held alike by every rank of the group
   (a layer run on replicas, ``strategies.replication``): an all-gather whose backward keeps this rank's chunk of
   the (replicated) gradient without communication, and the inverse, whose backward all-gathers.
+- ``cells_to_batch``: from a grid of channel x row parts of the group's batch (a convolution split by output
+  channels and rows) to batch chunks in one all-to-all; the backward is the inverse.
 - ``reduce_scatter_batch``: partial sums (in-channel split) summed over the group, each rank keeping
   its batch chunk; the backward all-gathers the gradient along dim 0.
 
@@ -107,6 +109,37 @@ def _gather_rows(x: torch.Tensor, group: Any) -> torch.Tensor:
     return gather(x, 0, group)
 
 
+def _cells_to_batch(x: torch.Tensor, group: Any, channel: int, axis: int, parts: int) -> torch.Tensor:
+    """All-to-all over a grid of ``parts`` channel parts x ``size / parts`` row parts (rank ``k * rows + j`` holds
+    channel part k, row part j of the grid's batch) -> this rank's batch chunk, every channel and row."""
+    size = dist.get_world_size(group)
+    rows = size // parts
+    send = x.reshape(size, x.shape[0] // size, *x.shape[1:]).contiguous()  # send[i]: rank i's batch chunk
+    received = torch.empty(send.shape, dtype=send.dtype, device=send.device)
+    dist.all_to_all_single(received, send, group=group)  # received[k * rows + j]: my chunk, part (k, j)
+    cells = received.unbind(0)
+    return torch.cat([torch.cat(cells[k * rows:(k + 1) * rows], dim=axis) for k in range(parts)], dim=channel)
+
+
+def _batch_to_cells(x: torch.Tensor, group: Any, channel: int, axis: int, parts: int) -> torch.Tensor:
+    """The inverse of ``_cells_to_batch``: this rank's batch chunk -> its cell (channel and row part) of the grid's
+    batch."""
+    size = dist.get_world_size(group)
+    rows = size // parts
+    send = torch.stack([cell for part in x.chunk(parts, dim=channel) for cell in part.chunk(rows, dim=axis)])
+    received = torch.empty(send.shape, dtype=send.dtype, device=send.device)
+    dist.all_to_all_single(received, send.contiguous(), group=group)  # received[i]: rank i's chunk, my cell
+    return received.flatten(0, 1)
+
+
+def cells_to_batch(x: torch.Tensor, channel: int, axis: int, parts: int, group: Any) -> torch.Tensor:
+    """From "rank k * rows + j holds channel part k and row part j (along ``axis``) of the group's batch" to batch
+    chunks: one all-to-all, ``(size - 1) / size`` of the local tensor moved (backward: the inverse)."""
+    channel, axis = channel % x.dim(), axis % x.dim()
+    return _Relayout.apply(x, group, partial(_cells_to_batch, channel=channel, axis=axis, parts=parts),
+                           partial(_batch_to_cells, channel=channel, axis=axis, parts=parts))
+
+
 def sum_over(x: torch.Tensor, group: Any) -> torch.Tensor:
     """``x`` summed over the group (all-reduce), differentiable: the backward sums the gradients likewise (each rank's
     result feeds its own part of the loss)."""
@@ -145,5 +178,5 @@ def own_chunk(x: torch.Tensor, group: Any) -> torch.Tensor:
     return _Relayout.apply(x, group, _own_chunk, _gather_rows)
 
 
-__all__ = ["batch_to_split", "gather", "gather_batch", "own_chunk", "reduce_scatter_batch", "replicate",
-           "split_to_batch", "sum_over"]
+__all__ = ["batch_to_split", "cells_to_batch", "gather", "gather_batch", "own_chunk", "reduce_scatter_batch",
+           "replicate", "split_to_batch", "sum_over"]

@@ -17,6 +17,9 @@ holds batch chunk ``r``). A layer then runs as one of:
   holding one weight block;
 - **heads** (``strategies.tensor``): attention computed by ``scaled_dot_product_attention`` with
   ``{batch: p/t, head: t}``;
+- **outspatial** (``strategies.spatial``): a plain convolution (stride 1, "same" padding along the rows) with
+  ``{batch: p/(f*s), out_channel: f, h or w: s}`` on an ``f x s`` grid of ranks: its rows of the grid's batch, all
+  input channels, a halo exchange, and this rank's output channels; not under FSDP;
 - **spatial** (``strategies.spatial``): a convolution (stride 1, "same" padding) or a group norm with
   ``{batch: p/t, h or w: t}``, on its rows of the group's batch: a convolution exchanges its boundary rows
   with its neighbours (halo), a group norm sums its statistics over the group;
@@ -84,7 +87,8 @@ TENSOR_LAYOUTS = {("conv", "out_channel"): "out", ("conv", "reduction"): "in", (
 class LayerRun:
     """How the runtime runs one layer: ``kind`` is "batch", "out", "in", "heads", "seq" (attention's query
     sequence), "spatial", "local", "norm" (a layer norm's channels), "grid" (output and input channels at once)
-    or "replicated"; ``factor`` the tensor-parallel degree (1 for batch; a grid's output-channel split; the ranks
+    "outspatial" (output channels and rows) or "replicated"; ``factor`` the tensor-parallel degree (1 for batch; a
+    grid's or outspatial's output-channel split; the ranks
     of a replica group); ``dim`` the layer dimension split ``factor`` ways (None for batch and replicas)."""
     kind: str
     factor: int = 1
@@ -103,7 +107,9 @@ class LayerRun:
         """How it prints: "batch", "out/2", "grid/2x2" (output x input channels)."""
         if self.kind == "batch":
             return "batch"
-        return f"grid/{self.factor}x{self.inner}" if self.kind == "grid" else f"{self.kind}/{self.factor}"
+        if self.kind in ("grid", "outspatial"):
+            return f"{self.kind}/{self.factor}x{self.inner}"
+        return f"{self.kind}/{self.factor}"
 
 
 class NotRunnable(ValueError):
@@ -122,7 +128,7 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
             return LayerRun("batch")
         return _replicated_run(layer, batch, devices)
     if len(others) > 1:
-        return _grid_run(layer, others, batch, devices)
+        return _grid_run(layer, others, batch, devices, fsdp)
     (dim, factor), = others.items()
     role, op = roles.get(dim), layer["op"]
     kind = TENSOR_LAYOUTS.get((op, role)) or ("local" if role == "channel" and op in LOCAL_OPS else None) or \
@@ -157,13 +163,17 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
     return LayerRun(kind, factor, dim)
 
 
-def _grid_run(layer: Mapping[str, Any], others: dict[str, int], batch: int, devices: int) -> LayerRun:
-    """A plain Conv2d or Linear split over both its output and its input channels (a 2-D tensor-parallel grid)."""
+def _grid_run(layer: Mapping[str, Any], others: dict[str, int], batch: int, devices: int,
+              fsdp: bool = False) -> LayerRun:
+    """A plain Conv2d or Linear split over both its output and its input channels (a 2-D tensor-parallel grid), or
+    a plain Conv2d over its output channels and its rows (height or width)."""
     roles = {layer["roles"].get(d): d for d in others}
     out_dim, in_dim = roles.get("out_channel"), roles.get("reduction")
+    if len(others) == 2 and layer["op"] == "conv" and out_dim is not None and "spatial" in roles:
+        return _out_spatial_run(layer, others, out_dim, roles["spatial"], batch, devices, fsdp)
     if len(others) != 2 or layer["op"] not in ("conv", "linear") or out_dim is None or in_dim is None:
         raise NotRunnable(f"{' x '.join(sorted(others))}: the runtime splits two dimensions besides the batch only "
-                          "as output x input channels of a conv or linear")
+                          "as output x input channels of a conv or linear, or output channels x rows of a conv")
     if not _plain(layer):
         raise NotRunnable(f"output x input channel splits of grouped or transposed {layer['op']} layers have no "
                           "runtime")
@@ -199,6 +209,28 @@ def _replicated_run(layer: Mapping[str, Any], batch: int, devices: int) -> Layer
     if any(names[:1] != [batch_dim] for names in (*tensors.get("inputs", []), tensors["output"])):
         raise NotRunnable(f"its batch is {split} on {devices} ranks: replicas need the batch first in and out")
     return LayerRun("replicated", devices // batch)
+
+
+def _out_spatial_run(layer: Mapping[str, Any], others: dict[str, int], out_dim: str, rows_dim: str, batch: int,
+                     devices: int, fsdp: bool) -> LayerRun:
+    """A plain Conv2d split over its output channels ``f`` ways and its rows ``s`` ways (``strategies.spatial``:
+    ``OutSpatialConv``), on ``f x s`` ranks of the group's batch."""
+    if not _plain(layer):
+        raise NotRunnable("output channel x row splits of grouped or transposed convolutions have no runtime")
+    if out_dim not in layer["tensors"]["output"]:
+        fused = ", ".join(layer.get("fused_ops", []))
+        raise NotRunnable(f"its output channels are regrouped by ops fused after it ({fused}): the runtime splits "
+                          "output channels only where the output keeps them")
+    out_factor, rows = others[out_dim], others[rows_dim]
+    _check_spatial(layer, rows_dim, rows)
+    if batch * out_factor * rows != devices:
+        raise NotRunnable(f"output channel x row split {out_factor} x {rows} x batch split {batch} uses "
+                          f"{batch * out_factor * rows} of {devices} ranks: the runtime needs the batch split over the "
+                          "rest")
+    if fsdp:
+        raise NotRunnable("output channel x row splits have no FSDP runtime (their weight gradients are summed over "
+                          "rows and batch peers at once)")
+    return LayerRun("outspatial", out_factor, out_dim, inner=rows, inner_dim=rows_dim)
 
 
 def _check_spatial(layer: Mapping[str, Any], dim: str, factor: int) -> None:

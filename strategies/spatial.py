@@ -15,19 +15,23 @@ exchanged back to batch chunks. Inside:
   image's.
 
 Parameters stay whole on every rank (their gradients are summed over all ranks, as a batch split's), so
-module names and checkpoints are unchanged. This is what the cost model prices for a spatial split:
-the two re-layouts on the edges, the halo (``CostModel._halo``) and the statistics (``_norm_stats``).
+module names and checkpoints are unchanged. A convolution split by output channels and rows at once
+(``OutSpatialConv``) holds its output rows of the weight instead. This is what the cost model prices for a
+spatial split: the two re-layouts on the edges, the halo (``CostModel._halo``) and the statistics (``_norm_stats``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
-from strategies.collectives import batch_to_split, split_to_batch, sum_over
+from strategies.collectives import batch_to_split, cells_to_batch, gather_batch, split_to_batch, sum_over
+from strategies.tensor import SHARD_GROUP
 
 
 def _exchange(tail_to_next: torch.Tensor, head_to_previous: torch.Tensor, group: Any
@@ -83,21 +87,27 @@ def halo(x: torch.Tensor, width: int, axis: int, group: Any) -> torch.Tensor:
     return _Halo.apply(x, width, axis, group)
 
 
+def _row_halo(module: nn.Conv2d, axis: int) -> tuple[int, tuple[int, ...]]:
+    """(halo rows, padding without the split axis's) of a convolution split along ``axis``: stride 1, no dilation, an
+    odd kernel with "same" zero padding there, so that each part needs ``kernel // 2`` neighbour rows a side."""
+    if module.padding_mode != "zeros" or axis not in (2, 3):
+        raise ValueError("only zero-padded convolutions split by height or width")
+    along = axis - 2
+    kernel, stride, dilation = module.kernel_size[along], module.stride[along], module.dilation[along]
+    padding = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
+    if stride != 1 or dilation != 1 or kernel % 2 == 0 or padding[along] != kernel // 2:
+        raise ValueError("a spatial split needs stride 1, no dilation and 'same' padding along its axis")
+    return kernel // 2, tuple(0 if i == along else int(p) for i, p in enumerate(padding))
+
+
 class SpatialConv(nn.Module):
     """A Conv2d on its rows (``axis`` 2: height, 3: width) of the tensor-parallel group's batch."""
     def __init__(self, module: nn.Conv2d, axis: int, group: Any) -> None:
         super().__init__()
-        if module.padding_mode != "zeros" or axis not in (2, 3):
-            raise ValueError("only zero-padded convolutions split by height or width")
-        along = axis - 2
-        kernel, stride, dilation = module.kernel_size[along], module.stride[along], module.dilation[along]
-        padding = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
-        if stride != 1 or dilation != 1 or kernel % 2 == 0 or padding[along] != kernel // 2:
-            raise ValueError("a spatial split needs stride 1, no dilation and 'same' padding along its axis")
+        self.width, self.padding = _row_halo(module, axis)
         self.weight, self.bias = module.weight, module.bias  # whole: names and checkpoints unchanged
-        self.axis, self.group, self.width = axis, group, kernel // 2
+        self.axis, self.group = axis, group
         self.stride, self.dilation, self.groups = module.stride, module.dilation, module.groups
-        self.padding = tuple(0 if i == along else p for i, p in enumerate(padding))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         part = batch_to_split(x, self.axis, self.group)
@@ -108,6 +118,74 @@ class SpatialConv(nn.Module):
 
     def extra_repr(self) -> str:
         return f"Conv2d, {'height' if self.axis == 2 else 'width'} / {dist.get_world_size(self.group)}"
+
+
+@dataclass
+class OutSpatialGroups:
+    """The process groups of an output-channel x row grid: a 3-D device mesh (dp, out, rows) of ``p / (f * s)`` x
+    ``f`` x ``s`` ranks (``rows`` consecutive); ``grid`` the ``f * s`` ranks of one grid (out x rows, flattened) and
+    ``weight`` the ranks holding the same output-channel part (dp x rows: its gradient is summed over them)."""
+    out: Any
+    rows: Any
+    grid: Any
+    weight: Any
+    out_size: int
+    rows_size: int
+
+    @property
+    def tp_size(self) -> int:
+        return self.out_size * self.rows_size
+
+    @classmethod
+    def build(cls, device_type: str, world: int, f: int, s: int) -> OutSpatialGroups:
+        mesh = init_device_mesh(device_type, (world // (f * s), f, s), mesh_dim_names=("dp", "out", "rows"))
+        grid = mesh["out", "rows"]._flatten(f"out_rows_{f}x{s}").get_group()
+        weight = mesh["dp", "rows"]._flatten(f"dp_rows_{f}x{s}").get_group()
+        return cls(mesh.get_group("out"), mesh.get_group("rows"), grid, weight, f, s)
+
+
+class OutSpatialConv(nn.Module):
+    """A Conv2d split over its output channels ``f`` ways and its rows (``axis`` 2: height, 3: width) ``s`` ways, on
+    an ``f x s`` grid of ranks: the rank at (k, j) computes output part k on row part j of the grid's batch. Its
+    input's rows are exchanged all-to-all over ``rows`` and all-gathered over ``out`` (every input channel of row part
+    j of the grid's batch, in batch order), the halo exchanged with its ``rows`` neighbours as ``SpatialConv`` does,
+    and the output's (channel, row) cells exchanged all-to-all over the grid back to batch chunks: per edge, what the
+    cost model prices for the configuration. The weight and bias are this rank's output rows (checkpoints gather them),
+    their gradients summed over ``groups.weight``."""
+    def __init__(self, module: nn.Conv2d, axis: int, groups: OutSpatialGroups) -> None:
+        super().__init__()
+        if module.groups != 1:
+            raise ValueError("only ungrouped convolutions split by output channels x height or width")
+        self.width, self.padding = _row_halo(module, axis)
+        self.axis, self.groups = axis, groups
+        self.stride, self.dilation = module.stride, module.dilation
+        part = dist.get_rank(groups.out)
+        self.weight = nn.Parameter(module.weight.detach().chunk(groups.out_size)[part].clone(),
+                                   requires_grad=module.weight.requires_grad)
+        setattr(self.weight, SHARD_GROUP, groups.weight)
+        self.bias: nn.Parameter | None = None
+        if module.bias is not None:
+            self.bias = nn.Parameter(module.bias.detach().chunk(groups.out_size)[part].clone(),
+                                     requires_grad=module.bias.requires_grad)
+            setattr(self.bias, SHARD_GROUP, groups.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        part = gather_batch(batch_to_split(x, self.axis, self.groups.rows), self.groups.out)
+        if self.width:
+            part = halo(part, self.width, self.axis, self.groups.rows)
+        out = F.conv2d(part, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return cells_to_batch(out, 1, self.axis, self.groups.out_size, self.groups.grid)
+
+    def shard_cuts(self, leaf: str) -> tuple[tuple[int, Any], ...]:
+        return ((0, self.groups.out),)
+
+    @property
+    def shard_halves(self) -> int:
+        return 1
+
+    def extra_repr(self) -> str:
+        return f"Conv2d, out channels x {'height' if self.axis == 2 else 'width'} / {self.groups.out_size} x " \
+               f"{self.groups.rows_size}"
 
 
 class SpatialGroupNorm(nn.Module):
@@ -137,4 +215,4 @@ class SpatialGroupNorm(nn.Module):
         return f"GroupNorm({self.num_groups}), axis {self.axis} / {dist.get_world_size(self.group)}"
 
 
-__all__ = ["SpatialConv", "SpatialGroupNorm", "halo"]
+__all__ = ["OutSpatialConv", "OutSpatialGroups", "SpatialConv", "SpatialGroupNorm", "halo"]

@@ -563,6 +563,8 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
     for module in list(model.modules()):
         if not any(param.requires_grad for param in module.parameters(recurse=False)):
             continue
+        if holds_shards(module) and not isinstance(module, SPLIT_MODULES):
+            raise ValueError(f"a {type(module).__name__} has no FSDP runtime")
         groups = module.groups if isinstance(module, SPLIT_MODULES) else getattr(module, REPLICA_GROUPS, None)
         if groups is not None and groups.tp_size == world:  # split or replicated over every rank: no peer to shard
             whole.extend(param for param in module.parameters(recurse=False) if param.requires_grad)
@@ -580,10 +582,15 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
     return whole
 
 
-# modules holding channel shards of a model's parameters
+# modules holding channel shards of a model's parameters that FSDP can shard again (``strategies.spatial``'s
+# OutSpatialConv holds shards too, without an FSDP runtime: ``holds_shards`` finds them all)
 SPLIT_MODULES = (ChannelSplit, ChannelGroupNorm, ChannelLayerNorm, GridSplit)
 
+
+def holds_shards(module: nn.Module) -> bool:
+    """Does ``module`` hold parts of a model's parameters (``shard_cuts`` says how to gather them)?"""
+    return callable(getattr(module, "shard_cuts", None))
+
 __all__ = ["ChannelGroupNorm", "ChannelLayerNorm", "ChannelSplit", "GradientSync", "GridGroups", "GridSplit",
-           "HeadSplitProcessor",
-           "REPLICA_GROUPS", "SHARD_GROUP", "SPLIT_MODULES", "TensorGroups", "forward_under", "ordered_rows",
-           "rows_of", "shard_parameters", "split_heads", "split_sequence"]
+           "HeadSplitProcessor", "REPLICA_GROUPS", "SHARD_GROUP", "SPLIT_MODULES", "TensorGroups", "forward_under",
+           "holds_shards", "ordered_rows", "rows_of", "shard_parameters", "split_heads", "split_sequence"]

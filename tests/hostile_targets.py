@@ -285,6 +285,7 @@ OPTIONS = [
     ("sample-plan", "--samples", "count"), ("sample-plan", "--objective", "text"), ("sample-plan", "--tol", "real"),
     ("plan", "--batch", "count"), ("plan", "--devices", "count"), ("plan", "--memory-fraction", "real"),
     ("plan", "--gap", "real"), ("plan", "--only", "text"), ("plan", "--space", "text"), ("plan", "--force", "text"),
+    ("plan", "--min-chunk", "text"),
     ("plan", "--cluster", "text"), ("plan", "--precision", "text"), ("plan", "--max-stages", "count"),
     ("plan", "--schedule", "text"), ("plan", "--input-shape", "text"), ("plan", "--model", "text"),
     ("whatif", "--batch", "count"), ("whatif", "--samples", "real"), ("whatif", "--memory-fraction", "real"),

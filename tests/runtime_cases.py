@@ -123,6 +123,23 @@ def replicas(world: int) -> Any:
     return choose
 
 
+def _out_spatial(layer_id: str, data: dict) -> dict:
+    """Every convolution the runtime can split by output channels and rows at once, split 2 x 2 on 4 ranks (by
+    height, or by width for every other one), batch elsewhere."""
+    from strategies.runnable import NotRunnable, layer_run
+
+    roles = {role: d for d, role in data["roles"].items()}
+    spatial = [d for d, role in data["roles"].items() if role == "spatial"]
+    if data["op"] == "conv" and spatial and data["dims"][roles["out_channel"]] % 2 == 0:
+        splits = {roles["out_channel"]: 2, spatial[data["index"] % len(spatial)]: 2}
+        try:
+            if layer_run(data, splits, 4).kind == "outspatial":
+                return splits
+        except NotRunnable:
+            pass
+    return {d: 4 for d, role in data["roles"].items() if role == "batch"}
+
+
 def _norm_channels(layer_id: str, data: dict) -> dict:
     """Channel splits of group norms: splits the runtime has no layout for (it must refuse them)."""
     if data["op"] == "group_norm":
@@ -213,7 +230,7 @@ def random_runnable(devices: int, seed: int, graph: Any) -> Any:
 
 CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
          "heads": (_heads, False), "seq": (_sequence, False), "spatial": (_spatial, False), "kept": (_kept, False),
-         "grid": (_grid, False),
+         "grid": (_grid, False), "outspatial": (_out_spatial, False),
          "grid_fsdp": (_grid, True)}
 # a case name with ":checkpoint" runs the plan with activation checkpointing (plan.options["checkpointing"])
 # layers inside checkpointed blocks (a resnet's first norm, an attention block's norm): their forward calls

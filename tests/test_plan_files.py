@@ -80,7 +80,8 @@ def test_the_cli_refuses_a_bad_plan_in_one_line(tiny, tmp_path) -> None:
 
 @pytest.mark.parametrize("edit,message", [
     ("cut", "covers 10 of the model's 104 layers"), ("twice", "more than one configuration"),
-    ("bogus dimension", "along bogus_dim, which it does not have")])
+    ("bogus dimension", "along bogus_dim, which it does not have"),
+    ("uneven", r"conv_out's c_out \(3\) 2 ways, into unequal parts")])
 def test_plans_that_do_not_cover_the_model_are_refused(tiny, edit: str, message: str) -> None:
     graph, plan = tiny
     bad = copy.deepcopy(plan)
@@ -88,6 +89,8 @@ def test_plans_that_do_not_cover_the_model_are_refused(tiny, edit: str, message:
         bad.layers = bad.layers[:10]
     elif edit == "twice":
         bad.layers.append(bad.layers[0])
+    elif edit == "uneven":  # conv_out's 3 output channels
+        next(layer for layer in bad.layers if layer.id == "conv_out").splits.update(c_out=2)
     else:
         bad.layers[0].splits["bogus_dim"] = 2
     with pytest.raises(PlanMismatch, match=message):

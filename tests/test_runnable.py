@@ -54,7 +54,10 @@ def test_runnable_configurations(tiny) -> None:
     grid = layer_run(conv, {n: 1, c_out: 2, c_in: 2}, 4)  # output x input channels on a 2 x 2 grid of ranks
     assert (grid.kind, grid.factor, grid.inner, grid.ranks, grid.label) == ("grid", 2, 2, 4, "grid/2x2")
     assert "uses 4 of 8 ranks" in runnable_reason(conv, {c_out: 2, c_in: 2}, 8)
-    assert "only as output x input channels" in runnable_reason(conv, {c_out: 2, "h": 2}, 4)
+    assert "only as output x input channels" in runnable_reason(conv, {c_in: 2, "h": 2}, 4)
+    rows = layer_run(conv, {n: 1, c_out: 2, "h": 2}, 4)  # output channels x rows on a 2 x 2 grid
+    assert rows == LayerRun("outspatial", 2, c_out, inner=2, inner_dim="h") and rows.label == "outspatial/2x2"
+    assert "no FSDP runtime" in runnable_reason(conv, {n: 1, c_out: 2, "h": 2}, 4, fsdp=True)
     assert "uses 2 of 4 ranks" in runnable_reason(conv, {c_out: 2}, 4)  # idle devices
     assert layer_run(conv, {n: 2}, 4) == LayerRun("replicated", 2)  # 2 groups of 2 replicas
     assert layer_run(conv, {}, 4).label == "replicated/4"  # unsplit: every rank computes the whole batch
@@ -242,6 +245,11 @@ def test_cli_force_and_space(tmp_path) -> None:
     assert bad.returncode != 0 and "DIM:FACTOR" in bad.stderr and "Traceback" not in bad.stderr
     wide = run("--space", "all", "--force", "down_blocks.1.*conv1=c_out:2")
     assert wide.returncode == 0 and "not runnable" in wide.stdout
+    narrow = "down_blocks.1.resnets.0.conv1=n:1,c_out:4"  # 64 output channels: 16 a device, under the default 32
+    assert "it is not one of its splits" in " ".join(run("--force", narrow).stderr.split())
+    assert run("--force", narrow, "--min-chunk", "out_channel:16").returncode == 0
+    bad_chunk = run("--min-chunk", "kernel:1")
+    assert bad_chunk.returncode != 0 and "ROLE:SIZE" in bad_chunk.stderr and "Traceback" not in bad_chunk.stderr
 
 
 def test_every_default_configuration_is_runnable(tiny) -> None:

@@ -1,7 +1,8 @@
 """Spatial splits on gloo ranks: convolutions exchange their boundary rows with their neighbours (halo), group
 norms sum their statistics over the group, and the result is the single-process model's; the bytes are what
 the cost model prices (2 ranks: every convolution and group norm of unet-tiny split by rows, with and without
-activation checkpointing; 4 ranks: interior ranks with two neighbours)."""
+activation checkpointing; 4 ranks: interior ranks with two neighbours, and convolutions split by output channels
+and rows at once)."""
 from __future__ import annotations
 
 import json
@@ -27,14 +28,30 @@ def test_spatially_split_layers_match_a_single_process(case: str) -> None:
     assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=0.01)
 
 
-def _predicted_bytes(splits: dict, checkpointing: bool) -> float:
+@pytest.mark.timeout(300)
+def test_convolutions_split_by_output_channels_and_rows_on_4_ranks() -> None:
+    """Every convolution of unet-tiny that can, split 2 ways by output channels and 2 ways by rows (height or width)
+    on a 2 x 2 grid of ranks: the input's rows exchanged and gathered, halos between row neighbours, the output's
+    cells exchanged back to batch chunks; the single-process result and exactly the bytes priced."""
+    results = runtime_cases.run_ranks(["outspatial"], world=4, timeout_s=280)
+    per_rank = runtime_cases.matching_ranks(results, "outspatial", TOLERANCE)
+    assert set(per_rank[0]["applied"]) == {"batch", "outspatial/2x2"}
+    splits = per_rank[0]["splits"]
+    assert sum(len(s) == 2 and bool({"h", "w"} & set(s)) for s in splits.values()) > 20
+    assert all(r["comm_by_op"]["send_recv"] > 0 and r["round_trip"] == 0.0 for r in per_rank)  # halos; checkpoints
+    predicted = _predicted_bytes(splits, checkpointing=False, world=4)
+    assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=1e-6)
+
+
+def _predicted_bytes(splits: dict, checkpointing: bool, world: int = 2) -> float:
     from cost_models.cluster import parse_spec
     from pase.graph import extract_model
     from pase.planning.per_layer import PlanOptions, plan_graph
 
     graph = extract_model("unet-tiny", runtime_cases.GLOBAL_BATCH, use_cache=True)
-    options = PlanOptions(precision="fp32", force=splits, baselines=False, checkpointing=checkpointing)
-    return plan_graph(graph, parse_spec("2xL40S"), options=options).predicted.comm_bytes_per_device
+    options = PlanOptions(precision="fp32", force=splits, baselines=False, checkpointing=checkpointing,
+                          min_chunk={"out_channel": 16, "spatial": 8})
+    return plan_graph(graph, parse_spec(f"{world}xL40S"), options=options).predicted.comm_bytes_per_device
 
 
 @pytest.mark.slow

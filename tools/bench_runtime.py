@@ -1,7 +1,7 @@
 """Benchmark: the runtime on 2 and 4 gloo processes with unet-tiny, predicted against measured.
 
     PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4]
-        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,replicated,pipeline]
+        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,outspatial,replicated,pipeline]
         [--steps 8] [--batch 8] [--profile FILE]
         [--json bench_results/runtime.json]
 
@@ -9,7 +9,9 @@ Plans come from `pase plan --cluster local --devices N --only KIND` (`tensor+fsd
 `--only tensor` with every conv and linear of 64+ channels forced onto a 2 x 2 output x input grid, 4+ ranks;
 `seq`: every attention forced to split its queries 2 ways; `spatial`: every convolution and group norm of 32+
 rows that runs split by rows forced to split 2 ways by height (an attention's norm by its positions);
-`replicated`: every conv, linear, group norm and attention forced onto replica groups of 2 ranks (unsplit on 2);
+`outspatial`: every convolution that runs so split 2 ways by output channels and 2 by rows (4+ ranks, with
+`--min-chunk out_channel:16,spatial:8`: unet-tiny is narrow); `replicated`: every conv, linear, group norm and
+attention forced onto replica groups of 2 ranks (unsplit on 2);
 priced by the CPU calibration profile of this machine, or --profile), as users make them. Each row
 runs `pase verify --check` under a fresh `torchrun`: one checked step against a single process (max
 relative error, layers as planned), the communication bytes per rank per step counted at the torch.distributed calls
@@ -72,16 +74,20 @@ def forces(kind: str, world: int, batch: int) -> list[str]:
     options = []
     for layer_id, data in extract_model("unet-tiny", batch, use_cache=True).layers():
         dims = {role: d for d, role in data["roles"].items()}
+        spatial = [d for d, role in data["roles"].items() if role == "spatial"]
         if kind == "grid" and data["op"] in ("conv", "linear") and \
                 all(data["dims"][dims[r]] >= 64 for r in ("out_channel", "reduction")):
             options += ["--force", f"{layer_id}={dims['batch']}:{world // 4},{dims['out_channel']}:2,"
                                    f"{dims['reduction']}:2"]
         if kind == "seq" and data["op"] == "attention":
             options += ["--force", f"{layer_id}={dims['batch']}:{world // 2},q:2"]
+        if kind == "outspatial" and data["op"] == "conv" and spatial and data["dims"][dims["out_channel"]] % 2 == 0:
+            splits = {dims["batch"]: world // 4, dims["out_channel"]: 2, spatial[data["index"] % len(spatial)]: 2}
+            if runnable_reason(data, splits, world) is None:
+                options += ["--force", f"{layer_id}=" + ",".join(f"{d}:{f}" for d, f in splits.items())]
         if kind == "replicated" and "batch" in dims and \
                 runnable_reason(data, {dims["batch"]: world // 2}, world) is None:  # groups of 2 replicas
             options += ["--force", f"{layer_id}={dims['batch']}:{world // 2}"]
-        spatial = [d for d, role in data["roles"].items() if role == "spatial"]
         if kind == "spatial" and spatial and data["dims"][spatial[0]] >= 32 and \
                 runnable_reason(data, {spatial[0]: 2, dims["batch"]: world // 2}, world) is None:
             options += ["--force", f"{layer_id}={dims['batch']}:{world // 2},{spatial[0]}:2"]
@@ -93,7 +99,8 @@ def plan(kind: str, world: int, out: Path, batch: int, profile: str | None) -> d
     "grid" (``--only tensor`` with ``forces``) or "seq" (the default space with ``forces``)."""
     only, *extras = kind.split("+")
     forced = forces(only, world, batch)
-    restrict = {"grid": ["--only", "tensor"], "seq": [], "spatial": [], "replicated": []}.get(only, ["--only", only])
+    restrict = {"grid": ["--only", "tensor"], "seq": [], "spatial": [], "replicated": [],
+                "outspatial": ["--min-chunk", "out_channel:16,spatial:8"]}.get(only, ["--only", only])
     command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices",
                str(world), "--batch", str(batch), *restrict, "--json", str(out),
                *(["--fsdp"] if "fsdp" in extras else []), *(["--profile", profile] if profile else []), *forced]
@@ -117,7 +124,8 @@ def describe(kind: str, data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="2,4")
-    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,replicated,pipeline")
+    parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,outspatial,replicated,"
+                        "pipeline")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--profile", default=None)
@@ -132,7 +140,7 @@ def main() -> None:
         script.write_text(PLAIN_DDP)
         for world in map(int, options.worlds.split(",")):
             for kind in options.kinds.split(","):
-                if kind.startswith("grid") and world % 4:
+                if kind.startswith(("grid", "outspatial")) and world % 4:
                     continue  # a 2 x 2 grid needs 4 ranks
                 path = Path(tmp) / f"{kind}-{world}.json"
                 data = plan(kind, world, path, options.batch, options.profile)

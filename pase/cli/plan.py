@@ -65,6 +65,9 @@ def plan(
     force: Annotated[list[str] | None, typer.Option("--force", help="LAYER_GLOB=DIM:FACTOR[,DIM:FACTOR]: make the "
                                                     "matching layers take these splits (e.g. "
                                                     "'*attn1.to_q=n:4,c_out:2'; 'n:8' for batch only).")] = None,
+    min_chunk: Annotated[str | None, typer.Option("--min-chunk", help="ROLE:SIZE[,ROLE:SIZE]: the smallest part of a "
+                                                  "dimension a device may hold, per role (out_channel, reduction, "
+                                                  "channel: 32; spatial: 16; sequence: 64; head, batch: 1).")] = None,
 ) -> None:
     """Plan how to split every layer of a model over a cluster, and compare with DDP and FSDP."""
     import torch
@@ -90,7 +93,7 @@ def plan(
                               user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
                               checkpointing=checkpoint, search_gap=gap, space=space,
-                              force=parse_force(force or []))
+                              force=parse_force(force or []), min_chunk=parse_min_chunk(min_chunk))
         stages = PipelineOptions(schedule=schedule, max_stages=max_stages) if pipeline or only == "pipeline" else None
         try:
             result, priced = make_plan(graph, target, profile=measured, options=options, pipeline=stages,
@@ -107,6 +110,23 @@ def plan(
         _print_explain(graph, result, priced, explain)
     if json_path is not None:
         write_output(json_path, "--json", result.save)
+
+
+def parse_min_chunk(text: str | None) -> dict[str, int] | None:
+    """``--min-chunk`` as {role: smallest part}; None keeps the defaults (``strategies.splits.MIN_CHUNK``)."""
+    from strategies.splits import MIN_CHUNK
+
+    if text is None:
+        return None
+    roles = [role for role, size in MIN_CHUNK.items() if size < 1 << 30]  # kernels and "other" are never split
+    chunks: dict[str, int] = {}
+    for part in filter(None, text.split(",")):
+        role, colon, size = (piece.strip() for piece in part.partition(":"))
+        if not colon or role not in roles or not size.isdigit() or int(size) < 1:
+            raise PaseError(f"--min-chunk {text!r}: {part!r} is not ROLE:SIZE with ROLE one of {', '.join(roles)} and "
+                            "a positive whole SIZE")
+        chunks[role] = int(size)
+    return chunks
 
 
 def parse_force(entries: list[str]) -> dict[str, dict[str, int]]:

@@ -86,6 +86,11 @@ def check_model(plan: Plan, graph: LayerGraph) -> None:
         if unknown:
             raise PlanMismatch(f"the plan splits layer {layer.id} along {', '.join(unknown)}, which it does not have "
                                f"(its dimensions: {', '.join(dims)}); re-plan it")
+        uneven = [(d, int(f)) for d, f in layer.splits.items() if int(f) > 1 and int(dims[d]) % int(f)]
+        if uneven:
+            d, f = uneven[0]
+            raise PlanMismatch(f"the plan splits layer {layer.id}'s {d} ({dims[d]}) {f} ways, into unequal parts; "
+                               "re-plan it")
 
 
 __all__ = ["PlanMismatch", "check_model", "check_world", "example_inputs_for", "meta_copy", "model_graph"]

@@ -23,14 +23,14 @@ class LayerLayout:
     op: str
     module: str
     planned: dict[str, int]
-    kind: str  # "batch", "out", "in", "heads", "seq", "spatial", "local", "norm", "grid" or "replicated"
+    kind: str  # "batch", "out", "in", "heads", "seq", "spatial", "local", "norm", "grid", "outspatial", "replicated"
     factor: int = 1  # tensor-parallel degree (1 for batch; a grid's output-channel split)
     keep_output: bool = False  # an out-split or head split whose output stays channel-split for its consumer
     kept_input: bool = False  # an in-split whose input arrives channel-split
     kept_inputs: tuple[str, ...] = ()  # a head split's projections ("to_q", ...) whose output arrives head-split
     gated: bool = False  # an out-split GEGLU projection (interleaved rows)
-    inner: int = 1  # a grid's input-channel split
-    axis: int | None = None  # a spatial split's axis in the module's input (2: height, 3: width)
+    inner: int = 1  # a grid's input-channel split; an outspatial's row split
+    axis: int | None = None  # a spatial or outspatial split's axis in the module's input (2: height, 3: width)
 
     @property
     def applied(self) -> str:
@@ -73,7 +73,8 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
                                                            for dst in graph.graph.successors(choice.id))
         kept_from = [graph[src]["module"] for src in graph.graph.predecessors(choice.id) if (src, choice.id) in kept]
         kept_inputs = tuple(sorted(module.rpartition(".")[2] for module in kept_from)) if run.kind == "heads" else ()
-        axis = data["tensors"]["inputs"][0].index(run.dim) if run.kind == "spatial" else None
+        rows = {"spatial": run.dim, "outspatial": run.inner_dim}.get(run.kind)  # the dimension split by rows
+        axis = data["tensors"]["inputs"][0].index(rows) if rows else None
         result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor,
                                   keep_output, run.kind == "in" and bool(kept_from), kept_inputs, run.gated, run.inner,
                                   axis))

@@ -27,7 +27,7 @@ from pase.runtime.pipeline import pipeline_parallelize
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
 from strategies.replication import ReplicatedAttention, replicate_module
-from strategies.spatial import SpatialConv, SpatialGroupNorm
+from strategies.spatial import OutSpatialConv, OutSpatialGroups, SpatialConv, SpatialGroupNorm
 from strategies.tensor import (
     ChannelGroupNorm,
     ChannelLayerNorm,
@@ -101,10 +101,12 @@ def _broadcast_from_rank0(model: nn.Module) -> None:
 
 def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: torch.device,
                           world: int, precision: str, sync: bool = True) -> nn.Module:
-    degrees = sorted({layout.factor for layout in layouts if layout.kind not in ("batch", "grid")})
+    degrees = sorted({layout.factor for layout in layouts if layout.kind not in ("batch", "grid", "outspatial")})
     groups = {t: TensorGroups.build(device.type, world, t) for t in degrees}  # same order on every rank
     grids = {(t, u): GridGroups.build(device.type, world, t, u)
              for t, u in sorted({(layout.factor, layout.inner) for layout in layouts if layout.kind == "grid"})}
+    cells = {(f, s): OutSpatialGroups.build(device.type, world, f, s)
+             for f, s in sorted({(layout.factor, layout.inner) for layout in layouts if layout.kind == "outspatial"})}
     modes = []
     for layout in layouts:
         if layout.kind == "batch":
@@ -142,6 +144,11 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
                 _expect(module, (nn.GroupNorm,), layout, "a channel-split group norm")
                 setattr(parent, child, ChannelGroupNorm(module, groups[layout.factor]))
             continue
+        if layout.kind == "outspatial":
+            assert layout.axis is not None
+            _expect(module, (nn.Conv2d,), layout, "an output channel x row split")
+            setattr(parent, child, OutSpatialConv(module, layout.axis, cells[layout.factor, layout.inner]))
+            continue
         _expect(module, (nn.Conv2d, nn.Linear), layout, f"a {layout.kind}-channel split")
         if layout.kind == "grid":
             setattr(parent, child, GridSplit(module, grids[layout.factor, layout.inner]))
@@ -150,7 +157,8 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
                                             layout.kept_input, layout.gated))
     if sync:  # (under FSDP its reduce-scatters sum the gradients instead)
         model.pase_sync = GradientSync.install(model, world, dtype=GRADIENT_DTYPES[precision])
-    model.pase_layout = ParallelLayout("tensor", world, layouts, sorted({*degrees, *(t * u for t, u in grids)}))
+    model.pase_layout = ParallelLayout("tensor", world, layouts,
+                                       sorted({*degrees, *(t * u for t, u in grids), *(f * s for f, s in cells)}))
     model.pase_head_modes = modes
     return model
 

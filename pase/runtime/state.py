@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from strategies.collectives import gather
-from strategies.tensor import SPLIT_MODULES, ordered_rows, rows_of
+from strategies.tensor import holds_shards, ordered_rows, rows_of
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ShardMap:
             self.shards = {name: _Shard("stage") for name, _ in self.named}
             return
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        splits = {name: module for name, module in inner.named_modules() if isinstance(module, SPLIT_MODULES)}
+        splits = {name: module for name, module in inner.named_modules() if holds_shards(module)}
         self.named: list[tuple[str, nn.Parameter]] = []
         self.shards: dict[str, _Shard] = {}
         for name, param in inner.named_parameters():
@@ -179,7 +179,7 @@ def full_tensors(model: nn.Module, what: str = "param") -> dict[str, torch.Tenso
     """Every parameter (``what="param"``) or gradient (``"grad"``) at full size on every rank, under the
     original model's names: FSDP shards and channel shards are gathered (collective: call on all ranks)."""
     inner = unwrap(model)
-    splits = {name: module for name, module in inner.named_modules() if isinstance(module, SPLIT_MODULES)}
+    splits = {name: module for name, module in inner.named_modules() if holds_shards(module)}
     result: dict[str, torch.Tensor] = {}
     for name, param in inner.named_parameters():
         tensor = param if what == "param" else param.grad
