@@ -23,14 +23,17 @@ class Denoiser(Protocol):
 class UNetDenoiser:
     """A UNet as a denoiser; ``context`` (1, L, E) enables cross-attention models and, with
     ``guidance_scale`` > 1, classifier-free guidance against ``uncond_context`` (a negative prompt's embedding;
-    default: an all-zero context)."""
+    default: an all-zero context). ``added`` (and ``uncond_added``): SDXL's ``added_cond_kwargs`` of each prompt,
+    tensors of one row."""
 
     def __init__(self, model: nn.Module, context: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                 uncond_context: torch.Tensor | None = None) -> None:
+                 uncond_context: torch.Tensor | None = None, added: dict[str, torch.Tensor] | None = None,
+                 uncond_added: dict[str, torch.Tensor] | None = None) -> None:
         self.model = model.eval()
         self.context = context
         self.guidance_scale = guidance_scale
         self.uncond_context = uncond_context
+        self.added, self.uncond_added = added, uncond_added if uncond_added is not None else added
         if guidance_scale != 1.0 and context is None:
             raise PaseError("--guidance-scale needs a text-conditioned model (e.g. sd15-unet); this model has no "
                             "encoder_hidden_states input")
@@ -51,12 +54,23 @@ class UNetDenoiser:
             return _sample(self.model(x, t))
         rows = x.shape[0]
         if not self.guided:
-            return _sample(self.model(x, t, encoder_hidden_states=self.context.expand(rows, -1, -1)))
+            return _sample(self.model(x, t, encoder_hidden_states=self.context.expand(rows, -1, -1),
+                                      **_added(rows, self.added)))
         uncond = torch.zeros_like(self.context) if self.uncond_context is None else self.uncond_context
         context = torch.cat([uncond.expand(rows, -1, -1), self.context.expand(rows, -1, -1)])
-        out = _sample(self.model(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=context))
+        out = _sample(self.model(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=context,
+                                 **_added(rows, self.uncond_added, self.added)))
         uncond, cond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
+
+
+def _added(rows: int, *prompts: dict[str, torch.Tensor] | None) -> dict[str, dict[str, torch.Tensor]]:
+    """``added_cond_kwargs`` for ``rows`` rows of each prompt in turn (none for a UNet without them)."""
+    present = [prompt for prompt in prompts if prompt]
+    if not present:
+        return {}
+    return {"added_cond_kwargs": {key: torch.cat([prompt[key].expand(rows, -1) for prompt in present])
+                                  for key in present[0]}}
 
 
 def _sample(output: object) -> torch.Tensor:

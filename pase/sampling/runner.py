@@ -62,7 +62,7 @@ class SampleConfig:
         check_size(self.model, self.size)
         folder = is_pipeline_folder(self.model)
         if self.prompt is not None or self.negative_prompt is not None:
-            pipeline_of(self.model)  # refuses zoo models, UNet folders alone and SDXL by name
+            pipeline_of(self.model)  # refuses zoo models and UNet folders alone by name
         elif folder:
             raise FolderSamplingError(f"{self.model} is a text-to-image pipeline: say what to draw with --prompt")
         if self.negative_prompt is not None and self.guidance_scale == 1.0:
@@ -136,11 +136,14 @@ def build_folder_denoiser(config: SampleConfig, device: torch.device) -> tuple[U
     """The folder's UNet with the prompt's context (and the negative prompt's under guidance), and its latents'
     (C, H, W)."""
     assert config.prompt is not None
-    loaded = load_folder_model(config.model, config.prompt, config.negative_prompt, config.guidance_scale != 1.0,
-                               device)
     _, channels, height, width = resolve_model(config.model).inputs[0].concrete(1)
-    return UNetDenoiser(loaded.unet, loaded.context, config.guidance_scale, loaded.uncond_context), \
-        (channels, height, width)
+    loaded = load_folder_model(config.model, config.prompt, config.negative_prompt, config.guidance_scale != 1.0,
+                               device, (height, width))
+    uncond = loaded.uncond
+    denoiser = UNetDenoiser(loaded.unet, loaded.cond.context, config.guidance_scale,
+                            None if uncond is None else uncond.context, loaded.cond.added,
+                            None if uncond is None else uncond.added)
+    return denoiser, (channels, height, width)
 
 
 def run_sampler(name: str, core: SamplerCore, evaluator: Evaluator, x_t: torch.Tensor, noise: torch.Tensor,
