@@ -198,6 +198,23 @@ def test_verify_checks_channel_split_layer_norms_and_replicas(local, tmp_path: P
     _verify_check_passes(plan, tmp_path / "plan.json")
 
 
+@pytest.mark.timeout(240)
+def test_verify_checks_pipeline_stages_of_a_text_conditioned_unet(local, tmp_path: Path) -> None:
+    """sd-tiny in 2 pipeline stages: the text embeddings enter stage 0 and are sent on to the stage whose
+    cross-attentions read them (priced as a crossing tensor without a gradient); one step equals a single
+    process's and moves the bytes priced."""
+    from pase.planning.pipeline import plan_with_pipeline
+
+    cluster, profile, _ = local
+    graph = extract_model("sd-tiny", 8, use_cache=True)
+    plan, _ = plan_with_pipeline(graph, cluster, profile=profile, options=PlanOptions(precision="fp32",
+                                                                                      only="pipeline"))
+    stage_of = {layer_id: s for s, stage in enumerate(plan.stages) for layer_id in stage.layers}
+    text_readers = {stage_of[dst] for dst in graph.graph.successors("input:encoder_hidden_states/input")}
+    assert len(plan.stages) == 2 and text_readers == {0, 1}  # cross-attention on both sides of the cut
+    _verify_check_passes(plan, tmp_path / "plan.json")
+
+
 def _verify_check_passes(plan: Plan, plan_path: Path) -> None:
     """`pase verify --check` of ``plan`` on 2 torchrun processes: the single process's step, every layer as planned,
     the priced bytes."""

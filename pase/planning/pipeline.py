@@ -465,13 +465,14 @@ def skip_reach(graph: LayerGraph, segment_of: list[int], n: int) -> np.ndarray:
     """Per segment i, the last segment that reads a tensor made before segment i (-1: none). A stage that
     starts at i must run through that segment: torch.distributed.pipelining sends a stage's outputs to the
     next stage only ("backward of skip connections not supported"), so no tensor may cross two stage
-    boundaries. Model inputs are not sent: every stage reads them itself. O(edges + n)."""
+    boundaries. Model inputs count as made in the first segment: torch feeds them to stage 0 only, and the
+    runtime copies a text-conditioned UNet's conditioning there to send it on (``pase.runtime.pipeline``).
+    O(edges + n)."""
     index = {layer_id: v for v, (layer_id, _) in enumerate(graph.layers())}
     last_reader = np.full(n, -1)  # per producing segment, its tensors' last reading segment
     for src, dst, _ in graph.graph.edges(data=True):
-        if graph[src]["op"] == "input":
-            continue
-        a, c = segment_of[index[src]], segment_of[index[dst]]
+        a = 0 if graph[src]["op"] == "input" else segment_of[index[src]]
+        c = segment_of[index[dst]]
         last_reader[a] = max(last_reader[a], c)
     reach = np.full(n, -1)
     for i in range(1, n):
@@ -481,27 +482,28 @@ def skip_reach(graph: LayerGraph, segment_of: list[int], n: int) -> np.ndarray:
 
 def crossing_tensors(graph: LayerGraph, segment_of: list[int], n: int) -> Crossing:
     """Each (producer, tensor) is sent once to every later stage that reads it (its consumer pays,
-    forward) and its gradient comes back once (the producer pays, backward). Model inputs are not
-    sent: every stage reads them itself."""
+    forward) and its gradient, if it has one, comes back once (the producer pays, backward). Model inputs
+    count as made in the first segment (``skip_reach``): a text-conditioned UNet's text embeddings are sent on
+    to the stages whose cross-attention reads them, without a gradient."""
     index = {layer_id: v for v, (layer_id, _) in enumerate(graph.layers())}
-    readers: dict[tuple[str, str], tuple[int, set[int], float]] = {}
+    readers: dict[tuple[str, str], tuple[int, set[int], float, bool]] = {}
     for src, dst, data in graph.graph.edges(data=True):
-        if graph[src]["op"] == "input":
-            continue
-        a, c = segment_of[index[src]], segment_of[index[dst]]
+        a = 0 if graph[src]["op"] == "input" else segment_of[index[src]]
+        c = segment_of[index[dst]]
         if c == a:
             continue
         key = (src, str(data.get("tensor", data.get("slot"))))
-        seg, consumers, size = readers.get(key, (a, set(), 0.0))
+        seg, consumers, size, grad = readers.get(key, (a, set(), 0.0, False))
         consumers.add(c)
-        readers[key] = (seg, consumers, max(size, float(data["bytes"])))
+        readers[key] = (seg, consumers, max(size, float(data["bytes"])), grad or data.get("requires_grad", True))
     shape = (n, n + 1)
     crossing = Crossing(np.zeros(shape), np.zeros(shape), np.zeros(shape), np.zeros(shape))
-    for a, consumers, size in readers.values():
+    for a, consumers, size, grad in readers.values():
         ordered = sorted(consumers)
         last = ordered[-1]
-        crossing.out_bytes[:a + 1, a + 1:last + 1] += size
-        crossing.out_count[:a + 1, a + 1:last + 1] += 1
+        if grad:
+            crossing.out_bytes[:a + 1, a + 1:last + 1] += size
+            crossing.out_count[:a + 1, a + 1:last + 1] += 1
         k = 0
         for i in range(a + 1, last + 1):
             while ordered[k] < i:

@@ -49,15 +49,29 @@ from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, average_gradients
 from strategies.pipeline import check_schedule
 
+# the inputs a text-conditioned UNet takes after (sample, timestep), in the order stage 0 is fed them (a model takes a
+# prefix of them: none, the text embeddings, or SDXL's three); ``text_embeds`` and ``time_ids`` go in added_cond_kwargs
+CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")
+
 
 class _Prediction(nn.Module):
-    """The model as ``(sample, timestep) -> prediction tensor`` (the pipeline tracer needs plain tensors)."""
+    """The model as ``(sample, timestep, *conditioning) -> prediction tensor`` (the pipeline tracer needs plain
+    tensors)."""
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        out = self.model(sample, timestep)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        # copied in stage 0, so that a later stage's cross-attention receives the text from the stage before it
+        # (torch's pipelining feeds the model's own inputs to stage 0 only)
+        if encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = encoder_hidden_states.clone()
+        if text_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds.clone(),
+                                           "time_ids": None if time_ids is None else time_ids.clone()}
+        out = self.model(sample, timestep, **kwargs)
         return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
 
 
@@ -165,6 +179,7 @@ class PipelineModel(nn.Module):
         self.replicas, self.stages = mesh.replicas, mesh.stages
         self.pipeline_group, self.replica_group = groups  # over this replica's stages; over this stage's replicas
         self.input_order = input_order
+        self.inputs = len(input_order)  # sample, timestep and the conditioning inputs stage 0 is fed
         self.original_names = names  # stage parameter name -> the model's parameter name
         self.criterion: Any = None  # the objective's per-microbatch loss, set by each step
         # the ranks of a replica all see its share of the global batch: they are one data-parallel rank
@@ -175,12 +190,19 @@ class PipelineModel(nn.Module):
         """The last stage's rank in this replica's pipeline group."""
         return self.stages - 1
 
-    def pase_step(self, objective: Any, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def pase_step(self, objective: Any, x0: torch.Tensor, generator: torch.Generator,
+                  conditioning: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """One training step of this replica's share ``x0``; ``conditioning``: the share's text embeddings (and SDXL's
+        pooled embeddings and time ids), in ``CONDITIONING`` order, for stage 0 (the other stages ignore them)."""
         prepare, criterion = getattr(objective, "prepare", None), getattr(objective, "criterion", None)
         if prepare is None or criterion is None:
             raise PaseError("this training objective cannot run in pipeline stages (it has no prepare/criterion "
                             "split); use a dp, fsdp or tensor plan")
-        inputs, target = prepare(x0, generator)
+        drawn, target = prepare(x0, generator)
+        inputs = (*drawn, *conditioning)
+        if self.index == 0 and len(inputs) != self.inputs:
+            raise PaseError(f"stage 0 of this pipeline takes {self.inputs} inputs (sample, timestep and the model's "
+                            f"conditioning), not {len(inputs)}: pass the conditioning to pase_step")
         self.criterion = criterion
         losses: list[torch.Tensor] = []
         if self.index == 0:
@@ -209,10 +231,10 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
                          ) -> PipelineModel:
     """This rank's stage of ``plan``'s pipeline (one rank per stage of each pipeline replica).
 
-    ``example_inputs``: ``(sample, timestep)`` of one microbatch for the tracer (default: the zoo
-    model's inputs at the plan's microbatch size). ``graph``: the model's LayerGraph at the plan's
-    batch; given, the model is checked against the plan (``pase.parallelize`` always checks); needed
-    when the plan's stages run on groups of devices.
+    ``example_inputs``: ``(sample, timestep, *conditioning)`` of one microbatch for the tracer (default: the
+    model's inputs at the plan's microbatch size; conditioning in ``CONDITIONING`` order). ``graph``: the
+    model's LayerGraph at the plan's batch; given, the model is checked against the plan (``pase.parallelize``
+    always checks); needed when the plan's stages run on groups of devices.
     """
     from torch.distributed.pipelining import SplitPoint, pipeline  # noqa: PLC0415 - 1.5 s; only pipelines need it
     from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe  # noqa: PLC0415 - as above
@@ -255,9 +277,10 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
         checkpointed = apply_checkpointing(stage_module, [b for b in checkpointed_blocks(graph) if b in mine],
                                            prefix="model.")
     placeholders = [n.name for n in pipe.get_stage_module(0).graph.nodes if n.op == "placeholder"]
-    order = [0 if "sample" in name else 1 for name in placeholders]
-    if sorted(order) != [0, 1]:
-        raise PaseError(f"stage 0 of the traced pipeline takes {placeholders}, not (sample, timestep)")
+    names = ["sample", "timestep", *CONDITIONING[:len(example_inputs) - 2]]
+    if sorted(placeholders) != sorted(names):
+        raise PaseError(f"stage 0 of the traced pipeline takes {placeholders}, not {names}")
+    order = [names.index(name) for name in placeholders]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         stage = pipe.build_stage(index, device, group=groups[0])
@@ -279,15 +302,28 @@ def _grouped(plan: Plan) -> bool:
 
 
 def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: int | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, ...]:
+    """(sample, timestep, *conditioning) of one microbatch of the plan's model, random."""
     spec = recorded_model(plan.model)
     if spec is None:
         raise PaseError(f"{plan.model!r} is neither a zoo model nor a diffusers folder: pass example_inputs=(sample, "
-                        "timestep) of one microbatch")
-    args, _ = spec.example_inputs(microbatch, device="cpu")
+                        "timestep, ...) of one microbatch")
+    check_conditioning(spec)
+    args, kwargs = spec.example_inputs(microbatch, device="cpu")
     shape = tuple(args[0].shape[:-2]) + ((image_size, image_size) if image_size else tuple(args[0].shape[-2:]))
     sample = torch.randn(shape, device=device)
-    return sample, torch.randint(0, 1000, (microbatch,), device=device)
+    extra = [*args[2:], *(kwargs.get("added_cond_kwargs") or {}).values(), *(v for k, v in kwargs.items()
+                                                                          if k != "added_cond_kwargs")]
+    return sample, torch.randint(0, 1000, (microbatch,), device=device), \
+        *(torch.randn(t.shape, device=device) for t in extra)
+
+
+def check_conditioning(spec: Any) -> None:
+    """A model runs in pipeline stages when its inputs after (sample, timestep) are a prefix of ``CONDITIONING``."""
+    extra = [i.name for i in spec.inputs[2:]]
+    if extra != list(CONDITIONING[:len(extra)]):
+        raise PaseError(f"{spec.name} takes {', '.join(extra)} after (sample, timestep); pipeline stages feed only "
+                        f"{', '.join(CONDITIONING)} (a text-conditioned UNet's); plan it without --pipeline")
 
 
 def _layout(plan: Plan, mesh: PipelineMesh, world: int, checkpointed: list[str]) -> Any:
@@ -303,4 +339,5 @@ def _layout(plan: Plan, mesh: PipelineMesh, world: int, checkpointed: list[str])
     return layout
 
 
-__all__ = ["PipelineMesh", "PipelineModel", "pipeline_mesh", "pipeline_parallelize", "split_points"]
+__all__ = ["CONDITIONING", "PipelineMesh", "PipelineModel", "check_conditioning", "pipeline_mesh",
+           "pipeline_parallelize", "split_points"]

@@ -201,10 +201,14 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
         if pipelined:
             shape, generator = _pipeline_latents(plan, spec, parallel, seed)
             objective = epsilon_objective()
+            share = shape[0]
+            templates = _flat(*_conditioning(plan, spec, seed))  # shapes of the global batch's conditioning
         times, losses = [], []
         for _ in range(steps):
             if pipelined:  # the objective draws noise and timesteps inside the step (the last stage needs them)
                 x0 = torch.randn(shape, generator=generator).to(run.device)
+                conditioning = tuple(torch.randn((share, *t.shape[1:]), generator=generator).to(run.device)
+                                     for t in templates)
             else:
                 target, args, kwargs = synthetic_inputs(plan, run.local_batch, run.device, generator, spec)
             if cuda:
@@ -212,7 +216,7 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
             started = time.perf_counter()
             with autocast:
                 if pipelined:
-                    loss = parallel.pase_step(objective, x0, generator)
+                    loss = parallel.pase_step(objective, x0, generator, conditioning)
                 else:
                     out = parallel(*args, **kwargs)
                     loss = F.mse_loss(getattr(out, "sample", out).float(), target)
@@ -268,9 +272,6 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: Mode
     drawn = [objective.prepare(x0[r * share:(r + 1) * share], step_generator(seed, 0, r)) for r in range(replicas)]
     inputs = [torch.cat([d[0][k] for d in drawn]) for k in range(2)]
     extra_args, extra_kwargs = _conditioning(plan, spec, seed)
-    if pipelined and (extra_args or extra_kwargs):
-        raise PaseError(f"pase verify --check runs pipeline plans of unconditional models only; {plan.model} takes "
-                        "conditioning inputs")
     loss_tensor = objective.criterion(reference(*inputs, *extra_args, **extra_kwargs), torch.cat([d[1] for d in drawn]))
     loss_tensor.backward()
     ref_loss = float(loss_tensor.detach())
@@ -282,8 +283,10 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: Mode
     with CommCounter() as counter:
         if pipelined:
             replica = parallel.replica
-            loss = parallel.pase_step(objective, x0[replica * share:(replica + 1) * share].to(run.device),
-                                      step_generator(seed, 0, replica))
+            rows = slice(replica * share, (replica + 1) * share)
+            conditioning = _flat(_rows(extra_args, rows, run.device), _rows(extra_kwargs, rows, run.device))
+            loss = parallel.pase_step(objective, x0[rows].to(run.device), step_generator(seed, 0, replica),
+                                      conditioning)
         else:
             (sample, timestep), noise = drawn[run.rank]
             rows = slice(run.rank * share, (run.rank + 1) * share)
@@ -321,6 +324,13 @@ def _conditioning(plan: Plan, spec: ModelSpec, seed: int) -> tuple[tuple[torch.T
     extra_args = tuple(torch.randn(a.shape, generator=generator) for a in args[2:])
     values = iter([torch.randn(t.shape, generator=generator) for t in _leaves(kwargs)])
     return extra_args, _refill(kwargs, values)
+
+
+def _flat(args: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """A model's inputs after (sample, timestep) as pipeline stage 0 takes them (``CONDITIONING`` order: text
+    embeddings, then SDXL's pooled embeddings and time ids)."""
+    added = kwargs.get("added_cond_kwargs") or {}
+    return (*args, *(added[key] for key in ("text_embeds", "time_ids") if key in added))
 
 
 def _rows(value: Any, rows: slice, device: torch.device) -> Any:
