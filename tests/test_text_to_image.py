@@ -368,6 +368,30 @@ def test_two_processes_under_a_plan_match_one_process(tiny_sd, tmp_path, kind, o
     assert len((tmp_path / "two" / "log.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs
 
 
+@pytest.mark.timeout(400)
+def test_a_pipeline_plan_trains_as_one_process(tiny_sd, tmp_path) -> None:
+    """Two pipeline stages of the text-to-image UNet (the text embeddings sent on to the second stage's
+    cross-attention, min-SNR weights carried with the target to the last stage): the same losses and weights as one
+    process, and the validation image from the gathered stages."""
+    plan = tmp_path / "plan.json"
+    planned = CliRunner().invoke(app, ["plan", "--model", str(tiny_sd["pipeline"]), "--cluster", "local", "--devices",
+                                       "2", "--batch", "8", "--only", "pipeline", "--profile", str(PROFILE), "--json",
+                                       str(plan)])
+    assert planned.exit_code == 0, planned.output
+    prompt = "a green triangle"
+    single = run_train(_options(tiny_sd, tmp_path / "single", steps=2, batch=8, snr_gamma=5.0,
+                                validation_prompts=[prompt], validation_every=2), SINGLE)
+    report = _torchrun("train", "--plan", str(plan), "--data", str(tiny_sd["images"]), "--steps", "2", "--lr", "1e-3",
+                       "--workers", "1", "--out", str(tmp_path / "two"), "--no-progress", "--json", "--snr-gamma", "5",
+                       "--validation-prompt", prompt, "--validation-every", "2")
+    assert report["world_size"] == 2 and report["plan"] == "pipeline"
+    assert report["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
+    got, want = (load_file(tmp_path / run / UNET_WEIGHTS) for run in ("two", "single"))
+    assert _max_rel(got, want) < 1e-3
+    png = Path("validation") / f"step-{2:08d}.png"
+    assert np.abs(_png(tmp_path / "two" / png) - _png(tmp_path / "single" / png)).max() <= 2
+
+
 def test_random_crops_and_flips_follow_the_row_seed(tmp_path) -> None:
     """A row's crop and flip are a function of its seed alone; a flip mirrors the pixels and, as diffusers' SDXL
     script does, counts the crop's left from the right edge."""

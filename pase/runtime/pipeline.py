@@ -190,10 +190,12 @@ class PipelineModel(nn.Module):
         """The last stage's rank in this replica's pipeline group."""
         return self.stages - 1
 
-    def pase_step(self, objective: Any, x0: torch.Tensor, generator: torch.Generator,
+    def pase_step(self, objective: Any, x0: Any, generator: torch.Generator,
                   conditioning: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-        """One training step of this replica's share ``x0``; ``conditioning``: the share's text embeddings (and SDXL's
-        pooled embeddings and time ids), in ``CONDITIONING`` order, for stage 0 (the other stages ignore them)."""
+        """One training step of this replica's share ``x0`` (latents, or the batch a text-to-image objective
+        prepares: its ``prepare`` gives the conditioning itself); ``conditioning``: the share's text embeddings
+        (and SDXL's pooled embeddings and time ids), in ``CONDITIONING`` order, for stage 0 (the other stages
+        ignore them)."""
         prepare, criterion = getattr(objective, "prepare", None), getattr(objective, "criterion", None)
         if prepare is None or criterion is None:
             raise PaseError("this training objective cannot run in pipeline stages (it has no prepare/criterion "
@@ -215,7 +217,7 @@ class PipelineModel(nn.Module):
             average_gradients(list(self.stage_module.parameters()), self.replica_group, self.replicas,
                               self.gradient_dtype)
         loss = torch.stack([v.detach().float() for v in losses]).mean() if losses else \
-            torch.zeros((), device=x0.device)
+            torch.zeros((), device=inputs[0].device)
         dist.broadcast(loss, group=self.pipeline_group, group_src=self.last_rank)
         if self.replicas > 1:  # the global batch's loss: the replicas' shares are equal
             dist.all_reduce(loss, group=self.replica_group)

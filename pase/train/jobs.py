@@ -307,10 +307,6 @@ def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned
                      description: str) -> dict[str, Any]:
     """Every weight trained (``pase train``, ``pase finetune --strategy full``); full weights saved."""
     text = is_text_conditioned(spec)
-    if text and planned is not None and planned.plan.stages:
-        raise PaseError("pase train runs pipeline plans of unconditional models only so far (the text-to-image "
-                        "loss does not yet split into stages; pase verify runs such plans); plan the text-to-image "
-                        "UNet without stages (pase plan --only dp, --only tensor or the default search)")
     if options.validation_prompts and not text:
         raise PaseError("--validation-prompt makes images with a text-to-image pipeline; give a pipeline folder as "
                         "--model, or leave --validation-prompt out")

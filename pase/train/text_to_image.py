@@ -172,7 +172,10 @@ def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
 
     steps = int(scheduler.config.num_train_timesteps)
 
-    def objective(model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+    def prepare(batch: Any, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(the UNet's inputs: noised latents, timesteps, text embeddings and SDXL's pooled embeddings and time ids;
+        the target, with each sample's min-SNR weight as one more channel when ``snr_gamma`` is set): the split a
+        pipeline needs, stage 0 taking the inputs and the last stage the target."""
         mean, std = batch["latent_mean"], batch["latent_std"]
         rows = batch.get("seeds")
         generators = [torch.Generator().manual_seed(int(seed)) for seed in rows] if rows is not None else None
@@ -196,16 +199,29 @@ def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
             noise = noise + loss.noise_offset * offset.to(mean)
         noisy = scheduler.add_noise(latents, noise, t)
         target = noise if loss.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-        added = {"added_cond_kwargs": {key: batch[key] for key in SDXL_INPUTS}} if "text_embeds" in batch else {}
-        prediction = model_output(model(noisy, t, encoder_hidden_states=batch["encoder_hidden_states"], **added))
+        conditioning = (batch["encoder_hidden_states"], *(batch[key] for key in SDXL_INPUTS if key in batch))
+        if loss.snr_gamma is not None:
+            snr = compute_snr(scheduler, t)
+            weights = torch.minimum(snr, torch.full_like(snr, loss.snr_gamma))
+            weights = weights / snr if loss.prediction_type == "epsilon" else weights / (snr + 1)
+            column = weights.to(target.dtype).view(-1, 1, 1, 1).expand(-1, 1, *target.shape[2:])
+            target = torch.cat([target, column], dim=1)
+        return (noisy, t, *conditioning), target
+
+    def criterion(prediction: Any, target: torch.Tensor) -> torch.Tensor:
+        prediction = model_output(prediction)
         if loss.snr_gamma is None:
             return F.mse_loss(prediction.float(), target.float())
-        snr = compute_snr(scheduler, t)
-        weights = torch.minimum(snr, torch.full_like(snr, loss.snr_gamma))
-        weights = weights / snr if loss.prediction_type == "epsilon" else weights / (snr + 1)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = target[:, -1, 0, 0].float()
+        per_sample = F.mse_loss(prediction.float(), target[:, :-1].float(), reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * weights).mean()
 
+    def objective(model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        (noisy, t, context, *added), target = prepare(batch, generator)
+        kwargs = {"added_cond_kwargs": dict(zip(SDXL_INPUTS, added))} if added else {}
+        return criterion(model(noisy, t, encoder_hidden_states=context, **kwargs), target)
+
+    objective.prepare, objective.criterion = prepare, criterion  # type: ignore[attr-defined]
     return objective
 
 
