@@ -137,6 +137,33 @@ def test_resume_continues_exactly(tmp_path) -> None:
             job={"m": 2})
 
 
+def test_fp16_skips_overflowing_steps_and_resumes_its_loss_scale(tmp_path) -> None:
+    """Under fp16 autocast with a loss scale far too large, every gradient overflows: the steps are skipped (the
+    weights stay as they were) and the scale halves each time; a resumed run continues from the saved scale and
+    ends where an unbroken run ends."""
+    data = load_images("shapes", 16, 3, 64, seed=0)
+    records: list[dict] = []
+    common = dict(batch=4, lr=1e-3, progress=False, autocast="fp16")
+    model = _tiny()
+    fit(model, epsilon_objective(), data, LoopConfig(steps=3, loss_scale=2.0 ** 60, **common),
+        after_step=[lambda step, record, _: records.append(record)])
+    assert [r["loss_scale"] for r in records] == [2.0 ** 59, 2.0 ** 58, 2.0 ** 57]
+    assert all(r["step_skipped"] for r in records)
+    for (name, a), (_, b) in zip(model.named_parameters(), _tiny().named_parameters()):
+        assert torch.equal(a, b), name  # nothing stepped
+    usable = dict(common, loss_scale=2.0 ** 20)  # overflows now and then (steps 1, 2, 4, 5 here), else trains
+    straight = _tiny()
+    whole = fit(straight, epsilon_objective(), data, LoopConfig(steps=6, **usable))
+    fit(_tiny(), epsilon_objective(), data, LoopConfig(steps=3, checkpoint_dir=tmp_path, **usable))
+    assert load_checkpoint(latest_checkpoint(tmp_path)).settings["loss_scale"]["scale"] < 2.0 ** 20
+    resumed = _tiny(seed=99)
+    fit(resumed, epsilon_objective(), data, LoopConfig(steps=6, checkpoint_dir=tmp_path, resume=True, **usable))
+    changed = [not torch.equal(a, b) for (_, a), (_, b) in zip(straight.named_parameters(), _tiny().named_parameters())]
+    assert any(changed) and len(whole.losses) == 6  # some steps went through
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_loss_goes_down() -> None:
     data = load_images("shapes", 16, 3, 256, seed=0)
     result = fit(_tiny(), epsilon_objective(), data, LoopConfig(steps=40, batch=8, lr=2e-3, progress=False),

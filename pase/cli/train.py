@@ -66,8 +66,12 @@ BatchOpt = Annotated[int | None, typer.Option("--batch", "-b", min=1, max=MAX_BA
                                                    "plan's, or 16 (train) / 8 (finetune).")]
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="Run under this plan (`pase plan --json`): DP, FSDP, "
                                               "channel/head splits or pipeline stages, launched with torchrun.")]
-PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs unless the plan is fp32; fp32 on CPU), "
-                                           "fp32 or bf16.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs unless the plan is fp32 or fp16; fp32 "
+                                           "on CPU), fp32, bf16, or fp16 (autocast with a dynamic loss scale; also "
+                                           "on CPU, slowly).")]
+LossScaleOpt = Annotated[float, typer.Option(min=1.0, max=2.0 ** 64, help="fp16: the initial dynamic loss scale "
+                                            "(halved on each overflow, whose step is skipped; doubled after 2000 "
+                                            "finite steps).")]
 OutOpt = Annotated[Path | None, typer.Option(help="Folder for the weights and checkpoints (needed by --resume).")]
 InitOpt = Annotated[Path | None, typer.Option(help="Start from these weights (a safetensors state dict, e.g. OUT/"
                                               "model.safetensors of pase train); default: seeded random weights.")]
@@ -174,6 +178,7 @@ def train(
     overwrite: OverwriteOpt = False,
     plan: PlanOpt = None,
     precision: PrecisionOpt = "auto",
+    loss_scale: LossScaleOpt = 2.0 ** 16,
     prediction_type: PredictionOpt = None,
     snr_gamma: SnrOpt = None,
     noise_offset: NoiseOffsetOpt = 0.0,
@@ -197,7 +202,8 @@ def train(
     from pase.train.jobs import JobOptions, run_train
 
     model, batch = _model_and_batch(plan, model, batch, 16)
-    options = JobOptions(plan=plan, precision=precision, model=model, data=data, data_count=data_count,
+    options = JobOptions(plan=plan, precision=precision, loss_scale=loss_scale, model=model, data=data,
+                         data_count=data_count,
                          image_size=image_size, steps=steps,
                          batch=batch, lr=lr,
                          weight_decay=weight_decay, ema=ema, seed=seed, out=out, checkpoint_every=checkpoint_every,
@@ -253,6 +259,7 @@ def finetune(
                                                   "(the PEQA baseline).")] = False,
     plan: PlanOpt = None,
     precision: PrecisionOpt = "auto",
+    loss_scale: LossScaleOpt = 2.0 ** 16,
     prediction_type: PredictionOpt = None,
     snr_gamma: SnrOpt = None,
     noise_offset: NoiseOffsetOpt = 0.0,
@@ -279,7 +286,8 @@ def finetune(
     grid = _numbers(merge_grid, "--merge-grid")
     if not grid:
         raise PaseError("--merge-grid needs at least one value, e.g. 0,0.5,1")
-    options = FinetuneOptions(plan=plan, precision=precision, model=model, data=data, data_count=data_count,
+    options = FinetuneOptions(plan=plan, precision=precision, loss_scale=loss_scale, model=model, data=data,
+                              data_count=data_count,
                               image_size=image_size, steps=steps,
                               batch=batch, lr=lr,
                               weight_decay=weight_decay, ema=ema, seed=seed, out=out,

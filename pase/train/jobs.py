@@ -81,7 +81,8 @@ class JobOptions:
     init: Path | None = None  # pretrained weights (a safetensors state dict); default: seeded random weights
     init_seed: int = 0
     plan: Path | None = None  # run under this plan (pase plan --json); model and batch must match it
-    precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPU; fp16: autocast with a loss scale
+    loss_scale: float = 2.0 ** 16  # fp16: the initial dynamic loss scale
     prediction_type: str | None = None  # text-to-image: epsilon or v_prediction (default: the pipeline scheduler's)
     snr_gamma: float | None = None  # text-to-image: min-SNR loss weighting
     noise_offset: float = 0.0  # text-to-image: per-channel noise offset
@@ -122,7 +123,8 @@ def _loop_config(options: JobOptions, description: str, autocast: str | None = N
                       checkpoint_every=options.checkpoint_every, keep_checkpoints=options.keep_checkpoints,
                       resume=options.resume, progress=options.progress,
                       description=description, autocast=autocast, lr_scheduler=options.lr_scheduler,
-                      lr_warmup_steps=options.lr_warmup_steps, grad_accum=options.grad_accum)
+                      lr_warmup_steps=options.lr_warmup_steps, grad_accum=options.grad_accum,
+                      loss_scale=options.loss_scale)
 
 
 def _data(options: JobOptions, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -324,7 +326,8 @@ def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned
     if text:
         job = text_training(spec, options.data, options.image_size, LatentLoss(options.prediction_type,
                             options.snr_gamma, options.noise_offset), env.device,
-                            torch.bfloat16 if autocast == "bf16" else torch.float32, options.workers,
+                            {"bf16": torch.bfloat16, "fp16": torch.float16 if env.device.type == "cuda" else
+                             torch.float32}.get(autocast or "", torch.float32), options.workers,
                             Augment(options.random_crop, options.random_flip))
         dataset, loader, objective = job.dataset, job.loader, job.objective
         identity.update(job.identity)

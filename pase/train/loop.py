@@ -43,6 +43,7 @@ from pase.train.checkpoint import (
     step_path,
 )
 from pase.train.data import LoaderFactory, step_batches
+from pase.train.loss_scale import LossScaler
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 Objective = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]  # (model, batch, generator) -> loss
@@ -82,7 +83,8 @@ class LoopConfig:
     resume: bool = False
     progress: bool = True
     description: str = "train"
-    autocast: str | None = None  # "bf16": bf16 autocast of the forward (CUDA only; CPU runs fp32)
+    autocast: str | None = None  # "bf16": bf16 autocast of the forward (CUDA only); "fp16": with a loss scale
+    loss_scale: float = 2.0 ** 16  # fp16: the initial dynamic loss scale (pase.train.loss_scale)
     lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler's names
     lr_warmup_steps: int = 0
     grad_accum: int = 1  # micro-steps of ``batch`` per optimizer step
@@ -261,8 +263,16 @@ def fit(
     schedule = _lr_schedule(optimizer, config, start)
     optimizer.zero_grad(set_to_none=True)
     runner = getattr(wrapped, "pase_step", None)  # a pipeline runs forward and backward in its schedule
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if config.autocast == "bf16" and \
+    amp: Any = torch.autocast("cuda", dtype=torch.bfloat16) if config.autocast == "bf16" and \
         group.device.type == "cuda" else nullcontext()
+    scaler = None
+    if config.autocast == "fp16":
+        if runner is not None:
+            raise PaseError("fp16 needs its loss scaled inside the backward, which a pipeline schedule runs itself; "
+                            "train the pipeline plan with --precision bf16 (GPUs) or fp32")
+        amp, scaler = torch.autocast(group.device.type, dtype=torch.float16), LossScaler(config.loss_scale)
+        if checkpoint is not None and "loss_scale" in checkpoint.settings:
+            scaler.load(checkpoint.settings["loss_scale"])
     # a pipeline replica's ranks all see its whole batch: they are one data-parallel rank
     data_rank, data_size = getattr(wrapped, "pase_data_parallel", (group.rank, group.size))
     accum = config.grad_accum
@@ -284,15 +294,21 @@ def fit(
                 with amp:
                     loss = runner(objective, x0, step_generator(config.seed, step, data_rank))
             else:
-                loss = _accumulate(wrapped, objective, batches, config, step, data_rank, amp, group.device)
-            if config.grad_clip:
+                loss = _accumulate(wrapped, objective, batches, config, step, data_rank, amp, group.device, scaler)
+            finite = scaler.unscale(p for _, p in shards.named) if scaler else True  # an overflow skips the step
+            if config.grad_clip and finite:
                 shards.clip_grad_norm_(config.grad_clip)
             rates.append(float(optimizer.param_groups[0]["lr"]))
-            optimizer.step()
-            schedule.step()
+            if finite:
+                optimizer.step()
+            with warnings.catch_warnings():  # a step skipped for overflow still advances the learning-rate schedule
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                schedule.step()
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
-            if ema is not None:
+            if ema is not None and finite:
                 ema.update()
+            if scaler:
+                scaler.update(finite)
             losses.append(_group_mean(loss, group))
             if not math.isfinite(losses[-1]):  # the group's mean: every rank stops at the same step
                 raise PaseError(f"step {step + 1}: the loss is {losses[-1]}, so training stopped there and saved "
@@ -304,9 +320,12 @@ def fit(
             progress.advance(step + 1, losses[-1], config.batch * accum / seconds[-1])
             due = step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
             if config.checkpoint_dir is not None and due and (group.rank == 0 or shards.sharded):
-                _save(config, step + 1, shards, optimizer, ema, job, (previous + losses)[-10:], group.rank == 0)
+                _save(config, step + 1, shards, optimizer, ema, job, (previous + losses)[-10:], group.rank == 0,
+                      scaler)
             record = {"loss": losses[-1], "learning_rate": rates[-1],
                       "samples_per_second": config.batch * accum / seconds[-1], "seconds": seconds[-1]}
+            if scaler:
+                record.update(loss_scale=scaler.scale, step_skipped=not finite)
             for hook in after_step:
                 hook(step + 1, record, model)
     finally:
@@ -332,7 +351,7 @@ def on_device(batch: Any, device: torch.device) -> Any:
 
 
 def _accumulate(wrapped: nn.Module, objective: Objective, batches: Iterator[Any], config: LoopConfig, step: int,
-                data_rank: int, amp: Any, device: torch.device) -> torch.Tensor:
+                data_rank: int, amp: Any, device: torch.device, scaler: LossScaler | None = None) -> torch.Tensor:
     """One optimizer step's forward and backward passes: ``config.grad_accum`` micro-steps whose gradients add up
     (each loss divided by their count, so the sum is the gradient of the mean over all their samples); the
     data-parallel reduction runs in the last micro-step's backward only (``gradient_sync_paused``). Returns the
@@ -345,7 +364,8 @@ def _accumulate(wrapped: nn.Module, objective: Objective, batches: Iterator[Any]
         with gradient_sync_paused(wrapped) if micro < accum - 1 else nullcontext():
             with amp:
                 loss = objective(wrapped, x0, generator)
-            (loss / accum if accum > 1 else loss).backward()
+            share = loss / accum if accum > 1 else loss
+            (scaler.scaled(share) if scaler else share).backward()
         total += loss.detach()
     return total / accum
 
@@ -373,7 +393,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _save(config: LoopConfig, step: int, shards: ShardMap, optimizer: torch.optim.Optimizer, ema: EMA | None,
-          job: dict[str, Any], recent: list[float], write: bool) -> None:
+          job: dict[str, Any], recent: list[float], write: bool, scaler: LossScaler | None = None) -> None:
     """Gather the full parameters, optimizer state and EMA (collective when the plan shards them); rank 0 writes."""
     assert config.checkpoint_dir is not None
     params = shards.full_named(p for _, p in shards.named)
@@ -382,7 +402,7 @@ def _save(config: LoopConfig, step: int, shards: ShardMap, optimizer: torch.opti
     if not write:
         return
     settings = {"job": job, "loop": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-                "recent_losses": recent}
+                "recent_losses": recent, **({"loss_scale": scaler.state()} if scaler else {})}
     save_checkpoint(step_path(config.checkpoint_dir, step), Checkpoint(step, params, ema_state, optimizer_state,
                                                                        settings))
     old = sorted(Path(config.checkpoint_dir).glob("step-*.safetensors"))[:-config.keep_checkpoints]

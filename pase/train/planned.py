@@ -35,7 +35,7 @@ from pase.runtime.pipeline import pipeline_parallelize
 from pase.train.distributed import DistEnv
 from pase.train.loop import DataGroup, Parallelize
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -127,16 +127,20 @@ def check_plan(plan: Plan, env: DistEnv, spec: ModelSpec, strategy: str) -> Plan
 
 
 def autocast_for(precision: str, device: torch.device, plan: Plan | None) -> str | None:
-    """The loop's autocast: bf16 on GPUs (unless fp32 is asked for, or the plan is fp32); none on CPU."""
+    """The loop's autocast: bf16 on GPUs (unless fp32 is asked for, or the plan is fp32 or fp16); none on CPU.
+    fp16 (with a dynamic loss scale, ``pase.train.loss_scale``) when asked for, or on GPUs for an fp16 plan;
+    it runs on the CPU too (torch autocasts fp16 there), slowly, which is how it is tested."""
     if precision not in PRECISIONS:
         raise PaseError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16":
+        return "fp16"
     if precision == "bf16" and device.type != "cuda":
         raise PaseError("--precision bf16 (autocast) runs on GPUs only; this process trains on the CPU in fp32 "
                         "(use --precision auto or fp32)")
     if device.type != "cuda" or precision == "fp32":
         return None
-    if precision == "auto" and plan is not None and plan.precision == "fp32":
-        return None
+    if precision == "auto" and plan is not None and plan.precision in ("fp32", "fp16"):
+        return None if plan.precision == "fp32" else "fp16"
     return "bf16"
 
 
