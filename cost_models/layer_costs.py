@@ -162,7 +162,8 @@ class CostModel:
         activations = maps.get("inputs", [])
         weights = [p for p in layer["params"].values() if p.get("trainable") and "map" in p and "numel" in p]
         out_local = local(out_map, self._factor_table(layer, space, output=True))
-        touched = out_local + sum((local(m) for m in activations), np.zeros(len(f)))
+        scales = _input_scales(layer)  # a strided convolution reads a larger grid than its output's
+        touched = out_local + sum((local(m) * k for m, k in zip(activations, scales)), np.zeros(len(f)))
         weight_local = sum((p["numel"] / np.maximum(1, self._weight_split(p["map"], dims, f)) for p in weights),
                            np.zeros(len(f)))
         memory_rate = self.rates.memory(kind).value
@@ -196,9 +197,9 @@ class CostModel:
             comm += priced("all_gather", summed, reducing)
         if self.options.checkpointing and recomputed:  # the forward's partial sums are reduced again
             comm += priced(partials, summed, reducing)
-        for m, grad in zip(activations, maps.get("inputs_grad") or [True] * len(activations)):
+        for m, grad, k in zip(activations, maps.get("inputs_grad") or [True] * len(activations), scales):
             if grad:  # the input's gradient is summed over the splits it does not run over (none without one)
-                comm += priced(partials, local(m) * itemsize, missing(m))
+                comm += priced(partials, local(m) * k * itemsize, missing(m))
         weight_sync = np.zeros(len(f))
         once = np.zeros(len(f))  # the all-reduce of whole gradients: paused between micro-steps, so once per step
         reduction_split = f[:, [dims.index(d) for d in reductions]].prod(axis=1) > 1 if reductions else \
@@ -360,6 +361,19 @@ class CostModel:
         itemsize = bytes_per_element(self.options.precision, edge["dtype_bytes"])
         seconds = moved * (fraction * itemsize / (self.relayout_gbps * 1e9))
         return seconds[np.ix_(s_of, t_of)]
+
+
+def _input_scales(layer: LayerAttrs) -> list[float]:
+    """Per input activation, its elements over those of the layer dimensions it runs over. A convolution's
+    input runs over the output's spatial grid, which a stride ``s`` shrinks: its input holds ``s`` times more
+    along each such axis (exactly so for the even sizes and "same"-style padding of UNet downsamplers)."""
+    inputs = layer["tensors"].get("inputs", [])
+    if layer["op"] != "conv":
+        return [1.0] * len(inputs)
+    spatial = [d for d, role in layer["roles"].items() if role == "spatial"]
+    stride = layer.get("attrs", {}).get("stride", 1)
+    strides = list(stride) if isinstance(stride, (list, tuple)) else [stride] * len(spatial)
+    return [float(np.prod([int(s) for d, s in zip(spatial, strides) if d in names])) for names in inputs]
 
 
 def _distinct_rows(factors: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -215,6 +215,20 @@ def test_verify_checks_pipeline_stages_of_a_text_conditioned_unet(local, tmp_pat
     _verify_check_passes(plan, tmp_path / "plan.json")
 
 
+@pytest.mark.timeout(240)
+def test_a_strided_convolution_split_by_output_channels_moves_the_bytes_priced(local, tmp_path: Path) -> None:
+    """The downsampler (stride 2) split by its output channels: its input, twice its output grid on each axis, is
+    gathered and its partial gradient reduce-scattered at that size, as priced (it was priced at the output grid's
+    size before, 10% short of the measured bytes)."""
+    cluster, profile, graph = local
+    forced = {"*": {"n": 2}, "down_blocks.0.downsamplers.0.conv": {"c_out": 2}}
+    plan = plan_graph(graph, cluster, profile=profile, options=PlanOptions(precision="fp32", force=forced,
+                                                                             min_chunk={"out_channel": 16}))
+    assert next(layer for layer in plan.layers if layer.id == "down_blocks.0.downsamplers.0.conv").splits == \
+        {"c_out": 2}
+    _verify_check_passes(plan, tmp_path / "plan.json")
+
+
 def _verify_check_passes(plan: Plan, plan_path: Path) -> None:
     """`pase verify --check` of ``plan`` on 2 torchrun processes: the single process's step, every layer as planned,
     the priced bytes."""
@@ -228,7 +242,7 @@ def _verify_check_passes(plan: Plan, plan_path: Path) -> None:
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["max_rel_error"] <= 1e-4
     assert summary["layers_as_planned"] == summary["layers_total"] == len(plan.layers)
-    assert summary["comm_bytes_measured"] == pytest.approx(summary["comm_bytes_predicted"], rel=0.01)
+    assert summary["comm_bytes_measured"] == pytest.approx(summary["comm_bytes_predicted"], rel=1e-3)
 
 
 def test_verify_refuses_a_plan_for_another_world(local, tmp_path: Path) -> None:
