@@ -140,6 +140,41 @@ def cells_to_batch(x: torch.Tensor, channel: int, axis: int, parts: int, group: 
                            partial(_batch_to_cells, channel=channel, axis=axis, parts=parts))
 
 
+def _parts_to_chunk(x: torch.Tensor, groups: tuple[Any, Any], channel: int) -> torch.Tensor:
+    """All-to-all over ``out``: from output part k of the whole group's batch (the same on every replica) to this
+    rank's batch chunk (chunk k' * r + q of ``out`` rank k', replica q), every part."""
+    out, rep = groups
+    parts, replicas, q = dist.get_world_size(out), dist.get_world_size(rep), dist.get_rank(rep)
+    chunks = x.chunk(parts * replicas)
+    send = torch.stack([chunks[k * replicas + q] for k in range(parts)]).contiguous()
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=out)  # received[k]: part k of my chunk
+    return torch.cat(received.unbind(0), dim=channel)
+
+
+def _chunk_to_parts(grad: torch.Tensor, groups: tuple[Any, Any], channel: int) -> torch.Tensor:
+    """The inverse: this rank's chunk's gradient, every part -> part k's gradient for the whole group's batch (an
+    all-to-all over ``out``, then an all-gather over the replicas)."""
+    out, rep = groups
+    parts, replicas = dist.get_world_size(out), dist.get_world_size(rep)
+    send = torch.stack(grad.chunk(parts, dim=channel)).contiguous()
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=out)  # received[k']: my part, chunk k' * r + q
+    gathered = [torch.empty_like(received) for _ in range(replicas)]
+    dist.all_gather(gathered, received, group=rep)  # gathered[q'][k']: chunk k' * r + q'
+    rows = torch.stack(gathered, dim=1)  # (parts, replicas, chunk rows, ...): chunk order k' * r + q'
+    return rows.flatten(0, 2)
+
+
+def parts_to_chunk(x: torch.Tensor, channel: int, out: Any, rep: Any) -> torch.Tensor:
+    """An output-channel split run on replica groups (``strategies.replication``): from this rank's output part of
+    the whole group's batch to its own batch chunk, moving only that chunk's other parts (forward); the backward
+    sends each part's gradient to its owners and gathers it over the replicas."""
+    channel = channel % x.dim()
+    return _Relayout.apply(x, (out, rep), partial(_parts_to_chunk, channel=channel),
+                           partial(_chunk_to_parts, channel=channel))
+
+
 def sum_over(x: torch.Tensor, group: Any) -> torch.Tensor:
     """``x`` summed over the group (all-reduce), differentiable: the backward sums the gradients likewise (each rank's
     result feeds its own part of the loss)."""
@@ -178,5 +213,5 @@ def own_chunk(x: torch.Tensor, group: Any) -> torch.Tensor:
     return _Relayout.apply(x, group, _own_chunk, _gather_rows)
 
 
-__all__ = ["batch_to_split", "cells_to_batch", "gather", "gather_batch", "own_chunk", "reduce_scatter_batch",
-           "replicate", "split_to_batch", "sum_over"]
+__all__ = ["batch_to_split", "cells_to_batch", "gather", "gather_batch", "own_chunk", "parts_to_chunk",
+           "reduce_scatter_batch", "replicate", "split_to_batch", "sum_over"]

@@ -19,17 +19,25 @@ It applies to layers that are a module's whole forward (Conv2d, Linear, GroupNor
 pre-hook and hook on the module, whose names and parameters stay as they are) and to attention computed
 by ``scaled_dot_product_attention`` (q, k and v gathered, the output's chunk kept). Ops fused after such a
 module in its parent's forward (a SiLU after a norm) run on this rank's chunk, after the module.
+
+An output-channel split whose batch is split over fewer ranks than the world runs the same way on its
+parts (``replicate_split``): ``r`` replicas per output part gather their input over the replicas, the split
+gathers the group's batch over its ``f`` parts, and its output part goes to the batch chunks' ranks by one
+all-to-all over the parts (its backward gathers the part's gradient over the replicas): the re-layouts the
+cost model prices for ``{batch: b, out_channel: f}`` through the batch layout.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.overrides import TorchFunctionMode
 
-from strategies.collectives import own_chunk, replicate
+from strategies.collectives import own_chunk, parts_to_chunk, replicate
 from strategies.tensor import REPLICA_GROUPS, SHARD_GROUP
 
 
@@ -55,6 +63,39 @@ def replicate_module(module: nn.Module, groups: Any) -> nn.Module:
     return module
 
 
+@dataclass
+class ReplicaSplitGroups:
+    """An output-channel split over ``f`` ranks whose batch is split over fewer ranks than the world: a 3-D mesh
+    (dp, tp, rep) of ``b x f x r`` ranks (``rep`` consecutive). ``tp`` and ``dp`` serve ``ChannelSplit`` as a
+    ``TensorGroups``' do (the split and the gradient peers: replicas compute the same gradient, so it is summed over
+    ``dp`` alone); ``rep`` holds the replicas of one output part."""
+    tp: Any
+    dp: Any
+    rep: Any
+    tp_size: int
+    mesh: Any = None
+
+    @classmethod
+    def build(cls, device_type: str, world: int, f: int, r: int) -> ReplicaSplitGroups:
+        mesh = init_device_mesh(device_type, (world // (f * r), f, r), mesh_dim_names=("dp", "tp", "rep"))
+        return cls(mesh.get_group("tp"), mesh.get_group("dp"), mesh.get_group("rep"), f, mesh)
+
+
+def replicate_split(split: nn.Module, groups: ReplicaSplitGroups, channel: int) -> nn.Module:
+    """Hooks around an out-split ``ChannelSplit`` that keeps its output part of its group's batch: the input
+    gathered over the replicas first (the split then gathers over ``tp``), and the output part sent to the ranks
+    whose batch chunks it holds (``parts_to_chunk``)."""
+    def gather_input(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (replicate(args[0], groups.rep), *args[1:])
+
+    def to_chunk(_: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return parts_to_chunk(output, channel, groups.tp, groups.rep)
+
+    split.register_forward_pre_hook(gather_input)
+    split.register_forward_hook(to_chunk)
+    return split
+
+
 class ReplicatedAttention(TorchFunctionMode):
     """``scaled_dot_product_attention`` on the group's batch: q, k and v gathered, this rank's output chunk kept."""
     def __init__(self, groups: Any) -> None:
@@ -74,4 +115,4 @@ class ReplicatedAttention(TorchFunctionMode):
         return own_chunk(func(q, k, v, *args[3:], **kwargs), group)
 
 
-__all__ = ["ReplicatedAttention", "replicate_module"]
+__all__ = ["ReplicaSplitGroups", "ReplicatedAttention", "replicate_module", "replicate_split"]

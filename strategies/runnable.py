@@ -11,7 +11,9 @@ holds batch chunk ``r``). A layer then runs as one of:
   dimension (a table, a constant) runs whole on every rank (``{}``);
 - **out** / **in** (``strategies.tensor``, column / row parallel): a plain Conv2d or Linear
   (ungrouped, not transposed) with ``{batch: p/t, out_channel: t}`` or ``{batch: p/t, reduction: t}``
-  for ``1 < t | p``, on a tensor-parallel group of ``t`` consecutive ranks;
+  for ``1 < t | p``, on a tensor-parallel group of ``t`` consecutive ranks; an out-split also with
+  ``{batch: b, out_channel: t}``, ``b * t < p``: each output part computed by ``p / (b * t)`` replicas
+  (``strategies.replication``), never keeping its layout, not under FSDP;
 - **grid** (``strategies.tensor``, 2-D tensor parallel): a plain Conv2d or Linear with
   ``{batch: p/(t*u), out_channel: t, reduction: u}`` on a ``t x u`` grid of consecutive ranks, each
   holding one weight block;
@@ -48,7 +50,8 @@ is not runnable (``edge_mode`` None), and the search prices that pair as infinit
 Under FSDP the same layouts run, each module's parameters sharded over its data-parallel peers
 (``strategies.tensor.shard_parameters``). Every other configuration (spatial splits of other layers,
 sequence splits of other layers than attention, two dimensions besides the batch other than a grid, fewer
-devices than ``p`` together with another split, replicas of other layers) is priced only by ``--space all``.
+devices than ``p`` together with a split other than output channels, replicas of other layers) is priced only
+by ``--space all``.
 """
 from __future__ import annotations
 
@@ -96,20 +99,21 @@ class LayerRun:
     gated: bool = False  # an out-split of a GEGLU projection: interleaved rows, ``dim`` its output channels
     inner: int = 1  # a "grid" run's input-channel split (``factor`` splits its output channels)
     inner_dim: str | None = None  # that input-channel dimension
+    replicas: int = 1  # an "out" run on replica groups: the batch split over fewer ranks than the world
 
     @property
     def ranks(self) -> int:
         """Ranks of one tensor-parallel group of this run (1 for batch)."""
-        return self.factor * self.inner
+        return self.factor * self.inner * self.replicas
 
     @property
     def label(self) -> str:
-        """How it prints: "batch", "out/2", "grid/2x2" (output x input channels)."""
+        """How it prints: "batch", "out/2", "grid/2x2" (output x input channels), "out/2+replicas/2"."""
         if self.kind == "batch":
             return "batch"
         if self.kind in ("grid", "outspatial"):
             return f"{self.kind}/{self.factor}x{self.inner}"
-        return f"{self.kind}/{self.factor}"
+        return f"{self.kind}/{self.factor}" + (f"+replicas/{self.replicas}" if self.replicas > 1 else "")
 
 
 class NotRunnable(ValueError):
@@ -155,6 +159,12 @@ def layer_run(layer: Mapping[str, Any], splits: Mapping[str, int], devices: int,
                           "splits the query sequence")
     if kind in ("out", "in") and not _plain(layer):
         raise NotRunnable(f"{role} splits of grouped or transposed {op} layers have no runtime")
+    if kind == "out" and not (gated and gated[0] == dim) and batch * factor < devices and \
+            devices % (batch * factor) == 0:  # each output part computed by replicas (strategies.replication)
+        if fsdp:
+            raise NotRunnable(f"{role} split {factor} x batch split {batch} on {devices} ranks (replicas of each "
+                              "part) has no FSDP runtime")
+        return LayerRun(kind, factor, dim, replicas=devices // (batch * factor))
     if batch * factor != devices:
         raise NotRunnable(f"{role} split {factor} x batch split {batch} uses {batch * factor} of {devices} ranks: "
                           "the runtime needs the batch split over the rest")
@@ -300,7 +310,8 @@ def edge_mode(edge: Mapping[str, Any], producer: Mapping[str, Any], source: Laye
 
 def _keeps(edge: Mapping[str, Any], producer: Mapping[str, Any], source: LayerRun, consumer: Mapping[str, Any],
            target: LayerRun, producer_edges: int) -> bool:
-    if source.kind not in GIVES_CHANNELS or target.kind not in TAKES_CHANNELS or source.factor != target.factor:
+    if source.kind not in GIVES_CHANNELS or target.kind not in TAKES_CHANNELS or source.factor != target.factor or \
+            source.replicas > 1 or target.replicas > 1:
         return False
     if source.kind != "local" and producer_edges != 1:  # its one output cannot be both channel- and batch-split
         return False

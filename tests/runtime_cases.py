@@ -140,6 +140,22 @@ def _out_spatial(layer_id: str, data: dict) -> dict:
     return {d: 4 for d, role in data["roles"].items() if role == "batch"}
 
 
+def _replica_out(layer_id: str, data: dict) -> dict:
+    """Every conv and linear with an even number of output channels split 2 ways by them with the batch unsplit on 4
+    ranks (2 replicas per output part), batch elsewhere."""
+    from strategies.runnable import NotRunnable, layer_run
+
+    roles = {role: d for d, role in data["roles"].items()}
+    if data["op"] in ("conv", "linear") and "out_channel" in roles and data["dims"][roles["out_channel"]] % 2 == 0:
+        splits = {roles["out_channel"]: 2}
+        try:
+            if layer_run(data, splits, 4).replicas == 2:
+                return splits
+        except NotRunnable:
+            pass
+    return {d: 4 for d, role in data["roles"].items() if role == "batch"}
+
+
 def _norm_channels(layer_id: str, data: dict) -> dict:
     """Channel splits of group norms: splits the runtime has no layout for (it must refuse them)."""
     if data["op"] == "group_norm":
@@ -230,7 +246,7 @@ def random_runnable(devices: int, seed: int, graph: Any) -> Any:
 
 CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_channels, False),
          "heads": (_heads, False), "seq": (_sequence, False), "spatial": (_spatial, False), "kept": (_kept, False),
-         "grid": (_grid, False), "outspatial": (_out_spatial, False),
+         "grid": (_grid, False), "outspatial": (_out_spatial, False), "replica_out": (_replica_out, False),
          "grid_fsdp": (_grid, True)}
 # a case name with ":checkpoint" runs the plan with activation checkpointing (plan.options["checkpointing"])
 # layers inside checkpointed blocks (a resnet's first norm, an attention block's norm): their forward calls

@@ -58,7 +58,9 @@ def test_runnable_configurations(tiny) -> None:
     rows = layer_run(conv, {n: 1, c_out: 2, "h": 2}, 4)  # output channels x rows on a 2 x 2 grid
     assert rows == LayerRun("outspatial", 2, c_out, inner=2, inner_dim="h") and rows.label == "outspatial/2x2"
     assert "no FSDP runtime" in runnable_reason(conv, {n: 1, c_out: 2, "h": 2}, 4, fsdp=True)
-    assert "uses 2 of 4 ranks" in runnable_reason(conv, {c_out: 2}, 4)  # idle devices
+    assert "uses 2 of 4 ranks" in runnable_reason(conv, {c_in: 2}, 4)  # idle devices
+    assert layer_run(conv, {c_out: 2}, 4) == LayerRun("out", 2, c_out, replicas=2)  # 2 replicas of each part
+    assert "no FSDP runtime" in runnable_reason(conv, {c_out: 2}, 4, fsdp=True)
     assert layer_run(conv, {n: 2}, 4) == LayerRun("replicated", 2)  # 2 groups of 2 replicas
     assert layer_run(conv, {}, 4).label == "replicated/4"  # unsplit: every rank computes the whole batch
     assert "do not form equal groups" in runnable_reason(conv, {n: 2}, 3)
@@ -221,12 +223,14 @@ def test_force_pins_layers_and_refuses_what_does_not_run(tiny) -> None:
     n, c_out = _dim(conv, "batch"), _dim(conv, "out_channel")
     plan = plan_graph(tiny, cluster, options=PlanOptions(force={layer_id: {n: 2, c_out: 2}}))
     assert next(layer for layer in plan.layers if layer.id == layer_id).splits == {n: 2, c_out: 2}
+    wide_in, wide_conv = _wide_conv(tiny, "reduction")
+    c_in = _dim(wide_conv, "reduction")
     with pytest.raises(PaseError, match="uses 2 of 4 ranks"):
-        plan_graph(tiny, cluster, options=PlanOptions(force={layer_id: {c_out: 2}}))
+        plan_graph(tiny, cluster, options=PlanOptions(force={wide_in: {c_in: 2}}))
     with pytest.raises(PaseError, match="no layer id matches"):
         plan_graph(tiny, cluster, options=PlanOptions(force={"no_such_layer*": {n: 4}}))
-    wide = plan_graph(tiny, cluster, options=PlanOptions(space="all", force={layer_id: {c_out: 2}}))
-    assert not next(layer for layer in wide.layers if layer.id == layer_id).runnable
+    wide = plan_graph(tiny, cluster, options=PlanOptions(space="all", force={wide_in: {c_in: 2}}))
+    assert not next(layer for layer in wide.layers if layer.id == wide_in).runnable
 
 
 def test_cli_force_and_space(tmp_path) -> None:
@@ -243,7 +247,7 @@ def test_cli_force_and_space(tmp_path) -> None:
     assert forced and all(layer["splits"] == {"n": 2, "c_out": 2} and layer["runnable"] for layer in forced)
     bad = run("--force", "conv_in=n:2:x")
     assert bad.returncode != 0 and "DIM:FACTOR" in bad.stderr and "Traceback" not in bad.stderr
-    wide = run("--space", "all", "--force", "down_blocks.1.*conv1=c_out:2")
+    wide = run("--space", "all", "--force", "down_blocks.1.*conv2=c_in:2")
     assert wide.returncode == 0 and "not runnable" in wide.stdout
     narrow = "down_blocks.1.resnets.0.conv1=n:1,c_out:4"  # 64 output channels: 16 a device, under the default 32
     assert "it is not one of its splits" in " ".join(run("--force", narrow).stderr.split())

@@ -147,6 +147,21 @@ def test_replicas_on_4_ranks_with_and_without_fsdp() -> None:
         assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=1e-3)
 
 
+@pytest.mark.timeout(300)
+def test_output_channel_splits_on_replica_groups() -> None:
+    """Every conv and linear split 2 ways by output channels with the batch unsplit on 4 ranks: 2 replicas per
+    output part gather their input over the replicas, the split gathers over the parts, and each output part goes to
+    its batch chunks' ranks by one all-to-all (its gradient gathered back over the replicas); the single-process
+    result, and exactly the bytes priced."""
+    case = "replica_out"
+    results = runtime_cases.run_ranks([case], world=4, timeout_s=280)
+    per_rank = runtime_cases.matching_ranks(results, case, TOLERANCE)
+    assert set(per_rank[0]["applied"]) == {"batch", "out/2+replicas/2"}
+    assert all(r["round_trip"] == 0.0 for r in per_rank)  # checkpoints gather the parts
+    predicted = _predicted_bytes(per_rank[0]["splits"], world=4, min_chunk={"out_channel": 8})
+    assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=1e-3)
+
+
 def _roles(layer: str, splits: dict) -> list[str]:
     from pase.graph import extract_model
 
@@ -154,13 +169,13 @@ def _roles(layer: str, splits: dict) -> list[str]:
     return [data["roles"][d] for d, f in splits.items() if f > 1]
 
 
-def _predicted_bytes(splits: dict, world: int = 2, fsdp: bool = False) -> float:
+def _predicted_bytes(splits: dict, world: int = 2, fsdp: bool = False, min_chunk: dict | None = None) -> float:
     from cost_models.cluster import parse_spec
     from pase.graph import extract_model
     from pase.planning.per_layer import PlanOptions, plan_graph
 
     graph = extract_model("unet-tiny", runtime_cases.GLOBAL_BATCH, use_cache=True)
-    options = PlanOptions(precision="fp32", force=splits, baselines=False, fsdp=fsdp)
+    options = PlanOptions(precision="fp32", force=splits, baselines=False, fsdp=fsdp, min_chunk=min_chunk)
     return plan_graph(graph, parse_spec(f"{world}xL40S"), options=options).predicted.comm_bytes_per_device
 
 

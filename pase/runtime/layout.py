@@ -31,10 +31,11 @@ class LayerLayout:
     gated: bool = False  # an out-split GEGLU projection (interleaved rows)
     inner: int = 1  # a grid's input-channel split; an outspatial's row split
     axis: int | None = None  # a spatial or outspatial split's axis in the module's input (2: height, 3: width)
+    replicas: int = 1  # an out-split on replica groups
 
     @property
     def applied(self) -> str:
-        return LayerRun(self.kind, self.factor, inner=self.inner).label
+        return LayerRun(self.kind, self.factor, inner=self.inner, replicas=self.replicas).label
 
 
 class PlanNotRunnable(PaseError):
@@ -77,7 +78,7 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
         axis = data["tensors"]["inputs"][0].index(rows) if rows else None
         result.append(LayerLayout(choice.id, data["op"], data["module"], dict(choice.splits), run.kind, run.factor,
                                   keep_output, run.kind == "in" and bool(kept_from), kept_inputs, run.gated, run.inner,
-                                  axis))
+                                  axis, run.replicas))
     if refused:
         count = sum(map(len, refused.values()))
         reasons = [f"{_named(layers)}: {reason}" for reason, layers in refused.items()]

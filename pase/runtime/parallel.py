@@ -26,7 +26,7 @@ from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parall
 from pase.runtime.pipeline import pipeline_parallelize
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
-from strategies.replication import ReplicatedAttention, replicate_module
+from strategies.replication import ReplicaSplitGroups, ReplicatedAttention, replicate_module, replicate_split
 from strategies.spatial import OutSpatialConv, OutSpatialGroups, SpatialConv, SpatialGroupNorm
 from strategies.tensor import (
     ChannelGroupNorm,
@@ -101,12 +101,16 @@ def _broadcast_from_rank0(model: nn.Module) -> None:
 
 def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: torch.device,
                           world: int, precision: str, sync: bool = True) -> nn.Module:
-    degrees = sorted({layout.factor for layout in layouts if layout.kind not in ("batch", "grid", "outspatial")})
+    degrees = sorted({layout.factor for layout in layouts
+                      if layout.kind not in ("batch", "grid", "outspatial") and layout.replicas == 1})
     groups = {t: TensorGroups.build(device.type, world, t) for t in degrees}  # same order on every rank
     grids = {(t, u): GridGroups.build(device.type, world, t, u)
              for t, u in sorted({(layout.factor, layout.inner) for layout in layouts if layout.kind == "grid"})}
     cells = {(f, s): OutSpatialGroups.build(device.type, world, f, s)
              for f, s in sorted({(layout.factor, layout.inner) for layout in layouts if layout.kind == "outspatial"})}
+    replica_splits = {(f, r): ReplicaSplitGroups.build(device.type, world, f, r)
+                      for f, r in sorted({(layout.factor, layout.replicas) for layout in layouts
+                                          if layout.replicas > 1})}
     modes = []
     for layout in layouts:
         if layout.kind == "batch":
@@ -153,12 +157,19 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
         if layout.kind == "grid":
             setattr(parent, child, GridSplit(module, grids[layout.factor, layout.inner]))
             continue
+        if layout.replicas > 1:  # an out-split on replica groups: its output part leaves through parts_to_chunk
+            split_groups = replica_splits[layout.factor, layout.replicas]
+            split = ChannelSplit(module, "out", split_groups, keep_output=True)  # type: ignore[arg-type]
+            channel = 1 if isinstance(module, nn.Conv2d) else -1
+            setattr(parent, child, replicate_split(split, split_groups, channel))
+            continue
         setattr(parent, child, ChannelSplit(module, layout.kind, groups[layout.factor], layout.keep_output,
                                             layout.kept_input, layout.gated))
     if sync:  # (under FSDP its reduce-scatters sum the gradients instead)
         model.pase_sync = GradientSync.install(model, world, dtype=GRADIENT_DTYPES[precision])
     model.pase_layout = ParallelLayout("tensor", world, layouts,
-                                       sorted({*degrees, *(t * u for t, u in grids), *(f * s for f, s in cells)}))
+                                       sorted({*degrees, *(t * u for t, u in grids), *(f * s for f, s in cells),
+                                               *(f * r for f, r in replica_splits)}))
     model.pase_head_modes = modes
     return model
 
