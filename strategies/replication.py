@@ -38,7 +38,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.overrides import TorchFunctionMode
 
 from strategies.collectives import own_chunk, parts_to_chunk, replicate
-from strategies.tensor import REPLICA_GROUPS, SHARD_GROUP
+from strategies.tensor import REPLICA_GROUPS, SHARD_GROUP, TensorGroups
 
 
 def replicate_module(module: nn.Module, groups: Any) -> nn.Module:
@@ -64,21 +64,17 @@ def replicate_module(module: nn.Module, groups: Any) -> nn.Module:
 
 
 @dataclass
-class ReplicaSplitGroups:
+class ReplicaSplitGroups(TensorGroups):
     """An output-channel split over ``f`` ranks whose batch is split over fewer ranks than the world: a 3-D mesh
     (dp, tp, rep) of ``b x f x r`` ranks (``rep`` consecutive). ``tp`` and ``dp`` serve ``ChannelSplit`` as a
     ``TensorGroups``' do (the split and the gradient peers: replicas compute the same gradient, so it is summed over
     ``dp`` alone); ``rep`` holds the replicas of one output part."""
-    tp: Any
-    dp: Any
-    rep: Any
-    tp_size: int
-    mesh: Any = None
+    rep: Any = None
 
     @classmethod
-    def build(cls, device_type: str, world: int, f: int, r: int) -> ReplicaSplitGroups:
+    def build_replicas(cls, device_type: str, world: int, f: int, r: int) -> ReplicaSplitGroups:
         mesh = init_device_mesh(device_type, (world // (f * r), f, r), mesh_dim_names=("dp", "tp", "rep"))
-        return cls(mesh.get_group("tp"), mesh.get_group("dp"), mesh.get_group("rep"), f, mesh)
+        return cls(tp=mesh.get_group("tp"), dp=mesh.get_group("dp"), tp_size=f, mesh=mesh, rep=mesh.get_group("rep"))
 
 
 def replicate_split(split: nn.Module, groups: ReplicaSplitGroups, channel: int) -> nn.Module:

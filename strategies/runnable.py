@@ -64,9 +64,11 @@ import numpy as np
 from pase.graph.gating import gated_dims
 from strategies.splits import SplitSpace
 
-# the module classes whose forward is the whole of one layer: the runtime can run them on replica groups
+# the module classes (as the graph records them) whose forward is the whole of one layer: the runtime can run them
+# on replica groups (``pase.runtime.parallel`` checks the live modules against the same torch.nn classes)
+LAYER_NORM_MODULE = "torch.nn.modules.normalization.LayerNorm"
 REPLICABLE_MODULES = ("torch.nn.modules.conv.Conv2d", "torch.nn.modules.linear.Linear",
-                      "torch.nn.modules.normalization.GroupNorm", "torch.nn.modules.normalization.LayerNorm")
+                      "torch.nn.modules.normalization.GroupNorm", LAYER_NORM_MODULE)
 
 SPACES = ("runnable", "all")  # pase plan --space
 # ops that run on their channel part alone (not upsampling: diffusers' Upsample2D asserts its channel count)
@@ -272,7 +274,7 @@ def _check_channel_norm(layer: Mapping[str, Any], dim: str) -> None:
     that the runtime can exchange the channel parts of its one input and output (``ChannelLayerNorm``)."""
     tensors = layer["tensors"]
     batch = _batch_dim(layer)
-    if layer.get("module_class") != REPLICABLE_MODULES[3] or len(tensors.get("inputs", [])) != 1:
+    if layer.get("module_class") != LAYER_NORM_MODULE or len(tensors.get("inputs", [])) != 1:
         raise NotRunnable(f"channel splits of layer norms run whole nn.LayerNorm modules of one input, not "
                           f"{layer.get('module_class') or 'a function'}")
     if any(names[:1] != [batch] or names[-1:] != [dim] for names in (*tensors["inputs"], tensors["output"])):

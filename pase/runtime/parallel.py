@@ -27,6 +27,7 @@ from pase.runtime.pipeline import pipeline_parallelize
 from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
 from strategies.replication import ReplicaSplitGroups, ReplicatedAttention, replicate_module, replicate_split
+from strategies.runnable import REPLICABLE_MODULES
 from strategies.spatial import OutSpatialConv, OutSpatialGroups, SpatialConv, SpatialGroupNorm
 from strategies.tensor import (
     ChannelGroupNorm,
@@ -42,7 +43,8 @@ from strategies.tensor import (
     split_sequence,
 )
 
-REPLICABLE = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)  # modules whose forward is one layer (replicas)
+# the torch.nn classes of strategies.runnable's replicable modules (the live modules a replicated layer may be)
+REPLICABLE = tuple(getattr(nn, path.rpartition(".")[2]) for path in REPLICABLE_MODULES)
 
 
 def default_device() -> torch.device:
@@ -108,7 +110,7 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
              for t, u in sorted({(layout.factor, layout.inner) for layout in layouts if layout.kind == "grid"})}
     cells = {(f, s): OutSpatialGroups.build(device.type, world, f, s)
              for f, s in sorted({(layout.factor, layout.inner) for layout in layouts if layout.kind == "outspatial"})}
-    replica_splits = {(f, r): ReplicaSplitGroups.build(device.type, world, f, r)
+    replica_splits = {(f, r): ReplicaSplitGroups.build_replicas(device.type, world, f, r)
                       for f, r in sorted({(layout.factor, layout.replicas) for layout in layouts
                                           if layout.replicas > 1})}
     modes = []
@@ -159,7 +161,7 @@ def _apply_tensor_layouts(model: nn.Module, layouts: list[LayerLayout], device: 
             continue
         if layout.replicas > 1:  # an out-split on replica groups: its output part leaves through parts_to_chunk
             split_groups = replica_splits[layout.factor, layout.replicas]
-            split = ChannelSplit(module, "out", split_groups, keep_output=True)  # type: ignore[arg-type]
+            split = ChannelSplit(module, "out", split_groups, keep_output=True)
             channel = 1 if isinstance(module, nn.Conv2d) else -1
             setattr(parent, child, replicate_split(split, split_groups, channel))
             continue

@@ -314,10 +314,15 @@ def _zoo_inputs(plan: Plan, microbatch: int, device: torch.device, image_size: i
     args, kwargs = spec.example_inputs(microbatch, device="cpu")
     shape = tuple(args[0].shape[:-2]) + ((image_size, image_size) if image_size else tuple(args[0].shape[-2:]))
     sample = torch.randn(shape, device=device)
-    extra = [*args[2:], *(kwargs.get("added_cond_kwargs") or {}).values(), *(v for k, v in kwargs.items()
-                                                                          if k != "added_cond_kwargs")]
     return sample, torch.randint(0, 1000, (microbatch,), device=device), \
-        *(torch.randn(t.shape, device=device) for t in extra)
+        *(torch.randn(t.shape, device=device) for t in conditioning_inputs(args[2:], kwargs))
+
+
+def conditioning_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """A model's inputs after (sample, timestep), given as its call takes them (positional ``args``, keywords and
+    SDXL's ``added_cond_kwargs``), in the order pipeline stage 0 takes them (``CONDITIONING``)."""
+    named = {**{k: v for k, v in kwargs.items() if k in CONDITIONING}, **(kwargs.get("added_cond_kwargs") or {})}
+    return (*args, *(named[key] for key in CONDITIONING if key in named))
 
 
 def check_conditioning(spec: Any) -> None:
@@ -341,5 +346,5 @@ def _layout(plan: Plan, mesh: PipelineMesh, world: int, checkpointed: list[str])
     return layout
 
 
-__all__ = ["CONDITIONING", "PipelineMesh", "PipelineModel", "check_conditioning", "pipeline_mesh",
-           "pipeline_parallelize", "split_points"]
+__all__ = ["CONDITIONING", "PipelineMesh", "PipelineModel", "check_conditioning", "conditioning_inputs",
+           "pipeline_mesh", "pipeline_parallelize", "split_points"]

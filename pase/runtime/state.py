@@ -237,8 +237,13 @@ def _gather_cuts(part: torch.Tensor, cuts: tuple[tuple[int, Any], ...], halves: 
     return part
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard; a plain tensor itself)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _is_dtensor(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
 
 
-__all__ = ["ShardMap", "full_state_dict", "full_tensors", "unwrap"]
+__all__ = ["ShardMap", "full_state_dict", "full_tensors", "local_part", "unwrap"]

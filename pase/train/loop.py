@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pase.errors import PaseError
 from pase.runtime.accumulation import gradient_sync_paused
-from pase.runtime.state import ShardMap
+from pase.runtime.state import ShardMap, local_part
 from pase.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -335,12 +335,12 @@ def fit(
     timed = seconds[1:] or seconds
     median = statistics.median(timed) if timed else 0.0
     tail = (previous + losses)[-10:]  # the last 10 steps, across a resume
-    optimizer_bytes = sum(_local(v).numel() * v.element_size() for state in optimizer.state.values()
+    optimizer_bytes = sum(local_part(v).numel() * v.element_size() for state in optimizer.state.values()
                           for v in state.values() if isinstance(v, torch.Tensor))
     samples = config.batch * accum  # per optimizer step
     return TrainResult(max(start, config.steps), len(losses), sum(tail) / len(tail) if tail else float("nan"), losses,
                        rates, median, samples / median if median else 0.0, ema_state, resumed_from, trainable,
-                       sum(_local(p).numel() * p.element_size() for _, p in shards.named), optimizer_bytes)
+                       sum(local_part(p).numel() * p.element_size() for _, p in shards.named), optimizer_bytes)
 
 
 def on_device(batch: Any, device: torch.device) -> Any:
@@ -385,11 +385,6 @@ def _lr_schedule(optimizer: torch.optim.Optimizer, config: LoopConfig, start: in
         for _ in range(start):
             schedule.step()
     return schedule
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (a DTensor's local shard; a plain tensor itself)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _save(config: LoopConfig, step: int, shards: ShardMap, optimizer: torch.optim.Optimizer, ema: EMA | None,

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pase.runtime.state import local_part
+
 
 @dataclass
 class LossScaler:
@@ -32,7 +34,7 @@ class LossScaler:
 
     def unscale(self, params: Iterable[nn.Parameter]) -> bool:
         """Divide every gradient by the scale unless some rank's holds inf or NaN; True when the step may go on."""
-        grads = [_local(p.grad) for p in params if p.grad is not None]
+        grads = [local_part(p.grad) for p in params if p.grad is not None]
         bad = torch.zeros((), device=grads[0].device if grads else "cpu")
         for grad in grads:
             bad = torch.maximum(bad, (~torch.isfinite(grad)).any().to(bad.dtype))
@@ -57,10 +59,6 @@ class LossScaler:
 
     def load(self, state: dict[str, Any]) -> None:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 __all__ = ["LossScaler"]

@@ -30,6 +30,7 @@ from pase.planning.plan import Plan
 from pase.runtime.checks import model_graph
 from pase.runtime.comm_count import CommCounter
 from pase.runtime.context import distributed
+from pase.runtime.pipeline import conditioning_inputs
 from pase.runtime.state import full_tensors
 from pase.train.loop import epsilon_objective, step_generator
 from pase.train.planned import job_model, job_settings
@@ -202,7 +203,7 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
             shape, generator = _pipeline_latents(plan, spec, parallel, seed)
             objective = epsilon_objective()
             share = shape[0]
-            templates = _flat(*_conditioning(plan, spec, seed))  # shapes of the global batch's conditioning
+            templates = conditioning_inputs(*_conditioning(plan, spec, seed))  # the global batch's conditioning
         times, losses = [], []
         for _ in range(steps):
             if pipelined:  # the objective draws noise and timesteps inside the step (the last stage needs them)
@@ -284,7 +285,8 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: Mode
         if pipelined:
             replica = parallel.replica
             rows = slice(replica * share, (replica + 1) * share)
-            conditioning = _flat(_rows(extra_args, rows, run.device), _rows(extra_kwargs, rows, run.device))
+            conditioning = conditioning_inputs(_rows(extra_args, rows, run.device),
+                                               _rows(extra_kwargs, rows, run.device))
             loss = parallel.pase_step(objective, x0[rows].to(run.device), step_generator(seed, 0, replica),
                                       conditioning)
         else:
@@ -324,13 +326,6 @@ def _conditioning(plan: Plan, spec: ModelSpec, seed: int) -> tuple[tuple[torch.T
     extra_args = tuple(torch.randn(a.shape, generator=generator) for a in args[2:])
     values = iter([torch.randn(t.shape, generator=generator) for t in _leaves(kwargs)])
     return extra_args, _refill(kwargs, values)
-
-
-def _flat(args: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """A model's inputs after (sample, timestep) as pipeline stage 0 takes them (``CONDITIONING`` order: text
-    embeddings, then SDXL's pooled embeddings and time ids)."""
-    added = kwargs.get("added_cond_kwargs") or {}
-    return (*args, *(added[key] for key in ("text_embeds", "time_ids") if key in added))
 
 
 def _rows(value: Any, rows: slice, device: torch.device) -> Any:
