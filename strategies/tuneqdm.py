@@ -458,3 +458,19 @@ def load_scales(model: nn.Module, path: str | Path) -> None:
         raise TuneQDMError(f"{path} holds scales for other layers than this model has")
     for name, tensor in state.items():
         own[name].copy_(tensor)
+
+
+def apply_scales(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a TuneQDM fine-tune into a float model (the pretrained weights it started from), in place: quantize it
+    with the settings the scales were saved with, then load the scales. For a diffusers pipeline:
+    ``apply_scales(pipe.unet, "OUT/scales.safetensors")``, then call the pipeline as usual (each sample's timestep
+    picks its expert)."""
+    metadata, _ = read_safetensors(path)
+    saved = json.loads(metadata.get("pase_tuneqdm", "null") or "null")
+    if not isinstance(saved, dict):
+        raise TuneQDMError(f"{path} is not a TuneQDM scale checkpoint (no pase_tuneqdm metadata); `pase finetune "
+                           "--strategy tuneqdm --out OUT` writes OUT/scales.safetensors")
+    fields = {name: saved[name] for name in TuneQDMConfig.__dataclass_fields__ if name in saved}
+    quantize_model(model, TuneQDMConfig(**fields))
+    load_scales(model, path)
+    return model

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_sd_cases import max_rel, torchrun_pase
 from typer.testing import CliRunner
 
 from pase.cli import app
@@ -44,7 +42,6 @@ from pase.train.text_to_image import (
 from pase.train.validation import INFERENCE_STEPS
 
 REPO = Path(__file__).parent.parent
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 PROFILE = REPO / "tests" / "fixtures" / "calibration" / "cpu_gloo_2.json"
 SINGLE = DistEnv(0, 1, 0, torch.device("cpu"), None)
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -62,21 +59,6 @@ def _options(tiny_sd: dict[str, Path], out: Path | None, **changes) -> JobOption
     settings = {"model": str(tiny_sd["pipeline"]), "data": str(tiny_sd["images"]), "steps": 3, "batch": 4,
                 "lr": 1e-3, "out": out, "progress": False, "workers": 0}
     return JobOptions(**{**settings, **changes})
-
-
-def _torchrun(*args: str, timeout: float = 240) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pase", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout[done.stdout.index("{"):])
-
-
-def _max_rel(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    assert got.keys() == want.keys()
-    return max(float((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)) for k in want)
 
 
 def test_captions_come_from_txt_files_or_metadata_jsonl(tiny_sd) -> None:
@@ -219,9 +201,9 @@ def test_training_from_a_cache_equals_training_from_images(tiny_sd, tmp_path, xl
     from_cache = run_train(_options(tiny_sd, tmp_path / "cached", model=str(folder), data=str(cache)), SINGLE)
     assert from_cache["final_loss"] == pytest.approx(from_images["final_loss"], rel=1e-5)
     got, want = (load_file(tmp_path / run / UNET_WEIGHTS) for run in ("cached", "images"))
-    assert _max_rel(got, want) < 1e-4  # AdamW steps amplify the encoders' batch-size rounding (~1e-7)
+    assert max_rel(got, want) < 1e-4  # AdamW steps amplify the encoders' batch-size rounding (~1e-7)
     start = load_file(folder / UNET_WEIGHTS)
-    assert _max_rel(want, start) > 1e-4  # and training changed the weights
+    assert max_rel(want, start) > 1e-4  # and training changed the weights
     other = tiny_sd["pipeline" if xl else "xl"]
     with pytest.raises(DataError, match="SDXL's pooled text"):  # a cache of the other kind does not fit
         text_training(resolve_model(str(other)), str(cache), None, LatentLoss(), torch.device("cpu"))
@@ -259,7 +241,7 @@ def test_the_output_folder_loads_as_a_pipeline_and_resume_continues_exactly(tiny
     run_train(_options(tiny_sd, tmp_path / "resumed", steps=2, checkpoint_every=2), SINGLE)
     resumed = run_train(_options(tiny_sd, tmp_path / "resumed", steps=4, checkpoint_every=2, resume=True), SINGLE)
     assert resumed["steps_run"] == 2 and resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-6)
-    assert _max_rel(load_file(tmp_path / "resumed" / UNET_WEIGHTS), load_file(tmp_path / "straight" / UNET_WEIGHTS)) \
+    assert max_rel(load_file(tmp_path / "resumed" / UNET_WEIGHTS), load_file(tmp_path / "straight" / UNET_WEIGHTS)) \
         < 1e-6
     pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "straight", local_files_only=True)
     image = pipeline("a red disc on a blue background", num_inference_steps=2, height=16, width=16,
@@ -274,7 +256,7 @@ def test_gradient_accumulation_trains_as_the_larger_batch_and_resumes(tiny_sd, t
     accum = run_train(_options(tiny_sd, tmp_path / "accum", steps=2, batch=4, grad_accum=2, resume=True), SINGLE)
     assert accum["grad_accum"] == 2 and accum["steps_run"] == 1
     assert accum["final_loss"] == pytest.approx(large["final_loss"], rel=1e-5)
-    assert _max_rel(load_file(tmp_path / "accum" / UNET_WEIGHTS), load_file(tmp_path / "large" / UNET_WEIGHTS)) < 1e-4
+    assert max_rel(load_file(tmp_path / "accum" / UNET_WEIGHTS), load_file(tmp_path / "large" / UNET_WEIGHTS)) < 1e-4
     with pytest.raises(PaseError, match="grad_accum: 2 there, None here"):  # a resume keeps the accumulation
         run_train(_options(tiny_sd, tmp_path / "accum", steps=3, batch=4, resume=True), SINGLE)
 
@@ -353,15 +335,15 @@ def test_two_processes_under_a_plan_match_one_process(tiny_sd, tmp_path, kind, o
     single = run_train(_options(tiny_sd, tmp_path / "single", model=str(tiny_sd[kind]), steps=2, batch=8,
                                 validation_prompts=[prompt], validation_every=1), SINGLE)
     # the plan's batch of 4 twice per step (gradient accumulation, reduced once) trains as one process's batch of 8
-    report = _torchrun("train", "--plan", str(plan), "--data", str(tiny_sd["images"]), "--steps", "2", "--lr", "1e-3",
-                       "--workers", "1", "--out", str(tmp_path / "two"), "--no-progress", "--json", "--grad-accum",
-                       "2", "--validation-prompt", prompt, "--validation-every", "1")
+    report = torchrun_pase("train", "--plan", str(plan), "--data", str(tiny_sd["images"]), "--steps", "2", "--lr",
+                           "1e-3", "--workers", "1", "--out", str(tmp_path / "two"), "--no-progress", "--json",
+                           "--grad-accum", "2", "--validation-prompt", prompt, "--validation-every", "1")
     assert report["world_size"] == 2 and report["plan"] == only
     assert report["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
     got, want = (load_file(tmp_path / run / UNET_WEIGHTS) for run in ("two", "single"))
     # full tensors saved (not a rank's shards), equal to one process's; the gradients add up in another order, and
     # AdamW's normalised step turns that into up to 4e-4 of a tiny tensor's norm (a norm bias near 0, seen here)
-    assert _max_rel(got, want) < 1e-3
+    assert max_rel(got, want) < 1e-3
     for step in (1, 2):  # validation draws with the whole gathered UNet, as one process does
         png = Path("validation") / f"step-{step:08d}.png"
         assert np.abs(_png(tmp_path / "two" / png) - _png(tmp_path / "single" / png)).max() <= 2
@@ -381,13 +363,13 @@ def test_a_pipeline_plan_trains_as_one_process(tiny_sd, tmp_path) -> None:
     prompt = "a green triangle"
     single = run_train(_options(tiny_sd, tmp_path / "single", steps=2, batch=8, snr_gamma=5.0,
                                 validation_prompts=[prompt], validation_every=2), SINGLE)
-    report = _torchrun("train", "--plan", str(plan), "--data", str(tiny_sd["images"]), "--steps", "2", "--lr", "1e-3",
-                       "--workers", "1", "--out", str(tmp_path / "two"), "--no-progress", "--json", "--snr-gamma", "5",
-                       "--validation-prompt", prompt, "--validation-every", "2")
+    report = torchrun_pase("train", "--plan", str(plan), "--data", str(tiny_sd["images"]), "--steps", "2", "--lr",
+                           "1e-3", "--workers", "1", "--out", str(tmp_path / "two"), "--no-progress", "--json",
+                           "--snr-gamma", "5", "--validation-prompt", prompt, "--validation-every", "2")
     assert report["world_size"] == 2 and report["plan"] == "pipeline"
     assert report["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
     got, want = (load_file(tmp_path / run / UNET_WEIGHTS) for run in ("two", "single"))
-    assert _max_rel(got, want) < 1e-3
+    assert max_rel(got, want) < 1e-3
     png = Path("validation") / f"step-{2:08d}.png"
     assert np.abs(_png(tmp_path / "two" / png) - _png(tmp_path / "single" / png)).max() <= 2
 
@@ -447,7 +429,7 @@ def test_gradient_checkpointing_wraps_the_blocks_and_trains_the_same(tiny_sd, tm
     off = run_train(_options(tiny_sd, tmp_path / "off", steps=2), SINGLE, parallelize=recording)
     assert wrapped[0] > 2 and wrapped[1] == 0 and on["gradient_checkpointing"] is True
     assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-6)
-    assert _max_rel(load_file(tmp_path / "on" / UNET_WEIGHTS), load_file(tmp_path / "off" / UNET_WEIGHTS)) < 1e-5
+    assert max_rel(load_file(tmp_path / "on" / UNET_WEIGHTS), load_file(tmp_path / "off" / UNET_WEIGHTS)) < 1e-5
     plan = tmp_path / "plan.json"
     planned = CliRunner().invoke(app, ["plan", "--model", str(tiny_sd["pipeline"]), "--cluster", "local", "--devices",
                                        "2", "--batch", "4", "--profile", str(PROFILE), "--json", str(plan)])

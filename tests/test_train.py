@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,6 +195,37 @@ def test_peak_memory_sees_a_transient_allocation() -> None:
     time.sleep(0.05)  # held as a training step holds activations (the sampler needs the GIL once)
     del block
     assert memory.stop() >= 60 * 2**20
+
+
+_MAPPINGS = """
+import ctypes, torch
+from pase.train.memory import PeakMemory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+memory = PeakMemory("cpu").start()
+large = torch.ones(8 * 2**20 // 4)
+del large  # unpinned, glibc would now serve blocks below 8 MiB from the heap
+before = libc.mallinfo2().hblks
+blocks = [torch.ones(2**20 // 4) for _ in range(48)]  # 48 tensors of 1 MiB
+print(memory.method, "|", libc.mallinfo2().hblks - before)
+"""
+
+
+def test_measured_tensors_get_their_own_mappings_so_freeing_them_returns_memory() -> None:
+    """PeakMemory pins glibc's mmap threshold: every new tensor of 64 KiB and up is its own mapping (glibc's count
+    of mmapped chunks, ``mallinfo2().hblks``, grows by one each), returned to the kernel when freed, even after a
+    large free that would otherwise raise the threshold and send them to the heap, whose freed blocks stay
+    resident. A fresh process: in a long one, freed heap blocks are reused first."""
+    if "glibc" not in " ".join(platform.libc_ver()):
+        pytest.skip("not glibc")
+    done = subprocess.run([sys.executable, "-c", _MAPPINGS], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    method, mappings = done.stdout.rsplit("|", 1)
+    assert "mmap threshold 64 KiB" in method and int(mappings) >= 48
 
 
 def test_saved_activation_bytes_on_meta_match_cpu() -> None:

@@ -11,10 +11,9 @@ frozen teacher and the consistency loss; a DeMe job runs one such group per rang
 the median after the first step. Targets: TuneQDM's gradient+optimizer bytes at least
 100x below full fine-tuning, and its peak at most 0.5x, at the same batch.
 
-On Linux CPU the runs get ``MALLOC_MMAP_THRESHOLD_=65536`` (``--default-malloc`` leaves glibc as it
-is): glibc otherwise raises its mmap threshold after the first large free, serves later tensors from
-the heap, and the resident set grows step after step with freed-but-kept memory, so the peak
-measures fragmentation more than what training holds.
+The runs measure memory as ``pase finetune`` does for every user (``pase.train.memory``: on glibc the process
+pins malloc's mmap threshold at 64 KiB itself, so its resident set follows live tensors), so these peaks are the
+ones the CLI reports.
 """
 from __future__ import annotations
 
@@ -52,8 +51,6 @@ def run(name: str, args: argparse.Namespace, weights: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    if not args.default_malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -66,7 +63,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: torch's default)")
-    parser.add_argument("--default-malloc", action="store_true", help="do not set MALLOC_MMAP_THRESHOLD_")
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="run only these configurations")
     parser.add_argument("--json", type=Path, default=Path("bench_results/finetune.json"))
     args = parser.parse_args()
@@ -113,7 +109,7 @@ def main() -> None:
                   f"100x), peak {row['peak_vs_full']:.2f}x of full (target <= 0.5x): {'OK' if verdict else 'MISSED'}")
     first = next(iter(rows.values()))
     result = {"model": args.model, "batch": args.batch, "steps": args.steps, "device": first["device"],
-              "memory_method": first["memory_method"], "malloc_mmap_threshold": None if args.default_malloc else 65536,
+              "memory_method": first["memory_method"],
               "runs": summary}
     write_text(args.json, json.dumps(result, indent=1))
     print(f"wrote {args.json}")

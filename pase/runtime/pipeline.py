@@ -21,6 +21,11 @@ split anything but the batch over the whole group, 1F1B with fewer microbatches 
 A plan made with ``--checkpoint`` has the blocks of this rank's stage (the traced stage module keeps
 the model's module tree under ``model.``) run under activation checkpointing (``strategies.checkpointing``).
 
+Mixed precision: torch.export fixes every tensor's dtype in the traced stages (and the buffers each stage
+receives into), so the model is traced under the autocast its steps will run under: ``autocast`` (default:
+the plan's precision on a GPU, none on the CPU). The activations then cross stage boundaries in that
+precision, as the plan priced them, and a step run under another autocast is refused in one line.
+
 A training step is ``model.pase_step(objective, x0, generator)`` with ``x0`` this replica's share
 of the global batch (every rank of a replica passes the same ``x0`` and generator): the objective's
 ``prepare`` draws the step's inputs and target (the same random numbers as its plain call), the
@@ -30,6 +35,7 @@ the loss of the global batch is returned on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +188,8 @@ class PipelineModel(nn.Module):
         self.inputs = len(input_order)  # sample, timestep and the conditioning inputs stage 0 is fed
         self.original_names = names  # stage parameter name -> the model's parameter name
         self.criterion: Any = None  # the objective's per-microbatch loss, set by each step
+        self.autocast: torch.dtype | None = None  # the autocast the stages were traced under
+        self.device_type = "cpu"
         # the ranks of a replica all see its share of the global batch: they are one data-parallel rank
         self.pase_data_parallel = (self.replica, self.replicas)
 
@@ -191,11 +199,18 @@ class PipelineModel(nn.Module):
         return self.stages - 1
 
     def pase_step(self, objective: Any, x0: Any, generator: torch.Generator,
-                  conditioning: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+                  conditioning: tuple[torch.Tensor, ...] = (), loss_scale: float = 1.0) -> torch.Tensor:
         """One training step of this replica's share ``x0`` (latents, or the batch a text-to-image objective
         prepares: its ``prepare`` gives the conditioning itself); ``conditioning``: the share's text embeddings
         (and SDXL's pooled embeddings and time ids), in ``CONDITIONING`` order, for stage 0 (the other stages
-        ignore them)."""
+        ignore them). ``loss_scale``: each microbatch's loss is multiplied by it before its backward (fp16's
+        dynamic loss scale; the gradients come out scaled), and the loss returned is divided by it again."""
+        running = torch.get_autocast_dtype(self.device_type) if torch.is_autocast_enabled(self.device_type) else None
+        if running != self.autocast:
+            def name(dtype: torch.dtype | None) -> str:
+                return "no autocast" if dtype is None else f"{dtype} autocast"
+            raise PaseError(f"this pipeline's stages were traced for {name(self.autocast)} but the step runs under "
+                            f"{name(running)}; pass autocast= to pipeline_parallelize as the steps will run")
         prepare, criterion = getattr(objective, "prepare", None), getattr(objective, "criterion", None)
         if prepare is None or criterion is None:
             raise PaseError("this training objective cannot run in pipeline stages (it has no prepare/criterion "
@@ -205,7 +220,8 @@ class PipelineModel(nn.Module):
         if self.index == 0 and len(inputs) != self.inputs:
             raise PaseError(f"stage 0 of this pipeline takes {self.inputs} inputs (sample, timestep and the model's "
                             f"conditioning), not {len(inputs)}: pass the conditioning to pase_step")
-        self.criterion = criterion
+        self.criterion = criterion if loss_scale == 1.0 else \
+            (lambda output, target: criterion(output, target) * loss_scale)
         losses: list[torch.Tensor] = []
         if self.index == 0:
             self.schedule.step(*[inputs[i] for i in self.input_order])
@@ -216,7 +232,7 @@ class PipelineModel(nn.Module):
         if self.replicas > 1:
             average_gradients(list(self.stage_module.parameters()), self.replica_group, self.replicas,
                               self.gradient_dtype)
-        loss = torch.stack([v.detach().float() for v in losses]).mean() if losses else \
+        loss = torch.stack([v.detach().float() for v in losses]).mean() / loss_scale if losses else \
             torch.zeros((), device=inputs[0].device)
         dist.broadcast(loss, group=self.pipeline_group, group_src=self.last_rank)
         if self.replicas > 1:  # the global batch's loss: the replicas' shares are equal
@@ -228,15 +244,26 @@ class PipelineModel(nn.Module):
         raise PaseError("a pipeline stage runs whole training steps (pase_step), not single forwards")
 
 
+PLAN_AUTOCAST = "plan"  # pipeline_parallelize's default: the plan's precision on a GPU, none on the CPU
+
+
+def planned_autocast(plan: Plan, device: torch.device) -> torch.dtype | None:
+    """The autocast a plan's steps run under by default: its precision on a GPU (fp32: none), none on the CPU."""
+    if device.type != "cuda" or plan.precision == "fp32":
+        return None
+    return torch.float16 if plan.precision == "fp16" else torch.bfloat16
+
+
 def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, example_inputs: tuple | None = None,
                          batch: int | None = None, image_size: int | None = None, graph: LayerGraph | None = None,
-                         ) -> PipelineModel:
+                         autocast: torch.dtype | str | None = PLAN_AUTOCAST) -> PipelineModel:
     """This rank's stage of ``plan``'s pipeline (one rank per stage of each pipeline replica).
 
     ``example_inputs``: ``(sample, timestep, *conditioning)`` of one microbatch for the tracer (default: the
     model's inputs at the plan's microbatch size; conditioning in ``CONDITIONING`` order). ``graph``: the
     model's LayerGraph at the plan's batch; given, the model is checked against the plan (``pase.parallelize``
-    always checks); needed when the plan's stages run on groups of devices.
+    always checks); needed when the plan's stages run on groups of devices. ``autocast``: the dtype the steps
+    will run under ``torch.autocast`` with (None: none), see the module docstring.
     """
     from torch.distributed.pipelining import SplitPoint, pipeline  # noqa: PLC0415 - 1.5 s; only pipelines need it
     from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe  # noqa: PLC0415 - as above
@@ -266,7 +293,11 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     points = {f"model.{name}": SplitPoint.BEGINNING for name in split_points(plan, model)}
     with warnings.catch_warnings():  # torch's own tracer trips its LeafSpec deprecation: nothing a user can change
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        pipe = pipeline(wrapper, mb_args=tuple(t.contiguous() for t in example_inputs), split_spec=points)
+        amp_dtype = planned_autocast(plan, device) if autocast == PLAN_AUTOCAST else autocast
+        assert amp_dtype is None or isinstance(amp_dtype, torch.dtype)
+        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        with amp:  # each tensor's dtype is fixed at the trace: the dtypes the steps will see
+            pipe = pipeline(wrapper, mb_args=tuple(t.contiguous() for t in example_inputs), split_spec=points)
     if pipe.num_stages != mesh.stages:
         raise PaseError(f"splitting the model at {list(points)} gave {pipe.num_stages} stages, not {mesh.stages}")
     _, index = mesh.position(rank)
@@ -292,6 +323,7 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     names = {name: original.get(id(param), name) for name, param in stage_module.named_parameters()}
     result = PipelineModel(stage_module, stage, schedule, mesh, rank, order, names, groups)
     result.gradient_dtype = GRADIENT_DTYPES[plan.precision]  # replicas average in the plan's precision (as priced)
+    result.autocast, result.device_type = amp_dtype, device.type
     holder.append(result)
     model.pase_pipeline = result  # so full_state_dict(model) gathers the stages' weights, not this rank's stale copy
     result.pase_layout = _layout(plan, mesh, world, checkpointed)
@@ -347,4 +379,4 @@ def _layout(plan: Plan, mesh: PipelineMesh, world: int, checkpointed: list[str])
 
 
 __all__ = ["CONDITIONING", "PipelineMesh", "PipelineModel", "check_conditioning", "conditioning_inputs",
-           "pipeline_mesh", "pipeline_parallelize", "split_points"]
+           "pipeline_mesh", "pipeline_parallelize", "planned_autocast", "split_points"]

@@ -44,6 +44,8 @@ from strategies.deme import (
     range_seed,
 )
 
+RangeObjective = Callable[[nn.Module | None, RangeSampler, float], Objective]  # (teacher, sampler, consistency)
+
 
 def deme_objective(teacher: nn.Module | None, sampler: RangeSampler, consistency: float) -> Objective:
     """||eps - eps_r(x_t, t)||^2 + lambda ||eps_r(x_t, t) - eps_theta(x_t, t)||^2, t from the range sampler."""
@@ -103,9 +105,12 @@ def train_ranges(
     loader: LoaderFactory = step_batches,
     job: dict[str, Any] | None = None,
     single_group: bool = False,
+    objective_for: RangeObjective = deme_objective,
 ) -> tuple[dict[int, TrainResult], dict[int, StateDict], GroupLayout]:
     """Train this process's ranges; every range's weights end up on rank 0 (and its group's leader).
-    ``single_group``: the whole world trains every range in turn (how DeMe runs under a plan)."""
+    ``single_group``: the whole world trains every range in turn (how DeMe runs under a plan).
+    ``objective_for(teacher, sampler, consistency)``: a range's loss (on images by default; a text-to-image job
+    passes its latent objective with the range's timesteps)."""
     layout = GroupLayout((tuple(range(env.world)),), (tuple(range(len(config.ranges))),)) if single_group \
         else group_layout(env.world, len(config.ranges))
     process_groups = [dist.new_group(list(ranks)) if env.backend else None for ranks in layout.groups]
@@ -120,8 +125,8 @@ def train_ranges(
         if config.adapters:
             add_channel_projections(model)
         teacher = frozen_copy(build_pretrained()).to(env.device) if config.consistency > 0 else None
-        objective = deme_objective(teacher, RangeSampler(low, high, config.p_global, config.num_train_timesteps,
-                                                         config.antithetic), config.consistency)
+        objective = objective_for(teacher, RangeSampler(low, high, config.p_global, config.num_train_timesteps,
+                                                        config.antithetic), config.consistency)
         range_loop = replace(loop, seed=range_seed(loop.seed, index), description=f"DeMe range {index} [{low}, {high})",
                              checkpoint_dir=loop.checkpoint_dir / f"range-{index}" if loop.checkpoint_dir else None)
         results[index] = fit(model, objective, dataset, range_loop, group=data_group, parallelize=parallelize,

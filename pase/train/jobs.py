@@ -30,13 +30,14 @@ from pase.planning.plan import Plan
 from pase.runtime.state import full_state_dict
 from pase.train.captions import Augment
 from pase.train.data import LoaderFactory, load_images, split_held_out, step_batches
-from pase.train.deme import denoising_score, save_range_weights
+from pase.train.deme import deme_objective, denoising_score, save_range_weights
 from pase.train.deme import train_ranges as train_deme_ranges
 from pase.train.distributed import DistEnv
 from pase.train.loop import (
     AfterStep,
     DataGroup,
     LoopConfig,
+    Objective,
     Parallelize,
     TrainResult,
     default_parallelize,
@@ -48,7 +49,9 @@ from pase.train.node_views import check_same_view, describe_view
 from pase.train.out_folder import owned_out
 from pase.train.planned import PlannedRun, autocast_for, check_plan, job_model, load_plan
 from pase.train.run_log import RunLog
-from pase.train.text_jobs import export_model, is_text_conditioned, text_training
+from pase.train.text_finetune import encode_held_out, latent_score
+from pase.train.text_finetune import split_held_out as split_held_out_items
+from pase.train.text_jobs import TextTraining, export_model, is_text_conditioned, text_training
 from pase.train.text_to_image import LatentLoss, check_pipeline
 from pase.train.validation import Validation
 from pase.weights import load_weights_into, save_weights
@@ -219,7 +222,8 @@ def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str, 
                         "(pase plan --batch)")
     planned = check_plan(plan, env, spec, strategy)
     planned.image_size = options.image_size
-    return planned, planned.parallelize(), autocast_for(options.precision, env.device, planned.plan)
+    autocast = autocast_for(options.precision, env.device, planned.plan)
+    return planned, planned.parallelize(autocast), autocast
 
 
 def checkpointing_first(parallelize: Parallelize, spec: ModelSpec, batch_per_rank: int) -> Parallelize:
@@ -324,11 +328,7 @@ def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned
     objective = epsilon_objective()
     identity = _job_identity(options, strategy)
     if text:
-        job = text_training(spec, options.data, options.image_size, LatentLoss(options.prediction_type,
-                            options.snr_gamma, options.noise_offset), env.device,
-                            {"bf16": torch.bfloat16, "fp16": torch.float16 if env.device.type == "cuda" else
-                             torch.float32}.get(autocast or "", torch.float32), options.workers,
-                            Augment(options.random_crop, options.random_flip))
+        job = _text_job(options, spec, env, autocast)
         dataset, loader, objective = job.dataset, job.loader, job.objective
         identity.update(job.identity)
     hooks: list[AfterStep] = [run_log]
@@ -356,6 +356,16 @@ def _fit_whole_model(options: JobOptions, env: DistEnv, spec: ModelSpec, planned
                    result.grad_and_optimizer_bytes, outputs, **_plan_report(planned))
 
 
+def _text_job(options: JobOptions, spec: ModelSpec, env: DistEnv, autocast: str | None) -> TextTraining:
+    """The streamed captioned data (or cache) and latent objective of a text-to-image job; the frozen encoders in
+    the training precision."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16 if env.device.type == "cuda" else
+             torch.float32}.get(autocast or "", torch.float32)
+    return text_training(spec, options.data, options.image_size, LatentLoss(options.prediction_type,
+                         options.snr_gamma, options.noise_offset), env.device, dtype, options.workers,
+                         Augment(options.random_crop, options.random_flip))
+
+
 def _short(model: str) -> str:
     """A model's name for a progress bar: a folder's last part."""
     return Path(model).name if looks_like_folder(model) else model
@@ -369,6 +379,8 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
     plan = load_plan(options.plan) if options.plan else None
     spec = job_model(options.model, plan)
     planned, planned_parallelize, autocast = _planned(options, env, spec, options.strategy, parallelize, plan)
+    if options.strategy != "full":
+        _check_strategy_options(options, spec)
     with _owned(options, env):  # after the checks: a refused run leaves no --out behind
         return _finetune(options, env, spec, planned, planned_parallelize, parallelize, loader, autocast)
 
@@ -379,26 +391,61 @@ def _finetune(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, planned: 
     if options.strategy == "full":
         return _fit_whole_model(options, env, spec, planned, planned_parallelize, loader, autocast, "full",
                                 f"fine-tune {_short(options.model)} (full)")
-    if is_text_conditioned(spec):
-        raise PaseError(f"--strategy {options.strategy} fine-tunes unconditional UNets from images so far; fine-tune "
-                        f"a text-to-image pipeline with --strategy full")
-    train, held_out, _ = _data(options, spec)
-    warm_imports(spec)
+    text = is_text_conditioned(spec)
+    images = None if text else _data(options, spec)
+    warm_imports(spec, text)
+    memory = PeakMemory(env.device).start()  # the frozen encoders are part of what the job holds
+    if text:
+        job = _text_job(options, spec, env, autocast)
+        data = FinetuneData(job.dataset, None, job.loader, job)
+        if options.strategy == "deme":
+            data.train, data.held_out = split_held_out_items(job.dataset, options.seed)
+    else:
+        assert images is not None
+        data = FinetuneData(images[0], images[1], loader)
     if options.strategy == "tuneqdm":
         # check_plan admits only data-parallel plans for TuneQDM: they run as the job's own DDP, which
         # tolerates the experts that get no gradient in a step (find_unused_parameters)
-        report = _finetune_tuneqdm(options, env, spec, train, parallelize, loader, autocast)
+        report = _finetune_tuneqdm(options, env, spec, data, parallelize, memory, autocast)
     else:
-        report = _finetune_deme(options, env, spec, train, held_out, planned_parallelize, loader, autocast,
+        report = _finetune_deme(options, env, spec, data, planned_parallelize, memory, autocast,
                                 single_group=planned is not None)
     head = {k: v for k, v in report.items() if k not in REPORT_TAIL}
     return {**head, **_plan_report(planned), **{k: report[k] for k in REPORT_TAIL}}
 
 
-def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
-                      parallelize: Parallelize, loader: LoaderFactory, autocast: str | None = None) -> dict[str, Any]:
-    config = tuneqdm.TuneQDMConfig(options.bits, options.experts, train_input_scales=options.input_scales)
-    memory = PeakMemory(env.device).start()
+@dataclass
+class FinetuneData:
+    """A DeMe or TuneQDM job's data: images in memory, or a text-to-image job's streamed captioned data (``text``)."""
+    train: Any
+    held_out: Any  # DeMe's merge is scored on it (None for TuneQDM on captioned data)
+    loader: LoaderFactory
+    text: TextTraining | None = None
+
+
+def _check_strategy_options(options: FinetuneOptions, spec: ModelSpec) -> None:
+    """Options DeMe and TuneQDM do not run are refused by name, not ignored."""
+    name = "DeMe" if options.strategy == "deme" else "TuneQDM"
+    if options.validation_prompts or options.report_to != "none":
+        raise PaseError(f"--validation-prompt and --report-to run with --strategy full; {name} reports its losses in "
+                        "the job's summary (and --json)")
+    if not is_text_conditioned(spec) and (options.random_crop or options.random_flip):
+        raise PaseError("--random-crop and --random-flip apply to captioned images for a text-to-image pipeline "
+                        f"folder; {spec.name} fine-tunes on --data {options.data} without them")
+    if options.strategy != "deme":
+        return
+    if options.antithetic and is_text_conditioned(spec):
+        raise PaseError("--antithetic pairs timesteps within a batch, but captioned data draws each sample's timestep "
+                        "from the sample's own seed (so 1 and N processes train alike); leave --antithetic out")
+    if options.adapters and looks_like_folder(spec.name):
+        raise PaseError("--adapters add 1x1 layers that a diffusers UNet config cannot describe, so the merged UNet "
+                        f"would not load with from_pretrained; leave --adapters out for the folder {spec.name}")
+
+
+def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, data: FinetuneData,
+                      parallelize: Parallelize, memory: PeakMemory, autocast: str | None = None) -> dict[str, Any]:
+    steps = int(data.text.scheduler.config.num_train_timesteps) if data.text else 1000
+    config = tuneqdm.TuneQDMConfig(options.bits, options.experts, steps, train_input_scales=options.input_scales)
     if options.init is not None:  # stream: quantize each float weight as it is read, never the whole float model
         with torch.device("meta"):
             model = spec.build()
@@ -409,12 +456,14 @@ def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, t
         model = pretrained_builder(spec, None, options.init_seed, env.device)()
         tuneqdm.quantize_model(model, config)
     identity = _job_identity(options, "tuneqdm", bits=options.bits, experts=options.experts,
-                             input_scales=options.input_scales)
-    result = fit(model, epsilon_objective(sort_timesteps=True), train,
-                 _loop_config(options, f"fine-tune {options.model} (TuneQDM {options.bits}-bit, "
+                             input_scales=options.input_scales, **(data.text.identity if data.text else {}))
+    objective = data.text.objective_with(order_by_timestep=True) if data.text else \
+        epsilon_objective(sort_timesteps=True)
+    result = fit(model, objective, data.train,
+                 _loop_config(options, f"fine-tune {_short(options.model)} (TuneQDM {options.bits}-bit, "
                                        f"{options.experts} experts)", autocast),
                  group=_world_group(env), parallelize=partial(parallelize, find_unused_parameters=True)
-                 if parallelize is default_parallelize else parallelize, loader=loader,
+                 if parallelize is default_parallelize else parallelize, loader=data.loader,
                  param_groups=tuneqdm.expert_param_groups(model), job=identity)
     peak = _max_over_ranks(memory.stop(), env)
     outputs = []
@@ -426,21 +475,32 @@ def _finetune_tuneqdm(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, t
                    experts=options.experts)
 
 
-def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, train: torch.Tensor,
-                   held_out: torch.Tensor, parallelize: Parallelize, loader: LoaderFactory,
-                   autocast: str | None = None, single_group: bool = False) -> dict[str, Any]:
-    ranges = deme.parse_bounds(options.range_bounds) if options.range_bounds else deme.uniform_ranges(options.ranges)
-    config = deme.DeMeConfig(ranges, options.p_global, options.antithetic, options.consistency, options.adapters)
+def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, data: FinetuneData,
+                   parallelize: Parallelize, memory: PeakMemory, autocast: str | None = None,
+                   single_group: bool = False) -> dict[str, Any]:
+    text = data.text
+    steps = int(text.scheduler.config.num_train_timesteps) if text else 1000
+    ranges = deme.parse_bounds(options.range_bounds, steps) if options.range_bounds else \
+        deme.uniform_ranges(options.ranges, steps)
+    config = deme.DeMeConfig(ranges, options.p_global, options.antithetic, options.consistency, options.adapters,
+                             steps)
     if options.merge_weights is not None and len(options.merge_weights) != len(ranges):
         raise PaseError(f"--merge-weights has {len(options.merge_weights)} value(s) for {len(ranges)} ranges; give "
                         "one per range, e.g. 0.1,0.1,0.2,0.5 for four")
     build = pretrained_builder(spec, options.init, options.init_seed, env.device)
-    memory = PeakMemory(env.device).start()
     identity = _job_identity(options, "deme", ranges=[list(r) for r in ranges], p_global=options.p_global,
-                             antithetic=options.antithetic, consistency=options.consistency, adapters=options.adapters)
-    results, tuned, layout = train_deme_ranges(build, train, config, _loop_config(options, "DeMe", autocast), env,
-                                               parallelize=parallelize, loader=loader, job=identity,
-                                               single_group=single_group)
+                             antithetic=options.antithetic, consistency=options.consistency, adapters=options.adapters,
+                             **(text.identity if text else {}))
+
+    def latent_range_objective(teacher: nn.Module | None, sampler: deme.RangeSampler,
+                               consistency: float) -> Objective:
+        assert text is not None
+        return text.objective_with(timesteps=sampler.sample, teacher=teacher, consistency=consistency)
+
+    results, tuned, layout = train_deme_ranges(build, data.train, config, _loop_config(options, "DeMe", autocast),
+                                               env, parallelize=parallelize, loader=data.loader, job=identity,
+                                               single_group=single_group,
+                                               objective_for=latent_range_objective if text else deme_objective)
     peak = _max_over_ranks(memory.stop(), env)
     first = results[min(results)]
     report_extra: dict[str, Any] = {"ranges": [list(r) for r in ranges],
@@ -452,24 +512,34 @@ def _finetune_deme(options: FinetuneOptions, env: DistEnv, spec: ModelSpec, trai
             deme.add_channel_projections(base_model)
         base = {k: v.detach().to("cpu").clone() for k, v in base_model.state_dict().items()}
         vectors = deme.task_vectors(base, [tuned[i] for i in range(len(ranges))])
-        score = denoising_score(base_model, held_out, batch=options.batch, seed=options.seed + 1,
-                                     device=env.device)
+        if text:
+            score = latent_score(base_model, encode_held_out(data.held_out, text.encode, options.batch),
+                                 text.scheduler, text.loss, batch=options.batch, seed=options.seed + 1,
+                                 device=env.device)
+        else:
+            score = denoising_score(base_model, data.held_out, batch=options.batch, seed=options.seed + 1,
+                                    device=env.device)
         if options.merge_weights is not None:
             weights = tuple(options.merge_weights)
-            merged = deme.merge(base, vectors, weights)
         else:
             grid = deme.grid_search(base, vectors, options.merge_grid, score)
             weights = grid.weights
-            merged = deme.merge(base, vectors, weights)
             report_extra["grid_candidates"] = len(grid.scores)
+        merged = deme.merge(base, vectors, weights)
         report_extra["merge_weights"] = list(weights)
+        report_extra["held_out_items"] = len(data.held_out)
         report_extra["held_out_loss_pretrained"] = score(base)
         report_extra["held_out_loss_merged"] = score(merged)
         report_extra["range_losses"] = [results[i].final_loss for i in sorted(results)]
         if options.out:
             outputs = [str(p) for p in save_range_weights(options.out, tuned)]
-            outputs.append(str(save_weights(options.out / "model.safetensors", merged,
-                                            {"pase_model": options.model, "pase_deme_weights": str(list(weights))})))
+            if looks_like_folder(spec.name):  # the merged UNet as diffusers writes it, in its pipeline
+                outputs += [str(p) for p in export_model(options.out, spec, merged)
+                            if p.parent.name == "unet" or p.name == "model_index.json"]
+            else:
+                outputs.append(str(save_weights(options.out / "model.safetensors", merged,
+                                                {"pase_model": options.model,
+                                                 "pase_deme_weights": str(list(weights))})))
         del base_model
     total = sum(v.numel() for v in tuned[min(tuned)].values() if v.is_floating_point()) if tuned else 0
     return _report(options, env, first, memory, peak, "deme", first.trainable_params, total or first.trainable_params,

@@ -267,9 +267,6 @@ def fit(
         group.device.type == "cuda" else nullcontext()
     scaler = None
     if config.autocast == "fp16":
-        if runner is not None:
-            raise PaseError("fp16 needs its loss scaled inside the backward, which a pipeline schedule runs itself; "
-                            "train the pipeline plan with --precision bf16 (GPUs) or fp32")
         amp, scaler = torch.autocast(group.device.type, dtype=torch.float16), LossScaler(config.loss_scale)
         if checkpoint is not None and "loss_scale" in checkpoint.settings:
             scaler.load(checkpoint.settings["loss_scale"])
@@ -291,8 +288,9 @@ def fit(
             began = time.perf_counter()
             if runner is not None:  # a pipeline schedule: forward and backward of all its microbatches
                 x0 = on_device(next(batches), group.device)
-                with amp:
-                    loss = runner(objective, x0, step_generator(config.seed, step, data_rank))
+                with amp:  # the schedule scales each microbatch's loss before its backward
+                    loss = runner(objective, x0, step_generator(config.seed, step, data_rank),
+                                  **({"loss_scale": scaler.scale} if scaler else {}))
             else:
                 loss = _accumulate(wrapped, objective, batches, config, step, data_rank, amp, group.device, scaler)
             finite = scaler.unscale(p for _, p in shards.named) if scaler else True  # an overflow skips the step

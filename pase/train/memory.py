@@ -6,9 +6,16 @@ start. On Linux CPU it is the larger of the kernel's high-water mark of the resi
 writing ``5`` to ``/proc/self/clear_refs`` resets, and the resident set sampled every millisecond by a
 thread: the high-water mark sees allocations too short for a sample, the sampler memory the kernel
 releases without raising the mark; where clear_refs cannot be written, the sampler alone.
+
+On glibc, ``start()`` first pins malloc's mmap threshold at 64 KiB (``mallopt(M_MMAP_THRESHOLD)``, what the
+``MALLOC_MMAP_THRESHOLD_`` variable sets): glibc otherwise raises the threshold after the first large free and
+serves later tensors from its heap, whose freed blocks stay resident, so the resident set would grow step after
+step and the peak would measure fragmentation rather than what training holds. With the pin, every tensor of
+64 KiB or more is its own mapping, returned to the kernel when freed, and the resident set follows live tensors.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import re
 import threading
@@ -24,6 +31,8 @@ from pase.models.zoo import resolve_model
 from strategies import silu_recompute
 
 _STATUS = Path("/proc/self/status")
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 64 * 1024
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -33,6 +42,16 @@ def _status_kib(field: str) -> int | None:
     except OSError:
         return None
     return int(match.group(1)) if match else None
+
+
+def pin_mmap_threshold() -> bool:
+    """Serve allocations of MMAP_THRESHOLD_BYTES or more from their own mappings from now on (glibc only; False
+    elsewhere), so that freed tensors leave the resident set (see the module docstring)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 def current_rss_bytes() -> int:
@@ -62,12 +81,15 @@ class PeakMemory:
         # collect garbage first: a collection during the measured work would lower the resident set below the
         # baseline and hide as much of the peak as it freed
         gc.collect()
+        pinned = pin_mmap_threshold()
         try:
             _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
             self._hwm = True
             self.method = "VmHWM (kernel high-water mark of RSS) and RSS sampled every 1 ms"
         except OSError:
             self.method = "RSS sampled every 1 ms"
+        if pinned:
+            self.method += f"; malloc mmap threshold {MMAP_THRESHOLD_BYTES // 1024} KiB"
         # the baseline is the level VmHWM was reset to (read after the reset: memory freed between a reading before
         # it and the reset would hide that much of the peak); the sampler runs beside VmHWM too, since the kernel
         # does not raise the high-water mark when memory is released without an unmap (seen: a 64 MiB transient

@@ -53,15 +53,17 @@ class PlannedRun:
             return "tensor"
         return "fsdp" if self.plan.options.get("fsdp") else "dp"
 
-    def parallelize(self) -> Parallelize:
-        """The loop's ``parallelize(model, group)``: the plan applied over the whole world."""
+    def parallelize(self, autocast: str | None = None) -> Parallelize:
+        """The loop's ``parallelize(model, group)``: the plan applied over the whole world; ``autocast``: the
+        loop's (``autocast_for``), which a pipeline is traced under."""
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "")
         def apply(model: nn.Module, group: DataGroup) -> nn.Module:
             if group.size != self.plan.devices:
                 raise PaseError(f"the plan runs over {self.plan.devices} devices, but this job's data-parallel group "
                                 f"has {group.size} processes")
             if self.plan.stages:
                 return pipeline_parallelize(model, self.plan, device=group.device, image_size=self.image_size,
-                                            graph=self.graph)
+                                            graph=self.graph, autocast=amp)
 
             return parallelize(model, self.plan, graph=self.graph, device=group.device)
 

@@ -27,7 +27,7 @@ from pase.train.captions import Augment, CaptionedImages, find_captioned
 from pase.train.data import DataError, LoaderFactory
 from pase.train.latent_cache import LatentCache, is_cache
 from pase.train.loop import Objective
-from pase.train.streaming import streamed
+from pase.train.streaming import Transform, streamed
 from pase.train.text_to_image import (
     FrozenEncoders,
     LatentLoss,
@@ -53,6 +53,13 @@ class TextTraining:
     resolution: int
     source: str  # "images" or "cache"
     identity: dict[str, Any] = field(default_factory=dict)
+    scheduler: Any = None  # the pipeline's training schedule (DDPMScheduler)
+    loss: LatentLoss = LatentLoss("epsilon")  # settled: the prediction type resolved
+    encode: Transform | None = None  # a batch of the data set -> the UNet's inputs (None: a cache holds them)
+
+    def objective_with(self, **changes: Any) -> Objective:
+        """This job's latent objective with a fine-tuning strategy's changes (``latent_objective``'s options)."""
+        return latent_objective(self.scheduler, self.loss, **changes)
 
 
 def is_text_conditioned(spec: ModelSpec) -> bool:
@@ -110,14 +117,15 @@ def text_training(spec: ModelSpec, data: str, image_size: int | None, loss: Late
                             f"{latent_channels}-channel latents in multiples of {2 ** (levels - 1)} and "
                             f"{context[-1]}-wide text embeddings; cache the data with this model's pipeline")
         return TextTraining(cache, streamed(None, workers), latent_objective(scheduler, loss), resolution, "cache",
-                            {**identity, "resolution": resolution})
+                            {**identity, "resolution": resolution}, scheduler, loss)
     resolution = text_cache_settings(spec, image_size)[1]
     items = find_captioned(Path(data))
     tokenize = Tokenize(pipeline)
     encoders = FrozenEncoders(pipeline, device, dtype)
 
     return TextTraining(CaptionedImages(items, resolution, tokenize, augment), streamed(encoders, workers),
-                        latent_objective(scheduler, loss), resolution, "images", {**identity, "resolution": resolution})
+                        latent_objective(scheduler, loss), resolution, "images", {**identity, "resolution": resolution},
+                        scheduler, loss, encoders)
 
 
 def text_cache_settings(spec: ModelSpec, image_size: int | None) -> tuple[Path, int]:

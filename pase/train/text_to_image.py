@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,12 @@ class LatentLoss:
             raise PaseError(f"--noise-offset {self.noise_offset}: use 0 (off) or a small positive value, e.g. 0.05")
 
 
-def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
+TimestepSampler = Callable[[int, torch.Generator], torch.Tensor]  # (count, generator) -> timesteps in [0, T)
+
+
+def latent_objective(scheduler: Any, loss: LatentLoss, timesteps: TimestepSampler | None = None,
+                     order_by_timestep: bool = False, teacher: nn.Module | None = None,
+                     consistency: float = 0.0) -> Objective:
     """The text-to-image diffusion loss on a batch ``{"latent_mean", "latent_std", "encoder_hidden_states"}``:
     latents sampled from their distribution, noise (plus ``noise_offset`` times per-channel noise), timesteps
     uniform over the scheduler's, the target epsilon or v, MSE weighted by min(SNR, gamma) / SNR (epsilon) or
@@ -167,10 +173,18 @@ def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
     The draws come, in that order, from one generator per sample seeded by the batch's ``seeds`` (one per row:
     the run's seed, the step and the item, see ``pase.train.streaming``), so that a sample gets the same noise
     whichever rank and batch position it lands on: one process and N processes run the same training; without
-    ``seeds``, from ``generator`` for the whole batch."""
+    ``seeds``, from ``generator`` for the whole batch.
+
+    The fine-tuning strategies change three things: ``timesteps`` draws them from another distribution (DeMe's
+    range sampler; each row's from its own generator), ``order_by_timestep`` sorts the batch's rows by timestep
+    (TuneQDM's experts then take contiguous slices; the same loss, as the rows are in random order anyway), and
+    ``teacher`` adds ``consistency`` times the MSE between the prediction and the frozen teacher's (DeMe)."""
+    if consistency > 0 and teacher is None:
+        raise PaseError("the consistency loss needs the frozen pretrained model (teacher)")
     from diffusers.training_utils import compute_snr  # noqa: PLC0415
 
     steps = int(scheduler.config.num_train_timesteps)
+    draw_timesteps = timesteps or (lambda count, generator: torch.randint(0, steps, (count,), generator=generator))
 
     def prepare(batch: Any, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """(the UNet's inputs: noised latents, timesteps, text embeddings and SDXL's pooled embeddings and time ids;
@@ -188,9 +202,10 @@ def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
         if generators is None:
             eps, noise = draw(per_row), draw(per_row)
             offset = draw(offset_shape) if loss.noise_offset else None
-            t = torch.randint(0, steps, (len(mean),), generator=generator)
+            t = draw_timesteps(len(mean), generator)
         else:
-            drawn = [_row_draws(g, per_row, offset_shape if loss.noise_offset else None, steps) for g in generators]
+            drawn = [_row_draws(g, per_row, offset_shape if loss.noise_offset else None, draw_timesteps)
+                     for g in generators]
             eps, noise, t = (torch.cat([d[k] for d in drawn]) for k in range(3))
             offset = torch.cat([d[3] for d in drawn]) if loss.noise_offset else None
         eps, noise, t = eps.to(mean), noise.to(mean), t.to(mean.device)
@@ -200,6 +215,10 @@ def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
         noisy = scheduler.add_noise(latents, noise, t)
         target = noise if loss.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
         conditioning = (batch["encoder_hidden_states"], *(batch[key] for key in SDXL_INPUTS if key in batch))
+        if order_by_timestep:
+            order = torch.sort(t.cpu(), stable=True).indices.to(t.device)
+            noisy, t, target = noisy[order], t[order], target[order]
+            conditioning = tuple(c[order] for c in conditioning)
         if loss.snr_gamma is not None:
             snr = compute_snr(scheduler, t)
             weights = torch.minimum(snr, torch.full_like(snr, loss.snr_gamma))
@@ -219,23 +238,28 @@ def latent_objective(scheduler: Any, loss: LatentLoss) -> Objective:
     def objective(model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         (noisy, t, context, *added), target = prepare(batch, generator)
         kwargs = {"added_cond_kwargs": dict(zip(SDXL_INPUTS, added))} if added else {}
-        return criterion(model(noisy, t, encoder_hidden_states=context, **kwargs), target)
+        prediction = model(noisy, t, encoder_hidden_states=context, **kwargs)
+        value = criterion(prediction, target)
+        if consistency > 0 and teacher is not None:
+            with torch.no_grad():
+                taught = model_output(teacher(noisy, t, encoder_hidden_states=context, **kwargs))
+            value = value + consistency * F.mse_loss(model_output(prediction).float(), taught.float())
+        return value
 
     objective.prepare, objective.criterion = prepare, criterion  # type: ignore[attr-defined]
     return objective
 
 
 def _row_draws(generator: torch.Generator, shape: tuple[int, ...], offset_shape: tuple[int, ...] | None,
-               steps: int) -> tuple[torch.Tensor, ...]:
+               timesteps: TimestepSampler) -> tuple[torch.Tensor, ...]:
     """One sample's draws (drawn as latent noise, diffusion noise, offset noise, timestep): (latent noise, diffusion
     noise, timestep, offset noise)."""
     eps = torch.randn(shape, generator=generator)
     noise = torch.randn(shape, generator=generator)
     offset = torch.randn(offset_shape, generator=generator) if offset_shape else torch.zeros(0)
-    t = torch.randint(0, steps, (1,), generator=generator)
+    t = timesteps(1, generator)
     return eps, noise, t, offset
 
 
-__all__ = ["FrozenEncoders", "LatentLoss", "PREDICTION_TYPES", "SDXL_INPUTS", "TextToImageError", "Tokenize",
-           "check_pipeline", "is_sdxl",
-           "latent_objective", "noise_scheduler", "vae_scale_factor"]
+__all__ = ["FrozenEncoders", "LatentLoss", "PREDICTION_TYPES", "SDXL_INPUTS", "TextToImageError", "TimestepSampler",
+           "Tokenize", "check_pipeline", "is_sdxl", "latent_objective", "noise_scheduler", "vae_scale_factor"]
