@@ -122,7 +122,8 @@ class CostModel:
         ``layer``. O(K * dims). When ``parts`` is given it receives the pieces a pipeline prices
         apart: "weight_sync" (the exposed part of the whole gradients' all-reduce inside ``comm``: once per step
         under gradient accumulation or microbatches, where FSDP's gathers and reduce-scatters run every time),
-        "saved" (the activation bytes inside the memory, per microbatch), "weight_bytes" (the
+        "sync_bytes" (the bytes that all-reduce moves per device), "saved" (the activation bytes inside the
+        memory, per microbatch), "weight_bytes" (the
         local weight-gradient shard) and "comm_bytes" (bytes every collective of ``comm`` moves per
         device, hidden or not)."""
         f = self._factor_table(layer, space)  # (K, D) over all layer dims
@@ -202,6 +203,7 @@ class CostModel:
                 comm += priced(partials, local(m) * k * itemsize, missing(m))
         weight_sync = np.zeros(len(f))
         once = np.zeros(len(f))  # the all-reduce of whole gradients: paused between micro-steps, so once per step
+        once_bytes = np.zeros(len(f))  # the bytes it moves per device
         reduction_split = f[:, [dims.index(d) for d in reductions]].prod(axis=1) > 1 if reductions else \
             np.zeros(len(f), dtype=bool)
         for p in weights:
@@ -219,6 +221,7 @@ class CostModel:
             reduced = priced("all_reduce", np.where(whole, shard, 0.0), replicas, stride, bucketed=True)
             weight_sync += reduced
             once += reduced
+            once_bytes = once_bytes + self.collective_bytes("all_reduce", np.where(whole, shard, 0.0), replicas)
         if self.options.overlap_gradients:
             hiding = seconds if self.options.fsdp else seconds * float(layer["flops_bwd"]) / max(flops, 1.0)
             exposed = np.maximum(0.0, weight_sync - hiding)
@@ -240,7 +243,7 @@ class CostModel:
             saved = np.zeros(len(f))
         if parts is not None:
             parts.update(weight_sync=once, saved=saved, weight_bytes=weight_local * itemsize,
-                         comm_bytes=comm_bytes)
+                         comm_bytes=comm_bytes, sync_bytes=once_bytes)
         return seconds, comm, state + saved
 
     @staticmethod

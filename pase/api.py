@@ -33,9 +33,11 @@ def plan(
     ``example_inputs`` fix the shapes (use meta tensors for big models). ``batch`` replaces the
     leading (batch) dimension of every input that has the examples' batch size, so one example
     serves any global batch. ``options`` are ``PlanOptions`` fields (precision, fsdp,
-    checkpointing, only, memory_fraction, space, force). Returns a ``pase.planning.plan.Plan``.
+    checkpointing, only, memory_fraction, space, force) and ``micro_steps`` (gradient accumulation: a count;
+    default searched, as ``pase plan --micro-steps auto``). Returns a ``pase.planning.plan.Plan``.
     """
-    allowed = {f.name for f in fields(PlanOptions)}
+    micro_steps = options.pop("micro_steps", None)
+    allowed = {f.name for f in fields(PlanOptions)} - {"micro_steps"}
     unknown = set(options) - allowed
     if unknown:
         raise PaseError(f"unknown plan option(s) {sorted(unknown)}; choose from {sorted(allowed)}")
@@ -56,7 +58,7 @@ def plan(
     if batch is not None:
         args, kwargs = _with_batch(args, kwargs, batch)
     graph = extract(model, args, kwargs)
-    return make_plan(graph, target, profile=measured, options=PlanOptions(**options))[0]
+    return make_plan(graph, target, profile=measured, options=PlanOptions(**options), micro_steps=micro_steps)[0]
 
 
 def _with_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:

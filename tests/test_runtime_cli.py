@@ -141,7 +141,8 @@ def test_verify_runs_the_plan_and_updates_the_profile(local, tmp_path: Path, onl
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow), "tensor",
+@pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow),
+                                  pytest.param("tensor", marks=pytest.mark.slow),  # by default: test_text_to_image
                                   pytest.param("seq", marks=pytest.mark.slow)])  # seq: also in tests/test_runtime.py
 def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str) -> None:
     """sd-tiny (SD's architecture at test size: cross-attention transformer blocks, layer norms, GEGLU) under
@@ -215,6 +216,7 @@ def test_verify_checks_pipeline_stages_of_a_text_conditioned_unet(local, tmp_pat
     _verify_check_passes(plan, tmp_path / "plan.json")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_strided_convolution_split_by_output_channels_moves_the_bytes_priced(local, tmp_path: Path) -> None:
     """The downsampler (stride 2) split by its output channels: its input, twice its output grid on each axis, is

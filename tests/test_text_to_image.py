@@ -350,6 +350,7 @@ def test_two_processes_under_a_plan_match_one_process(tiny_sd, tmp_path, kind, o
     assert len((tmp_path / "two" / "log.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs
 
 
+@pytest.mark.slow  # pipeline stages of this UNet by default: tests/test_runtime_cli.py (verify --check)
 @pytest.mark.timeout(400)
 def test_a_pipeline_plan_trains_as_one_process(tiny_sd, tmp_path) -> None:
     """Two pipeline stages of the text-to-image UNet (the text embeddings sent on to the second stage's

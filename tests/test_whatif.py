@@ -102,21 +102,21 @@ def test_a_system_files_scaling_curve_keeps_its_figures(tmp_path) -> None:
     assert not report["clusters"][0]["note"]
 
 
-def test_accumulated_micro_steps_sync_gradients_once() -> None:
-    """k micro-steps cost k micro-batch plans, less k - 1 gradient syncs: DDP's no_sync accumulates locally."""
+def test_whatif_accumulates_micro_steps_as_pase_plan_chooses_them() -> None:
+    """A cluster that cannot hold the batch in one step: what-if takes the micro-steps, and the step, that
+    `pase plan`'s joint search chooses (one search for both; its arithmetic: tests/test_micro_steps.py)."""
     from cost_models.cluster import cluster_from_dict
-    from pase.planning.per_layer import plan_graph
+    from pase.planning import make_plan
     from pase.planning.whatif import evaluate
 
     cluster = cluster_from_dict({"gpu": {"id": "Small", "bf16_tflops": 50, "fp32_tflops": 10, "memory_gb": 0.02,
                                          "memory_bw_gbps": 500}, "gpus_per_node": 2})
     graph_at = lambda b: extract_model("unet-tiny", b, use_cache=True)  # noqa: E731
-    row = evaluate(graph_at, cluster, 64, 1e6, PlanOptions())
-    k = row.accumulation
-    micro = plan_graph(graph_at(64 // k), cluster, options=PlanOptions()).predicted
-    assert k > 1 and 0 < micro.gradient_sync_seconds <= micro.communication_seconds
-    assert row.step_seconds == pytest.approx(k * micro.step_seconds - (k - 1) * micro.gradient_sync_seconds)
-    assert row.step_seconds < k * micro.step_seconds
+    row = evaluate(graph_at, cluster, 64, 1e6, PlanOptions(baselines=False))
+    plan = make_plan(graph_at(64), cluster, options=PlanOptions(baselines=False))[0]
+    assert row.accumulation == plan.micro_steps > 1
+    assert row.step_seconds == pytest.approx(plan.predicted.step_seconds)
+    assert row.memory_bytes_per_device <= cluster.gpu.memory_bytes * 0.9
 
 
 def test_fsdp_micro_steps_gather_and_reduce_every_time() -> None:

@@ -1,7 +1,7 @@
 """Benchmark: the runtime on 2 and 4 gloo processes with unet-tiny, predicted against measured.
 
     PYTHONPATH=. .venv/bin/python tools/bench_runtime.py [--worlds 2,4]
-        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,outspatial,replicated,pipeline]
+        [--kinds dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,outspatial,replicated,replicasplit,pipeline]
         [--steps 8] [--batch 8] [--profile FILE]
         [--json bench_results/runtime.json]
 
@@ -11,7 +11,8 @@ Plans come from `pase plan --cluster local --devices N --only KIND` (`tensor+fsd
 rows that runs split by rows forced to split 2 ways by height (an attention's norm by its positions);
 `outspatial`: every convolution that runs so split 2 ways by output channels and 2 by rows (4+ ranks, with
 `--min-chunk out_channel:16,spatial:8`: unet-tiny is narrow); `replicated`: every conv, linear, group norm and
-attention forced onto replica groups of 2 ranks (unsplit on 2);
+attention forced onto replica groups of 2 ranks (unsplit on 2); `replicasplit`: every conv and linear with even
+output channels split 2 ways by them on replica groups of 2 (`out/2+replicas/2`, the batch unsplit, 4 ranks);
 priced by the CPU calibration profile of this machine, or --profile), as users make them. Each row
 runs `pase verify --check` under a fresh `torchrun`: one checked step against a single process (max
 relative error, layers as planned), the communication bytes per rank per step counted at the torch.distributed calls
@@ -85,6 +86,11 @@ def forces(kind: str, world: int, batch: int) -> list[str]:
             splits = {dims["batch"]: world // 4, dims["out_channel"]: 2, spatial[data["index"] % len(spatial)]: 2}
             if runnable_reason(data, splits, world) is None:
                 options += ["--force", f"{layer_id}=" + ",".join(f"{d}:{f}" for d, f in splits.items())]
+        if kind == "replicasplit" and data["op"] in ("conv", "linear") and \
+                data["dims"][dims["out_channel"]] % 2 == 0:  # out/2 + replicas/2: b x f = world / 2
+            splits = {dims["batch"]: world // 4, dims["out_channel"]: 2}
+            if runnable_reason(data, splits, world) is None:
+                options += ["--force", f"{layer_id}=" + ",".join(f"{d}:{f}" for d, f in splits.items())]
         if kind == "replicated" and "batch" in dims and \
                 runnable_reason(data, {dims["batch"]: world // 2}, world) is None:  # groups of 2 replicas
             options += ["--force", f"{layer_id}={dims['batch']}:{world // 2}"]
@@ -100,6 +106,7 @@ def plan(kind: str, world: int, out: Path, batch: int, profile: str | None) -> d
     only, *extras = kind.split("+")
     forced = forces(only, world, batch)
     restrict = {"grid": ["--only", "tensor"], "seq": [], "spatial": [], "replicated": [],
+                "replicasplit": ["--min-chunk", "out_channel:16"],
                 "outspatial": ["--min-chunk", "out_channel:16,spatial:8"]}.get(only, ["--only", only])
     command = [sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "local", "--devices",
                str(world), "--batch", str(batch), *restrict, "--json", str(out),
@@ -125,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="2,4")
     parser.add_argument("--kinds", default="dp,fsdp,tensor,tensor+fsdp,grid,seq,spatial,outspatial,replicated,"
-                        "pipeline")
+                        "replicasplit,pipeline")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--profile", default=None)
@@ -140,8 +147,8 @@ def main() -> None:
         script.write_text(PLAIN_DDP)
         for world in map(int, options.worlds.split(",")):
             for kind in options.kinds.split(","):
-                if kind.startswith(("grid", "outspatial")) and world % 4:
-                    continue  # a 2 x 2 grid needs 4 ranks
+                if kind.startswith(("grid", "outspatial", "replicasplit")) and world % 4:
+                    continue  # a 2 x 2 grid (or 2 parts x 2 replicas) needs 4 ranks
                 path = Path(tmp) / f"{kind}-{world}.json"
                 data = plan(kind, world, path, options.batch, options.profile)
                 row = {"kind": describe(kind, data), "processes": world, **verify(world, path, options.steps)}

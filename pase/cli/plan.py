@@ -68,6 +68,9 @@ def plan(
     min_chunk: Annotated[str | None, typer.Option("--min-chunk", help="ROLE:SIZE[,ROLE:SIZE]: the smallest part of a "
                                                   "dimension a device may hold, per role (out_channel, reduction, "
                                                   "channel: 32; spatial: 16; sequence: 64; head, batch: 1).")] = None,
+    micro_steps: Annotated[str, typer.Option("--micro-steps", help="Gradient accumulation: run each step as this "
+                                             "many micro-steps of batch / N, or auto (searched with the splits: the "
+                                             "fewest that fit, more where that is faster).")] = "auto",
 ) -> None:
     """Plan how to split every layer of a model over a cluster, and compare with DDP and FSDP."""
     import torch
@@ -86,6 +89,7 @@ def plan(
     check_precision(precision)
     if measured is not None and (reason := profile_mismatch(target, measured)):
         raise PaseError(reason)
+    accumulation = parse_micro_steps(micro_steps)
     named, positional = parse_input_shapes(input_shape or [])
     check_writable(json_path, "--json")
     with err_console.status(f"capturing {model} at batch {batch} ...") as status:
@@ -97,7 +101,7 @@ def plan(
         stages = PipelineOptions(schedule=schedule, max_stages=max_stages) if pipeline or only == "pipeline" else None
         try:
             result, priced = make_plan(graph, target, profile=measured, options=options, pipeline=stages,
-                                       progress=lambda what: status.update(f"{what} ..."))
+                                       progress=lambda what: status.update(f"{what} ..."), micro_steps=accumulation)
         except PlanDoesNotFit as exc:  # stages hold only their own layers' weights: a pipeline may fit
             if stages is not None or target.world_size < 2:
                 raise
@@ -110,6 +114,15 @@ def plan(
         _print_explain(graph, result, priced, explain)
     if json_path is not None:
         write_output(json_path, "--json", result.save)
+
+
+def parse_micro_steps(text: str) -> int | None:
+    """``--micro-steps``: a count, or None for auto."""
+    if text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise PaseError(f"--micro-steps {text!r}: give a whole number of micro-steps per step (1: none), or auto")
+    return int(text)
 
 
 def parse_min_chunk(text: str | None) -> dict[str, int] | None:
@@ -162,8 +175,10 @@ def runnable_summary(result: Plan) -> str:
 def print_plan(result: Plan) -> None:
     from pase.planning.plan import summarize_blocks
 
+    accumulation = f" as {result.micro_steps} micro-steps of {result.micro_batch}" if result.micro_steps > 1 else ""
     table = Table(title=f"plan for {result.model} on {result.cluster} ({result.devices} devices), global batch "
-                        f"{result.batch}, {result.precision}")
+                        f"{result.batch}{accumulation}, {result.precision}"
+                        + (" (layer times per micro-step)" if accumulation else ""))
     for column in ("block", "layers", "split (most layers)", "time ms", "memory GiB"):
         table.add_column(column, justify="left" if column in ("block", "split (most layers)") else "right")
     for block in summarize_blocks(result):
@@ -176,16 +191,17 @@ def print_plan(result: Plan) -> None:
         print_stages(result, console)
     compare = Table(title="predicted step (same cost model for every row)")
     bubbles = any(p and p.bubble_seconds for p in (result.predicted, *result.baselines.values()))
-    for column in ("strategy", "step ms", "samples/s", "compute ms", "communication ms", "memory GiB/device",
-                   *(("bubble ms",) if bubbles else ())):
+    for column in ("strategy", "step ms", "samples/s", "micro-steps", "compute ms", "communication ms",
+                   "memory GiB/device", *(("bubble ms",) if bubbles else ())):
         compare.add_column(column, justify="left" if column == "strategy" else "right")
     rows = [("pase plan", result.predicted), *((name, p) for name, p in result.baselines.items())]
     for name, prediction in rows:
         if prediction is None:
-            compare.add_row(name, "n/a", "", "", "", "", *(("",) if bubbles else ()))
+            compare.add_row(name, "n/a", "", "", "", "", "", *(("",) if bubbles else ()))
             continue
         compare.add_row(name, f"{prediction.step_seconds * 1e3:.2f}", f"{prediction.samples_per_second:,.0f}",
-                        f"{prediction.compute_seconds * 1e3:.2f}", f"{prediction.communication_seconds * 1e3:.2f}",
+                        str(prediction.micro_steps), f"{prediction.compute_seconds * 1e3:.2f}",
+                        f"{prediction.communication_seconds * 1e3:.2f}",
                         f"{prediction.memory_bytes_per_device / 2**30:.2f}",
                         *((f"{prediction.bubble_seconds * 1e3:.2f}",) if bubbles else ()))
     console.print(compare)
@@ -196,11 +212,13 @@ def print_plan(result: Plan) -> None:
     console.print(runnable_summary(result))
     if result.search.pipeline:
         console.print(pipeline_summary(result))
-    best = [p for name, p in result.baselines.items() if p and name in ("ddp", "fsdp")]
+    best = [p for p in result.baselines.values() if p]
     search = result.search
     if best:
         speedup = min(p.step_seconds for p in best) / result.predicted.step_seconds
-        console.print(f"pase plan runs at {speedup:.2f}x the speed of the best pure data-parallel baseline. "
+        restricted = " (the plan is restricted by --only, --fsdp or --checkpoint; the baselines are not)" \
+            if speedup < 1 else ""
+        console.print(f"pase plan runs at {speedup:.2f}x the speed of the best data-parallel baseline{restricted}. "
                       + (f"Pricing {search.pricing_seconds:.2f} s, search " if search.pricing_seconds is not None
                          else "Search ")
                       + f"{search.seconds:.2f} s over {search.configs:,} configurations "

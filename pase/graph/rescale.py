@@ -30,8 +30,8 @@ def with_batch(graph: LayerGraph, batch: int) -> LayerGraph | None:
     if old < 2 or batch < 1:
         return None
     ratio = Fraction(batch, old)
-    if any(data["dims"][d] != old for _, data in graph.layers() for d in _batch_dims(data)):
-        return None
+    if any(data["dims"][d] % old for _, data in graph.layers() for d in _batch_dims(data)):
+        return None  # a whole multiple of the batch (SDXL's time ids, 6 per sample, flattened) scales with it
     rescaled = copy.deepcopy(graph.graph)
     for node, data in graph.graph.nodes(data=True):
         rescaled.nodes[node].update(layer_with_batch(data, ratio))

@@ -13,19 +13,24 @@ from typing import Any
 
 from cost_models.cluster import Cluster
 from pase.graph import LayerGraph
-from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, PricedGraph, plan_and_price
+from pase.planning.micro_steps import plan_micro_steps
+from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, PricedGraph
 from pase.planning.pipeline import PipelineOptions, plan_with_pipeline
 from pase.planning.plan import Plan
 
 
 def make_plan(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
               options: PlanOptions | None = None, pipeline: PipelineOptions | None = None,
-              progress: Callable[[str], None] | None = None) -> tuple[Plan, PricedGraph | None]:
-    """The fastest plan for ``graph`` on ``cluster`` that fits memory, and the priced graph behind it.
+              progress: Callable[[str], None] | None = None, micro_steps: int | None = None
+              ) -> tuple[Plan, PricedGraph | None]:
+    """The fastest plan for a training step of ``graph`` (captured at the step's global batch) on ``cluster``
+    that fits memory, and the priced graph behind it.
 
+    Per-layer plans search their gradient-accumulation micro-steps too (``micro_steps``: that many; None:
+    searched, ``pase.planning.micro_steps``), with FSDP and checkpointing where ``options`` leave them open.
     With ``pipeline`` (or ``options.only == "pipeline"``) pipeline stages x data parallelism are searched
-    beside the per-layer plan; the priced graph is None when only a pipeline fits. Raises ``PlanDoesNotFit``
-    when nothing fits.
+    beside the per-layer plan (in one step: its microbatches accumulate); the priced graph is None when only a
+    pipeline fits. Raises ``PlanDoesNotFit`` when nothing fits.
     """
     options = options or PlanOptions()
     if pipeline is not None or options.only == "pipeline":
@@ -34,7 +39,8 @@ def make_plan(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | 
             pipeline = replace(pipeline, runnable_only=False)
         return plan_with_pipeline(graph, cluster, profile=profile, options=options, pipeline=pipeline,
                                   progress=progress)
-    return plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)
+    return plan_micro_steps(graph, cluster, profile=profile, options=options, micro_steps=micro_steps,
+                            progress=progress)
 
 
 __all__ = ["PipelineOptions", "Plan", "PlanDoesNotFit", "PlanOptions", "PricedGraph", "make_plan"]

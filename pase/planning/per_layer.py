@@ -75,6 +75,7 @@ class PlanOptions:
     # PaSE can price, for what-if questions (such plans say which layers the runtime would refuse)
     space: str = "runnable"
     force: dict[str, dict[str, int]] | None = None  # layer-id glob -> the splits its layers must take
+    micro_steps: int = 1  # the micro-steps a step of this graph's batch is one of (pase.planning.micro_steps)
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -105,9 +106,17 @@ class PricedGraph:
     comm_bytes: list[np.ndarray] = field(default_factory=list)  # bytes the layer's collectives move per device
     runnable: list[np.ndarray] = field(default_factory=list)  # per configuration: does the runtime run it
     relayout_bytes_per_second: float = 0.0  # re-layout seconds -> bytes per device (one rate prices them all)
+    sync_bytes: list[np.ndarray] = field(default_factory=list)  # the bytes of weight_sync's collectives per device
+    # per layer, the configuration of pure data parallelism (the batch over every device; None when some layer has
+    # none): the incumbent a memory-bound search must beat (Lagrangian prices can miss it)
+    data_parallel: list[int] | None = None
+    # under k micro-steps the whole-gradient all-reduce runs once per k: the search's objective (a whole step over
+    # k) takes (k - 1) / k of each layer's weight_sync off
+    sync_discount: float = 0.0
 
     def cost_graph(self, memory_price: float, name: str, devices: int) -> CostGraph:
-        costs = [c + m + memory_price * mem for c, m, mem in zip(self.compute, self.comm, self.memory)]
+        costs = [c + m - self.sync_discount * w + memory_price * mem
+                 for c, m, w, mem in zip(self.compute, self.comm, self.syncs(), self.memory)]
         configs = [space.factors for space in self.spaces]  # rows, not lists: searches never read them
         return CostGraph(name, devices, self.ids, [""] * len(self.ids), configs, costs, self.edges)
 
@@ -118,6 +127,16 @@ class PricedGraph:
         relayout = sum(float(m[assignment[s], assignment[d]]) for s, d, m in self.edges)
         memory = sum(float(m[k]) for m, k in zip(self.memory, assignment))
         return compute, comm, relayout, memory
+
+    def syncs(self) -> list[np.ndarray]:
+        """Per layer, ``weight_sync`` (zeros where it was not priced apart)."""
+        return self.weight_sync or [np.zeros(len(c)) for c in self.compute]
+
+    def objective(self, assignment: list[int]) -> float:
+        """What the search minimises: a step's seconds per micro-step (the step time without micro-steps)."""
+        compute, comm, relayout, _ = self.totals(assignment)
+        sync = sum(float(w[k]) for w, k in zip(self.syncs(), assignment))
+        return compute + comm + relayout - self.sync_discount * sync
 
     def comm_bytes_per_device(self, assignment: list[int]) -> float:
         """Bytes every collective of an assignment moves per device per step (layers' and re-layouts')."""
@@ -152,8 +171,9 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
             parts: dict[str, np.ndarray] = {}
             costs = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts,
                                       recomputed=(layer_id in rerun) if options.checkpointing else None)
-            priced_kinds[kind[v]] = (space, *costs, parts["weight_sync"], parts["comm_bytes"], mask)
-    spaces, compute, comm, memory, weight_sync, comm_bytes, runnable = (
+            priced_kinds[kind[v]] = (space, *costs, parts["weight_sync"], parts["comm_bytes"], mask,
+                                     parts["sync_bytes"])
+    spaces, compute, comm, memory, weight_sync, comm_bytes, runnable, sync_bytes = (
         list(column) for column in zip(*(priced_kinds[k] for k in kind)))
     if progress:
         progress("pricing re-layouts")
@@ -184,8 +204,12 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
                 comm_bytes[v] = comm_bytes[v] + model.relayout_bytes(leaving)
     if through_batch and forced:
         _check_forced_pairs(ids, spaces, edges, sorted(forced))
+    interfaces = [interface_config(data, spaces[v], devices) for v, (_, data) in enumerate(layers)]
+    data_parallel = [k for k in interfaces if k is not None]
     return PricedGraph(ids, spaces, compute, comm, memory, edges, weight_sync, comm_bytes, runnable,
-                       float(model.relayout_bytes(1.0)))
+                       float(model.relayout_bytes(1.0)), sync_bytes,
+                       data_parallel if len(data_parallel) == len(ids) else None,
+                       (options.micro_steps - 1) / options.micro_steps)
 
 
 def layer_space(layer_id: str, data: LayerAttrs, devices: int, options: PlanOptions,
@@ -489,8 +513,13 @@ def search_under_memory(priced: PricedGraph, limit: float, cluster: Cluster, opt
             over, over_price = candidate, price
         if candidate.optimum >= crossing * (1 - 1e-9) / (1 + candidate.stats.proved_gap):
             break  # no plan beats the two bracketing ones at their crossing: the dual optimum is reached
-    best.stats.proved_gap = max(0.0, _cost_and_memory(priced, best)[0] / max(certified, 1e-30) - 1)
-    return best.assignment, best.stats, best_price, best_note or restricted
+    assignment = best.assignment
+    if priced.data_parallel is not None and priced.totals(priced.data_parallel)[3] <= limit and \
+            priced.objective(priced.data_parallel) < _cost_and_memory(priced, best)[0]:
+        assignment = list(priced.data_parallel)  # pure data parallelism fits and is faster
+    cost = priced.objective(assignment)
+    best.stats.proved_gap = max(0.0, cost / max(certified, 1e-30) - 1)
+    return assignment, best.stats, best_price, best_note or restricted
 
 
 def fit_remedies(options: PlanOptions) -> str:
@@ -504,9 +533,8 @@ def fit_remedies(options: PlanOptions) -> str:
 
 
 def _cost_and_memory(priced: PricedGraph, solution: Solution) -> tuple[float, float]:
-    """(step seconds, memory per device) of a solution's assignment."""
-    compute, comm, relayout, memory = priced.totals(solution.assignment)
-    return compute + comm + relayout, memory
+    """(the search's objective: step seconds per micro-step, memory per device) of a solution's assignment."""
+    return priced.objective(solution.assignment), priced.totals(solution.assignment)[3]
 
 
 def _lagrangian_bound(solution: Solution, price: float, limit: float) -> float:
@@ -521,7 +549,8 @@ def _lagrangian_bound(solution: Solution, price: float, limit: float) -> float:
 
 def _separable_bound(priced: PricedGraph) -> float:
     """Every layer and every edge at its own cheapest: a lower bound on the step time of any plan."""
-    return (sum(float((c + m).min()) for c, m in zip(priced.compute, priced.comm))
+    return (sum(float((c + m - priced.sync_discount * w).min())
+                for c, m, w in zip(priced.compute, priced.comm, priced.syncs()))
             + sum(float(matrix.min()) for _, _, matrix in priced.edges))
 
 
@@ -570,9 +599,11 @@ def _prediction(priced: PricedGraph, assignment: list[int], batch: int) -> Predi
     compute, comm, relayout, memory = priced.totals(assignment)
     step = compute + comm + relayout
     sync = sum(float(w[k]) for w, k in zip(priced.weight_sync, assignment))
+    sync_bytes = sum(float(b[k]) for b, k in zip(priced.sync_bytes, assignment))
     return Prediction(step_seconds=step, samples_per_second=batch / step if step > 0 else 0.0,
                       memory_bytes_per_device=memory, compute_seconds=compute, communication_seconds=comm + relayout,
-                      gradient_sync_seconds=sync, comm_bytes_per_device=priced.comm_bytes_per_device(assignment))
+                      gradient_sync_seconds=sync, comm_bytes_per_device=priced.comm_bytes_per_device(assignment),
+                      gradient_sync_bytes_per_device=sync_bytes)
 
 
 def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions, fsdp: bool,
@@ -581,6 +612,17 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
     model (and whatever ``--only`` restricts the plan to). Returns (prediction, why it is missing).
 
     ``relayouts`` caches re-layout seconds per ``edge_key`` between calls (they do not depend on FSDP)."""
+    prediction, note = data_parallel_prediction(graph, cluster, rates, options, fsdp, relayouts)
+    if prediction is not None and prediction.memory_bytes_per_device > limit:
+        return None, (f"needs {size_text(prediction.memory_bytes_per_device)} per device, over the "
+                      f"{size_text(limit)} limit")
+    return prediction, note
+
+
+def data_parallel_prediction(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions,
+                             fsdp: bool, relayouts: dict[str, float] | None = None
+                             ) -> tuple[Prediction | None, str | None]:
+    """``_baseline`` without the memory limit: (its prediction, None), or (None, why the batch does not split)."""
     devices = cluster.world_size
     model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=fsdp,
                                                   checkpointing=options.checkpointing))
@@ -588,8 +630,8 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
     spaces: dict[str, SplitSpace] = {}
     kinds = dict(zip((layer_id for layer_id, _ in graph.layers()), layer_kinds(graph, block_outputs)))
     rerun = rerun_layers(graph) if options.checkpointing else set()  # as the plan prices them (price_graph)
-    priced: dict[tuple[int, bool], tuple[float, float, float, float]] = {}  # per layer kind (priced once)
-    compute = comm = memory = comm_bytes = 0.0
+    priced: dict[tuple[int, bool], tuple[float, ...]] = {}  # per layer kind (priced once)
+    compute = comm = memory = comm_bytes = sync = sync_bytes = 0.0
     for layer_id, data in graph.layers():
         batch_dims = [d for d in data["dims"] if data["roles"][d] == "batch"]
         wanted: dict[str, int] = {}
@@ -605,9 +647,11 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
             parts: dict[str, np.ndarray] = {}
             c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts,
                                           recomputed=(layer_id in rerun) if options.checkpointing else None)
-            priced[kind] = float(c[0]), float(m[0]), float(mem[0]), float(parts["comm_bytes"][0])
-        compute, comm, memory = compute + priced[kind][0], comm + priced[kind][1], memory + priced[kind][2]
-        comm_bytes += priced[kind][3]
+            priced[kind] = (float(c[0]), float(m[0]), float(mem[0]), float(parts["comm_bytes"][0]),
+                            float(parts["weight_sync"][0]), float(parts["sync_bytes"][0]))
+        c_, m_, mem_, bytes_, sync_, sync_bytes_ = priced[kind]
+        compute, comm, memory, comm_bytes = compute + c_, comm + m_, memory + mem_, comm_bytes + bytes_
+        sync, sync_bytes = sync + sync_, sync_bytes + sync_bytes_
     relayouts = {} if relayouts is None else relayouts
     relayout = 0.0
     for s, d, edge in graph.graph.edges(data=True):
@@ -617,11 +661,11 @@ def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options
         relayout += relayouts[key]
     step = compute + comm + relayout
     prediction = Prediction(step, graph.batch / step if step else 0.0, memory, compute, comm + relayout,
-                            comm_bytes_per_device=comm_bytes + float(model.relayout_bytes(relayout)))
-    if memory > limit:
-        return None, f"needs {memory / 2**30:.1f} GiB per device, over the {limit / 2**30:.1f} GiB limit"
+                            gradient_sync_seconds=sync,
+                            comm_bytes_per_device=comm_bytes + float(model.relayout_bytes(relayout)),
+                            gradient_sync_bytes_per_device=sync_bytes)
     return prediction, None
 
 
-__all__ = ["PlanDoesNotFit", "PlanOptions", "forced_splits", "layer_space", "plan_and_price", "plan_graph",
-           "price_graph", "new_plan", "search_under_memory"]
+__all__ = ["PlanDoesNotFit", "PlanOptions", "data_parallel_prediction", "forced_splits", "layer_space",
+           "plan_and_price", "plan_graph", "price_graph", "new_plan", "search_under_memory"]

@@ -41,6 +41,8 @@ class Prediction:
     # bytes every collective moves per device per step (layers' and re-layouts', hidden or not), in the bus-byte
     # convention of cost_models.conventions: what `pase verify --check` counts at the torch.distributed calls
     comm_bytes_per_device: float = 0.0
+    gradient_sync_bytes_per_device: float = 0.0  # the bytes of those once-per-step collectives, inside the above
+    micro_steps: int = 1  # the step runs as this many micro-steps (gradient accumulation); the figures are per step
 
 
 @dataclass
@@ -127,6 +129,15 @@ class Plan:
     # A user's ``package.module:factory`` model: its positional input shapes (batch first), so that train and verify
     # rebuild it when the command line names the factory (None for zoo models and folders, whose inputs are known).
     input_shapes: list[list[int]] | None = None
+    # Gradient accumulation: a training step is this many micro-steps of ``batch / micro_steps`` samples whose
+    # gradients add up locally and synchronise once. ``layers`` are priced per micro-step (the model's graph at
+    # ``micro_batch``), ``predicted`` and ``baselines`` per whole step (memory: what one micro-step holds).
+    micro_steps: int = 1
+
+    @property
+    def micro_batch(self) -> int:
+        """The global batch of one micro-step (what every rank's forward sees, split over the ranks)."""
+        return self.batch // self.micro_steps
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -150,9 +161,13 @@ class Plan:
                                  for k, v in body.get("baselines", {}).items()}
             body["stages"] = [StagePlan(**_known(StagePlan, stage)) for stage in body.get("stages", [])]
             body["search"] = SearchInfo.from_dict(body.get("search", {}))
-            return cls(**body)
+            plan = cls(**body)
         except (KeyError, TypeError, AttributeError) as exc:
             raise PaseError(f"malformed plan file: {exc}; re-run `pase plan --json`") from None
+        if plan.batch % plan.micro_steps:
+            raise PaseError(f"{source}: batch {plan.batch} is not a whole number of micro_steps ({plan.micro_steps}); "
+                            "re-run `pase plan --json` (or fix that field)")
+        return plan
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

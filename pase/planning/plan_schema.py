@@ -21,7 +21,8 @@ _PREDICTION = {"type": "object", "required": ["step_seconds", "samples_per_secon
                "properties": {"step_seconds": _NUMBER, "samples_per_second": _NUMBER,
                               "memory_bytes_per_device": _NUMBER, "compute_seconds": _NUMBER,
                               "communication_seconds": _NUMBER, "bubble_seconds": _NUMBER,
-                              "gradient_sync_seconds": _NUMBER, "comm_bytes_per_device": _NUMBER}}
+                              "gradient_sync_seconds": _NUMBER, "comm_bytes_per_device": _NUMBER,
+                              "gradient_sync_bytes_per_device": _NUMBER, "micro_steps": _COUNT}}
 PLAN_JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -58,6 +59,7 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
         "microbatches": _COUNT,
         "schedule": {"enum": [None, "1f1b", "gpipe"]},
         "pipeline_replicas": _COUNT,
+        "micro_steps": {"type": "integer", "minimum": 1, "maximum": 1 << 16},
         "input_shapes": {"anyOf": [{"type": "null"}, {"type": "array", "minItems": 1, "items": {
             "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 1 << 31}}}]},
     },

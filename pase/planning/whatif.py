@@ -25,7 +25,8 @@ from cost_models.catalog import Catalog
 from cost_models.cluster import Cluster, catalog_fabric, load_cluster
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, plan_graph, size_text
+from pase.planning.micro_steps import plan_micro_steps
+from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, size_text
 from pase.planning.pipeline import plan_with_pipeline
 from pase.planning.plan import Plan, summarize_blocks
 
@@ -99,31 +100,25 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
                         interconnect=_interconnect(cluster), dollars_per_hour=price * cluster.world_size
                         if price is not None else None,
                         price_source=(cluster.price.source or cluster.price.as_of) if cluster.price else "")
-    # micro-steps per step: divisors of the batch (in the runnable space, leaving every device an equal chunk)
+    # micro-steps per step: the per-layer planner's own joint search (pase.planning.micro_steps), in the runnable
+    # space leaving every device an equal chunk of each micro-step
     chunks = cluster.world_size if options.space == "runnable" else 1
     steps = [k for k in divisors_of(batch) if (batch // k) % chunks == 0]
     if not steps:
         row.note = (f"the global batch {batch} does not divide into equal chunks over {cluster.world_size} devices, "
                     "which the runtime needs")
         return row
-    accumulation, plan = steps[0], None
-    while plan is None:
-        try:
-            plan = plan_graph(graph_at(batch // accumulation), cluster, options=options)
-        except PlanDoesNotFit as exc:
-            # memory falls at most in proportion to the micro-batch: jump at least that far, then on
-            over = exc.least_bytes / exc.limit_bytes if exc.limit_bytes else 2.0
-            wanted = accumulation * max(over, 1.0)
-            larger = [k for k in steps if k > accumulation]
-            if not larger:
-                if not pipeline:
-                    row.note = (f"does not fit even one sample per micro-step: the leanest plan needs "
-                                f"{size_text(exc.least_bytes)} per device of the {size_text(exc.limit_bytes)} "
-                                "allowed (--pipeline also tries pipeline stages, which hold fewer weights)")
-                    return row
-                accumulation = steps[-1]
-                break
-            accumulation = next((k for k in larger if k >= wanted), larger[-1])
+    plan: Plan | None = None
+    try:
+        plan = plan_micro_steps(graph_at(batch), cluster, options=options)[0]
+        accumulation = plan.micro_steps
+    except PlanDoesNotFit as exc:
+        if not pipeline:
+            row.note = (f"does not fit even one sample per micro-step: the leanest plan needs "
+                        f"{size_text(exc.least_bytes)} per device of the {size_text(exc.limit_bytes)} "
+                        "allowed (--pipeline also tries pipeline stages, which hold fewer weights)")
+            return row
+        accumulation = steps[-1]
     if pipeline and cluster.world_size > 1:
         # stages hold a part of the weights: a pipeline may fit with fewer micro-steps, or be faster at as many
         smaller = [k for k in steps if k < accumulation]
@@ -273,7 +268,10 @@ def seconds_text(seconds: float | None) -> str:
 
 def _step(plan: Plan, micro_steps: int) -> float:
     """A step of ``micro_steps`` micro-steps: they accumulate gradients locally (DDP's no_sync), so the
-    exposed gradient collectives run once per step, not once per micro-step."""
+    exposed gradient collectives run once per step, not once per micro-step. A per-layer plan that chose its
+    micro-steps already predicts the whole step."""
+    if plan.micro_steps > 1:
+        return plan.predicted.step_seconds
     return plan.predicted.step_seconds * micro_steps - plan.predicted.gradient_sync_seconds * (micro_steps - 1)
 
 

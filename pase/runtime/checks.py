@@ -23,9 +23,9 @@ def check_world(plan: Plan, world_size: int) -> None:
         raise PlanMismatch(
             f"the plan was made for {plan.devices} devices but this run has {world_size} processes; launch "
             f"`torchrun --nproc-per-node {plan.devices} ...` or {replan}")
-    if not plan.stages and plan.batch % world_size:  # a pipeline splits it by replicas and microbatches instead
-        raise PlanMismatch(f"the plan's global batch {plan.batch} does not split over {world_size} processes; "
-                           f"re-plan with a --batch divisible by {world_size}")
+    if not plan.stages and plan.micro_batch % world_size:  # a pipeline splits it by replicas and microbatches
+        raise PlanMismatch(f"the plan's global batch {plan.micro_batch} per micro-step does not split over "
+                           f"{world_size} processes; re-plan with a --batch divisible by {world_size}")
 
 
 def example_inputs_for(plan: Plan, example_inputs: Any = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -42,9 +42,9 @@ def example_inputs_for(plan: Plan, example_inputs: Any = None) -> tuple[tuple[An
         return tuple(torch.zeros(shape, device="meta") for shape in plan.input_shapes), {}
     if spec is None:
         raise PaseError(f"the plan is for {plan.model!r}, which is neither a zoo model nor a diffusers folder: pass "
-                        f"example_inputs= (meta tensors at the plan's batch {plan.batch}) so pase can check the model "
-                        "matches the plan")
-    return spec.example_inputs(plan.batch, device="meta")
+                        f"example_inputs= (meta tensors at the plan's batch per micro-step, {plan.micro_batch}) so "
+                        "pase can check the model matches the plan")
+    return spec.example_inputs(plan.micro_batch, device="meta")
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -67,8 +67,8 @@ def check_model(plan: Plan, graph: LayerGraph) -> None:
     if found != plan.model_fingerprint:
         raise PlanMismatch(
             f"the plan was made for another model: {plan.model} (fingerprint {plan.model_fingerprint}, batch "
-            f"{plan.batch}), but this model's layer graph at batch {plan.batch} has fingerprint {found}; re-plan "
-            "for this model with `pase plan --model ...` (same config and batch)")
+            f"{plan.micro_batch}), but this model's layer graph at batch {plan.micro_batch} has fingerprint {found}; "
+            "re-plan for this model with `pase plan --model ...` (same config and batch)")
     missing = [layer.id for layer in plan.layers if layer.id not in graph.graph]
     if missing:
         raise PlanMismatch(f"the plan names layers this model lacks ({', '.join(missing[:5])}); re-plan it")

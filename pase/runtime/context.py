@@ -3,7 +3,7 @@
 ```
 with pase.distributed(plan) as run:            # under torchrun (or one process: world of 1)
     model = run.parallelize(model)
-    loader = run.data_loader(dataset, batch_size=plan.batch)   # global batch; each rank gets its chunk
+    loader = run.data_loader(dataset)   # each rank its chunk of the plan's batch per micro-step
     ...
 ```
 
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pase.errors import PaseError
 from pase.planning.plan import Plan
 from pase.process_group import Launch, close_group, leaving_group, open_group, pick_backend
+from pase.runtime.accumulation import gradient_sync_paused
 from pase.runtime.checks import check_world, meta_copy
 from pase.runtime.parallel import parallelize
 from pase.runtime.state import full_state_dict
@@ -102,14 +103,38 @@ class Run:
 
     @property
     def local_batch(self) -> int:
+        """This rank's samples per forward: its chunk of one micro-step's global batch."""
         if self.plan is None:
             raise PaseError("this run has no plan, so no batch: pass batch_size")
-        return self.plan.batch // self.world_size
+        return self.plan.micro_batch // self.world_size
+
+    @property
+    def micro_steps(self) -> int:
+        """Forward/backward passes per optimizer step (the plan's gradient accumulation; 1: none)."""
+        return self.plan.micro_steps if self.plan is not None else 1
+
+    def accumulating(self, model: nn.Module | None = None, micro_step: int = 0) -> contextlib.AbstractContextManager:
+        """Wrap micro-step ``micro_step`` (0 to ``micro_steps - 1``) of an optimizer step: every one but the last
+        adds its gradients locally without synchronising them (DDP's ``no_sync``, a tensor plan's paused gradient
+        sync), as the plan priced; the last synchronises the sums. Divide each micro-step's loss by
+        ``micro_steps`` so that the sum is the step's mean::
+
+            for k in range(run.micro_steps):
+                with run.accumulating(model, k):
+                    (loss_fn(model(next(batches))) / run.micro_steps).backward()
+            optimizer.step()
+        """
+        if not 0 <= micro_step < self.micro_steps:
+            raise PaseError(f"micro_step {micro_step}: the plan runs micro-steps 0 to {self.micro_steps - 1}")
+        if micro_step == self.micro_steps - 1:
+            return contextlib.nullcontext()
+        return gradient_sync_paused(self._parallel(model))
 
     def data_loader(self, dataset: Any, batch_size: int | None = None, *, shuffle: bool = True, seed: int = 0,
                     **kwargs: Any) -> torch.utils.data.DataLoader:
-        """A loader giving this rank its chunk of each global batch of ``batch_size`` (default: the plan's)."""
-        batch_size = batch_size or (self.plan.batch if self.plan else None)
+        """A loader giving this rank its chunk of each global batch of ``batch_size`` (default: the plan's batch per
+        micro-step; a step takes ``micro_steps`` of them)."""
+        batch_size = batch_size or (self.plan.micro_batch if self.plan else None)
         if not batch_size or batch_size % self.world_size:
             raise PaseError(f"the global batch {batch_size} must be a positive multiple of the {self.world_size} "
                             "ranks")

@@ -276,7 +276,7 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
         check_model(plan, graph)
     mesh = pipeline_mesh(plan, graph)
     schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[check_schedule(plan.schedule or "1f1b")]
-    batch = batch or plan.batch
+    batch = batch or plan.micro_batch
     microbatches = plan.microbatches
     if batch % (mesh.replicas * microbatches):
         raise PaseError(f"the global batch {batch} does not split into {mesh.replicas} pipeline replica(s) of the "

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -117,6 +117,9 @@ class FinetuneOptions(JobOptions):
     bits: int = 8
     experts: int = 2
     input_scales: bool = True
+
+
+JobOptionsT = TypeVar("JobOptionsT", bound=JobOptions)
 
 
 def _loop_config(options: JobOptions, description: str, autocast: str | None = None) -> LoopConfig:
@@ -226,6 +229,21 @@ def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str, 
     return planned, planned.parallelize(autocast), autocast
 
 
+def with_micro_steps(options: JobOptionsT, plan: Plan | None) -> JobOptionsT:
+    """A plan's micro-steps as the job's gradient accumulation: ``--batch`` per micro-step becomes the plan's batch
+    over its micro-steps, which ``--grad-accum`` may repeat but not contradict."""
+    if plan is None or plan.micro_steps == 1:
+        return options
+    if options.grad_accum not in (1, plan.micro_steps):
+        raise PaseError(f"the plan {options.plan} runs each step as {plan.micro_steps} micro-steps of "
+                        f"{plan.micro_batch}; drop --grad-accum {options.grad_accum} (the plan sets it) or re-plan "
+                        "with `pase plan --micro-steps N`")
+    if options.batch not in (plan.batch, plan.micro_batch):
+        raise PaseError(f"the plan was made for a global batch of {plan.batch}, not {options.batch}; drop --batch or "
+                        "re-plan")
+    return replace(options, batch=plan.micro_batch, grad_accum=plan.micro_steps)
+
+
 def checkpointing_first(parallelize: Parallelize, spec: ModelSpec, batch_per_rank: int) -> Parallelize:
     """``parallelize`` after wrapping the blocks a ``--checkpoint`` plan would (``strategies.checkpointing``: every
     block whose output alone leaves it) in activation checkpointing; the blocks come from the model's layer graph."""
@@ -294,6 +312,7 @@ def run_train(options: JobOptions, env: DistEnv, *, parallelize: Parallelize = d
     """Train a model from seeded random weights (or ``--init``, or a folder's own weights): the epsilon loss on
     images, or for a text-to-image pipeline folder the latent loss on captioned images or a cache."""
     plan = load_plan(options.plan) if options.plan else None
+    options = with_micro_steps(options, plan)
     spec = job_model(options.model, plan)
     planned, parallelize, autocast = _planned(options, env, spec, "train", parallelize, plan)
     with _owned(options, env):  # after the checks: a refused run leaves no --out behind
@@ -377,6 +396,7 @@ def run_finetune(options: FinetuneOptions, env: DistEnv, *, parallelize: Paralle
     if options.strategy not in STRATEGIES:
         raise PaseError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     plan = load_plan(options.plan) if options.plan else None
+    options = with_micro_steps(options, plan)
     spec = job_model(options.model, plan)
     planned, planned_parallelize, autocast = _planned(options, env, spec, options.strategy, parallelize, plan)
     if options.strategy != "full":

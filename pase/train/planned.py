@@ -111,7 +111,7 @@ def check_plan(plan: Plan, env: DistEnv, spec: ModelSpec, strategy: str) -> Plan
     """Refuse a plan for another world size, model or strategy before any work starts."""
     check_world(plan, env.world)
     if spec.family != "user":  # a zoo or folder config: its graph comes from the on-disk graph cache
-        graph = extract_model(spec.name, plan.batch, use_cache=True)
+        graph = extract_model(spec.name, plan.micro_batch, use_cache=True)
     else:
         with torch.device("meta"):
             graph = model_graph(spec.build(), plan)

@@ -210,8 +210,9 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
                 x0 = torch.randn(shape, generator=generator).to(run.device)
                 conditioning = tuple(torch.randn((share, *t.shape[1:]), generator=generator).to(run.device)
                                      for t in templates)
-            else:
-                target, args, kwargs = synthetic_inputs(plan, run.local_batch, run.device, generator, spec)
+            else:  # the plan's micro-steps, each on this rank's chunk of a micro-batch
+                micro = [synthetic_inputs(plan, run.local_batch, run.device, generator, spec)
+                         for _ in range(run.micro_steps)]
             if cuda:
                 torch.cuda.synchronize(run.device)
             started = time.perf_counter()
@@ -219,9 +220,13 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
                 if pipelined:
                     loss = parallel.pase_step(objective, x0, generator, conditioning)
                 else:
-                    out = parallel(*args, **kwargs)
-                    loss = F.mse_loss(getattr(out, "sample", out).float(), target)
-                    loss.backward()
+                    loss = torch.zeros((), device=run.device)
+                    for k, (target, args, kwargs) in enumerate(micro):
+                        with run.accumulating(parallel, k):  # gradients synchronise in the last micro-step
+                            out = parallel(*args, **kwargs)
+                            part = F.mse_loss(getattr(out, "sample", out).float(), target) / run.micro_steps
+                            part.backward()
+                        loss = loss + part.detach()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cuda:
@@ -269,8 +274,10 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: Mode
     pipelined = hasattr(parallel, "pase_step")  # a pipeline stage runs whole steps
     # data-parallel ranks: every rank, or a pipeline's replicas (stage groups run as replicas too)
     replicas = parallel.pase_data_parallel[1] if pipelined else run.world_size
-    share = plan.batch // replicas
-    drawn = [objective.prepare(x0[r * share:(r + 1) * share], step_generator(seed, 0, r)) for r in range(replicas)]
+    share = plan.micro_batch // replicas
+    # micro-step j's rows for replica r: the global batch's (j * replicas + r)-th share, in the reference's order
+    drawn = [objective.prepare(x0[(j * replicas + r) * share:(j * replicas + r + 1) * share],
+                               step_generator(seed, j, r)) for j in range(plan.micro_steps) for r in range(replicas)]
     inputs = [torch.cat([d[0][k] for d in drawn]) for k in range(2)]
     extra_args, extra_kwargs = _conditioning(plan, spec, seed)
     loss_tensor = objective.criterion(reference(*inputs, *extra_args, **extra_kwargs), torch.cat([d[1] for d in drawn]))
@@ -289,13 +296,18 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: Mode
                                                _rows(extra_kwargs, rows, run.device))
             loss = parallel.pase_step(objective, x0[rows].to(run.device), step_generator(seed, 0, replica),
                                       conditioning)
-        else:
-            (sample, timestep), noise = drawn[run.rank]
-            rows = slice(run.rank * share, (run.rank + 1) * share)
-            args = [t.to(run.device) for t in (sample, timestep)]
-            out = parallel(*args, *_rows(extra_args, rows, run.device), **_rows(extra_kwargs, rows, run.device))
-            loss = objective.criterion(out, noise.to(run.device))
-            loss.backward()
+        else:  # the plan's micro-steps, gradients synchronised in the last (each loss a share of the step's mean)
+            loss = torch.zeros((), device=run.device)
+            for j in range(run.micro_steps):
+                chunk = j * replicas + run.rank
+                (sample, timestep), noise = drawn[chunk]
+                rows = slice(chunk * share, (chunk + 1) * share)
+                args = [t.to(run.device) for t in (sample, timestep)]
+                with run.accumulating(parallel, j):
+                    out = parallel(*args, *_rows(extra_args, rows, run.device), **_rows(extra_kwargs, rows, run.device))
+                    part = objective.criterion(out, noise.to(run.device)) / run.micro_steps
+                    part.backward()
+                loss = loss + part.detach()
     got_grads = _local_or_full(parallel, "grad")  # gathered outside the count: not part of a step
     with counter:
         optimizer.step()

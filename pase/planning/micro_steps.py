@@ -1,0 +1,221 @@
+"""Gradient accumulation in the per-layer search: how many micro-steps a step takes, chosen with the splits.
+
+A step of global batch ``B`` may run as ``k`` micro-steps of ``B / k`` samples whose gradients add up locally
+(the runtime pauses the whole-gradient all-reduce between them: DDP's ``no_sync``, a tensor plan's paused
+``GradientSync``; FSDP2 keeps reduce-scattering every micro-step, and the cost model prices it so) and
+synchronise once. Memory is what one micro-step holds; time is ``k`` micro-steps less the ``k - 1``
+all-reduces that do not run (``accumulated``).
+
+``plan_micro_steps`` searches jointly. For the options as given, and where memory binds and the user left
+them open, for FSDP and for FSDP with activation checkpointing, it finds the fewest micro-steps at which a plan fits
+(jumping by the memory overshoot: memory falls at most in proportion to the micro-batch) and, where memory
+still binds there, also tries about twice as many (a looser limit may buy faster splits). At ``k`` micro-steps
+the search minimises the whole step (the all-reduce that runs once costs 1/k per micro-step). The fastest
+whole step wins.
+
+The baselines people compare with are priced by the same model: DDP and FSDP in one step, DDP with the fewest
+micro-steps that fit (``ddp_accum``) and FSDP with activation checkpointing and the fewest micro-steps that fit
+(``fsdp_accum_ckpt``). Where one is faster than every plan tried (it runs more micro-steps than were tried, or
+the search's gap hid it), its setting is searched again at its micro-steps, exactly, in a space that holds
+the baseline; where memory binds, pure data parallelism is also held against the Lagrangian search's plan
+(``per_layer.search_under_memory``). So the plan is never slower than a baseline.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from cost_models.cluster import Cluster
+from cost_models.rates import HardwareRates
+from pase.errors import PaseError
+from pase.graph import LayerGraph
+from pase.graph.rescale import with_batch
+from pase.planning.per_layer import (
+    PlanDoesNotFit,
+    PlanOptions,
+    PricedGraph,
+    data_parallel_prediction,
+    plan_and_price,
+    size_text,
+)
+from pase.planning.plan import Plan, Prediction
+
+BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt")
+Found = tuple[Plan, PricedGraph]
+
+
+def accumulated(prediction: Prediction, micro_steps: int, batch: int) -> Prediction:
+    """One step of ``micro_steps`` micro-steps, from one micro-step's prediction (``batch``: the step's)."""
+    k = micro_steps
+    sync, sync_bytes = prediction.gradient_sync_seconds, prediction.gradient_sync_bytes_per_device
+    step = prediction.step_seconds * k - sync * (k - 1)
+    return Prediction(step_seconds=step, samples_per_second=batch / step if step > 0 else 0.0,
+                      memory_bytes_per_device=prediction.memory_bytes_per_device,
+                      compute_seconds=prediction.compute_seconds * k,
+                      communication_seconds=prediction.communication_seconds * k - sync * (k - 1),
+                      bubble_seconds=prediction.bubble_seconds * k, gradient_sync_seconds=sync,
+                      comm_bytes_per_device=prediction.comm_bytes_per_device * k - sync_bytes * (k - 1),
+                      gradient_sync_bytes_per_device=sync_bytes, micro_steps=k)
+
+
+def micro_step_counts(batch: int, devices: int) -> list[int]:
+    """Micro-step counts the runtime can run: each micro-step's batch splits into equal chunks over the devices."""
+    return [k for k in range(1, batch + 1) if batch % k == 0 and (batch // k) % devices == 0]
+
+
+def micro_graph(graph: LayerGraph, micro_steps: int) -> LayerGraph:
+    """``graph`` (captured at a step's batch) at one micro-step's batch."""
+    if micro_steps == 1:
+        return graph
+    rescaled = with_batch(graph, graph.batch // micro_steps)
+    if rescaled is None:
+        raise PaseError(f"cannot rescale {graph.meta.get('model')}'s layer graph from batch {graph.batch} to "
+                        f"{graph.batch // micro_steps} for {micro_steps} micro-steps; plan with --micro-steps 1")
+    return rescaled
+
+
+def _next_count(counts: list[int], current: int, factor: float) -> int | None:
+    """The first count above ``current`` that is at least ``current * factor`` (else the largest above it)."""
+    larger = [k for k in counts if k > current]
+    return next((k for k in larger if k >= current * factor), larger[-1]) if larger else None
+
+
+SETTINGS = {"as given": (False, False), "fsdp_ckpt": (True, True), "fsdp": (True, False)}  # (fsdp, checkpointing)
+BASELINE_SETTING = {"ddp": "as given", "ddp_accum": "as given", "fsdp": "fsdp", "fsdp_accum_ckpt": "fsdp_ckpt"}
+
+
+def search_settings(options: PlanOptions) -> dict[str, PlanOptions]:
+    """The settings searched: the options as given and, when the user left them open and memory binds, FSDP alone
+    and FSDP with activation checkpointing."""
+    given = replace(options, baselines=False)
+    if options.only is not None or options.fsdp or options.checkpointing:
+        return {"as given": given}
+    return {name: replace(given, fsdp=fsdp, checkpointing=checkpointing)
+            for name, (fsdp, checkpointing) in SETTINGS.items()}
+
+
+class _Search:
+    """Every (setting, micro-steps) searched once; remembers what fit and what did not."""
+
+    def __init__(self, graph: LayerGraph, cluster: Cluster, profile: dict[str, Any] | None,
+                 settings: dict[str, PlanOptions], progress: Callable[[str], None] | None) -> None:
+        self.graph, self.cluster, self.profile = graph, cluster, profile
+        self.settings, self.progress = settings, progress
+        self.found: dict[tuple[str, int, bool], Found | PlanDoesNotFit] = {}
+
+    def run(self, setting: str, k: int, exact: bool = False) -> Found | PlanDoesNotFit:
+        """The plan of ``setting`` at ``k`` micro-steps (``exact``: searched to the optimum, no gap)."""
+        if (setting, k, exact) not in self.found:
+            if self.progress:
+                self.progress(f"searching {k} micro-step{'s' if k > 1 else ''} of {self.graph.batch // k}"
+                              + (f" ({setting.replace('_', ' + ')})" if setting != "as given" else "")
+                              + (", exactly" if exact else ""))
+            setting_options = self.settings[setting]
+            options = replace(setting_options, micro_steps=k,
+                              search_gap=0.0 if exact else setting_options.search_gap)
+            try:
+                self.found[setting, k, exact] = plan_and_price(micro_graph(self.graph, k), self.cluster,
+                                                               profile=self.profile, options=options)
+            except PlanDoesNotFit as exc:
+                self.found[setting, k, exact] = exc
+        return self.found[setting, k, exact]
+
+    def fewest(self, setting: str, counts: list[int], explore: bool) -> None:
+        """The fewest micro-steps at which ``setting`` fits, and (``explore``, memory binding) about twice as many."""
+        k: int | None = counts[0]
+        while k is not None:
+            result = self.run(setting, k)
+            if not isinstance(result, PlanDoesNotFit):
+                if explore and result[0].search.memory_price and (looser := _next_count(counts, k, 2.0)):
+                    self.run(setting, looser)
+                return
+            over = result.least_bytes / result.limit_bytes if result.limit_bytes else 2.0
+            k = _next_count(counts, k, max(over, 1.0))
+
+    def best(self) -> tuple[int, Found, Prediction] | None:
+        """(micro-steps, plan and priced graph, the whole step's prediction) of the fastest step found."""
+        candidates = [(k, result, accumulated(result[0].predicted, k, self.graph.batch))
+                      for (_, k, _), result in self.found.items() if not isinstance(result, PlanDoesNotFit)]
+        return min(candidates, key=lambda item: item[2].step_seconds, default=None)
+
+    def failure(self) -> PlanDoesNotFit:
+        """Why the options as given do not fit (at the most micro-steps tried)."""
+        failures = [(k, r) for (s, k, _), r in self.found.items()
+                    if s == "as given" and isinstance(r, PlanDoesNotFit)]
+        return max(failures, key=lambda item: item[0])[1]
+
+
+def plan_micro_steps(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
+                     options: PlanOptions | None = None, micro_steps: int | None = None,
+                     progress: Callable[[str], None] | None = None) -> Found:
+    """The fastest per-layer plan for a step of ``graph.batch`` samples with its micro-steps (``micro_steps``:
+    that many; None: searched) and, where ``options`` leave them open, FSDP and checkpointing; the four baselines
+    beside it. Raises ``PlanDoesNotFit`` when nothing fits even one sample per device per micro-step."""
+    options = options or PlanOptions()
+    batch, devices = graph.batch, cluster.world_size
+    counts = micro_step_counts(batch, devices) or [1]  # [1]: the search itself says why the batch does not divide
+    if micro_steps is not None:
+        if micro_steps not in counts:
+            raise PaseError(f"--micro-steps {micro_steps}: the global batch {batch} must split into {micro_steps} "
+                            f"micro-steps whose batch divides over the {devices} devices; choose one of "
+                            f"{', '.join(map(str, counts))}")
+        counts = [micro_steps]
+    settings = search_settings(options)
+    search = _Search(graph, cluster, profile, settings, progress)
+    search.fewest("as given", counts, explore=micro_steps is None)
+    plain = search.best()
+    if plain is None or plain[0] > 1 or plain[1][0].search.memory_price:  # memory binds: sharding may pay
+        for setting in ("fsdp", "fsdp_ckpt"):
+            if setting in settings:
+                search.fewest(setting, counts, explore=micro_steps is None)
+    baselines = data_parallel_baselines(graph, cluster, profile, options, counts) if options.baselines else {}
+    for name, (prediction, _) in baselines.items():  # a baseline faster than every plan tried: search its count
+        best = search.best()  # exactly (its space holds the baseline: the plan cannot come out slower)
+        if prediction is not None and prediction.micro_steps in counts and \
+                (best is None or prediction.step_seconds < best[2].step_seconds):
+            setting = BASELINE_SETTING[name] if BASELINE_SETTING[name] in settings else "as given"
+            search.run(setting, prediction.micro_steps, exact=True)
+    best = search.best()
+    if best is None:
+        raise search.failure()
+    k, (plan, priced), prediction = best
+    plan.micro_steps, plan.batch, plan.predicted = k, batch, prediction
+    plan.baselines = {name: prediction for name, (prediction, _) in baselines.items()}
+    plan.baseline_notes = {name: note for name, (_, note) in baselines.items() if note}
+    return plan, priced
+
+
+def data_parallel_baselines(graph: LayerGraph, cluster: Cluster, profile: dict[str, Any] | None,
+                            options: PlanOptions, counts: list[int]
+                            ) -> dict[str, tuple[Prediction | None, str | None]]:
+    """The four baselines as whole steps: name -> (prediction, or None and why it is missing)."""
+    rates = HardwareRates(cluster, profile, options.precision)
+    limit = cluster.gpu.memory_bytes * options.memory_fraction
+    plain = replace(options, fsdp=False, checkpointing=False)
+    relayouts: dict[str, float] = {}  # re-layouts depend on neither FSDP nor the batch's split: priced once
+    result: dict[str, tuple[Prediction | None, str | None]] = {}
+    for name, setting, accumulate in (("ddp", plain, False), ("fsdp", replace(plain, fsdp=True), False),
+                                      ("ddp_accum", plain, True),
+                                      ("fsdp_accum_ckpt", replace(plain, fsdp=True, checkpointing=True), True)):
+        k: int | None = counts[0] if accumulate else 1
+        while k is not None:
+            prediction, note = data_parallel_prediction(micro_graph(graph, k), cluster, rates, setting,
+                                                        setting.fsdp, relayouts if k == 1 and not
+                                                        setting.checkpointing else None)
+            if prediction is None:
+                result[name] = (None, note)
+                break
+            memory = prediction.memory_bytes_per_device
+            if memory <= limit:
+                result[name] = (accumulated(prediction, k, graph.batch), None)
+                break
+            result[name] = (None, f"needs {size_text(memory)} per device"
+                            + (f" at {k} micro-steps of {graph.batch // k}" if k > 1 else "")
+                            + f", over the {size_text(limit)} limit")
+            k = _next_count(counts, k, memory / limit) if accumulate else None
+    return result
+
+
+__all__ = ["BASELINES", "BASELINE_SETTING", "accumulated", "data_parallel_baselines", "micro_graph",
+           "micro_step_counts", "plan_micro_steps", "search_settings"]

@@ -1,0 +1,151 @@
+"""Micro-steps (gradient accumulation) searched with the splits: the whole-step arithmetic, the joint search
+against searching every count, the four baselines, plan files, and 2-process runs of such plans as planned.
+
+Memory-bound cases come from unet-tiny on 2 H100s with a tiny memory fraction: the same search and cost model
+as a real model that does not fit, at a size a test can search many times.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cost_models.cluster import parse_spec
+from pase.cli import app
+from pase.errors import PaseError
+from pase.graph import extract_model
+from pase.planning import PlanOptions, make_plan
+from pase.planning.micro_steps import BASELINES, accumulated, micro_graph, micro_step_counts
+from pase.planning.per_layer import plan_and_price
+from pase.planning.plan import Plan, Prediction
+
+REPO = Path(__file__).parent.parent
+PROFILE = REPO / "tests" / "fixtures" / "calibration" / "cpu_gloo_2.json"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def tiny() -> object:
+    return extract_model("unet-tiny", BATCH, use_cache=True)
+
+
+def _plan(graph, fraction: float, **kwargs) -> Plan:
+    return make_plan(graph, parse_spec("2xH100-SXM"), options=PlanOptions(memory_fraction=fraction), **kwargs)[0]
+
+
+def test_a_step_of_micro_steps_repeats_all_but_the_gradient_all_reduce() -> None:
+    micro = Prediction(step_seconds=1.0, samples_per_second=8.0, memory_bytes_per_device=5.0, compute_seconds=0.7,
+                       communication_seconds=0.3, gradient_sync_seconds=0.1, comm_bytes_per_device=100.0,
+                       gradient_sync_bytes_per_device=40.0)
+    step = accumulated(micro, 4, batch=32)
+    assert step.step_seconds == pytest.approx(4 * 1.0 - 3 * 0.1)
+    assert step.compute_seconds == pytest.approx(2.8) and step.communication_seconds == pytest.approx(1.2 - 0.3)
+    assert step.comm_bytes_per_device == pytest.approx(400 - 3 * 40) and step.memory_bytes_per_device == 5.0
+    assert step.samples_per_second == pytest.approx(32 / 3.7) and step.micro_steps == 4
+    assert micro_step_counts(32, 2) == [1, 2, 4, 8, 16] and micro_step_counts(12, 8) == []
+
+
+@pytest.mark.parametrize("fraction", [pytest.param(1e-3, marks=pytest.mark.slow), 3e-4,
+                                      pytest.param(2e-4, marks=pytest.mark.slow), 1e-4])
+def test_the_joint_search_fits_and_beats_every_baseline_and_every_count_searched_alone(tiny, fraction) -> None:
+    """Brute force over the micro-step counts (each searched alone, with FSDP and checkpointing as the joint search
+    may choose them too): the joint plan is as fast as the best, fits, and is never slower than a baseline."""
+    plan = _plan(tiny, fraction)
+    limit = parse_spec("2xH100-SXM").gpu.memory_bytes * fraction
+    assert plan.predicted.memory_bytes_per_device <= limit and plan.micro_steps == plan.predicted.micro_steps
+    assert set(plan.baselines) == set(BASELINES)
+    for name, baseline in plan.baselines.items():
+        if baseline is None:
+            assert plan.baseline_notes[name]  # why it is missing
+        else:
+            assert plan.predicted.step_seconds <= baseline.step_seconds * (1 + 1e-9), name
+    alone = []
+    for k in micro_step_counts(BATCH, 2):
+        for fsdp, checkpointing in ((False, False), (True, True), (True, False)):
+            options = PlanOptions(memory_fraction=fraction, fsdp=fsdp, checkpointing=checkpointing, search_gap=0.0,
+                                  micro_steps=k, baselines=False)
+            try:
+                found = plan_and_price(micro_graph(tiny, k), parse_spec("2xH100-SXM"), options=options)[0]
+            except PaseError:
+                continue
+            alone.append(accumulated(found.predicted, k, BATCH).step_seconds)
+    assert plan.predicted.step_seconds <= min(alone) * (1 + 5e-3)
+
+
+def test_memory_decides_the_micro_steps_and_where_sharding_and_recomputing_pay(tiny) -> None:
+    roomy, tight, tighter = (_plan(tiny, fraction) for fraction in (1e-2, 3e-4, 1e-4))
+    assert roomy.micro_steps == 1 and roomy.baselines["ddp"] is not None
+    assert tight.micro_steps > 1 and tight.baselines["ddp"] is None and tight.baselines["ddp_accum"].micro_steps > 1
+    assert tighter.micro_steps > tight.micro_steps
+    assert tighter.options["fsdp"] and tighter.options["checkpointing"]  # too tight for whole weights
+    assert not tight.options["checkpointing"]  # not needed there: recomputing would only cost time
+
+
+def test_a_fixed_count_is_kept_and_a_count_the_batch_cannot_take_is_refused(tiny) -> None:
+    plan = _plan(tiny, 1e-2, micro_steps=4)
+    assert plan.micro_steps == 4 and plan.micro_batch == 8 and plan.batch == BATCH
+    with pytest.raises(PaseError, match="--micro-steps 3: the global batch 32 must split into 3"):
+        _plan(tiny, 1e-2, micro_steps=3)
+
+
+def test_plan_files_keep_micro_steps_and_older_files_load_as_one(tiny, tmp_path) -> None:
+    plan = _plan(tiny, 3e-4)
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again.micro_steps == plan.micro_steps > 1 and again.predicted == plan.predicted
+    data = json.loads((tmp_path / "plan.json").read_text())
+    del data["micro_steps"]
+    for prediction in (data["predicted"], *filter(None, data["baselines"].values())):
+        prediction.pop("micro_steps")
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = Plan.load(tmp_path / "old.json")
+    assert old.micro_steps == 1 and old.micro_batch == BATCH
+    data["micro_steps"] = 5
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PaseError, match="batch 32 is not a whole number of micro_steps"):
+        Plan.load(tmp_path / "bad.json")
+
+
+def test_the_cli_prints_the_micro_steps_and_the_baselines(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", "local", "--devices", "2",
+                                      "--batch", "8", "--micro-steps", "2", "--profile", str(PROFILE)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "global batch 8 as 2 micro-steps of 4" in text
+    assert all(name in text for name in BASELINES)
+    bad = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--micro-steps", "two"])
+    assert bad.exit_code != 0 and "--micro-steps 'two'" in str(bad.exception)
+
+
+def _verify(plan: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pase", "verify", "--plan",
+                           str(plan), "--steps", "3", "--check", "--json"], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("flags", [["--only", "tensor"], ["--only", "dp"], ["--fsdp", "--checkpoint"]])
+def test_two_processes_run_micro_steps_as_planned(tmp_path, flags) -> None:
+    """Micro-steps with the gradient sync paused until the last (DDP's no_sync, a tensor plan's paused sync; FSDP2
+    reduce-scatters each one): one step equals a single process's step on the whole batch, every layer runs as
+    planned, and the collectives move the bytes the plan priced for the whole step."""
+    path = tmp_path / "plan.json"
+    made = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", "local", "--devices", "2", "--batch",
+                                    "8", "--micro-steps", "2", *flags, "--profile", str(PROFILE), "--json", str(path)])
+    assert made.exit_code == 0, made.output
+    assert Plan.load(path).micro_steps == 2
+    report = _verify(path)
+    assert report["max_rel_error"] < 1e-5 and report["layers_as_planned"] == report["layers_total"]
+    assert report["comm_bytes_measured"] == pytest.approx(report["comm_bytes_predicted"], rel=1e-3)
