@@ -215,7 +215,8 @@ def test_rebatch_matches_a_capture_at_that_batch() -> None:
 def test_plan_with_pipeline_reports_both_baselines_and_round_trips(tmp_path) -> None:
     graph = extract_model("unet-tiny", 16)
     plan, _ = plan_with_pipeline(graph, parse_spec("4xH100-SXM"), pipeline=PipelineOptions(max_stages=2))
-    assert {"no pipeline", "pure pipeline", "ddp", "fsdp"} <= set(plan.baselines)
+    assert set(plan.baselines) == {"no pipeline", "pure pipeline", "pipeline", "ddp", "fsdp", "ddp_accum",
+                                   "fsdp_accum_ckpt"}
     best = min(p.step_seconds for p in plan.baselines.values() if p)
     assert plan.predicted.step_seconds <= best + 1e-12
     plan.save(tmp_path / "plan.json")

@@ -38,7 +38,7 @@ def make_plan(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | 
         if options.space == "all":  # the wider space for stages too (such plans say why they cannot run)
             pipeline = replace(pipeline, runnable_only=False)
         return plan_with_pipeline(graph, cluster, profile=profile, options=options, pipeline=pipeline,
-                                  progress=progress)
+                                  progress=progress, micro_steps=micro_steps)
     return plan_micro_steps(graph, cluster, profile=profile, options=options, micro_steps=micro_steps,
                             progress=progress)
 

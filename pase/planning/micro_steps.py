@@ -14,11 +14,13 @@ the search minimises the whole step (the all-reduce that runs once costs 1/k per
 whole step wins.
 
 The baselines people compare with are priced by the same model: DDP and FSDP in one step, DDP with the fewest
-micro-steps that fit (``ddp_accum``) and FSDP with activation checkpointing and the fewest micro-steps that fit
-(``fsdp_accum_ckpt``). Where one is faster than every plan tried (it runs more micro-steps than were tried, or
-the search's gap hid it), its setting is searched again at its micro-steps, exactly, in a space that holds
-the baseline; where memory binds, pure data parallelism is also held against the Lagrangian search's plan
-(``per_layer.search_under_memory``). So the plan is never slower than a baseline.
+micro-steps that fit (``ddp_accum``), FSDP with activation checkpointing and the fewest micro-steps that fit
+(``fsdp_accum_ckpt``), and the best pipeline (``pipeline``: when ``--pipeline`` searches stages, else null).
+Where a data-parallel one is faster than every plan tried (it runs more micro-steps than were tried, or the
+search's gap hid it), its setting is searched again at its micro-steps, exactly, in a space that holds the
+baseline; where memory binds, pure data parallelism is also held against the Lagrangian search's plan
+(``per_layer.search_under_memory``). So the plan is never slower than a data-parallel baseline, and with
+``--pipeline`` the faster of it and the best pipeline is the plan.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ from pase.planning.per_layer import (
 )
 from pase.planning.plan import Plan, Prediction
 
-BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt")
+BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt", "pipeline")
+PIPELINE_NOT_SEARCHED = "pipelines are searched with --pipeline (pipeline stages x data parallelism)"
 Found = tuple[Plan, PricedGraph]
 
 
@@ -183,6 +186,9 @@ def plan_micro_steps(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, 
     plan.micro_steps, plan.batch, plan.predicted = k, batch, prediction
     plan.baselines = {name: prediction for name, (prediction, _) in baselines.items()}
     plan.baseline_notes = {name: note for name, (_, note) in baselines.items() if note}
+    if options.baselines:  # plan_with_pipeline fills it in when it searches stages
+        plan.baselines["pipeline"] = None
+        plan.baseline_notes["pipeline"] = PIPELINE_NOT_SEARCHED
     return plan, priced
 
 

@@ -57,6 +57,7 @@ from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.graph.rescale import edge_with_batch, layer_with_batch, with_batch
+from pase.planning.micro_steps import plan_micro_steps
 from pase.planning.per_layer import (
     PlanDoesNotFit,
     PlanOptions,
@@ -65,8 +66,8 @@ from pase.planning.per_layer import (
     edge_key,
     layer_kinds,
     new_plan,
-    plan_and_price,
     search_under_memory,
+    user_input_shapes,
 )
 from pase.planning.plan import LayerChoice, PipelineSearchInfo, Plan, Prediction, SearchInfo, StagePlan
 from pase.search import solve
@@ -751,16 +752,19 @@ def _pipeline_only_plan(graph: LayerGraph, cluster: Cluster, options: PlanOption
 
 def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
                        options: PlanOptions | None = None, pipeline: PipelineOptions | None = None,
-                       progress: Callable[[str], None] | None = None) -> tuple[Plan, PricedGraph | None]:
-    """The per-layer plan, the best pure pipeline (one replica) and the best PP x DP plan: the fastest wins.
+                       progress: Callable[[str], None] | None = None, micro_steps: int | None = None
+                       ) -> tuple[Plan, PricedGraph | None]:
+    """The per-layer plan (with its micro-steps, ``pase.planning.micro_steps``), the best pure pipeline (one
+    replica) and the best PP x DP plan (one step: its microbatches accumulate): the fastest wins.
 
-    The returned plan's baselines gain "no pipeline" (the per-layer plan) and "pure pipeline"; its
-    ``search.pipeline`` says how the stage search went.
+    The returned plan's baselines gain "no pipeline" (the per-layer plan), "pure pipeline" and "pipeline" (the
+    best pipeline of either kind); its ``search.pipeline`` says how the stage search went.
     """
     options = options or PlanOptions()
     pipeline = pipeline or PipelineOptions()
     try:
-        plain, priced = plan_and_price(graph, cluster, profile=profile, options=options, progress=progress)
+        plain, priced = plan_micro_steps(graph, cluster, profile=profile, options=options, micro_steps=micro_steps,
+                                         progress=progress)
     except PlanDoesNotFit as exc:  # stages hold fewer weights per device: a pipeline may still fit
         plain, priced, unfit = None, None, str(exc)
     if progress:
@@ -780,11 +784,14 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
             raise PlanDoesNotFit(f"{unfit} No {kind} of two or more stages fits either.")
         plain = _pipeline_only_plan(graph, cluster, options, rates, unfit)
     baselines = {"no pipeline": plain.predicted if plain.layers else None,
-                 "pure pipeline": pipeline_prediction(pure) if pure else None, **plain.baselines}
-    notes = dict(plain.baseline_notes)
+                 "pure pipeline": pipeline_prediction(pure) if pure else None, **plain.baselines,
+                 "pipeline": pipeline_prediction(best) if best else None}
+    notes = {name: note for name, note in plain.baseline_notes.items() if name != "pipeline"}
     if pure is None:
         notes["pure pipeline"] = ("one device: nothing to pipeline" if p == 1 else
                                   f"no {kind} of two or more stages fits memory")
+    if best is None:
+        notes["pipeline"] = notes["pure pipeline"]
     report = search.report
     search_info = PipelineSearchInfo(
         seconds=round(report.seconds, 3), settings=report.settings, screened_out=report.screened_out,
@@ -802,7 +809,9 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
         return plan, priced
     stages, layers = stage_plans(search, best)
     plan = replace(plan, layers=layers, predicted=pipeline_prediction(best), stages=stages,
-                   microbatches=best.setting.m, schedule=pipeline.schedule, pipeline_replicas=best.setting.d)
+                   microbatches=best.setting.m, schedule=pipeline.schedule, pipeline_replicas=best.setting.d,
+                   micro_steps=1, batch=graph.batch, model_fingerprint=graph.fingerprint(),
+                   input_shapes=user_input_shapes(graph))  # the stages run the whole batch's graph in one step
     problem = pipeline_problem(plan, graph)
     if problem is not None and pipeline.runnable_only:
         raise AssertionError(f"the runnable pipeline search emitted a plan the runtime refuses: {problem}")
