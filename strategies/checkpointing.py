@@ -22,7 +22,7 @@ already replaced (head-split attention) is what recomputes.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.utils.checkpoint
@@ -58,10 +58,11 @@ def checkpointed_blocks(graph: LayerGraph) -> list[str]:
     return [block for block in order if block in inner and _checkpointable(block, names)]
 
 
-def recomputed_layers(graph: LayerGraph) -> set[str]:
-    """The layers that save no activations and recompute their forward under checkpointing."""
+def recomputed_layers(graph: LayerGraph, blocks: Iterable[str] | None = None) -> set[str]:
+    """The layers that save no activations and recompute their forward under checkpointing (of ``blocks``, a
+    selection of ``checkpointed_blocks``; None: all of them)."""
     leaving = _leaving(graph)
-    wrapped = set(checkpointed_blocks(graph))
+    wrapped = set(checkpointed_blocks(graph) if blocks is None else blocks)
     return {layer_id for layer_id, data in graph.layers() if data["block"] in wrapped and layer_id not in leaving}
 
 
@@ -73,11 +74,29 @@ def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
     return checkpointed_forward
 
 
-def rerun_layers(graph: LayerGraph) -> set[str]:
+def rerun_layers(graph: LayerGraph, blocks: Iterable[str] | None = None) -> set[str]:
     """Layers whose forward runs again in the backward: every layer of a checkpointed block (the runtime
-    re-runs whole blocks, their output layers too), so their forward collectives are priced twice."""
-    blocks = set(checkpointed_blocks(graph))
-    return {layer_id for layer_id, data in graph.layers() if data["block"] in blocks}
+    re-runs whole blocks, their output layers too), so their forward collectives are priced twice (``blocks``:
+    a selection of ``checkpointed_blocks``; None: all of them)."""
+    wrapped = set(checkpointed_blocks(graph) if blocks is None else blocks)
+    return {layer_id for layer_id, data in graph.layers() if data["block"] in wrapped}
+
+
+def planned_blocks(plan_options: dict[str, Any], graph: LayerGraph) -> list[str]:
+    """The blocks a plan checkpoints: its own selection (``checkpoint_blocks``, chosen per block by the planner),
+    every checkpointable block under ``checkpointing``, or none. A selection naming a block that is not one
+    is refused: the plan priced recomputing it."""
+    if not plan_options.get("checkpointing"):
+        return []
+    every = checkpointed_blocks(graph)
+    chosen = plan_options.get("checkpoint_blocks")
+    if chosen is None:
+        return every
+    unknown = sorted(set(chosen) - set(every))
+    if unknown:
+        raise PaseError(f"the plan checkpoints {', '.join(unknown[:3])}, which this model's layer graph does not "
+                        "have as checkpointable blocks; re-plan for this model")
+    return [block for block in every if block in set(chosen)]
 
 
 def apply_checkpointing(model: nn.Module, blocks: list[str], prefix: str = "") -> list[str]:
@@ -99,4 +118,5 @@ def apply_checkpointing(model: nn.Module, blocks: list[str], prefix: str = "") -
     return list(blocks)
 
 
-__all__ = ["CHECKPOINTED", "apply_checkpointing", "checkpointed_blocks", "recomputed_layers", "rerun_layers"]
+__all__ = ["CHECKPOINTED", "apply_checkpointing", "checkpointed_blocks", "planned_blocks", "recomputed_layers",
+           "rerun_layers"]

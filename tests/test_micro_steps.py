@@ -149,3 +149,43 @@ def test_two_processes_run_micro_steps_as_planned(tmp_path, flags) -> None:
     report = _verify(path)
     assert report["max_rel_error"] < 1e-5 and report["layers_as_planned"] == report["layers_total"]
     assert report["comm_bytes_measured"] == pytest.approx(report["comm_bytes_predicted"], rel=1e-3)
+
+
+def test_where_memory_binds_the_search_checkpoints_some_blocks_and_not_others() -> None:
+    """unet-tiny at one sample per device, with too little memory to keep every activation: the plan recomputes a
+    selection of blocks (not all: recomputing every block, fsdp_accum_ckpt, is slower), records it per block, and
+    fits."""
+    from strategies.checkpointing import checkpointed_blocks
+
+    graph = extract_model("unet-tiny", 2, use_cache=True)
+    plan = _plan(graph, 1.2e-4)
+    chosen = plan.options["checkpoint_blocks"]
+    candidates = checkpointed_blocks(graph)
+    assert plan.options["checkpointing"] and 0 < len(chosen) < len(candidates)
+    assert [b.name for b in plan.blocks if b.checkpoint] == chosen and set(chosen) <= set(candidates)
+    assert len(plan.blocks) == len({layer.block for layer in plan.layers})
+    assert plan.predicted.memory_bytes_per_device <= parse_spec("2xH100-SXM").gpu.memory_bytes * 1.2e-4
+    assert plan.predicted.step_seconds < plan.baselines["fsdp_accum_ckpt"].step_seconds
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.blocks == plan.blocks and again.options["checkpoint_blocks"] == chosen
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_recompute_only_the_blocks_the_plan_selects(tmp_path) -> None:
+    """A tensor plan that checkpoints every third block: one step matches a single process, and the forward
+    collectives re-run in the backward are exactly those of the selected blocks (the bytes priced)."""
+    from cost_models.local import target_cluster
+    from strategies.checkpointing import checkpointed_blocks
+
+    cluster, measured, precision = target_cluster("local", 2, PROFILE)
+    graph = extract_model("unet-tiny", 8, use_cache=True)
+    blocks = tuple(checkpointed_blocks(graph)[::3])
+    options = PlanOptions(precision=precision, only="tensor", checkpointing=True, checkpoint_blocks=blocks)
+    plan = make_plan(graph, cluster, profile=measured, options=options)[0]
+    every = make_plan(graph, cluster, profile=measured, options=PlanOptions(precision=precision, only="tensor",
+                                                                           checkpointing=True))[0]
+    assert plan.predicted.comm_bytes_per_device < every.predicted.comm_bytes_per_device  # fewer blocks re-run
+    plan.save(tmp_path / "plan.json")
+    report = _verify(tmp_path / "plan.json")
+    assert report["max_rel_error"] < 1e-5 and report["layers_as_planned"] == report["layers_total"]
+    assert report["comm_bytes_measured"] == pytest.approx(report["comm_bytes_predicted"], rel=1e-3)

@@ -7,11 +7,13 @@ synchronise once. Memory is what one micro-step holds; time is ``k`` micro-steps
 all-reduces that do not run (``accumulated``).
 
 ``plan_micro_steps`` searches jointly. For the options as given, and where memory binds and the user left
-them open, for FSDP and for FSDP with activation checkpointing, it finds the fewest micro-steps at which a plan fits
-(jumping by the memory overshoot: memory falls at most in proportion to the micro-batch) and, where memory
-still binds there, also tries about twice as many (a looser limit may buy faster splits). At ``k`` micro-steps
-the search minimises the whole step (the all-reduce that runs once costs 1/k per micro-step). The fastest
-whole step wins.
+them open, for FSDP and for FSDP with activation checkpointing, it finds the fewest micro-steps at which a
+plan fits (jumping by the memory overshoot: memory falls at most in proportion to the micro-batch) and,
+where memory still binds there, also tries about twice as many (a looser limit may buy faster splits).
+Where memory binds at a count, selective checkpointing is tried there too, with and without FSDP: the blocks
+that free the most memory per second of recompute (``pase.planning.selective``). At ``k`` micro-steps the
+search minimises the whole step (the all-reduce that runs once costs 1/k per micro-step). The fastest whole
+step wins.
 
 The baselines people compare with are priced by the same model: DDP and FSDP in one step, DDP with the fewest
 micro-steps that fit (``ddp_accum``), FSDP with activation checkpointing and the fewest micro-steps that fit
@@ -42,6 +44,7 @@ from pase.planning.per_layer import (
     size_text,
 )
 from pase.planning.plan import Plan, Prediction
+from pase.planning.selective import select_blocks
 
 BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt", "pipeline")
 PIPELINE_NOT_SEARCHED = "pipelines are searched with --pipeline (pipeline stages x data parallelism)"
@@ -84,7 +87,10 @@ def _next_count(counts: list[int], current: int, factor: float) -> int | None:
     return next((k for k in larger if k >= current * factor), larger[-1]) if larger else None
 
 
-SETTINGS = {"as given": (False, False), "fsdp_ckpt": (True, True), "fsdp": (True, False)}  # (fsdp, checkpointing)
+# (fsdp, checkpointing); "selective": the blocks checkpointed are chosen per micro-step count (pase.planning.selective)
+SETTINGS = {"as given": (False, False), "fsdp_ckpt": (True, True), "fsdp": (True, False), "selective": (False, True),
+            "fsdp_selective": (True, True)}
+SELECTIVE = {"selective": "as given", "fsdp_selective": "fsdp"}  # selective setting -> the setting it relieves
 BASELINE_SETTING = {"ddp": "as given", "ddp_accum": "as given", "fsdp": "fsdp", "fsdp_accum_ckpt": "fsdp_ckpt"}
 
 
@@ -117,9 +123,16 @@ class _Search:
             setting_options = self.settings[setting]
             options = replace(setting_options, micro_steps=k,
                               search_gap=0.0 if exact else setting_options.search_gap)
+            graph = micro_graph(self.graph, k)
             try:
-                self.found[setting, k, exact] = plan_and_price(micro_graph(self.graph, k), self.cluster,
-                                                               profile=self.profile, options=options)
+                if setting in SELECTIVE:
+                    rates = HardwareRates(self.cluster, self.profile, options.precision)
+                    blocks = select_blocks(graph, self.cluster, rates, options)
+                    if not blocks:  # fits without checkpointing (searched as given), or not even with every block
+                        raise PlanDoesNotFit("no selection of checkpointed blocks helps here")
+                    options = replace(options, checkpoint_blocks=blocks)
+                self.found[setting, k, exact] = plan_and_price(graph, self.cluster, profile=self.profile,
+                                                               options=options)
             except PlanDoesNotFit as exc:
                 self.found[setting, k, exact] = exc
         return self.found[setting, k, exact]
@@ -172,6 +185,12 @@ def plan_micro_steps(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, 
         for setting in ("fsdp", "fsdp_ckpt"):
             if setting in settings:
                 search.fewest(setting, counts, explore=micro_steps is None)
+        for selective, relieved in SELECTIVE.items():  # or recomputing the blocks that free most memory per second
+            if selective not in settings:
+                continue
+            for (setting, k, _), result in list(search.found.items()):
+                if setting == relieved and (isinstance(result, PlanDoesNotFit) or result[0].search.memory_price):
+                    search.run(selective, k)
     baselines = data_parallel_baselines(graph, cluster, profile, options, counts) if options.baselines else {}
     for name, (prediction, _) in baselines.items():  # a baseline faster than every plan tried: search its count
         best = search.best()  # exactly (its space holds the baseline: the plan cannot come out slower)

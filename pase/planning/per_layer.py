@@ -26,10 +26,10 @@ from pase.graph import LayerGraph
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.models.folders import looks_like_folder
 from pase.models.zoo import ZOO
-from pase.planning.plan import LayerChoice, Plan, Prediction, SearchInfo
+from pase.planning.plan import BlockChoice, LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
-from strategies.checkpointing import recomputed_layers, rerun_layers
+from strategies.checkpointing import planned_blocks, recomputed_layers, rerun_layers
 from strategies.runnable import (
     KEPT_RULE,
     SPACES,
@@ -76,6 +76,9 @@ class PlanOptions:
     space: str = "runnable"
     force: dict[str, dict[str, int]] | None = None  # layer-id glob -> the splits its layers must take
     micro_steps: int = 1  # the micro-steps a step of this graph's batch is one of (pase.planning.micro_steps)
+    # with checkpointing: the blocks checkpointed (a selection of strategies.checkpointing.checkpointed_blocks,
+    # chosen per block by pase.planning.selective); None: every one
+    checkpoint_blocks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -157,9 +160,9 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     layers = list(graph.layers())
     ids = [layer_id for layer_id, _ in layers]
     index = {layer_id: i for i, layer_id in enumerate(ids)}
-    block_outputs = block_output_layers(graph)
+    block_outputs = block_output_layers(graph, options.checkpoint_blocks)
     forced = forced_splits(ids, options.force)
-    rerun = rerun_layers(graph) if options.checkpointing else set()
+    rerun = rerun_layers(graph, options.checkpoint_blocks) if options.checkpointing else set()
     keys: dict[tuple[int, str, bool], int] = {}
     base = layer_kinds(graph, block_outputs)
     kind = [keys.setdefault((base[v], json.dumps(forced.get(layer_id), sort_keys=True), layer_id in rerun), len(keys))
@@ -361,11 +364,11 @@ def layer_kinds(graph: LayerGraph, block_outputs: set[str]) -> list[int]:
             for layer_id, data in graph.layers()]
 
 
-def block_output_layers(graph: LayerGraph) -> set[str]:
+def block_output_layers(graph: LayerGraph, blocks: tuple[str, ...] | None = None) -> set[str]:
     """Layers priced as block outputs: under checkpointing they keep their activations and do not recompute.
     Every layer but those the runtime recomputes (``strategies.checkpointing.recomputed_layers``: the inner
-    layers of the blocks it wraps)."""
-    recomputed = recomputed_layers(graph)
+    layers of the blocks it wraps; ``blocks``: of those only, None: of every checkpointable block)."""
+    recomputed = recomputed_layers(graph, blocks)
     return {layer_id for layer_id, _ in graph.layers() if layer_id not in recomputed}
 
 
@@ -417,18 +420,31 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     return plan, priced
 
 
+def plan_blocks(graph: LayerGraph, options: Mapping[str, Any]) -> list[BlockChoice]:
+    """Every module block of ``graph`` in model order, with what the plan's options do to it: recompute it
+    (``strategies.checkpointing.planned_blocks``) and shard its state (FSDP: "full")."""
+    checkpointed = set(planned_blocks(dict(options), graph))
+    sharding = "full" if options.get("fsdp") else "none"
+    names = dict.fromkeys(data["block"] for _, data in graph.layers())
+    return [BlockChoice(name, name in checkpointed, sharding) for name in names]
+
+
 def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: HardwareRates, **body: Any) -> Plan:
     """A ``Plan`` for ``graph`` on ``cluster``: the header every planner writes the same way, plus ``body``."""
-    return Plan(
+    plan = Plan(
         model=str(graph.meta.get("model")), model_fingerprint=graph.fingerprint(), cluster=cluster.spec,
         devices=cluster.world_size, batch=graph.batch, precision=options.precision,
         options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
                  "search_gap": options.search_gap,
                  "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
+                 "checkpoint_blocks": list(options.checkpoint_blocks) if options.checkpointing and
+                 options.checkpoint_blocks is not None else None,
                  "space": options.space, "force": options.force,
                  "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
                  "rates": rates.compute("conv").source},
         input_shapes=user_input_shapes(graph), **body)
+    plan.blocks = plan_blocks(graph, plan.options)
+    return plan
 
 
 def user_input_shapes(graph: LayerGraph) -> list[list[int]] | None:

@@ -67,7 +67,6 @@ from pase.planning.per_layer import (
     layer_kinds,
     new_plan,
     search_under_memory,
-    user_input_shapes,
 )
 from pase.planning.plan import LayerChoice, PipelineSearchInfo, Plan, Prediction, SearchInfo, StagePlan
 from pase.search import solve
@@ -808,10 +807,11 @@ def plan_with_pipeline(graph: LayerGraph, cluster: Cluster, *, profile: dict[str
     if best is None or (not forced and plan.layers and best.step_seconds >= plain.predicted.step_seconds):
         return plan, priced
     stages, layers = stage_plans(search, best)
-    plan = replace(plan, layers=layers, predicted=pipeline_prediction(best), stages=stages,
-                   microbatches=best.setting.m, schedule=pipeline.schedule, pipeline_replicas=best.setting.d,
-                   micro_steps=1, batch=graph.batch, model_fingerprint=graph.fingerprint(),
-                   input_shapes=user_input_shapes(graph))  # the stages run the whole batch's graph in one step
+    # the stages run the whole batch's graph in one step, with the options as given (the per-layer plan's own
+    # micro-steps, sharding and checkpointing were chosen for it alone)
+    plan = new_plan(graph, cluster, options, rates, layers=layers, predicted=pipeline_prediction(best),
+                    baselines=plan.baselines, baseline_notes=plan.baseline_notes, search=plan.search, stages=stages,
+                    microbatches=best.setting.m, schedule=pipeline.schedule, pipeline_replicas=best.setting.d)
     problem = pipeline_problem(plan, graph)
     if problem is not None and pipeline.runnable_only:
         raise AssertionError(f"the runnable pipeline search emitted a plan the runtime refuses: {problem}")

@@ -28,6 +28,15 @@ class LayerChoice:
 
 
 @dataclass
+class BlockChoice:
+    """One module block of the model: whether the plan recomputes it (activation checkpointing) and how its
+    weights, gradients and optimizer state are sharded ("none" or "full": FSDP)."""
+    name: str
+    checkpoint: bool = False
+    sharding: str = "none"
+
+
+@dataclass
 class Prediction:
     step_seconds: float
     samples_per_second: float
@@ -133,6 +142,7 @@ class Plan:
     # gradients add up locally and synchronise once. ``layers`` are priced per micro-step (the model's graph at
     # ``micro_batch``), ``predicted`` and ``baselines`` per whole step (memory: what one micro-step holds).
     micro_steps: int = 1
+    blocks: list[BlockChoice] = field(default_factory=list)  # per module block, in model order (empty: older plans)
 
     @property
     def micro_batch(self) -> int:
@@ -161,6 +171,7 @@ class Plan:
                                  for k, v in body.get("baselines", {}).items()}
             body["stages"] = [StagePlan(**_known(StagePlan, stage)) for stage in body.get("stages", [])]
             body["search"] = SearchInfo.from_dict(body.get("search", {}))
+            body["blocks"] = [BlockChoice(**_known(BlockChoice, block)) for block in body.get("blocks", [])]
             plan = cls(**body)
         except (KeyError, TypeError, AttributeError) as exc:
             raise PaseError(f"malformed plan file: {exc}; re-run `pase plan --json`") from None

@@ -60,6 +60,10 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
         "schedule": {"enum": [None, "1f1b", "gpipe"]},
         "pipeline_replicas": _COUNT,
         "micro_steps": {"type": "integer", "minimum": 1, "maximum": 1 << 16},
+        "blocks": {"type": "array", "items": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string", "minLength": 1}, "checkpoint": {"type": "boolean"},
+                           "sharding": {"enum": ["none", "optimizer", "gradients", "full"]}}}},
         "input_shapes": {"anyOf": [{"type": "null"}, {"type": "array", "minItems": 1, "items": {
             "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 1 << 31}}}]},
     },

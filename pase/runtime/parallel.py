@@ -24,7 +24,7 @@ from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parallel, layer_layouts
 from pase.runtime.pipeline import pipeline_parallelize
-from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
+from strategies.checkpointing import apply_checkpointing, planned_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
 from strategies.replication import ReplicaSplitGroups, ReplicatedAttention, replicate_module, replicate_split
 from strategies.runnable import REPLICABLE_MODULES
@@ -76,7 +76,7 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
     device = device or default_device()
     model.to(device)
     _broadcast_from_rank0(model)
-    blocks = checkpointed_blocks(graph) if plan.options.get("checkpointing") else []
+    blocks = planned_blocks(plan.options, graph)
     if is_pure_data_parallel(layouts):
         fsdp = bool(plan.options.get("fsdp"))
         apply_checkpointing(model, blocks)  # inside the DDP / FSDP wrapping: the module tree is unchanged

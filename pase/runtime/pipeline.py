@@ -51,7 +51,7 @@ from pase.planning.pipeline import pipeline_problem
 from pase.planning.plan import Plan
 from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import LayerLayout, ParallelLayout
-from strategies.checkpointing import apply_checkpointing, checkpointed_blocks
+from strategies.checkpointing import apply_checkpointing, planned_blocks
 from strategies.data import GRADIENT_DTYPES, average_gradients
 from strategies.pipeline import check_schedule
 
@@ -307,7 +307,7 @@ def pipeline_parallelize(model: nn.Module, plan: Plan, *, device: torch.device, 
     if checkpointing:  # this stage's blocks, as traced (the stage module keeps the model's module tree)
         assert graph is not None
         mine = {graph[layer_id]["block"] for layer_id in plan.stages[index].layers}
-        checkpointed = apply_checkpointing(stage_module, [b for b in checkpointed_blocks(graph) if b in mine],
+        checkpointed = apply_checkpointing(stage_module, [b for b in planned_blocks(plan.options, graph) if b in mine],
                                            prefix="model.")
     placeholders = [n.name for n in pipe.get_stage_module(0).graph.nodes if n.op == "placeholder"]
     names = ["sample", "timestep", *CONDITIONING[:len(example_inputs) - 2]]
