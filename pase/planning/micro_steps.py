@@ -91,6 +91,7 @@ def _next_count(counts: list[int], current: int, factor: float) -> int | None:
 SETTINGS = {"as given": (False, False), "fsdp_ckpt": (True, True), "fsdp": (True, False), "selective": (False, True),
             "fsdp_selective": (True, True)}
 SELECTIVE = {"selective": "as given", "fsdp_selective": "fsdp"}  # selective setting -> the setting it relieves
+CHECKED = {"selective": "", "fsdp_selective": "fsdp_ckpt"}  # -> the setting that checkpoints every block
 BASELINE_SETTING = {"ddp": "as given", "ddp_accum": "as given", "fsdp": "fsdp", "fsdp_accum_ckpt": "fsdp_ckpt"}
 
 
@@ -127,7 +128,10 @@ class _Search:
             try:
                 if setting in SELECTIVE:
                     rates = HardwareRates(self.cluster, self.profile, options.precision)
-                    blocks = select_blocks(graph, self.cluster, rates, options)
+                    best = self.best()  # a selection must beat it: per micro-step, the search's objective
+                    blocks = select_blocks(graph, self.cluster, rates, options,
+                                           self.priced(SELECTIVE[setting], k), self.priced(CHECKED[setting], k),
+                                           best[2].step_seconds / k if best else float("inf"))
                     if not blocks:  # fits without checkpointing (searched as given), or not even with every block
                         raise PlanDoesNotFit("no selection of checkpointed blocks helps here")
                     options = replace(options, checkpoint_blocks=blocks)
@@ -148,6 +152,25 @@ class _Search:
                 return
             over = result.least_bytes / result.limit_bytes if result.limit_bytes else 2.0
             k = _next_count(counts, k, max(over, 1.0))
+
+    def priced(self, setting: str, k: int) -> PricedGraph | None:
+        """The graph as ``setting``'s search at ``k`` micro-steps priced it (None: not searched)."""
+        result = self.found.get((setting, k, False))
+        return result.priced if isinstance(result, PlanDoesNotFit) else result[1] if result else None
+
+    def selective_counts(self, setting: str) -> list[int]:
+        """Where recomputing some blocks may pay for ``setting``: the fewest micro-steps at which it fits, if memory
+        binds there, and the most below that at which it does not fit."""
+        tried = {k: result for (s, k, exact), result in self.found.items() if s == setting and not exact}
+        fits = sorted(k for k, result in tried.items() if not isinstance(result, PlanDoesNotFit))
+        fewest = fits[0] if fits else None
+        below = [k for k, result in tried.items() if isinstance(result, PlanDoesNotFit) and (fewest is None or
+                                                                                            k < fewest)]
+        counts = [max(below)] if below else []
+        if fewest is not None and not isinstance(result := tried[fewest], PlanDoesNotFit) and \
+                result[0].search.memory_price:
+            counts.append(fewest)
+        return counts
 
     def best(self) -> tuple[int, Found, Prediction] | None:
         """(micro-steps, plan and priced graph, the whole step's prediction) of the fastest step found."""
@@ -186,10 +209,8 @@ def plan_micro_steps(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, 
             if setting in settings:
                 search.fewest(setting, counts, explore=micro_steps is None)
         for selective, relieved in SELECTIVE.items():  # or recomputing the blocks that free most memory per second
-            if selective not in settings:
-                continue
-            for (setting, k, _), result in list(search.found.items()):
-                if setting == relieved and (isinstance(result, PlanDoesNotFit) or result[0].search.memory_price):
+            if selective in settings:
+                for k in search.selective_counts(relieved):
                     search.run(selective, k)
     baselines = data_parallel_baselines(graph, cluster, profile, options, counts) if options.baselines else {}
     for name, (prediction, _) in baselines.items():  # a baseline faster than every plan tried: search its count

@@ -52,6 +52,7 @@ class PlanDoesNotFit(PaseError):
         super().__init__(message)
         self.least_bytes = least_bytes  # what the leanest plan needs per device
         self.limit_bytes = limit_bytes
+        self.priced: PricedGraph | None = None  # the graph as priced for the search that did not fit
 
 
 # --only: dp (the batch split over every device: DDP), fsdp (the same, sharded weights), tensor (every layer
@@ -395,7 +396,11 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     if progress:
         progress("searching")
-    assignment, stats, price, space_note = search_under_memory(priced, limit, cluster, options)
+    try:
+        assignment, stats, price, space_note = search_under_memory(priced, limit, cluster, options)
+    except PlanDoesNotFit as exc:
+        exc.priced = priced  # what was priced, for a caller that searches the same graph otherwise
+        raise
     searched = time.perf_counter()
     predicted = _prediction(priced, assignment, graph.batch)
     baselines, notes = {}, {}

@@ -29,19 +29,23 @@ def _priced(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: 
     return price_graph(graph, model, options)
 
 
-def select_blocks(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions
-                  ) -> tuple[str, ...] | None:
+def select_blocks(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions,
+                  unchecked: PricedGraph | None = None, checked: PricedGraph | None = None,
+                  beat: float = float("inf")) -> tuple[str, ...] | None:
     """The blocks to checkpoint so that the fastest plan without checkpointing fits ``options``' memory limit at
-    the least added time; () when it fits already, None when even every block would not make it fit."""
+    the least added time; () when it fits already or would not beat ``beat`` (the search's objective: the
+    unconstrained plan's time, plus the recompute of the blocks chosen for it), None when even every block would
+    not make it fit. ``unchecked`` and
+    ``checked``: the graph already priced without and with every block checkpointed (else priced here)."""
     plain = replace(options, checkpointing=False, checkpoint_blocks=None)
-    none = _priced(graph, cluster, rates, plain)
-    every = _priced(graph, cluster, rates, replace(plain, checkpointing=True))
-    assert [len(s) for s in none.spaces] == [len(s) for s in every.spaces]
+    none = unchecked if unchecked is not None else _priced(graph, cluster, rates, plain)
     assignment = _solve_priced(none, 0.0, cluster.world_size, options.search_gap)[0].assignment
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     over = none.totals(assignment)[3] - limit
-    if over <= 0:
+    if over <= 0 or none.objective(assignment) >= beat:
         return ()
+    every = checked if checked is not None else _priced(graph, cluster, rates, replace(plain, checkpointing=True))
+    assert [len(s) for s in none.spaces] == [len(s) for s in every.spaces]
     blocks = set(checkpointed_blocks(graph))
     block_of = [graph[layer_id]["block"] for layer_id in none.ids]
     seconds: dict[str, float] = defaultdict(float)
@@ -66,6 +70,8 @@ def select_blocks(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, opt
         over -= freed[block]
     if over > 0:
         return None
+    if none.objective(assignment) + sum(max(seconds[b], 0.0) for b in chosen) >= beat:
+        return ()  # that plan with these blocks recomputed is no faster than ``beat``: not worth a search
     order = {block: i for i, block in enumerate(checkpointed_blocks(graph))}
     return tuple(sorted(chosen, key=order.__getitem__))
 
