@@ -26,6 +26,7 @@ baseline; where memory binds, pure data parallelism is also held against the Lag
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -65,9 +66,15 @@ def accumulated(prediction: Prediction, micro_steps: int, batch: int) -> Predict
                       gradient_sync_bytes_per_device=sync_bytes, micro_steps=k)
 
 
+def divisors_of(n: int) -> list[int]:
+    """The divisors of ``n`` in increasing order, in O(sqrt(n)) (a batch of 2^31 has its divisors in a blink)."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return small + [n // k for k in reversed(small) if k * k != n]
+
+
 def micro_step_counts(batch: int, devices: int) -> list[int]:
     """Micro-step counts the runtime can run: each micro-step's batch splits into equal chunks over the devices."""
-    return [k for k in range(1, batch + 1) if batch % k == 0 and (batch // k) % devices == 0]
+    return [k for k in divisors_of(batch) if (batch // k) % devices == 0]
 
 
 def micro_graph(graph: LayerGraph, micro_steps: int) -> LayerGraph:
@@ -91,7 +98,7 @@ def _next_count(counts: list[int], current: int, factor: float) -> int | None:
 SETTINGS = {"as given": (False, False), "fsdp_ckpt": (True, True), "fsdp": (True, False), "selective": (False, True),
             "fsdp_selective": (True, True)}
 SELECTIVE = {"selective": "as given", "fsdp_selective": "fsdp"}  # selective setting -> the setting it relieves
-CHECKED = {"selective": "", "fsdp_selective": "fsdp_ckpt"}  # -> the setting that checkpoints every block
+CHECKED = {"fsdp_selective": "fsdp_ckpt"}  # -> the setting searched that checkpoints every block, where one is
 BASELINE_SETTING = {"ddp": "as given", "ddp_accum": "as given", "fsdp": "fsdp", "fsdp_accum_ckpt": "fsdp_ckpt"}
 
 
@@ -130,7 +137,8 @@ class _Search:
                     rates = HardwareRates(self.cluster, self.profile, options.precision)
                     best = self.best()  # a selection must beat it: per micro-step, the search's objective
                     blocks = select_blocks(graph, self.cluster, rates, options,
-                                           self.priced(SELECTIVE[setting], k), self.priced(CHECKED[setting], k),
+                                           self.priced(SELECTIVE[setting], k),
+                                           self.priced(CHECKED[setting], k) if setting in CHECKED else None,
                                            best[2].step_seconds / k if best else float("inf"))
                     if not blocks:  # fits without checkpointing (searched as given), or not even with every block
                         raise PlanDoesNotFit("no selection of checkpointed blocks helps here")
@@ -263,5 +271,5 @@ def data_parallel_baselines(graph: LayerGraph, cluster: Cluster, profile: dict[s
     return result
 
 
-__all__ = ["BASELINES", "BASELINE_SETTING", "accumulated", "data_parallel_baselines", "micro_graph",
+__all__ = ["BASELINES", "BASELINE_SETTING", "accumulated", "data_parallel_baselines", "divisors_of", "micro_graph",
            "micro_step_counts", "plan_micro_steps", "search_settings"]

@@ -373,6 +373,14 @@ def block_output_layers(graph: LayerGraph, blocks: tuple[str, ...] | None = None
     return {layer_id for layer_id, _ in graph.layers() if layer_id not in recomputed}
 
 
+def search_cost_model(cluster: Cluster, rates: HardwareRates, options: PlanOptions) -> CostModel:
+    """The cost model a search over ``options``' space prices with (the runnable space passes activations in the
+    batch layout between layers)."""
+    return CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=options.fsdp,
+                                                 checkpointing=options.checkpointing,
+                                                 batch_interface=options.space == "runnable"))
+
+
 def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
                options: PlanOptions | None = None, progress: Callable[[str], None] | None = None) -> Plan:
     """The fastest plan that fits memory, with DDP and FSDP priced by the same model."""
@@ -386,9 +394,7 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
     options = options or PlanOptions()
     started = time.perf_counter()
     rates = HardwareRates(cluster, profile, options.precision)
-    cost_options = CostOptions(precision=options.precision, fsdp=options.fsdp, checkpointing=options.checkpointing,
-                               batch_interface=options.space == "runnable")
-    model = CostModel(cluster, rates, cost_options)
+    model = search_cost_model(cluster, rates, options)
     if progress:
         progress(f"pricing {len(graph)} layers on {cluster.world_size} devices")
     priced = price_graph(graph, model, options, progress)
@@ -689,4 +695,4 @@ def data_parallel_prediction(graph: LayerGraph, cluster: Cluster, rates: Hardwar
 
 
 __all__ = ["PlanDoesNotFit", "PlanOptions", "data_parallel_prediction", "forced_splits", "layer_space",
-           "plan_and_price", "plan_graph", "price_graph", "new_plan", "search_under_memory"]
+           "plan_and_price", "plan_graph", "price_graph", "new_plan", "search_cost_model", "search_under_memory"]

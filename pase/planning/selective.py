@@ -15,18 +15,14 @@ from collections import defaultdict
 from dataclasses import replace
 
 from cost_models.cluster import Cluster
-from cost_models.layer_costs import CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.graph import LayerGraph
-from pase.planning.per_layer import PlanOptions, PricedGraph, _solve_priced, price_graph
+from pase.planning.per_layer import PlanOptions, PricedGraph, _solve_priced, price_graph, search_cost_model
 from strategies.checkpointing import checkpointed_blocks
 
 
 def _priced(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions) -> PricedGraph:
-    model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=options.fsdp,
-                                                  checkpointing=options.checkpointing,
-                                                  batch_interface=options.space == "runnable"))
-    return price_graph(graph, model, options)
+    return price_graph(graph, search_cost_model(cluster, rates, options), options)
 
 
 def select_blocks(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions,

@@ -25,7 +25,8 @@ from cost_models.catalog import Catalog
 from cost_models.cluster import Cluster, catalog_fabric, load_cluster
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.planning.micro_steps import plan_micro_steps
+from pase.planning.micro_steps import accumulated, micro_step_counts, plan_micro_steps
+from pase.planning.micro_steps import divisors_of as divisors_of  # re-exported: what-if callers used it here
 from pase.planning.per_layer import PlanDoesNotFit, PlanOptions, size_text
 from pase.planning.pipeline import plan_with_pipeline
 from pase.planning.plan import Plan, summarize_blocks
@@ -103,7 +104,7 @@ def evaluate(graph_at: Callable[[int], LayerGraph], cluster: Cluster, batch: int
     # micro-steps per step: the per-layer planner's own joint search (pase.planning.micro_steps), in the runnable
     # space leaving every device an equal chunk of each micro-step
     chunks = cluster.world_size if options.space == "runnable" else 1
-    steps = [k for k in divisors_of(batch) if (batch // k) % chunks == 0]
+    steps = micro_step_counts(batch, chunks)
     if not steps:
         row.note = (f"the global batch {batch} does not divide into equal chunks over {cluster.world_size} devices, "
                     "which the runtime needs")
@@ -272,7 +273,7 @@ def _step(plan: Plan, micro_steps: int) -> float:
     micro-steps already predicts the whole step."""
     if plan.micro_steps > 1:
         return plan.predicted.step_seconds
-    return plan.predicted.step_seconds * micro_steps - plan.predicted.gradient_sync_seconds * (micro_steps - 1)
+    return accumulated(plan.predicted, micro_steps, plan.batch * micro_steps).step_seconds
 
 
 def _identity(cluster: Cluster) -> str:
@@ -339,7 +340,3 @@ def _mark_scaling(points: list[ClusterResult]) -> None:
             best = point
 
 
-def divisors_of(n: int) -> list[int]:
-    """The divisors of ``n`` in increasing order, in O(sqrt(n)) (a batch of 2^31 has its divisors in a blink)."""
-    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
-    return small + [n // k for k in reversed(small) if k * k != n]
