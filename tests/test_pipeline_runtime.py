@@ -149,3 +149,31 @@ def test_stage_groups_must_split_the_batch_over_the_whole_group(graph) -> None:
                      for layer in single.layers]
     with pytest.raises(PaseError, match=f"^pipeline stage 1 runs on one device per replica but plans layer {last}"):
         pipeline_mesh(single)
+
+
+def test_a_step_under_another_autocast_than_the_trace_is_refused_in_one_line() -> None:
+    """torch.export fixed the stages' dtypes when they were traced: a step under another autocast would fail deep in
+    the traced graph, so pase_step refuses it first, naming both."""
+    import torch
+    from torch import nn
+
+    from pase.runtime.pipeline import PipelineModel
+
+    stage = PipelineModel.__new__(PipelineModel)  # the check comes before any stage work
+    nn.Module.__init__(stage)
+    stage.autocast, stage.device_type = None, "cpu"
+    with torch.autocast("cpu", dtype=torch.float16), \
+            pytest.raises(PaseError, match="traced for no autocast but the step runs under torch.float16 autocast"):
+        stage.pase_step(None, None, torch.Generator())
+
+
+def test_a_plan_checkpointing_blocks_the_model_lacks_is_refused() -> None:
+    from strategies.checkpointing import checkpointed_blocks, planned_blocks
+
+    graph = extract_model("unet-tiny", 2, use_cache=True)
+    every = checkpointed_blocks(graph)
+    assert planned_blocks({"checkpointing": True}, graph) == every
+    assert planned_blocks({"checkpointing": True, "checkpoint_blocks": every[:2]}, graph) == every[:2]
+    assert planned_blocks({"checkpointing": False, "checkpoint_blocks": every[:2]}, graph) == []
+    with pytest.raises(PaseError, match="the plan checkpoints nope, which this model's layer graph does not have"):
+        planned_blocks({"checkpointing": True, "checkpoint_blocks": ["nope"]}, graph)
