@@ -103,8 +103,8 @@ def default_profile_dir() -> Path:
 
 def run_calibration(config: CalibrationConfig, progress: bool = True) -> dict[str, Any]:
     """Spawn ``config.nproc`` workers, measure, and return the profile (rank 0's merged view)."""
-    if config.nproc < 2:
-        raise PaseError("calibration measures collectives between processes: use --nproc 2 or more")
+    if config.nproc < 1:
+        raise PaseError("--nproc must be 1 or more (1 measures compute and memory only, no collectives)")
     backend = config.resolved_backend()
     if backend == "nccl" and torch.cuda.device_count() < config.nproc:
         raise PaseError(f"--nproc {config.nproc} needs {config.nproc} GPUs for NCCL, but CUDA sees "
@@ -219,7 +219,10 @@ def _sync(device: torch.device) -> None:
 
 
 def group_sizes(world: int) -> list[int]:
-    """Group sizes to measure: powers of two up to the world, and the world itself (e.g. 2, 4, 6)."""
+    """Group sizes to measure: powers of two up to the world, and the world itself (e.g. 2, 4, 6); none for
+    one process, which has no collective to time (a one-GPU machine still calibrates compute and memory)."""
+    if world < 2:
+        return []
     return sorted({2 ** k for k in range(1, world.bit_length()) if 2 ** k <= world} | {world})
 
 
@@ -311,7 +314,8 @@ def build_layer_op(kind: str, dims: dict[str, int], attrs: dict[str, Any], devic
         flops = 2 * n * dims["c_out"] * dims["h"] * dims["w"] * dims["c_in"] * kh * kw
         return (lambda: F.conv2d(x, weight, stride=stride, padding=(kh // 2, kw // 2))), [x, weight], 3 * flops, 0
     if kind == "linear":
-        lead = [d for name, d in dims.items() if name not in ("c_out", "c_in")]
+        # rows only: channel dims, including a second output dim of a chunked projection (GEGLU's c_out_N), are not
+        lead = [d for name, d in dims.items() if not name.startswith("c_")]
         x, weight = leaf(*lead, dims["c_in"]), leaf(dims["c_out"], dims["c_in"])
         flops = 2 * int(np.prod(lead)) * dims["c_out"] * dims["c_in"]
         return (lambda: F.linear(x, weight)), [x, weight], 3 * flops, 0

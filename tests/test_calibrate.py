@@ -116,6 +116,37 @@ def test_group_sizes() -> None:
     assert group_sizes(2) == [2]
     assert group_sizes(8) == [2, 4, 8]
     assert group_sizes(6) == [2, 4, 6]
+    assert group_sizes(1) == []  # one process: no collective to time
+
+
+def test_one_process_times_compute_and_memory_only(tmp_path) -> None:
+    """A one-GPU machine calibrates too (first seen failing on an H200): compute and memory, no collectives;
+    and what it writes prices a plan."""
+    out = tmp_path / "one.json"
+    result = subprocess.run([sys.executable, "-m", "pase", "hw", "calibrate", "--nproc", "1", "--backend", "gloo",
+                             "--iterations", "2", "--model", "unet-tiny", "--out", str(out)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    profile = load_profile(out)
+    assert profile["world_size"] == 1 and not any(profile["collectives"].values())
+    assert all(_positive(entry.get("flops_per_second", entry.get("bytes_per_second")))
+               for entry in profile["compute"].values())
+    rates = HardwareRates(parse_spec("2xH100-SXM"), profile=profile)
+    assert rates.compute("conv").source.startswith("measured")
+    assert not rates.collective("all_reduce", [0, 1]).source.startswith("measured")  # none measured: topology
+
+
+def test_a_chunked_projection_is_timed_at_its_own_size() -> None:
+    """GEGLU's projection carries a second output dim (c_out_N): the stand-in's input is rows x c_in, not rows x
+    c_in x N (which asked an H200 for 200 GiB at SD-1.5's batch 8)."""
+    import torch
+
+    from cost_models.calibrate import build_layer_op
+
+    dims = {"n": 8, "s": 4096, "c_out": 2560, "c_in": 320, "c_out_1280": 1280}
+    _, leaves, flops, _ = build_layer_op("linear", dims, {}, torch.device("meta"), torch.bfloat16)
+    assert [tuple(t.shape) for t in leaves] == [(8, 4096, 320), (2560, 320)]
+    assert flops == 3 * 2 * 8 * 4096 * 2560 * 320
 
 
 def test_a_group_spanning_nodes_drives_one_nic_share_per_member() -> None:

@@ -39,6 +39,17 @@ def test_dgx_h100_nvswitch() -> None:
     assert result.gpus[0].memory_bw_gbps == pytest.approx(3352, rel=0.01)
 
 
+def test_recorded_h200_in_a_vm() -> None:
+    """Recorded with `pase hw probe --record` on a one-GPU H200 virtual machine (2026-12-04, driver 580.159.04):
+    NVLink answers NotSupported there, which is no NVLink rather than a degraded GPU."""
+    result = probe(replay("h200_1x_vm_recorded"))
+    assert len(result.gpus) == 1 and not result.gpus[0].nvlinks
+    cluster = result.to_cluster()
+    assert cluster.gpu.id == "H200-SXM" and cluster.world_size == 1
+    # 6016-bit HBM3e at 3201 MHz, double data rate: the datasheet's 4.8 TB/s
+    assert result.gpus[0].memory_bw_gbps == pytest.approx(4800, rel=0.01)
+
+
 def test_l40s_two_pcie_switches_and_a_degraded_field() -> None:
     result = probe(replay("l40s_4x_pcie"))
     assert all(not gpu.nvlinks for gpu in result.gpus)

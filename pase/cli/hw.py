@@ -213,7 +213,8 @@ def probe_command(
 
 @hw_app.command("calibrate")
 def calibrate_command(
-    nproc: Annotated[int, typer.Option(help="Processes (GPUs with NCCL; CPU processes with gloo).")] = 2,
+    nproc: Annotated[int, typer.Option(help="Processes (GPUs with NCCL; CPU processes with gloo); 1 times compute "
+                                       "and memory only.")] = 2,
     backend: Annotated[str | None, typer.Option(help="nccl or gloo (default: nccl when CUDA is available).")] = None,
     model: Annotated[str, typer.Option(help="Zoo model or LayerGraph JSON whose layer shapes are timed.")]
     = "unet-tiny",

@@ -238,7 +238,8 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
         if bar:
             bar.stop()
         peak = torch.cuda.max_memory_allocated(run.device) if cuda else host.peak()
-        mine = torch.tensor([statistics.median(times[warmup:]), float(peak)], dtype=torch.float64)
+        # on the run's device: NCCL reduces device tensors only
+        mine = torch.tensor([statistics.median(times[warmup:]), float(peak)], dtype=torch.float64, device=run.device)
         gathered = [torch.zeros_like(mine) for _ in range(run.world_size)]
         dist.all_gather(gathered, mine)
         layout = parallel.pase_layout.summary()
@@ -321,7 +322,7 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: Mode
                                   {f"weight:{n}": want_weights[n][stable[n]] if n in stable else want_weights[n]
                                    for n in got_weights if n in want_weights}))
     worst = max(errors, key=errors.get)
-    mine = torch.tensor([errors[worst], counter.total_bytes], dtype=torch.float64)
+    mine = torch.tensor([errors[worst], counter.total_bytes], dtype=torch.float64, device=run.device)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)
     layout = parallel.pase_layout
     del parallel, optimizer
