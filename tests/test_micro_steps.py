@@ -189,3 +189,56 @@ def test_two_processes_recompute_only_the_blocks_the_plan_selects(tmp_path) -> N
     report = _verify(tmp_path / "plan.json")
     assert report["max_rel_error"] < 1e-5 and report["layers_as_planned"] == report["layers_total"]
     assert report["comm_bytes_measured"] == pytest.approx(report["comm_bytes_predicted"], rel=1e-3)
+
+
+def test_the_same_command_selects_the_same_blocks_in_any_process(tmp_path) -> None:
+    """Blocks that free memory at the same price rank in model order, not in the order string hashes give a set
+    (which changes with PYTHONHASHSEED: the same `pase plan` once printed two different selections). The CLI
+    prints the selection and the sharding per block."""
+    cluster = tmp_path / "tiny-gpu.json"
+    cluster.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.011,
+                                           "memory_bw_gbps": 100}, "gpus_per_node": 2}))
+    chosen, printed = [], []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"plan{seed}.json"
+        done = subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", str(cluster),
+                               "--batch", "2", "--json", str(out)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONHASHSEED": seed, "COLUMNS": "200"}, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        chosen.append(Plan.load(out).options["checkpoint_blocks"])
+        printed.append(next(line for line in done.stdout.splitlines() if "recompute" in line and "of" in line))
+    assert chosen[0] and chosen[0] == chosen[1] == chosen[2]
+    assert f"recompute {len(chosen[0])} of" in printed[0] and chosen[0][0] in printed[0]
+    assert "sharding" in printed[0]
+
+
+def test_explain_a_block_prices_each_recompute_and_sharding_choice_around_the_plan(tmp_path) -> None:
+    """`--explain BLOCK`: the plan's own choice reproduces the plan's step and memory; recomputing the block trades
+    memory for time; a choice that shards this block alone is marked as one the runtime does not run; a block
+    the plan does not have is refused with the names it has."""
+    from cost_models.rates import HardwareRates
+    from pase.planning.explain import explain_block
+
+    graph = extract_model("unet-tiny", 2, use_cache=True)
+    cluster, options = parse_spec("2xH100-SXM"), PlanOptions(memory_fraction=1.2e-4)
+    plan, priced = make_plan(graph, cluster, options=options)
+    rates = HardwareRates(cluster, None, options.precision)
+    block = plan.options["checkpoint_blocks"][0]
+    rows = explain_block(graph, plan, priced, cluster, rates, options, block)
+    chosen = [row for row in rows if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["recompute"] and chosen[0]["runnable"]
+    assert chosen[0]["step_seconds"] == pytest.approx(plan.predicted.step_seconds, rel=1e-9)
+    kept = next(r for r in rows if not r["recompute"] and r["sharding"] == chosen[0]["sharding"])
+    assert kept["block_memory_bytes"] > chosen[0]["block_memory_bytes"]  # recomputing frees this block's activations
+    assert kept["step_seconds"] < chosen[0]["step_seconds"] and not kept["fits"]  # ... at a price the plan must pay
+    assert all(row["runnable"] == (row["sharding"] == chosen[0]["sharding"]) for row in rows)
+    with pytest.raises(PaseError, match="no block 'down_blocks.9'"):
+        explain_block(graph, plan, priced, cluster, rates, options, "down_blocks.9")
+    tiny_gpu = tmp_path / "tiny-gpu.json"  # the docs' made-up GPU: memory binds at the default memory fraction
+    tiny_gpu.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.011,
+                                            "memory_bw_gbps": 100}, "gpus_per_node": 2}))
+    shown = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", str(tiny_gpu), "--batch", "2",
+                                     "--explain", "mid_block.attentions.0"])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.split())
+    assert "choices for block mid_block.attentions.0" in text and "chosen" in text

@@ -1,6 +1,7 @@
 """``pase plan`` and ``pase search``: the optimal plan for a model on a cluster, and the exact solver alone."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -22,8 +23,10 @@ from pase.cli.console import (
 from pase.errors import PaseError
 
 if TYPE_CHECKING:
+    from cost_models.cluster import Cluster
+    from cost_models.rates import HardwareRates
     from pase.graph import LayerGraph
-    from pase.planning import Plan, PricedGraph
+    from pase.planning import Plan, PlanOptions, PricedGraph
 
 
 def plan(
@@ -37,7 +40,9 @@ def plan(
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, max=MAX_BATCH,
                                        help="Global batch per training step.")] = 64,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the plan JSON here.")] = None,
-    explain: Annotated[str | None, typer.Option(help="Show the best alternatives for this layer id.")] = None,
+    explain: Annotated[str | None, typer.Option(help="A layer id: its best alternative splits; a block (as the plan "
+                                                "table names it): each recompute and sharding choice for it. "
+                                                "Everything else as planned.")] = None,
     only: Annotated[str | None, typer.Option(help="Restrict to one kind of parallelism: dp (batch splits), fsdp "
                                              "(batch splits, sharded weights), tensor (every layer that can split "
                                              "channels or heads does) or pipeline (pipeline stages).")] = None,
@@ -111,7 +116,13 @@ def plan(
     if explain:
         if result.stages or priced is None:
             raise PaseError("--explain shows alternatives within a per-layer plan; run it without --pipeline")
-        _print_explain(graph, result, priced, explain)
+        if explain in {block.name for block in result.blocks}:
+            from cost_models.rates import HardwareRates
+
+            rates = HardwareRates(target, measured, precision)
+            _print_explain_block(graph, result, priced, target, rates, options, explain)
+        if explain in priced.ids or explain not in {block.name for block in result.blocks}:
+            _print_explain(graph, result, priced, explain)
     if json_path is not None:
         write_output(json_path, "--json", result.save)
 
@@ -172,6 +183,19 @@ def runnable_summary(result: Plan) -> str:
             "`pase.parallelize` refuses this plan. Plan without `--space all` for one that runs.")
 
 
+def blocks_summary(result: Plan) -> str:
+    """One line: the step's micro-steps, which blocks recompute, how blocks are sharded (the plan JSON's
+    ``micro_steps`` and ``blocks``)."""
+    blocks = [b for b in result.blocks if not b.name.startswith("input:")]
+    recomputed = [b.name for b in blocks if b.checkpoint]
+    shown = ", ".join(recomputed[:6]) + (f" and {len(recomputed) - 6} more" if len(recomputed) > 6 else "")
+    sharding = Counter(b.sharding for b in blocks)
+    steps = (f"{result.micro_steps} micro-steps of {result.micro_batch} samples" if result.micro_steps > 1
+             else "one step, no accumulation")
+    return (f"{steps}; recompute {len(recomputed)} of {len(blocks)} blocks" + (f" ({shown})" if shown else "")
+            + "; sharding " + ", ".join(f"{kind}: {n} blocks" for kind, n in sharding.most_common()) + ".")
+
+
 def print_plan(result: Plan) -> None:
     from pase.planning.plan import summarize_blocks
 
@@ -179,14 +203,18 @@ def print_plan(result: Plan) -> None:
     table = Table(title=f"plan for {result.model} on {result.cluster} ({result.devices} devices), global batch "
                         f"{result.batch}{accumulation}, {result.precision}"
                         + (" (layer times per micro-step)" if accumulation else ""))
-    for column in ("block", "layers", "split (most layers)", "time ms", "memory GiB"):
+    choices = {block.name: block for block in result.blocks}
+    for column in ("block", "layers", "split (most layers)", "recompute", "sharding", "time ms", "memory GiB"):
         table.add_column(column, justify="left" if column in ("block", "split (most layers)") else "right")
     for block in summarize_blocks(result):
         split, count = block.splits.most_common(1)[0]
         others = f" (+{block.layers - count} other)" if count < block.layers else ""
-        table.add_row(block.block, str(block.layers), split + others, f"{block.seconds * 1e3:.2f}",
-                      f"{block.memory / 2**30:.2f}")
+        choice = choices.get(block.block)
+        table.add_row(block.block, str(block.layers), split + others,
+                      "yes" if choice and choice.checkpoint else "", choice.sharding if choice else "",
+                      f"{block.seconds * 1e3:.2f}", f"{block.memory / 2**30:.2f}")
     console.print(table)
+    console.print(blocks_summary(result), highlight=False)
     if result.stages:
         print_stages(result, console)
     compare = Table(title="predicted step (same cost model for every row)")
@@ -226,6 +254,29 @@ def print_plan(result: Plan) -> None:
                       + (f", conditioned on hubs {', '.join(search.conditioned_on)}" if search.conditioned_on else "")
                       + (f", proved within {search.proved_gap:.2%} of the optimum" if search.proved_gap else ", exact")
                       + f"); rates: {result.options['rates']}.")
+
+
+def _print_explain_block(graph: LayerGraph, result: Plan, priced: PricedGraph, cluster: Cluster,
+                         rates: HardwareRates, options: PlanOptions, block: str) -> None:
+    from pase.planning.explain import explain_block
+
+    rows = explain_block(graph, result, priced, cluster, rates, options, block)
+    table = Table(title=f"choices for block {block} (every layer keeps its split, every other block its choices; "
+                        f"whole step{f' of {result.micro_steps} micro-steps' if result.micro_steps > 1 else ''})")
+    unit, scale = ("GiB", 2**30) if result.predicted.memory_bytes_per_device >= 2**30 else ("MiB", 2**20)
+    per = " per micro-step" if result.micro_steps > 1 else ""
+    for column in ("recompute", "sharding", f"block ms{per}", f"block memory {unit}", "step ms", "vs plan",
+                   f"memory {unit}/device", ""):
+        table.add_column(column, justify="left" if column in ("recompute", "sharding", "") else "right")
+    planned = next(row for row in rows if row["chosen"])
+    for row in rows:
+        notes = ["chosen" if row["chosen"] else "", "" if row["fits"] else "over the memory limit",
+                 "" if row["runnable"] else "what-if: the runtime shards every block or none"]
+        table.add_row("yes" if row["recompute"] else "no", row["sharding"], f"{row['block_seconds'] * 1e3:.3f}",
+                      f"{row['block_memory_bytes'] / scale:.3f}", f"{row['step_seconds'] * 1e3:.3f}",
+                      f"{(row['step_seconds'] - planned['step_seconds']) * 1e3:+.3f}",
+                      f"{row['memory_bytes'] / scale:.3f}", "; ".join(filter(None, notes)))
+    console.print(table)
 
 
 def _print_explain(graph: LayerGraph, result: Plan, priced: PricedGraph, layer_id: str) -> None:

@@ -1,14 +1,21 @@
-"""Explain a plan: the cheapest alternatives for one layer, every other layer kept as planned."""
+"""Explain a plan: the cheapest alternatives for one layer, or every recompute and sharding choice for one
+block, everything else kept as planned."""
 from __future__ import annotations
 
+from dataclasses import replace
+from itertools import product
 from typing import Any
 
 import numpy as np
 
+from cost_models.cluster import Cluster
+from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
-from pase.planning.per_layer import PricedGraph
+from pase.planning.micro_steps import micro_graph
+from pase.planning.per_layer import PlanOptions, PricedGraph, price_graph, search_cost_model
 from pase.planning.plan import Plan
+from strategies.checkpointing import checkpointed_blocks
 
 
 def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, top: int = 5) -> list[dict[str, Any]]:
@@ -33,4 +40,62 @@ def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, t
              "chosen": int(k) == chosen[v]} for k in order]
 
 
-__all__ = ["explain"]
+def explain_block(graph: LayerGraph, plan: Plan, priced: PricedGraph, cluster: Cluster, rates: HardwareRates,
+                  options: PlanOptions, block: str) -> list[dict[str, Any]]:
+    """For ``block``: its time and memory, and the plan's step and peak memory, with the block recomputed or not and
+    its weights, gradients and optimizer state sharded or not, every layer keeping its planned split and every
+    other block its planned choices. ``runnable``: the runtime runs that choice as planned (it shards all blocks
+    or none, so a choice that shards this block alone is a what-if). ``graph``: captured at the step's batch."""
+    names = [b.name for b in plan.blocks]
+    if block not in names:
+        close = [n for n in names if block in n][:5]
+        raise PaseError(f"no block {block!r} in this plan" + (f"; did you mean {', '.join(close)}?" if close else
+                                                              f"; its blocks are {', '.join(names[:8])}, ..."))
+    micro = micro_graph(graph, plan.micro_steps)
+    sharded = bool(plan.options.get("fsdp"))
+    chosen_blocks = set(plan.options.get("checkpoint_blocks") or []) if plan.options.get("checkpointing") else set()
+    candidates = set(checkpointed_blocks(micro))
+    plain = replace(options, micro_steps=plan.micro_steps, checkpoint_blocks=None)
+    graphs = {(ck, sh): price_graph(micro, search_cost_model(cluster, rates, replace(plain, checkpointing=ck,
+                                                                                      fsdp=sh)), plain)
+              for ck, sh in product((False, True), repeat=2)}
+    assignment = [priced.spaces[i].index_of(layer.splits) for i, layer in enumerate(plan.layers)]
+    block_of = [micro[layer_id]["block"] for layer_id in priced.ids]
+    weighted = any(micro[layer_id].get("params") for layer_id, b in zip(priced.ids, block_of) if b == block)
+
+    def setting(of: str, recompute: bool, shard: bool) -> tuple[bool, bool]:
+        return (recompute, shard) if of == block else (of in chosen_blocks, sharded)
+
+    def price(recompute: bool, shard: bool) -> tuple[float, float, float, float]:
+        """(step seconds per micro-step, memory per device, the block's seconds, the block's memory)."""
+        seconds = memory = own_seconds = own_memory = 0.0
+        for v, k in enumerate(assignment):
+            g = graphs[setting(block_of[v], recompute, shard)]
+            t = float(g.compute[v][k] + g.comm[v][k] - g.sync_discount * g.syncs()[v][k])
+            seconds, memory = seconds + t, memory + float(g.memory[v][k])
+            if block_of[v] == block:
+                own_seconds, own_memory = own_seconds + t, own_memory + float(g.memory[v][k])
+        for e, (s, d, _) in enumerate(priced.edges):
+            owner = block_of[d] if block_of[d] in candidates else block_of[s]
+            t = float(graphs[setting(owner, recompute, shard)].edges[e][2][assignment[s], assignment[d]])
+            seconds += t
+            own_seconds += t if owner == block else 0.0
+        return seconds, memory, own_seconds, own_memory
+
+    planned = price(block in chosen_blocks, sharded)
+    limit = cluster.gpu.memory_bytes * options.memory_fraction
+    rows = []
+    for recompute, shard in product((False, True), repeat=2):
+        if (recompute and block not in candidates) or (shard != sharded and not weighted):
+            continue  # not a choice this block has: it cannot recompute alone, or has no state to shard
+        seconds, memory, own_seconds, own_memory = price(recompute, shard)
+        step = plan.predicted.step_seconds + plan.micro_steps * (seconds - planned[0])
+        peak = plan.predicted.memory_bytes_per_device + memory - planned[1]
+        rows.append({"recompute": recompute, "sharding": "full" if shard else "none", "block_seconds": own_seconds,
+                     "block_memory_bytes": own_memory, "step_seconds": step, "memory_bytes": peak,
+                     "fits": peak <= limit, "runnable": shard == sharded,
+                     "chosen": (recompute, shard) == (block in chosen_blocks, sharded)})
+    return rows
+
+
+__all__ = ["explain", "explain_block"]

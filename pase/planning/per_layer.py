@@ -437,7 +437,8 @@ def plan_blocks(graph: LayerGraph, options: Mapping[str, Any]) -> list[BlockChoi
     checkpointed = set(planned_blocks(dict(options), graph))
     sharding = "full" if options.get("fsdp") else "none"
     names = dict.fromkeys(data["block"] for _, data in graph.layers())
-    return [BlockChoice(name, name in checkpointed, sharding) for name in names]
+    weighted = {data["block"] for _, data in graph.layers() if data.get("params")}  # a block without weights
+    return [BlockChoice(name, name in checkpointed, sharding if name in weighted else "none") for name in names]
 
 
 def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: HardwareRates, **body: Any) -> Plan:

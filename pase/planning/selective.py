@@ -42,7 +42,8 @@ def select_blocks(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, opt
         return ()
     every = checked if checked is not None else _priced(graph, cluster, rates, replace(plain, checkpointing=True))
     assert [len(s) for s in none.spaces] == [len(s) for s in every.spaces]
-    blocks = set(checkpointed_blocks(graph))
+    in_order = list(dict.fromkeys(checkpointed_blocks(graph)))  # ties in the ranking go to model order, not
+    blocks = set(in_order)  # to string hashes (which differ between processes: the same command, another plan)
     block_of = [graph[layer_id]["block"] for layer_id in none.ids]
     seconds: dict[str, float] = defaultdict(float)
     freed: dict[str, float] = defaultdict(float)
@@ -57,7 +58,7 @@ def select_blocks(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, opt
         owner = block_of[d] if block_of[d] in blocks else block_of[s]
         if owner in blocks:
             seconds[owner] += float(added[assignment[s], assignment[d]] - plain_edge[assignment[s], assignment[d]])
-    ranked = sorted((b for b in blocks if freed[b] > 0), key=lambda b: max(seconds[b], 0.0) / freed[b])
+    ranked = sorted((b for b in in_order if freed[b] > 0), key=lambda b: max(seconds[b], 0.0) / freed[b])
     chosen: list[str] = []
     for block in ranked:
         if over <= 0:
