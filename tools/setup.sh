@@ -23,4 +23,11 @@ echo "[setup] installing pase (editable) with test extras"
 # every command would compile them again (0.15 s of each `pase plan`): compile them once, as a
 # regular pip install does.
 .venv/bin/python -m compileall -q pase cost_models strategies
+# Headless Chromium opens the HTML reports in tests/test_reports_in_browser.py (Debian's package, about 20 s).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  echo "[setup] installing chromium (the browser test of the HTML reports)"
+  { $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }; } \
+    >/dev/null 2>&1 || echo "[setup] could not install chromium: tests/test_reports_in_browser.py will be skipped"
+fi
 echo "[setup] done: $(.venv/bin/python -c 'import torch, pase; print("torch", torch.__version__, "| pase", pase.__version__)')"

@@ -1,7 +1,6 @@
 """``pase plan`` and ``pase search``: the optimal plan for a model on a cluster, and the exact solver alone."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -73,6 +72,11 @@ def plan(
     min_chunk: Annotated[str | None, typer.Option("--min-chunk", help="ROLE:SIZE[,ROLE:SIZE]: the smallest part of a "
                                                   "dimension a device may hold, per role (out_channel, reduction, "
                                                   "channel: 32; spatial: 16; sequence: 64; head, batch: 1).")] = None,
+    html_path: Annotated[Path | None, typer.Option("--html", help="Write a picture of the plan (blocks on the U with "
+                                                   "skip connections, coloured by split, marked where recomputed or "
+                                                   "sharded; time and memory bars; a pipeline's schedule) and the "
+                                                   "predictions as one self-contained HTML file.")] = None,
+    png_path: Annotated[Path | None, typer.Option("--png", help="Write the same picture as a PNG.")] = None,
     micro_steps: Annotated[str, typer.Option("--micro-steps", help="Gradient accumulation: run each step as this "
                                              "many micro-steps of batch / N, or auto (searched with the splits: the "
                                              "fewest that fit, more where that is faster).")] = "auto",
@@ -97,6 +101,8 @@ def plan(
     accumulation = parse_micro_steps(micro_steps)
     named, positional = parse_input_shapes(input_shape or [])
     check_writable(json_path, "--json")
+    check_writable(html_path, "--html")
+    check_writable(png_path, "--png")
     with err_console.status(f"capturing {model} at batch {batch} ...") as status:
         graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[precision]), input_shapes=named or None,
                               user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
@@ -125,6 +131,14 @@ def plan(
             _print_explain(graph, result, priced, explain)
     if json_path is not None:
         write_output(json_path, "--json", result.save)
+    if html_path is not None or png_path is not None:
+        from pase.planning.plan_report import write_plan_html, write_plan_png
+
+        pictured = priced if not result.stages else None  # a pipeline's stages were priced apart: layer times
+        if html_path is not None:
+            write_output(html_path, "--html", lambda target: write_plan_html(result, graph, pictured, target))
+        if png_path is not None:
+            write_output(png_path, "--png", lambda target: write_plan_png(result, graph, pictured, target))
 
 
 def parse_micro_steps(text: str) -> int | None:
@@ -183,21 +197,8 @@ def runnable_summary(result: Plan) -> str:
             "`pase.parallelize` refuses this plan. Plan without `--space all` for one that runs.")
 
 
-def blocks_summary(result: Plan) -> str:
-    """One line: the step's micro-steps, which blocks recompute, how blocks are sharded (the plan JSON's
-    ``micro_steps`` and ``blocks``)."""
-    blocks = [b for b in result.blocks if not b.name.startswith("input:")]
-    recomputed = [b.name for b in blocks if b.checkpoint]
-    shown = ", ".join(recomputed[:6]) + (f" and {len(recomputed) - 6} more" if len(recomputed) > 6 else "")
-    sharding = Counter(b.sharding for b in blocks)
-    steps = (f"{result.micro_steps} micro-steps of {result.micro_batch} samples" if result.micro_steps > 1
-             else "one step, no accumulation")
-    return (f"{steps}; recompute {len(recomputed)} of {len(blocks)} blocks" + (f" ({shown})" if shown else "")
-            + "; sharding " + ", ".join(f"{kind}: {n} blocks" for kind, n in sharding.most_common()) + ".")
-
-
 def print_plan(result: Plan) -> None:
-    from pase.planning.plan import summarize_blocks
+    from pase.planning.plan import blocks_summary, summarize_blocks
 
     accumulation = f" as {result.micro_steps} micro-steps of {result.micro_batch}" if result.micro_steps > 1 else ""
     table = Table(title=f"plan for {result.model} on {result.cluster} ({result.devices} devices), global batch "

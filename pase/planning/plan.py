@@ -209,6 +209,19 @@ class BlockSummary:
     splits: Counter[str] = field(default_factory=Counter)  # "dim=factor ..." (or "replicated") -> layers
 
 
+def blocks_summary(plan: Plan) -> str:
+    """One line: the step's micro-steps, which blocks recompute, how blocks are sharded (the plan JSON's
+    ``micro_steps`` and ``blocks``)."""
+    blocks = [b for b in plan.blocks if not b.name.startswith("input:")]
+    recomputed = [b.name for b in blocks if b.checkpoint]
+    shown = ", ".join(recomputed[:6]) + (f" and {len(recomputed) - 6} more" if len(recomputed) > 6 else "")
+    sharding = Counter(b.sharding for b in blocks)
+    steps = (f"{plan.micro_steps} micro-steps of {plan.micro_batch} samples" if plan.micro_steps > 1
+             else "one step, no accumulation")
+    return (f"{steps}; recompute {len(recomputed)} of {len(blocks)} blocks" + (f" ({shown})" if shown else "")
+            + "; sharding " + ", ".join(f"{kind}: {n} blocks" for kind, n in sharding.most_common()) + ".")
+
+
 def summarize_blocks(plan: Plan) -> list[BlockSummary]:
     """Per block, in the order of its first layer (for the plan table)."""
     blocks: dict[str, BlockSummary] = {}

@@ -14,6 +14,9 @@ from pase.planning.whatif import ClusterResult, WhatIfReport, seconds_text
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
+# records on <body> whether every image loaded (data-images-loaded="yes"), for the headless-browser test
+IMAGES_LOADED = ("<script>window.addEventListener('load',()=>{document.body.dataset.imagesLoaded="
+                 "[...document.images].every(i=>i.complete&&i.naturalWidth>0)?'yes':'no'})</script>")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}.summary{font-size:17px}"""
@@ -22,7 +25,7 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 def write_html(report: WhatIfReport, path: Path) -> None:
     """Write ``report`` to ``path`` atomically (one file, no external resources)."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pase what-if: {_e(report.model)}</title>"
-             f"<style>{STYLE}</style></head><body>",
+             f"<style>{STYLE}</style>{IMAGES_LOADED}</head><body>",
              f"<h1>What if: {_e(report.model)}, global batch {report.batch}, {_e(report.precision)}</h1>",
              f"<p class='summary'>{_e(report.summary)}</p>",
              _cluster_table(report.clusters, report.samples)]
