@@ -205,9 +205,23 @@ def test_html_is_well_formed_and_names_every_cluster(report, tmp_path) -> None:
     text = path.read_text()
     checker = _TagChecker()
     checker.feed(text)
-    assert not checker.errors and not checker.stack and checker.images >= 3
+    assert not checker.errors and not checker.stack and checker.images >= 4  # ... the cost-against-time chart
+    assert "Pareto front" in text
     for row in report.clusters:
         assert row.cluster in text
+
+
+def test_the_pareto_front_holds_the_clusters_nothing_beats_on_both_time_and_cost() -> None:
+    from pase.planning.whatif import ClusterResult, pareto_front
+
+    def cluster(name: str, hours: float | None, dollars: float | None, fits: bool = True) -> ClusterResult:
+        return ClusterResult(name, "H100-SXM", 8, fits, hours_for_samples=hours, dollars_for_samples=dollars)
+
+    rows = [cluster("slow-cheap", 10, 100), cluster("fast-dear", 2, 400), cluster("dominated", 6, 500),
+            cluster("middle", 5, 200), cluster("tie-dearer", 5, 250), cluster("unpriced", 1, None),
+            cluster("too-small", 0.5, 10, fits=False)]
+    assert [r.cluster for r in pareto_front(rows)] == ["fast-dear", "middle", "slow-cheap"]
+    assert pareto_front([]) == []
 
 
 def _whatif(*args: str) -> subprocess.CompletedProcess:

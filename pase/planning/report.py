@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pase.atomic import write_text
-from pase.planning.whatif import ClusterResult, WhatIfReport, seconds_text
+from pase.planning.whatif import ClusterResult, WhatIfReport, pareto_front, seconds_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -36,6 +36,10 @@ def write_html(report: WhatIfReport, path: Path) -> None:
         prices = [(r.cluster, r.dollars_for_samples) for r in fitting if r.dollars_for_samples is not None]
         if prices:
             parts.append(_chart(lambda ax: _bars(ax, prices, f"$ for {report.samples:.3g} samples")))
+            parts.append(f"<h2>Cost against time for {report.samples:.3g} samples</h2>"
+                         "<p>Each cluster a point; the line joins the Pareto front, the clusters no other beats on "
+                         "both time and cost.</p>")
+            parts.append(_chart(lambda ax: _cost_vs_time(ax, report)))
     if report.scaling:
         parts.append("<h2>Scaling with the number of GPUs</h2>")
         parts.append(_chart(lambda ax: _scaling(ax, report)))
@@ -71,6 +75,23 @@ def _bars(ax: Axes, bars: list[tuple[str, float]], label: str) -> None:
     ax.barh([cluster for cluster, _ in bars], [value for _, value in bars], color="#4477aa")
     ax.set_xlabel(label)
     ax.invert_yaxis()
+
+
+def _cost_vs_time(ax: Axes, report: WhatIfReport) -> None:
+    def point(r: ClusterResult) -> tuple[float, float]:
+        return float(r.hours_for_samples or 0.0), float(r.dollars_for_samples or 0.0)
+
+    points = [r for r in report.clusters if r.fits and r.hours_for_samples is not None
+              and r.dollars_for_samples is not None]
+    front = [point(r) for r in pareto_front(report.clusters)]
+    ax.scatter([point(r)[0] for r in points], [point(r)[1] for r in points], color="#999", label="cluster")
+    ax.plot([x for x, _ in front], [y for _, y in front], marker="o", color="#cc3311", label="Pareto front")
+    for r in points:
+        ax.annotate(r.cluster, point(r), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel(f"hours for {report.samples:.3g} samples")
+    ax.set_ylabel("$")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _scaling(ax: Axes, report: WhatIfReport) -> None:

@@ -65,6 +65,21 @@ class ClusterResult:
         return self.samples_per_second
 
 
+def pareto_front(results: list[ClusterResult]) -> list[ClusterResult]:
+    """The clusters no other beats on both time and dollars for the same samples (fitting, priced), fastest first:
+    the choices a purchase should be made among."""
+    priced = sorted((r for r in results if r.fits and r.hours_for_samples is not None
+                     and r.dollars_for_samples is not None),
+                    key=lambda r: (r.hours_for_samples, r.dollars_for_samples))
+    front: list[ClusterResult] = []
+    cheapest = float("inf")
+    for result in priced:  # by time: on the front when cheaper than every faster one
+        if float(result.dollars_for_samples or 0.0) < cheapest:
+            front.append(result)
+            cheapest = float(result.dollars_for_samples or 0.0)
+    return front
+
+
 class InterconnectPair(TypedDict):
     """One cluster with NVLink against its PCIe-only twin (a speed-up only where both fit)."""
 
