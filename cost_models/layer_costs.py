@@ -61,6 +61,10 @@ class SplitTable(Protocol):
 class CostOptions:
     precision: str = "bf16"
     fsdp: bool = False
+    # with fsdp: gather the weights again for the backward ("full", ZeRO-3) or keep them gathered from the forward
+    # through the backward ("gradients", ZeRO-2: FSDP2's reshard_after_forward=False): one gather less per
+    # micro-step, the whole weights in the compute precision held while it runs
+    reshard: bool = True
     checkpointing: bool = False
     bytes_per_param: int = TRAINING_BYTES_PER_PARAM
     overlap_gradients: bool = True  # weight collectives hide behind compute (see the module docstring)
@@ -216,8 +220,10 @@ class CostModel:
                 reduction_split & (set(p["map"]) <= set(anchor_map)) & self.options.batch_interface)
             sharded = np.where(whole, 0.0, shard)
             weight_sync += priced("reduce_scatter", sharded, replicas, stride, bucketed=True)
-            weight_sync += 2 * priced("all_gather", sharded, replicas, stride, bucketed=True)
-            comm_bytes = comm_bytes + self.collective_bytes("all_gather", sharded, replicas)  # the second gather
+            gathers = 2 if self.options.reshard else 1
+            weight_sync += gathers * priced("all_gather", sharded, replicas, stride, bucketed=True)
+            if self.options.reshard:  # the backward's gather (a kept weight is gathered once)
+                comm_bytes = comm_bytes + self.collective_bytes("all_gather", sharded, replicas)
             reduced = priced("all_reduce", np.where(whole, shard, 0.0), replicas, stride, bucketed=True)
             weight_sync += reduced
             once += reduced
@@ -238,6 +244,8 @@ class CostModel:
         if self.options.fsdp and weights:
             replicas = np.max(np.stack([gradient_group(p["map"]) for p in weights]), axis=0)
             state = state / replicas
+            if not self.options.reshard:  # the gathered weights, kept from the forward to the end of the backward
+                state = state + np.where(replicas > 1, weight_local * itemsize, 0.0)
         saved = out_local * itemsize
         if self.options.checkpointing and not block_output:
             saved = np.zeros(len(f))

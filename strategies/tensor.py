@@ -543,7 +543,7 @@ class GradientSync:
             bucket.flat = bucket.work = None
 
 
-def shard_parameters(model: nn.Module, device_type: str, world: int, precision: str = "fp32"
+def shard_parameters(model: nn.Module, device_type: str, world: int, precision: str = "fp32", reshard: bool = True
                      ) -> list[nn.Parameter]:
     """FSDP2 (``fully_shard``) on every module that owns trainable parameters, for a plan with both tensor splits
     and ``--fsdp``: a channel-split module's shards are sharded again over its data-parallel peers (the "dp"
@@ -573,9 +573,10 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
         ignored = {module.bias} if reduced and module.bias is not None else set()
         whole.extend(ignored)
         # every unit is its own root (there is no enclosing one): reshard after forward explicitly, as FSDP does for
-        # non-root units, so that the backward gathers again (the memory FSDP saves, the bytes priced)
+        # non-root units, so that the backward gathers again (the memory FSDP saves, the bytes priced); under
+        # ZeRO-2 (``reshard=False``) the gathered weights stay until the backward (one gather, the bytes priced)
         fully_shard(module, mesh=groups.mesh["dp"] if groups is not None else world_mesh, mp_policy=policy,
-                    reshard_after_forward=True, ignored_params=ignored or None)
+                    reshard_after_forward=reshard, ignored_params=ignored or None)
         module.set_gradient_divide_factor(float(world))  # type: ignore[operator]
         if dist.get_backend() != "nccl":  # gloo has no pre-scaled sum: sum, then divide by the world
             module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]

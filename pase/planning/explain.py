@@ -40,10 +40,14 @@ def explain(graph: LayerGraph, plan: Plan, priced: PricedGraph, layer_id: str, t
              "chosen": int(k) == chosen[v]} for k in order]
 
 
+SHARDINGS = ("none", "gradients", "full")  # a block's state: replicated, ZeRO-2, FSDP (ZeRO-3)
+
+
 def explain_block(graph: LayerGraph, plan: Plan, priced: PricedGraph, cluster: Cluster, rates: HardwareRates,
                   options: PlanOptions, block: str) -> list[dict[str, Any]]:
     """For ``block``: its time and memory, and the plan's step and peak memory, with the block recomputed or not and
-    its weights, gradients and optimizer state sharded or not, every layer keeping its planned split and every
+    its state replicated, sharded but for the weights during the step (ZeRO-2, "gradients") or sharded
+    throughout (FSDP, "full"), every layer keeping its planned split and every
     other block its planned choices. ``runnable``: the runtime runs that choice as planned (it shards all blocks
     or none, so a choice that shards this block alone is a what-if). ``graph``: captured at the step's batch."""
     names = [b.name for b in plan.blocks]
@@ -52,21 +56,22 @@ def explain_block(graph: LayerGraph, plan: Plan, priced: PricedGraph, cluster: C
         raise PaseError(f"no block {block!r} in this plan" + (f"; did you mean {', '.join(close)}?" if close else
                                                               f"; its blocks are {', '.join(names[:8])}, ..."))
     micro = micro_graph(graph, plan.micro_steps)
-    sharded = bool(plan.options.get("fsdp"))
+    planned_sharding = ("full" if plan.options.get("reshard", True) else "gradients") if plan.options.get("fsdp") \
+        else "none"
     chosen_blocks = set(plan.options.get("checkpoint_blocks") or []) if plan.options.get("checkpointing") else set()
     candidates = set(checkpointed_blocks(micro))
     plain = replace(options, micro_steps=plan.micro_steps, checkpoint_blocks=None)
-    graphs = {(ck, sh): price_graph(micro, search_cost_model(cluster, rates, replace(plain, checkpointing=ck,
-                                                                                      fsdp=sh)), plain)
-              for ck, sh in product((False, True), repeat=2)}
+    graphs = {(ck, sh): price_graph(micro, search_cost_model(cluster, rates, replace(
+        plain, checkpointing=ck, fsdp=sh != "none", reshard=sh != "gradients")), plain)
+              for ck, sh in product((False, True), SHARDINGS)}
     assignment = [priced.spaces[i].index_of(layer.splits) for i, layer in enumerate(plan.layers)]
     block_of = [micro[layer_id]["block"] for layer_id in priced.ids]
     weighted = any(micro[layer_id].get("params") for layer_id, b in zip(priced.ids, block_of) if b == block)
 
-    def setting(of: str, recompute: bool, shard: bool) -> tuple[bool, bool]:
-        return (recompute, shard) if of == block else (of in chosen_blocks, sharded)
+    def setting(of: str, recompute: bool, shard: str) -> tuple[bool, str]:
+        return (recompute, shard) if of == block else (of in chosen_blocks, planned_sharding)
 
-    def price(recompute: bool, shard: bool) -> tuple[float, float, float, float]:
+    def price(recompute: bool, shard: str) -> tuple[float, float, float, float]:
         """(step seconds per micro-step, memory per device, the block's seconds, the block's memory)."""
         seconds = memory = own_seconds = own_memory = 0.0
         for v, k in enumerate(assignment):
@@ -82,19 +87,19 @@ def explain_block(graph: LayerGraph, plan: Plan, priced: PricedGraph, cluster: C
             own_seconds += t if owner == block else 0.0
         return seconds, memory, own_seconds, own_memory
 
-    planned = price(block in chosen_blocks, sharded)
+    planned = price(block in chosen_blocks, planned_sharding)
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     rows = []
-    for recompute, shard in product((False, True), repeat=2):
-        if (recompute and block not in candidates) or (shard != sharded and not weighted):
+    for recompute, shard in product((False, True), SHARDINGS):
+        if (recompute and block not in candidates) or (shard != planned_sharding and not weighted):
             continue  # not a choice this block has: it cannot recompute alone, or has no state to shard
         seconds, memory, own_seconds, own_memory = price(recompute, shard)
         step = plan.predicted.step_seconds + plan.micro_steps * (seconds - planned[0])
         peak = plan.predicted.memory_bytes_per_device + memory - planned[1]
-        rows.append({"recompute": recompute, "sharding": "full" if shard else "none", "block_seconds": own_seconds,
+        rows.append({"recompute": recompute, "sharding": shard, "block_seconds": own_seconds,
                      "block_memory_bytes": own_memory, "step_seconds": step, "memory_bytes": peak,
-                     "fits": peak <= limit, "runnable": shard == sharded,
-                     "chosen": (recompute, shard) == (block in chosen_blocks, sharded)})
+                     "fits": peak <= limit, "runnable": shard == planned_sharding,
+                     "chosen": (recompute, shard) == (block in chosen_blocks, planned_sharding)})
     return rows
 
 

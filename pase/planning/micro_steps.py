@@ -94,22 +94,26 @@ def _next_count(counts: list[int], current: int, factor: float) -> int | None:
     return next((k for k in larger if k >= current * factor), larger[-1]) if larger else None
 
 
-# (fsdp, checkpointing); "selective": the blocks checkpointed are chosen per micro-step count (pase.planning.selective)
-SETTINGS = {"as given": (False, False), "fsdp_ckpt": (True, True), "fsdp": (True, False), "selective": (False, True),
-            "fsdp_selective": (True, True)}
+# (fsdp, checkpointing, reshard); "selective": the blocks checkpointed are chosen per micro-step count
+# (pase.planning.selective); "zero2": sharded state, the weights gathered once per micro-step and kept through the
+# backward (FSDP2's reshard_after_forward=False; blocks' sharding "gradients"). ZeRO-1 (optimizer state alone) is
+# not searched: it holds whole gradients and moves half again ZeRO-2's bytes (all-reduce, then a gather of the
+# updated weights), so ZeRO-2 is never worse; under micro-steps both hold whole gradients between them.
+SETTINGS = {"as given": (False, False, True), "fsdp_ckpt": (True, True, True), "fsdp": (True, False, True),
+            "zero2": (True, False, False), "selective": (False, True, True), "fsdp_selective": (True, True, True)}
 SELECTIVE = {"selective": "as given", "fsdp_selective": "fsdp"}  # selective setting -> the setting it relieves
 CHECKED = {"fsdp_selective": "fsdp_ckpt"}  # -> the setting searched that checkpoints every block, where one is
 BASELINE_SETTING = {"ddp": "as given", "ddp_accum": "as given", "fsdp": "fsdp", "fsdp_accum_ckpt": "fsdp_ckpt"}
 
 
 def search_settings(options: PlanOptions) -> dict[str, PlanOptions]:
-    """The settings searched: the options as given and, when the user left them open and memory binds, FSDP alone
-    and FSDP with activation checkpointing."""
+    """The settings searched: the options as given and, when the user left them open and memory binds, FSDP alone,
+    ZeRO-2 (FSDP keeping the gathered weights through the backward) and FSDP with activation checkpointing."""
     given = replace(options, baselines=False)
     if options.only is not None or options.fsdp or options.checkpointing:
         return {"as given": given}
-    return {name: replace(given, fsdp=fsdp, checkpointing=checkpointing)
-            for name, (fsdp, checkpointing) in SETTINGS.items()}
+    return {name: replace(given, fsdp=fsdp, checkpointing=checkpointing, reshard=reshard)
+            for name, (fsdp, checkpointing, reshard) in SETTINGS.items()}
 
 
 class _Search:
@@ -213,7 +217,7 @@ def plan_micro_steps(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, 
     search.fewest("as given", counts, explore=micro_steps is None)
     plain = search.best()
     if plain is None or plain[0] > 1 or plain[1][0].search.memory_price:  # memory binds: sharding may pay
-        for setting in ("fsdp", "fsdp_ckpt"):
+        for setting in ("fsdp", "zero2", "fsdp_ckpt"):
             if setting in settings:
                 search.fewest(setting, counts, explore=micro_steps is None)
         for selective, relieved in SELECTIVE.items():  # or recomputing the blocks that free most memory per second

@@ -67,6 +67,7 @@ class PlanOptions:
     memory_fraction: float = 0.9
     only: str | None = None  # one kind of parallelism: see ONLY_KINDS
     fsdp: bool = False
+    reshard: bool = True  # with fsdp: False keeps gathered weights through the backward (ZeRO-2, "gradients")
     checkpointing: bool = False
     min_chunk: dict[str, int] | None = None  # per role; None: strategies.splits.MIN_CHUNK
     search_gap: float = 5e-3  # relative distance from the optimum the search may stop at (0: exact, slower)
@@ -377,7 +378,7 @@ def search_cost_model(cluster: Cluster, rates: HardwareRates, options: PlanOptio
     """The cost model a search over ``options``' space prices with (the runnable space passes activations in the
     batch layout between layers)."""
     return CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=options.fsdp,
-                                                 checkpointing=options.checkpointing,
+                                                 reshard=options.reshard, checkpointing=options.checkpointing,
                                                  batch_interface=options.space == "runnable"))
 
 
@@ -433,9 +434,10 @@ def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, An
 
 def plan_blocks(graph: LayerGraph, options: Mapping[str, Any]) -> list[BlockChoice]:
     """Every module block of ``graph`` in model order, with what the plan's options do to it: recompute it
-    (``strategies.checkpointing.planned_blocks``) and shard its state (FSDP: "full")."""
+    (``strategies.checkpointing.planned_blocks``) and shard its state (FSDP: "full"; FSDP keeping the gathered
+    weights through the backward: "gradients", ZeRO-2)."""
     checkpointed = set(planned_blocks(dict(options), graph))
-    sharding = "full" if options.get("fsdp") else "none"
+    sharding = ("full" if options.get("reshard", True) else "gradients") if options.get("fsdp") else "none"
     names = dict.fromkeys(data["block"] for _, data in graph.layers())
     weighted = {data["block"] for _, data in graph.layers() if data.get("params")}  # a block without weights
     return [BlockChoice(name, name in checkpointed, sharding if name in weighted else "none") for name in names]
@@ -447,6 +449,7 @@ def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: H
         model=str(graph.meta.get("model")), model_fingerprint=graph.fingerprint(), cluster=cluster.spec,
         devices=cluster.world_size, batch=graph.batch, precision=options.precision,
         options={"memory_fraction": options.memory_fraction, "only": options.only, "fsdp": options.fsdp,
+                 "reshard": options.reshard,
                  "search_gap": options.search_gap,
                  "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
                  "checkpoint_blocks": list(options.checkpoint_blocks) if options.checkpointing and

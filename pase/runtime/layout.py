@@ -108,7 +108,7 @@ def is_pure_data_parallel(layouts: list[LayerLayout]) -> bool:
 class ParallelLayout:
     """How a parallelized model runs its plan (``model.pase_layout``). Every layer runs as planned
     (``layer_layouts`` refuses plans otherwise), so ``layers_as_planned`` counts the layers applied."""
-    kind: str  # "single" (one process: the model as it is), "ddp", "fsdp", "tensor" or "pipeline"
+    kind: str  # "single" (one process: the model as it is), "ddp", "fsdp", "zero2", "tensor" or "pipeline"
     world_size: int
     layers: list[LayerLayout] = field(default_factory=list)
     tensor_degrees: list[int] = field(default_factory=list)

@@ -77,22 +77,24 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
     model.to(device)
     _broadcast_from_rank0(model)
     blocks = planned_blocks(plan.options, graph)
+    reshard = bool(plan.options.get("reshard", True))  # False: ZeRO-2, the gathered weights kept for the backward
+    sharding = "fsdp" if reshard else "zero2"
     if is_pure_data_parallel(layouts):
         fsdp = bool(plan.options.get("fsdp"))
         apply_checkpointing(model, blocks)  # inside the DDP / FSDP wrapping: the module tree is unchanged
         if world == 1 and not fsdp:  # nothing to synchronise, and DDP's hooks and buckets cost 14-32% of an H200
             model.pase_layout = ParallelLayout("single", world, layouts, checkpointed=blocks)  # SD-1.5 step
             return model
-        apply = apply_fsdp if fsdp else apply_ddp
-        result = apply(model, device, plan.precision)
-        result.pase_layout = ParallelLayout("fsdp" if fsdp else "ddp", world, layouts, checkpointed=blocks)
+        result = apply_fsdp(model, device, plan.precision, reshard) if fsdp else apply_ddp(model, device,
+                                                                                           plan.precision)
+        result.pase_layout = ParallelLayout(sharding if fsdp else "ddp", world, layouts, checkpointed=blocks)
         return result
     fsdp = bool(plan.options.get("fsdp"))
     result = _apply_tensor_layouts(model, layouts, device, world, plan.precision, sync=not fsdp)
     if fsdp:  # FSDP2 on each module with parameters, a split module's over its data-parallel peers
-        whole = shard_parameters(result, device.type, world, plan.precision)
+        whole = shard_parameters(result, device.type, world, plan.precision, reshard)
         result.pase_sync = GradientSync.install(result, world, dtype=GRADIENT_DTYPES[plan.precision], only=whole)
-        result.pase_layout.kind = "fsdp+tensor"
+        result.pase_layout.kind = f"{sharding}+tensor"
     # last: a block's forward that a split replaced (head-split attention) is what recomputes, collectives included
     result.pase_layout.checkpointed = apply_checkpointing(result, blocks)
     return result
