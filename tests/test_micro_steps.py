@@ -170,6 +170,7 @@ def test_where_memory_binds_the_search_checkpoints_some_blocks_and_not_others() 
     assert again.blocks == plan.blocks and again.options["checkpoint_blocks"] == chosen
 
 
+@pytest.mark.slow  # 15 s; micro-steps + selective + ZeRO-2 on 2 processes stays in the default suite
 @pytest.mark.timeout(300)
 def test_two_processes_recompute_only_the_blocks_the_plan_selects(tmp_path) -> None:
     """A tensor plan that checkpoints every third block: one step matches a single process, and the forward
@@ -199,7 +200,7 @@ def test_the_same_command_selects_the_same_blocks_in_any_process(tmp_path) -> No
     cluster.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.011,
                                            "memory_bw_gbps": 100}, "gpus_per_node": 2}))
     chosen, printed = [], []
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):
         out = tmp_path / f"plan{seed}.json"
         done = subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", str(cluster),
                                "--batch", "2", "--json", str(out)], capture_output=True, text=True, timeout=120,
@@ -207,7 +208,7 @@ def test_the_same_command_selects_the_same_blocks_in_any_process(tmp_path) -> No
         assert done.returncode == 0, done.stderr[-2000:]
         chosen.append(Plan.load(out).options["checkpoint_blocks"])
         printed.append(next(line for line in done.stdout.splitlines() if "recompute" in line and "of" in line))
-    assert chosen[0] and chosen[0] == chosen[1] == chosen[2]
+    assert chosen[0] and chosen[0] == chosen[1]
     assert f"recompute {len(chosen[0])} of" in printed[0] and chosen[0][0] in printed[0]
     assert "sharding" in printed[0]
 

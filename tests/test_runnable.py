@@ -233,6 +233,7 @@ def test_force_pins_layers_and_refuses_what_does_not_run(tiny) -> None:
     assert not next(layer for layer in wide.layers if layer.id == wide_in).runnable
 
 
+@pytest.mark.slow  # 15 s of CLI runs
 def test_cli_force_and_space(tmp_path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "4xL40S",

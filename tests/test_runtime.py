@@ -147,6 +147,7 @@ def test_replicas_on_4_ranks_with_and_without_fsdp() -> None:
         assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=1e-3)
 
 
+@pytest.mark.slow  # 28 s on 4 processes
 @pytest.mark.timeout(300)
 def test_output_channel_splits_on_replica_groups() -> None:
     """Every conv and linear split 2 ways by output channels with the batch unsplit on 4 ranks: 2 replicas per

@@ -177,6 +177,7 @@ def test_verify_checks_a_text_conditioned_unet(local, tmp_path: Path, only: str)
     _verify_check_passes(plan, tmp_path / "plan.json")
 
 
+@pytest.mark.slow  # 17 s of torchrun
 @pytest.mark.timeout(240)
 def test_verify_checks_channel_split_layer_norms_and_replicas(local, tmp_path: Path) -> None:
     """sd-tiny's transformer layer norms split over their channels (statistics all-reduced over the group) and its

@@ -20,6 +20,7 @@ def results() -> dict:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow  # 34 s of 2-process runs: the default suite stays under 10 minutes
 def test_grid_split_layers_match_a_single_process(results, case: str) -> None:
     per_rank = runtime_cases.matching_ranks(results, case, TOLERANCE)
     assert all(result["round_trip"] == 0.0 for result in per_rank)

@@ -28,6 +28,7 @@ def test_spatially_split_layers_match_a_single_process(case: str) -> None:
     assert max(r["comm_bytes"] for r in per_rank) == pytest.approx(predicted, rel=0.01)
 
 
+@pytest.mark.slow  # 21 s on 4 processes
 @pytest.mark.timeout(300)
 def test_convolutions_split_by_output_channels_and_rows_on_4_ranks() -> None:
     """Every convolution of unet-tiny that can, split 2 ways by output channels and 2 ways by rows (height or width)

@@ -5,10 +5,10 @@
 
 For each model, batch and cluster (8 to 64 H100s) it runs `pase plan` with no flags twice: with
 `--no-cache` (capture included) and with the layer-graph cache warm. It reports wall time, the
-search's elimination width and largest table, the micro-steps and FSDP / checkpointing the plan
-chose, and its gain over each baseline (DDP, FSDP, DDP with accumulation, FSDP with accumulation
-and checkpointing; "-" where one does not fit). Targets (issue 18): every case fits without flags,
-under 10 s cold for SD-1.5 and 30 s for SDXL at 64 GPUs.
+search's elimination width and largest table, the micro-steps, sharding (none, ZeRO-2 "gradients", FSDP
+"full") and recomputed blocks the plan chose, and its gain over each baseline (DDP, FSDP, DDP with
+accumulation, FSDP with accumulation and checkpointing; "-" where one does not fit). Targets (issue 18):
+every case fits without flags, under 10 s cold for SD-1.5 and 30 s for SDXL at 64 GPUs.
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def run(model: str, cluster: str, batch: int, cache: bool) -> dict:
     return {"cluster": cluster, "devices": plan["devices"], "batch": batch, "cached": cache,
             "wall_seconds": round(wall, 2), "micro_steps": plan.get("micro_steps", 1),
             "fsdp": plan["options"]["fsdp"], "checkpointing": plan["options"]["checkpointing"], "gains": gains,
+            "sharding": ("full" if plan["options"].get("reshard", True) else "gradients") if plan["options"]["fsdp"]
+            else "none",
+            "recomputed_blocks": sum(b.get("checkpoint", False) for b in plan.get("blocks", [])),
             "memory_gib": round(plan["predicted"]["memory_bytes_per_device"] / 2**30, 1),
             "pricing_seconds": plan["search"].get("pricing_seconds"), "search_seconds": plan["search"]["seconds"],
             "width": plan["search"]["width"],
@@ -75,15 +78,15 @@ def main() -> None:
         results[model] = rows
         table = Table(title=f"`pase plan --model {model}` end to end, one process each")
         for column in ("cluster", "p", "batch", "graph cache", "wall s", "search s", "width", "micro-steps",
-                       "fsdp/ckpt", "GiB", *(f"vs {name}" for name in BASELINES)):
+                       "sharding", "recomputed", "GiB", *(f"vs {name}" for name in BASELINES)):
             table.add_column(column, justify="left" if column == "cluster" else "right")
         for row in rows:
             if "error" in row:
-                table.add_row(row["cluster"], "", "", "", "", "", "", "", "", "", row["error"])
+                table.add_row(row["cluster"], "", "", "", "", "", "", "", "", "", "", row["error"])
                 continue
             table.add_row(row["cluster"], str(row["devices"]), str(row["batch"]), "warm" if row["cached"] else "cold",
                           f"{row['wall_seconds']:.1f}", f"{row['search_seconds']:.1f}", str(row["width"]),
-                          str(row["micro_steps"]), "/".join("y" if row[k] else "n" for k in ("fsdp", "checkpointing")),
+                          str(row["micro_steps"]), row["sharding"], str(row["recomputed_blocks"]),
                           f"{row['memory_gib']:.1f}",
                           *(f"{row['gains'][name]:.2f}x" if row["gains"].get(name) else "-" for name in BASELINES))
         console.print(table)
