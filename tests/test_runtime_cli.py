@@ -200,6 +200,7 @@ def test_verify_checks_channel_split_layer_norms_and_replicas(local, tmp_path: P
     _verify_check_passes(plan, tmp_path / "plan.json")
 
 
+@pytest.mark.slow  # 21 s; a text-conditioned pipeline plan also trains in the default suite (test_text_to_image)
 @pytest.mark.timeout(240)
 def test_verify_checks_pipeline_stages_of_a_text_conditioned_unet(local, tmp_path: Path) -> None:
     """sd-tiny in 2 pipeline stages: the text embeddings enter stage 0 and are sent on to the stage whose
