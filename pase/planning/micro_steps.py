@@ -153,9 +153,10 @@ class _Search:
                 self.found[setting, k, exact] = exc
         return self.found[setting, k, exact]
 
-    def fewest(self, setting: str, counts: list[int], explore: bool) -> None:
-        """The fewest micro-steps at which ``setting`` fits, and (``explore``, memory binding) about twice as many."""
-        k: int | None = counts[0]
+    def fewest(self, setting: str, counts: list[int], explore: bool, start: int | None = None) -> None:
+        """The fewest micro-steps at which ``setting`` fits, and (``explore``, memory binding) about twice as many;
+        from ``start`` (a count below which it cannot fit) or the fewest."""
+        k: int | None = start if start in counts else counts[0]
         while k is not None:
             result = self.run(setting, k)
             if not isinstance(result, PlanDoesNotFit):
@@ -164,6 +165,11 @@ class _Search:
                 return
             over = result.least_bytes / result.limit_bytes if result.limit_bytes else 2.0
             k = _next_count(counts, k, max(over, 1.0))
+
+    def fewest_fitting(self, setting: str) -> int | None:
+        """The fewest micro-steps at which ``setting`` was found to fit (None: nowhere searched)."""
+        return min((k for (s, k, _), result in self.found.items() if s == setting
+                    and not isinstance(result, PlanDoesNotFit)), default=None)
 
     def priced(self, setting: str, k: int) -> PricedGraph | None:
         """The graph as ``setting``'s search at ``k`` micro-steps priced it (None: not searched)."""
@@ -218,8 +224,9 @@ def plan_micro_steps(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, 
     plain = search.best()
     if plain is None or plain[0] > 1 or plain[1][0].search.memory_price:  # memory binds: sharding may pay
         for setting in ("fsdp", "zero2", "fsdp_ckpt"):
-            if setting in settings:
-                search.fewest(setting, counts, explore=micro_steps is None)
+            if setting in settings:  # ZeRO-2 holds FSDP's state and more: it fits at no fewer micro-steps
+                start = search.fewest_fitting("fsdp") if setting == "zero2" else None
+                search.fewest(setting, counts, explore=micro_steps is None, start=start)
         for selective, relieved in SELECTIVE.items():  # or recomputing the blocks that free most memory per second
             if selective in settings:
                 for k in search.selective_counts(relieved):
