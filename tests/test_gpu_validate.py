@@ -25,6 +25,8 @@ def test_dry_run_writes_a_complete_report(tmp_path) -> None:
         assert planned == total
     assert {row["kind"] for row in report["per_kind"]} >= {"conv", "linear", "attention"}
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    [overhead] = report["step_overhead"]  # eager against the runtime, phase by phase
+    assert overhead["eager"]["step"] > 0 and overhead["pase"]["step"] > 0 and overhead["pase_cpu_hot_ops"]
 
 
 def test_without_a_gpu_it_says_to_use_dry(tmp_path) -> None:

@@ -7,7 +7,8 @@ It runs what a user runs, as a user runs it (the ``pase`` CLI in subprocesses):
 3. for unet-tiny, ddpm-cifar10 and sd15-unet at a few per-GPU batches: ``pase plan`` on the probed cluster
    (catalog rates) and with the calibration profile, then ``pase verify`` of that plan (``torchrun`` over
    every GPU), so each case has a measured step beside two predictions;
-4. one JSON and one PNG report.
+4. ``tools/bench_step_overhead.py`` on sd15-unet: the step phase by phase, plain eager against the runtime;
+5. one JSON and one PNG report.
 
 ``--dry`` runs the same pipeline on CPU (gloo, fp32, small models and batches, unet-tiny's layers for the
 calibration): it proves the script end to end where there is no GPU; its numbers say nothing about GPUs.
@@ -171,6 +172,28 @@ def run_case(run: Runner, case: Case, cluster: str, profile: Path | None, dry: b
     case.layers_as_planned = f"{summary.get('layers_as_planned')}/{summary.get('layers_total')}"
 
 
+def step_overhead(run: Runner, dry: bool, precision: str) -> tuple[list[dict[str, Any]], str | None]:
+    """``tools/bench_step_overhead.py`` on one model: the step phase by phase, eager against ``pase.parallelize``
+    (what the runtime adds, and whether the host CPU bounds the step)."""
+    model, batches = ("unet-tiny", ["2"]) if dry else ("sd15-unet", ["4"])
+    out = run.out / "step_overhead.json"
+    timeout = min(150.0, run.left())
+    if timeout < 30:
+        return [], "step overhead: skipped, the report's time budget is spent"
+    command = [sys.executable, str(Path(__file__).with_name("bench_step_overhead.py")), "--model", model,
+               "--batch", *batches, "--precision", precision, "--steps", "4" if dry else "8", "--json", str(out)]
+    print(f"[gpu_validate] step overhead: {model} batch {batches[0]}", flush=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [], f"step overhead: timed out after {timeout:.0f} s"
+    run.log.write(f"$ {' '.join(command)}\n{done.stdout[-4000:]}{done.stderr[-4000:]}\nrc {done.returncode}\n\n")
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return [], f"step overhead: exit {done.returncode}: {lines[-1][:300] if lines else 'no output'}"
+    return json.loads(out.read_text()), None
+
+
 def per_kind_rates(profiles: dict[str, Any], cluster: dict[str, Any]) -> list[dict[str, Any]]:
     """Measured rate per layer kind and calibration batch, as a share of the catalog's peak, beside the
     catalog's constant efficiency for that kind (what the uncalibrated plan prices with)."""
@@ -276,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             cases.append(case)
             print(f"[gpu_validate] {case.name}: measured {case.measured_s}, predicted {case.predicted_catalog_s} "
                   f"(calibrated {case.predicted_calibrated_s}) {'; '.join(case.errors)}", flush=True)
+    overhead, failed = step_overhead(run, args.dry, precision)
+    errors += [failed] if failed else []
     report = {"machine": machine_facts(args.dry), "gpus": gpus, "precision": precision, "cluster": cluster_path,
+              "step_overhead": overhead,
               "calibration_model": (DRY_CALIBRATION if args.dry else GPU_CALIBRATION)[0],
               "per_kind": per_kind_rates(profiles, cluster) if profiles else [],
               "cases": [{**asdict(c), "ratio_catalog": _ratio(c.measured_s, c.predicted_catalog_s),
