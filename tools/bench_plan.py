@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pase.planning.plan import sharding_of
+
 CLUSTERS = ("8xH100-SXM", "2x8xH100-SXM+IB-NDR400x8", "4x8xH100-SXM+IB-NDR400x8", "8x8xH100-SXM+IB-NDR400x8")
 BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt")
 
@@ -42,8 +44,7 @@ def run(model: str, cluster: str, batch: int, cache: bool) -> dict:
     return {"cluster": cluster, "devices": plan["devices"], "batch": batch, "cached": cache,
             "wall_seconds": round(wall, 2), "micro_steps": plan.get("micro_steps", 1),
             "fsdp": plan["options"]["fsdp"], "checkpointing": plan["options"]["checkpointing"], "gains": gains,
-            "sharding": ("full" if plan["options"].get("reshard", True) else "gradients") if plan["options"]["fsdp"]
-            else "none",
+            "sharding": sharding_of(plan["options"]),
             "recomputed_blocks": sum(b.get("checkpoint", False) for b in plan.get("blocks", [])),
             "memory_gib": round(plan["predicted"]["memory_bytes_per_device"] / 2**30, 1),
             "pricing_seconds": plan["search"].get("pricing_seconds"), "search_seconds": plan["search"]["seconds"],

@@ -26,11 +26,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The plan's precision as the runtime runs it: autocast on GPUs, fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          enabled=device.type == "cuda" and precision != "fp32")
+
+
 def time_steps(model: torch.nn.Module, inputs: tuple[Any, ...], target: torch.Tensor, device: torch.device,
                precision: str, steps: int, warmup: int) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=device.type == "cuda" and precision != "fp32")
+    autocast = _autocast(device, precision)
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
 
     def one(split: bool) -> dict[str, float]:
@@ -69,8 +74,7 @@ def profile_step(model: torch.nn.Module, inputs: tuple[Any, ...], target: torch.
     from torch.profiler import ProfilerActivity, profile
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=device.type == "cuda" and precision != "fp32")
+    autocast = _autocast(device, precision)
     def step() -> None:
         with autocast:
             out = model(*inputs)

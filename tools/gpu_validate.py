@@ -66,24 +66,28 @@ class Runner:
 
     def pase(self, *args: str, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess[str] | str:
         """The CLI as users run it (under torchrun for several processes); a string says why it did not run."""
-        timeout = min(timeout, self.left())
-        if timeout < 10:
-            return "skipped: the report's time budget is spent"
         prefix = [sys.executable, "-m", "pase.cli"]
         if nproc > 1:
             prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                       "-m", "pase.cli"]
-        command = [*prefix, *args]
+        return self.command([*prefix, *args], " ".join(args), timeout, least=10)
+
+    def command(self, command: list[str], label: str, timeout: float, least: float
+                ) -> subprocess.CompletedProcess[str] | str:
+        """Run ``command`` within the budget (not at all when under ``least`` seconds are left), logged."""
+        timeout = min(timeout, self.left())
+        if timeout < least:
+            return "skipped: the report's time budget is spent"
         started = time.monotonic()
         self.log.write(f"$ {' '.join(command)}\n")
         self.log.flush()
-        print(f"[gpu_validate] {' '.join(args)[:110]}", flush=True)
+        print(f"[gpu_validate] {label[:110]}", flush=True)
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"})
         except subprocess.TimeoutExpired:
             self.log.write(f"timed out after {timeout:.0f} s\n\n")
-            return f"timed out after {timeout:.0f} s: pase {' '.join(args)}"
+            return f"timed out after {timeout:.0f} s: {label}"
         self.log.write(f"{done.stdout[-6000:]}{done.stderr[-6000:]}\nrc {done.returncode} in "
                        f"{time.monotonic() - started:.1f} s\n\n")
         self.log.flush()
@@ -177,21 +181,11 @@ def step_overhead(run: Runner, dry: bool, precision: str) -> tuple[list[dict[str
     (what the runtime adds, and whether the host CPU bounds the step)."""
     model, batches = ("unet-tiny", ["2"]) if dry else ("sd15-unet", ["4"])
     out = run.out / "step_overhead.json"
-    timeout = min(150.0, run.left())
-    if timeout < 30:
-        return [], "step overhead: skipped, the report's time budget is spent"
     command = [sys.executable, str(Path(__file__).with_name("bench_step_overhead.py")), "--model", model,
                "--batch", *batches, "--precision", precision, "--steps", "4" if dry else "8", "--json", str(out)]
-    print(f"[gpu_validate] step overhead: {model} batch {batches[0]}", flush=True)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [], f"step overhead: timed out after {timeout:.0f} s"
-    run.log.write(f"$ {' '.join(command)}\n{done.stdout[-4000:]}{done.stderr[-4000:]}\nrc {done.returncode}\n\n")
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        return [], f"step overhead: exit {done.returncode}: {lines[-1][:300] if lines else 'no output'}"
-    return json.loads(out.read_text()), None
+    failed = _failure(run.command(command, f"step overhead: {model} batch {batches[0]}", 150, least=30),
+                      "step overhead")
+    return ([], failed) if failed else (json.loads(out.read_text()), None)
 
 
 def per_kind_rates(profiles: dict[str, Any], cluster: dict[str, Any]) -> list[dict[str, Any]]:

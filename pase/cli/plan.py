@@ -122,12 +122,13 @@ def plan(
     if explain:
         if result.stages or priced is None:
             raise PaseError("--explain shows alternatives within a per-layer plan; run it without --pipeline")
-        if explain in {block.name for block in result.blocks}:
+        blocks = {block.name for block in result.blocks}
+        if explain in blocks:
             from cost_models.rates import HardwareRates
 
             rates = HardwareRates(target, measured, precision)
             _print_explain_block(graph, result, priced, target, rates, options, explain)
-        if explain in priced.ids or explain not in {block.name for block in result.blocks}:
+        if explain in priced.ids or explain not in blocks:
             _print_explain(graph, result, priced, explain)
     if json_path is not None:
         write_output(json_path, "--json", result.save)

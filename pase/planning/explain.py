@@ -14,7 +14,7 @@ from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.planning.micro_steps import micro_graph
 from pase.planning.per_layer import PlanOptions, PricedGraph, price_graph, search_cost_model
-from pase.planning.plan import Plan
+from pase.planning.plan import Plan, sharding_of
 from strategies.checkpointing import checkpointed_blocks
 
 
@@ -56,14 +56,14 @@ def explain_block(graph: LayerGraph, plan: Plan, priced: PricedGraph, cluster: C
         raise PaseError(f"no block {block!r} in this plan" + (f"; did you mean {', '.join(close)}?" if close else
                                                               f"; its blocks are {', '.join(names[:8])}, ..."))
     micro = micro_graph(graph, plan.micro_steps)
-    planned_sharding = ("full" if plan.options.get("reshard", True) else "gradients") if plan.options.get("fsdp") \
-        else "none"
+    planned_sharding = sharding_of(plan.options)
     chosen_blocks = set(plan.options.get("checkpoint_blocks") or []) if plan.options.get("checkpointing") else set()
     candidates = set(checkpointed_blocks(micro))
     plain = replace(options, micro_steps=plan.micro_steps, checkpoint_blocks=None)
     graphs = {(ck, sh): price_graph(micro, search_cost_model(cluster, rates, replace(
         plain, checkpointing=ck, fsdp=sh != "none", reshard=sh != "gradients")), plain)
               for ck, sh in product((False, True), SHARDINGS)}
+    syncs = {key: g.syncs() for key, g in graphs.items()}
     assignment = [priced.spaces[i].index_of(layer.splits) for i, layer in enumerate(plan.layers)]
     block_of = [micro[layer_id]["block"] for layer_id in priced.ids]
     weighted = any(micro[layer_id].get("params") for layer_id, b in zip(priced.ids, block_of) if b == block)
@@ -75,8 +75,9 @@ def explain_block(graph: LayerGraph, plan: Plan, priced: PricedGraph, cluster: C
         """(step seconds per micro-step, memory per device, the block's seconds, the block's memory)."""
         seconds = memory = own_seconds = own_memory = 0.0
         for v, k in enumerate(assignment):
-            g = graphs[setting(block_of[v], recompute, shard)]
-            t = float(g.compute[v][k] + g.comm[v][k] - g.sync_discount * g.syncs()[v][k])
+            key = setting(block_of[v], recompute, shard)
+            g = graphs[key]
+            t = float(g.compute[v][k] + g.comm[v][k] - g.sync_discount * syncs[key][v][k])
             seconds, memory = seconds + t, memory + float(g.memory[v][k])
             if block_of[v] == block:
                 own_seconds, own_memory = own_seconds + t, own_memory + float(g.memory[v][k])

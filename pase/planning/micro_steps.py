@@ -124,6 +124,7 @@ class _Search:
         self.graph, self.cluster, self.profile = graph, cluster, profile
         self.settings, self.progress = settings, progress
         self.found: dict[tuple[str, int, bool], Found | PlanDoesNotFit] = {}
+        self.graphs: dict[int, LayerGraph] = {}  # the graph at each micro-step count searched
 
     def run(self, setting: str, k: int, exact: bool = False) -> Found | PlanDoesNotFit:
         """The plan of ``setting`` at ``k`` micro-steps (``exact``: searched to the optimum, no gap)."""
@@ -135,7 +136,9 @@ class _Search:
             setting_options = self.settings[setting]
             options = replace(setting_options, micro_steps=k,
                               search_gap=0.0 if exact else setting_options.search_gap)
-            graph = micro_graph(self.graph, k)
+            if k not in self.graphs:  # every setting searched at k prices the same micro-step graph
+                self.graphs[k] = micro_graph(self.graph, k)
+            graph = self.graphs[k]
             try:
                 if setting in SELECTIVE:
                     rates = HardwareRates(self.cluster, self.profile, options.precision)
@@ -167,8 +170,8 @@ class _Search:
             k = _next_count(counts, k, max(over, 1.0))
 
     def fewest_fitting(self, setting: str) -> int | None:
-        """The fewest micro-steps at which ``setting`` was found to fit (None: nowhere searched)."""
-        return min((k for (s, k, _), result in self.found.items() if s == setting
+        """The fewest micro-steps at which ``setting``'s search found a plan that fits (None: at none)."""
+        return min((k for (s, k, exact), result in self.found.items() if s == setting and not exact
                     and not isinstance(result, PlanDoesNotFit)), default=None)
 
     def priced(self, setting: str, k: int) -> PricedGraph | None:
@@ -180,8 +183,7 @@ class _Search:
         """Where recomputing some blocks may pay for ``setting``: the fewest micro-steps at which it fits, if memory
         binds there, and the most below that at which it does not fit."""
         tried = {k: result for (s, k, exact), result in self.found.items() if s == setting and not exact}
-        fits = sorted(k for k, result in tried.items() if not isinstance(result, PlanDoesNotFit))
-        fewest = fits[0] if fits else None
+        fewest = self.fewest_fitting(setting)
         below = [k for k, result in tried.items() if isinstance(result, PlanDoesNotFit) and (fewest is None or
                                                                                             k < fewest)]
         counts = [max(below)] if below else []

@@ -26,7 +26,7 @@ from pase.graph import LayerGraph
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.models.folders import looks_like_folder
 from pase.models.zoo import ZOO
-from pase.planning.plan import BlockChoice, LayerChoice, Plan, Prediction, SearchInfo
+from pase.planning.plan import BlockChoice, LayerChoice, Plan, Prediction, SearchInfo, sharding_of
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
 from strategies.checkpointing import planned_blocks, recomputed_layers, rerun_layers
@@ -437,7 +437,7 @@ def plan_blocks(graph: LayerGraph, options: Mapping[str, Any]) -> list[BlockChoi
     (``strategies.checkpointing.planned_blocks``) and shard its state (FSDP: "full"; FSDP keeping the gathered
     weights through the backward: "gradients", ZeRO-2)."""
     checkpointed = set(planned_blocks(dict(options), graph))
-    sharding = ("full" if options.get("reshard", True) else "gradients") if options.get("fsdp") else "none"
+    sharding = sharding_of(options)
     names = dict.fromkeys(data["block"] for _, data in graph.layers())
     weighted = {data["block"] for _, data in graph.layers() if data.get("params")}  # a block without weights
     return [BlockChoice(name, name in checkpointed, sharding if name in weighted else "none") for name in names]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,18 @@ class LayerChoice:
 @dataclass
 class BlockChoice:
     """One module block of the model: whether the plan recomputes it (activation checkpointing) and how its
-    weights, gradients and optimizer state are sharded ("none" or "full": FSDP)."""
+    weights, gradients and optimizer state are sharded (``sharding_of``)."""
     name: str
     checkpoint: bool = False
     sharding: str = "none"
+
+
+def sharding_of(options: Mapping[str, Any]) -> str:
+    """How a plan's options shard a block with weights: "none", "gradients" (ZeRO-2: FSDP keeping the gathered
+    weights through the backward) or "full" (FSDP)."""
+    if not options.get("fsdp"):
+        return "none"
+    return "full" if options.get("reshard", True) else "gradients"
 
 
 @dataclass

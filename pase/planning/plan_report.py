@@ -32,6 +32,7 @@ def block_rows(plan: Plan, graph: LayerGraph, priced: PricedGraph | None) -> lis
     choices = {b.name: b for b in plan.blocks}
     rows: dict[str, dict[str, Any]] = {}
     splits: dict[str, Counter[str]] = defaultdict(Counter)
+    syncs = priced.syncs() if priced is not None else []
     for v, layer in enumerate(plan.layers):
         row = rows.setdefault(layer.block, {"block": layer.block, "compute": 0.0, "comm": 0.0, "memory": 0.0})
         splits[layer.block][" ".join(f"{d}={f}" for d, f in sorted(layer.splits.items())) or "replicated"] += 1
@@ -41,7 +42,7 @@ def block_rows(plan: Plan, graph: LayerGraph, priced: PricedGraph | None) -> lis
             continue
         k = priced.spaces[v].index_of(layer.splits)
         row["compute"] += float(priced.compute[v][k])
-        row["comm"] += float(priced.comm[v][k] - priced.sync_discount * priced.syncs()[v][k])
+        row["comm"] += float(priced.comm[v][k] - priced.sync_discount * syncs[v][k])
     if priced is not None:
         assignment = [priced.spaces[v].index_of(layer.splits) for v, layer in enumerate(plan.layers)]
         for s, d, matrix in priced.edges:
