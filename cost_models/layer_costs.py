@@ -120,8 +120,8 @@ class CostModel:
 
     # ------------------------------------------------------------------ layers
     def layer_costs(self, layer: LayerAttrs, space: SplitTable, block_output: bool = True,
-                    parts: dict[str, np.ndarray] | None = None, recomputed: bool | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    parts: dict[str, np.ndarray] | None = None, recomputed: bool | None = None,
+                    sharding: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(compute seconds, communication seconds, bytes per device) for every configuration of
         ``layer``. O(K * dims). When ``parts`` is given it receives the pieces a pipeline prices
         apart: "weight_sync" (the exposed part of the whole gradients' all-reduce inside ``comm``: once per step
@@ -129,7 +129,10 @@ class CostModel:
         "sync_bytes" (the bytes that all-reduce moves per device), "saved" (the activation bytes inside the
         memory, per microbatch), "weight_bytes" (the
         local weight-gradient shard) and "comm_bytes" (bytes every collective of ``comm`` moves per
-        device, hidden or not)."""
+        device, hidden or not). ``sharding`` ("none", "gradients" or "full": ``strategies.sharding``) prices the
+        layer's state as its block is sharded, instead of as the options shard every layer."""
+        fsdp = self.options.fsdp if sharding is None else sharding != "none"
+        reshard = self.options.reshard if sharding is None else sharding == "full"
         f = self._factor_table(layer, space)  # (K, D) over all layer dims
         dims = list(layer["dims"])
         extent = np.array([layer["dims"][d] for d in dims], dtype=np.float64)
@@ -216,20 +219,20 @@ class CostModel:
             stride = np.maximum(1, used // np.maximum(1, replicas))
             # under FSDP a parameter is sharded with its module's data-parallel peers; the bias of an in-split,
             # summed over every rank (``gradient_group``), stays whole and is all-reduced instead
-            whole = ~np.asarray(self.options.fsdp, dtype=bool) | (
+            whole = ~np.asarray(fsdp, dtype=bool) | (
                 reduction_split & (set(p["map"]) <= set(anchor_map)) & self.options.batch_interface)
             sharded = np.where(whole, 0.0, shard)
             weight_sync += priced("reduce_scatter", sharded, replicas, stride, bucketed=True)
-            gathers = 2 if self.options.reshard else 1
+            gathers = 2 if reshard else 1
             weight_sync += gathers * priced("all_gather", sharded, replicas, stride, bucketed=True)
-            if self.options.reshard:  # the backward's gather (a kept weight is gathered once)
+            if reshard:  # the backward's gather (a kept weight is gathered once)
                 comm_bytes = comm_bytes + self.collective_bytes("all_gather", sharded, replicas)
             reduced = priced("all_reduce", np.where(whole, shard, 0.0), replicas, stride, bucketed=True)
             weight_sync += reduced
             once += reduced
             once_bytes = once_bytes + self.collective_bytes("all_reduce", np.where(whole, shard, 0.0), replicas)
         if self.options.overlap_gradients:
-            hiding = seconds if self.options.fsdp else seconds * float(layer["flops_bwd"]) / max(flops, 1.0)
+            hiding = seconds if fsdp else seconds * float(layer["flops_bwd"]) / max(flops, 1.0)
             exposed = np.maximum(0.0, weight_sync - hiding)
             once = np.divide(once * exposed, weight_sync, out=np.zeros(len(f)), where=weight_sync > 0)
             weight_sync = exposed
@@ -241,10 +244,10 @@ class CostModel:
 
         # memory per device
         state = weight_local * self.options.bytes_per_param
-        if self.options.fsdp and weights:
+        if fsdp and weights:
             replicas = np.max(np.stack([gradient_group(p["map"]) for p in weights]), axis=0)
             state = state / replicas
-            if not self.options.reshard:  # the gathered weights, kept from the forward to the end of the backward
+            if not reshard:  # the gathered weights, kept from the forward to the end of the backward
                 state = state + np.where(replicas > 1, weight_local * itemsize, 0.0)
         saved = out_local * itemsize
         if self.options.checkpointing and not block_output:

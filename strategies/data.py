@@ -85,18 +85,22 @@ def average_gradients(params: list[nn.Parameter], group: Any, size: int,
             offset += grad.numel()
 
 
+def mixed_precision_policy(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """FSDP2 gathering weights and reducing gradients in ``dtype`` (the bytes the cost model prices)."""
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype) if dtype != torch.float32 \
+        else MixedPrecisionPolicy()
+
+
 def apply_fsdp(model: nn.Module, device: torch.device, precision: str = "fp32", reshard: bool = True) -> nn.Module:
     """FSDP2 over all ranks; under bf16/fp16 parameters are gathered and gradients reduced in that precision
     (``MixedPrecisionPolicy``), the bytes the cost model prices. ``reshard=False``: each unit keeps the weights it
     gathered for the forward until its backward is done (ZeRO-2: one gather per step instead of two)."""
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
-    dtype = GRADIENT_DTYPES[precision]
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype) if dtype != torch.float32 \
-        else MixedPrecisionPolicy()
+    policy = mixed_precision_policy(GRADIENT_DTYPES[precision])
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     return model
 
 
-__all__ = ["GRADIENT_DTYPES", "apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units"]
+__all__ = ["GRADIENT_DTYPES", "apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units", "mixed_precision_policy"]

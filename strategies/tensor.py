@@ -29,7 +29,7 @@ buckets during the backward, as DDP does.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,12 +39,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.overrides import TorchFunctionMode
 
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES
 from strategies.collectives import batch_to_split, gather_batch, reduce_scatter_batch, split_to_batch, sum_over
-from strategies.data import GRADIENT_DTYPES
+from strategies.data import GRADIENT_DTYPES, mixed_precision_policy
+from strategies.sharding import owner_block
 
 SHARD_GROUP = "_pase_replica_group"  # attribute naming the group a sharded parameter's gradient is summed over
 REPLICA_GROUPS = "pase_replica_groups"  # attribute of a module run replicated (strategies.replication): its groups
@@ -543,8 +544,8 @@ class GradientSync:
             bucket.flat = bucket.work = None
 
 
-def shard_parameters(model: nn.Module, device_type: str, world: int, precision: str = "fp32", reshard: bool = True
-                     ) -> list[nn.Parameter]:
+def shard_parameters(model: nn.Module, device_type: str, world: int, precision: str = "fp32", reshard: bool = True,
+                     sharding: Mapping[str, str] | None = None) -> list[nn.Parameter]:
     """FSDP2 (``fully_shard``) on every module that owns trainable parameters, for a plan with both tensor splits
     and ``--fsdp``: a channel-split module's shards are sharded again over its data-parallel peers (the "dp"
     axis of its 2-D mesh), a replicated module's (``strategies.replication``) over the same peers of its replica
@@ -554,15 +555,23 @@ def shard_parameters(model: nn.Module, device_type: str, world: int, precision: 
     collectives the cost model prices for FSDP. An in-split's bias, whose gradient is summed over every rank
     (it is added to each rank's batch chunk), is left out of its module's unit, and so is a module split over
     every rank (no peer to shard it with); the returned parameters (those) need ``GradientSync``. (A grid's bias
-    is left out likewise: it is summed over its output part's dp x in ranks.)"""
+    is left out likewise: it is summed over its output part's dp x in ranks.)
+
+    ``sharding`` (block -> "none", "gradients" or "full"; ``strategies.sharding``): each module as its block is
+    sharded (a module of a block left whole, or of none, keeps its parameters whole), instead of every module
+    alike (``reshard``)."""
     world_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
-    dtype = GRADIENT_DTYPES[precision]
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype) if dtype != torch.float32 \
-        else MixedPrecisionPolicy()
+    policy = mixed_precision_policy(GRADIENT_DTYPES[precision])
     whole: list[nn.Parameter] = []
-    for module in list(model.modules()):
+    for name, module in list(model.named_modules()):
         if not any(param.requires_grad for param in module.parameters(recurse=False)):
             continue
+        if sharding is not None:
+            how = sharding.get(owner_block(name, sharding) or "", "none")
+            if how == "none":
+                whole.extend(param for param in module.parameters(recurse=False) if param.requires_grad)
+                continue
+            reshard = how == "full"
         if holds_shards(module) and not isinstance(module, SPLIT_MODULES):
             raise ValueError(f"a {type(module).__name__} has no FSDP runtime")
         groups = module.groups if isinstance(module, SPLIT_MODULES) else getattr(module, REPLICA_GROUPS, None)

@@ -29,6 +29,24 @@ def run_ranks(case_names: list[str], world: int = 2, timeout_s: float = 120.0) -
         return {rank: json.loads((Path(tmp) / f"{rank}.json").read_text()) for rank in range(world)}
 
 
+def verify_on_two_processes(plan: Path, steps: int = 3) -> dict[str, Any]:
+    """`pase verify --check --json` of ``plan`` under torchrun on 2 gloo processes: its report."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pase", "verify", "--plan",
+                           str(plan), "--steps", str(steps), "--check", "--json"], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=repo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
 def build_model() -> torch.nn.Module:
     from pase.models.zoo import ZOO
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from runtime_cases import verify_on_two_processes as _verify
 from typer.testing import CliRunner
 
 from cost_models.cluster import parse_spec
@@ -26,7 +27,6 @@ from pase.planning.plan import Plan, Prediction
 
 REPO = Path(__file__).parent.parent
 PROFILE = REPO / "tests" / "fixtures" / "calibration" / "cpu_gloo_2.json"
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 BATCH = 32
 
 
@@ -123,17 +123,6 @@ def test_the_cli_prints_the_micro_steps_and_the_baselines(tmp_path) -> None:
     assert bad.exit_code != 0 and "--micro-steps 'two'" in str(bad.exception)
 
 
-def _verify(plan: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pase", "verify", "--plan",
-                           str(plan), "--steps", "3", "--check", "--json"], capture_output=True, text=True,
-                          timeout=240, env=env, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout[done.stdout.index("{"):])
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("flags", [["--only", "tensor"], ["--only", "dp"], ["--fsdp", "--checkpoint"]])
@@ -215,7 +204,7 @@ def test_the_same_command_selects_the_same_blocks_in_any_process(tmp_path) -> No
 
 def test_explain_a_block_prices_each_recompute_and_sharding_choice_around_the_plan(tmp_path) -> None:
     """`--explain BLOCK`: the plan's own choice reproduces the plan's step and memory; recomputing the block trades
-    memory for time; a choice that shards this block alone is marked as one the runtime does not run; a block
+    memory for time; sharding this block alone is a choice the runtime runs; a block
     the plan does not have is refused with the names it has."""
     from cost_models.rates import HardwareRates
     from pase.planning.explain import explain_block
@@ -232,7 +221,8 @@ def test_explain_a_block_prices_each_recompute_and_sharding_choice_around_the_pl
     kept = next(r for r in rows if not r["recompute"] and r["sharding"] == chosen[0]["sharding"])
     assert kept["block_memory_bytes"] > chosen[0]["block_memory_bytes"]  # recomputing frees this block's activations
     assert kept["step_seconds"] < chosen[0]["step_seconds"] and not kept["fits"]  # ... at a price the plan must pay
-    assert all(row["runnable"] == (row["sharding"] == chosen[0]["sharding"]) for row in rows)
+    assert all(row["runnable"] for row in rows)  # the runtime shards block by block
+    assert {row["sharding"] for row in rows} == {"none", "gradients", "full"}
     with pytest.raises(PaseError, match="no block 'down_blocks.9'"):
         explain_block(graph, plan, priced, cluster, rates, options, "down_blocks.9")
     tiny_gpu = tmp_path / "tiny-gpu.json"  # the docs' made-up GPU: memory binds at the default memory fraction

@@ -273,7 +273,7 @@ def _print_explain_block(graph: LayerGraph, result: Plan, priced: PricedGraph, c
     planned = next(row for row in rows if row["chosen"])
     for row in rows:
         notes = ["chosen" if row["chosen"] else "", "" if row["fits"] else "over the memory limit",
-                 "" if row["runnable"] else "what-if: the runtime shards every block alike"]
+                 "" if row["runnable"] else "what-if: pipeline stages shard every block alike"]
         table.add_row("yes" if row["recompute"] else "no", row["sharding"], f"{row['block_seconds'] * 1e3:.3f}",
                       f"{row['block_memory_bytes'] / scale:.3f}", f"{row['step_seconds'] * 1e3:.3f}",
                       f"{(row['step_seconds'] - planned['step_seconds']) * 1e3:+.3f}",

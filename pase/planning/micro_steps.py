@@ -11,7 +11,8 @@ them open, for FSDP and for FSDP with activation checkpointing, it finds the few
 plan fits (jumping by the memory overshoot: memory falls at most in proportion to the micro-batch) and,
 where memory still binds there, also tries about twice as many (a looser limit may buy faster splits).
 Where memory binds at a count, selective checkpointing is tried there too, with and without FSDP: the blocks
-that free the most memory per second of recompute (``pase.planning.selective``). At ``k`` micro-steps the
+that free the most memory per second of recompute (``pase.planning.selective``); and so is sharding per block:
+each block with weights kept whole, ZeRO-2 or FSDP, as frees the most memory per second added. At ``k`` micro-steps the
 search minimises the whole step (the all-reduce that runs once costs 1/k per micro-step). The fastest whole
 step wins.
 
@@ -45,7 +46,7 @@ from pase.planning.per_layer import (
     size_text,
 )
 from pase.planning.plan import Plan, Prediction
-from pase.planning.selective import select_blocks
+from pase.planning.selective import select_blocks, select_sharding
 
 BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt", "pipeline")
 PIPELINE_NOT_SEARCHED = "pipelines are searched with --pipeline (pipeline stages x data parallelism)"
@@ -99,8 +100,11 @@ def _next_count(counts: list[int], current: int, factor: float) -> int | None:
 # backward (FSDP2's reshard_after_forward=False; blocks' sharding "gradients"). ZeRO-1 (optimizer state alone) is
 # not searched: it holds whole gradients and moves half again ZeRO-2's bytes (all-reduce, then a gather of the
 # updated weights), so ZeRO-2 is never worse; under micro-steps both hold whole gradients between them.
+# "sharded_blocks": each block with weights kept whole, ZeRO-2 or FSDP, chosen per micro-step count
+# (pase.planning.selective.select_sharding) against the plan without sharding
 SETTINGS = {"as given": (False, False, True), "fsdp_ckpt": (True, True, True), "fsdp": (True, False, True),
-            "zero2": (True, False, False), "selective": (False, True, True), "fsdp_selective": (True, True, True)}
+            "zero2": (True, False, False), "selective": (False, True, True), "fsdp_selective": (True, True, True),
+            "sharded_blocks": (True, False, True)}
 SELECTIVE = {"selective": "as given", "fsdp_selective": "fsdp"}  # selective setting -> the setting it relieves
 CHECKED = {"fsdp_selective": "fsdp_ckpt"}  # -> the setting searched that checkpoints every block, where one is
 BASELINE_SETTING = {"ddp": "as given", "ddp_accum": "as given", "fsdp": "fsdp", "fsdp_accum_ckpt": "fsdp_ckpt"}
@@ -125,6 +129,7 @@ class _Search:
         self.settings, self.progress = settings, progress
         self.found: dict[tuple[str, int, bool], Found | PlanDoesNotFit] = {}
         self.graphs: dict[int, LayerGraph] = {}  # the graph at each micro-step count searched
+        self.memo: dict[str, Any] = {}  # layers and edges priced, shared by every setting and count
 
     def run(self, setting: str, k: int, exact: bool = False) -> Found | PlanDoesNotFit:
         """The plan of ``setting`` at ``k`` micro-steps (``exact``: searched to the optimum, no gap)."""
@@ -146,12 +151,22 @@ class _Search:
                     blocks = select_blocks(graph, self.cluster, rates, options,
                                            self.priced(SELECTIVE[setting], k),
                                            self.priced(CHECKED[setting], k) if setting in CHECKED else None,
-                                           best[2].step_seconds / k if best else float("inf"))
+                                           best[2].step_seconds / k if best else float("inf"), self.memo)
                     if not blocks:  # fits without checkpointing (searched as given), or not even with every block
                         raise PlanDoesNotFit("no selection of checkpointed blocks helps here")
                     options = replace(options, checkpoint_blocks=blocks)
+                if setting == "sharded_blocks":
+                    rates = HardwareRates(self.cluster, self.profile, options.precision)
+                    best = self.best()
+                    references = {"none": self.priced("as given", k), "gradients": self.priced("zero2", k),
+                                  "full": self.priced("fsdp", k)}
+                    sharding = select_sharding(graph, self.cluster, rates, options, references,
+                                               best[2].step_seconds / k if best else float("inf"), self.memo)
+                    if not sharding:  # fits unsharded (searched as given), or not even with every block sharded
+                        raise PlanDoesNotFit("no selection of sharded blocks helps here")
+                    options = replace(options, block_sharding=sharding)
                 self.found[setting, k, exact] = plan_and_price(graph, self.cluster, profile=self.profile,
-                                                               options=options)
+                                                               options=options, memo=self.memo)
             except PlanDoesNotFit as exc:
                 self.found[setting, k, exact] = exc
         return self.found[setting, k, exact]
@@ -233,7 +248,11 @@ def plan_micro_steps(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, 
             if selective in settings:
                 for k in search.selective_counts(relieved):
                     search.run(selective, k)
-    baselines = data_parallel_baselines(graph, cluster, profile, options, counts) if options.baselines else {}
+        if "sharded_blocks" in settings:  # or sharding the blocks that free most memory per second
+            for k in search.selective_counts("as given"):
+                search.run("sharded_blocks", k)
+    baselines = data_parallel_baselines(graph, cluster, profile, options, counts, search.graphs) \
+        if options.baselines else {}
     for name, (prediction, _) in baselines.items():  # a baseline faster than every plan tried: search its count
         best = search.best()  # exactly (its space holds the baseline: the plan cannot come out slower)
         if prediction is not None and prediction.micro_steps in counts and \
@@ -254,22 +273,26 @@ def plan_micro_steps(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, 
 
 
 def data_parallel_baselines(graph: LayerGraph, cluster: Cluster, profile: dict[str, Any] | None,
-                            options: PlanOptions, counts: list[int]
+                            options: PlanOptions, counts: list[int], graphs: dict[int, LayerGraph] | None = None
                             ) -> dict[str, tuple[Prediction | None, str | None]]:
-    """The four baselines as whole steps: name -> (prediction, or None and why it is missing)."""
+    """The four baselines as whole steps: name -> (prediction, or None and why it is missing). ``graphs``: the
+    graph at each micro-step count, as the search rescaled it (filled in here where missing)."""
     rates = HardwareRates(cluster, profile, options.precision)
     limit = cluster.gpu.memory_bytes * options.memory_fraction
-    plain = replace(options, fsdp=False, checkpointing=False)
-    relayouts: dict[str, float] = {}  # re-layouts depend on neither FSDP nor the batch's split: priced once
+    plain = replace(options, fsdp=False, checkpointing=False, block_sharding=None)
+    graphs = {} if graphs is None else graphs
+    # re-layouts depend on neither FSDP nor the batch's split: priced once per micro-step count (and checkpointing)
+    relayouts: dict[tuple[int, bool], dict[str, float]] = {}
     result: dict[str, tuple[Prediction | None, str | None]] = {}
     for name, setting, accumulate in (("ddp", plain, False), ("fsdp", replace(plain, fsdp=True), False),
                                       ("ddp_accum", plain, True),
                                       ("fsdp_accum_ckpt", replace(plain, fsdp=True, checkpointing=True), True)):
         k: int | None = counts[0] if accumulate else 1
         while k is not None:
-            prediction, note = data_parallel_prediction(micro_graph(graph, k), cluster, rates, setting,
-                                                        setting.fsdp, relayouts if k == 1 and not
-                                                        setting.checkpointing else None)
+            if k not in graphs:
+                graphs[k] = micro_graph(graph, k)
+            prediction, note = data_parallel_prediction(graphs[k], cluster, rates, setting, setting.fsdp,
+                                                        relayouts.setdefault((k, setting.checkpointing), {}))
             if prediction is None:
                 result[name] = (None, note)
                 break

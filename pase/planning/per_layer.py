@@ -13,7 +13,7 @@ import fnmatch
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from pase.graph import LayerGraph
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.models.folders import looks_like_folder
 from pase.models.zoo import ZOO
-from pase.planning.plan import BlockChoice, LayerChoice, Plan, Prediction, SearchInfo, sharding_of
+from pase.planning.plan import BlockChoice, LayerChoice, Plan, Prediction, SearchInfo
 from pase.search import CostGraph, solve
 from pase.search.elimination import SearchStats, Solution, TableBudgetExceeded
 from strategies.checkpointing import planned_blocks, recomputed_layers, rerun_layers
@@ -42,6 +42,7 @@ from strategies.runnable import (
     runnable_reason,
     space_runs,
 )
+from strategies.sharding import layer_sharding, planned_sharding
 from strategies.splits import SplitSpace, split_space
 
 
@@ -81,6 +82,9 @@ class PlanOptions:
     # with checkpointing: the blocks checkpointed (a selection of strategies.checkpointing.checkpointed_blocks,
     # chosen per block by pase.planning.selective); None: every one
     checkpoint_blocks: tuple[str, ...] | None = None
+    # with fsdp: per block with weights, "none", "gradients" (ZeRO-2) or "full" (FSDP) (strategies.sharding; chosen
+    # per block by pase.planning.selective.select_sharding); None: every block as fsdp and reshard say
+    block_sharding: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -151,9 +155,11 @@ class PricedGraph:
 
 
 def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
-                progress: Callable[[str], None] | None = None) -> PricedGraph:
+                progress: Callable[[str], None] | None = None, memo: dict[str, Any] | None = None) -> PricedGraph:
     """Every layer's configurations and every edge's re-layouts priced. A UNet repeats layer shapes
-    (every block of a level), so each distinct layer and edge is priced once and shared.
+    (every block of a level), so each distinct layer and edge is priced once and shared; ``memo`` (a dict kept
+    by the caller, for one cluster and calibration) shares them between calls too: the micro-step search prices
+    the same layers under many settings, which differ in a few blocks' sharding or recomputation.
 
     In the runnable space an activation passes between layers in the batch layout, and an edge costs its
     producer's way back to that layout plus its consumer's way out of it, unless the runtime keeps it
@@ -165,42 +171,80 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     block_outputs = block_output_layers(graph, options.checkpoint_blocks)
     forced = forced_splits(ids, options.force)
     rerun = rerun_layers(graph, options.checkpoint_blocks) if options.checkpointing else set()
-    keys: dict[tuple[int, str, bool], int] = {}
-    base = layer_kinds(graph, block_outputs)
-    kind = [keys.setdefault((base[v], json.dumps(forced.get(layer_id), sort_keys=True), layer_id in rerun), len(keys))
-            for v, layer_id in enumerate(ids)]
-    priced_kinds: dict[int, tuple[Any, ...]] = {}  # (space, compute, comm, memory, sync, comm bytes, runnable)
+    sharding = layer_shardings(graph, options)
+    memo = {} if memo is None else memo
+    keys: dict[tuple[Any, ...], int] = memo.setdefault("kinds", {})  # everything a layer's prices depend on -> id
+    setting = (options.precision, options.space, options.only, json.dumps(options.min_chunk, sort_keys=True),
+               devices)
+    uniform = "none" if not options.fsdp else "full" if options.reshard else "gradients"
+    weighted = [any(p.get("trainable") for p in data.get("params", {}).values()) for _, data in layers]
+    fsdp = [w and (options.fsdp if layer_id not in sharding else sharding[layer_id] != "none")
+            for layer_id, w in zip(ids, weighted)]
+    kind = [keys.setdefault((setting, json.dumps(forced.get(layer_id), sort_keys=True), layer_id in rerun,
+                             options.checkpointing, layer_key(data, layer_id in block_outputs),
+                             sharding.get(layer_id, uniform) if w else "none"), len(keys))
+            for (layer_id, data), w in zip(layers, weighted)]
+    # per kind: (space, compute, comm, memory, sync, comm bytes, runnable, sync bytes); never changed in place
+    priced_kinds: dict[int, tuple[Any, ...]] = memo.setdefault("layers", {})
     for v, (layer_id, data) in enumerate(layers):
         if kind[v] not in priced_kinds:
-            space, mask = layer_space(layer_id, data, devices, options, forced.get(layer_id))
+            space, mask = layer_space(layer_id, data, devices, replace(options, fsdp=fsdp[v]), forced.get(layer_id))
             parts: dict[str, np.ndarray] = {}
             costs = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts,
-                                      recomputed=(layer_id in rerun) if options.checkpointing else None)
+                                      recomputed=(layer_id in rerun) if options.checkpointing else None,
+                                      sharding=sharding.get(layer_id))
             priced_kinds[kind[v]] = (space, *costs, parts["weight_sync"], parts["comm_bytes"], mask,
                                      parts["sync_bytes"])
     spaces, compute, comm, memory, weight_sync, comm_bytes, runnable, sync_bytes = (
         list(column) for column in zip(*(priced_kinds[k] for k in kind)))
+    # a sharded layer's configurations are those of the same layer unsharded, less the ones with no sharded runtime:
+    # its edges are priced on the unsharded configurations (shared with every setting that prices them) and cut down
+    bases: dict[tuple[Any, ...], SplitSpace] = memo.setdefault("unsharded", {})
+    base = list(spaces)
+    rows: list[np.ndarray | None] = [None] * len(ids)  # the configurations kept, in the unsharded space (None: all)
+    for v, (layer_id, data) in enumerate(layers):
+        if fsdp[v]:
+            unsharded = (setting, layer_key(data, False), json.dumps(forced.get(layer_id), sort_keys=True))
+            if unsharded not in bases:
+                bases[unsharded] = layer_space(layer_id, data, devices, replace(options, fsdp=False),
+                                               forced.get(layer_id))[0]
+            where = {row.tobytes(): i for i, row in enumerate(bases[unsharded].factors)}
+            kept = [where.get(row.tobytes()) for row in spaces[v].factors]
+            if bases[unsharded].dims == spaces[v].dims and None not in kept:
+                base[v] = bases[unsharded]
+                rows[v] = np.array(kept, dtype=np.int64) if len(kept) < len(base[v]) else None
+    # how the runtime runs a layer's configurations and its edges' prices depend on its attributes and those
+    # configurations, and on checkpointing only where its forward runs again (its edges re-lay out again): ``shape``
+    shape = [keys.setdefault((setting, layer_key(data, False), layer_id in rerun, base[v].dims,
+                              base[v].factors.tobytes()), len(keys)) for v, (layer_id, data) in enumerate(layers)]
     if progress:
         progress("pricing re-layouts")
     through_batch = options.space == "runnable"
     edges = []
-    priced_edges: dict[str, np.ndarray] = {}
+    priced_edges: dict[str, np.ndarray] = memo.setdefault("edges", {})
     out_edges = [graph.graph.out_degree(layer_id) for layer_id in ids]
-    runs_of: dict[int, list] = {}  # per layer kind, how the runtime runs each configuration
-    runs = [runs_of.setdefault(kind[v], space_runs(data, spaces[v], devices, options.fsdp)) if through_batch else []
-            for v, (_, data) in enumerate(layers)]
+    runs_of: dict[int, list] = memo.setdefault("runs", {})  # per layer shape, how the runtime runs each configuration
+    base_runs = []
+    for v, (_, data) in enumerate(layers):
+        if through_batch and shape[v] not in runs_of:  # (not setdefault: that would run space_runs for every layer)
+            runs_of[shape[v]] = space_runs(data, base[v], devices)
+        base_runs.append(runs_of[shape[v]] if through_batch else [])
     for src, dst, data in graph.graph.edges(data=True):
         s, d = index[src], index[dst]
-        key = edge_key(kind[s], kind[d], data) + f"/{out_edges[s]}"
+        key = edge_key(shape[s], shape[d], data) + f"/{out_edges[s]}"
         if key not in priced_edges:
             if through_batch:
-                priced = _edge_through_batch(model, data, graph[src], output_space(graph[src], spaces[s], runs[s]),
-                                             graph[dst], spaces[d], src in rerun, dst in rerun, out_edges[s])
-                modes = edge_modes(data, graph[src], runs[s], graph[dst], runs[d], out_edges[s])
+                priced = _edge_through_batch(model, data, graph[src], output_space(graph[src], base[s], base_runs[s]),
+                                             graph[dst], base[d], src in rerun, dst in rerun, out_edges[s])
+                modes = edge_modes(data, graph[src], base_runs[s], graph[dst], base_runs[d], out_edges[s])
                 priced_edges[key] = np.where(modes > 0, 0.0, np.where(modes < 0, np.inf, priced))
             else:
-                priced_edges[key] = model.edge_costs(data, graph[src], spaces[s], graph[dst], spaces[d])
-        edges.append((s, d, priced_edges[key]))
+                priced_edges[key] = model.edge_costs(data, graph[src], base[s], graph[dst], base[d])
+        matrix = priced_edges[key]
+        if rows[s] is not None or rows[d] is not None:
+            matrix = matrix[np.ix_(_all_or(rows[s], len(base[s])), _all_or(rows[d], len(base[d])))]
+        edges.append((s, d, matrix))
+    runs = [r if (kept_rows := rows[v]) is None else [r[i] for i in kept_rows] for v, r in enumerate(base_runs)]
     if through_batch:  # a model's outputs leave in the batch layout too (each rank returns its batch chunk)
         for v, (_, data) in enumerate(layers):
             if out_edges[v] == 0 and data["tensors"].get("output"):
@@ -215,6 +259,14 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
                        float(model.relayout_bytes(1.0)), sync_bytes,
                        data_parallel if len(data_parallel) == len(ids) else None,
                        (options.micro_steps - 1) / options.micro_steps)
+
+
+def layer_shardings(graph: LayerGraph, options: PlanOptions) -> dict[str, str]:
+    """Per layer, its block's sharding where the options choose it per block (else empty: every layer as the
+    options' fsdp and reshard say)."""
+    if options.block_sharding is None:
+        return {}
+    return layer_sharding({"fsdp": options.fsdp, "block_sharding": options.block_sharding}, graph)
 
 
 def layer_space(layer_id: str, data: LayerAttrs, devices: int, options: PlanOptions,
@@ -305,6 +357,10 @@ def _splits_text(splits: Mapping[str, int]) -> str:
     return ",".join(f"{d}:{f}" for d, f in splits.items() if f > 1) or "none"
 
 
+def _all_or(rows: np.ndarray | None, count: int) -> np.ndarray:
+    return np.arange(count) if rows is None else rows
+
+
 def _edge_through_batch(model: CostModel, edge: EdgeAttrs, producer: LayerAttrs, src: SplitSpace,
                         consumer: LayerAttrs, dst: SplitSpace, producer_reruns: bool = False,
                         consumer_reruns: bool = False, producer_edges: int = 1) -> np.ndarray:
@@ -389,16 +445,17 @@ def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] |
 
 
 def plan_and_price(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
-                   options: PlanOptions | None = None, progress: Callable[[str], None] | None = None
-                   ) -> tuple[Plan, PricedGraph]:
-    """``plan_graph``, also returning the priced graph (for ``explain`` without pricing twice)."""
+                   options: PlanOptions | None = None, progress: Callable[[str], None] | None = None,
+                   memo: dict[str, Any] | None = None) -> tuple[Plan, PricedGraph]:
+    """``plan_graph``, also returning the priced graph (for ``explain`` without pricing twice); ``memo``: as for
+    ``price_graph`` (the same cluster and ``profile`` on every call)."""
     options = options or PlanOptions()
     started = time.perf_counter()
     rates = HardwareRates(cluster, profile, options.precision)
     model = search_cost_model(cluster, rates, options)
     if progress:
         progress(f"pricing {len(graph)} layers on {cluster.world_size} devices")
-    priced = price_graph(graph, model, options, progress)
+    priced = price_graph(graph, model, options, progress, memo)
     priced_at = time.perf_counter()
     limit = cluster.gpu.memory_bytes * options.memory_fraction
     if progress:
@@ -437,10 +494,9 @@ def plan_blocks(graph: LayerGraph, options: Mapping[str, Any]) -> list[BlockChoi
     (``strategies.checkpointing.planned_blocks``) and shard its state (FSDP: "full"; FSDP keeping the gathered
     weights through the backward: "gradients", ZeRO-2)."""
     checkpointed = set(planned_blocks(dict(options), graph))
-    sharding = sharding_of(options)
+    sharding = planned_sharding(options, graph)  # the blocks with weights (one without has nothing to shard)
     names = dict.fromkeys(data["block"] for _, data in graph.layers())
-    weighted = {data["block"] for _, data in graph.layers() if data.get("params")}  # a block without weights
-    return [BlockChoice(name, name in checkpointed, sharding if name in weighted else "none") for name in names]
+    return [BlockChoice(name, name in checkpointed, sharding.get(name, "none")) for name in names]
 
 
 def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: HardwareRates, **body: Any) -> Plan:
@@ -454,6 +510,8 @@ def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: H
                  "checkpointing": options.checkpointing, "min_chunk": options.min_chunk,
                  "checkpoint_blocks": list(options.checkpoint_blocks) if options.checkpointing and
                  options.checkpoint_blocks is not None else None,
+                 "block_sharding": dict(options.block_sharding) if options.fsdp and
+                 options.block_sharding is not None else None,
                  "space": options.space, "force": options.force,
                  "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
                  "rates": rates.compute("conv").source},

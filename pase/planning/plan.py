@@ -12,6 +12,7 @@ from pase import atomic
 from pase.errors import PaseError
 from pase.planning.plan_schema import check_plan_data
 from pase.schema import check_header
+from strategies.sharding import uniform_sharding
 
 PLAN_SCHEMA = "pase.plan"
 PLAN_VERSION = 1
@@ -38,11 +39,11 @@ class BlockChoice:
 
 
 def sharding_of(options: Mapping[str, Any]) -> str:
-    """How a plan's options shard a block with weights: "none", "gradients" (ZeRO-2: FSDP keeping the gathered
-    weights through the backward) or "full" (FSDP)."""
-    if not options.get("fsdp"):
-        return "none"
-    return "full" if options.get("reshard", True) else "gradients"
+    """How a plan's options shard its blocks with weights: "none", "gradients" (ZeRO-2: FSDP keeping the gathered
+    weights through the backward), "full" (FSDP), or "per block" (``block_sharding``: each block its own)."""
+    if options.get("fsdp") and options.get("block_sharding") is not None:
+        return "per block"
+    return uniform_sharding(options)
 
 
 @dataclass

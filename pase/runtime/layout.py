@@ -13,6 +13,7 @@ from pase.errors import PaseError
 from pase.graph import LayerGraph
 from pase.planning.plan import Plan
 from strategies.runnable import KEPT_RULE, LayerRun, NotRunnable, edge_mode, layer_run
+from strategies.sharding import layer_sharding
 
 SHOWN_REFUSALS = 3  # reasons, and layers per reason, named in a refusal; the rest are counted
 
@@ -48,10 +49,12 @@ def layer_layouts(plan: Plan, graph: LayerGraph) -> list[LayerLayout]:
     runs: dict[str, LayerRun] = {}
     refused: dict[str, list[str]] = {}  # reason -> the layers refused for it
     fsdp = bool(plan.options.get("fsdp"))
+    per_layer = layer_sharding(plan.options, graph) if plan.options.get("block_sharding") is not None else {}
     for choice in plan.layers:
         data = graph[choice.id]
         try:
-            runs[choice.id] = layer_run(data, choice.splits, plan.devices, fsdp)
+            sharded = fsdp if choice.id not in per_layer else per_layer[choice.id] != "none"
+            runs[choice.id] = layer_run(data, choice.splits, plan.devices, sharded)
         except NotRunnable as exc:
             refused.setdefault(str(exc), []).append(f"{choice.id} ({data['op']}, {_splits(choice.splits)})")
     kept: set[tuple[str, str]] = set()  # (producer, consumer) edges whose activation stays channel-split
@@ -108,7 +111,9 @@ def is_pure_data_parallel(layouts: list[LayerLayout]) -> bool:
 class ParallelLayout:
     """How a parallelized model runs its plan (``model.pase_layout``). Every layer runs as planned
     (``layer_layouts`` refuses plans otherwise), so ``layers_as_planned`` counts the layers applied."""
-    kind: str  # "single" (one process: the model as it is), "ddp", "fsdp", "zero2", "tensor" or "pipeline"
+    # "single" (one process: the model as it is), "ddp", "fsdp", "zero2", "sharded blocks" (each block as the plan
+    # shards it, the rest's gradients all-reduced), "tensor" (with "+" what shards its state) or "pipeline"
+    kind: str
     world_size: int
     layers: list[LayerLayout] = field(default_factory=list)
     tensor_degrees: list[int] = field(default_factory=list)

@@ -28,6 +28,7 @@ from strategies.checkpointing import apply_checkpointing, planned_blocks
 from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
 from strategies.replication import ReplicaSplitGroups, ReplicatedAttention, replicate_module, replicate_split
 from strategies.runnable import REPLICABLE_MODULES
+from strategies.sharding import planned_sharding, shard_blocks
 from strategies.spatial import OutSpatialConv, OutSpatialGroups, SpatialConv, SpatialGroupNorm
 from strategies.tensor import (
     ChannelGroupNorm,
@@ -71,6 +72,9 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
     graph = graph if graph is not None else model_graph(model, plan, example_inputs)
     check_model(plan, graph)
     if plan.stages:  # this rank's pipeline stage: it runs whole training steps (pase_step), not forwards
+        if plan.options.get("block_sharding") is not None:
+            raise PaseError("this plan shards blocks one by one inside pipeline stages, which the pipeline runtime "
+                            "does not run; re-plan (pipeline plans shard no block)")
         return pipeline_parallelize(model, plan, device=device or default_device(), graph=graph)
     layouts = layer_layouts(plan, graph)
     device = device or default_device()
@@ -78,22 +82,29 @@ def parallelize(model: nn.Module, plan: Plan, *, example_inputs: Any = None, gra
     _broadcast_from_rank0(model)
     blocks = planned_blocks(plan.options, graph)
     reshard = bool(plan.options.get("reshard", True))  # False: ZeRO-2, the gathered weights kept for the backward
-    sharding = "fsdp" if reshard else "zero2"
+    fsdp = bool(plan.options.get("fsdp"))
+    per_block = planned_sharding(plan.options, graph) if fsdp and plan.options.get("block_sharding") is not None \
+        else None  # each block sharded as the plan chose it
+    sharding = "sharded blocks" if per_block is not None else "fsdp" if reshard else "zero2"
+    dtype = GRADIENT_DTYPES[plan.precision]
     if is_pure_data_parallel(layouts):
-        fsdp = bool(plan.options.get("fsdp"))
         apply_checkpointing(model, blocks)  # inside the DDP / FSDP wrapping: the module tree is unchanged
         if world == 1 and not fsdp:  # nothing to synchronise, and DDP's hooks and buckets cost 14-32% of an H200
             model.pase_layout = ParallelLayout("single", world, layouts, checkpointed=blocks)  # SD-1.5 step
             return model
-        result = apply_fsdp(model, device, plan.precision, reshard) if fsdp else apply_ddp(model, device,
-                                                                                           plan.precision)
+        if per_block is not None:  # FSDP2 on the blocks the plan shards, the others' gradients all-reduced
+            whole = shard_blocks(model, per_block, device.type, world, dtype)
+            model.pase_sync = GradientSync.install(model, world, dtype=dtype, only=whole)
+            result = model
+        else:
+            result = apply_fsdp(model, device, plan.precision, reshard) if fsdp else apply_ddp(model, device,
+                                                                                               plan.precision)
         result.pase_layout = ParallelLayout(sharding if fsdp else "ddp", world, layouts, checkpointed=blocks)
         return result
-    fsdp = bool(plan.options.get("fsdp"))
     result = _apply_tensor_layouts(model, layouts, device, world, plan.precision, sync=not fsdp)
     if fsdp:  # FSDP2 on each module with parameters, a split module's over its data-parallel peers
-        whole = shard_parameters(result, device.type, world, plan.precision, reshard)
-        result.pase_sync = GradientSync.install(result, world, dtype=GRADIENT_DTYPES[plan.precision], only=whole)
+        whole = shard_parameters(result, device.type, world, plan.precision, reshard, per_block)
+        result.pase_sync = GradientSync.install(result, world, dtype=dtype, only=whole)
         result.pase_layout.kind = f"{sharding}+tensor"
     # last: a block's forward that a split replaced (head-split attention) is what recomputes, collectives included
     result.pase_layout.checkpointed = apply_checkpointing(result, blocks)

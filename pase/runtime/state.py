@@ -143,17 +143,24 @@ class ShardMap:
             for param in params:
                 param.grad.mul_(factor.to(param.grad.dtype))
             return total.sqrt().float()
-        if not any(shard.kind == "channels" for shard in self.shards.values()):
+        kinds = {shard.kind for shard in self.shards.values()}
+        if kinds <= {"whole"} or kinds == {"dtensor"}:  # replicated, or FSDP2 throughout: torch's own
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # a mix (channel shards, FSDP2 shards and whole gradients): each part's sum of squares summed over the
+        # groups it is spread over (a whole gradient is the same on every rank: counted once)
         total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
         by_groups: dict[tuple[int, ...], tuple[list[Any], torch.Tensor]] = {}  # summed over each group in turn
         for name, param in self.named:
             if param.grad is None:
                 continue
-            squares = param.grad.detach().double().pow(2).sum()
+            grad = param.grad.detach()
             shard = self.shards[name]
-            if shard.kind == "channels":
-                groups = [group for _, group in shard.cuts]
+            groups = [group for _, group in shard.cuts]
+            if _is_dtensor(grad):
+                groups.append(grad.device_mesh.get_group())
+                grad = grad.to_local()
+            squares = grad.double().pow(2).sum()
+            if groups:
                 key = tuple(id(group) for group in groups)
                 _, partial = by_groups.get(key, (groups, torch.zeros_like(total)))
                 by_groups[key] = (groups, partial + squares)
