@@ -222,10 +222,10 @@ def test_pase_plan_that_cannot_fit_points_to_pipeline_stages(tmp_path) -> None:
     system.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.01,
                                           "memory_bw_gbps": 100}, "gpus_per_node": 2}))
     result = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", str(system), "--batch", "16",
-                                      "--micro-steps", "1"])
+                                      "--micro-steps", "1", "--no-pipeline"])
     assert isinstance(result.exception, PlanDoesNotFit)
     message = str(result.exception)
-    assert message.startswith("no plan fits") and "--fsdp" in message and "--pipeline" in message
+    assert message.startswith("no plan fits") and "--fsdp" in message and "drop --no-pipeline" in message
     accumulating = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", str(system), "--batch", "16"])
     assert accumulating.exit_code == 0, accumulating.output  # by default, micro-steps make it fit
     assert "global batch 16 as" in " ".join(accumulating.output.split())
@@ -409,9 +409,9 @@ def test_a_plan_file_with_a_malformed_search_section_is_refused_in_one_line(tmp_
 
 def test_the_cli_points_to_pipelines_when_no_per_layer_plan_fits() -> None:
     result = subprocess.run([sys.executable, "-m", "pase", "plan", "--model", "unet-tiny", "--cluster", "2xRTX4090",
-                             "--batch", "100000", "--fsdp", "--checkpoint", "--micro-steps", "1"],
+                             "--batch", "100000", "--fsdp", "--checkpoint", "--micro-steps", "1", "--no-pipeline"],
                             capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = " ".join(result.stderr.split())
-    assert "Try more devices or a smaller --batch." in message and "Or add --pipeline" in message
+    assert "Try more devices or a smaller --batch." in message and "Or drop --no-pipeline" in message

@@ -60,7 +60,8 @@ def plan(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Capture again (and refresh the cache) instead "
                                            "of reusing the cached layer graph of a zoo model.")] = False,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also search pipeline stages "
-                                           "(cut points, device groups, microbatches, PP x DP).")] = False,
+                                           "(cut points, device groups, microbatches, PP x DP); on by default, "
+                                           "--no-pipeline skips them (1-2 s less).")] = True,
     schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
     max_stages: Annotated[int, typer.Option(min=1, help="Most pipeline stages to consider.")] = 8,
     space: Annotated[str, typer.Option(help="runnable: only splits the runtime runs as planned; all: every split "
@@ -109,19 +110,21 @@ def plan(
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
                               checkpointing=checkpoint, search_gap=gap, space=space,
                               force=parse_force(force or []), min_chunk=parse_min_chunk(min_chunk))
-        stages = PipelineOptions(schedule=schedule, max_stages=max_stages) if pipeline or only == "pipeline" else None
+        searched = only == "pipeline" or (pipeline and only is None)  # --only dp/fsdp/tensor: no stages
+        stages = PipelineOptions(schedule=schedule, max_stages=max_stages) if searched else None
         try:
             result, priced = make_plan(graph, target, profile=measured, options=options, pipeline=stages,
                                        progress=lambda what: status.update(f"{what} ..."), micro_steps=accumulation)
         except PlanDoesNotFit as exc:  # stages hold only their own layers' weights: a pipeline may fit
             if stages is not None or target.world_size < 2:
                 raise
-            raise PlanDoesNotFit(f"{exc} Or add --pipeline: pipeline stages each hold only their own layers.",
+            raise PlanDoesNotFit(f"{exc} Or drop --no-pipeline: pipeline stages each hold only their own layers.",
                                  exc.least_bytes, exc.limit_bytes) from None
     print_plan(result)
     if explain:
         if result.stages or priced is None:
-            raise PaseError("--explain shows alternatives within a per-layer plan; run it without --pipeline")
+            raise PaseError("--explain shows alternatives within a per-layer plan, and this plan is a pipeline; run "
+                            "it with --no-pipeline")
         blocks = {block.name for block in result.blocks}
         if explain in blocks:
             from cost_models.rates import HardwareRates

@@ -18,12 +18,13 @@ step wins.
 
 The baselines people compare with are priced by the same model: DDP and FSDP in one step, DDP with the fewest
 micro-steps that fit (``ddp_accum``), FSDP with activation checkpointing and the fewest micro-steps that fit
-(``fsdp_accum_ckpt``), and the best pipeline (``pipeline``: when ``--pipeline`` searches stages, else null).
+(``fsdp_accum_ckpt``), and the best pipeline (``pipeline``: when stages are searched, as `pase plan` does unless
+``--no-pipeline``, else null).
 Where a data-parallel one is faster than every plan tried (it runs more micro-steps than were tried, or the
 search's gap hid it), its setting is searched again at its micro-steps, exactly, in a space that holds the
 baseline; where memory binds, pure data parallelism is also held against the Lagrangian search's plan
 (``per_layer.search_under_memory``). So the plan is never slower than a data-parallel baseline, and with
-``--pipeline`` the faster of it and the best pipeline is the plan.
+pipelines searched the faster of it and the best pipeline is the plan.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from pase.planning.plan import Plan, Prediction
 from pase.planning.selective import select_blocks, select_sharding
 
 BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt", "pipeline")
-PIPELINE_NOT_SEARCHED = "pipelines are searched with --pipeline (pipeline stages x data parallelism)"
+PIPELINE_NOT_SEARCHED = "pipelines were not searched (--no-pipeline; from Python: make_plan(pipeline=...))"
 Found = tuple[Plan, PricedGraph]
 
 

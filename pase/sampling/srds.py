@@ -83,6 +83,9 @@ class SrdsSchedule:
         self.noise, self.on_iteration = noise, on_iteration
         self.size = core.steps // blocks
         self.x: dict[tuple[int, int], torch.Tensor] = {(0, 0): x_t}
+        # the latest iteration with a boundary: nothing of an iteration past top + 1 can be ready (its fine solves
+        # start from the previous iteration's boundaries), so the loops below stop there instead of at max_iters
+        self.top = 0
         self.y: dict[tuple[int, int], torch.Tensor] = {}
         self.g: dict[tuple[int, int], torch.Tensor] = {}
         self.fine: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # in flight: (state, steps done)
@@ -96,7 +99,7 @@ class SrdsSchedule:
     # ------------------------------------------------------------------ what can run now
     def _ready_fine(self) -> list[tuple[int, int]]:
         ready = []
-        for p in range(1, self.max_iters + 1):
+        for p in range(1, min(self.max_iters, self.top + 1) + 1):
             if not self.pipelined and (p - 1, self.blocks) not in self.x:
                 break  # the previous sweep has not finished
             for i in range(p - 1, self.blocks):
@@ -108,7 +111,7 @@ class SrdsSchedule:
 
     def _ready_coarse(self) -> list[tuple[int, int]]:
         ready = []
-        for p in range(0, self.max_iters + 1):
+        for p in range(0, min(self.max_iters, self.top) + 1):
             if p and not self.pipelined and any((p, i) not in self.y for i in range(p - 1, self.blocks)):
                 break  # the sweep waits for all of this iteration's fine solves
             ready += [(p, i) for i in range(p, self.blocks) if (p, i) not in self.g and (p, i) in self.x]
@@ -154,7 +157,7 @@ class SrdsSchedule:
         changed = True
         while changed and self.result is None:
             changed = False
-            for p in range(0, self.max_iters + 1):
+            for p in range(0, min(self.max_iters, self.top + 1) + 1):
                 for i in range(max(p, 1), self.blocks + 1):
                     if (p, i) in self.x:
                         continue
@@ -162,6 +165,7 @@ class SrdsSchedule:
                     if value is None:
                         continue
                     self.x[(p, i)] = value
+                    self.top = max(self.top, p)
                     changed = True
                     if i == self.blocks:
                         self._finish_iteration(p)
