@@ -8,6 +8,7 @@ backward runs inside a schedule).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from cost_models.layer_costs import GRADIENT_BUCKET_BYTES
+from pase.errors import PaseError
+from strategies.sharding import owner_block
 
 GRADIENT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -103,4 +106,35 @@ def apply_fsdp(model: nn.Module, device: torch.device, precision: str = "fp32", 
     return model
 
 
-__all__ = ["GRADIENT_DTYPES", "apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units", "mixed_precision_policy"]
+def shard_blocks(model: nn.Module, sharding: Mapping[str, str], device_type: str, world: int,
+                 dtype: Any) -> list[nn.Parameter]:
+    """FSDP2 on each block ``sharding`` shards ("gradients": ZeRO-2, "full": FSDP), over every rank, holding that
+    block's own parameters (those of a nested block are its own unit, or ignored and left whole), innermost
+    first as FSDP2 requires. Gradients are summed and divided by the world, as ``GradientSync`` does for the
+    parameters left whole, which this returns (they need it). A sharded block that is not a module of
+    ``model`` is refused: the plan priced sharding it."""
+    mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    policy = mixed_precision_policy(dtype)
+    modules = dict(model.named_modules())
+    sharded = {block: how for block, how in sharding.items() if how != "none"}
+    missing = sorted(block for block in sharded if block not in modules)
+    if missing:
+        raise PaseError(f"the plan shards block {missing[0]!r}, which is not a module of this model; re-plan for "
+                        "this model")
+    managed: set[int] = set()  # parameters already in a (nested) unit
+    for block in sorted(sharded, key=lambda b: -b.count(".")):
+        unit = modules[block]
+        ignored = {param for name, param in unit.named_parameters(prefix=block)
+                   if owner_block(name, sharding) != block and id(param) not in managed}
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=sharded[block] == "full",
+                    ignored_params=ignored or None)
+        unit.set_gradient_divide_factor(float(world))  # type: ignore[operator]
+        if dist.get_backend() != "nccl":  # gloo has no pre-scaled sum: sum, then divide by the world
+            unit.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
+        managed.update(id(param) for name, param in unit.named_parameters(prefix=block)
+                       if owner_block(name, sharding) == block)
+    return [param for param in model.parameters() if param.requires_grad and id(param) not in managed]
+
+
+__all__ = ["GRADIENT_DTYPES", "apply_ddp", "apply_fsdp", "average_gradients", "fsdp_units", "mixed_precision_policy",
+           "shard_blocks"]

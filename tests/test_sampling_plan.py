@@ -211,3 +211,21 @@ def test_size_rule_follows_the_model():
     check_size("unet-tiny", 8)
     with pytest.raises(PaseError, match="multiple of 8"):
         check_size("ddpm-cifar10", 12)
+
+
+@pytest.mark.parametrize(("seconds_at", "skips"), [({1: 0.01, 256: 0.011}, True), ({1: 0.01, 256: 2.56}, False)])
+def test_srds_settings_left_out_by_their_lower_bound_could_not_have_won(seconds_at, skips):
+    """The planner dry-runs SRDS block counts near sqrt(N) first and skips those whose lower bound is no better
+    than a count already priced: the best of each schedule is the one pricing every count would find."""
+    from strategies.parallel_sampling import block_candidates
+
+    p = pricing(seconds_at)
+    plan = plan_sampling("m", "ddpm", 120, 8, 1, p)
+    core = build_core("ddpm", 120)
+    for sampler in ("srds", "srds-pipelined"):
+        every = [predict_srds(p, core, 1, 8, b, sampler == "srds-pipelined", p.convergence.iterations(b, "ddpm"))
+                 for b in block_candidates(120)]
+        priced = [c for c in plan.candidates if c.sampler == sampler]
+        assert min(c.seconds for c in priced) == min(c.seconds for c in every)
+    if skips:  # (a flat evaluation time makes few-block settings cheap to rule out)
+        assert "not dry-run" in plan.sources["srds search"]

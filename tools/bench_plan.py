@@ -7,8 +7,8 @@ For each model, batch and cluster (8 to 64 H100s) it runs `pase plan` with no fl
 `--no-cache` (capture included) and with the layer-graph cache warm. It reports wall time, the
 search's elimination width and largest table, the micro-steps, sharding (none, ZeRO-2 "gradients", FSDP
 "full") and recomputed blocks the plan chose, and its gain over each baseline (DDP, FSDP, DDP with
-accumulation, FSDP with accumulation and checkpointing; "-" where one does not fit). Targets (issue 18):
-every case fits without flags, under 10 s cold for SD-1.5 and 30 s for SDXL at 64 GPUs.
+accumulation, FSDP with accumulation and checkpointing, the best pipeline; "-" where one does not fit). Targets
+(issue 18): every case fits without flags, under 10 s cold for SD-1.5 and 30 s for SDXL at 64 GPUs.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from pase.planning.plan import sharding_of
 
 CLUSTERS = ("8xH100-SXM", "2x8xH100-SXM+IB-NDR400x8", "4x8xH100-SXM+IB-NDR400x8", "8x8xH100-SXM+IB-NDR400x8")
-BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt")
+BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt", "pipeline")
 
 
 def run(model: str, cluster: str, batch: int, cache: bool) -> dict:

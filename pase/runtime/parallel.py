@@ -25,10 +25,10 @@ from pase.runtime.checks import check_model, check_world, model_graph
 from pase.runtime.layout import LayerLayout, ParallelLayout, is_pure_data_parallel, layer_layouts
 from pase.runtime.pipeline import pipeline_parallelize
 from strategies.checkpointing import apply_checkpointing, planned_blocks
-from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp
+from strategies.data import GRADIENT_DTYPES, apply_ddp, apply_fsdp, shard_blocks
 from strategies.replication import ReplicaSplitGroups, ReplicatedAttention, replicate_module, replicate_split
 from strategies.runnable import REPLICABLE_MODULES
-from strategies.sharding import planned_sharding, shard_blocks
+from strategies.sharding import planned_sharding
 from strategies.spatial import OutSpatialConv, OutSpatialGroups, SpatialConv, SpatialGroupNorm
 from strategies.tensor import (
     ChannelGroupNorm,

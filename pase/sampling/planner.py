@@ -312,6 +312,7 @@ def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples:
         raise PaseError(f"--devices must be >= 1, not {devices}")
     core = build_core(scheduler, steps)
     candidates = []
+    srds_configs = []
     for config in parallel_sampling.candidates(steps, devices):
         if config.sampler == "sequential":
             candidates.append(predict_sequential(pricing, steps, samples))
@@ -320,9 +321,23 @@ def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples:
         elif config.sampler == "paradigms":
             candidates.append(predict_paradigms(pricing, steps, samples, devices, config.window))
         else:
-            iterations = pricing.convergence.iterations(config.blocks, scheduler)
-            candidates.append(predict_srds(pricing, core, samples, devices, config.blocks,
-                                           config.sampler == "srds-pipelined", iterations))
+            srds_configs.append(config)
+    # SRDS: block counts near sqrt(N) first; a count whose lower bound cannot beat the best of its schedule found
+    # so far is not dry-run (iteration 0's coarse sweep is B passes in a row, and each iteration's fine solves N / B
+    # in a row; no pass is faster than the fastest one of at most one row per device)
+    fastest_pass = min(pricing.pass_seconds(r * samples, devices) for r in range(1, devices + 1))
+    best_srds: dict[str, float] = {}
+    skipped = 0
+    for config in sorted(srds_configs, key=lambda c: (abs(math.log(c.blocks / math.sqrt(steps))), c.blocks)):
+        iterations = pricing.convergence.iterations(config.blocks, scheduler)
+        bound = fastest_pass * max(config.blocks, iterations * steps // config.blocks)
+        if bound >= best_srds.get(config.sampler, math.inf):
+            skipped += 1
+            continue
+        candidate = predict_srds(pricing, core, samples, devices, config.blocks,
+                                 config.sampler == "srds-pipelined", iterations)
+        best_srds[config.sampler] = min(best_srds.get(config.sampler, math.inf), candidate.seconds)
+        candidates.append(candidate)
 
     def key(c: Candidate) -> tuple[float, int]:
         value = c.seconds if objective == "latency" else -c.throughput
@@ -337,6 +352,10 @@ def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples:
             best = best_base
     all_sources = {"eval time": pricing.eval_time.source, "gather": pricing.gather.source,
                    "convergence": pricing.convergence.source, **(sources or {})}
+    if skipped:
+        all_sources["srds search"] = (f"{skipped} SRDS settings not dry-run: their lower bound (B coarse passes, "
+                                      "iterations x N / B fine passes, each at least the fastest pass) was no "
+                                      "better than a setting already priced")
     return SamplePlan(model, scheduler, steps, devices, samples, objective, candidates, best, all_sources, margin)
 
 

@@ -86,6 +86,7 @@ class SrdsSchedule:
         # the latest iteration with a boundary: nothing of an iteration past top + 1 can be ready (its fine solves
         # start from the previous iteration's boundaries), so the loops below stop there instead of at max_iters
         self.top = 0
+        self.frontier: dict[int, int] = {}  # per iteration, its first boundary not yet resolved
         self.y: dict[tuple[int, int], torch.Tensor] = {}
         self.g: dict[tuple[int, int], torch.Tensor] = {}
         self.fine: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # in flight: (state, steps done)
@@ -154,20 +155,23 @@ class SrdsSchedule:
 
     # ------------------------------------------------------------------ the sweep, as values arrive
     def _resolve(self) -> None:
+        """Every boundary whose inputs have arrived, iteration by iteration. An iteration's boundaries resolve in
+        block order (x_{i+1}^p needs G_i(x_i^p)), so each iteration is looked at only from its first missing one."""
         changed = True
         while changed and self.result is None:
             changed = False
             for p in range(0, min(self.max_iters, self.top + 1) + 1):
-                for i in range(max(p, 1), self.blocks + 1):
-                    if (p, i) in self.x:
-                        continue
+                i = self.frontier.get(p, max(p, 1))
+                while i <= self.blocks:
                     value = self._boundary_value(p, i)
                     if value is None:
-                        continue
+                        break
                     self.x[(p, i)] = value
                     self.top = max(self.top, p)
                     changed = True
-                    if i == self.blocks:
+                    i += 1
+                    self.frontier[p] = i
+                    if i > self.blocks:
                         self._finish_iteration(p)
                         if self.result is not None:  # a later iteration resolved in this sweep must not win
                             return
