@@ -20,6 +20,7 @@ from pase.cli.console import (
     write_output,
 )
 from pase.errors import PaseError
+from pase.models.zoo import resolution_inputs, resolve_model
 
 if TYPE_CHECKING:
     from cost_models.cluster import Cluster
@@ -57,6 +58,11 @@ def plan(
     profile: Annotated[Path | None, typer.Option(help="Calibration profile to price with.")] = None,
     gpu_file: Annotated[list[Path] | None, typer.Option("--gpu-file", help="Extra catalog entries.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option("--input-shape", help="As for `pase graph`.")] = None,
+    resolution: Annotated[int | None, typer.Option("--resolution", min=8, max=16384, help="Plan for images of this "
+                                                   "many pixels a side (latent size: over the model's VAE "
+                                                   "factor; default: the model's own).")] = None,
+    text_length: Annotated[int | None, typer.Option("--text-length", min=1, max=4096, help="Prompt tokens of a "
+                                                    "text-conditioned model (default: its own, 77).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Capture again (and refresh the cache) instead "
                                            "of reusing the cached layer graph of a zoo model.")] = False,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also search pipeline stages "
@@ -101,6 +107,7 @@ def plan(
         raise PaseError(reason)
     accumulation = parse_micro_steps(micro_steps)
     named, positional = parse_input_shapes(input_shape or [])
+    named = {**resolution_inputs(resolve_model(model), batch, resolution, text_length), **named}
     check_writable(json_path, "--json")
     check_writable(html_path, "--html")
     check_writable(png_path, "--png")
@@ -120,6 +127,8 @@ def plan(
                 raise
             raise PlanDoesNotFit(f"{exc} Or drop --no-pipeline: pipeline stages each hold only their own layers.",
                                  exc.least_bytes, exc.limit_bytes) from None
+    if resolution is not None or text_length is not None:  # the inputs the plan was made for: the runtime's too
+        result.options.update({"resolution": resolution, "text_length": text_length})
     print_plan(result)
     if explain:
         if result.stages or priced is None:
@@ -207,6 +216,8 @@ def print_plan(result: Plan) -> None:
     accumulation = f" as {result.micro_steps} micro-steps of {result.micro_batch}" if result.micro_steps > 1 else ""
     table = Table(title=f"plan for {result.model} on {result.cluster} ({result.devices} devices), global batch "
                         f"{result.batch}{accumulation}, {result.precision}"
+                        + (f", {result.options['resolution']} px" if result.options.get("resolution") else "")
+                        + (f", {result.options['text_length']} tokens" if result.options.get("text_length") else "")
                         + (" (layer times per micro-step)" if accumulation else ""))
     choices = {block.name: block for block in result.blocks}
     for column in ("block", "layers", "split (most layers)", "recompute", "sharding", "time ms", "memory GiB"):

@@ -19,6 +19,7 @@ from pase.cli.console import (
     write_output,
 )
 from pase.errors import PaseError
+from pase.models.zoo import resolution_inputs, resolve_model
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -57,6 +58,11 @@ def whatif(
                                                    "use.", callback=finite)] = 0.9,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (for scripts).")] = False,
+    resolution: Annotated[int | None, typer.Option("--resolution", min=8, max=16384, help="Images of this many "
+                                                   "pixels a side (latent size: over the model's VAE factor; "
+                                                   "default: the model's own).")] = None,
+    text_length: Annotated[int | None, typer.Option("--text-length", min=1, max=4096, help="Prompt tokens of a "
+                                                    "text-conditioned model (default: its own, 77).")] = None,
 ) -> None:
     """Predict step time, samples/s, MFU, $ and energy of the best plan on each cluster."""
     import torch
@@ -72,10 +78,14 @@ def whatif(
     targets = _clusters(clusters, catalog, _prices(price or [], catalog))
     graphs: dict[int, LayerGraph] = {}
 
+    spec = resolve_model(model)
+    resolution_inputs(spec, batch, resolution, text_length)  # a bad resolution or text length fails here, once
+
     def graph_at(micro_batch: int) -> LayerGraph:
         if micro_batch not in graphs:
+            shapes = resolution_inputs(spec, micro_batch, resolution, text_length) or None
             graphs[micro_batch] = extract_model(model, micro_batch, dtype=getattr(torch, DTYPES[precision]),
-                                                use_cache=True)
+                                                input_shapes=shapes, use_cache=True)
         return graphs[micro_batch]
 
     with err_console.status(f"capturing {model} ...") as status:

@@ -98,8 +98,15 @@ def extract_model(
     spec = resolve_model(name, user_input_shapes)
     name = spec.name  # a folder by its absolute path: what plans record
     cacheable = use_cache and spec.family != "user"  # zoo and folder models are built from their config alone
-    any_batch = cacheable and not input_shapes
-    key = cache.cache_key(name, spec.config, "any" if any_batch else batch, dtype, method, input_shapes) \
+    # overrides whose first extent is the batch (a resolution, a text length) key the entry without it: it serves
+    # every batch, as the model's own shapes do
+    batch_free: dict[str, tuple[int | str, ...]] | None = None
+    if input_shapes and batch is not None and all(len(v) and v[0] == batch for v in input_shapes.values()):
+        batch_free = {k: ("B", *v[1:]) for k, v in input_shapes.items()}
+    any_batch = cacheable and (not input_shapes or batch_free is not None)
+    keyed: dict[str, tuple[int | str, ...]] | None = batch_free if batch_free is not None else \
+        {k: tuple(v) for k, v in (input_shapes or {}).items()}
+    key = cache.cache_key(name, spec.config, "any" if any_batch else batch, dtype, method, keyed or None) \
         if cacheable else None
     if key is not None and not refresh_cache and (hit := cache.load(key)) is not None:
         wanted = batch if batch is not None else spec.default_batch

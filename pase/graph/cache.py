@@ -33,7 +33,7 @@ def cache_dir() -> Path:
 
 
 def cache_key(name: str, config: dict[str, Any], batch: int | str | None, dtype: torch.dtype, method: str,
-              input_shapes: dict[str, tuple[int, ...]] | None) -> str:
+              input_shapes: dict[str, tuple[int | str, ...]] | None) -> str:
     versions = {pkg: _version(pkg) for pkg in ("torch", "diffusers")}
     # "auto" names the front ends it tries, in order: a new first choice must not read an old one's entries
     method = "auto:" + ",".join(CAPTURE_METHODS) if method == "auto" else method

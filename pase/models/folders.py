@@ -80,6 +80,16 @@ def weights_variant(unet: Path) -> str | None:
     return found[0]
 
 
+def vae_factor(pipeline: Path) -> int | None:
+    """Pixels per latent cell along each side: 2 per level of the pipeline's VAE after the first (8 for SD's);
+    None without a readable VAE config."""
+    try:
+        config = json.loads((pipeline / "vae" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return 2 ** (len(config.get("block_out_channels") or [0]) - 1)
+
+
 def text_length(pipeline: Path | None) -> int:
     """Tokens per prompt: the pipeline tokenizer's ``model_max_length``, else CLIP's 77."""
     config = pipeline / "tokenizer" / "tokenizer_config.json" if pipeline else None

@@ -22,6 +22,8 @@ from pase.models.pase_unet import PaseUNet, PaseUNetConfig
 from pase.models.user_code import call_factory, load_factory
 
 BATCH = "B"
+# axes of a UNet's inputs that take any size: the sample's height and width (the resolution), the prompt's tokens
+FREE_AXES = {"sample": (2, 3), "encoder_hidden_states": (1,)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class ModelSpec:
     inputs: tuple[InputSpec, ...]
     build_fn: Callable[[dict[str, Any]], nn.Module] = field(repr=False)
     default_batch: int = 8
+    # pixels per cell of ``sample`` along each side: 8 for Stable Diffusion's latents, 1 for a pixel-space model,
+    # None where unknown (a UNet folder without its pipeline's VAE)
+    vae_factor: int | None = 1
 
     def build(self) -> nn.Module:
         """Build on the current device (use ``torch.device('meta')`` for large models)."""
@@ -99,8 +104,10 @@ class ModelSpec:
 
     def _check_shape(self, spec: InputSpec, shape: tuple[int, ...], batch: int) -> None:
         expected = spec.concrete(batch)
+        free = FREE_AXES.get(spec.name, ()) if self.family != "user" else ()
         if len(shape) != len(expected) or any(
-            want != BATCH and got != exp for got, exp, want in zip(shape, expected, spec.shape)
+            want != BATCH and axis not in free and got != exp
+            for axis, (got, exp, want) in enumerate(zip(shape, expected, spec.shape))
         ):
             raise InputShapeError(
                 f"input {spec.name!r} of model {self.name!r} has shape {tuple(shape)}, but the model "
@@ -185,16 +192,16 @@ ZOO: dict[str, ModelSpec] = {
         ModelSpec("sd15-unet", "diffusers UNet2DConditionModel, Stable Diffusion 1.5, 860M params",
                   "diffusers.UNet2DConditionModel", SD15_UNET,
                   (*_unconditional_inputs(4, 64), InputSpec("encoder_hidden_states", (BATCH, 77, 768))),
-                  _unet2d_condition),
+                  _unet2d_condition, vae_factor=8),
         ModelSpec("sd-tiny", "diffusers UNet2DConditionModel, SD-shaped at test size (tests)",
                   "diffusers.UNet2DConditionModel", SD_TINY,
                   (*_unconditional_inputs(4, 16), InputSpec("encoder_hidden_states", (BATCH, 77, 32))),
-                  _unet2d_condition),
+                  _unet2d_condition, vae_factor=8),
         ModelSpec("sdxl-unet", "diffusers UNet2DConditionModel, Stable Diffusion XL base, 2.57B params",
                   "diffusers.UNet2DConditionModel", SDXL_UNET,
                   (*_unconditional_inputs(4, 128), InputSpec("encoder_hidden_states", (BATCH, 77, 2048)),
                    InputSpec("text_embeds", (BATCH, 1280), keyword="added_cond_kwargs"),
-                   InputSpec("time_ids", (BATCH, 6), keyword="added_cond_kwargs")), _unet2d_condition),
+                   InputSpec("time_ids", (BATCH, 6), keyword="added_cond_kwargs")), _unet2d_condition, vae_factor=8),
         ModelSpec("pase-unet", "pase's plain-PyTorch UNet (symbolic_trace-able), 0.43M params", "pase.PaseUNet",
                   {}, _unconditional_inputs(3, 32), _pase_unet),
     )
@@ -250,5 +257,39 @@ def folder_model(name: str) -> ModelSpec:
     conditioning = folders.conditioning_inputs(cls, config, folders.text_length(pipeline))
     inputs += [InputSpec(input_name, shape, keyword=keyword) for input_name, shape, keyword in conditioning]
     root = paths.expanded(name).resolve()
+    factor = folders.vae_factor(pipeline) if pipeline is not None else None
+    if factor is None and int(config.get("in_channels", 4)) == 3:  # a pixel-space UNet
+        factor = 1
     return ModelSpec(str(root), f"diffusers {cls} from {root}", f"diffusers.{cls}", config, tuple(inputs),
-                     lambda cfg: folders.build_from_folder(cls, cfg, unet))
+                     lambda cfg: folders.build_from_folder(cls, cfg, unet), vae_factor=factor)
+
+
+def resolution_inputs(spec: ModelSpec, batch: int, resolution: int | None = None,
+                      text_length: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Input shapes (``name -> shape``, batch first) for images of ``resolution`` pixels a side (the sample's
+    spatial size: pixels over the VAE factor) and prompts of ``text_length`` tokens; {} when both are None."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    inputs = {spec_input.name: spec_input for spec_input in spec.inputs}
+    if resolution is not None:
+        sample = inputs.get("sample")
+        if sample is None or len(sample.shape) != 4:
+            raise InputShapeError(f"--resolution needs an image input named sample; {spec.name!r} has "
+                                  f"{', '.join(inputs)}: use --input-shape")
+        if spec.vae_factor is None:
+            raise InputShapeError(f"--resolution: {spec.name!r} is a UNet folder without its pipeline's VAE, so its "
+                                  "latent size per pixel is unknown; give the pipeline folder, or --input-shape "
+                                  "sample=B,C,H,W in latent cells")
+        levels = len(spec.config.get("block_out_channels") or [0]) - 1  # each level but the last halves the size
+        step = spec.vae_factor * 2 ** max(levels, 0)
+        if resolution % step:
+            raise InputShapeError(f"--resolution {resolution}: {spec.name!r} needs a multiple of {step} pixels (VAE "
+                                  f"factor {spec.vae_factor} x {2 ** max(levels, 0)} for its {levels} downsamplings); "
+                                  f"e.g. {max(step, resolution // step * step)} or {(resolution // step + 1) * step}")
+        cells = resolution // spec.vae_factor
+        shapes["sample"] = (batch, int(sample.shape[1]), cells, cells)
+    if text_length is not None:
+        text = inputs.get("encoder_hidden_states")
+        if text is None:
+            raise InputShapeError(f"--text-length: {spec.name!r} takes no text (no encoder_hidden_states input)")
+        shapes["encoder_hidden_states"] = (batch, text_length, int(text.shape[2]))
+    return shapes

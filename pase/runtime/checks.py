@@ -10,7 +10,7 @@ from torch import nn
 
 from pase.errors import PaseError
 from pase.graph import LayerGraph, extract
-from pase.models.zoo import recorded_model
+from pase.models.zoo import recorded_model, resolution_inputs
 from pase.planning.plan import Plan
 
 
@@ -44,7 +44,13 @@ def example_inputs_for(plan: Plan, example_inputs: Any = None) -> tuple[tuple[An
         raise PaseError(f"the plan is for {plan.model!r}, which is neither a zoo model nor a diffusers folder: pass "
                         f"example_inputs= (meta tensors at the plan's batch per micro-step, {plan.micro_batch}) so "
                         "pase can check the model matches the plan")
-    return spec.example_inputs(plan.micro_batch, device="meta")
+    return planned_inputs(plan, spec, plan.micro_batch)
+
+
+def planned_inputs(plan: Plan, spec: Any, batch: int, device: str = "meta") -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``spec``'s example inputs at ``batch``, at the resolution and prompt length the plan was made for."""
+    shapes = resolution_inputs(spec, batch, plan.options.get("resolution"), plan.options.get("text_length"))
+    return spec.example_inputs(batch, device=device, shapes=shapes or None)
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -93,4 +99,5 @@ def check_model(plan: Plan, graph: LayerGraph) -> None:
                                "re-plan it")
 
 
-__all__ = ["PlanMismatch", "check_model", "check_world", "example_inputs_for", "meta_copy", "model_graph"]
+__all__ = ["PlanMismatch", "check_model", "check_world", "example_inputs_for", "meta_copy", "model_graph",
+           "planned_inputs"]

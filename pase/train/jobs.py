@@ -223,6 +223,11 @@ def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str, 
         raise PaseError(f"--grad-accum does not combine with the pipeline plan {options.plan}, whose schedule already "
                         f"accumulates over its {plan.microbatches} microbatches; plan the larger batch instead "
                         "(pase plan --batch)")
+    planned_px = plan.options.get("resolution")
+    if planned_px is not None and options.image_size != planned_px:
+        trained = f"{options.image_size} px" if options.image_size else "the model's own size"
+        raise PaseError(f"the plan {options.plan} was made for {planned_px} px images (pase plan --resolution) but "
+                        f"this job trains at {trained}; train with --resolution {planned_px}, or re-plan")
     planned = check_plan(plan, env, spec, strategy)
     planned.image_size = options.image_size
     autocast = autocast_for(options.precision, env.device, planned.plan)

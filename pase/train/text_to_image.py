@@ -14,7 +14,6 @@ in diffusers' script.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pase.errors import PaseError
+from pase.models import folders
 from pase.models.folders import LOW_MEMORY_LOAD, quiet_loading
 from pase.train.loop import Objective, model_output
 
@@ -62,11 +62,11 @@ def is_sdxl(pipeline: Path) -> bool:
 
 def vae_scale_factor(pipeline: Path) -> int:
     """Pixels per latent along each side: 2 per VAE level after the first (8 for SD's VAE)."""
-    try:
-        config = json.loads((pipeline / "vae" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TextToImageError(f"cannot read {pipeline / 'vae' / 'config.json'}: {exc}") from None
-    return 2 ** (len(config.get("block_out_channels") or [0]) - 1)
+    factor = folders.vae_factor(pipeline)
+    if factor is None:
+        raise TextToImageError(f"cannot read {pipeline / 'vae' / 'config.json'}: the pipeline's VAE config is "
+                               "missing or not JSON")
+    return factor
 
 
 def noise_scheduler(pipeline: Path) -> Any:

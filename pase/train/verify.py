@@ -27,7 +27,7 @@ from rich.progress import Progress
 from pase.errors import PaseError
 from pase.models.zoo import ModelSpec
 from pase.planning.plan import Plan
-from pase.runtime.checks import model_graph
+from pase.runtime.checks import model_graph, planned_inputs
 from pase.runtime.comm_count import CommCounter
 from pase.runtime.context import distributed
 from pase.runtime.pipeline import conditioning_inputs
@@ -121,7 +121,7 @@ def synthetic_inputs(plan: Plan, batch: int, device: torch.device, generator: to
 
     spec = spec or plan_spec(plan)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    args, kwargs = spec.example_inputs(batch, device="cpu")
+    args, kwargs = planned_inputs(plan, spec, batch, device="cpu")
     values = []
     noise = None
     for position, (name, template) in enumerate((s.name, t) for s, t in zip(spec.inputs, (*args, *_leaves(kwargs)))):
@@ -269,7 +269,7 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: Mode
     model = spec.build()
     reference = copy.deepcopy(model)
     objective = epsilon_objective()
-    args, _ = spec.example_inputs(1, device="meta")
+    args, _ = planned_inputs(plan, spec, 1)
     x0 = torch.randn((plan.batch, *args[0].shape[1:]), generator=torch.Generator().manual_seed(seed + 7))
     parallel = run.parallelize(model, graph=graph)
     pipelined = hasattr(parallel, "pase_step")  # a pipeline stage runs whole steps
@@ -334,7 +334,7 @@ def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: Mode
 def _conditioning(plan: Plan, spec: ModelSpec, seed: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
     """The model's inputs after the sample and timestep (text embeddings, SDXL's pooled embeddings and time
     ids) for the plan's global batch, seeded: random, as ``synthetic_inputs`` draws them."""
-    args, kwargs = spec.example_inputs(plan.batch, device="cpu")
+    args, kwargs = planned_inputs(plan, spec, plan.batch, device="cpu")
     generator = torch.Generator().manual_seed(seed + 11)
     extra_args = tuple(torch.randn(a.shape, generator=generator) for a in args[2:])
     values = iter([torch.randn(t.shape, generator=generator) for t in _leaves(kwargs)])
@@ -378,7 +378,7 @@ def _pipeline_latents(plan: Plan, spec: ModelSpec, stage: Any, seed: int) -> tup
     """Shape of this replica's share of the global batch of latents, and the replica's generator (every rank
     of a replica draws the same numbers: stage 0 feeds the noised latents, the last stage scores the noise)."""
     replica, replicas = stage.pase_data_parallel
-    args, _ = spec.example_inputs(1, device="meta")
+    args, _ = planned_inputs(plan, spec, 1)
     return (plan.batch // replicas, *args[0].shape[1:]), torch.Generator().manual_seed(seed + 1 + replica)
 
 
