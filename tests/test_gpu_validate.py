@@ -23,6 +23,7 @@ def test_dry_run_writes_a_complete_report(tmp_path) -> None:
         assert case["measured_s"] > 0 and case["predicted_catalog_s"] > 0 and case["predicted_calibrated_s"] > 0
         planned, total = case["layers_as_planned"].split("/")
         assert planned == total
+        assert case["per_layer_kind"]["conv"]["measured_seconds"] > 0  # `pase verify --per-layer`, per kind
     assert {row["kind"] for row in report["per_kind"]} >= {"conv", "linear", "attention"}
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     [overhead] = report["step_overhead"]  # eager against the runtime, phase by phase

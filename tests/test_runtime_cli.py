@@ -95,6 +95,32 @@ def _plan(local: tuple, only: str) -> Plan:
 # run with the slow tests
 # tensor+fsdp and checkpointing also run in the default suite in tests/test_runtime_grid.py, pipelines in
 # tests/test_pipeline_runtime.py; here through the CLI
+@pytest.mark.timeout(300)
+def test_verify_per_layer_times_each_layer_kind_against_its_prediction(local, tmp_path: Path) -> None:
+    """`pase verify --per-layer` on 2 gloo processes: every conv, linear, norm and attention module is timed, forward
+    and backward, and each kind's seconds per step come out beside the plan's for the same layers."""
+    from pase.runtime.layer_timing import TIMED_KINDS
+
+    _, _, graph = local
+    plan = _plan(local, "dp")
+    plan.save(tmp_path / "plan.json")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", "-m", "pase",
+               "verify", "--plan", str(tmp_path / "plan.json"), "--steps", "3", "--warmup", "1", "--per-layer",
+               "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=200, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kinds = json.loads(done.stdout.strip().splitlines()[-1])["per_kind"]
+    assert set(kinds) == {"conv", "linear", "group_norm", "attention"} <= set(TIMED_KINDS)
+    convs = sum(1 for _, data in graph.layers() if data["op"] == "conv")
+    assert kinds["conv"]["layers"] == convs and kinds["attention"]["layers"] == 4
+    for row in kinds.values():
+        assert row["measured_seconds"] > 0 and row["predicted_seconds"] > 0
+    planned = {layer.id: layer.seconds for layer in plan.layers}
+    assert kinds["conv"]["predicted_seconds"] == pytest.approx(
+        sum(planned[layer_id] for layer_id, data in graph.layers() if data["op"] == "conv"))
+
+
 @pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow),
                                   pytest.param("fsdp", marks=pytest.mark.slow), "tensor",
                                   pytest.param("tensor+checkpoint", marks=pytest.mark.slow),

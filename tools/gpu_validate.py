@@ -47,6 +47,9 @@ class Case:
     predicted_memory_bytes: float | None = None
     measured_memory_bytes: float | None = None
     layers_as_planned: str | None = None
+    # `pase verify --per-layer`, a separate short run (its hooks slow the step): per layer kind, the layers timed
+    # and measured against predicted seconds per step
+    per_layer_kind: dict[str, dict[str, float]] | None = None
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -174,6 +177,15 @@ def run_case(run: Runner, case: Case, cluster: str, profile: Path | None, dry: b
     case.measured_s = summary["measured_step_seconds"]
     case.measured_memory_bytes = summary["measured_memory_bytes"]
     case.layers_as_planned = f"{summary.get('layers_as_planned')}/{summary.get('layers_total')}"
+    timed = run.pase("verify", "--plan", str(plan), "--steps", "3" if dry else "6", "--warmup", "1" if dry else "2",
+                     "--per-layer", "--json", nproc=case.gpus, timeout=240)
+    failed = _failure(timed, "verify --per-layer")
+    if failed:
+        case.errors.append(failed)
+        return
+    assert not isinstance(timed, str)
+    last = [line for line in timed.stdout.splitlines() if line.startswith("{")][-1]
+    case.per_layer_kind = json.loads(last)["per_kind"]
 
 
 def step_overhead(run: Runner, dry: bool, precision: str) -> tuple[list[dict[str, Any]], str | None]:

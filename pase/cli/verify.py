@@ -29,6 +29,9 @@ def verify(
                                         "weights after an AdamW step, the layers run as planned, and the "
                                         "communication bytes counted against those the plan priced; exit 1 when "
                                         "the error is over 1e-4 or a layer ran differently.")] = False,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also time every conv, linear, norm and attention "
+                                            "layer (CUDA events on a GPU, the clock on a CPU) and print each layer "
+                                            "kind's measured against predicted seconds per step.")] = False,
 ) -> None:
     """Run S steps of a plan on synthetic data (under torchrun) and print measured against predicted."""
     import torch.distributed as dist
@@ -42,7 +45,8 @@ def verify(
         raise PaseError(f"--update-profile {update_profile} does not exist; calibrate first with `pase hw calibrate "
                         f"--out {update_profile}`")
     plan = Plan.load(plan_path)
-    result = run_verify(plan, steps, warmup, seed, progress=not as_json, check=check, model=model)
+    result = run_verify(plan, steps, warmup, seed, progress=not as_json, check=check, model=model,
+                        per_layer=per_layer)
     rank = int(__import__("os").environ.get("RANK", "0"))
     failed = result.check is not None and not result.check.passed
     if dist.is_initialized() or rank != 0:
@@ -83,6 +87,8 @@ def _print(plan, result, update_profile: Path | None) -> None:  # noqa: ANN001 -
     console.print(f"step time: median after warm-up, slowest rank; memory: {result.memory_source}")
     if result.check is not None:
         _print_check(result.check)
+    if result.per_kind is not None:
+        _print_per_kind(result.per_kind)
     for flag in result.flags():
         console.print(f"[bold yellow]gap:[/] {flag}", highlight=False)
     if update_profile is not None:
@@ -108,3 +114,15 @@ def register(app: typer.Typer) -> None:
 
 
 __all__ = ["register", "verify"]
+
+
+def _print_per_kind(kinds: dict[str, dict[str, float]]) -> None:
+    table = Table(title="per layer kind, seconds per step (median timed step, slowest rank; the layers' own modules, "
+                        "forward and backward)")
+    for column in ("kind", "layers", "predicted ms", "measured ms", "measured / predicted"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, row in kinds.items():
+        ratio = row["measured_seconds"] / row["predicted_seconds"] if row["predicted_seconds"] else float("inf")
+        table.add_row(kind, f"{row['layers']:.0f}", f"{row['predicted_seconds'] * 1e3:.3f}",
+                      f"{row['measured_seconds'] * 1e3:.3f}", f"{ratio:.2f}")
+    console.print(table)

@@ -15,6 +15,7 @@ import copy
 import datetime as dt
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from pase.planning.plan import Plan
 from pase.runtime.checks import model_graph, planned_inputs
 from pase.runtime.comm_count import CommCounter
 from pase.runtime.context import distributed
+from pase.runtime.layer_timing import LayerTimer, per_kind
 from pase.runtime.pipeline import conditioning_inputs
 from pase.runtime.state import full_tensors
 from pase.train.loop import epsilon_objective, step_generator
@@ -58,6 +60,8 @@ class VerifyResult:
     layers_as_planned: int = 0  # from the parallelized model's pase_layout
     layers_total: int = 0
     check: CheckResult | None = None  # with --check
+    # with --per-layer: per layer kind, the layers timed and their measured and predicted seconds per step
+    per_kind: dict[str, dict[str, float]] | None = None
 
     @property
     def memory_ratio(self) -> float:
@@ -76,7 +80,8 @@ class VerifyResult:
         keys = ("predicted_step_seconds", "measured_step_seconds", "ratio", "predicted_memory_bytes",
                 "measured_memory_bytes", "layers_as_planned", "layers_total")
         data = asdict(self)
-        return {**{key: data[key] for key in keys}, **(self.check.summary() if self.check else {})}
+        return {**{key: data[key] for key in keys}, **(self.check.summary() if self.check else {}),
+                **({"per_kind": self.per_kind} if self.per_kind is not None else {})}
 
 
 @dataclass
@@ -175,10 +180,12 @@ class _HostMemory:
 
 
 def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float = 1e-4,
-               progress: bool = True, check: bool = False, model: str | None = None) -> VerifyResult:
+               progress: bool = True, check: bool = False, model: str | None = None,
+               per_layer: bool = False) -> VerifyResult:
     """Run ``steps`` training steps of ``plan`` in the current process group (open one with
     ``pase.distributed``); every rank returns the same result. With ``check``, one step is first held
-    against the same step on a single process (``run_check``)."""
+    against the same step on a single process (``run_check``); with ``per_layer``, each timed step's layers are
+    timed too (``pase.runtime.layer_timing``), per layer kind against the plan's layer times."""
     if steps <= warmup:
         raise PaseError(f"--steps {steps} leaves nothing to measure after {warmup} warm-up steps; use more steps")
     spec = plan_spec(plan, model)  # a model pase can rebuild, or a clear error before any process group work
@@ -204,8 +211,12 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
             objective = epsilon_objective()
             share = shape[0]
             templates = conditioning_inputs(*_conditioning(plan, spec, seed))  # the global batch's conditioning
+        if per_layer and pipelined:
+            raise PaseError("--per-layer times the layers of a per-layer plan; this plan runs pipeline stages")
+        timer = LayerTimer(parallel, graph, run.device) if per_layer else None
+        layer_seconds: list[dict[str, float]] = []
         times, losses = [], []
-        for _ in range(steps):
+        for step in range(steps):
             if pipelined:  # the objective draws noise and timesteps inside the step (the last stage needs them)
                 x0 = torch.randn(shape, generator=generator).to(run.device)
                 conditioning = tuple(torch.randn((share, *t.shape[1:]), generator=generator).to(run.device)
@@ -216,7 +227,7 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
             if cuda:
                 torch.cuda.synchronize(run.device)
             started = time.perf_counter()
-            with autocast:
+            with autocast, (timer.step() if timer is not None else nullcontext()):
                 if pipelined:
                     loss = parallel.pase_step(objective, x0, generator, conditioning)
                 else:
@@ -232,6 +243,8 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
             if cuda:
                 torch.cuda.synchronize(run.device)
             times.append(time.perf_counter() - started)
+            if timer is not None and step >= warmup:
+                layer_seconds.append(timer.take())
             losses.append(run.mean(loss.detach()))
             if bar:
                 bar.update(bar.task_ids[0], advance=1, description=f"step {len(times)}/{steps} loss {losses[-1]:.4f}")
@@ -242,6 +255,11 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
         mine = torch.tensor([statistics.median(times[warmup:]), float(peak)], dtype=torch.float64, device=run.device)
         gathered = [torch.zeros_like(mine) for _ in range(run.world_size)]
         dist.all_gather(gathered, mine)
+        kinds = None
+        if timer is not None:
+            timer.remove()
+            kinds = _slowest_rank(per_kind(layer_seconds, timer, {
+                layer.id: layer.seconds * plan.micro_steps for layer in plan.layers}), run.device)
         layout = parallel.pase_layout.summary()
         as_planned, total = parallel.pase_layout.layers_as_planned, parallel.pase_layout.layers_total
         del parallel, optimizer
@@ -253,7 +271,16 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
                         int(plan.predicted.memory_bytes_per_device), max(per_rank_memory), per_rank_steps,
                         per_rank_memory, losses, layout,
                         "CUDA allocator peak" if cuda else "growth of peak resident memory (VmHWM)", as_planned,
-                        total, checked)
+                        total, checked, kinds)
+
+
+def _slowest_rank(kinds: dict[str, dict[str, float]], device: torch.device) -> dict[str, dict[str, float]]:
+    """Each kind's measured seconds as its slowest rank measured them (every rank has the same kinds)."""
+    names = sorted(kinds)
+    measured = torch.tensor([kinds[name]["measured_seconds"] for name in names], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+    return {name: {**kinds[name], "measured_seconds": float(value)} for name, value in zip(names, measured)}
 
 
 def run_check(run: Any, plan: Plan, graph: Any, seed: int, lr: float, spec: ModelSpec | None = None) -> CheckResult:
