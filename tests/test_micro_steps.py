@@ -256,7 +256,8 @@ def test_zero2_gathers_once_and_holds_the_gathered_weights() -> None:
     assert zero2.memory[v][0] - full.memory[v][0] == pytest.approx(params * 2, rel=1e-6)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow  # 12 s; micro-steps + selective + ZeRO-2 and FSDP per block on 2 processes stays in the default
+@pytest.mark.timeout(300)  # suite (tests/test_block_sharding.py)
 def test_two_processes_run_micro_steps_selective_checkpointing_and_zero2_as_planned(tmp_path) -> None:
     """The unet-tiny analogue of what issue 18 asks the planner to pick: 2 micro-steps, a third of the blocks
     recomputed, state sharded ZeRO-2-style. One step on 2 gloo processes equals a single process's step on the

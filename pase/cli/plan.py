@@ -107,7 +107,8 @@ def plan(
         raise PaseError(reason)
     accumulation = parse_micro_steps(micro_steps)
     named, positional = parse_input_shapes(input_shape or [])
-    named = {**resolution_inputs(resolve_model(model), batch, resolution, text_length), **named}
+    if resolution is not None or text_length is not None:  # (a user's factory needs --input-shape to resolve)
+        named = {**resolution_inputs(resolve_model(model), batch, resolution, text_length), **named}
     check_writable(json_path, "--json")
     check_writable(html_path, "--html")
     check_writable(png_path, "--png")

@@ -78,12 +78,14 @@ def whatif(
     targets = _clusters(clusters, catalog, _prices(price or [], catalog))
     graphs: dict[int, LayerGraph] = {}
 
-    spec = resolve_model(model)
-    resolution_inputs(spec, batch, resolution, text_length)  # a bad resolution or text length fails here, once
+    sized = resolution is not None or text_length is not None
+    spec = resolve_model(model) if sized else None  # (a user's factory needs --input-shape to resolve)
+    if spec is not None:
+        resolution_inputs(spec, batch, resolution, text_length)  # a bad resolution or text length fails here, once
 
     def graph_at(micro_batch: int) -> LayerGraph:
         if micro_batch not in graphs:
-            shapes = resolution_inputs(spec, micro_batch, resolution, text_length) or None
+            shapes = resolution_inputs(spec, micro_batch, resolution, text_length) or None if spec else None
             graphs[micro_batch] = extract_model(model, micro_batch, dtype=getattr(torch, DTYPES[precision]),
                                                 input_shapes=shapes, use_cache=True)
         return graphs[micro_batch]
