@@ -95,6 +95,7 @@ def _plan(local: tuple, only: str) -> Plan:
 # run with the slow tests
 # tensor+fsdp and checkpointing also run in the default suite in tests/test_runtime_grid.py, pipelines in
 # tests/test_pipeline_runtime.py; here through the CLI
+@pytest.mark.slow  # 23 s; tests/test_layer_timing.py times the layers in one process in the default suite
 @pytest.mark.timeout(300)
 def test_verify_per_layer_times_each_layer_kind_against_its_prediction(local, tmp_path: Path) -> None:
     """`pase verify --per-layer` on 2 gloo processes: every conv, linear, norm and attention module is timed, forward

@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 POINTS = Path(__file__).parent / "data" / "fidelity_points.json"
+# SD 2's UNet (865M) is SD-1.5's (860M) with 1024-wide text embeddings and 64-channel attention heads: priced as
+# sd15-unet (the same convolutions and attention; only the cross-attention's key and value projections differ)
 ZOO_MODEL = {"sd15": "sd15-unet", "sd1": "sd15-unet", "sd2": "sd15-unet", "sdxl": "sdxl-unet"}
 # the catalog's GPU for a published name (the catalog holds each GPU's figures and their sources)
 GPU_IDS = {"h100": "H100-SXM", "h100-sxm": "H100-SXM", "h100-pcie": "H100-PCIe", "h200": "H200-SXM",
@@ -32,26 +34,32 @@ GPU_IDS = {"h100": "H100-SXM", "h100-sxm": "H100-SXM", "h100-pcie": "H100-PCIe",
 NETWORKS = {"ndr": "IB-NDR400", "xdr": "IB-XDR", "hdr": "IB-HDR", "edr": "IB-EDR", "roce": "RoCE-400"}
 
 
-def catalog_gpu(name: str) -> str:
-    """The catalog id for a published GPU name ("A100-SXM4-80GB" -> "A100-80GB-SXM")."""
+def catalog_gpu(name: str) -> str | None:
+    """The catalog id for a published GPU name ("A100-SXM4-80GB" -> "A100-80GB-SXM"); None for an accelerator the
+    catalog does not hold (Gaudi, TPU)."""
     key = name.lower().replace(" ", "").replace("_", "-")
     if key.startswith("a100"):
-        return GPU_IDS["a100-40"] if "40" in key else GPU_IDS["a100-80"]
+        return GPU_IDS["a100-40"] if "40gb" in key else GPU_IDS["a100-80"]
     for prefix in sorted(GPU_IDS, key=len, reverse=True):
         if key.startswith(prefix.replace("-", "")) or key.startswith(prefix):
             return GPU_IDS[prefix]
-    raise SystemExit(f"no catalog GPU for {name!r}: add it to GPU_IDS (or the catalog)")
+    return None
 
 
 def cluster_spec(point: dict[str, Any]) -> str:
-    """A pase cluster spec for the point: one node up to 8 GPUs, else nodes of 8 over the point's network."""
+    """A pase cluster spec for the point: one NVLink domain as large as the catalog's node allows (8, or 72 for
+    GB200 NVL72), else nodes of that size over the point's network (InfiniBand NDR where it names none)."""
+    from cost_models.catalog import Catalog
+
     gpu, gpus = catalog_gpu(point["gpu"]), int(point["gpus"])
-    if gpus <= 8:
+    assert gpu is not None
+    largest = int(getattr(Catalog.load().gpu(gpu), "max_gpus_per_node", 8) or 8)
+    if gpus <= largest:
         return f"{gpus}x{gpu}"
+    per_node = max(d for d in range(1, largest + 1) if gpus % d == 0)  # 512 GB200s: 64 domains of 8 (not of 72)
     interconnect = str(point.get("interconnect") or "").lower()
     network = next((net for key, net in NETWORKS.items() if key in interconnect), "IB-NDR400")
-    nodes = -(-gpus // 8)
-    return f"{nodes}x8x{gpu}+{network}x8"
+    return f"{gpus // per_node}x{per_node}x{gpu}+{network}x{per_node}"
 
 
 def predict_training(point: dict[str, Any]) -> dict[str, Any]:
@@ -76,11 +84,49 @@ def predict_training(point: dict[str, Any]) -> dict[str, Any]:
             "micro_steps": plan.micro_steps, "stages": len(plan.stages), "plan_seconds": time.perf_counter() - started}
 
 
+# sampling points pase's sample planner prices: id -> (sampler, steps, scheduler, GPUs, what the point measured).
+# SD-v2 is priced as sd15-unet at 512 px under classifier-free guidance (batch 2 per step), one sample; speedups
+# are against sequential sampling on one GPU. DistriFusion's patch parallelism is not a sampler pase plans.
+SAMPLING = {"paradigms-sd2-ddpm1000-sequential": ("sequential", 1000, "ddpm", 1, "seconds"),
+            "paradigms-sd2-ddpm1000-parallel": ("paradigms", 1000, "ddpm", 8, "seconds"),
+            "paradigms-sd2-1gpu-speedup": ("paradigms", 1000, "ddpm", 1, "speedup"),
+            "paradigms-sd2-2gpu-speedup": ("paradigms", 1000, "ddpm", 2, "speedup"),
+            "srds-sd2-25step-speedup": ("srds", 25, "ddim", 4, "speedup"),
+            "srds-sd2-100step-speedup": ("srds", 100, "ddim", 4, "speedup")}
+
+
+def predict_sampling(point_id: str) -> tuple[float, str]:
+    """(pase's figure for a sampling point, the cluster it priced)."""
+    from pase.cli.sample import build_pricing
+    from pase.sampling.planner import plan_sampling
+
+    sampler, steps, scheduler, gpus, measure = SAMPLING[point_id]
+    cluster = f"{gpus}xA100-80GB-SXM"
+    pricing, devices, where = build_pricing("sd15-unet", None, cluster, steps, scheduler, None, 7.5, False, None,
+                                            None, "bf16")
+    plan = plan_sampling("sd15-unet", scheduler, steps, devices, 1, pricing, margin=0.0, sources={"devices": where})
+    sequential = next(c.seconds for c in plan.candidates if c.sampler == "sequential")
+    best = min(c.seconds for c in plan.candidates if c.sampler.startswith(sampler))
+    return (best if measure == "seconds" else sequential / best), cluster
+
+
 def measured_images_per_s(point: dict[str, Any]) -> float | None:
-    if point.get("images_per_s"):
-        return float(point["images_per_s"])
+    """The throughput the source measured (a log's own images/s first; else one derived from time to train)."""
     if str(point.get("unit", "")).lower() in ("images/s", "img/s", "samples/s"):
         return float(point["value"])
+    return float(point["images_per_s"]) if point.get("images_per_s") else None
+
+
+def why_skipped(point: dict[str, Any]) -> str | None:
+    """Why a training point cannot be priced (None: it can)."""
+    if point["model"] not in ZOO_MODEL:
+        return f"model {point['model']} is not in the zoo"
+    if catalog_gpu(point["gpu"]) is None:
+        return f"{point['gpu']} is not in the catalog"
+    if not point.get("global_batch"):
+        return "the source gives no batch"
+    if measured_images_per_s(point) is None:
+        return "no images/s to compare"
     return None
 
 
@@ -97,31 +143,54 @@ def main() -> None:
     for point in data["points"]:
         if wanted and point["id"] not in wanted or point.get("kind") != "training":
             continue
-        measured = measured_images_per_s(point)
-        if measured is None or point["model"] not in ZOO_MODEL:
-            rows.append({"id": point["id"], "skipped": "no images/s to compare, or a model the zoo lacks"})
+        skipped = why_skipped(point)
+        if skipped:
+            rows.append({"id": point["id"], "skipped": skipped})
             continue
+        measured = measured_images_per_s(point)
+        assert measured is not None
         with console.status(f"planning {point['id']} ..."):
             predicted = predict_training(point)
         error = predicted["predicted_images_per_s"] / measured - 1
         rows.append({"id": point["id"], "gpu": point["gpu"], "gpus": point["gpus"], "measured_images_per_s": measured,
+                     "per_gpu_batch": int(point["global_batch"]) // int(point["gpus"]),
                      "error": error, "source_url": point.get("source_url"), **predicted})
-    table = Table(title="pase's predicted training throughput against published measurements")
-    for column in ("point", "cluster", "model", "measured img/s", "predicted img/s", "error", "micro-steps"):
-        table.add_column(column, justify="left" if column in ("point", "cluster", "model") else "right")
-    for row in rows:
-        if "skipped" in row:
-            table.add_row(row["id"], "", "", "", "", row["skipped"], "")
+    for point in data["points"]:
+        if wanted and point["id"] not in wanted or point.get("kind") != "sampling" or point["id"] not in SAMPLING:
             continue
-        table.add_row(row["id"], row["cluster"], row["model"], f"{row['measured_images_per_s']:,.1f}",
+        with console.status(f"pricing {point['id']} ..."):
+            predicted_value, cluster = predict_sampling(point["id"])
+        rows.append({"id": point["id"], "kind": "sampling", "cluster": cluster, "measured": float(point["value"]),
+                     "predicted": predicted_value, "unit": SAMPLING[point["id"]][4],
+                     "error": predicted_value / float(point["value"]) - 1, "source_url": point.get("source_url")})
+    table = Table(title="pase's predicted training throughput against published measurements")
+    for column in ("point", "cluster", "model", "per GPU", "measured img/s", "predicted img/s", "error", "micro-steps"):
+        table.add_column(column, justify="left" if column in ("point", "cluster", "model") else "right")
+    for row in (r for r in rows if r.get("kind") != "sampling"):
+        if "skipped" in row:
+            table.add_row(row["id"], "", "", "", "", "", row["skipped"], "")
+            continue
+        table.add_row(row["id"], row["cluster"], row["model"], str(row["per_gpu_batch"]),
+                      f"{row['measured_images_per_s']:,.1f}",
                       f"{row['predicted_images_per_s']:,.1f}", f"{row['error']:+.0%}", str(row["micro_steps"]))
     console.print(table)
-    errors = [abs(row["error"]) for row in rows if "error" in row]
-    summary = {"points": len(errors), "mean_abs_error": statistics.fmean(errors) if errors else None,
-               "worst_abs_error": max(errors, default=None)}
-    if errors:
-        console.print(f"{len(errors)} points: mean absolute error {summary['mean_abs_error']:.0%}, worst "
-                      f"{summary['worst_abs_error']:.0%} (target: 15% and 25%)")
+    sampling = Table(title="pase's sample planner against published sampling figures (SD-v2 priced as sd15-unet)")
+    for column in ("point", "cluster", "measured", "predicted", "error"):
+        sampling.add_column(column, justify="left" if column in ("point", "cluster") else "right")
+    for row in (r for r in rows if r.get("kind") == "sampling"):
+        unit = " s" if row["unit"] == "seconds" else "x"
+        sampling.add_row(row["id"], row["cluster"], f"{row['measured']:.2f}{unit}", f"{row['predicted']:.2f}{unit}",
+                         f"{row['error']:+.0%}")
+    console.print(sampling)
+    summary: dict[str, Any] = {}
+    for kind, chosen in (("training", [r for r in rows if "error" in r and r.get("kind") != "sampling"]),
+                         ("sampling", [r for r in rows if r.get("kind") == "sampling"])):
+        errors = [abs(row["error"]) for row in chosen]
+        summary[kind] = {"points": len(errors), "mean_abs_error": statistics.fmean(errors) if errors else None,
+                         "worst_abs_error": max(errors, default=None)}
+        if errors:
+            console.print(f"{kind}: {len(errors)} points, mean absolute error {statistics.fmean(errors):.0%}, worst "
+                          f"{max(errors):.0%} (targets: 15% and 25% for training, 25% for sampling)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     console.print(f"wrote {args.json}")
