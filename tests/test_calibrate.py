@@ -119,6 +119,7 @@ def test_group_sizes() -> None:
     assert group_sizes(1) == []  # one process: no collective to time
 
 
+@pytest.mark.slow  # 10 s; calibration on 2 processes runs in the default suite
 def test_one_process_times_compute_and_memory_only(tmp_path) -> None:
     """A one-GPU machine calibrates too (first seen failing on an H200): compute and memory, no collectives;
     and what it writes prices a plan."""

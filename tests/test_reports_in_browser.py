@@ -45,6 +45,7 @@ def _not_blank(pixels: np.ndarray) -> None:
     assert inked > 0.02 and pixels.std() > 20, (inked, pixels.std())
 
 
+@pytest.mark.slow  # 14 s; the plan picture (with a pipeline schedule) opens in the browser in the default suite
 @needs_browser
 @pytest.mark.timeout(400)
 def test_the_plan_and_what_if_reports_render_in_a_browser(tmp_path) -> None:

@@ -122,8 +122,10 @@ def test_verify_per_layer_times_each_layer_kind_against_its_prediction(local, tm
         sum(planned[layer_id] for layer_id, data in graph.layers() if data["op"] == "conv"))
 
 
+# all slow (18 s each): `pase verify --check` on 2 processes runs in the default suite in tests/test_block_sharding.py
 @pytest.mark.parametrize("only", [pytest.param("dp", marks=pytest.mark.slow),
-                                  pytest.param("fsdp", marks=pytest.mark.slow), "tensor",
+                                  pytest.param("fsdp", marks=pytest.mark.slow),
+                                  pytest.param("tensor", marks=pytest.mark.slow),
                                   pytest.param("tensor+checkpoint", marks=pytest.mark.slow),
                                   pytest.param("tensor+fsdp+checkpoint", marks=pytest.mark.slow),
                                   pytest.param("pipeline", marks=pytest.mark.slow)])
