@@ -62,7 +62,7 @@ def _worker(rank: int, port: int, kind: str, out: str) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["ddp", "tensor"])
+@pytest.mark.parametrize("kind", [pytest.param("ddp", marks=pytest.mark.slow), "tensor"])  # dp: test_block_sharding
 def test_paused_micro_steps_stay_local_and_the_last_reduces_their_sum(kind) -> None:
     from pase.process_group import free_port, spawn
 

@@ -178,6 +178,7 @@ def test_cli_errors_print_the_spec_grammar_whole() -> None:
     assert result.returncode == 2 and "[+NETWORK[xNICS_PER_NODE]]" in result.stderr
 
 
+@pytest.mark.slow  # 8 s of CLI listing
 def test_cli_hw_list_and_show(tmp_path) -> None:
     listing = _pase("hw", "list")
     assert listing.returncode == 0, listing.stderr

@@ -66,7 +66,8 @@ def assert_same_capture(name: str) -> None:
     assert plain[0] == plain[1]  # nothing else differs either
 
 
-@pytest.mark.parametrize("name", ["unet-tiny", "pase-unet", "ddpm-cifar10", "sd15-unet"])
+@pytest.mark.parametrize("name", ["unet-tiny", "pase-unet", "ddpm-cifar10",
+                                  pytest.param("sd15-unet", marks=pytest.mark.slow)])  # 6 s
 def test_meta_trace_equals_export(name: str) -> None:
     assert_same_capture(name)
     if name != "pase-unet":  # diffusers UNets: the U's skips are there, not only equal

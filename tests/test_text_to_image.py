@@ -323,7 +323,8 @@ def test_pase_cache_cli_writes_a_manifest(tiny_sd, tmp_path) -> None:
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize(("kind", "only"), [
-    pytest.param("pipeline", "dp", marks=pytest.mark.slow), ("pipeline", "tensor"),
+    pytest.param("pipeline", "dp", marks=pytest.mark.slow),
+    pytest.param("pipeline", "tensor", marks=pytest.mark.slow),  # 22 s; pipelines run in tests/test_pipeline_runtime.py
     pytest.param("xl", "tensor", marks=pytest.mark.slow)])
 def test_two_processes_under_a_plan_match_one_process(tiny_sd, tmp_path, kind, only) -> None:
     plan = tmp_path / "plan.json"
