@@ -42,7 +42,7 @@ from strategies.runnable import (
     runnable_reason,
     space_runs,
 )
-from strategies.sharding import layer_sharding, planned_sharding
+from strategies.sharding import layer_sharding, planned_sharding, uniform_sharding
 from strategies.splits import SplitSpace, split_space
 
 
@@ -176,7 +176,7 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     keys: dict[tuple[Any, ...], int] = memo.setdefault("kinds", {})  # everything a layer's prices depend on -> id
     setting = (options.precision, options.space, options.only, json.dumps(options.min_chunk, sort_keys=True),
                devices)
-    uniform = "none" if not options.fsdp else "full" if options.reshard else "gradients"
+    uniform = uniform_sharding({"fsdp": options.fsdp, "reshard": options.reshard})
     weighted = [any(p.get("trainable") for p in data.get("params", {}).values()) for _, data in layers]
     fsdp = [w and (options.fsdp if layer_id not in sharding else sharding[layer_id] != "none")
             for layer_id, w in zip(ids, weighted)]
