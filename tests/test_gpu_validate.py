@@ -26,6 +26,9 @@ def test_dry_run_writes_a_complete_report(tmp_path) -> None:
         assert case["per_layer_kind"]["conv"]["measured_seconds"] > 0  # `pase verify --per-layer`, per kind
     assert {row["kind"] for row in report["per_kind"]} >= {"conv", "linear", "attention"}
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ops = {row["op"] for row in report["kernels"] if "error" not in row}  # tools/bench_kernels.py, each group
+    assert ops == {"launch", "adamw", "conv3x3", "attention", "gemm", "groupnorm", "silu", "unet_forward"}, ops
+    assert all(row["seconds"] > 0 for row in report["kernels"])
     [overhead] = report["step_overhead"]  # eager against the runtime, phase by phase
     assert overhead["eager"]["step"] > 0 and overhead["pase"]["step"] > 0 and overhead["pase_cpu_hot_ops"]
 

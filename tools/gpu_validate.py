@@ -7,8 +7,10 @@ It runs what a user runs, as a user runs it (the ``pase`` CLI in subprocesses):
 3. for unet-tiny, ddpm-cifar10 and sd15-unet at a few per-GPU batches: ``pase plan`` on the probed cluster
    (catalog rates) and with the calibration profile, then ``pase verify`` of that plan (``torchrun`` over
    every GPU), so each case has a measured step beside two predictions;
-4. ``tools/bench_step_overhead.py`` on sd15-unet: the step phase by phase, plain eager against the runtime;
-5. one JSON and one PNG report.
+4. ``tools/bench_kernels.py``: single kernels across sizes (launch floor, GEMM, conv, attention, norms, AdamW,
+   the UNet's inference forward eager and from a CUDA graph);
+5. ``tools/bench_step_overhead.py`` on sd15-unet: the step phase by phase, plain eager against the runtime;
+6. one JSON and one PNG report.
 
 ``--dry`` runs the same pipeline on CPU (gloo, fp32, small models and batches, unet-tiny's layers for the
 calibration): it proves the script end to end where there is no GPU; its numbers say nothing about GPUs.
@@ -200,6 +202,16 @@ def step_overhead(run: Runner, dry: bool, precision: str) -> tuple[list[dict[str
     return ([], failed) if failed else (json.loads(out.read_text()), None)
 
 
+def kernel_sweep(run: Runner, dry: bool) -> tuple[dict[str, Any], str | None]:
+    """``tools/bench_kernels.py``: single kernels across sizes (launch floor, GEMM, conv, attention, GroupNorm,
+    AdamW, the whole UNet's inference forward), the data a work-dependent compute model is fitted against."""
+    out = run.out / "kernels.json"
+    command = [sys.executable, str(Path(__file__).with_name("bench_kernels.py")), "--json", str(out),
+               "--budget", "30" if dry else "100", *(["--dry"] if dry else [])]
+    failed = _failure(run.command(command, "kernel sweep", 60 if dry else 150, least=20), "kernel sweep")
+    return ({}, failed) if failed else (json.loads(out.read_text()), None)
+
+
 def per_kind_rates(profiles: dict[str, Any], cluster: dict[str, Any]) -> list[dict[str, Any]]:
     """Measured rate per layer kind and calibration batch, as a share of the catalog's peak, beside the
     catalog's constant efficiency for that kind (what the uncalibrated plan prices with)."""
@@ -297,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     profiles, failed_calibrations = calibrate(run, gpus, args.dry)
     errors += failed_calibrations
     profile = args.out / f"calibration_b{next(iter(profiles))}.json" if profiles else None
+    kernels, failed = kernel_sweep(run, args.dry)
+    errors += [failed] if failed else []
     cases = []
     for model, batches in DRY_CASES if args.dry else GPU_CASES:
         for batch in batches:
@@ -308,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     overhead, failed = step_overhead(run, args.dry, precision)
     errors += [failed] if failed else []
     report = {"machine": machine_facts(args.dry), "gpus": gpus, "precision": precision, "cluster": cluster_path,
-              "step_overhead": overhead,
+              "step_overhead": overhead, "kernels": kernels.get("rows", []),
               "calibration_model": (DRY_CALIBRATION if args.dry else GPU_CALIBRATION)[0],
               "per_kind": per_kind_rates(profiles, cluster) if profiles else [],
               "cases": [{**asdict(c), "ratio_catalog": _ratio(c.measured_s, c.predicted_catalog_s),
