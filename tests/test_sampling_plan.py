@@ -59,8 +59,26 @@ def test_srds_prediction_counts_the_passes_the_sampler_runs(pipelined):
     x_t, noise = core.initial_and_noise((1, 2, 4, 4), 0)
     result = srds(core, Evaluator(GaussianDenoiser(core.alphas_cumprod, torch.zeros(2, 4, 4))), x_t, noise,
                   blocks=6, tol=1e-3, pipelined=pipelined)
-    predicted = predict_srds(pricing({1: 0.01, 64: 0.64}), core, 1, 2, 6, pipelined, result.iterations)
+    predicted = predict_srds(pricing({1: 0.01, 64: 0.64}), core.steps, 1, 2, 6, pipelined, result.iterations)
     assert (predicted.passes, predicted.evals) == (result.passes, result.evals)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize(("steps", "blocks"), [(12, 3), (24, 6), (30, 5), (40, 8)])
+def test_srds_pass_counter_matches_the_schedule_on_tensors(steps, blocks, pipelined):
+    """The tensor-free counter that prices SRDS runs the schedule's own rules: every stopping iteration gives the
+    same rows per pass as the schedule on (zero) tensors, speculative pipelined solves included."""
+    from pase.sampling.srds import SrdsPassCounter, SrdsSchedule
+
+    core = build_core("ddpm", steps, clip_sample=False)
+    for iterations in range(1, blocks + 1):
+        schedule = SrdsSchedule(core, blocks, blocks, -1.0, pipelined, torch.zeros(1, 1), torch.zeros(steps, 1, 1),
+                                None, stop_after=iterations)
+        evaluator = Evaluator(lambda x, t: torch.zeros_like(x), split=False)
+        while schedule.result is None:
+            schedule.tick(evaluator)
+        counted = SrdsPassCounter(steps, blocks, iterations, pipelined).rows_per_pass()
+        assert counted == evaluator.stats.rows_per_pass, (iterations, counted)
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +239,8 @@ def test_srds_settings_left_out_by_their_lower_bound_could_not_have_won(seconds_
 
     p = pricing(seconds_at)
     plan = plan_sampling("m", "ddpm", 120, 8, 1, p)
-    core = build_core("ddpm", 120)
     for sampler in ("srds", "srds-pipelined"):
-        every = [predict_srds(p, core, 1, 8, b, sampler == "srds-pipelined", p.convergence.iterations(b, "ddpm"))
+        every = [predict_srds(p, 120, 1, 8, b, sampler == "srds-pipelined", p.convergence.iterations(b, "ddpm"))
                  for b in block_candidates(120)]
         priced = [c for c in plan.candidates if c.sampler == sampler]
         assert min(c.seconds for c in priced) == min(c.seconds for c in every)

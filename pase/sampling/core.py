@@ -136,13 +136,24 @@ def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
+DEFAULT_TRAIN_STEPS = 1000  # diffusers' DDPM/DDIM default num_train_timesteps (every zoo model's)
+
+
+def check_steps(kind: str, steps: int, train_steps: int = DEFAULT_TRAIN_STEPS) -> None:
+    """A clear error for an unknown scheduler or a step count outside 1..``train_steps``; needs no diffusers, so
+    ``sample-plan`` can price samplers without importing it."""
+    if kind not in SCHEDULERS:
+        raise PaseError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
+    if not 1 <= steps <= train_steps:
+        raise PaseError(f"--steps {steps} must be between 1 and the scheduler's {train_steps} training timesteps")
+
+
 def make_scheduler(kind: str, steps: int, **config: Any):  # noqa: ANN201 - a diffusers SchedulerMixin
     """A diffusers DDPM or DDIM scheduler built from a plain config (keys the class does not take, such as another
     scheduler's, are ignored), with ``steps`` set."""
     from diffusers import DDIMScheduler, DDPMScheduler  # noqa: PLC0415 - diffusers takes 1-2 s to import; sample-plan prices samplers without schedulers
 
-    if kind not in SCHEDULERS:
-        raise PaseError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
+    check_steps(kind, 1)
     cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
     from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415
 
@@ -152,9 +163,7 @@ def make_scheduler(kind: str, steps: int, **config: Any):  # noqa: ANN201 - a di
         scheduler = cls.from_config(config)
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    train_steps = scheduler.config.num_train_timesteps
-    if not 1 <= steps <= train_steps:
-        raise PaseError(f"--steps {steps} must be between 1 and the scheduler's {train_steps} training timesteps")
+    check_steps(kind, steps, scheduler.config.num_train_timesteps)
     scheduler.set_timesteps(steps)
     return scheduler
 

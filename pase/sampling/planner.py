@@ -33,11 +33,11 @@ from cost_models.conventions import bytes_per_element
 from cost_models.layer_costs import COMPUTE_KINDS
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
-from pase.sampling.core import SamplerCore, build_core
+from pase.sampling.core import build_core, check_steps
 from pase.sampling.distributed import Evaluator
 from pase.sampling.paradigms import paradigms
 from pase.sampling.runner import build_denoiser
-from pase.sampling.srds import SrdsSchedule, srds
+from pase.sampling.srds import SrdsPassCounter, srds
 from strategies import parallel_sampling
 
 GLOO_DEFAULT = {"alpha_s": 150e-6, "busbw_gbps": 1.0}  # loopback gloo all_gather on a small CPU box (assumed)
@@ -281,25 +281,14 @@ def predict_paradigms(p: Pricing, steps: int, samples: int, devices: int, window
                      window=window)
 
 
-def predict_srds(p: Pricing, core: SamplerCore, samples: int, devices: int, blocks: int, pipelined: bool,
+def predict_srds(p: Pricing, steps: int, samples: int, devices: int, blocks: int, pipelined: bool,
                  iterations: int) -> Candidate:
-    """Price the real SRDS schedule, dry-run on 1-element states and stopped after ``iterations``."""
-    rows = _srds_rows(core, blocks, iterations, pipelined)
+    """Price the real SRDS schedule's passes (its rules run without tensors), stopped after ``iterations``."""
+    rows = SrdsPassCounter(steps, blocks, iterations, pipelined).rows_per_pass()
     seconds = sum(p.pass_seconds(r * samples, devices) for r in rows)
     name = "srds-pipelined" if pipelined else "srds"
     return Candidate(name, f"{blocks} blocks, {iterations} iterations", devices, len(rows), float(sum(rows)),
                      seconds, samples, blocks=blocks)
-
-
-def _srds_rows(core: SamplerCore, blocks: int, iterations: int, pipelined: bool) -> list[int]:
-    """Rows of every pass of the SRDS schedule stopped after ``iterations``, with the speculative
-    fine solves a pipelined run starts before it learns it has converged."""
-    x_t, noise = torch.zeros(1, 1), torch.zeros(core.steps, 1, 1)
-    schedule = SrdsSchedule(core, blocks, blocks, -1.0, pipelined, x_t, noise, None, stop_after=iterations)
-    evaluator = Evaluator(lambda x, t: torch.zeros_like(x), split=False)
-    while schedule.result is None:
-        schedule.tick(evaluator)
-    return evaluator.stats.rows_per_pass
 
 
 def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples: int, pricing: Pricing,
@@ -310,7 +299,7 @@ def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples:
         raise PaseError(f"unknown --objective {objective!r}; choose latency or throughput")
     if devices < 1:
         raise PaseError(f"--devices must be >= 1, not {devices}")
-    core = build_core(scheduler, steps)
+    check_steps(scheduler, steps)
     candidates = []
     srds_configs = []
     for config in parallel_sampling.candidates(steps, devices):
@@ -334,7 +323,7 @@ def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples:
         if bound >= best_srds.get(config.sampler, math.inf):
             skipped += 1
             continue
-        candidate = predict_srds(pricing, core, samples, devices, config.blocks,
+        candidate = predict_srds(pricing, steps, samples, devices, config.blocks,
                                  config.sampler == "srds-pipelined", iterations)
         best_srds[config.sampler] = min(best_srds.get(config.sampler, math.inf), candidate.seconds)
         candidates.append(candidate)
