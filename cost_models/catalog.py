@@ -61,6 +61,8 @@ class GPUSpec:
     aliases: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     notes: str = ""
+    sm_count: int = 0  # streaming multiprocessors (AMD: compute units); 0 = unknown, no wave quantisation
+    kernel_floor_us: float = 0.0  # GPU time per kernel no work hides (the catalog's "kernels" section, by arch)
 
     @property
     def memory_bytes(self) -> int:
@@ -112,6 +114,7 @@ class GPUSpec:
             if price else None,
             nvml_names=tuple(entry.get("nvml_names", ())), aliases=tuple(entry.get("aliases", ())),
             sources=tuple(entry.get("sources", ())), notes=entry.get("notes", ""),
+            sm_count=int(entry.get("sm_count", 0)), kernel_floor_us=float(entry.get("kernel_floor_us", 0.0)),
         )
 
 
@@ -145,11 +148,11 @@ class Catalog:
 
     def merge(self, extra: dict[str, Any], origin: str) -> None:
         """Deep-merge a user's entries (new GPUs, or figures that override shipped ones)."""
-        sections = {"gpus", "networks", "nvlink", "pcie", "host", "efficiency", "format", "version", "about"}
+        sections = {"gpus", "networks", "nvlink", "pcie", "host", "efficiency", "kernels", "format", "version", "about"}
         unknown = set(extra) - sections
         if unknown:
             raise PaseError(f"{origin}: unknown catalog section(s) {sorted(unknown)}; use gpus, networks, "
-                            "nvlink, pcie, host or efficiency")
+                            "nvlink, pcie, host, efficiency or kernels")
         _deep_merge(self.data, copy.deepcopy(extra))
         self.origins.append(origin)
 
@@ -163,7 +166,9 @@ class Catalog:
         if gpu_id is None:
             raise UnknownHardwareError(_unknown("GPU", name, self._gpu_names(), "pase hw list",
                                                 "add your own with --gpu-file FILE (a catalog 'gpus' section)"))
-        return GPUSpec.from_entry(gpu_id, self.data["gpus"][gpu_id])
+        entry = self.data["gpus"][gpu_id]
+        floors = self.data.get("kernels", {}).get("floor_us", {})
+        return GPUSpec.from_entry(gpu_id, {"kernel_floor_us": floors.get(entry.get("arch"), 0.0), **entry})
 
     def resolve_gpu_id(self, name: str) -> str | None:
         wanted = _key(name)
@@ -209,6 +214,10 @@ class Catalog:
     @property
     def host(self) -> dict[str, float]:
         return self.data["host"]
+
+    @property
+    def kernels(self) -> dict[str, Any]:
+        return self.data.get("kernels", {})
 
     @property
     def efficiency(self) -> dict[str, float]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.conventions import BUS_FACTOR, bytes_per_element
+from cost_models.kernels import KernelModel, kernels_per_step, layer_utilization
 from cost_models.rates import HardwareRates
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.graph.gating import gated_dims
@@ -84,6 +85,37 @@ class CostModel:
         self._collective = lru_cache(maxsize=None)(self._collective_uncached)
         self.relayout_gbps = self.rates.collective("all_gather", list(range(self.devices))).busbw_gbps \
             if self.devices > 1 else float("inf")
+        gpu = self.cluster.gpu
+        self.kernels = KernelModel(gpu.sm_count, gpu.kernel_floor_us * 1e-6) if gpu.sm_count else None
+
+    def gemm_seconds(self, layer: LayerAttrs, dims: list[str], extent: np.ndarray, f: np.ndarray,
+                     flops: float, rate: float) -> np.ndarray:
+        """Seconds of ``flops`` (a forward, or forward and backward) of a GEMM-like layer split as ``f``, at the
+        kind's rate times the wave utilisation of each device's share (``cost_models.kernels``). A backward's
+        weight gradient is a GEMM of its own shape (output channels x input channels and kernel, summed over the
+        rows), so it is utilised apart: half the backward's FLOPs, as the rules count them."""
+        used = f.prod(axis=1)
+        if self.kernels is None:
+            return flops / used / rate
+        local = {d: extent[i] / f[:, i] for i, d in enumerate(dims)}
+        util = layer_utilization(self.kernels, layer, local)
+        forward = float(layer["flops_fwd"])
+        backward = flops - forward
+        if layer["op"] == "attention" or backward <= 0:
+            return flops / used / (rate * util)
+        roles = layer["roles"]
+        out = [d for d in layer["tensors"]["output"] if d is not None]
+        cols = np.prod([local[d] for d in out if roles[d] == "out_channel"] or [np.ones(len(f))], axis=0)
+        inputs = np.prod([local[d] for d in dims if roles[d] in ("reduction", "kernel")] or [np.ones(len(f))], axis=0)
+        rows = np.prod([local[d] for d in out if roles[d] != "out_channel"] or [np.ones(len(f))], axis=0)
+        weight_util = self.kernels.utilization(cols, inputs, rows)
+        return ((forward + backward / 2) / util + backward / 2 / weight_util) / used / rate
+
+    def kernel_floor(self, layer: LayerAttrs, training: bool = True) -> float:
+        """The per-kernel floor of every kernel ``layer`` launches in a step (forward, and backward if training)."""
+        if self.kernels is None or layer["op"] in ("input", "output"):
+            return 0.0
+        return kernels_per_step(layer["op"], len(layer.get("fused_ops", ())), training) * self.kernels.floor_s
 
     # ------------------------------------------------------------------ collectives
     def _collective_uncached(self, op: str, group: int, stride: int) -> tuple[float, float]:
@@ -178,14 +210,16 @@ class CostModel:
         seconds = np.zeros(len(f))
         if kind in COMPUTE_KINDS and flops > 0:
             compute_rate = self.rates.compute(kind).value
-            seconds += np.maximum(flops / used / compute_rate, 3 * (touched + weight_local) * itemsize / memory_rate)
+            seconds += np.maximum(self.gemm_seconds(layer, dims, extent, f, flops, compute_rate),
+                                  3 * (touched + weight_local) * itemsize / memory_rate)
         pointwise = float(layer.get("pointwise_elems", 0)) * itemsize * 4  # fwd read+write, bwd read+write
-        seconds += pointwise / used / memory_rate
+        seconds += pointwise / used / memory_rate + self.kernel_floor(layer)
         # under checkpointing a layer inside a checkpointed block runs its forward again in the backward (the
         # block's outputs too: checkpointing re-runs the whole block), forward collectives included
         recomputed = (not block_output) if recomputed is None else recomputed
-        if self.options.checkpointing and recomputed and kind in COMPUTE_KINDS:
-            seconds += float(layer["flops_fwd"]) / used / self.rates.compute(kind).value  # recompute forward
+        if self.options.checkpointing and recomputed and kind in COMPUTE_KINDS:  # recompute forward
+            seconds += self.gemm_seconds(layer, dims, extent, f, float(layer["flops_fwd"]),
+                                         self.rates.compute(kind).value) + self.kernel_floor(layer, training=False)
 
         # collectives from the tensor maps
         comm_bytes = np.zeros(len(f))

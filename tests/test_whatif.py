@@ -97,7 +97,10 @@ def test_a_system_files_scaling_curve_keeps_its_figures(tmp_path) -> None:
     points = report["scaling"]["H100-SXM"]
     assert [p["devices"] for p in points] == [1, 2, 4]
     per_gpu = [p["samples_per_second_per_gpu"] for p in points]
-    assert max(per_gpu) < 1.1 * min(per_gpu)  # the same GPU and efficiency at every size
+    # the same GPU and efficiency at every size: per GPU, fewer samples per device only lose the per-kernel floors
+    # and waves they no longer fill (1.3x here); the catalog's efficiencies (5x the lab's) at 1 or 2 GPUs would
+    # make those points about 5x faster
+    assert per_gpu == sorted(per_gpu, reverse=True) and max(per_gpu) < 1.5 * min(per_gpu)
     assert all(p["dollars_per_hour"] == pytest.approx(p["devices"] * 1.0) for p in points)
     assert not report["clusters"][0]["note"]
 

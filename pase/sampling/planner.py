@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cost_models.conventions import bytes_per_element
+from cost_models.kernels import KernelModel, kernels_per_step, layer_utilization
 from cost_models.layer_costs import COMPUTE_KINDS
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
@@ -42,7 +43,6 @@ from strategies import parallel_sampling
 
 GLOO_DEFAULT = {"alpha_s": 150e-6, "busbw_gbps": 1.0}  # loopback gloo all_gather on a small CPU box (assumed)
 CPU_MEMORY_GBPS = 5.0  # update arithmetic on CPU (assumed)
-GPU_LAUNCH_US = 8.0  # eager PyTorch kernel launch + Python overhead per layer on GPU (assumed)
 # default steps accepted per pass: 1 + a * (window - 1) ** b, exact at window 1 (sequential); fits 76 passes
 # at window 2 (measured: unet-tiny DDPM-100, tol 0.1) and 24 at window 16 (N=100). Above 16 it is capped by the
 # earlier, more cautious 1.1 * sqrt(window): nothing was measured there.
@@ -147,30 +147,36 @@ class SamplePlan:
 
 # ---------------------------------------------------------------------------------------------- eval time
 def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
-                       batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                       launch_us: float = GPU_LAUNCH_US) -> EvalTime:
-    """Forward time of ``graph`` (captured at batch 1) per batch on one device of ``rates``: per layer,
-    max(FLOPs / compute rate, bytes / memory rate) + launch overhead; weights are read once per call,
-    activations scale with the batch. O(layers * batches)."""
+                       batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> EvalTime:
+    """Forward time of ``graph`` (captured at batch 1) per batch on one device of ``rates``, with the training
+    cost model's kernel physics (``cost_models.kernels``): per layer, max(FLOPs / (rate x wave utilisation at
+    that batch), bytes / memory rate) plus the GPU's floor for each kernel it launches; weights are read once
+    per call, activations scale with the batch. O(layers * batches)."""
     scale = bytes_per_element(precision) / 4  # the graph was captured in fp32
     memory_rate = rates.memory().value
+    gpu = rates.cluster.gpu
+    kernels = KernelModel(gpu.sm_count, gpu.kernel_floor_us * 1e-6) if gpu.sm_count else None
     layers = [data for _, data in graph.layers() if data["op"] not in ("input", "output")]
-    seconds = []
-    for batch in batches:
-        total = 0.0
-        for data in layers:
-            act = (2 * data["out_bytes"] + 4 * data.get("pointwise_elems", 0)) * scale * batch
-            weights = data.get("param_bytes", 0) * scale
-            memory = (act + weights) / memory_rate
-            if data["op"] in COMPUTE_KINDS and data["flops_fwd"]:
-                total += max(data["flops_fwd"] * batch / rates.compute(data["op"]).value, memory)
-            else:
-                total += memory
-            total += launch_us * 1e-6
-        seconds.append(total)
+    sizes = np.array(batches, dtype=np.float64)
+    total = np.zeros(len(batches))
+    for data in layers:
+        act = (2 * data["out_bytes"] + 4 * data.get("pointwise_elems", 0)) * scale * sizes
+        memory = (act + data.get("param_bytes", 0) * scale) / memory_rate
+        if data["op"] in COMPUTE_KINDS and data["flops_fwd"]:
+            util = np.ones(len(batches))
+            if kernels is not None:
+                local = {d: np.full(len(batches), float(e)) * (sizes if data["roles"][d] == "batch" else 1.0)
+                         for d, e in data["dims"].items()}
+                util = layer_utilization(kernels, data, local)
+            total += np.maximum(data["flops_fwd"] * sizes / (rates.compute(data["op"]).value * util), memory)
+        else:
+            total += memory
+        if kernels is not None:
+            total += kernels_per_step(data["op"], len(data.get("fused_ops", ())), training=False) * kernels.floor_s
+    floor = f"; {gpu.kernel_floor_us:g} us per kernel, waves over {gpu.sm_count} SMs" if kernels else ""
     source = (f"roofline over {len(layers)} layers of the LayerGraph on {rates.cluster.gpu.id} {precision} "
-              f"({rates.compute('conv').source}; +{launch_us:g} us launch per layer)")
-    return EvalTime(list(batches), seconds, source)
+              f"({rates.compute('conv').source}{floor})")
+    return EvalTime(list(batches), [float(t) for t in total], source)
 
 
 def measure_eval_time(model: str, size: int | None, batches: tuple[int, ...] = (1, 2, 4, 8, 16),

@@ -1,0 +1,72 @@
+"""What one layer's kernels cost beyond FLOPs over a rate: the GPU's per-kernel floor and wave quantisation.
+
+A GEMM-like kernel (a convolution as implicit GEMM, a linear layer, a flash-attention pass) cuts its output
+into ``tile`` x ``tile`` tiles and runs them in waves of one tile per streaming multiprocessor; a last wave that
+fills few SMs idles the rest, so the achieved rate is the kind's efficiency times ``tiles / (waves * SMs)``.
+Where tiles are fewer than SMs and the reduction is long, cuBLAS and cuDNN split the reduction (split-K) to fill
+the machine; the model does the same, in splits of at least ``SPLIT_K_MIN`` reduction elements. Every kernel
+also costs a floor (launch, ramp-up, tail) that no amount of work hides, which is what makes small per-device
+batches slow per sample. All of it is vectorised over a layer's split configurations.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SPLIT_K_MIN = 512  # reduction elements per split-K slice (CUTLASS's split-K and stream-K work in such chunks)
+# kernels launched per layer: the forward's anchor op and every op fused into the layer; the backward runs two
+# per GEMM-like op (input gradient, weight gradient) and one per other op
+BACKWARD_KERNELS = {"conv": 2, "linear": 2, "matmul": 2, "attention": 2}
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    sm_count: int  # streaming multiprocessors (compute units on AMD) that tiles spread over
+    floor_s: float  # GPU time per kernel no work hides: launch, ramp-up and tail
+    tile: int = 128  # output rows and columns per tile: cuBLAS/CUTLASS bf16 GEMM and cuDNN implicit-GEMM tiles
+
+    def utilization(self, rows: np.ndarray, cols: np.ndarray, reduction: np.ndarray | float) -> np.ndarray:
+        """Share of the SMs' time a GEMM of ``rows`` x ``cols`` outputs over ``reduction`` keeps busy."""
+        tiles = np.ceil(np.maximum(rows, 1) / self.tile) * np.ceil(np.maximum(cols, 1) / self.tile)
+        splits = np.clip(np.minimum(self.sm_count // tiles, np.asarray(reduction) // SPLIT_K_MIN), 1, None)
+        work = tiles * splits
+        return work / (np.ceil(work / self.sm_count) * self.sm_count)
+
+    def attention_utilization(self, queries: np.ndarray, streams: np.ndarray) -> np.ndarray:
+        """Flash attention: one tile per ``tile`` queries of each (sample, head) stream."""
+        work = np.ceil(np.maximum(queries, 1) / self.tile) * np.maximum(streams, 1)
+        return work / (np.ceil(work / self.sm_count) * self.sm_count)
+
+
+def kernels_per_step(op: str, fused_ops: int, training: bool = True) -> int:
+    """Kernels one layer launches: forward (its op and the ops fused into it) and, when training, backward."""
+    forward = 1 + fused_ops
+    if not training:
+        return forward
+    return forward + BACKWARD_KERNELS.get(op, 1) + fused_ops
+
+
+def layer_utilization(model: KernelModel, layer: Mapping[str, Any], local: dict[str, np.ndarray]) -> np.ndarray:
+    """Wave utilisation of a conv, linear, matmul or attention layer whose dims have the ``local`` (per device)
+    extents: GEMM rows are the output's dims other than its output channels, columns the output channels, the
+    reduction its reduction and kernel dims; attention tiles its queries per (sample, head) stream."""
+    roles, out = layer["roles"], [d for d in layer["tensors"]["output"] if d is not None]
+    one = np.ones_like(next(iter(local.values()))) if local else np.ones(1)
+
+    def product(dims: list[str]) -> np.ndarray:
+        value = one.copy()
+        for d in dims:
+            value = value * local[d]
+        return value
+
+    if layer["op"] == "attention":
+        queries = [d for d in out if roles[d] == "sequence"]
+        streams = [d for d in out if roles[d] in ("batch", "head")]
+        return model.attention_utilization(product(queries), product(streams))
+    cols = [d for d in out if roles[d] == "out_channel"]
+    rows = [d for d in out if roles[d] != "out_channel"]
+    reduction = [d for d in layer["dims"] if roles[d] in ("reduction", "kernel")]
+    return model.utilization(product(rows), product(cols), product(reduction))

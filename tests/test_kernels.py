@@ -1,0 +1,73 @@
+"""The kernel physics of the cost model (cost_models.kernels): wave quantisation, split-K, per-kernel floors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cost_models.catalog import Catalog
+from cost_models.cluster import parse_spec
+from cost_models.kernels import KernelModel, kernels_per_step, layer_utilization
+from cost_models.layer_costs import CostModel, CostOptions
+from cost_models.rates import HardwareRates
+from pase.graph import extract
+from strategies.splits import SplitSpace
+
+H100 = KernelModel(sm_count=132, floor_s=1e-6)
+
+
+def test_waves_hand_computed() -> None:
+    # 256 x 256 outputs: 4 tiles on 132 SMs, and a reduction too short to split: 4 / 132 busy
+    assert H100.utilization(np.array([256.0]), np.array([256.0]), 256.0)[0] == pytest.approx(4 / 132)
+    # 133 tiles: two waves, the second holding one tile
+    assert H100.utilization(np.array([133 * 128.0]), np.array([128.0]), 128.0)[0] == pytest.approx(133 / 264)
+    # 132 tiles: one full wave
+    assert H100.utilization(np.array([132 * 128.0]), np.array([128.0]), 128.0)[0] == pytest.approx(1.0)
+
+
+def test_split_k_fills_the_machine_when_the_reduction_is_long() -> None:
+    # 4 tiles over a 1M-long reduction split 33 ways: 132 pieces, one full wave
+    assert H100.utilization(np.array([256.0]), np.array([256.0]), 2.0**20)[0] == pytest.approx(1.0)
+    # a reduction of 2,048 splits only 4 ways (slices of at least 512): 16 of 132 SMs
+    assert H100.utilization(np.array([256.0]), np.array([256.0]), 2048.0)[0] == pytest.approx(16 / 132)
+
+
+def test_attention_tiles_queries_per_stream() -> None:
+    # 8 heads x 2 samples x 4,096 / 128 query tiles = 512 tiles: 4 waves of 132, the last 116 full
+    assert H100.attention_utilization(np.array([4096.0]), np.array([16.0]))[0] == pytest.approx(512 / 528)
+
+
+def test_kernel_counts() -> None:
+    assert kernels_per_step("conv", 0) == 3  # forward; input and weight gradients
+    assert kernels_per_step("group_norm", 1) == 4  # norm + fused SiLU, each forward and backward
+    assert kernels_per_step("linear", 2, training=False) == 3
+
+
+def test_catalog_gives_every_gpu_its_sms_and_a_floor() -> None:
+    catalog = Catalog.load()
+    for gpu_id in catalog.gpu_ids():
+        gpu = catalog.gpu(gpu_id)
+        assert gpu.sm_count > 0 and gpu.kernel_floor_us > 0, gpu_id
+    assert catalog.gpu("H100-SXM").sm_count == 132 and catalog.gpu("A100-80GB-SXM").sm_count == 108
+
+
+def _conv_layer(batch: int) -> dict:
+    with torch.device("meta"):
+        conv = nn.Conv2d(1280, 1280, 3, padding=1)
+    graph = extract(conv, (torch.zeros(batch, 1280, 8, 8, device="meta"),))
+    return next(data for _, data in graph.layers() if data["op"] == "conv")
+
+
+def test_small_per_device_work_is_slower_per_sample() -> None:
+    """SD's 8x8 convolution: at batch 1 its 64 rows make 10 tiles, which split-K spreads over 130 of 132 SMs, and
+    reading its 29.5 MB of weights bounds it; at batch 64 the weights are shared by 64 samples."""
+    cluster = parse_spec("1xH100-SXM")
+    model = CostModel(cluster, HardwareRates(cluster), CostOptions(precision="bf16"))
+    space = SplitSpace(("n",), np.array([[1]]))
+    small, big = _conv_layer(1), _conv_layer(64)
+    per_sample_small = model.layer_costs(small, space)[0][0]
+    per_sample_big = model.layer_costs(big, space)[0][0] / 64
+    assert per_sample_small > 4 * per_sample_big
+    local = {d: np.array([float(e)]) for d, e in small["dims"].items()}
+    assert layer_utilization(model.kernels, small, local)[0] == pytest.approx(130 / 132)
