@@ -39,6 +39,8 @@ from pase.graph.gating import gated_dims
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
 NORM_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm"})
 TRAINING_BYTES_PER_PARAM = 16  # mixed-precision AdamW: bf16 weight + grad, fp32 master + two moments
+# AdamW's step per parameter: reads the fp32 weight, gradient and two moments, writes the weight and moments
+OPTIMIZER_BYTES_PER_PARAM = 28
 # DDP's default bucket: DDP, FSDP and pase's own gradient sync (strategies.tensor.GradientSync, and
 # strategies.data for pipeline replicas) fuse gradient collectives into one call per 25 MiB, so the runtime and
 # this model share the size.
@@ -159,10 +161,11 @@ class CostModel:
         apart: "weight_sync" (the exposed part of the whole gradients' all-reduce inside ``comm``: once per step
         under gradient accumulation or microbatches, where FSDP's gathers and reduce-scatters run every time),
         "sync_bytes" (the bytes that all-reduce moves per device), "saved" (the activation bytes inside the
-        memory, per microbatch), "weight_bytes" (the
-        local weight-gradient shard) and "comm_bytes" (bytes every collective of ``comm`` moves per
-        device, hidden or not). ``sharding`` ("none", "gradients" or "full": ``strategies.sharding``) prices the
-        layer's state as its block is sharded, instead of as the options shard every layer."""
+        memory, per microbatch), "weight_bytes" (the local weight-gradient shard), "comm_bytes" (bytes every
+        collective of ``comm`` moves per device, hidden or not) and "optimizer" (the AdamW step over the parameters
+        this device updates, inside the compute; once per step, like "weight_sync"). ``sharding`` ("none",
+        "gradients" or "full": ``strategies.sharding``) prices the layer's state as its block is sharded, instead of
+        as the options shard every layer."""
         fsdp = self.options.fsdp if sharding is None else sharding != "none"
         reshard = self.options.reshard if sharding is None else sharding == "full"
         f = self._factor_table(layer, space)  # (K, D) over all layer dims
@@ -276,19 +279,23 @@ class CostModel:
         comm += halo + stats
         comm_bytes = comm_bytes + halo_bytes + stats_bytes
 
-        # memory per device
+        # memory per device, and the optimizer's step over the parameters this device updates (its shard under FSDP)
         state = weight_local * self.options.bytes_per_param
+        updated = weight_local
         if fsdp and weights:
             replicas = np.max(np.stack([gradient_group(p["map"]) for p in weights]), axis=0)
             state = state / replicas
+            updated = weight_local / replicas
             if not reshard:  # the gathered weights, kept from the forward to the end of the backward
                 state = state + np.where(replicas > 1, weight_local * itemsize, 0.0)
         saved = out_local * itemsize
         if self.options.checkpointing and not block_output:
             saved = np.zeros(len(f))
+        optimizer = updated * OPTIMIZER_BYTES_PER_PARAM / self.rates.memory("optimizer").value
+        seconds = seconds + optimizer
         if parts is not None:
             parts.update(weight_sync=once, saved=saved, weight_bytes=weight_local * itemsize,
-                         comm_bytes=comm_bytes, sync_bytes=once_bytes)
+                         comm_bytes=comm_bytes, sync_bytes=once_bytes, optimizer=optimizer)
         return seconds, comm, state + saved
 
     @staticmethod

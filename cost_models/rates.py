@@ -67,7 +67,8 @@ class HardwareRates:
         measured = (self.profile or {}).get("compute", {}).get(kind, {})
         if "bytes_per_second" in measured:
             return Rate(measured["bytes_per_second"], f"measured: {self.profile_name}")
-        efficiency = self.cluster.efficiency.get("memory_bound", 0.7)
+        efficiency = self.cluster.efficiency.get(kind if kind == "optimizer" else "memory_bound",
+                                                 self.cluster.efficiency.get("memory_bound", 0.7))
         peak = self.cluster.gpu.memory_bw_gbps
         return Rate(peak * 1e9 * efficiency, f"catalog: {self.cluster.gpu.id} memory {peak:g} GB/s x {efficiency:g}")
 

@@ -188,7 +188,7 @@ def test_the_same_command_selects_the_same_blocks_in_any_process(tmp_path) -> No
     (which changes with PYTHONHASHSEED: the same `pase plan` once printed two different selections). The CLI
     prints the selection and the sharding per block."""
     cluster = tmp_path / "tiny-gpu.json"
-    cluster.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.011,
+    cluster.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.010,
                                            "memory_bw_gbps": 100}, "gpus_per_node": 2}))
     chosen, printed = [], []
     for seed in ("1", "2"):
@@ -228,7 +228,7 @@ def test_explain_a_block_prices_each_recompute_and_sharding_choice_around_the_pl
     with pytest.raises(PaseError, match="no block 'down_blocks.9'"):
         explain_block(graph, plan, priced, cluster, rates, options, "down_blocks.9")
     tiny_gpu = tmp_path / "tiny-gpu.json"  # the docs' made-up GPU: memory binds at the default memory fraction
-    tiny_gpu.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.011,
+    tiny_gpu.write_text(json.dumps({"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.010,
                                             "memory_bw_gbps": 100}, "gpus_per_node": 2}))
     shown = CliRunner().invoke(app, ["plan", "--model", "unet-tiny", "--cluster", str(tiny_gpu), "--batch", "2",
                                      "--explain", "mid_block.attentions.0"])

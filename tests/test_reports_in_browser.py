@@ -14,7 +14,7 @@ from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: tools/setup.sh installs Debian's package")
-TINY_GPU = ('{"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.011, "memory_bw_gbps": 100},'
+TINY_GPU = ('{"gpu": {"id": "Tiny", "bf16_tflops": 10, "fp32_tflops": 5, "memory_gb": 0.010, "memory_bw_gbps": 100},'
             ' "gpus_per_node": 2}')
 
 

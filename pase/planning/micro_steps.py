@@ -58,14 +58,15 @@ def accumulated(prediction: Prediction, micro_steps: int, batch: int) -> Predict
     """One step of ``micro_steps`` micro-steps, from one micro-step's prediction (``batch``: the step's)."""
     k = micro_steps
     sync, sync_bytes = prediction.gradient_sync_seconds, prediction.gradient_sync_bytes_per_device
-    step = prediction.step_seconds * k - sync * (k - 1)
+    optimizer = prediction.optimizer_seconds
+    step = prediction.step_seconds * k - (sync + optimizer) * (k - 1)
     return Prediction(step_seconds=step, samples_per_second=batch / step if step > 0 else 0.0,
                       memory_bytes_per_device=prediction.memory_bytes_per_device,
-                      compute_seconds=prediction.compute_seconds * k,
+                      compute_seconds=prediction.compute_seconds * k - optimizer * (k - 1),
                       communication_seconds=prediction.communication_seconds * k - sync * (k - 1),
                       bubble_seconds=prediction.bubble_seconds * k, gradient_sync_seconds=sync,
                       comm_bytes_per_device=prediction.comm_bytes_per_device * k - sync_bytes * (k - 1),
-                      gradient_sync_bytes_per_device=sync_bytes, micro_steps=k)
+                      gradient_sync_bytes_per_device=sync_bytes, micro_steps=k, optimizer_seconds=optimizer)
 
 
 def divisors_of(n: int) -> list[int]:

@@ -122,10 +122,11 @@ class PricedGraph:
     # under k micro-steps the whole-gradient all-reduce runs once per k: the search's objective (a whole step over
     # k) takes (k - 1) / k of each layer's weight_sync off
     sync_discount: float = 0.0
+    optimizer: list[np.ndarray] = field(default_factory=list)  # the optimizer's step inside compute, once per step
 
     def cost_graph(self, memory_price: float, name: str, devices: int) -> CostGraph:
         costs = [c + m - self.sync_discount * w + memory_price * mem
-                 for c, m, w, mem in zip(self.compute, self.comm, self.syncs(), self.memory)]
+                 for c, m, w, mem in zip(self.compute, self.comm, self.once(), self.memory)]
         configs = [space.factors for space in self.spaces]  # rows, not lists: searches never read them
         return CostGraph(name, devices, self.ids, [""] * len(self.ids), configs, costs, self.edges)
 
@@ -141,11 +142,19 @@ class PricedGraph:
         """Per layer, ``weight_sync`` (zeros where it was not priced apart)."""
         return self.weight_sync or [np.zeros(len(c)) for c in self.compute]
 
+    def optimizers(self) -> list[np.ndarray]:
+        """Per layer, the optimizer's step (zeros where it was not priced apart)."""
+        return self.optimizer or [np.zeros(len(c)) for c in self.compute]
+
+    def once(self) -> list[np.ndarray]:
+        """Per layer, what runs once per step however many micro-steps: the whole-gradient sync and the optimizer."""
+        return [w + o for w, o in zip(self.syncs(), self.optimizers())]
+
     def objective(self, assignment: list[int]) -> float:
         """What the search minimises: a step's seconds per micro-step (the step time without micro-steps)."""
         compute, comm, relayout, _ = self.totals(assignment)
-        sync = sum(float(w[k]) for w, k in zip(self.syncs(), assignment))
-        return compute + comm + relayout - self.sync_discount * sync
+        once = sum(float(w[k]) for w, k in zip(self.once(), assignment))
+        return compute + comm + relayout - self.sync_discount * once
 
     def comm_bytes_per_device(self, assignment: list[int]) -> float:
         """Bytes every collective of an assignment moves per device per step (layers' and re-layouts')."""
@@ -184,7 +193,8 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
                              options.checkpointing, layer_key(data, layer_id in block_outputs),
                              sharding.get(layer_id, uniform) if w else "none"), len(keys))
             for (layer_id, data), w in zip(layers, weighted)]
-    # per kind: (space, compute, comm, memory, sync, comm bytes, runnable, sync bytes); never changed in place
+    # per kind: (space, compute, comm, memory, sync, comm bytes, runnable, sync bytes, optimizer); never changed in
+    # place
     priced_kinds: dict[int, tuple[Any, ...]] = memo.setdefault("layers", {})
     for v, (layer_id, data) in enumerate(layers):
         if kind[v] not in priced_kinds:
@@ -194,8 +204,8 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
                                       recomputed=(layer_id in rerun) if options.checkpointing else None,
                                       sharding=sharding.get(layer_id))
             priced_kinds[kind[v]] = (space, *costs, parts["weight_sync"], parts["comm_bytes"], mask,
-                                     parts["sync_bytes"])
-    spaces, compute, comm, memory, weight_sync, comm_bytes, runnable, sync_bytes = (
+                                     parts["sync_bytes"], parts["optimizer"])
+    spaces, compute, comm, memory, weight_sync, comm_bytes, runnable, sync_bytes, optimizer = (
         list(column) for column in zip(*(priced_kinds[k] for k in kind)))
     # a sharded layer's configurations are those of the same layer unsharded, less the ones with no sharded runtime:
     # its edges are priced on the unsharded configurations (shared with every setting that prices them) and cut down
@@ -258,7 +268,7 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     return PricedGraph(ids, spaces, compute, comm, memory, edges, weight_sync, comm_bytes, runnable,
                        float(model.relayout_bytes(1.0)), sync_bytes,
                        data_parallel if len(data_parallel) == len(ids) else None,
-                       (options.micro_steps - 1) / options.micro_steps)
+                       (options.micro_steps - 1) / options.micro_steps, optimizer)
 
 
 def layer_shardings(graph: LayerGraph, options: PlanOptions) -> dict[str, str]:
@@ -689,10 +699,11 @@ def _prediction(priced: PricedGraph, assignment: list[int], batch: int) -> Predi
     step = compute + comm + relayout
     sync = sum(float(w[k]) for w, k in zip(priced.weight_sync, assignment))
     sync_bytes = sum(float(b[k]) for b, k in zip(priced.sync_bytes, assignment))
+    optimizer = sum(float(o[k]) for o, k in zip(priced.optimizers(), assignment))
     return Prediction(step_seconds=step, samples_per_second=batch / step if step > 0 else 0.0,
                       memory_bytes_per_device=memory, compute_seconds=compute, communication_seconds=comm + relayout,
                       gradient_sync_seconds=sync, comm_bytes_per_device=priced.comm_bytes_per_device(assignment),
-                      gradient_sync_bytes_per_device=sync_bytes)
+                      gradient_sync_bytes_per_device=sync_bytes, optimizer_seconds=optimizer)
 
 
 def _baseline(graph: LayerGraph, cluster: Cluster, rates: HardwareRates, options: PlanOptions, fsdp: bool,
@@ -720,7 +731,7 @@ def data_parallel_prediction(graph: LayerGraph, cluster: Cluster, rates: Hardwar
     kinds = dict(zip((layer_id for layer_id, _ in graph.layers()), layer_kinds(graph, block_outputs)))
     rerun = rerun_layers(graph) if options.checkpointing else set()  # as the plan prices them (price_graph)
     priced: dict[tuple[int, bool], tuple[float, ...]] = {}  # per layer kind (priced once)
-    compute = comm = memory = comm_bytes = sync = sync_bytes = 0.0
+    compute = comm = memory = comm_bytes = sync = sync_bytes = optimizer = 0.0
     for layer_id, data in graph.layers():
         batch_dims = [d for d in data["dims"] if data["roles"][d] == "batch"]
         wanted: dict[str, int] = {}
@@ -737,10 +748,10 @@ def data_parallel_prediction(graph: LayerGraph, cluster: Cluster, rates: Hardwar
             c, m, mem = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts,
                                           recomputed=(layer_id in rerun) if options.checkpointing else None)
             priced[kind] = (float(c[0]), float(m[0]), float(mem[0]), float(parts["comm_bytes"][0]),
-                            float(parts["weight_sync"][0]), float(parts["sync_bytes"][0]))
-        c_, m_, mem_, bytes_, sync_, sync_bytes_ = priced[kind]
+                            float(parts["weight_sync"][0]), float(parts["sync_bytes"][0]), float(parts["optimizer"][0]))
+        c_, m_, mem_, bytes_, sync_, sync_bytes_, optimizer_ = priced[kind]
         compute, comm, memory, comm_bytes = compute + c_, comm + m_, memory + mem_, comm_bytes + bytes_
-        sync, sync_bytes = sync + sync_, sync_bytes + sync_bytes_
+        sync, sync_bytes, optimizer = sync + sync_, sync_bytes + sync_bytes_, optimizer + optimizer_
     relayouts = {} if relayouts is None else relayouts
     relayout = 0.0
     for s, d, edge in graph.graph.edges(data=True):
@@ -752,7 +763,7 @@ def data_parallel_prediction(graph: LayerGraph, cluster: Cluster, rates: Hardwar
     prediction = Prediction(step, graph.batch / step if step else 0.0, memory, compute, comm + relayout,
                             gradient_sync_seconds=sync,
                             comm_bytes_per_device=comm_bytes + float(model.relayout_bytes(relayout)),
-                            gradient_sync_bytes_per_device=sync_bytes)
+                            gradient_sync_bytes_per_device=sync_bytes, optimizer_seconds=optimizer)
     return prediction, None
 
 

@@ -173,6 +173,7 @@ class LayerPrice:
     state: np.ndarray  # weights, gradients, optimizer state per device
     activation: np.ndarray  # saved for backward per microbatch per device
     shard_bytes: np.ndarray  # weight-gradient bytes per device (synced across pipeline replicas)
+    optimizer: np.ndarray  # the optimizer's step, once per step (not inside ``compute``)
 
 
 class Pricer:
@@ -233,9 +234,9 @@ class Pricer:
             compute, comm, memory = model.layer_costs(data, space, block_output=self.block_output[v], parts=parts)
             if not runnable:  # the batch does not split over the group: no stage of this size runs it
                 compute = np.full_like(compute, np.inf)
-            sync, saved = parts["weight_sync"], parts["saved"]
-            self._layer_cache[key] = LayerPrice(space, compute, comm - sync, sync, memory - saved, saved,
-                                                parts["weight_bytes"])
+            sync, saved, optimizer = parts["weight_sync"], parts["saved"], parts["optimizer"]
+            self._layer_cache[key] = LayerPrice(space, compute - optimizer, comm - sync, sync, memory - saved, saved,
+                                                parts["weight_bytes"], optimizer)
         return self._layer_cache[key]
 
     def edge(self, kind: int, group: int, batch: int) -> np.ndarray:
@@ -333,12 +334,16 @@ class Setting:
         if key not in self._vertex:
             price = self.objective(kind, group)
             sync = price.sync + self.p.pricer.replica_sync(price.shard_bytes, self.d, self.devices)
-            self._vertex[key] = price.compute + price.comm + sync / self.m
+            self._vertex[key] = price.compute + price.comm + (sync + price.optimizer) / self.m
         return self._vertex[key]
 
-    def comm_vector(self, kind: int, group: int) -> np.ndarray:
+    def compute_vector(self, kind: int, group: int) -> np.ndarray:
+        """Per microbatch: the layer's compute and its share of the optimizer's once-per-step update."""
         price = self.objective(kind, group)
-        return self.vertex(kind, group) - price.compute
+        return price.compute + price.optimizer / self.m
+
+    def comm_vector(self, kind: int, group: int) -> np.ndarray:
+        return self.vertex(kind, group) - self.compute_vector(kind, group)
 
     # ------------------------------------------------------------------ bounds
     def _by_segment(self, per_layer: np.ndarray) -> np.ndarray:
@@ -584,7 +589,7 @@ class PipelineSearch:
             price = setting.objective(kind, group)
             ids.append(pricer.layers[v][0])
             spaces.append(price.space)
-            compute.append(price.compute)
+            compute.append(setting.compute_vector(kind, group))
             comm.append(setting.comm_vector(kind, group))
             memory.append(price.state + held * price.activation)
         edges = [(s - first, d - first, pricer.edge(k, group, setting.batch))
@@ -734,7 +739,7 @@ def stage_plans(search: PipelineSearch, result: PipelineResult) -> tuple[list[St
         for v, k in zip(span, evaluated.assignment):
             layer_id, data = pricer.layers[v]
             price = setting.objective(pricer.kind[v], choice.group)
-            per_step = setting.m * float(price.compute[k] + setting.comm_vector(pricer.kind[v], choice.group)[k])
+            per_step = setting.m * float(setting.vertex(pricer.kind[v], choice.group)[k])
             layers.append(LayerChoice(layer_id, data["op"], data["block"], price.space.config(k), per_step,
                                       float(price.state[k] + choice.in_flight * price.activation[k])))
     return stages, layers

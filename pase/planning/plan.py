@@ -62,6 +62,7 @@ class Prediction:
     comm_bytes_per_device: float = 0.0
     gradient_sync_bytes_per_device: float = 0.0  # the bytes of those once-per-step collectives, inside the above
     micro_steps: int = 1  # the step runs as this many micro-steps (gradient accumulation); the figures are per step
+    optimizer_seconds: float = 0.0  # the optimizer's step inside compute_seconds: once per step, not per micro-step
 
 
 @dataclass

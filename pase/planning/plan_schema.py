@@ -22,7 +22,8 @@ _PREDICTION = {"type": "object", "required": ["step_seconds", "samples_per_secon
                               "memory_bytes_per_device": _NUMBER, "compute_seconds": _NUMBER,
                               "communication_seconds": _NUMBER, "bubble_seconds": _NUMBER,
                               "gradient_sync_seconds": _NUMBER, "comm_bytes_per_device": _NUMBER,
-                              "gradient_sync_bytes_per_device": _NUMBER, "micro_steps": _COUNT}}
+                              "gradient_sync_bytes_per_device": _NUMBER, "micro_steps": _COUNT,
+                              "optimizer_seconds": _NUMBER}}
 PLAN_JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
