@@ -258,7 +258,10 @@ class CostModel:
             # summed over every rank (``gradient_group``), stays whole and is all-reduced instead
             whole = ~np.asarray(fsdp, dtype=bool) | (
                 reduction_split & (set(p["map"]) <= set(anchor_map)) & self.options.batch_interface)
-            sharded = np.where(whole, 0.0, shard)
+            # FSDP2 shards a parameter's dim 0 and pads it to a multiple of the shard count: the padded rows travel too
+            rows = _dim0_rows(p, dims, f)
+            padded = np.ceil(rows / np.maximum(1, replicas)) * np.maximum(1, replicas) / rows
+            sharded = np.where(whole, 0.0, shard * padded)
             weight_sync += priced("reduce_scatter", sharded, replicas, stride, bucketed=True)
             gathers = 2 if reshard else 1
             weight_sync += gathers * priced("all_gather", sharded, replicas, stride, bucketed=True)
@@ -416,6 +419,13 @@ class CostModel:
         itemsize = bytes_per_element(self.options.precision, edge["dtype_bytes"])
         seconds = moved * (fraction * itemsize / (self.relayout_gbps * 1e9))
         return seconds[np.ix_(s_of, t_of)]
+
+
+def _dim0_rows(param: dict, dims: list[str], f: np.ndarray) -> np.ndarray:
+    """Rows of a parameter's dim 0 on one device (its extent over the split of the layer dim it maps to)."""
+    shape, mapped = param.get("shape") or [param["numel"]], (param.get("map") or [None])[0]
+    split = f[:, dims.index(mapped)] if mapped in dims else np.ones(len(f))
+    return np.maximum(1.0, shape[0] / split)
 
 
 def _input_scales(layer: LayerAttrs) -> list[float]:
