@@ -23,9 +23,10 @@ and backward gradient) at the cluster's per-device bandwidth.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -421,7 +422,7 @@ class CostModel:
         return seconds[np.ix_(s_of, t_of)]
 
 
-def _dim0_rows(param: dict, dims: list[str], f: np.ndarray) -> np.ndarray:
+def _dim0_rows(param: Mapping[str, Any], dims: list[str], f: np.ndarray) -> np.ndarray:
     """Rows of a parameter's dim 0 on one device (its extent over the split of the layer dim it maps to)."""
     shape, mapped = param.get("shape") or [param["numel"]], (param.get("map") or [None])[0]
     split = f[:, dims.index(mapped)] if mapped in dims else np.ones(len(f))
