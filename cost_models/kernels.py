@@ -49,24 +49,28 @@ def kernels_per_step(op: str, fused_ops: int, training: bool = True) -> int:
     return forward + BACKWARD_KERNELS.get(op, 1) + fused_ops
 
 
+def _product(local: dict[str, np.ndarray], dims: list[str]) -> np.ndarray:
+    value = np.ones_like(next(iter(local.values()))) if local else np.ones(1)
+    for d in dims:
+        value = value * local[d]
+    return value
+
+
+def gemm_extents(layer: Mapping[str, Any], local: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, reduction) of a conv, linear or matmul layer's GEMM at the ``local`` (per device) extents:
+    rows are the output's dims other than its output channels, columns the output channels, the reduction its
+    reduction and kernel dims."""
+    roles, out = layer["roles"], [d for d in layer["tensors"]["output"] if d is not None]
+    return (_product(local, [d for d in out if roles[d] != "out_channel"]),
+            _product(local, [d for d in out if roles[d] == "out_channel"]),
+            _product(local, [d for d in layer["dims"] if roles[d] in ("reduction", "kernel")]))
+
+
 def layer_utilization(model: KernelModel, layer: Mapping[str, Any], local: dict[str, np.ndarray]) -> np.ndarray:
     """Wave utilisation of a conv, linear, matmul or attention layer whose dims have the ``local`` (per device)
-    extents: GEMM rows are the output's dims other than its output channels, columns the output channels, the
-    reduction its reduction and kernel dims; attention tiles its queries per (sample, head) stream."""
-    roles, out = layer["roles"], [d for d in layer["tensors"]["output"] if d is not None]
-    one = np.ones_like(next(iter(local.values()))) if local else np.ones(1)
-
-    def product(dims: list[str]) -> np.ndarray:
-        value = one.copy()
-        for d in dims:
-            value = value * local[d]
-        return value
-
+    extents (``gemm_extents``); attention tiles its queries per (sample, head) stream."""
     if layer["op"] == "attention":
-        queries = [d for d in out if roles[d] == "sequence"]
-        streams = [d for d in out if roles[d] in ("batch", "head")]
-        return model.attention_utilization(product(queries), product(streams))
-    cols = [d for d in out if roles[d] == "out_channel"]
-    rows = [d for d in out if roles[d] != "out_channel"]
-    reduction = [d for d in layer["dims"] if roles[d] in ("reduction", "kernel")]
-    return model.utilization(product(rows), product(cols), product(reduction))
+        roles, out = layer["roles"], [d for d in layer["tensors"]["output"] if d is not None]
+        return model.attention_utilization(_product(local, [d for d in out if roles[d] == "sequence"]),
+                                           _product(local, [d for d in out if roles[d] in ("batch", "head")]))
+    return model.utilization(*gemm_extents(layer, local))

@@ -32,7 +32,7 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.conventions import BUS_FACTOR, bytes_per_element
-from cost_models.kernels import KernelModel, kernels_per_step, layer_utilization
+from cost_models.kernels import KernelModel, gemm_extents, kernels_per_step, layer_utilization
 from cost_models.rates import HardwareRates
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.graph.gating import gated_dims
@@ -106,11 +106,7 @@ class CostModel:
         backward = flops - forward
         if layer["op"] == "attention" or backward <= 0:
             return flops / used / (rate * util)
-        roles = layer["roles"]
-        out = [d for d in layer["tensors"]["output"] if d is not None]
-        cols = np.prod([local[d] for d in out if roles[d] == "out_channel"] or [np.ones(len(f))], axis=0)
-        inputs = np.prod([local[d] for d in dims if roles[d] in ("reduction", "kernel")] or [np.ones(len(f))], axis=0)
-        rows = np.prod([local[d] for d in out if roles[d] != "out_channel"] or [np.ones(len(f))], axis=0)
+        rows, cols, inputs = gemm_extents(layer, local)
         weight_util = self.kernels.utilization(cols, inputs, rows)
         return ((forward + backward / 2) / util + backward / 2 / weight_util) / used / rate
 

@@ -59,6 +59,19 @@ class Timer:
         return time.monotonic() > self.deadline
 
 
+def captured(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after one warm-up run on a side stream (as torch's capture requires)."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def launch_floor(timer: Timer, device: torch.device) -> list[dict[str, Any]]:
     """Seconds per tiny kernel, queued eagerly (host-bound) and from a CUDA graph (GPU-bound)."""
     x = torch.zeros(1, device=device)
@@ -70,16 +83,8 @@ def launch_floor(timer: Timer, device: torch.device) -> list[dict[str, Any]]:
 
     rows = [{"op": "launch", "mode": "eager", "calls": calls, "seconds": timer.seconds(eager, 5, 1) / calls}]
     if device.type == "cuda":
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            eager()
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            eager()
         rows.append({"op": "launch", "mode": "cuda_graph", "calls": calls,
-                     "seconds": timer.seconds(graph.replay, 5, 1) / calls})
+                     "seconds": timer.seconds(captured(eager).replay, 5, 1) / calls})
     return rows
 
 
@@ -201,16 +206,7 @@ def unet_forward(timer: Timer, device: torch.device, dtype: torch.dtype, dry: bo
 
         row = {"op": "unet_forward", "model": spec.name, "batch": batch, "seconds": timer.seconds(forward, 5, 2)}
         if device.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                forward()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
-                forward()
-            row["seconds_cuda_graph"] = timer.seconds(graph.replay, 5, 2)
-            del graph
+            row["seconds_cuda_graph"] = timer.seconds(captured(forward).replay, 5, 2)
         rows.append(row)
     return rows
 

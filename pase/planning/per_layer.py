@@ -153,7 +153,7 @@ class PricedGraph:
     def objective(self, assignment: list[int]) -> float:
         """What the search minimises: a step's seconds per micro-step (the step time without micro-steps)."""
         compute, comm, relayout, _ = self.totals(assignment)
-        once = sum(float(w[k]) for w, k in zip(self.once(), assignment))
+        once = sum(float(w[k] + o[k]) for w, o, k in zip(self.syncs(), self.optimizers(), assignment))
         return compute + comm + relayout - self.sync_discount * once
 
     def comm_bytes_per_device(self, assignment: list[int]) -> float:
