@@ -63,6 +63,8 @@ class GPUSpec:
     notes: str = ""
     sm_count: int = 0  # streaming multiprocessors (AMD: compute units); 0 = unknown, no wave quantisation
     kernel_floor_us: float = 0.0  # GPU time per kernel no work hides (the catalog's "kernels" section, by arch)
+    # host time per operator an eager PyTorch stack dispatches to this GPU (the catalog's "kernels" section)
+    host_us_per_op: float = 0.0
 
     @property
     def memory_bytes(self) -> int:
@@ -115,6 +117,7 @@ class GPUSpec:
             nvml_names=tuple(entry.get("nvml_names", ())), aliases=tuple(entry.get("aliases", ())),
             sources=tuple(entry.get("sources", ())), notes=entry.get("notes", ""),
             sm_count=int(entry.get("sm_count", 0)), kernel_floor_us=float(entry.get("kernel_floor_us", 0.0)),
+            host_us_per_op=float(entry.get("host_us_per_op", 0.0)),
         )
 
 
@@ -167,8 +170,10 @@ class Catalog:
             raise UnknownHardwareError(_unknown("GPU", name, self._gpu_names(), "pase hw list",
                                                 "add your own with --gpu-file FILE (a catalog 'gpus' section)"))
         entry = self.data["gpus"][gpu_id]
-        floors = self.data.get("kernels", {}).get("floor_us", {})
-        return GPUSpec.from_entry(gpu_id, {"kernel_floor_us": floors.get(entry.get("arch"), 0.0), **entry})
+        kernels = self.data.get("kernels", {})
+        defaults = {"kernel_floor_us": kernels.get("floor_us", {}).get(entry.get("arch"), 0.0),
+                    "host_us_per_op": kernels.get("host_us_per_op", 0.0)}
+        return GPUSpec.from_entry(gpu_id, {**defaults, **entry})
 
     def resolve_gpu_id(self, name: str) -> str | None:
         wanted = _key(name)

@@ -7,6 +7,11 @@ Where tiles are fewer than SMs and the reduction is long, cuBLAS and cuDNN split
 the machine; the model does the same, in splits of at least ``SPLIT_K_MIN`` reduction elements. Every kernel
 also costs a floor (launch, ramp-up, tail) that no amount of work hides, which is what makes small per-device
 batches slow per sample. All of it is vectorised over a layer's split configurations.
+
+An eager PyTorch stack (pase's runtime) also pays the host: every operator is dispatched from Python before its
+kernel can start, ``host_s`` each. The host runs ahead of the GPU only while queued kernels last, so a layer
+takes the longer of its GPU time and its operators' dispatch time (``host_bound``). A CUDA-graphed stack
+(``host_s`` 0) replays the kernels without the host.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ BACKWARD_KERNELS = {"conv": 2, "linear": 2, "matmul": 2, "attention": 2}
 class KernelModel:
     sm_count: int  # streaming multiprocessors (compute units on AMD) that tiles spread over
     floor_s: float  # GPU time per kernel no work hides: launch, ramp-up and tail
+    host_s: float = 0.0  # host time per operator an eager stack dispatches (0: a CUDA-graphed stack)
     tile: int = 128  # output rows and columns per tile: cuBLAS/CUTLASS bf16 GEMM and cuDNN implicit-GEMM tiles
 
     def utilization(self, rows: np.ndarray, cols: np.ndarray, reduction: np.ndarray | float) -> np.ndarray:
@@ -47,6 +53,22 @@ def kernels_per_step(op: str, fused_ops: int, training: bool = True) -> int:
     if not training:
         return forward
     return forward + BACKWARD_KERNELS.get(op, 1) + fused_ops
+
+
+def host_ops_per_step(op: str, fused_ops: int, training: bool = True, weight_casts: int = 0) -> int:
+    """Operators the host dispatches for one layer in a step: its kernels (``kernels_per_step``) and, under
+    mixed-precision autocast over fp32 weights, each weight's cast to the compute precision in the forward and its
+    gradient's cast back in the backward (``weight_casts``: the layer's trainable weight tensors)."""
+    if op in ("input", "output"):
+        return 0
+    return kernels_per_step(op, fused_ops, training) + (2 if training else 1) * weight_casts
+
+
+def host_bound(gpu_seconds: np.ndarray, host_ops: float, model: KernelModel | None) -> np.ndarray:
+    """A layer's time on an eager stack: its GPU time, or its operators' dispatch time where that is longer."""
+    if model is None or model.host_s <= 0 or host_ops <= 0:
+        return gpu_seconds
+    return np.maximum(gpu_seconds, host_ops * model.host_s)
 
 
 def _product(local: dict[str, np.ndarray], dims: list[str]) -> np.ndarray:

@@ -32,7 +32,14 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.conventions import BUS_FACTOR, bytes_per_element
-from cost_models.kernels import KernelModel, gemm_extents, kernels_per_step, layer_utilization
+from cost_models.kernels import (
+    KernelModel,
+    gemm_extents,
+    host_bound,
+    host_ops_per_step,
+    kernels_per_step,
+    layer_utilization,
+)
 from cost_models.rates import HardwareRates
 from pase.graph.attrs import EdgeAttrs, LayerAttrs
 from pase.graph.gating import gated_dims
@@ -46,6 +53,7 @@ OPTIMIZER_BYTES_PER_PARAM = 28
 # strategies.data for pipeline replicas) fuse gradient collectives into one call per 25 MiB, so the runtime and
 # this model share the size.
 GRADIENT_BUCKET_BYTES = 25 * 2**20
+STACKS = ("eager", "graphed")  # how a step's kernels reach the GPU (CostOptions.stack)
 
 
 class SplitTable(Protocol):
@@ -75,6 +83,13 @@ class CostOptions:
     # activations enter and leave every layer batch-sharded over all devices (the runtime's layout between
     # layers, ``strategies.runnable``): a layer's partial sums are reduce-scattered to batch chunks, not all-reduced
     batch_interface: bool = False
+    # "eager": every operator is dispatched by the host (pase's runtime), so a layer takes at least its operators'
+    # dispatch time; "graphed": the step replays from CUDA graphs (published runs that capture whole iterations)
+    stack: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.stack not in STACKS:
+            raise ValueError(f"stack must be one of {', '.join(STACKS)}, not {self.stack!r}")
 
 
 @dataclass
@@ -89,7 +104,8 @@ class CostModel:
         self.relayout_gbps = self.rates.collective("all_gather", list(range(self.devices))).busbw_gbps \
             if self.devices > 1 else float("inf")
         gpu = self.cluster.gpu
-        self.kernels = KernelModel(gpu.sm_count, gpu.kernel_floor_us * 1e-6) if gpu.sm_count else None
+        host_s = gpu.host_us_per_op * 1e-6 if self.options.stack == "eager" else 0.0
+        self.kernels = KernelModel(gpu.sm_count, gpu.kernel_floor_us * 1e-6, host_s) if gpu.sm_count else None
 
     def gemm_seconds(self, layer: LayerAttrs, dims: list[str], extent: np.ndarray, f: np.ndarray,
                      flops: float, rate: float) -> np.ndarray:
@@ -115,6 +131,12 @@ class CostModel:
         if self.kernels is None or layer["op"] in ("input", "output"):
             return 0.0
         return kernels_per_step(layer["op"], len(layer.get("fused_ops", ())), training) * self.kernels.floor_s
+
+    def host_ops(self, layer: LayerAttrs, weights: int, training: bool = True) -> int:
+        """Operators the host dispatches for ``layer`` in a step (``cost_models.kernels.host_ops_per_step``): under
+        a mixed precision, autocast casts each of its ``weights`` trainable tensors, and casts their gradients back."""
+        mixed = self.options.precision != "fp32"
+        return host_ops_per_step(layer["op"], len(layer.get("fused_ops", ())), training, weights if mixed else 0)
 
     # ------------------------------------------------------------------ collectives
     def _collective_uncached(self, op: str, group: int, stride: int) -> tuple[float, float]:
@@ -214,12 +236,14 @@ class CostModel:
                                   3 * (touched + weight_local) * itemsize / memory_rate)
         pointwise = float(layer.get("pointwise_elems", 0)) * itemsize * 4  # fwd read+write, bwd read+write
         seconds += pointwise / used / memory_rate + self.kernel_floor(layer)
+        seconds = host_bound(seconds, self.host_ops(layer, len(weights)), self.kernels)
         # under checkpointing a layer inside a checkpointed block runs its forward again in the backward (the
         # block's outputs too: checkpointing re-runs the whole block), forward collectives included
         recomputed = (not block_output) if recomputed is None else recomputed
         if self.options.checkpointing and recomputed and kind in COMPUTE_KINDS:  # recompute forward
-            seconds += self.gemm_seconds(layer, dims, extent, f, float(layer["flops_fwd"]),
-                                         self.rates.compute(kind).value) + self.kernel_floor(layer, training=False)
+            recompute = self.gemm_seconds(layer, dims, extent, f, float(layer["flops_fwd"]),
+                                          self.rates.compute(kind).value) + self.kernel_floor(layer, training=False)
+            seconds += host_bound(recompute, self.host_ops(layer, len(weights), training=False), self.kernels)
 
         # collectives from the tensor maps
         comm_bytes = np.zeros(len(f))

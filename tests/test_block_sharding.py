@@ -115,10 +115,9 @@ def test_two_processes_shard_each_block_as_planned(tmp_path, tiny, only) -> None
 @pytest.mark.slow  # 30 s: SDXL's graph, searched at several micro-step counts and settings
 @pytest.mark.timeout(600)
 def test_sdxl_on_8_h100s_at_batch_512_shards_some_blocks_and_beats_every_baseline(tmp_path) -> None:
-    """Issue 18's headline: `pase plan --model sdxl-unet --cluster 8xH100-SXM --batch 512` fits with micro-steps,
-    shards blocks (with the optimizer's step priced, every block with weights: each GPU's AdamW then updates an
-    eighth of them) and is no slower than any baseline that fits. Plans that keep some blocks whole and shard
-    others run in the 2-process tests of this file."""
+    """Issue 18's headline: `pase plan --model sdxl-unet --cluster 8xH100-SXM --batch 512` fits where DDP and FSDP
+    do not, by sharding blocks and recomputing some of them but not all (on the eager stack, micro-steps of a few
+    samples per GPU would wait on the host's dispatch), and is no slower than any baseline that fits."""
     from typer.testing import CliRunner
 
     from pase.cli import app
@@ -131,7 +130,9 @@ def test_sdxl_on_8_h100s_at_batch_512_shards_some_blocks_and_beats_every_baselin
     kinds = {b.sharding for b in plan.blocks if b.name in set(weighted_blocks(extract_model("sdxl-unet", 512 //
                                                                                             plan.micro_steps,
                                                                                             use_cache=True)))}
-    assert plan.micro_steps > 1 and kinds & {"gradients", "full"}
+    recomputed = [b for b in plan.blocks if b.checkpoint]
+    assert kinds & {"gradients", "full"} and 0 < len(recomputed) < len(plan.blocks)
+    assert plan.baselines["ddp"] is None and plan.baselines["fsdp"] is None
     assert plan.predicted.memory_bytes_per_device <= plan.options["memory_limit_bytes"]
     assert all(plan.predicted.step_seconds <= b.step_seconds * (1 + 1e-9) for b in plan.baselines.values() if b)
     assert "sharding" in " ".join(done.output.split())

@@ -1,4 +1,5 @@
-"""The kernel physics of the cost model (cost_models.kernels): wave quantisation, split-K, per-kernel floors."""
+"""The kernel physics of the cost model (cost_models.kernels): wave quantisation, split-K, per-kernel floors, and
+the host's dispatch time on an eager stack."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +9,12 @@ from torch import nn
 
 from cost_models.catalog import Catalog
 from cost_models.cluster import parse_spec
-from cost_models.kernels import KernelModel, kernels_per_step, layer_utilization
+from cost_models.kernels import KernelModel, host_bound, host_ops_per_step, kernels_per_step, layer_utilization
 from cost_models.layer_costs import CostModel, CostOptions
 from cost_models.rates import HardwareRates
+from pase.errors import PaseError
 from pase.graph import extract
+from pase.planning import PlanOptions
 from strategies.splits import SplitSpace
 
 H100 = KernelModel(sm_count=132, floor_s=1e-6)
@@ -63,7 +66,7 @@ def test_small_per_device_work_is_slower_per_sample() -> None:
     """SD's 8x8 convolution: at batch 1 its 64 rows make 10 tiles, which split-K spreads over 130 of 132 SMs, and
     reading its 29.5 MB of weights bounds it; at batch 64 the weights are shared by 64 samples."""
     cluster = parse_spec("1xH100-SXM")
-    model = CostModel(cluster, HardwareRates(cluster), CostOptions(precision="bf16"))
+    model = CostModel(cluster, HardwareRates(cluster), CostOptions(precision="bf16", stack="graphed"))
     space = SplitSpace(("n",), np.array([[1]]))
     small, big = _conv_layer(1), _conv_layer(64)
     per_sample_small = model.layer_costs(small, space)[0][0]
@@ -71,3 +74,63 @@ def test_small_per_device_work_is_slower_per_sample() -> None:
     assert per_sample_small > 4 * per_sample_big
     local = {d: np.array([float(e)]) for d, e in small["dims"].items()}
     assert layer_utilization(model.kernels, small, local)[0] == pytest.approx(130 / 132)
+
+
+def test_host_operator_counts() -> None:
+    # a conv's 3 kernels, plus autocast's cast of its weight and bias and of their gradients back
+    assert host_ops_per_step("conv", 0, training=True, weight_casts=2) == 3 + 4
+    assert host_ops_per_step("linear", 2, training=False) == 3  # inference in the compute precision: no casts
+    assert host_ops_per_step("input", 0) == 0 and host_ops_per_step("output", 3) == 0
+    eager = KernelModel(sm_count=132, floor_s=1e-6, host_s=30e-6)
+    assert host_bound(np.array([1e-5, 1e-3]), 10, eager) == pytest.approx([3e-4, 1e-3])  # host-bound, then GPU
+    assert host_bound(np.array([1e-5]), 10, H100)[0] == 1e-5  # a graphed stack pays no host
+
+
+def test_an_eager_layer_takes_at_least_its_dispatch_time() -> None:
+    """SD's 8x8 convolution: at batch 1 its GPU time is below its 7 operators' dispatch (the layer is host-bound on
+    pase's eager runtime, whatever the GPU); at batch 64 the GPU work hides the host and both stacks agree. (The
+    optimizer's step, once per step, is priced apart from the layer's kernels.)"""
+    cluster = parse_spec("1xH100-SXM")
+    space = SplitSpace(("n",), np.array([[1]]))
+
+    def kernels_seconds(model: CostModel, layer: dict) -> float:
+        parts: dict[str, np.ndarray] = {}
+        compute = model.layer_costs(layer, space, parts=parts)[0]
+        return float((compute - parts["optimizer"])[0])
+
+    eager, graphed = (CostModel(cluster, HardwareRates(cluster), CostOptions(precision="bf16", stack=stack))
+                      for stack in ("eager", "graphed"))
+    small, big = _conv_layer(1), _conv_layer(64)
+    host_s = cluster.gpu.host_us_per_op * 1e-6
+    assert host_s > 0
+    assert kernels_seconds(eager, small) == pytest.approx(host_s * (3 + 2 * 2))
+    assert kernels_seconds(graphed, small) < kernels_seconds(eager, small)
+    assert kernels_seconds(eager, big) == pytest.approx(kernels_seconds(graphed, big))
+    assert kernels_seconds(eager, big) > host_s * 7
+    # fp32 runs without autocast: no casts to dispatch
+    fp32 = CostModel(cluster, HardwareRates(cluster, None, "fp32"), CostOptions(precision="fp32"))
+    assert fp32.host_ops(small, 2) == 3 and eager.host_ops(small, 2) == 7
+    assert kernels_seconds(fp32, small) >= host_s * 3
+    with pytest.raises(ValueError, match="stack"):
+        CostOptions(stack="compiled")
+    with pytest.raises(PaseError, match="stack"):
+        PlanOptions(stack="compiled")
+
+
+@pytest.mark.slow  # captures SD-1.5 (about 10 s from an empty cache)
+def test_the_host_figure_is_the_recorded_forward_over_its_graph_operators() -> None:
+    """The catalog's 33.7 us per operator is the H200 run's eager SD-1.5 forward at batch 1 over the operators of
+    sd15-unet's layer graph: a measured figure with its source, re-derived here so it cannot drift."""
+    import json
+    from pathlib import Path
+
+    from pase.graph import extract_model
+
+    record = json.loads((Path(__file__).parents[1] / "docs/gpu/h200-2026-12-04b-kernels.json").read_text())
+    forward = next(r for r in record["rows"] if r["op"] == "unet_forward" and r["batch"] == 1)
+    assert forward["seconds"] > 3 * forward["seconds_cuda_graph"]  # host-bound: the GPU alone is far faster
+    graph = extract_model("sd15-unet", 1, use_cache=True)
+    operators = sum(host_ops_per_step(data["op"], len(data.get("fused_ops", ())), training=False)
+                    for _, data in graph.layers())
+    host_us = Catalog.load().gpu("H200-SXM").host_us_per_op
+    assert host_us == pytest.approx(forward["seconds"] / operators * 1e6, rel=2e-3)

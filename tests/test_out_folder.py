@@ -87,6 +87,7 @@ def test_the_cli_refuses_an_earlier_run_and_a_busy_folder(tmp_path) -> None:
         holder.wait()
 
 
+@pytest.mark.slow  # 6 s of 2 processes; a busy folder's refusal runs by default in the CLI and holder tests above
 @pytest.mark.timeout(120)
 def test_two_processes_stop_together_when_the_folder_is_busy(tmp_path) -> None:
     """Rank 0 decides, every rank stops with its line at once (no rank waits in a collective)."""

@@ -9,12 +9,21 @@ import runtime_cases
 
 TOLERANCE = 1e-5
 KINDS = ["dp", "fsdp", "channels", "heads", "seq", "kept", "replicated"]
-CASES = [*KINDS, *(f"{kind}:checkpoint" for kind in KINDS), "refusals"]
+# checkpointed in the default suite: one DDP, two tensor (channels; heads, whose split attention recomputes) and
+# the kept layouts; the others' checkpointed runs share a second launch, with the slow tests
+CHECKPOINTED = ["dp", "channels", "heads", "kept"]
+CASES = [*KINDS, *(f"{kind}:checkpoint" for kind in CHECKPOINTED), "refusals"]
+SLOW_CASES = [f"{kind}:checkpoint" for kind in KINDS if kind not in CHECKPOINTED]
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
     return runtime_cases.run_ranks(CASES, world=2, timeout_s=280)
+
+
+@pytest.fixture(scope="module")
+def slow_results() -> dict:
+    return runtime_cases.run_ranks(SLOW_CASES, world=2, timeout_s=280)
 
 
 def _case(results: dict, name: str) -> list[dict]:
@@ -46,12 +55,14 @@ def test_pure_data_parallel_plan_runs_as_ddp(results) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind,layout", [("dp", "ddp"), ("fsdp", "fsdp"), ("channels", "tensor"),
-                                         ("heads", "tensor"), ("seq", "tensor"), ("kept", "tensor"),
-                                         ("replicated", "tensor")])
-def test_checkpointed_plans_recompute_blocks_and_match(results, kind: str, layout: str) -> None:
+@pytest.mark.parametrize("kind,layout", [
+    pytest.param(kind, layout, marks=() if kind in CHECKPOINTED else pytest.mark.slow)
+    for kind, layout in [("dp", "ddp"), ("fsdp", "fsdp"), ("channels", "tensor"), ("heads", "tensor"),
+                         ("seq", "tensor"), ("kept", "tensor"), ("replicated", "tensor")]])
+def test_checkpointed_plans_recompute_blocks_and_match(request, kind: str, layout: str) -> None:
     """A plan made with --checkpoint runs its blocks under activation checkpointing: the same loss and
     gradients, and the layers inside a block run their forward twice per step (forward, then recomputed)."""
+    results = request.getfixturevalue("results" if kind in CHECKPOINTED else "slow_results")
     per_rank = _case(results, f"{kind}:checkpoint")
     assert {r["kind"] for r in per_rank} == {layout}
     _assert_matches_single_process(per_rank)

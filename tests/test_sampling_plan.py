@@ -99,11 +99,21 @@ def test_roofline_prices_a_gpu_cluster_from_the_layer_graph(graph_cache):
     from pase.graph import extract_model
 
     graph = extract_model("unet-tiny", 1, use_cache=True)
-    a100 = roofline_eval_time(graph, HardwareRates(load_cluster("8xA100-80GB-SXM")))
-    h100 = roofline_eval_time(graph, HardwareRates(load_cluster("8xH100-SXM")))
+    a100_rates = HardwareRates(load_cluster("8xA100-80GB-SXM"))
+    a100 = roofline_eval_time(graph, a100_rates, stack="graphed")
+    h100 = roofline_eval_time(graph, HardwareRates(load_cluster("8xH100-SXM")), stack="graphed")
     assert all(b >= a for a, b in zip(a100.seconds, a100.seconds[1:]))  # more rows never cost less
     assert a100(256) > 2 * a100(1)  # large batches are compute/memory bound, not launch bound
     assert h100(256) < a100(256)
+    # an eager sampler dispatches every operator from the host: never faster than graphed, and at batch 1 this
+    # small UNet takes at least its operators' dispatch time
+    eager = roofline_eval_time(graph, a100_rates)
+    assert all(e >= g for e, g in zip(eager.seconds, a100.seconds))
+    operators = sum(1 + len(data.get("fused_ops", ())) for _, data in graph.layers()
+                    if data["op"] not in ("input", "output"))
+    host = operators * a100_rates.cluster.gpu.host_us_per_op * 1e-6
+    assert eager(1) >= host * (1 - 1e-9) and host > a100(1)
+    assert "host per operator" in eager.source
 
 
 def test_cli_sample_plan_json_and_bad_devices(graph_cache):

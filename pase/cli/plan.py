@@ -211,6 +211,9 @@ def runnable_summary(result: Plan) -> str:
             "`pase.parallelize` refuses this plan. Plan without `--space all` for one that runs.")
 
 
+DATA_PARALLEL_BASELINES = ("ddp", "fsdp", "ddp_accum", "fsdp_accum_ckpt")
+
+
 def print_plan(result: Plan) -> None:
     from pase.planning.plan import blocks_summary, summarize_blocks
 
@@ -257,7 +260,8 @@ def print_plan(result: Plan) -> None:
     console.print(runnable_summary(result))
     if result.search.pipeline:
         console.print(pipeline_summary(result))
-    best = [p for p in result.baselines.values() if p]
+    # the data-parallel baselines people run (the pipeline search's own rows are the plan's alternatives, not these)
+    best = [p for name, p in result.baselines.items() if p and name in DATA_PARALLEL_BASELINES]
     search = result.search
     if best:
         speedup = min(p.step_seconds for p in best) / result.predicted.step_seconds

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.layer_costs import CostModel, CostOptions
+from cost_models.layer_costs import STACKS, CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
@@ -85,6 +85,9 @@ class PlanOptions:
     # with fsdp: per block with weights, "none", "gradients" (ZeRO-2) or "full" (FSDP) (strategies.sharding; chosen
     # per block by pase.planning.selective.select_sharding); None: every block as fsdp and reshard say
     block_sharding: dict[str, str] | None = None
+    # how the step's kernels reach the GPU (cost_models.layer_costs.STACKS): "eager", as pase's runtime runs them,
+    # or "graphed" (CUDA graphs over the whole step) only to price published runs that captured them
+    stack: str = "eager"
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -99,6 +102,8 @@ class PlanOptions:
             raise PaseError(f"search_gap must be in [0, 0.5), not {self.search_gap}")
         if not 0 < self.memory_fraction <= 1:
             raise PaseError(f"memory_fraction must be in (0, 1], not {self.memory_fraction}")
+        if self.stack not in STACKS:
+            raise PaseError(f"stack must be one of {', '.join(STACKS)}, not {self.stack!r}")
 
 
 @dataclass
@@ -445,7 +450,7 @@ def search_cost_model(cluster: Cluster, rates: HardwareRates, options: PlanOptio
     batch layout between layers)."""
     return CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=options.fsdp,
                                                  reshard=options.reshard, checkpointing=options.checkpointing,
-                                                 batch_interface=options.space == "runnable"))
+                                                 batch_interface=options.space == "runnable", stack=options.stack))
 
 
 def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
@@ -509,6 +514,14 @@ def plan_blocks(graph: LayerGraph, options: Mapping[str, Any]) -> list[BlockChoi
     return [BlockChoice(name, name in checkpointed, sharding.get(name, "none")) for name in names]
 
 
+def _stack_note(cluster: Cluster, stack: str) -> str:
+    """How the plan's step reaches the GPU, for the rates line: an eager stack's host time per operator."""
+    if stack == "graphed":
+        return "; graphed stack (CUDA graphs: no host dispatch priced)"
+    host_us = cluster.gpu.host_us_per_op
+    return f"; eager stack: {host_us:g} us of host per operator bounds each layer" if host_us else ""
+
+
 def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: HardwareRates, **body: Any) -> Plan:
     """A ``Plan`` for ``graph`` on ``cluster``: the header every planner writes the same way, plus ``body``."""
     plan = Plan(
@@ -524,7 +537,7 @@ def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: H
                  options.block_sharding is not None else None,
                  "space": options.space, "force": options.force,
                  "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
-                 "rates": rates.compute("conv").source},
+                 "rates": rates.compute("conv").source + _stack_note(cluster, options.stack), "stack": options.stack},
         input_shapes=user_input_shapes(graph), **body)
     plan.blocks = plan_blocks(graph, plan.options)
     return plan
@@ -725,7 +738,7 @@ def data_parallel_prediction(graph: LayerGraph, cluster: Cluster, rates: Hardwar
     """``_baseline`` without the memory limit: (its prediction, None), or (None, why the batch does not split)."""
     devices = cluster.world_size
     model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=fsdp,
-                                                  checkpointing=options.checkpointing))
+                                                  checkpointing=options.checkpointing, stack=options.stack))
     block_outputs = block_output_layers(graph)
     spaces: dict[str, SplitSpace] = {}
     kinds = dict(zip((layer_id for layer_id, _ in graph.layers()), layer_kinds(graph, block_outputs)))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cost_models.conventions import bytes_per_element
-from cost_models.kernels import KernelModel, kernels_per_step, layer_utilization
+from cost_models.kernels import KernelModel, host_bound, host_ops_per_step, kernels_per_step, layer_utilization
 from cost_models.layer_costs import COMPUTE_KINDS
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
@@ -147,33 +147,40 @@ class SamplePlan:
 
 # ---------------------------------------------------------------------------------------------- eval time
 def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
-                       batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> EvalTime:
+                       batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                       stack: str = "eager") -> EvalTime:
     """Forward time of ``graph`` (captured at batch 1) per batch on one device of ``rates``, with the training
     cost model's kernel physics (``cost_models.kernels``): per layer, max(FLOPs / (rate x wave utilisation at
     that batch), bytes / memory rate) plus the GPU's floor for each kernel it launches; weights are read once
-    per call, activations scale with the batch. O(layers * batches)."""
+    per call, activations scale with the batch. On an ``eager`` stack (pase's sampler, diffusers' pipelines) a
+    layer takes at least its operators' host dispatch time (``cost_models.kernels.host_bound``); a ``graphed``
+    one replays from CUDA graphs. O(layers * batches)."""
     scale = bytes_per_element(precision) / 4  # the graph was captured in fp32
     memory_rate = rates.memory().value
     gpu = rates.cluster.gpu
-    kernels = KernelModel(gpu.sm_count, gpu.kernel_floor_us * 1e-6) if gpu.sm_count else None
+    host_s = gpu.host_us_per_op * 1e-6 if stack == "eager" else 0.0
+    kernels = KernelModel(gpu.sm_count, gpu.kernel_floor_us * 1e-6, host_s) if gpu.sm_count else None
     layers = [data for _, data in graph.layers() if data["op"] not in ("input", "output")]
     sizes = np.array(batches, dtype=np.float64)
     total = np.zeros(len(batches))
     for data in layers:
         act = (2 * data["out_bytes"] + 4 * data.get("pointwise_elems", 0)) * scale * sizes
-        memory = (act + data.get("param_bytes", 0) * scale) / memory_rate
+        seconds = (act + data.get("param_bytes", 0) * scale) / memory_rate
         if data["op"] in COMPUTE_KINDS and data["flops_fwd"]:
             util = np.ones(len(batches))
             if kernels is not None:
                 local = {d: np.full(len(batches), float(e)) * (sizes if data["roles"][d] == "batch" else 1.0)
                          for d, e in data["dims"].items()}
                 util = layer_utilization(kernels, data, local)
-            total += np.maximum(data["flops_fwd"] * sizes / (rates.compute(data["op"]).value * util), memory)
-        else:
-            total += memory
+            seconds = np.maximum(data["flops_fwd"] * sizes / (rates.compute(data["op"]).value * util), seconds)
         if kernels is not None:
-            total += kernels_per_step(data["op"], len(data.get("fused_ops", ())), training=False) * kernels.floor_s
+            fused = len(data.get("fused_ops", ()))
+            seconds = seconds + kernels_per_step(data["op"], fused, training=False) * kernels.floor_s
+            seconds = host_bound(seconds, host_ops_per_step(data["op"], fused, training=False), kernels)
+        total += seconds
     floor = f"; {gpu.kernel_floor_us:g} us per kernel, waves over {gpu.sm_count} SMs" if kernels else ""
+    if kernels is not None and kernels.host_s:
+        floor += f"; eager: {gpu.host_us_per_op:g} us of host per operator"
     source = (f"roofline over {len(layers)} layers of the LayerGraph on {rates.cluster.gpu.id} {precision} "
               f"({rates.compute('conv').source}{floor})")
     return EvalTime(list(batches), [float(t) for t in total], source)
