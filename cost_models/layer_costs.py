@@ -153,7 +153,9 @@ class CostModel:
         """
         out = np.zeros(np.broadcast(nbytes, group, stride).shape)
         nbytes, group, stride = np.broadcast_arrays(nbytes, group, stride)
-        for g, s in {(int(g), int(s)) for g, s in zip(group.ravel(), stride.ravel()) if g > 1}:
+        # distinct (group, stride) pairs: a handful per layer, found over Python ints (not numpy scalars)
+        pairs = set(zip(group.ravel().tolist(), stride.ravel().tolist()))
+        for g, s in ((int(g), int(s)) for g, s in pairs if g > 1):
             alpha, busbw = self._collective(op, g, s)
             where = (group == g) & (stride == s)
             latency = alpha * np.minimum(1.0, nbytes[where] / GRADIENT_BUCKET_BYTES) if bucketed else alpha
@@ -166,7 +168,7 @@ class CostModel:
         figure ``pase verify`` counts at the torch.distributed call boundary."""
         nbytes, group = np.broadcast_arrays(np.asarray(nbytes, dtype=np.float64), np.asarray(group))
         out = np.zeros(nbytes.shape)
-        for g in {int(g) for g in group.ravel() if g > 1}:
+        for g in {int(g) for g in set(group.ravel().tolist()) if g > 1}:
             where = group == g
             out[where] = nbytes[where] * BUS_FACTOR[op](g)
         return out

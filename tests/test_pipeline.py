@@ -59,6 +59,24 @@ def _search(graph, spec: str, **pipeline) -> PipelineSearch:
     return PipelineSearch(graph, cluster, HardwareRates(cluster), PlanOptions(), PipelineOptions(**pipeline))
 
 
+def test_the_level_0_bound_holds_where_the_eager_host_binds() -> None:
+    """The unpriced stage bound (FLOPs at the achieved rate over the group, or the eager host's dispatch where that
+    is longer) is below every configuration's priced compute, for every layer, group size and microbatch; unet-tiny
+    on H100s is host-bound, so the host term is the one that bites."""
+    search = _search(extract_model("unet-tiny", 8, use_cache=True), "4xH100-SXM")
+    pricer = search.pricer
+    assert search.host_seconds.max() > 0
+    for group, batch in ((1, 8), (2, 4), (4, 2)):
+        scale = batch / pricer.graph.batch
+        for v, (_, data) in enumerate(pricer.layers):
+            if data["op"] in ("input", "output"):
+                continue
+            price = pricer.layer(pricer.kind[v], group, batch)
+            floor = max(search.ideal_seconds[v] * scale / group, search.host_seconds[v])
+            assert floor <= price.compute.min() * (1 + 1e-9), (v, data["op"], group)
+    assert any(search.host_seconds[v] > search.ideal_seconds[v] for v in range(len(pricer.layers)))
+
+
 def _exhaustive(setting: Setting) -> StageProblem:
     """Every stage priced by the exact inner search (no bounds)."""
     n = len(setting.p.segments)

@@ -201,9 +201,16 @@ def price_graph(graph: LayerGraph, model: CostModel, options: PlanOptions,
     # per kind: (space, compute, comm, memory, sync, comm bytes, runnable, sync bytes, optimizer); never changed in
     # place
     priced_kinds: dict[int, tuple[Any, ...]] = memo.setdefault("layers", {})
+    # a layer's configurations depend on its shape, the devices and whether it is sharded, not on recomputation or
+    # which sharding: settings that differ only there share them (checking runnability is most of pricing a kind)
+    layer_spaces: dict[tuple[Any, ...], tuple[SplitSpace, np.ndarray]] = memo.setdefault("spaces", {})
     for v, (layer_id, data) in enumerate(layers):
         if kind[v] not in priced_kinds:
-            space, mask = layer_space(layer_id, data, devices, replace(options, fsdp=fsdp[v]), forced.get(layer_id))
+            space_key = (setting, layer_key(data, False), fsdp[v], json.dumps(forced.get(layer_id), sort_keys=True))
+            if space_key not in layer_spaces:
+                layer_spaces[space_key] = layer_space(layer_id, data, devices, replace(options, fsdp=fsdp[v]),
+                                                      forced.get(layer_id))
+            space, mask = layer_spaces[space_key]
             parts: dict[str, np.ndarray] = {}
             costs = model.layer_costs(data, space, block_output=layer_id in block_outputs, parts=parts,
                                       recomputed=(layer_id in rerun) if options.checkpointing else None,
@@ -417,11 +424,12 @@ def _interface(layer: LayerAttrs, devices: int) -> SplitSpace:
 
 
 def layer_key(data: LayerAttrs, block_output: bool) -> str:
-    """Everything a layer's prices depend on: layers with equal keys cost the same in every configuration."""
+    """Everything a layer's prices depend on: layers with equal keys cost the same in every configuration, and the
+    runtime runs the same configurations of them (which may depend on the module class: strategies.runnable)."""
     params = [(p.get("map"), p.get("numel"), p.get("trainable")) for p in data["params"].values()]
     return json.dumps([data["op"], data["dims"], data["roles"], data["tensors"], params, data["flops_fwd"],
-                       data["flops_bwd"], data.get("pointwise_elems"), data.get("attrs"), block_output],
-                      sort_keys=True, default=str)
+                       data["flops_bwd"], data.get("pointwise_elems"), data.get("attrs"), data.get("module_class"),
+                       data.get("fused_ops"), block_output], sort_keys=True, default=str)
 
 
 def edge_key(producer_kind: int, consumer_kind: int, data: Mapping[str, Any]) -> str:

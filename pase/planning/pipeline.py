@@ -373,8 +373,9 @@ class Setting:
 
     def bound(self, level: int) -> np.ndarray:
         """Stage cost lower bounds. Level 0: FLOPs and bytes at the achieved rates split over the whole
-        group (no pricing); 1: each layer's cheapest configuration; 2: each segment's exact optimum
-        (only re-layouts between segments left out). Memory is checked from level 1 on."""
+        group, or the eager host's dispatch where that is longer (no pricing); 1: each layer's cheapest
+        configuration; 2: each segment's exact optimum (only re-layouts between segments left out). Memory is
+        checked from level 1 on."""
         n = len(self.p.segments)
         scale = self.batch / self.p.graph.batch
         costs = np.full((n, n + 1, len(self.sizes), self.levels), np.inf)
@@ -384,7 +385,7 @@ class Setting:
             if self.p.pipeline.runnable_only and self.devices // g < self.min_stages:
                 continue  # equal groups of g make too few stages
             if level == 0:
-                per_layer = self.p.ideal_seconds * scale / g
+                per_layer = np.maximum(self.p.ideal_seconds * scale / g, self.p.host_seconds)
             elif level == 1:
                 def cheapest(kind: int, g: int = g) -> float:
                     return float(self.vertex(kind, g).min())
@@ -453,6 +454,23 @@ def ideal_seconds(pricer: Pricer, rates: HardwareRates) -> np.ndarray:
             if pricer.options.checkpointing and not pricer.block_output[v]:
                 seconds += data["flops_fwd"] / rate
         out[v] = seconds
+    return out
+
+
+def host_seconds(pricer: Pricer) -> np.ndarray:
+    """Per layer, per microbatch: the eager host's dispatch of its operators (forward, backward, and the forward
+    again under checkpointing), which no configuration, group or batch shortens (``cost_models.kernels``): with
+    ``ideal_seconds`` over a group, a lower bound on the layer's time that holds where the host binds."""
+    model = pricer.full_model
+    if model.kernels is None or model.kernels.host_s <= 0:
+        return np.zeros(len(pricer.layers))
+    out = np.zeros(len(pricer.layers))
+    for v, (_, data) in enumerate(pricer.layers):
+        weights = sum(1 for p in data.get("params", {}).values() if p.get("trainable") and "map" in p and "numel" in p)
+        ops = model.host_ops(data, weights)
+        if pricer.options.checkpointing and not pricer.block_output[v] and data["op"] in COMPUTE_KINDS:
+            ops += model.host_ops(data, weights, training=False)
+        out[v] = ops * model.kernels.host_s
     return out
 
 
@@ -556,6 +574,7 @@ class PipelineSearch:
         self.reach = skip_reach(graph, self.segment_of, len(self.segments))
         self.bounds = np.array([seg.layers[0] for seg in self.segments] + [len(graph)])
         self.ideal_seconds = ideal_seconds(self.pricer, rates)
+        self.host_seconds = host_seconds(self.pricer)
         self.limit = cluster.gpu.memory_bytes * options.memory_fraction
         self._segment_cache: dict[tuple[Any, ...], float] = {}
         self._segment_keys = {seg: self._segment_key(seg) for seg in self.segments}
