@@ -49,6 +49,13 @@ NORM_KINDS = frozenset({"group_norm", "layer_norm", "batch_norm"})
 TRAINING_BYTES_PER_PARAM = 16  # mixed-precision AdamW: bf16 weight + grad, fp32 master + two moments
 # AdamW's step per parameter: reads the fp32 weight, gradient and two moments, writes the weight and moments
 OPTIMIZER_BYTES_PER_PARAM = 28
+# clipping by the global norm (pase train's default): the norm reads each fp32 gradient, the scaling reads and
+# writes it (torch.nn.utils.clip_grad_norm_ always scales, by at most 1)
+CLIP_BYTES_PER_PARAM = 12
+# an exponential moving average of the weights (pase train --ema): lerp reads the average and the weight and writes
+# the average
+EMA_BYTES_PER_PARAM = 12
+EMA_STATE_BYTES_PER_PARAM = 4  # the average itself, fp32
 # DDP's default bucket: DDP, FSDP and pase's own gradient sync (strategies.tensor.GradientSync, and
 # strategies.data for pipeline replicas) fuse gradient collectives into one call per 25 MiB, so the runtime and
 # this model share the size.
@@ -86,6 +93,13 @@ class CostOptions:
     # "eager": every operator is dispatched by the host (pase's runtime), so a layer takes at least its operators'
     # dispatch time; "graphed": the step replays from CUDA graphs (published runs that capture whole iterations)
     stack: str = "eager"
+    grad_clip: bool = True  # the step clips gradients by their global norm (pase train's default)
+    ema: bool = False  # the step updates a moving average of the weights
+
+    @property
+    def step_bytes_per_param(self) -> int:
+        """Bytes the once-per-step update moves per parameter a device updates: AdamW, clipping and EMA."""
+        return OPTIMIZER_BYTES_PER_PARAM + CLIP_BYTES_PER_PARAM * self.grad_clip + EMA_BYTES_PER_PARAM * self.ema
 
     def __post_init__(self) -> None:
         if self.stack not in STACKS:
@@ -183,8 +197,9 @@ class CostModel:
         under gradient accumulation or microbatches, where FSDP's gathers and reduce-scatters run every time),
         "sync_bytes" (the bytes that all-reduce moves per device), "saved" (the activation bytes inside the
         memory, per microbatch), "weight_bytes" (the local weight-gradient shard), "comm_bytes" (bytes every
-        collective of ``comm`` moves per device, hidden or not) and "optimizer" (the AdamW step over the parameters
-        this device updates, inside the compute; once per step, like "weight_sync"). ``sharding`` ("none",
+        collective of ``comm`` moves per device, hidden or not) and "optimizer" (the AdamW step, gradient clipping and
+        any EMA update over the parameters this device updates, inside the compute; once per step, like
+        "weight_sync"). ``sharding`` ("none",
         "gradients" or "full": ``strategies.sharding``) prices the layer's state as its block is sharded, instead of
         as the options shard every layer."""
         fsdp = self.options.fsdp if sharding is None else sharding != "none"
@@ -314,10 +329,12 @@ class CostModel:
             updated = weight_local / replicas
             if not reshard:  # the gathered weights, kept from the forward to the end of the backward
                 state = state + np.where(replicas > 1, weight_local * itemsize, 0.0)
+        if self.options.ema:  # the moving average of the parameters this device updates, in fp32
+            state = state + updated * EMA_STATE_BYTES_PER_PARAM
         saved = out_local * itemsize
         if self.options.checkpointing and not block_output:
             saved = np.zeros(len(f))
-        optimizer = updated * OPTIMIZER_BYTES_PER_PARAM / self.rates.memory("optimizer").value
+        optimizer = updated * self.options.step_bytes_per_param / self.rates.memory("optimizer").value
         seconds = seconds + optimizer
         if parts is not None:
             parts.update(weight_sync=once, saved=saved, weight_bytes=weight_local * itemsize,

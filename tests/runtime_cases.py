@@ -270,6 +270,7 @@ CASES = {"dp": (_batch_only, False), "fsdp": (_batch_only, True), "channels": (_
 # layers inside checkpointed blocks (a resnet's first norm, an attention block's norm): their forward calls
 # per step count recomputation
 INNER = ("down_blocks.0.resnets.0.norm1", "down_blocks.1.attentions.0.group_norm")
+CLIP_NORM = 1e-3  # far below unet-tiny's gradient norm: clipping scales every gradient
 
 
 def matching_ranks(results: dict[int, dict[str, Any]], case: str, tolerance: float = 1e-5) -> list[dict[str, Any]]:
@@ -308,6 +309,7 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
     import pase
     from pase.runtime import full_tensors
     from pase.runtime.comm_count import CommCounter
+    from pase.runtime.state import ShardMap
 
     kind, _, option = name.partition(":")
     if kind == "random":
@@ -341,6 +343,12 @@ def _case(name: str, graph: Any, rank: int, world: int) -> dict[str, Any]:
                   "comm_bytes": counter.total_bytes, "comm_by_op": dict(counter.bytes),
                   "splits": {layer.id: layer.splits for layer in plan.layers}}
         result["errors"] = relative_errors(got, {n: g for n, g in want.items() if n in got})
+        # clipping by the global norm over the shards, as pase train does: the single process's norm and clipped
+        # gradients (a small bound, so that it scales)
+        ref_norm = float(torch.nn.utils.clip_grad_norm_(list(reference.parameters()), CLIP_NORM))
+        result["clip_norm"], result["ref_clip_norm"] = float(ShardMap(parallel).clip_grad_norm_(CLIP_NORM)), ref_norm
+        clipped = full_tensors(parallel, "grad")
+        result["clip_errors"] = relative_errors(clipped, {n: g for n, g in want.items() if n in clipped})
         result["round_trip"] = _round_trip(parallel)
         result["head_calls"] = sum(mode.calls for _, mode in getattr(parallel, "pase_head_modes", []))
         result.update(_api_copies(run, parallel, reference, x, t))
@@ -466,6 +474,13 @@ def _pipeline_case(name: str, graph: Any, rank: int, world: int) -> dict[str, An
               "checkpointed": checkpointed, "calls_per_microbatch": calls[inner] / plan.microbatches}
     result["errors"] = relative_errors({n: g for n, g in got.items() if g is not None},
                                        {n: want[n] for n in got if got[n] is not None})
+    # clipping by the global norm over the replica's stages (each stage holds its own parameters' gradients)
+    from pase.runtime.state import ShardMap
+
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(list(reference.parameters()), CLIP_NORM))
+    result["clip_norm"], result["ref_clip_norm"] = float(ShardMap(parallel).clip_grad_norm_(CLIP_NORM)), ref_norm
+    result["clip_errors"] = relative_errors({n: g for n, g in got.items() if g is not None},
+                                            {n: want[n] for n in got if got[n] is not None})
     return result
 
 

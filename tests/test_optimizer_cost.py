@@ -23,15 +23,34 @@ def _linear() -> dict:
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_adamw_moves_28_bytes_per_parameter_this_device_updates(fsdp: bool) -> None:
+@pytest.mark.parametrize(("clip", "ema", "moved"), [(False, False, 28), (True, False, 40), (True, True, 52)])
+def test_the_step_moves_its_bytes_per_parameter_this_device_updates(fsdp: bool, clip: bool, ema: bool,
+                                                                     moved: int) -> None:
+    """AdamW's 28 bytes, gradient clipping's 12 (pase train's default: the norm reads each gradient, the scaling
+    reads and writes it) and an EMA's 12 (lerp reads the average and the weight, writes the average)."""
     cluster = parse_spec("8xH100-SXM")
-    model = CostModel(cluster, HardwareRates(cluster), CostOptions(precision="bf16", fsdp=fsdp))
+    options = CostOptions(precision="bf16", fsdp=fsdp, grad_clip=clip, ema=ema)
+    model = CostModel(cluster, HardwareRates(cluster), options)
     parts: dict[str, np.ndarray] = {}
     model.layer_costs(_linear(), SplitSpace(("n",), np.array([[8]])), parts=parts)
-    bandwidth = 3350e9 * cluster.efficiency["optimizer"]  # H100's memory at the catalog's AdamW share
+    bandwidth = 3350e9 * cluster.efficiency["optimizer"]  # H100's memory at the catalog's foreach share
     updated = (1024 * 1024 + 1024) / (8 if fsdp else 1)  # FSDP: this device's shard of weight and bias
-    assert OPTIMIZER_BYTES_PER_PARAM == 28
-    assert parts["optimizer"][0] == pytest.approx(updated * 28 / bandwidth)
+    assert OPTIMIZER_BYTES_PER_PARAM == 28 and options.step_bytes_per_param == moved
+    assert parts["optimizer"][0] == pytest.approx(updated * moved / bandwidth)
+
+
+def test_plans_price_the_ema_they_are_asked_for() -> None:
+    from pase.graph import extract_model
+    from pase.models.zoo import resolve_model
+    from pase.planning import PlanOptions, make_plan
+
+    graph = extract_model("unet-tiny", 8, use_cache=True)
+    plain, ema = (make_plan(graph, parse_spec("1xH100-SXM"), options=PlanOptions(ema=flag))[0]
+                  for flag in (False, True))
+    assert ema.options["ema"] and not plain.options["ema"] and plain.options["grad_clip"]
+    assert ema.predicted.optimizer_seconds == pytest.approx(plain.predicted.optimizer_seconds * 52 / 40)
+    params = sum(int(p.numel()) for p in resolve_model("unet-tiny").build().parameters())
+    assert ema.predicted.memory_bytes_per_device - plain.predicted.memory_bytes_per_device == pytest.approx(4 * params)
 
 
 def test_micro_steps_run_the_optimizer_once() -> None:

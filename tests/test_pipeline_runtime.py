@@ -40,6 +40,8 @@ def _assert_matches(per_rank: list[dict]) -> None:
         assert result["missing_grads"] == []
         worst = max(result["errors"], key=result["errors"].get)
         assert result["errors"][worst] <= TOLERANCE, (worst, result["errors"][worst])
+        assert result["clip_norm"] == pytest.approx(result["ref_clip_norm"], rel=TOLERANCE)  # over both stages
+        assert max(result["clip_errors"].values()) <= TOLERANCE
 
 
 @pytest.mark.timeout(300)

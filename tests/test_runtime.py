@@ -43,6 +43,10 @@ def _assert_matches_single_process(per_rank: list[dict]) -> None:
         worst = max(result["errors"], key=result["errors"].get)
         assert result["errors"][worst] <= TOLERANCE, (worst, result["errors"][worst])
         assert len(result["errors"]) > 50  # every parameter of unet-tiny was compared
+        # the global norm over every shard (each part counted once) and the clipped gradients, as one process clips
+        assert result["clip_norm"] == pytest.approx(result["ref_clip_norm"], rel=TOLERANCE)
+        assert result["clip_norm"] > 10 * runtime_cases.CLIP_NORM
+        assert max(result["clip_errors"].values()) <= TOLERANCE
 
 
 @pytest.mark.timeout(300)

@@ -48,6 +48,11 @@ def plan(
                                              "channels or heads does) or pipeline (pipeline stages).")] = None,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state.")] = False,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Recompute activations inside blocks.")] = False,
+    ema: Annotated[bool, typer.Option("--ema", help="Price a moving average of the weights updated every step, as "
+                                      "`pase train --ema DECAY` runs.")] = False,
+    grad_clip: Annotated[bool, typer.Option("--grad-clip/--no-grad-clip", help="Price clipping the gradients by "
+                                            "their global norm, as `pase train` does by default (--max-grad-norm "
+                                            "1.0); --no-grad-clip for runs with --max-grad-norm 0.")] = True,
     gap: Annotated[float, typer.Option(help="Stop the search once the plan is proved within this relative "
                                             "distance of the optimum (0: exact, slower at 32+ devices).",
                                             callback=finite)] = 5e-3,
@@ -116,7 +121,7 @@ def plan(
         graph = extract_model(model, batch, dtype=getattr(torch, DTYPES[precision]), input_shapes=named or None,
                               user_input_shapes=positional or None, use_cache=True, refresh_cache=no_cache)
         options = PlanOptions(precision=precision, memory_fraction=memory_fraction, only=only, fsdp=fsdp,
-                              checkpointing=checkpoint, search_gap=gap, space=space,
+                              checkpointing=checkpoint, search_gap=gap, space=space, ema=ema, grad_clip=grad_clip,
                               force=parse_force(force or []), min_chunk=parse_min_chunk(min_chunk))
         searched = only == "pipeline" or (pipeline and only is None)  # --only dp/fsdp/tensor: no stages
         stages = PipelineOptions(schedule=schedule, max_stages=max_stages) if searched else None

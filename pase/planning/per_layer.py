@@ -88,6 +88,8 @@ class PlanOptions:
     # how the step's kernels reach the GPU (cost_models.layer_costs.STACKS): "eager", as pase's runtime runs them,
     # or "graphed" (CUDA graphs over the whole step) only to price published runs that captured them
     stack: str = "eager"
+    grad_clip: bool = True  # the step clips gradients by their global norm, as pase train does by default
+    ema: bool = False  # the step updates a moving average of the weights (pase train --ema)
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -458,7 +460,8 @@ def search_cost_model(cluster: Cluster, rates: HardwareRates, options: PlanOptio
     batch layout between layers)."""
     return CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=options.fsdp,
                                                  reshard=options.reshard, checkpointing=options.checkpointing,
-                                                 batch_interface=options.space == "runnable", stack=options.stack))
+                                                 batch_interface=options.space == "runnable", stack=options.stack,
+                                                 grad_clip=options.grad_clip, ema=options.ema))
 
 
 def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
@@ -545,7 +548,8 @@ def new_plan(graph: LayerGraph, cluster: Cluster, options: PlanOptions, rates: H
                  options.block_sharding is not None else None,
                  "space": options.space, "force": options.force,
                  "memory_limit_bytes": cluster.gpu.memory_bytes * options.memory_fraction,
-                 "rates": rates.compute("conv").source + _stack_note(cluster, options.stack), "stack": options.stack},
+                 "rates": rates.compute("conv").source + _stack_note(cluster, options.stack), "stack": options.stack,
+                 "grad_clip": options.grad_clip, "ema": options.ema},
         input_shapes=user_input_shapes(graph), **body)
     plan.blocks = plan_blocks(graph, plan.options)
     return plan
@@ -746,7 +750,8 @@ def data_parallel_prediction(graph: LayerGraph, cluster: Cluster, rates: Hardwar
     """``_baseline`` without the memory limit: (its prediction, None), or (None, why the batch does not split)."""
     devices = cluster.world_size
     model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=fsdp,
-                                                  checkpointing=options.checkpointing, stack=options.stack))
+                                                  checkpointing=options.checkpointing, stack=options.stack,
+                                                  grad_clip=options.grad_clip, ema=options.ema))
     block_outputs = block_output_layers(graph)
     spaces: dict[str, SplitSpace] = {}
     kinds = dict(zip((layer_id for layer_id, _ in graph.layers()), layer_kinds(graph, block_outputs)))

@@ -198,7 +198,8 @@ class Pricer:
         self.edge_representative = {k: (s, d, data) for s, d, k, data in reversed(self.edges)}
         self.rates = rates
         self.cost_options = CostOptions(precision=options.precision, fsdp=options.fsdp,
-                                        checkpointing=options.checkpointing, stack=options.stack)
+                                        checkpointing=options.checkpointing, stack=options.stack,
+                                        grad_clip=options.grad_clip, ema=options.ema)
         self.full_model = CostModel(cluster, rates, self.cost_options)
         self._models: dict[int, CostModel] = {}
         self._layer_cache: dict[tuple[int, int, int], LayerPrice] = {}

@@ -134,46 +134,47 @@ class ShardMap:
         return {"state": state, "param_groups": groups}
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip the gradients by their global norm over every shard (the same factor on every rank)."""
+        """Clip the gradients by their global norm over every shard (the same factor on every rank). Each group of
+        gradients spread alike is summed with one foreach norm, not one kernel chain per parameter: on an eager
+        stack the host dispatches every operator, and a UNet has hundreds of parameters."""
         params = [p for _, p in self.named if p.grad is not None]
-        if self.pipeline:  # every stage's gradients: one sum of squares over the replica's stages
-            total = sum((p.grad.detach().double().pow(2).sum() for p in params), torch.zeros((), dtype=torch.float64))
-            dist.all_reduce(total, group=self.group)
-            factor = torch.clamp(max_norm / (total.sqrt() + 1e-6), max=1.0)
-            for param in params:
-                param.grad.mul_(factor.to(param.grad.dtype))
-            return total.sqrt().float()
         kinds = {shard.kind for shard in self.shards.values()}
-        if kinds <= {"whole"} or kinds == {"dtensor"}:  # replicated, or FSDP2 throughout: torch's own
+        if not self.pipeline and (kinds <= {"whole"} or kinds == {"dtensor"}):  # replicated, or FSDP2: torch's own
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        # a mix (channel shards, FSDP2 shards and whole gradients): each part's sum of squares summed over the
-        # groups it is spread over (a whole gradient is the same on every rank: counted once)
-        total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
-        by_groups: dict[tuple[int, ...], tuple[list[Any], torch.Tensor]] = {}  # summed over each group in turn
+        device = params[0].device if params else torch.device("cpu")
+        # a part's sum of squares is summed over the groups it is spread over (a whole gradient is the same on
+        # every rank: counted once); a pipeline stage's gradients are summed over the replica's stages
+        by_groups: dict[tuple[int, ...], tuple[list[Any], list[torch.Tensor]]] = {}
+        if self.pipeline:  # every stage reduces once, with or without gradients of its own
+            by_groups[(id(self.group),)] = ([self.group], [])
         for name, param in self.named:
             if param.grad is None:
                 continue
             grad = param.grad.detach()
-            shard = self.shards[name]
-            groups = [group for _, group in shard.cuts]
+            groups = [self.group] if self.pipeline else [group for _, group in self.shards[name].cuts]
             if _is_dtensor(grad):
-                groups.append(grad.device_mesh.get_group())
+                if not self.pipeline:
+                    groups.append(grad.device_mesh.get_group())
                 grad = grad.to_local()
-            squares = grad.double().pow(2).sum()
-            if groups:
-                key = tuple(id(group) for group in groups)
-                _, partial = by_groups.get(key, (groups, torch.zeros_like(total)))
-                by_groups[key] = (groups, partial + squares)
-            else:
-                total = total + squares
-        for groups, partial in by_groups.values():
+            by_groups.setdefault(tuple(id(group) for group in groups), (groups, []))[1].append(grad)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for groups, grads in by_groups.values():
+            partial = torch.zeros_like(total)
+            for dtype in {g.dtype for g in grads}:  # one foreach norm per dtype (fp32 gradients: one in all)
+                norms = torch.stack(torch._foreach_norm([g for g in grads if g.dtype == dtype], 2.0))
+                partial = partial + norms.double().pow(2).sum()
             for group in groups:
                 dist.all_reduce(partial, group=group)
             total = total + partial
         norm = total.sqrt()
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for param in params:
-            param.grad.mul_(factor.to(param.grad.dtype))
+        for dtype in {p.grad.dtype for p in params}:
+            grads = [p.grad for p in params if p.grad.dtype == dtype]
+            plain = [g for g in grads if not _is_dtensor(g)]
+            if plain:
+                torch._foreach_mul_(plain, factor.to(dtype))
+            for grad in (g for g in grads if _is_dtensor(g)):
+                grad.mul_(factor.to(dtype))
         return norm.float()
 
 

@@ -33,8 +33,8 @@ from pase.runtime.comm_count import CommCounter
 from pase.runtime.context import distributed
 from pase.runtime.layer_timing import LayerTimer, per_kind
 from pase.runtime.pipeline import conditioning_inputs
-from pase.runtime.state import full_tensors
-from pase.train.loop import epsilon_objective, step_generator
+from pase.runtime.state import ShardMap, full_tensors
+from pase.train.loop import EMA, epsilon_objective, step_generator
 from pase.train.planned import job_model, job_settings
 
 GAP = 0.25  # a measured/predicted gap above this is flagged
@@ -201,6 +201,11 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
         built = spec.build()
         parallel = run.parallelize(built, graph=graph)
         optimizer = torch.optim.AdamW(parallel.parameters(), lr=lr)
+        # the step as the plan priced it: clipped by the global norm (pase train's default) and with an EMA update
+        # where the plan says so (plans older than these options priced neither)
+        shards = ShardMap(parallel)
+        clip = bool(plan.options.get("grad_clip"))
+        ema = EMA(shards.named, 0.999) if plan.options.get("ema") else None
         generator = torch.Generator().manual_seed(seed + 1 + run.rank)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16 if plan.precision == "bf16" else torch.float16,
                                   enabled=cuda and plan.precision != "fp32")
@@ -238,8 +243,12 @@ def run_verify(plan: Plan, steps: int, warmup: int = 2, seed: int = 0, lr: float
                             part = F.mse_loss(getattr(out, "sample", out).float(), target) / run.micro_steps
                             part.backward()
                         loss = loss + part.detach()
+            if clip:
+                shards.clip_grad_norm_(1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             if cuda:
                 torch.cuda.synchronize(run.device)
             times.append(time.perf_counter() - started)
