@@ -191,6 +191,10 @@ def test_plans_for_another_world_or_model_are_refused(plans, tmp_path) -> None:
                                   str(tmp_path / "never"), *COMMON])
     assert isinstance(refused.exception, PlanMismatch) and "another model" in str(refused.exception)
     assert not (tmp_path / "never").exists()  # refused before any work
+    ema = runner.invoke(app, ["train", "--plan", str(plans["dp"]), "--ema", "0.999", "--steps", "2", "--out",
+                              str(tmp_path / "never"), *COMMON])
+    assert isinstance(ema.exception, PaseError) and "priced without an EMA" in str(ema.exception)
+    assert not (tmp_path / "never").exists()
 
 
 def test_strategies_refused_under_plan_kinds_they_cannot_run(tmp_path) -> None:

@@ -219,6 +219,9 @@ def _planned(options: JobOptions, env: DistEnv, spec: ModelSpec, strategy: str, 
         raise PaseError(f"the plan {options.plan} was made without activation checkpointing, so its time and memory "
                         "assume none; re-plan with `pase plan --checkpoint ...` (whose plans checkpoint by themselves) "
                         "or leave --gradient-checkpointing out")
+    if getattr(options, "ema", None) is not None and plan.options.get("ema") is False:  # (older plans: not priced)
+        raise PaseError(f"the plan {options.plan} was priced without an EMA, so its memory and step time leave out "
+                        "the moving average; re-plan with `pase plan --ema ...` or leave --ema out")
     if plan.stages and options.grad_accum > 1:
         raise PaseError(f"--grad-accum does not combine with the pipeline plan {options.plan}, whose schedule already "
                         f"accumulates over its {plan.microbatches} microbatches; plan the larger batch instead "
