@@ -34,6 +34,14 @@ class KernelModel:
     host_s: float = 0.0  # host time per operator an eager stack dispatches (0: a CUDA-graphed stack)
     tile: int = 128  # output rows and columns per tile: cuBLAS/CUTLASS bf16 GEMM and cuDNN implicit-GEMM tiles
 
+    @classmethod
+    def for_gpu(cls, gpu: Any, stack: str = "eager") -> KernelModel | None:
+        """The model of ``gpu`` (a catalog ``GPUSpec``) on ``stack`` ("eager": the host dispatches every operator;
+        "graphed": no host); None where the GPU's SM count is unknown (a CPU, a probed GPU outside the catalog)."""
+        if not gpu.sm_count:
+            return None
+        return cls(gpu.sm_count, gpu.kernel_floor_us * 1e-6, gpu.host_us_per_op * 1e-6 if stack == "eager" else 0.0)
+
     def utilization(self, rows: np.ndarray, cols: np.ndarray, reduction: np.ndarray | float) -> np.ndarray:
         """Share of the SMs' time a GEMM of ``rows`` x ``cols`` outputs over ``reduction`` keeps busy."""
         tiles = np.ceil(np.maximum(rows, 1) / self.tile) * np.ceil(np.maximum(cols, 1) / self.tile)

@@ -41,7 +41,7 @@ from cost_models.kernels import (
     layer_utilization,
 )
 from cost_models.rates import HardwareRates
-from pase.graph.attrs import EdgeAttrs, LayerAttrs
+from pase.graph.attrs import EdgeAttrs, LayerAttrs, ParamInfo
 from pase.graph.gating import gated_dims
 
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "attention"})
@@ -117,9 +117,7 @@ class CostModel:
         self._collective = lru_cache(maxsize=None)(self._collective_uncached)
         self.relayout_gbps = self.rates.collective("all_gather", list(range(self.devices))).busbw_gbps \
             if self.devices > 1 else float("inf")
-        gpu = self.cluster.gpu
-        host_s = gpu.host_us_per_op * 1e-6 if self.options.stack == "eager" else 0.0
-        self.kernels = KernelModel(gpu.sm_count, gpu.kernel_floor_us * 1e-6, host_s) if gpu.sm_count else None
+        self.kernels = KernelModel.for_gpu(self.cluster.gpu, self.options.stack)
 
     def gemm_seconds(self, layer: LayerAttrs, dims: list[str], extent: np.ndarray, f: np.ndarray,
                      flops: float, rate: float) -> np.ndarray:
@@ -146,11 +144,11 @@ class CostModel:
             return 0.0
         return kernels_per_step(layer["op"], len(layer.get("fused_ops", ())), training) * self.kernels.floor_s
 
-    def host_ops(self, layer: LayerAttrs, weights: int, training: bool = True) -> int:
+    def host_ops(self, layer: LayerAttrs, training: bool = True) -> int:
         """Operators the host dispatches for ``layer`` in a step (``cost_models.kernels.host_ops_per_step``): under
-        a mixed precision, autocast casts each of its ``weights`` trainable tensors, and casts their gradients back."""
-        mixed = self.options.precision != "fp32"
-        return host_ops_per_step(layer["op"], len(layer.get("fused_ops", ())), training, weights if mixed else 0)
+        a mixed precision, autocast casts each of its trainable weights, and casts their gradients back."""
+        casts = len(trainable_weights(layer)) if self.options.precision != "fp32" else 0
+        return host_ops_per_step(layer["op"], len(layer.get("fused_ops", ())), training, casts)
 
     # ------------------------------------------------------------------ collectives
     def _collective_uncached(self, op: str, group: int, stride: int) -> tuple[float, float]:
@@ -182,7 +180,7 @@ class CostModel:
         figure ``pase verify`` counts at the torch.distributed call boundary."""
         nbytes, group = np.broadcast_arrays(np.asarray(nbytes, dtype=np.float64), np.asarray(group))
         out = np.zeros(nbytes.shape)
-        for g in {int(g) for g in set(group.ravel().tolist()) if g > 1}:
+        for g in {int(g) for g in group.ravel().tolist() if g > 1}:
             where = group == g
             out[where] = nbytes[where] * BUS_FACTOR[op](g)
         return out
@@ -239,7 +237,7 @@ class CostModel:
         reductions = {d for d in dims if layer["roles"][d] == "reduction" and kind in ("conv", "linear")}
         flops = float(layer["flops_fwd"] + layer["flops_bwd"])
         activations = maps.get("inputs", [])
-        weights = [p for p in layer["params"].values() if p.get("trainable") and "map" in p and "numel" in p]
+        weights = trainable_weights(layer)
         out_local = local(out_map, self._factor_table(layer, space, output=True))
         scales = _input_scales(layer)  # a strided convolution reads a larger grid than its output's
         touched = out_local + sum((local(m) * k for m, k in zip(activations, scales)), np.zeros(len(f)))
@@ -253,14 +251,14 @@ class CostModel:
                                   3 * (touched + weight_local) * itemsize / memory_rate)
         pointwise = float(layer.get("pointwise_elems", 0)) * itemsize * 4  # fwd read+write, bwd read+write
         seconds += pointwise / used / memory_rate + self.kernel_floor(layer)
-        seconds = host_bound(seconds, self.host_ops(layer, len(weights)), self.kernels)
+        seconds = host_bound(seconds, self.host_ops(layer), self.kernels)
         # under checkpointing a layer inside a checkpointed block runs its forward again in the backward (the
         # block's outputs too: checkpointing re-runs the whole block), forward collectives included
         recomputed = (not block_output) if recomputed is None else recomputed
         if self.options.checkpointing and recomputed and kind in COMPUTE_KINDS:  # recompute forward
             recompute = self.gemm_seconds(layer, dims, extent, f, float(layer["flops_fwd"]),
                                           self.rates.compute(kind).value) + self.kernel_floor(layer, training=False)
-            seconds += host_bound(recompute, self.host_ops(layer, len(weights), training=False), self.kernels)
+            seconds += host_bound(recompute, self.host_ops(layer, training=False), self.kernels)
 
         # collectives from the tensor maps
         comm_bytes = np.zeros(len(f))
@@ -459,6 +457,11 @@ class CostModel:
         itemsize = bytes_per_element(self.options.precision, edge["dtype_bytes"])
         seconds = moved * (fraction * itemsize / (self.relayout_gbps * 1e9))
         return seconds[np.ix_(s_of, t_of)]
+
+
+def trainable_weights(layer: LayerAttrs) -> list[ParamInfo]:
+    """The layer's parameters the optimizer updates (trainable, with a tensor map and a size)."""
+    return [p for p in layer["params"].values() if p.get("trainable") and "map" in p and "numel" in p]
 
 
 def _dim0_rows(param: Mapping[str, Any], dims: list[str], f: np.ndarray) -> np.ndarray:

@@ -109,7 +109,7 @@ def test_an_eager_layer_takes_at_least_its_dispatch_time() -> None:
     assert kernels_seconds(eager, big) > host_s * 7
     # fp32 runs without autocast: no casts to dispatch
     fp32 = CostModel(cluster, HardwareRates(cluster, None, "fp32"), CostOptions(precision="fp32"))
-    assert fp32.host_ops(small, 2) == 3 and eager.host_ops(small, 2) == 7
+    assert fp32.host_ops(small) == 3 and eager.host_ops(small) == 7
     assert kernels_seconds(fp32, small) >= host_s * 3
     with pytest.raises(ValueError, match="stack"):
         CostOptions(stack="compiled")

@@ -91,6 +91,12 @@ class PlanOptions:
     grad_clip: bool = True  # the step clips gradients by their global norm, as pase train does by default
     ema: bool = False  # the step updates a moving average of the weights (pase train --ema)
 
+    def cost_options(self, **changes: Any) -> CostOptions:
+        """The cost model's options for pricing under these (``changes`` override: a baseline's sharding)."""
+        return CostOptions(**{"precision": self.precision, "fsdp": self.fsdp, "reshard": self.reshard,
+                              "checkpointing": self.checkpointing, "stack": self.stack, "grad_clip": self.grad_clip,
+                              "ema": self.ema, **changes})
+
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise PaseError(f"space must be one of {', '.join(SPACES)}, not {self.space!r}")
@@ -458,10 +464,7 @@ def block_output_layers(graph: LayerGraph, blocks: tuple[str, ...] | None = None
 def search_cost_model(cluster: Cluster, rates: HardwareRates, options: PlanOptions) -> CostModel:
     """The cost model a search over ``options``' space prices with (the runnable space passes activations in the
     batch layout between layers)."""
-    return CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=options.fsdp,
-                                                 reshard=options.reshard, checkpointing=options.checkpointing,
-                                                 batch_interface=options.space == "runnable", stack=options.stack,
-                                                 grad_clip=options.grad_clip, ema=options.ema))
+    return CostModel(cluster, rates, options.cost_options(batch_interface=options.space == "runnable"))
 
 
 def plan_graph(graph: LayerGraph, cluster: Cluster, *, profile: dict[str, Any] | None = None,
@@ -749,9 +752,7 @@ def data_parallel_prediction(graph: LayerGraph, cluster: Cluster, rates: Hardwar
                              ) -> tuple[Prediction | None, str | None]:
     """``_baseline`` without the memory limit: (its prediction, None), or (None, why the batch does not split)."""
     devices = cluster.world_size
-    model = CostModel(cluster, rates, CostOptions(precision=options.precision, fsdp=fsdp,
-                                                  checkpointing=options.checkpointing, stack=options.stack,
-                                                  grad_clip=options.grad_clip, ema=options.ema))
+    model = CostModel(cluster, rates, options.cost_options(fsdp=fsdp, reshard=True))
     block_outputs = block_output_layers(graph)
     spaces: dict[str, SplitSpace] = {}
     kinds = dict(zip((layer_id for layer_id, _ in graph.layers()), layer_kinds(graph, block_outputs)))

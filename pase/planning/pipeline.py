@@ -51,7 +51,7 @@ import numpy as np
 
 from cost_models.cluster import Cluster, group_cluster
 from cost_models.conventions import BUS_FACTOR, bytes_per_element
-from cost_models.layer_costs import COMPUTE_KINDS, CostModel, CostOptions
+from cost_models.layer_costs import COMPUTE_KINDS, CostModel
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
 from pase.graph import LayerGraph
@@ -197,9 +197,7 @@ class Pricer:
             self.edges.append((s, d, edge_keys.setdefault(key, len(edge_keys)), data))
         self.edge_representative = {k: (s, d, data) for s, d, k, data in reversed(self.edges)}
         self.rates = rates
-        self.cost_options = CostOptions(precision=options.precision, fsdp=options.fsdp,
-                                        checkpointing=options.checkpointing, stack=options.stack,
-                                        grad_clip=options.grad_clip, ema=options.ema)
+        self.cost_options = options.cost_options(reshard=True)
         self.full_model = CostModel(cluster, rates, self.cost_options)
         self._models: dict[int, CostModel] = {}
         self._layer_cache: dict[tuple[int, int, int], LayerPrice] = {}
@@ -467,10 +465,9 @@ def host_seconds(pricer: Pricer) -> np.ndarray:
         return np.zeros(len(pricer.layers))
     out = np.zeros(len(pricer.layers))
     for v, (_, data) in enumerate(pricer.layers):
-        weights = sum(1 for p in data.get("params", {}).values() if p.get("trainable") and "map" in p and "numel" in p)
-        ops = model.host_ops(data, weights)
+        ops = model.host_ops(data)
         if pricer.options.checkpointing and not pricer.block_output[v] and data["op"] in COMPUTE_KINDS:
-            ops += model.host_ops(data, weights, training=False)
+            ops += model.host_ops(data, training=False)
         out[v] = ops * model.kernels.host_s
     return out
 

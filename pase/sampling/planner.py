@@ -158,8 +158,7 @@ def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
     scale = bytes_per_element(precision) / 4  # the graph was captured in fp32
     memory_rate = rates.memory().value
     gpu = rates.cluster.gpu
-    host_s = gpu.host_us_per_op * 1e-6 if stack == "eager" else 0.0
-    kernels = KernelModel(gpu.sm_count, gpu.kernel_floor_us * 1e-6, host_s) if gpu.sm_count else None
+    kernels = KernelModel.for_gpu(gpu, stack)
     layers = [data for _, data in graph.layers() if data["op"] not in ("input", "output")]
     sizes = np.array(batches, dtype=np.float64)
     total = np.zeros(len(batches))
