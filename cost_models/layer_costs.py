@@ -151,27 +151,33 @@ class CostModel:
         return host_ops_per_step(layer["op"], len(layer.get("fused_ops", ())), training, casts)
 
     # ------------------------------------------------------------------ collectives
-    def _collective_uncached(self, op: str, group: int, stride: int) -> tuple[float, float]:
+    def _collective_uncached(self, op: str, group: int, stride: int) -> tuple[tuple[float, float], ...]:
+        """(latency, bus bandwidth) of each algorithm NCCL chooses among for this group."""
         ranks = [(i * stride) % self.devices for i in range(group)]
-        rate = self.rates.collective(op, ranks)
-        return rate.alpha_s, rate.busbw_gbps
+        return tuple((rate.alpha_s, rate.busbw_gbps) for rate in self.rates.collective_algorithms(op, ranks))
 
     def collective_seconds(self, op: str, nbytes: np.ndarray, group: np.ndarray, stride: np.ndarray | int,
                            bucketed: bool = False) -> np.ndarray:
         """Time of ``op`` on ``nbytes`` per device over groups of ``group`` ranks spaced ``stride`` apart.
 
         ``bucketed`` collectives (weight gradients) share their latency with the rest of a
-        gradient bucket, as DDP and FSDP fuse them: each pays its share of one call's latency.
+        gradient bucket, as DDP and FSDP fuse them: each pays its share of one call's latency. Each size runs by
+        the quickest algorithm (``HardwareRates.collective_algorithms``), as NCCL's tuner picks.
         """
         out = np.zeros(np.broadcast(nbytes, group, stride).shape)
         nbytes, group, stride = np.broadcast_arrays(nbytes, group, stride)
         # distinct (group, stride) pairs: a handful per layer, found over Python ints (not numpy scalars)
         pairs = set(zip(group.ravel().tolist(), stride.ravel().tolist()))
         for g, s in ((int(g), int(s)) for g, s in pairs if g > 1):
-            alpha, busbw = self._collective(op, g, s)
             where = (group == g) & (stride == s)
-            latency = alpha * np.minimum(1.0, nbytes[where] / GRADIENT_BUCKET_BYTES) if bucketed else alpha
-            out[where] = latency + nbytes[where] * BUS_FACTOR[op](g) / (busbw * 1e9)
+            sizes = nbytes[where]
+            share = np.minimum(1.0, sizes / GRADIENT_BUCKET_BYTES) if bucketed else 1.0
+            # NCCL picks by the call's size: a bucket's (whole) size, or the collective's own
+            call = np.maximum(sizes, GRADIENT_BUCKET_BYTES) if bucketed else sizes
+            times = [(alpha + call * BUS_FACTOR[op](g) / (busbw * 1e9), alpha * share
+                      + sizes * BUS_FACTOR[op](g) / (busbw * 1e9)) for alpha, busbw in self._collective(op, g, s)]
+            pick = np.argmin(np.stack([whole for whole, _ in times]), axis=0)
+            out[where] = np.choose(pick, [priced for _, priced in times])
         return out
 
     @staticmethod

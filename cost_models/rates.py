@@ -6,6 +6,7 @@ efficiency for that op kind (or the link's NCCL-effective bandwidth for collecti
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,11 +21,22 @@ class Rate:
     source: str
 
 
+# NCCL's own cost model (src/graph/tuning.cc, Simple protocol: the one large gradient buckets use): every call pays
+# a base latency; a tree all-reduce pays 2 x ((ranks per node - 1) intra-node hops + floor(log2 nodes) network hops)
+# at these hop latencies instead of the ring's 2 (n - 1) hops, and moves data at 0.92 of the ring's bus bandwidth
+# (its bus-to-algorithm bandwidth ratio is 1/2 against the ring's n / 2(n - 1)). NCCL times every algorithm for
+# each call's size and runs the fastest, so the model does too.
+NCCL_BASE_LATENCY_US = 8.4  # baseLat[TREE|RING][SIMPLE]
+NCCL_TREE_INTRA_LATENCY_US = 4.0  # hwLat[NVLINK|PCI][TREE][SIMPLE]
+NCCL_TREE_BANDWIDTH = 0.92  # "busBw*.92" for the tree
+
+
 @dataclass(frozen=True)
 class CollectiveRate:
     alpha_s: float  # per-call latency
     busbw_gbps: float
     source: str
+    algorithm: str = "ring"  # NCCL's algorithm this rate prices ("measured" for a calibration's figure)
 
     def seconds(self, op: str, nbytes: float, group: int) -> float:
         """nccl-tests convention: time = alpha + bytes x bus factor / busbw."""
@@ -72,11 +84,34 @@ class HardwareRates:
         peak = self.cluster.gpu.memory_bw_gbps
         return Rate(peak * 1e9 * efficiency, f"catalog: {self.cluster.gpu.id} memory {peak:g} GB/s x {efficiency:g}")
 
+    def collective_algorithms(self, op: str, ranks: list[int]) -> tuple[CollectiveRate, ...]:
+        """Every algorithm NCCL chooses among for ``op`` over these ranks: the ring, and for an all-reduce across
+        nodes the tree; a calibration's measured figure alone where there is one. The cost model takes the quickest for
+        each call's size, as NCCL's tuner does (``CostModel.collective_seconds``)."""
+        ring = self.collective(op, ranks)
+        per_node = Counter(r // self.cluster.gpus_per_node for r in ranks)
+        if op != "all_reduce" or ring.algorithm == "measured" or len(per_node) < 2:
+            return (ring,)
+        network = next(self.cluster.path(a, b) for a in ranks for b in ranks
+                       if a // self.cluster.gpus_per_node != b // self.cluster.gpus_per_node)
+        per_node_ranks = min(per_node.values())
+        hops = 2 * ((per_node_ranks - 1) * NCCL_TREE_INTRA_LATENCY_US + int(math.log2(len(per_node))) *
+                    network.latency_us)
+        n = len(ranks)
+        # pase's convention prices an all-reduce at bytes x 2(n - 1)/n / busbw: the tree's bus bandwidth in it
+        busbw = ring.busbw_gbps * NCCL_TREE_BANDWIDTH * (n - 1) / n
+        tree = CollectiveRate((NCCL_BASE_LATENCY_US + hops) / 1e6, busbw,
+                              f"topology: NCCL tree over {len(per_node)} nodes ({per_node_ranks} per node) at "
+                              f"{busbw:g} GB/s", "tree")
+        return ring, tree
+
     def collective(self, op: str, ranks: list[int]) -> CollectiveRate:
-        """Latency and bus bandwidth of ``op`` over these global ranks (a ring: its slowest hop)."""
+        """Latency and bus bandwidth of ``op`` over these global ranks as a ring (its slowest hop), or the
+        calibration's measured figure; ``collective_algorithms`` adds NCCL's other choices."""
         measured = (self.profile or {}).get("collectives", {}).get(op, {}).get(str(len(ranks)))
         if measured:
-            return CollectiveRate(measured["alpha_us"] / 1e6, measured["busbw_gbps"], f"measured: {self.profile_name}")
+            return CollectiveRate(measured["alpha_us"] / 1e6, measured["busbw_gbps"], f"measured: {self.profile_name}",
+                                  "measured")
         if len(ranks) <= 1:
             return CollectiveRate(0.0, float("inf"), "no communication")
         hops = [self.cluster.path(a, b) for a, b in zip(ranks, ranks[1:] + ranks[:1])]
@@ -92,8 +127,8 @@ class HardwareRates:
         # a ring pass crosses every hop once; all-reduce makes two passes (reduce-scatter, all-gather),
         # so latency adds up hop by hop: NVLink hops cost little, the few network hops dominate
         passes = 2 if op == "all_reduce" else 1
-        per_pass = sum(h.latency_us for h in hops) * (len(ranks) - 1) / len(ranks)
-        if op == "send_recv":
-            passes, per_pass = 1, hops[0].latency_us
-        return CollectiveRate(passes * per_pass / 1e6, slowest.effective_gbps,
+        latency = NCCL_BASE_LATENCY_US + passes * sum(h.latency_us for h in hops) * (len(ranks) - 1) / len(ranks)
+        if op == "send_recv":  # one hop, no collective kernel's base
+            latency = hops[0].latency_us
+        return CollectiveRate(latency / 1e6, slowest.effective_gbps,
                               f"topology: ring over {slowest.label} links at {slowest.effective_gbps:g} GB/s effective")

@@ -23,7 +23,10 @@ def test_every_point_has_a_source_a_value_and_a_unit() -> None:
     assert len(ids) == len(set(ids))
     for point in points:
         assert point["kind"] in ("training", "sampling"), point["id"]
-        assert point["source_url"].startswith("http") and point["value"] > 0 and point["unit"], point["id"]
+        # a publication's address, or a measurement of pase's own kept in the repository (marked apart)
+        published = (point.get("source_url") or "").startswith("http")
+        assert published or (ROOT / point["source_file"]).is_file(), point["id"]
+        assert point["value"] > 0 and point["unit"], point["id"]
     tool = _tool()
     assert set(tool.SAMPLING) <= set(ids)  # every sampling point the tool prices is in the set
     for point_id in tool.SAMPLING:  # the papers' SD-v2 samples at 768 px, and the data says where that comes from
@@ -43,3 +46,38 @@ def test_published_gpu_names_map_to_the_catalog() -> None:
     assert tool.catalog_gpu("Intel-Gaudi2-96GB") is None
     assert tool.cluster_spec({"gpu": "H100-SXM5-80GB", "gpus": 64, "interconnect": "InfiniBand NDR"}) == \
         "8x8xH100-SXM+IB-NDR400x8"
+
+
+def test_points_are_priced_in_the_configuration_they_ran() -> None:
+    """MLPerf v3.1's NeMo ran plain DDP with a per-device fused Adam: those points say so, with the config file, and
+    are priced as pase's ddp baseline; every MLPerf point clipped (NVIDIA's gradient_clip_val 1.0); pase's own
+    single-H200 steps did not, ran eagerly, and their values are batch / the recorded step time."""
+    points = json.loads((ROOT / "tools" / "data" / "fidelity_points.json").read_text())["points"]
+    v31 = [p for p in points if p["id"].startswith("mlperf31-") and "gaudi" not in p["id"]]
+    assert v31 and all(p["configuration"] == "ddp" and "megatron_fused_adam" in p["configuration_source"]
+                       for p in v31)
+    assert all(p.get("gradient_clipping", True) for p in points if p["id"].startswith("mlperf"))
+    own = [p for p in points if p.get("source_file")]
+    assert len(own) == 2 and all(p["gpus"] == 1 and p["stack"] == "eager" and p["gradient_clipping"] is False
+                                 for p in own)
+    recorded = {e["batch"]: e["eager"]["step"] for e in json.loads((ROOT / own[0]["source_file"]).read_text())}
+    for point in own:
+        assert point["value"] == round(point["global_batch"] / recorded[point["global_batch"]], 2)
+    tool = _tool()
+    assert all(tool.point_stack(p) == "eager" for p in own)
+
+
+def test_a_published_paradigms_run_is_priced_from_its_own_counts() -> None:
+    """The README table's counts (2,040 evaluations in 44 passes at window 80) become 25 full windows, one pass
+    with the remainder and 18 one-step passes: every count is kept."""
+    tool = _tool()
+    seen: list[int] = []
+
+    class Pricing:
+        def pass_seconds(self, rows: int, devices: int) -> float:
+            seen.append(rows)
+            return float(rows)
+
+    seconds = tool.paradigms_as_run(Pricing(), 8, {"window": 80, "passes": 44, "evaluations": 2040})
+    assert len(seen) == 44 and sum(seen) == 2040 == seconds
+    assert seen[:25] == [80] * 25 and seen[26:] == [1] * 18 and 1 <= seen[25] <= 80

@@ -323,9 +323,11 @@ def test_sd15_on_64_gpus_plans_a_runnable_pipeline() -> None:
     assert len(plan.stages) >= 2
     _assert_runnable(plan, graph)
     # at one sample per GPU the eager stack is host-bound, and a pipeline's microbatches dispatch every operator
-    # again: slower than DDP here, as it is priced; on a CUDA-graphed stack the same pipeline beats DDP
+    # again: slower than DDP here, as it is priced; on a CUDA-graphed stack that dispatch costs nothing, so the
+    # pipeline comes much closer to DDP (whose gradient all-reduce over 64 GPUs goes by NCCL's tree)
     assert plan.predicted.step_seconds > plan.baselines["ddp"].step_seconds
     graphed, _ = plan_with_pipeline(graph, parse_spec("8x8xH100-SXM+IB-NDR400x8"),
                                     options=PlanOptions(only="pipeline", stack="graphed"))
     _assert_runnable(graphed, graph)
-    assert graphed.predicted.step_seconds < graphed.baselines["ddp"].step_seconds
+    eager_ratio = plan.predicted.step_seconds / plan.baselines["ddp"].step_seconds
+    assert graphed.predicted.step_seconds / graphed.baselines["ddp"].step_seconds < 0.8 * eager_ratio

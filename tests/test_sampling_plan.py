@@ -12,6 +12,7 @@ from pase.errors import PaseError
 from pase.sampling import Evaluator, build_core, srds
 from pase.sampling.denoiser import GaussianDenoiser
 from pase.sampling.planner import (
+    PARADIGMS_ADVANCE,
     Convergence,
     EvalTime,
     GatherTime,
@@ -183,12 +184,22 @@ def test_cli_sample_plan_rejects_non_positive_devices(devices):
     assert isinstance(done.exception, PaseError) and f"--devices must be >= 1, not {devices}" in str(done.exception)
 
 
-def test_convergence_below_the_smallest_probe_interpolates_from_window_one():
-    """Window 1 is sequential (advance exactly 1): a window below the smallest probed one is interpolated from
-    there, not given the probed window's advance; the default law is exact at 1 and fits window 2's 1.32."""
+def test_convergence_outside_the_measured_windows_follows_the_laws_shape():
+    """Window 1 is sequential (advance exactly 1). A window outside the measured ones takes the default law's
+    shape, 1 + a (w - 1)^b, through the nearest measured window: one measurement at window 80 must not let window
+    16 accept nearly every step (interpolating in log(window) from window 1 did, and sample-plan then priced
+    ParaDiGMS at 9.5x on 8 GPUs from the paper's own 44 passes). Between measured windows it interpolates."""
+    b = PARADIGMS_ADVANCE[1]
     probed = Convergence({4: 60})  # 100 / 60 = 1.67 steps per pass at window 4
     assert 1.0 < probed.advance(2, 100) < 100 / 60
-    assert probed.advance(2, 100) == pytest.approx(1 + (100 / 60 - 1) / 2)  # half way in log(window)
+    assert probed.advance(2, 100) == pytest.approx(1 + (100 / 60 - 1) * (1 / 3) ** b)
+    assert probed.advance(1, 100) == 1.0
+    published = Convergence({80: 44})  # ParaDiGMS' SD-v2 DDPM-1000: 44 passes at window 80
+    assert published.advance(16, 1000) == pytest.approx(1 + (1000 / 44 - 1) * (15 / 79) ** b)
+    assert published.advance(16, 1000) < 7  # was 14.7 by interpolation from window 1
+    assert published.advance(160, 1000) == pytest.approx(1 + (1000 / 44 - 1) * (159 / 79) ** b)
+    two = Convergence({4: 60, 16: 20})
+    assert two.advance(8, 100) == pytest.approx((100 / 60 + 100 / 20) / 2)  # half way in log(window)
     stated = Convergence()  # (the default law)
     assert stated.advance(1, 100) == 1.0 and stated.advance(2, 100) == pytest.approx(1.316, abs=0.01)
     assert all(stated.advance(w, 100) <= 1.1 * w ** 0.5 for w in (2, 4, 16, 64))
@@ -256,3 +267,27 @@ def test_srds_settings_left_out_by_their_lower_bound_could_not_have_won(seconds_
         assert min(c.seconds for c in priced) == min(c.seconds for c in every)
     if skips:  # (a flat evaluation time makes few-block settings cheap to rule out)
         assert "not dry-run" in plan.sources["srds search"]
+
+
+def test_sample_plan_prices_the_convergence_a_user_measured():
+    """``--passes WINDOW=PASSES`` / ``--srds-iterations BLOCKS=ITERATIONS`` replace the default law in the
+    plan (its sources say so), and an impossible pair is refused in one line."""
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    base = ["sample-plan", "--model", "unet-tiny", "--cluster", "8xA100-80GB-SXM", "--steps", "100", "--json"]
+    default = json.loads(CliRunner().invoke(app, base).stdout)
+    given = json.loads(CliRunner().invoke(app, [*base, "--passes", "16=10", "--srds-iterations", "10=1"]).stdout)
+    assert given["sources"]["convergence"].startswith("given") and "window 16: 10 passes" in \
+        given["sources"]["convergence"]
+    window16 = next(c for c in given["candidates"] if c["sampler"] == "paradigms" and c["window"] == 16)
+    assert window16["passes"] == 10  # exactly the measured count at the measured window
+    srds10 = next(c for c in given["candidates"] if c["sampler"] == "srds" and c["blocks"] == 10)
+    assert "1 iterations" in srds10["setting"]
+    assert min(c["seconds"] for c in given["candidates"]) < min(c["seconds"] for c in default["candidates"])
+    for args, needle in ((["--passes", "16"], "WINDOW=PASSES"), (["--passes", "16=5"], "between 7 and 100"),
+                         (["--srds-iterations", "4=5"], "at most 4 iterations"),
+                         (["--passes", "16=10", "--probe"], "leave it out")):
+        done = CliRunner().invoke(app, [*base, *args])
+        assert isinstance(done.exception, PaseError) and needle in str(done.exception), (args, done.output)

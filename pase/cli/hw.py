@@ -134,9 +134,9 @@ def print_cluster(cluster, profile=None, precision: str = "bf16") -> None:  # no
     memory = rates.memory()
     table.add_row("memory-bound ops", f"{memory.value / 1e9:.3g} GB/s", memory.source)
     if cluster.world_size > 1:
-        ring = rates.collective("all_reduce", list(range(cluster.world_size)))
-        table.add_row(f"all-reduce over {cluster.world_size}", f"busbw {ring.busbw_gbps:.3g} GB/s, "
-                                                              f"latency {ring.alpha_s * 1e6:.3g} us", ring.source)
+        for rate in rates.collective_algorithms("all_reduce", list(range(cluster.world_size))):
+            table.add_row(f"all-reduce over {cluster.world_size} ({rate.algorithm})",
+                          f"busbw {rate.busbw_gbps:.3g} GB/s, latency {rate.alpha_s * 1e6:.3g} us", rate.source)
     console.print(table)
 
 

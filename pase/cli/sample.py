@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -155,6 +156,11 @@ def sample_plan_command(
     tol: Annotated[float | None, typer.Option(help="Tolerance of the probe (ParaDiGMS; SRDS uses a tenth).",
                                               callback=finite)]
     = None,
+    passes: Annotated[list[str] | None, typer.Option(
+        help="ParaDiGMS passes measured on your checkpoint, as WINDOW=PASSES (repeatable; e.g. 80=44): the "
+             "planner prices windows from them instead of the default law.")] = None,
+    srds_iterations: Annotated[list[str] | None, typer.Option(
+        help="SRDS iterations measured on your checkpoint, as BLOCKS=ITERATIONS (repeatable; e.g. 5=1).")] = None,
     profile: Annotated[Path | None, typer.Option(help="A calibration profile (`pase hw calibrate`).")] = None,
     precision: Annotated[str, typer.Option(help="GPU precision: bf16, fp16 or fp32.")] = "bf16",
     threads: Threads = 1,
@@ -177,13 +183,53 @@ def sample_plan_command(
         raise PaseError(f"--margin must be >= 0 (a parallel sampler must not be predicted slower), not {margin}")
     check_precision(precision)
     torch.set_num_threads(threads)
+    given = given_convergence(passes or [], srds_iterations or [], steps)
+    if given is not None and probe:
+        raise PaseError("--probe measures convergence on the seeded model; leave it out when giving --passes or "
+                        "--srds-iterations")
     pricing, devices, where = build_pricing(model, devices, cluster, steps, scheduler, size, guidance_scale, probe,
                                             tol, profile, precision, threads)
+    if given is not None:
+        pricing = replace(pricing, convergence=given)
     plan = plan_sampling(model, scheduler, steps, devices, samples, pricing, objective, margin, {"devices": where})
     if as_json:
         print(json.dumps(plan.to_dict(), indent=1))
         return
     print_sample_plan(plan)
+
+
+def given_convergence(passes: list[str], iterations: list[str], steps: int):  # noqa: ANN201 - Convergence | None
+    """The convergence a user measured (``--passes WINDOW=PASSES``, ``--srds-iterations BLOCKS=ITERATIONS``), or
+    None when neither is given; a malformed or impossible pair is refused in one line."""
+    from pase.sampling.planner import Convergence
+
+    def pairs(values: list[str], flag: str, what: str) -> dict[int, int]:
+        parsed: dict[int, int] = {}
+        for value in values:
+            key, sep, count = value.partition("=")
+            if not sep or not key.strip().isdigit() or not count.strip().isdigit():
+                raise PaseError(f"{flag} {value!r}: write {what} as two whole numbers, e.g. {flag} 80=44")
+            k, n = int(key), int(count)
+            if k < 1 or n < 1:
+                raise PaseError(f"{flag} {value!r}: both numbers must be at least 1")
+            parsed[k] = n
+        return parsed
+
+    windows = pairs(passes, "--passes", "WINDOW=PASSES")
+    blocks = pairs(iterations, "--srds-iterations", "BLOCKS=ITERATIONS")
+    for window, count in windows.items():
+        if count > steps or count * window < steps:
+            raise PaseError(f"--passes {window}={count}: with {steps} steps a window of {window} takes between "
+                            f"{-(-steps // window)} and {steps} passes")
+    for block, count in blocks.items():
+        if count > block:
+            raise PaseError(f"--srds-iterations {block}={count}: SRDS is exact after at most {block} iterations "
+                            f"with {block} blocks")
+    if not windows and not blocks:
+        return None
+    given = ", ".join([*(f"window {w}: {n} passes" for w, n in sorted(windows.items())),
+                       *(f"{b} blocks: {n} iterations" for b, n in sorted(blocks.items()))])
+    return Convergence(windows, blocks, f"given (--passes / --srds-iterations): {given}")
 
 
 def build_pricing(model: str, devices: int | None, cluster: str | None, steps: int, scheduler: str,

@@ -91,16 +91,22 @@ class Convergence:
                    f"converges in {SRDS_ITERATIONS['ddim']} (DDIM) / {SRDS_ITERATIONS['ddpm']} (DDPM) iterations")
 
     def advance(self, window: int, steps: int) -> float:
-        """Steps accepted per pass at this window (measured where probed, else the default law); never more
-        than the window, since a pass evaluates only ``window`` steps."""
+        """Steps accepted per pass at this window, never more than the window (a pass evaluates only ``window``
+        steps): measured where given; between measured windows interpolated in log(window); outside them the
+        default law's shape, 1 + a (window - 1)^b, scaled through the nearest measured window (so one measured
+        window does not make smaller ones accept nearly every step); else the default law."""
         if window in self.paradigms_passes:
             return min(window, steps / self.paradigms_passes[window])
-        if self.paradigms_passes:  # interpolate the measured advance in log(window), from window 1's exact 1
-            known = sorted({1, *self.paradigms_passes})
-            adv = [1.0 if w == 1 else steps / self.paradigms_passes[w] for w in known]
-            return min(window, float(np.interp(math.log(window), [math.log(w) for w in known], adv)))
         (a, b), (c, d) = PARADIGMS_ADVANCE, PARADIGMS_CAP
-        return min(window, 1.0 + a * (window - 1) ** b, max(1.0, c * window ** d))
+        known = sorted(w for w in self.paradigms_passes if w > 1)
+        if not known:
+            return min(window, 1.0 + a * (window - 1) ** b, max(1.0, c * window ** d))
+        measured = [steps / self.paradigms_passes[w] for w in known]
+        if known[0] < window < known[-1]:
+            return min(window, float(np.interp(math.log(window), [math.log(w) for w in known], measured)))
+        nearest = 0 if window < known[0] else -1
+        scale = (measured[nearest] - 1.0) / (known[nearest] - 1) ** b
+        return min(float(window), 1.0 + scale * (window - 1) ** b)
 
     def iterations(self, blocks: int, kind: str) -> int:
         if blocks in self.srds_iterations:

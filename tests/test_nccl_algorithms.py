@@ -1,0 +1,81 @@
+"""NCCL's algorithm choice as the cost model prices it: ring against tree by size and scale (issue 19).
+
+Hand-computed from NCCL's tuning model (src/graph/tuning.cc, Simple protocol): every call pays an 8.4 us base;
+a tree all-reduce over N nodes of p GPUs pays
+2 x ((p - 1) x 4.0 + floor(log2 N) x network latency), the ring 2 (n - 1) hop latencies.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cost_models.cluster import parse_spec
+from cost_models.layer_costs import GRADIENT_BUCKET_BYTES, CostModel
+from cost_models.rates import (
+    NCCL_BASE_LATENCY_US,
+    NCCL_TREE_BANDWIDTH,
+    NCCL_TREE_INTRA_LATENCY_US,
+    HardwareRates,
+)
+
+
+def test_a_tree_is_offered_for_an_all_reduce_across_nodes_only() -> None:
+    """128 nodes of 8 H100s: the tree's latency is 8.4 + 2 (7 x 4.0 + 7 x 14) = 260.4 us against the ring's
+    ~9.7 ms; its bus bandwidth 0.92 of the ring's (in pase's 2(n-1)/n convention). One node, or an all-gather,
+    has the ring alone (NCCL has no tree for them)."""
+    cluster = parse_spec("128x8xH100-SXM+IB-NDR400x8")
+    rates = HardwareRates(cluster)
+    world = list(range(1024))
+    ring, tree = rates.collective_algorithms("all_reduce", world)
+    assert (ring.algorithm, tree.algorithm) == ("ring", "tree")
+    network = cluster.network.latency_us
+    assert tree.alpha_s == pytest.approx((NCCL_BASE_LATENCY_US + 2 * (7 * NCCL_TREE_INTRA_LATENCY_US
+                                                                       + 7 * network)) * 1e-6)
+    assert tree.alpha_s == pytest.approx(260.4e-6)
+    assert ring.alpha_s > 30 * tree.alpha_s
+    assert tree.busbw_gbps == pytest.approx(ring.busbw_gbps * NCCL_TREE_BANDWIDTH * 1023 / 1024)
+    assert [r.algorithm for r in rates.collective_algorithms("all_reduce", list(range(8)))] == ["ring"]
+    assert [r.algorithm for r in rates.collective_algorithms("all_gather", world)] == ["ring"]
+    assert [r.algorithm for r in rates.collective_algorithms("reduce_scatter", world)] == ["ring"]
+
+
+def test_the_fastest_algorithm_wins_by_size() -> None:
+    """On 2 nodes of 8 the tree's latency is lower (8.4 + 2 (7 x 4 + 1 x 14) = 92.4 us) but its bandwidth is 8%
+    lower: small all-reduces go by tree, large ones by ring, as NCCL's tuner picks."""
+    rates = HardwareRates(parse_spec("2x8xH100-SXM+IB-NDR400x8"))
+    ranks = list(range(16))
+    ring, tree = rates.collective_algorithms("all_reduce", ranks)
+    assert tree.alpha_s == pytest.approx(92.4e-6) and ring.alpha_s > tree.alpha_s
+    small, large = 64 * 2**10, 2 * 2**30
+    pick = {size: min((ring, tree), key=lambda r: r.seconds("all_reduce", size, 16)).algorithm
+            for size in (small, large)}
+    assert pick == {small: "tree", large: "ring"}
+    cluster = parse_spec("2x8xH100-SXM+IB-NDR400x8")
+    model = CostModel(cluster, HardwareRates(cluster))
+    priced = model.collective_seconds("all_reduce", np.array([small, large], dtype=float), np.array([16, 16]), 1)
+    assert priced.tolist() == pytest.approx([tree.seconds("all_reduce", small, 16),
+                                             ring.seconds("all_reduce", large, 16)])
+
+
+def test_a_measured_figure_stands_alone() -> None:
+    """A calibration's all-reduce is what NCCL chose on that machine: no other algorithm is added."""
+    cluster = parse_spec("2x8xH100-SXM+IB-NDR400x8")
+    profile = {"fingerprint": {"id": "t", "devices": ["H100-SXM"]}, "created": "now",
+               "collectives": {"all_reduce": {"16": {"alpha_us": 50.0, "busbw_gbps": 300.0}}}}
+    algorithms = HardwareRates(cluster, profile).collective_algorithms("all_reduce", list(range(16)))
+    assert [(r.algorithm, r.alpha_s) for r in algorithms] == [("measured", 50e-6)]
+
+
+def test_the_cost_model_prices_a_gradient_bucket_by_the_faster_algorithm() -> None:
+    """The per-layer pricer takes NCCL's pick for a gradient bucket over 1024 GPUs (the tree) and charges a layer
+    its share of one bucket's latency; the ring alone would cost ~24x more per bucket there."""
+    cluster = parse_spec("128x8xH100-SXM+IB-NDR400x8")
+    model = CostModel(cluster, HardwareRates(cluster))
+    ring, tree = model.rates.collective_algorithms("all_reduce", list(range(1024)))
+    bucket = np.array([float(GRADIENT_BUCKET_BYTES)])
+    priced = model.collective_seconds("all_reduce", bucket, np.array([1024]), 1, bucketed=True)
+    assert priced[0] == pytest.approx(tree.seconds("all_reduce", GRADIENT_BUCKET_BYTES, 1024))
+    assert ring.seconds("all_reduce", GRADIENT_BUCKET_BYTES, 1024) > 20 * priced[0]
+    half = model.collective_seconds("all_reduce", bucket / 2, np.array([1024]), 1, bucketed=True)
+    assert half[0] == pytest.approx(tree.alpha_s / 2 + GRADIENT_BUCKET_BYTES / 2 * 2 * 1023 / 1024
+                                    / (tree.busbw_gbps * 1e9))
