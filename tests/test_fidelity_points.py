@@ -81,3 +81,7 @@ def test_a_published_paradigms_run_is_priced_from_its_own_counts() -> None:
     seconds = tool.paradigms_as_run(Pricing(), 8, {"window": 80, "passes": 44, "evaluations": 2040})
     assert len(seen) == 44 and sum(seen) == 2040 == seconds
     assert seen[:25] == [80] * 25 and seen[26:] == [1] * 18 and 1 <= seen[25] <= 80
+    for window, passes, evaluations in ((80, 1, 80), (80, 2, 160), (4, 3, 3), (1, 5, 5), (16, 7, 100)):
+        seen.clear()  # every feasible count is kept, the edges too (all full windows, all single steps)
+        tool.paradigms_as_run(Pricing(), 8, {"window": window, "passes": passes, "evaluations": evaluations})
+        assert len(seen) == passes and sum(seen) == evaluations and max(seen) <= window

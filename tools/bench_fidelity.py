@@ -164,10 +164,11 @@ def paradigms_as_run(pricing: Any, gpus: int, run: dict[str, int]) -> float:
     last steps, so the tail advances a step per pass (paradigms/stablediffusion_paradigms.py): full windows first,
     one pass with the remainder, then one-step passes, each priced by pase's sampler on ``gpus`` devices."""
     window, passes, evaluations = run["window"], run["passes"], run["evaluations"]
-    full = (evaluations - passes) // (window - 1)
-    rest = evaluations - passes - full * (window - 1) + 1
-    lengths = [window] * full + [rest] + [1] * (passes - full - 1)
-    assert sum(lengths) == evaluations and len(lengths) == passes and 1 <= rest <= window
+    assert passes <= evaluations <= passes * window, run
+    full = min(passes, (evaluations - passes) // (window - 1)) if window > 1 else 0
+    extra = evaluations - passes - full * (window - 1)  # rows beyond one in the pass after the full ones
+    lengths = [window] * full + ([1 + extra] if full < passes else []) + [1] * max(0, passes - full - 1)
+    assert sum(lengths) == evaluations and len(lengths) == passes and max(lengths) <= window, run
     return sum(pricing.pass_seconds(length, gpus) for length in lengths)
 
 
