@@ -29,6 +29,17 @@ class Rate:
 NCCL_BASE_LATENCY_US = 8.4  # baseLat[TREE|RING][SIMPLE]
 NCCL_TREE_INTRA_LATENCY_US = 4.0  # hwLat[NVLINK|PCI][TREE][SIMPLE]
 NCCL_TREE_BANDWIDTH = 0.92  # "busBw*.92" for the tree
+# NVLS (NVLink SHARP: the NVSwitch reduces) for an all-reduce within one node, as NCCL prices it. Its graph search
+# (src/graph/search.cc) gives one channel per GPU (at most 32), each GPU's switch link carrying every channel once
+# and its own twice, at the fastest speed of the architecture's list that fits; the tuner (tuning.cc) takes
+# nvlsEfficiency of it over (channels - 1) / channels, doubled for an all-reduce's two pipelined halves, and adds
+# hwLat[NVLINK][NVLS][SIMPLE] with no base latency. Needs NVSwitch and compute capability 9.0 or later. Across nodes
+# NVLS runs as NVLS-tree, which also depends on the NICs' channels: not priced.
+NCCL_NVLS_EFFICIENCY = {"hopper": 0.85, "blackwell": 0.74}  # nvlsEfficiency[Hopper, Blackwell]
+NCCL_NVLS_SPEEDS = {"hopper": (60.0, 50.0, 40.0, 30.0, 24.0, 20.0, 15.0, 12.0, 11.0, 6.0, 3.0),  # sm90SpeedArrayIntra
+                    "blackwell": (90.0, 80.0, 70.0, 60.0, 50.0, 45.0, 40.0, 30.0, 24.0, 20.0, 19.0, 18.0)}  # sm100
+NCCL_NVLS_LATENCY_US = 25.0  # hwLat[NVLINK][NVLS][SIMPLE]
+NCCL_MAX_NVLS_ARITY = 32
 
 
 @dataclass(frozen=True)
@@ -90,8 +101,11 @@ class HardwareRates:
         each call's size, as NCCL's tuner does (``CostModel.collective_seconds``)."""
         ring = self.collective(op, ranks)
         per_node = Counter(r // self.cluster.gpus_per_node for r in ranks)
-        if op != "all_reduce" or ring.algorithm == "measured" or len(per_node) < 2:
+        if op != "all_reduce" or ring.algorithm == "measured" or len(ranks) < 2:
             return (ring,)
+        if len(per_node) < 2:
+            nvls = self.nvls_all_reduce(ranks)
+            return (ring,) if nvls is None else (ring, nvls)
         network = next(self.cluster.path(a, b) for a in ranks for b in ranks
                        if a // self.cluster.gpus_per_node != b // self.cluster.gpus_per_node)
         per_node_ranks = min(per_node.values())
@@ -104,6 +118,26 @@ class HardwareRates:
                               f"topology: NCCL tree over {len(per_node)} nodes ({per_node_ranks} per node) at "
                               f"{busbw:g} GB/s", "tree")
         return ring, tree
+
+    def nvls_all_reduce(self, ranks: list[int]) -> CollectiveRate | None:
+        """NCCL's NVLS all-reduce over these GPUs of one node (see ``NCCL_NVLS_EFFICIENCY``), or None where the
+        node has no NVSwitch, the architecture no NVLS, or no speed fits."""
+        gpu, group = self.cluster.gpu, len(ranks)
+        if gpu.arch not in NCCL_NVLS_EFFICIENCY or gpu.nvlink_topology != "switch" or group < 2:
+            return None
+        path = self.cluster.path(ranks[0], ranks[1])
+        if not path.label.startswith("NV"):  # NVLink through the switch, not PCIe or the network
+            return None
+        link = path.effective_gbps  # a GPU's links to the switch (NCCL's per-link figure x links)
+        channels = min(NCCL_MAX_NVLS_ARITY, group)
+        speed = next((s for s in NCCL_NVLS_SPEEDS[gpu.arch]
+                      if s * (channels + 1) <= link and s * channels <= link * group / (group - 1)), None)
+        if speed is None or channels < 2:
+            return None
+        busbw = 2 * speed * NCCL_NVLS_EFFICIENCY[gpu.arch] * (channels - 1)
+        return CollectiveRate(NCCL_NVLS_LATENCY_US / 1e6, busbw,
+                              f"topology: NCCL NVLS over the NVSwitch, {channels} channels at {speed:g} GB/s x "
+                              f"{NCCL_NVLS_EFFICIENCY[gpu.arch]:g} ({gpu.arch}) = {busbw:g} GB/s", "nvls")
 
     def collective(self, op: str, ranks: list[int]) -> CollectiveRate:
         """Latency and bus bandwidth of ``op`` over these global ranks as a ring (its slowest hop), or the

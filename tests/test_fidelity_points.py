@@ -67,21 +67,18 @@ def test_points_are_priced_in_the_configuration_they_ran() -> None:
     assert all(tool.point_stack(p) == "eager" for p in own)
 
 
-def test_a_published_paradigms_run_is_priced_from_its_own_counts() -> None:
-    """The README table's counts (2,040 evaluations in 44 passes at window 80) become 25 full windows, one pass
-    with the remainder and 18 one-step passes: every count is kept."""
+def test_the_reference_codes_multi_gpu_runs_are_priced_on_its_runtime() -> None:
+    """The ParaDiGMS README's multi-GPU runs (its table, its plot beyond one GPU) ran torch.nn.DataParallel in one
+    process, and are priced so (with the code's own source for it); the final abstract's 14.6 s, whose run is not
+    published, is listed and not priced; each plot point names the run its convergence comes from."""
+    points = {p["id"]: p for p in json.loads((ROOT / "tools" / "data" / "fidelity_points.json").read_text())["points"]}
     tool = _tool()
-    seen: list[int] = []
-
-    class Pricing:
-        def pass_seconds(self, rows: int, devices: int) -> float:
-            seen.append(rows)
-            return float(rows)
-
-    seconds = tool.paradigms_as_run(Pricing(), 8, {"window": 80, "passes": 44, "evaluations": 2040})
-    assert len(seen) == 44 and sum(seen) == 2040 == seconds
-    assert seen[:25] == [80] * 25 and seen[26:] == [1] * 18 and 1 <= seen[25] <= 80
-    for window, passes, evaluations in ((80, 1, 80), (80, 2, 160), (4, 3, 3), (1, 5, 5), (16, 7, 100)):
-        seen.clear()  # every feasible count is kept, the edges too (all full windows, all single steps)
-        tool.paradigms_as_run(Pricing(), 8, {"window": window, "passes": passes, "evaluations": evaluations})
-        assert len(seen) == passes and sum(seen) == evaluations and max(seen) <= window
+    for point_id, (sampler, _steps, _scheduler, gpus, _measure) in tool.SAMPLING.items():
+        point = points[point_id]
+        if point_id.startswith("paradigms") and sampler == "paradigms" and gpus > 1:
+            assert point["runtime"] == "nn.DataParallel" and "DataParallel" in point["runtime_source"], point_id
+        if "convergence_from" in point.get("run", {}):  # a run with both counts, which lay out its passes
+            assert {"passes", "evaluations"} <= set(points[point["run"]["convergence_from"]]["run"])
+    assert points["paradigms-sd2-ddpm1000-parallel"]["value"] == 16.2  # the table's time, paired with its counts
+    assert "paradigms-sd2-ddpm1000-abstract" not in tool.SAMPLING
+    assert "not published" in tool.sampling_skipped(points["paradigms-sd2-ddpm1000-abstract"])

@@ -1,4 +1,4 @@
-"""NCCL's algorithm choice as the cost model prices it: ring against tree by size and scale (issue 19).
+"""NCCL's algorithm choice as the cost model prices it: ring against tree and NVLS by size and scale (issue 19).
 
 Hand-computed from NCCL's tuning model (src/graph/tuning.cc, Simple protocol): every call pays an 8.4 us base;
 a tree all-reduce over N nodes of p GPUs pays
@@ -34,7 +34,7 @@ def test_a_tree_is_offered_for_an_all_reduce_across_nodes_only() -> None:
     assert tree.alpha_s == pytest.approx(260.4e-6)
     assert ring.alpha_s > 30 * tree.alpha_s
     assert tree.busbw_gbps == pytest.approx(ring.busbw_gbps * NCCL_TREE_BANDWIDTH * 1023 / 1024)
-    assert [r.algorithm for r in rates.collective_algorithms("all_reduce", list(range(8)))] == ["ring"]
+    assert [r.algorithm for r in rates.collective_algorithms("all_reduce", list(range(8)))] == ["ring", "nvls"]
     assert [r.algorithm for r in rates.collective_algorithms("all_gather", world)] == ["ring"]
     assert [r.algorithm for r in rates.collective_algorithms("reduce_scatter", world)] == ["ring"]
 
@@ -79,3 +79,41 @@ def test_the_cost_model_prices_a_gradient_bucket_by_the_faster_algorithm() -> No
     half = model.collective_seconds("all_reduce", bucket / 2, np.array([1024]), 1, bucketed=True)
     assert half[0] == pytest.approx(tree.alpha_s / 2 + GRADIENT_BUCKET_BYTES / 2 * 2 * 1023 / 1024
                                     / (tree.busbw_gbps * 1e9))
+
+
+@pytest.mark.parametrize(("spec", "channels", "speed", "efficiency"),
+                         [("8xH100-SXM", 8, 40.0, 0.85), ("4xH100-SXM", 4, 60.0, 0.85), ("8xB200", 8, 80.0, 0.74)])
+def test_nvls_within_a_node_by_hand(spec: str, channels: int, speed: float, efficiency: float) -> None:
+    """NVLS on one node of NVSwitch-connected Hopper/Blackwell GPUs: a channel per GPU, the fastest speed of the
+    architecture's list with (channels + 1) x speed within a GPU's switch links (18 x 20.6 = 370.8 GB/s on H100,
+    18 x 40.1 on B200), bus bandwidth 2 x speed x efficiency x (channels - 1), 25 us. 8 H100s: 2 x 40 x 0.85 x 7 =
+    476 GB/s (nccl-tests report 460-480), beside the ring's 370.8."""
+    rates = HardwareRates(parse_spec(spec))
+    ring, nvls = rates.collective_algorithms("all_reduce", list(range(channels)))
+    link = rates.cluster.path(0, 1).effective_gbps
+    assert (channels + 1) * speed <= link
+    assert nvls.algorithm == "nvls" and nvls.alpha_s == pytest.approx(25e-6)
+    assert nvls.busbw_gbps == pytest.approx(2 * speed * efficiency * (channels - 1))
+    if spec == "8xH100-SXM":
+        assert nvls.busbw_gbps == pytest.approx(476.0) and ring.busbw_gbps == pytest.approx(370.8)
+
+
+def test_no_nvls_without_a_switch_or_before_hopper_or_across_nodes() -> None:
+    for spec, ranks in (("8xA100-80GB-SXM", range(8)), ("8xL40S", range(8)), ("2x8xH100-SXM+IB-NDR400x8", range(16)),
+                        ("8xH100-SXM", range(1))):
+        algorithms = [r.algorithm for r in HardwareRates(parse_spec(spec)).collective_algorithms("all_reduce",
+                                                                                                list(ranks))]
+        assert "nvls" not in algorithms, spec
+    assert [r.algorithm for r in HardwareRates(parse_spec("8xH100-SXM")).collective_algorithms(
+        "reduce_scatter", list(range(8)))] == ["ring"]
+
+
+def test_nvls_or_the_ring_by_group_size() -> None:
+    """On 8 H100s NVLS beats the ring at every size (25 us against the ring's 8.4 + 14 x 3.4 = 56 us, 476 GB/s
+    against 370.8); on 2 the ring does (15.2 us, and NVLS's two channels give 102 GB/s)."""
+    rates = HardwareRates(parse_spec("8xH100-SXM"))
+    for group in (8, 2):
+        ring, nvls = rates.collective_algorithms("all_reduce", list(range(group)))
+        for size in (4096, 25 * 2 ** 20, 2 ** 30):
+            faster = min((ring, nvls), key=lambda r: r.seconds("all_reduce", size, group))
+            assert faster.algorithm == ("nvls" if group == 8 else "ring"), (group, size)

@@ -18,6 +18,7 @@ from pase.sampling.planner import (
     GatherTime,
     Pricing,
     plan_sampling,
+    predict_paradigms,
     predict_srds,
     roofline_eval_time,
 )
@@ -288,6 +289,104 @@ def test_sample_plan_prices_the_convergence_a_user_measured():
     assert min(c["seconds"] for c in given["candidates"]) < min(c["seconds"] for c in default["candidates"])
     for args, needle in ((["--passes", "16"], "WINDOW=PASSES"), (["--passes", "16=5"], "between 7 and 100"),
                          (["--srds-iterations", "4=5"], "at most 4 iterations"),
-                         (["--passes", "16=10", "--probe"], "leave it out")):
+                         (["--passes", "16=10", "--probe"], "leave it out"),
+                         (["--passes", "\u00b2=10"], "two whole numbers"),
+                         (["--passes", "16=10", "--passes", "16=12"], "16 twice"),
+                         (["--srds-iterations", "7=1"], "a divisor of 100")):
         done = CliRunner().invoke(app, [*base, *args])
         assert isinstance(done.exception, PaseError) and needle in str(done.exception), (args, done.output)
+
+
+@pytest.mark.parametrize("steps", [100, 1000, 999])
+def test_paradigms_takes_exactly_the_passes_given_at_every_count(steps):
+    """A measured count at a window is the count priced, for every feasible count: the window's start is computed
+    afresh each pass (a float advance summed pass by pass drifted one pass over, e.g. 12 -> 13 at 100 steps)."""
+    for window in (16, 80):
+        for count in range(-(-steps // window), steps + 1, 7 if steps > 100 else 1):
+            p = pricing({1: 0.01, 256: 0.02})
+            p.convergence = Convergence({window: count}, {}, "given")
+            assert predict_paradigms(p, steps, 1, 8, window).passes == count, (window, count)
+
+
+def test_data_parallel_call_by_hand():
+    """torch.nn.DataParallel's pass: replicate the tree per replica, broadcast the weights, a forward per chunk whose
+    host time is paid once per replica, the outputs gathered; a window of at most 3 steps runs the bare network on
+    one GPU (the ParaDiGMS code's rule). Chunks follow Tensor.chunk: a batch of 10 over 8 GPUs is 5 chunks of 2."""
+    from pase.sampling.planner import DataParallelCall
+
+    evals = {n: EvalTime([1, 100], [n * 0.001, n * 0.001 + 0.099], "test") for n in range(1, 9)}  # n ms + 1 ms/row
+    link = GatherTime(1e-5, 100.0, "test")
+    call = DataParallelCall(evals, modules=700, replicate_s=16e-6, weight_bytes=1e9, link=link)
+    gather = GatherTime(2e-5, 50.0, "test")
+    row_bytes = 4 * 96 * 96 * 4
+    # 5 state rows under guidance = 10 network rows over 8 GPUs: chunks of 2, 5 replicas
+    expected = (5 * 700 * 16e-6 + 1e-5 + 1e9 / 100e9 + evals[5](2) + gather(5 * row_bytes, 5))
+    assert call.seconds(5, 2, 8, gather, row_bytes) == pytest.approx(expected)
+    # 80 rows under guidance: 160 over 8 GPUs, chunks of 20 on all 8
+    expected = 8 * 700 * 16e-6 + 1e-5 + 0.01 + evals[8](20) + gather(80 * row_bytes, 8)
+    assert call.seconds(80, 2, 8, gather, row_bytes) == pytest.approx(expected)
+    assert call.seconds(3, 2, 8, gather, row_bytes) == evals[1](6)  # the bare network, no replication
+    assert call.seconds(40, 2, 1, gather, row_bytes) == evals[1](80)
+
+
+def test_threads_under_one_lock_pay_the_host_once_per_replica(graph_cache):
+    """A host-bound forward dispatched by n threads under one interpreter lock takes n times as long; a GPU-bound
+    one hardly moves. ``data_parallel_call`` counts the model's modules and its weights at the precision."""
+    from cost_models.cluster import load_cluster
+    from cost_models.rates import HardwareRates
+    from pase.graph import extract_model
+    from pase.models.zoo import resolve_model
+    from pase.sampling.planner import data_parallel_call
+
+    graph = extract_model("unet-tiny", 1, use_cache=True)
+    rates = HardwareRates(load_cluster("8xA100-80GB-SXM"), None, "fp16")
+    one, four = (roofline_eval_time(graph, rates, "fp16", host_threads=n) for n in (1, 4))
+    graphed = roofline_eval_time(graph, rates, "fp16", stack="graphed")
+    assert graphed(1) < one(1) / 4  # this small UNet at batch 1 is host-bound
+    assert four(1) == pytest.approx(4 * one(1), rel=0.05) and "4 threads" in four.source
+    call = data_parallel_call("unet-tiny", graph, rates, "fp16", 8)
+    with torch.device("meta"):
+        model = resolve_model("unet-tiny").build()
+    assert call.modules == len(list(model.modules()))
+    assert call.weight_bytes == pytest.approx(2 * sum(p.numel() for p in model.parameters()), rel=1e-6)
+    assert set(call.eval_by_replicas) == set(range(1, 9)) and call.replicate_s > 0
+
+
+def test_data_parallel_pricing_needs_gpus():
+    """torch.nn.DataParallel runs on GPUs: asking to price it on this machine's processes is refused in one line."""
+    from pase.cli.sample import build_pricing
+
+    with pytest.raises(PaseError, match="DataParallel runs on GPUs"):
+        build_pricing("unet-tiny", 2, None, 10, "ddim", None, 1.0, False, None, None, "fp32", data_parallel=True)
+
+
+def test_sample_plan_lays_out_a_run_given_with_its_evaluations():
+    """``--evaluations WINDOW=EVALUATIONS`` with ``--passes``: the window is priced with both counts (evenly
+    spaced passes would evaluate far more); evaluations without passes, or counts no run can take, are refused."""
+    from typer.testing import CliRunner
+
+    from pase.cli import app
+
+    base = ["sample-plan", "--model", "unet-tiny", "--cluster", "8xA100-80GB-SXM", "--steps", "1000", "--json",
+            "--passes", "80=44"]
+    given = json.loads(CliRunner().invoke(app, [*base, "--evaluations", "80=2040"]).stdout)
+    window80 = next(c for c in given["candidates"] if c["sampler"] == "paradigms" and c["window"] == 80)
+    assert window80["passes"] == 44 and window80["evals"] == 2040
+    assert "2040 evaluations" in given["sources"]["convergence"]
+    uniform = json.loads(CliRunner().invoke(app, base).stdout)
+    assert next(c for c in uniform["candidates"] if c.get("window") == 80)["evals"] > 3000
+    for args, needle in ((["--evaluations", "40=900"], "give the run's passes too"),
+                         (["--evaluations", "80=4000"], "no ParaDiGMS run")):
+        done = CliRunner().invoke(app, [*base, *args])
+        assert isinstance(done.exception, PaseError) and needle in str(done.exception), (args, done.output)
+
+
+def test_probe_records_each_windows_evaluations():
+    """The probe keeps what each window's run evaluated, so its windows are laid out from both counts."""
+    from pase.sampling.planner import probe_convergence
+
+    probed = probe_convergence("unet-tiny", "ddpm", 20, [2, 4], [2], 0.1, 0.01)
+    assert set(probed.paradigms_evaluations) == {2, 4}
+    for window in (2, 4):
+        rows = probed.paradigms_rows(window, 20)
+        assert len(rows) == probed.paradigms_passes[window] and sum(rows) == probed.paradigms_evaluations[window]

@@ -97,8 +97,6 @@ def predict_training(point: dict[str, Any]) -> dict[str, Any]:
     spec = cluster_spec(point)
     started = time.perf_counter()
     stack = point_stack(point)
-    # MLPerf's reference (mlcommons/training stable_diffusion/configs) trains without EMA (use_ema: False) and sets
-    # no gradient clipping (no gradient_clip_val for its Lightning trainer): priced without either
     # NVIDIA's implementation clips by the global norm (gradient_clip_val: 1.0) and runs no EMA; a point that did
     # not clip says so
     options = PlanOptions(precision=precision, stack=stack, grad_clip=bool(point.get("gradient_clipping", True)),
@@ -125,51 +123,60 @@ SAMPLING = {"paradigms-sd2-ddpm1000-sequential": ("sequential", 1000, "ddpm", 1,
             "paradigms-sd2-ddpm1000-parallel": ("paradigms", 1000, "ddpm", 8, "seconds"),
             "paradigms-sd2-1gpu-speedup": ("paradigms", 1000, "ddpm", 1, "speedup"),
             "paradigms-sd2-2gpu-speedup": ("paradigms", 1000, "ddpm", 2, "speedup"),
+            "paradigms-sd2-4gpu-speedup": ("paradigms", 1000, "ddpm", 4, "speedup"),
             "paradigms-sd2-ddim200-sequential": ("sequential", 200, "ddim", 1, "seconds"),
             "paradigms-sd2-ddim200-parallel": ("paradigms", 200, "ddim", 8, "seconds"),
             "srds-sd2-25step-speedup": ("srds", 25, "ddim", 4, "speedup"),
             "srds-sd2-100step-speedup": ("srds", 100, "ddim", 4, "speedup")}
 
 
-def predict_sampling(point: dict[str, Any]) -> tuple[float, str, str]:
+def predict_sampling(point: dict[str, Any], points: dict[str, dict[str, Any]]) -> tuple[float, str, str]:
     """(pase's figure for a sampling point, the cluster it priced, how), at the point's resolution (latents 1/8 of
-    it) in fp16, as the ParaDiGMS code samples, on an eager stack (diffusers' pipelines dispatch every op). A point
-    whose source gives the run's counts (``run``) is priced as that run; the others as `sample-plan` would pick."""
+    it) in fp16, as the ParaDiGMS code samples, on an eager stack (diffusers' pipelines dispatch every op), on the
+    runtime it ran (``runtime``: "nn.DataParallel" for the ParaDiGMS code's multi-GPU runs, else pase's). A point
+    whose source gives the run's counts (``run``) is priced as that run; one that gives its window takes the
+    convergence of the run it names (``convergence_from``); the others are priced as `sample-plan` would pick."""
     from pase.cli.sample import build_pricing
-    from pase.sampling.planner import plan_sampling, predict_srds
+    from pase.sampling.planner import Convergence, plan_sampling, predict_paradigms, predict_srds
 
     sampler, steps, scheduler, gpus, measure = SAMPLING[point["id"]]
     cluster = f"{gpus}xA100-80GB-SXM"
     latent = int(point["resolution_px"]) // 8 if point.get("resolution_px") else None
+    data_parallel = point.get("runtime") == "nn.DataParallel"
     pricing, devices, where = build_pricing("sd15-unet", None, cluster, steps, scheduler, latent, 7.5, False, None,
-                                            None, "fp16")
+                                            None, "fp16", data_parallel=data_parallel)
     plan = plan_sampling("sd15-unet", scheduler, steps, devices, 1, pricing, margin=0.0, sources={"devices": where})
     sequential = next(c.seconds for c in plan.candidates if c.sampler == "sequential")
-    run = point.get("run")
-    if run and sampler == "paradigms":
-        best, how = paradigms_as_run(pricing, gpus, run), (f"its {run['passes']} passes, {run['evaluations']} "
-                                                            f"evaluations, window {run['window']}")
-    elif run and sampler == "srds":
+    run = point.get("run") or {}
+    if sampler == "paradigms" and ("passes" in run or "convergence_from" in run):
+        measured = run if "passes" in run else points[run["convergence_from"]]["run"]
+        pricing.convergence = Convergence({measured["window"]: measured["passes"]}, {}, point["id"],
+                                          {measured["window"]: measured["evaluations"]})
+        candidate = predict_paradigms(pricing, steps, 1, gpus, run["window"])
+        best = candidate.seconds
+        how = f"window {run['window']}: {candidate.passes} passes, {candidate.evals:g} evaluations"
+        if "passes" not in run:
+            how += f" (from {measured['passes']} / {measured['evaluations']} at {measured['window']})"
+    elif sampler == "srds" and run:
         best = predict_srds(pricing, steps, 1, gpus, run["blocks"], run["pipelined"], run["iterations"]).seconds
         how = f"{run['blocks']} blocks, {run['iterations']} iteration(s)" + (", pipelined" if run["pipelined"] else "")
     else:
         best = min(c.seconds for c in plan.candidates if c.sampler.startswith(sampler))
         how = "sample-plan's pick" if sampler != "sequential" else "sequential"
+    if data_parallel:
+        how += ", nn.DataParallel"
     return (best if measure == "seconds" else sequential / best), cluster, how
 
 
-def paradigms_as_run(pricing: Any, gpus: int, run: dict[str, int]) -> float:
-    """Seconds of a published ParaDiGMS run from its counts: ``passes`` passes evaluating ``evaluations`` window
-    steps in all. The code scales the tolerance by the inverse of each step's noise variance, which vanishes at the
-    last steps, so the tail advances a step per pass (paradigms/stablediffusion_paradigms.py): full windows first,
-    one pass with the remainder, then one-step passes, each priced by pase's sampler on ``gpus`` devices."""
-    window, passes, evaluations = run["window"], run["passes"], run["evaluations"]
-    assert passes <= evaluations <= passes * window, run
-    full = min(passes, (evaluations - passes) // (window - 1)) if window > 1 else 0
-    extra = evaluations - passes - full * (window - 1)  # rows beyond one in the pass after the full ones
-    lengths = [window] * full + ([1 + extra] if full < passes else []) + [1] * max(0, passes - full - 1)
-    assert sum(lengths) == evaluations and len(lengths) == passes and max(lengths) <= window, run
-    return sum(pricing.pass_seconds(length, gpus) for length in lengths)
+def sampling_skipped(point: dict[str, Any]) -> str:
+    """Why a sampling point is not priced."""
+    if point["id"] == "paradigms-sd2-ddpm1000-abstract":
+        return "not priced: the run's window, passes and runtime are not published"
+    if "DistriFusion" in point.get("method", ""):
+        return "not priced: patch parallelism is not a sampler pase plans"
+    if point.get("model") != "sd2":
+        return f"not priced: model {point.get('model')} is not in the zoo"
+    return "not priced: no single run to price (a range or a trend)"
 
 
 def measured_images_per_s(point: dict[str, Any]) -> float | None:
@@ -218,11 +225,15 @@ def main() -> None:
                      "published": bool(point.get("source_url")),
                      "per_gpu_batch": int(point["global_batch"]) // int(point["gpus"]),
                      "error": error, "source_url": point.get("source_url"), **predicted})
+    by_id = {point["id"]: point for point in data["points"]}
     for point in data["points"]:
-        if wanted and point["id"] not in wanted or point.get("kind") != "sampling" or point["id"] not in SAMPLING:
+        if wanted and point["id"] not in wanted or point.get("kind") != "sampling":
+            continue
+        if point["id"] not in SAMPLING:
+            rows.append({"id": point["id"], "kind": "sampling", "skipped": sampling_skipped(point)})
             continue
         with console.status(f"pricing {point['id']} ..."):
-            predicted_value, cluster, how = predict_sampling(point)
+            predicted_value, cluster, how = predict_sampling(point, by_id)
         rows.append({"id": point["id"], "kind": "sampling", "cluster": cluster, "priced_as": how,
                      "measured": float(point["value"]),
                      "predicted": predicted_value, "unit": SAMPLING[point["id"]][4],
@@ -244,6 +255,9 @@ def main() -> None:
     for column in ("point", "cluster", "priced as", "measured", "predicted", "error"):
         sampling.add_column(column, justify="left" if column in ("point", "cluster", "priced as") else "right")
     for row in (r for r in rows if r.get("kind") == "sampling"):
+        if "skipped" in row:
+            sampling.add_row(row["id"], "", row["skipped"], "", "", "")
+            continue
         unit = " s" if row["unit"] == "seconds" else "x"
         sampling.add_row(row["id"], row["cluster"], row["priced_as"], f"{row['measured']:.2f}{unit}",
                          f"{row['predicted']:.2f}{unit}", f"{row['error']:+.0%}")
@@ -251,7 +265,7 @@ def main() -> None:
     summary: dict[str, Any] = {}
     training = [r for r in rows if "error" in r and r.get("kind") != "sampling"]
     for kind, chosen in (("training", training), ("training (published only)", [r for r in training if r["published"]]),
-                         ("sampling", [r for r in rows if r.get("kind") == "sampling"])):
+                         ("sampling", [r for r in rows if r.get("kind") == "sampling" and "error" in r])):
         errors = [abs(row["error"]) for row in chosen]
         summary[kind] = {"points": len(errors), "mean_abs_error": statistics.fmean(errors) if errors else None,
                          "worst_abs_error": max(errors, default=None)}

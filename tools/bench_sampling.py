@@ -67,7 +67,7 @@ def predict(model: str, processes: int, samplers: list[str], eval_time) -> dict[
     """What sample-plan predicts for exactly the benchmarked settings, from one eval-time probe."""
     import torch
 
-    from pase.sampling import build_core, default_blocks
+    from pase.sampling import default_blocks
     from pase.sampling.planner import (
         CPU_MEMORY_GBPS,
         Convergence,
@@ -86,7 +86,6 @@ def predict(model: str, processes: int, samplers: list[str], eval_time) -> dict[
                       CPU_MEMORY_GBPS)
     out = {}
     for scheduler, steps in CASES:
-        core = build_core(scheduler, steps)
         blocks = default_blocks(steps)
         for sampler in samplers:
             if sampler == "sequential":
@@ -94,7 +93,7 @@ def predict(model: str, processes: int, samplers: list[str], eval_time) -> dict[
             elif sampler == "paradigms":
                 c = predict_paradigms(pricing, steps, 1, processes, WINDOW)
             else:
-                c = predict_srds(pricing, core, 1, processes, blocks, sampler == "srds-pipelined",
+                c = predict_srds(pricing, steps, 1, processes, blocks, sampler == "srds-pipelined",
                                  convergence.iterations(blocks, scheduler))
             out[(scheduler, steps, sampler)] = {"passes": c.passes, "evals": c.evals, "seconds": c.seconds}
     return out

@@ -159,6 +159,10 @@ def sample_plan_command(
     passes: Annotated[list[str] | None, typer.Option(
         help="ParaDiGMS passes measured on your checkpoint, as WINDOW=PASSES (repeatable; e.g. 80=44): the "
              "planner prices windows from them instead of the default law.")] = None,
+    evaluations: Annotated[list[str] | None, typer.Option(
+        help="The network evaluations (sum of the windows' rows) of a run given with --passes, as "
+             "WINDOW=EVALUATIONS (e.g. 80=2040): its passes are laid out from both counts, and other windows "
+             "from its layout.")] = None,
     srds_iterations: Annotated[list[str] | None, typer.Option(
         help="SRDS iterations measured on your checkpoint, as BLOCKS=ITERATIONS (repeatable; e.g. 5=1).")] = None,
     profile: Annotated[Path | None, typer.Option(help="A calibration profile (`pase hw calibrate`).")] = None,
@@ -183,10 +187,10 @@ def sample_plan_command(
         raise PaseError(f"--margin must be >= 0 (a parallel sampler must not be predicted slower), not {margin}")
     check_precision(precision)
     torch.set_num_threads(threads)
-    given = given_convergence(passes or [], srds_iterations or [], steps)
+    given = given_convergence(passes or [], srds_iterations or [], steps, evaluations or [])
     if given is not None and probe:
-        raise PaseError("--probe measures convergence on the seeded model; leave it out when giving --passes or "
-                        "--srds-iterations")
+        raise PaseError("--probe measures convergence on the seeded model; leave it out when giving --passes, "
+                        "--evaluations or --srds-iterations")
     pricing, devices, where = build_pricing(model, devices, cluster, steps, scheduler, size, guidance_scale, probe,
                                             tol, profile, precision, threads)
     if given is not None:
@@ -198,44 +202,64 @@ def sample_plan_command(
     print_sample_plan(plan)
 
 
-def given_convergence(passes: list[str], iterations: list[str], steps: int):  # noqa: ANN201 - Convergence | None
-    """The convergence a user measured (``--passes WINDOW=PASSES``, ``--srds-iterations BLOCKS=ITERATIONS``), or
-    None when neither is given; a malformed or impossible pair is refused in one line."""
+def given_convergence(passes: list[str], iterations: list[str], steps: int,
+                      evaluations: list[str] | None = None):  # noqa: ANN201 - Convergence | None
+    """The convergence a user measured (``--passes WINDOW=PASSES``, ``--evaluations WINDOW=EVALUATIONS``,
+    ``--srds-iterations BLOCKS=ITERATIONS``), or None when none is given; a malformed or impossible pair is
+    refused in one line."""
+    from pase.sampling.paradigms_schedule import begins_from_counts
     from pase.sampling.planner import Convergence
 
     def pairs(values: list[str], flag: str, what: str) -> dict[int, int]:
         parsed: dict[int, int] = {}
         for value in values:
             key, sep, count = value.partition("=")
-            if not sep or not key.strip().isdigit() or not count.strip().isdigit():
+            key, count = key.strip(), count.strip()
+            if not sep or not (key.isascii() and key.isdecimal()) or not (count.isascii() and count.isdecimal()):
                 raise PaseError(f"{flag} {value!r}: write {what} as two whole numbers, e.g. {flag} 80=44")
             k, n = int(key), int(count)
             if k < 1 or n < 1:
                 raise PaseError(f"{flag} {value!r}: both numbers must be at least 1")
+            if k in parsed and parsed[k] != n:
+                raise PaseError(f"{flag} gives {k} twice ({k}={parsed[k]} and {k}={n}); give each once")
             parsed[k] = n
         return parsed
 
     windows = pairs(passes, "--passes", "WINDOW=PASSES")
     blocks = pairs(iterations, "--srds-iterations", "BLOCKS=ITERATIONS")
+    evaluated = pairs(evaluations or [], "--evaluations", "WINDOW=EVALUATIONS")
     for window, count in windows.items():
         if count > steps or count * window < steps:
             raise PaseError(f"--passes {window}={count}: with {steps} steps a window of {window} takes between "
                             f"{-(-steps // window)} and {steps} passes")
     for block, count in blocks.items():
+        if block < 2 or steps % block or block == steps:
+            raise PaseError(f"--srds-iterations {block}={count}: SRDS splits the {steps} steps into equal blocks; "
+                            f"give a divisor of {steps} between 2 and {steps // 2}")
         if count > block:
             raise PaseError(f"--srds-iterations {block}={count}: SRDS is exact after at most {block} iterations "
                             f"with {block} blocks")
+    for window, count in evaluated.items():
+        if window not in windows:
+            raise PaseError(f"--evaluations {window}={count}: give the run's passes too (--passes {window}=...)")
+        try:
+            begins_from_counts(steps, window, windows[window], count)
+        except PaseError as error:
+            raise PaseError(f"--passes {window}={windows[window]} --evaluations {window}={count}: {error}") from None
     if not windows and not blocks:
         return None
-    given = ", ".join([*(f"window {w}: {n} passes" for w, n in sorted(windows.items())),
+    given = ", ".join([*(f"window {w}: {n} passes" + (f", {evaluated[w]} evaluations" if w in evaluated else "")
+                         for w, n in sorted(windows.items())),
                        *(f"{b} blocks: {n} iterations" for b, n in sorted(blocks.items()))])
-    return Convergence(windows, blocks, f"given (--passes / --srds-iterations): {given}")
+    return Convergence(windows, blocks, f"given (--passes / --evaluations / --srds-iterations): {given}", evaluated)
 
 
 def build_pricing(model: str, devices: int | None, cluster: str | None, steps: int, scheduler: str,
                   size: int | None, guidance_scale: float, probe: bool, tol: float | None, profile: Path | None,
-                  precision: str, threads: int = 1):  # noqa: ANN201 - (Pricing, devices, description)
-    """The cost-model inputs for this machine (measured) or a cluster spec (roofline)."""
+                  precision: str, threads: int = 1, data_parallel: bool = False
+                  ):  # noqa: ANN201 - (Pricing, devices, description)
+    """The cost-model inputs for this machine (measured) or a cluster spec (roofline); ``data_parallel`` prices
+    the passes as ``torch.nn.DataParallel`` runs them (the ParaDiGMS reference code's runtime, not pase's)."""
     from pase.models.zoo import resolve_model
     from pase.sampling import planner
     from pase.sampling.runner import build_denoiser
@@ -269,9 +293,13 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
         graph = extract_model(model, 1, input_shapes=shapes, use_cache=True)
         eval_time = planner.roofline_eval_time(graph, rates, precision)
         gather = planner.gather_time(hw, measured, devices)
+        dp_call = planner.data_parallel_call(model, graph, rates, precision, devices) if data_parallel else None
         memory_gbps = rates.memory().value / 1e9
         where = f"{devices} x {hw.gpu.id} of {hw.spec}"
     else:
+        if data_parallel:
+            raise PaseError("torch.nn.DataParallel runs on GPUs: price it with --cluster")
+        dp_call = None
         devices = devices or 2
         cores = os.cpu_count() or 1
         if devices > MAX_LOCAL_PROCESSES:
@@ -290,7 +318,8 @@ def build_pricing(model: str, devices: int | None, cluster: str | None, steps: i
         paradigms_tol = 0.1 if tol is None else tol
         convergence = planner.probe_convergence(model, scheduler, steps, windows, blocks, paradigms_tol,
                                                 paradigms_tol / 10, size, guidance_scale=guidance_scale)
-    pricing = planner.Pricing(eval_time, gather, convergence, channels * height * width, memory_gbps, evals_per_row)
+    pricing = planner.Pricing(eval_time, gather, convergence, channels * height * width, memory_gbps, evals_per_row,
+                              dp_call)
     return pricing, devices, where
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,9 +34,11 @@ from cost_models.kernels import KernelModel, host_bound, host_ops_per_step, kern
 from cost_models.layer_costs import COMPUTE_KINDS
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
+from pase.models.zoo import resolve_model
 from pase.sampling.core import build_core, check_steps
 from pase.sampling.distributed import Evaluator
 from pase.sampling.paradigms import paradigms
+from pase.sampling.paradigms_schedule import begins_at_window, begins_from_counts, rows_of
 from pase.sampling.runner import build_denoiser
 from pase.sampling.srds import SrdsPassCounter, srds
 from strategies import parallel_sampling
@@ -82,6 +84,36 @@ class GatherTime:
 
 
 @dataclass
+class DataParallelCall:
+    """One call of ``torch.nn.DataParallel`` over the GPUs: the one-process runtime the ParaDiGMS reference code
+    samples with (pase's sampler runs a process per device and is priced without it). Every call replicates the
+    module tree on the host (``modules`` x replicas x ``replicate_s``) and broadcasts the weights to the replicas;
+    scatters the batch in chunks of ceil(batch / devices) (``Tensor.chunk``, so fewer replicas for a small batch);
+    runs each replica's forward on its own thread, the threads dispatching operators under one interpreter lock,
+    so each operator's host time is paid once per replica (``eval_by_replicas[n]``); and gathers the outputs onto
+    the first GPU. The reference code calls the bare network on one GPU when a window holds at most
+    ``direct_max_rows`` steps (``net = wrapped_unet if parallel_len > 3 else unet``)."""
+    eval_by_replicas: dict[int, EvalTime]  # replicas -> forward seconds per chunk batch, host paid per replica
+    modules: int
+    replicate_s: float  # host seconds to copy one module for one replica
+    weight_bytes: float
+    link: GatherTime  # the weights' broadcast: its alpha and bus bandwidth
+    direct_max_rows: int = 3
+
+    def seconds(self, rows: int, evals_per_row: int, devices: int, gather: GatherTime, row_bytes: float) -> float:
+        """A pass over ``rows`` state rows (``evals_per_row`` network rows each) on ``devices`` GPUs, without
+        the update arithmetic."""
+        batch = rows * evals_per_row
+        if rows <= self.direct_max_rows or devices <= 1:
+            return self.eval_by_replicas[1](batch)
+        chunk = math.ceil(batch / devices)
+        replicas = math.ceil(batch / chunk)
+        replicate = replicas * self.modules * self.replicate_s
+        broadcast = self.link.alpha_s + self.weight_bytes / (self.link.busbw_gbps * 1e9)
+        return replicate + broadcast + self.eval_by_replicas[replicas](chunk) + gather(rows * row_bytes, replicas)
+
+
+@dataclass
 class Convergence:
     """Expected convergence: ParaDiGMS passes per window, SRDS iterations per block count."""
     paradigms_passes: dict[int, int] = field(default_factory=dict)  # measured: window -> passes
@@ -89,6 +121,30 @@ class Convergence:
     source: str = (f"stated defaults: ParaDiGMS accepts min(1 + {PARADIGMS_ADVANCE[0]} (window - 1)^"
                    f"{PARADIGMS_ADVANCE[1]}, {PARADIGMS_CAP[0]} window^{PARADIGMS_CAP[1]}) steps per pass; SRDS "
                    f"converges in {SRDS_ITERATIONS['ddim']} (DDIM) / {SRDS_ITERATIONS['ddpm']} (DDPM) iterations")
+    paradigms_evaluations: dict[int, int] = field(default_factory=dict)  # measured: window -> evaluations
+
+    def paradigms_rows(self, window: int, steps: int) -> list[int]:
+        """Rows of each ParaDiGMS pass at ``window`` (``pase.sampling.paradigms_schedule``): a window measured
+        with its evaluations is laid out from its counts; one measured by passes alone as evenly spaced passes
+        at its advance; any other from the nearest window measured with evaluations (its tail kept, its body's
+        advance carried by the law's shape); else evenly spaced at ``advance``."""
+        with_evaluations = [w for w in self.paradigms_evaluations if w in self.paradigms_passes and w > 1]
+        if window in with_evaluations:
+            begins = begins_from_counts(steps, window, self.paradigms_passes[window],
+                                        self.paradigms_evaluations[window])
+        elif with_evaluations and window not in self.paradigms_passes:
+            nearest = min(with_evaluations, key=lambda w: (abs(math.log(window / w)), w))
+            measured = begins_from_counts(steps, nearest, self.paradigms_passes[nearest],
+                                          self.paradigms_evaluations[nearest])
+            begins = begins_at_window(measured, nearest, window, steps, PARADIGMS_ADVANCE[1])
+        else:
+            # pass k begins at floor(k x advance), computed afresh each pass: summing a float advance drifts, and
+            # a measured 12 passes (advance = steps / 12) would come out as 13
+            advance = max(1.0, self.advance(window, steps))
+            begins = []
+            while (begin := math.floor(len(begins) * advance + 1e-9)) < steps and len(begins) < steps:
+                begins.append(begin)
+        return rows_of(begins, window, steps)
 
     def advance(self, window: int, steps: int) -> float:
         """Steps accepted per pass at this window, never more than the window (a pass evaluates only ``window``
@@ -154,17 +210,20 @@ class SamplePlan:
 # ---------------------------------------------------------------------------------------------- eval time
 def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
                        batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                       stack: str = "eager") -> EvalTime:
+                       stack: str = "eager", host_threads: int = 1) -> EvalTime:
     """Forward time of ``graph`` (captured at batch 1) per batch on one device of ``rates``, with the training
     cost model's kernel physics (``cost_models.kernels``): per layer, max(FLOPs / (rate x wave utilisation at
     that batch), bytes / memory rate) plus the GPU's floor for each kernel it launches; weights are read once
     per call, activations scale with the batch. On an ``eager`` stack (pase's sampler, diffusers' pipelines) a
     layer takes at least its operators' host dispatch time (``cost_models.kernels.host_bound``); a ``graphed``
-    one replays from CUDA graphs. O(layers * batches)."""
+    one replays from CUDA graphs. ``host_threads`` threads dispatching a forward each under one interpreter lock
+    pay that many times the host time per operator (``DataParallelCall``). O(layers * batches)."""
     scale = bytes_per_element(precision) / 4  # the graph was captured in fp32
     memory_rate = rates.memory().value
     gpu = rates.cluster.gpu
     kernels = KernelModel.for_gpu(gpu, stack)
+    if kernels is not None and host_threads > 1:
+        kernels = replace(kernels, host_s=kernels.host_s * host_threads)
     layers = [data for _, data in graph.layers() if data["op"] not in ("input", "output")]
     sizes = np.array(batches, dtype=np.float64)
     total = np.zeros(len(batches))
@@ -186,9 +245,25 @@ def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
     floor = f"; {gpu.kernel_floor_us:g} us per kernel, waves over {gpu.sm_count} SMs" if kernels else ""
     if kernels is not None and kernels.host_s:
         floor += f"; eager: {gpu.host_us_per_op:g} us of host per operator"
+        if host_threads > 1:
+            floor += f", dispatched by {host_threads} threads under one interpreter lock"
     source = (f"roofline over {len(layers)} layers of the LayerGraph on {rates.cluster.gpu.id} {precision} "
               f"({rates.compute('conv').source}{floor})")
     return EvalTime(list(batches), [float(t) for t in total], source)
+
+
+def data_parallel_call(model: str, graph: Any, rates: Any, precision: str, devices: int) -> DataParallelCall:
+    """``DataParallelCall`` for ``model`` over ``devices`` GPUs of ``rates``: the forward per replica count from the
+    roofline, the module count from the model built on the meta device, the per-module replication time from the
+    catalog (``replicate_us_per_module``), and the broadcast over the GPUs' all-gather link."""
+    with torch.device("meta"):
+        modules = sum(1 for _ in resolve_model(model).build().modules())
+    weights = sum(data.get("param_bytes", 0) for _, data in graph.layers()) * bytes_per_element(precision) / 4
+    link = rates.collective("all_gather", list(range(devices)))
+    return DataParallelCall({n: roofline_eval_time(graph, rates, precision, host_threads=n)
+                             for n in range(1, devices + 1)},
+                            modules, rates.cluster.gpu.replicate_us_per_module * 1e-6, weights,
+                            GatherTime(link.alpha_s, link.busbw_gbps, link.source))
 
 
 def measure_eval_time(model: str, size: int | None, batches: tuple[int, ...] = (1, 2, 4, 8, 16),
@@ -245,10 +320,11 @@ def probe_convergence(model: str, scheduler: str, steps: int, windows: list[int]
     core = build_core(scheduler, steps, clip_sample=False)
     x_t, noise = core.initial_and_noise((1, channels, height, width), seed)
     evaluator = Evaluator(denoiser, split=False)
-    passes = {w: paradigms(core, evaluator, x_t, noise, w, tol_paradigms).passes for w in windows}
+    runs = {w: paradigms(core, evaluator, x_t, noise, w, tol_paradigms) for w in windows}
     iterations = {b: srds(core, evaluator, x_t, noise, b, tol_srds).iterations or 1 for b in blocks}
-    return Convergence(passes, iterations, f"measured probe on {model} ({height}x{width}, seeded weights, "
-                                           f"tol {tol_paradigms:g} / {tol_srds:g})")
+    return Convergence({w: r.passes for w, r in runs.items()}, iterations,
+                       f"measured probe on {model} ({height}x{width}, seeded weights, tol {tol_paradigms:g} / "
+                       f"{tol_srds:g})", {w: int(r.evals) for w, r in runs.items()})
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -260,14 +336,18 @@ class Pricing:
     elems: int  # elements of one state (C x H x W)
     memory_gbps: float  # for the per-pass update arithmetic
     evals_per_row: int = 1  # 2 under classifier-free guidance
+    data_parallel: DataParallelCall | None = None  # passes run by torch.nn.DataParallel (not pase's runtime)
 
     def pass_seconds(self, rows: int, devices: int, update: bool = True) -> float:
         """One batched call of ``rows`` state-rows split over ``devices`` (replicated when rows < devices)."""
-        split = devices > 1 and rows >= devices
-        local = math.ceil(rows / devices) if split else rows
-        seconds = self.eval_time(local * self.evals_per_row)
-        if split:
-            seconds += self.gather(rows * self.elems * 4, devices)
+        if self.data_parallel is not None:
+            seconds = self.data_parallel.seconds(rows, self.evals_per_row, devices, self.gather, self.elems * 4)
+        else:
+            split = devices > 1 and rows >= devices
+            local = math.ceil(rows / devices) if split else rows
+            seconds = self.eval_time(local * self.evals_per_row)
+            if split:
+                seconds += self.gather(rows * self.elems * 4, devices)
         if update:
             seconds += 8 * rows * self.elems * 4 / (self.memory_gbps * 1e9)
         return seconds
@@ -286,16 +366,10 @@ def predict_batch(p: Pricing, steps: int, samples: int, devices: int) -> Candida
 
 
 def predict_paradigms(p: Pricing, steps: int, samples: int, devices: int, window: int) -> Candidate:
-    """Slide a window that accepts ``advance`` steps per pass (at least 1) until the end."""
-    advance = max(1.0, p.convergence.advance(window, steps))
-    begin, passes, rows_total, seconds = 0.0, 0, 0, 0.0
-    while begin < steps and passes < steps:
-        length = min(window, steps - int(begin))
-        seconds += p.pass_seconds(length * samples, devices)
-        rows_total += length
-        begin += advance
-        passes += 1
-    return Candidate("paradigms", f"window {window}", devices, passes, float(rows_total), seconds, samples,
+    """Slide the window as the convergence lays it out (``Convergence.paradigms_rows``) until the end."""
+    rows = p.convergence.paradigms_rows(window, steps)
+    seconds = sum(p.pass_seconds(r * samples, devices) for r in rows)
+    return Candidate("paradigms", f"window {window}", devices, len(rows), float(sum(rows)), seconds, samples,
                      window=window)
 
 
@@ -329,6 +403,10 @@ def plan_sampling(model: str, scheduler: str, steps: int, devices: int, samples:
             candidates.append(predict_paradigms(pricing, steps, samples, devices, config.window))
         else:
             srds_configs.append(config)
+    searched = {c.window for c in candidates if c.sampler == "paradigms"}
+    for window in sorted(set(pricing.convergence.paradigms_passes) - searched):  # a measured window is priced too
+        if 2 <= window <= steps:
+            candidates.append(predict_paradigms(pricing, steps, samples, devices, window))
     # SRDS: block counts near sqrt(N) first; a count whose lower bound cannot beat the best of its schedule found
     # so far is not dry-run (iteration 0's coarse sweep is B passes in a row, and each iteration's fine solves N / B
     # in a row; no pass is faster than the fastest one of at most one row per device)
