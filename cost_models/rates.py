@@ -32,7 +32,8 @@ NCCL_TREE_BANDWIDTH = 0.92  # "busBw*.92" for the tree
 # NVLS (NVLink SHARP: the NVSwitch reduces) for an all-reduce within one node, as NCCL prices it. Its graph search
 # (src/graph/search.cc) gives one channel per GPU (at most 32), each GPU's switch link carrying every channel once
 # and its own twice, at the fastest speed of the architecture's list that fits; the tuner (tuning.cc) takes
-# nvlsEfficiency of it over (channels - 1) / channels, doubled for an all-reduce's two pipelined halves, and adds
+# nvlsEfficiency of it over (channels - 1) / channels, doubled for an all-reduce's two pipelined halves, at most the
+# channel's bwInter (the search's second pass raises it up the list while under twice the speed), and adds
 # hwLat[NVLINK][NVLS][SIMPLE] with no base latency. Needs NVSwitch and compute capability 9.0 or later. Across nodes
 # NVLS runs as NVLS-tree, which also depends on the NICs' channels: not priced.
 NCCL_NVLS_EFFICIENCY = {"hopper": 0.85, "blackwell": 0.74}  # nvlsEfficiency[Hopper, Blackwell]
@@ -130,11 +131,16 @@ class HardwareRates:
             return None
         link = path.effective_gbps  # a GPU's links to the switch (NCCL's per-link figure x links)
         channels = min(NCCL_MAX_NVLS_ARITY, group)
-        speed = next((s for s in NCCL_NVLS_SPEEDS[gpu.arch]
-                      if s * (channels + 1) <= link and s * channels <= link * group / (group - 1)), None)
-        if speed is None or channels < 2:
+        speeds = NCCL_NVLS_SPEEDS[gpu.arch]
+        index = next((i for i, s in enumerate(speeds) if s * (channels + 1) <= link), None)
+        if index is None or channels < 2:
             return None
-        busbw = 2 * speed * NCCL_NVLS_EFFICIENCY[gpu.arch] * (channels - 1)
+        speed = inter = speeds[index]
+        while index > 0 and inter < 2 * speed:  # the search's second pass raises bwInter up the list
+            index -= 1
+            inter = speeds[index]
+        # per channel min(2 x efficiency x (channels - 1) / channels x bwIntra, bwInter), times the channels
+        busbw = channels * min(2 * speed * NCCL_NVLS_EFFICIENCY[gpu.arch] * (channels - 1) / channels, inter)
         return CollectiveRate(NCCL_NVLS_LATENCY_US / 1e6, busbw,
                               f"topology: NCCL NVLS over the NVSwitch, {channels} channels at {speed:g} GB/s x "
                               f"{NCCL_NVLS_EFFICIENCY[gpu.arch]:g} ({gpu.arch}) = {busbw:g} GB/s", "nvls")

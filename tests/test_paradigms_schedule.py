@@ -68,3 +68,30 @@ def test_convergence_lays_out_a_measured_run_and_its_neighbours():
     assert sum(given.paradigms_rows(40, 1000)) < 40 * len(given.paradigms_rows(40, 1000))  # a clipped tail
     uniform = Convergence({80: 44}, {}, "given")
     assert len(uniform.paradigms_rows(80, 1000)) == 44 and sum(uniform.paradigms_rows(80, 1000)) > 3000
+
+
+def test_every_count_the_rule_can_reach_on_small_runs_is_laid_out():
+    """Every (passes, evaluations) some run of the rule reaches, for up to 14 steps and windows up to 6, gets a
+    layout with those counts; every other pair is refused (full windows must not be spread past steps - window)."""
+    for steps in range(1, 15):
+        for window in range(1, 7):
+            reached: set[tuple[int, int]] = set()
+
+            def walk(begin: int, passes: int, evaluations: int, steps: int = steps, window: int = window,
+                     reached: set[tuple[int, int]] = reached) -> None:
+                if begin >= steps:
+                    reached.add((passes, evaluations))
+                    return
+                for advance in range(1, window + 1):
+                    walk(begin + advance, passes + 1, evaluations + min(window, steps - begin))
+
+            walk(0, 0, 0)
+            for passes in range(1, steps + 1):
+                for evaluations in range(passes, passes * window + 1):
+                    if (passes, evaluations) in reached:
+                        begins = begins_from_counts(steps, window, passes, evaluations)
+                        assert follows_rule(begins, window, steps)
+                        assert (len(begins), sum(rows_of(begins, window, steps))) == (passes, evaluations)
+                    else:
+                        with pytest.raises(PaseError):
+                            begins_from_counts(steps, window, passes, evaluations)

@@ -45,8 +45,11 @@ def begins_from_counts(steps: int, window: int, passes: int, evaluations: int) -
             else:
                 run = []
             clipped = [steps - length for length in [first, *run]]
-            if full:  # spread from 0 towards the first clipped begin, none past steps - window
-                clipped = [min(round(i * clipped[0] / full), steps - window) for i in range(full)] + clipped
+            if full:  # spread from 0 to the last full begin: at most steps - window, before the clipped one
+                last = min(steps - window, clipped[0] - 1, (full - 1) * window)
+                if last < max(full - 1, clipped[0] - window):
+                    continue
+                clipped = [round(i * last / max(1, full - 1)) for i in range(full)] + clipped
             begins = clipped
         if begins and follows_rule(begins, window, steps) and sum(rows_of(begins, window, steps)) == evaluations:
             return begins
