@@ -133,7 +133,7 @@ class HardwareRates:
         channels = min(NCCL_MAX_NVLS_ARITY, group)
         speeds = NCCL_NVLS_SPEEDS[gpu.arch]
         index = next((i for i, s in enumerate(speeds) if s * (channels + 1) <= link), None)
-        if index is None or channels < 2:
+        if index is None:
             return None
         speed = inter = speeds[index]
         while index > 0 and inter < 2 * speed:  # the search's second pass raises bwInter up the list

@@ -169,9 +169,9 @@ def predict_sampling(point: dict[str, Any], points: dict[str, dict[str, Any]]) -
 
 
 def sampling_skipped(point: dict[str, Any]) -> str:
-    """Why a sampling point is not priced."""
-    if point["id"] == "paradigms-sd2-ddpm1000-abstract":
-        return "not priced: the run's window, passes and runtime are not published"
+    """Why a sampling point is not priced (a point may say so itself: ``not_priced``)."""
+    if point.get("not_priced"):
+        return f"not priced: {point['not_priced']}"
     if "DistriFusion" in point.get("method", ""):
         return "not priced: patch parallelism is not a sampler pase plans"
     if point.get("model") != "sd2":

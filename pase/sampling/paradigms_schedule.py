@@ -19,6 +19,15 @@ def rows_of(begins: list[int], window: int, steps: int) -> list[int]:
     return [min(window, steps - b) for b in begins]
 
 
+def evenly_spaced(advance: float, end: int) -> list[int]:
+    """Begins floor(k x advance) below ``end``, each computed afresh: summing a float advance drifts, and a
+    measured 12 passes (advance = steps / 12) would come out as 13."""
+    begins: list[int] = []
+    while (begin := math.floor(len(begins) * advance + 1e-9)) < end:
+        begins.append(begin)
+    return begins
+
+
 def begins_from_counts(steps: int, window: int, passes: int, evaluations: int) -> list[int]:
     """Begins of a run over ``steps`` at ``window`` that took ``passes`` passes and ``evaluations`` evaluations
     (the sum of the passes' rows). Counts fix the work, not the layout; the one kept is as many full windows as
@@ -79,8 +88,7 @@ def begins_at_window(measured: list[int], measured_window: int, window: int, ste
         advance = body_end / full
         if measured_window > 1:
             advance = 1 + (advance - 1) * ((window - 1) / (measured_window - 1)) ** exponent
-        advance = min(float(window), max(1.0, advance))
-        begins = [math.floor(j * advance + 1e-9) for j in range(math.ceil(body_end / advance - 1e-9))]
+        begins = evenly_spaced(min(float(window), max(1.0, advance)), body_end)
     laid: list[int] = []
     for begin in [*begins, *tail, steps]:
         while laid and begin - laid[-1] > window:

@@ -38,7 +38,7 @@ from pase.models.zoo import resolve_model
 from pase.sampling.core import build_core, check_steps
 from pase.sampling.distributed import Evaluator
 from pase.sampling.paradigms import paradigms
-from pase.sampling.paradigms_schedule import begins_at_window, begins_from_counts, rows_of
+from pase.sampling.paradigms_schedule import begins_at_window, begins_from_counts, evenly_spaced, rows_of
 from pase.sampling.runner import build_denoiser
 from pase.sampling.srds import SrdsPassCounter, srds
 from strategies import parallel_sampling
@@ -138,12 +138,7 @@ class Convergence:
                                           self.paradigms_evaluations[nearest])
             begins = begins_at_window(measured, nearest, window, steps, PARADIGMS_ADVANCE[1])
         else:
-            # pass k begins at floor(k x advance), computed afresh each pass: summing a float advance drifts, and
-            # a measured 12 passes (advance = steps / 12) would come out as 13
-            advance = max(1.0, self.advance(window, steps))
-            begins = []
-            while (begin := math.floor(len(begins) * advance + 1e-9)) < steps and len(begins) < steps:
-                begins.append(begin)
+            begins = evenly_spaced(max(1.0, self.advance(window, steps)), steps)
         return rows_of(begins, window, steps)
 
     def advance(self, window: int, steps: int) -> float:
