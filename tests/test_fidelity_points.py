@@ -22,7 +22,7 @@ def test_every_point_has_a_source_a_value_and_a_unit() -> None:
     ids = [p["id"] for p in points]
     assert len(ids) == len(set(ids))
     for point in points:
-        assert point["kind"] in ("training", "sampling"), point["id"]
+        assert point["kind"] in ("training", "sampling", "inference"), point["id"]
         # a publication's address, or a measurement of pase's own kept in the repository (marked apart)
         published = (point.get("source_url") or "").startswith("http")
         assert published or (ROOT / point["source_file"]).is_file(), point["id"]
@@ -82,3 +82,20 @@ def test_the_reference_codes_multi_gpu_runs_are_priced_on_its_runtime() -> None:
     assert points["paradigms-sd2-ddpm1000-parallel"]["value"] == 16.2  # the table's time, paired with its counts
     assert "paradigms-sd2-ddpm1000-abstract" not in tool.SAMPLING
     assert "not published" in tool.sampling_skipped(points["paradigms-sd2-ddpm1000-abstract"])
+
+
+def test_inference_points_price_the_network_call_they_timed() -> None:
+    """diffusers' published SD-1.5 steps/s: under guidance each step calls the UNet on twice the images, on an eager
+    stack, on GPUs the catalog holds, of 3+ architectures; pase's price of the call falls with the batch and each
+    point's error is its steps/s against the published one."""
+    points = [p for p in json.loads((ROOT / "tools" / "data" / "fidelity_points.json").read_text())["points"]
+              if p["kind"] == "inference"]
+    tool = _tool()
+    assert len(points) >= 12 and len({p["arch"] for p in points}) >= 3
+    for point in points:
+        assert point["unet_batch"] == 2 * point["images_per_call"] and point["stack"] == "eager", point["id"]
+        assert tool.catalog_gpu(point["gpu"]) is not None and point["source_url"].startswith("https://"), point["id"]
+    a100 = sorted((p for p in points if p["gpu"] == "A100"), key=lambda p: p["unet_batch"])
+    priced = [tool.predict_inference(p) for p in (a100[0], a100[-1])]
+    assert priced[0][1] == priced[1][1] == "A100-80GB-SXM"
+    assert priced[0][0] > priced[1][0] > 0  # more latents per call: fewer steps per second

@@ -13,10 +13,12 @@ switches, which pase's cost model does not price as it ran (no CollNet/SHARP, re
 they are compared with the plan `pase plan` would make (micro-steps, sharding per block, pipelines); that plan's
 images/s is printed for every point. NVIDIA's implementation clips gradients (``gradient_clip_val: 1.0``) and runs no
 EMA, and so are the points priced. Sampling points
-(ParaDiGMS, SRDS) are priced by `sample-plan`'s model. Each point is priced on the stack it ran: MLPerf's
-implementation replays whole iterations from CUDA graphs ("graphed"); the sampling papers ran diffusers eagerly.
-The same cost model and catalog price every row: there is no per-row factor. The run ends with the mean absolute
-error and the worst row.
+(ParaDiGMS, SRDS) are priced by `sample-plan`'s model. Inference points (diffusers' published denoising steps/s of
+SD-1.5 on one GPU at several batches) price that model's network call alone, on four GPUs of three
+architectures: what the call costs apart from any sampler's pass count. Each point is priced on the stack it ran:
+MLPerf's implementation replays whole iterations from CUDA graphs ("graphed"); the sampling papers and the
+inference points ran diffusers eagerly. The same cost model and catalog price every row: there is no per-row
+factor. The run ends with the mean absolute error and the worst row.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ ZOO_MODEL = {"sd15": "sd15-unet", "sd1": "sd15-unet", "sd2": "sd15-unet", "sdxl"
 # the catalog's GPU for a published name (the catalog holds each GPU's figures and their sources)
 GPU_IDS = {"h100": "H100-SXM", "h100-sxm": "H100-SXM", "h100-pcie": "H100-PCIe", "h200": "H200-SXM",
            "b200": "B200", "gb200": "GB200", "a100-80": "A100-80GB-SXM", "a100-40": "A100-40GB-SXM",
-           "a100": "A100-80GB-SXM", "v100": "V100-SXM2", "mi300x": "MI300X", "rtx4090": "RTX4090", "l40s": "L40S"}
+           "a100": "A100-80GB-SXM", "v100": "V100-SXM2", "mi300x": "MI300X", "rtx4090": "RTX4090", "rtx3090": "RTX3090",
+           "l40s": "L40S"}
 NETWORKS = {"ndr": "IB-NDR400", "xdr": "IB-XDR", "hdr": "IB-HDR", "edr": "IB-EDR", "roce": "RoCE-400"}
 
 
@@ -168,6 +171,26 @@ def predict_sampling(point: dict[str, Any], points: dict[str, dict[str, Any]]) -
     return (best if measure == "seconds" else sequential / best), cluster, how
 
 
+def predict_inference(point: dict[str, Any]) -> tuple[float, str]:
+    """(denoising steps/s pase predicts for an inference point, the GPU it priced): one UNet call on
+    ``unet_batch`` latents at the point's resolution in its precision, on its stack, with the sampler's roofline
+    (``pase.sampling.planner.roofline_eval_time``); the scheduler's few elementwise operators are not priced."""
+    from cost_models.cluster import load_cluster
+    from cost_models.rates import HardwareRates
+    from pase.graph import extract_model
+    from pase.sampling.planner import roofline_eval_time
+
+    gpu = catalog_gpu(point["gpu"])
+    assert gpu is not None
+    latent = int(point["resolution_px"]) // 8
+    graph = extract_model(ZOO_MODEL[point["model"]], 1, input_shapes={"sample": (1, 4, latent, latent)},
+                          use_cache=True)
+    rates = HardwareRates(load_cluster(f"1x{gpu}"), None, point["precision"])
+    seconds = roofline_eval_time(graph, rates, point["precision"], batches=(int(point["unet_batch"]),),
+                                 stack=point["stack"]).seconds[0]
+    return 1 / seconds, gpu
+
+
 def sampling_skipped(point: dict[str, Any]) -> str:
     """Why a sampling point is not priced (a point may say so itself: ``not_priced``)."""
     if point.get("not_priced"):
@@ -238,11 +261,22 @@ def main() -> None:
                      "measured": float(point["value"]),
                      "predicted": predicted_value, "unit": SAMPLING[point["id"]][4],
                      "error": predicted_value / float(point["value"]) - 1, "source_url": point.get("source_url")})
+    for point in data["points"]:
+        if wanted and point["id"] not in wanted or point.get("kind") != "inference":
+            continue
+        if catalog_gpu(point["gpu"]) is None:
+            rows.append({"id": point["id"], "kind": "inference", "skipped": f"{point['gpu']} is not in the catalog"})
+            continue
+        with console.status(f"pricing {point['id']} ..."):
+            steps_per_s, gpu = predict_inference(point)
+        rows.append({"id": point["id"], "kind": "inference", "gpu": gpu, "unet_batch": point["unet_batch"],
+                     "measured": float(point["value"]), "predicted": steps_per_s,
+                     "error": steps_per_s / float(point["value"]) - 1, "source_url": point.get("source_url")})
     table = Table(title="pase's predicted training throughput against published measurements")
     for column in ("point", "cluster", "per GPU", "measured img/s", "priced as", "predicted img/s", "error",
                    "pase plan img/s"):
         table.add_column(column, justify="left" if column in ("point", "cluster", "priced as") else "right")
-    for row in (r for r in rows if r.get("kind") != "sampling"):
+    for row in (r for r in rows if r.get("kind") not in ("sampling", "inference")):
         if "skipped" in row:
             table.add_row(row["id"], "", "", "", "", "", row["skipped"], "")
             continue
@@ -262,16 +296,29 @@ def main() -> None:
         sampling.add_row(row["id"], row["cluster"], row["priced_as"], f"{row['measured']:.2f}{unit}",
                          f"{row['predicted']:.2f}{unit}", f"{row['error']:+.0%}")
     console.print(sampling)
+    inference = Table(title="pase's network call against published inference steps (SD-1.5, 512 px, fp16, eager; "
+                            "the UNet's batch is twice the images under guidance)")
+    for column in ("point", "GPU", "UNet batch", "measured steps/s", "predicted steps/s", "error"):
+        inference.add_column(column, justify="left" if column in ("point", "GPU") else "right")
+    for row in (r for r in rows if r.get("kind") == "inference"):
+        if "skipped" in row:
+            inference.add_row(row["id"], "", "", "", "", row["skipped"])
+            continue
+        inference.add_row(row["id"], row["gpu"], str(row["unet_batch"]), f"{row['measured']:.2f}",
+                          f"{row['predicted']:.2f}", f"{row['error']:+.0%}")
+    console.print(inference)
     summary: dict[str, Any] = {}
-    training = [r for r in rows if "error" in r and r.get("kind") != "sampling"]
+    training = [r for r in rows if "error" in r and r.get("kind") not in ("sampling", "inference")]
     for kind, chosen in (("training", training), ("training (published only)", [r for r in training if r["published"]]),
-                         ("sampling", [r for r in rows if r.get("kind") == "sampling" and "error" in r])):
+                         ("sampling", [r for r in rows if r.get("kind") == "sampling" and "error" in r]),
+                         ("inference", [r for r in rows if r.get("kind") == "inference" and "error" in r])):
         errors = [abs(row["error"]) for row in chosen]
         summary[kind] = {"points": len(errors), "mean_abs_error": statistics.fmean(errors) if errors else None,
                          "worst_abs_error": max(errors, default=None)}
         if errors:
             console.print(f"{kind}: {len(errors)} points, mean absolute error {statistics.fmean(errors):.1%}, worst "
-                          f"{max(errors):.1%} (targets: 15% and 25% for training, 25% for sampling)")
+                          f"{max(errors):.1%} (targets: 15% and 25% for training, 25% for sampling; none set for "
+                          "inference steps)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     console.print(f"wrote {args.json}")
