@@ -156,6 +156,19 @@ def test_bf16_capture_halves_bytes() -> None:
     assert 2 * bf16.total("param_bytes") == fp32.total("param_bytes")
 
 
+def test_sd2_unet_has_64_channel_heads_and_a_1024_wide_context() -> None:
+    """SD 2's UNet (stabilityai/stable-diffusion-2's config): its published 865,910,724 parameters, every attention
+    head 64 channels wide (SD-1.5's are 40, 80 and 160), 96x96 latents (768 px), cross-attention over 77 x 1024."""
+    graph = extract_model("sd2-unet", 1)
+    assert graph.param_count == 865_910_724
+    attention = [d for _, d in graph.layers() if d["op"] == "attention"]
+    assert len(attention) == 32 and {d["dims"]["d"] for d in attention} == {64}
+    assert max(d["dims"]["q"] for d in attention) == 96 * 96
+    assert {d["dims"]["kv"] for d in attention if d["dims"]["kv"] != d["dims"]["q"]} == {77}
+    context = "input:encoder_hidden_states/input"
+    assert graph.graph.out_degree(context) == 2 * 16
+
+
 @pytest.mark.slow
 def test_sdxl_capture() -> None:
     graph = extract_model("sdxl-unet", 1)

@@ -158,6 +158,17 @@ SD15_UNET = dict(
     cross_attention_dim=768, attention_head_dim=8, act_fn="silu", center_input_sample=False, downsample_padding=1,
     flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32,
 )
+# Stable Diffusion 2's unet/config.json (stabilityai/stable-diffusion-2, 768 px: 96x96 latents; 865.9M parameters):
+# SD-1.5's blocks with 64-channel heads everywhere ("attention_head_dim" counts heads there), 1024-wide text
+# embeddings (OpenCLIP ViT-H) and linear projections into and out of each transformer.
+SD2_UNET = dict(
+    sample_size=96, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, act_fn="silu",
+    center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+    norm_eps=1e-5, norm_num_groups=32,
+)
 # Stable Diffusion XL base 1.0's unet/config.json (2.57B parameters).
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
@@ -192,6 +203,10 @@ ZOO: dict[str, ModelSpec] = {
         ModelSpec("sd15-unet", "diffusers UNet2DConditionModel, Stable Diffusion 1.5, 860M params",
                   "diffusers.UNet2DConditionModel", SD15_UNET,
                   (*_unconditional_inputs(4, 64), InputSpec("encoder_hidden_states", (BATCH, 77, 768))),
+                  _unet2d_condition, vae_factor=8),
+        ModelSpec("sd2-unet", "diffusers UNet2DConditionModel, Stable Diffusion 2 (768 px), 866M params",
+                  "diffusers.UNet2DConditionModel", SD2_UNET,
+                  (*_unconditional_inputs(4, 96), InputSpec("encoder_hidden_states", (BATCH, 77, 1024))),
                   _unet2d_condition, vae_factor=8),
         ModelSpec("sd-tiny", "diffusers UNet2DConditionModel, SD-shaped at test size (tests)",
                   "diffusers.UNet2DConditionModel", SD_TINY,
