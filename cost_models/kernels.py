@@ -49,10 +49,24 @@ class KernelModel:
         work = tiles * splits
         return work / (np.ceil(work / self.sm_count) * self.sm_count)
 
-    def attention_utilization(self, queries: np.ndarray, streams: np.ndarray) -> np.ndarray:
-        """Flash attention: one tile per ``tile`` queries of each (sample, head) stream."""
+    def attention_utilization(self, queries: np.ndarray, streams: np.ndarray,
+                              head_dim: np.ndarray | float | None = None) -> np.ndarray:
+        """Flash attention: one tile per ``tile`` queries of each (sample, head) stream, and each head's channels
+        padded to the kernel's head dim (``flash_head_dim``)."""
         work = np.ceil(np.maximum(queries, 1) / self.tile) * np.maximum(streams, 1)
-        return work / (np.ceil(work / self.sm_count) * self.sm_count)
+        waves = work / (np.ceil(work / self.sm_count) * self.sm_count)
+        if head_dim is None:
+            return waves
+        return waves * np.asarray(head_dim, dtype=np.float64) / flash_head_dim(head_dim)
+
+
+def flash_head_dim(head_dim: np.ndarray | float) -> np.ndarray:
+    """The head dim a flash-attention kernel computes over for heads of ``head_dim`` channels: FlashAttention-2
+    instantiates kernels for 32, 64, ..., 192 and 256 and runs a head on the smallest that holds it, its extra
+    channels zero (flash_api.cpp: ``head_size <= 192 ? round_multiple(head_size, 32) : 256``); SD-1.5's 40-channel
+    heads run on the 64 kernel. Wider heads than 256 are taken as they are (no flash kernel holds them)."""
+    d = np.maximum(np.asarray(head_dim, dtype=np.float64), 1.0)
+    return np.where(d <= 192, np.ceil(d / 32) * 32, np.where(d <= 256, 256.0, d))
 
 
 def kernels_per_step(op: str, fused_ops: int, training: bool = True) -> int:
@@ -98,9 +112,12 @@ def gemm_extents(layer: Mapping[str, Any], local: dict[str, np.ndarray]) -> tupl
 
 def layer_utilization(model: KernelModel, layer: Mapping[str, Any], local: dict[str, np.ndarray]) -> np.ndarray:
     """Wave utilisation of a conv, linear, matmul or attention layer whose dims have the ``local`` (per device)
-    extents (``gemm_extents``); attention tiles its queries per (sample, head) stream."""
+    extents (``gemm_extents``); attention tiles its queries per (sample, head) stream, its heads padded to the
+    flash kernel's head dim."""
     if layer["op"] == "attention":
         roles, out = layer["roles"], [d for d in layer["tensors"]["output"] if d is not None]
+        head_dims = [d for d in layer["dims"] if roles[d] == "reduction"]
         return model.attention_utilization(_product(local, [d for d in out if roles[d] == "sequence"]),
-                                           _product(local, [d for d in out if roles[d] in ("batch", "head")]))
+                                           _product(local, [d for d in out if roles[d] in ("batch", "head")]),
+                                           _product(local, head_dims) if head_dims else None)
     return model.utilization(*gemm_extents(layer, local))

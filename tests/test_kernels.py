@@ -9,11 +9,18 @@ from torch import nn
 
 from cost_models.catalog import Catalog
 from cost_models.cluster import parse_spec
-from cost_models.kernels import KernelModel, host_bound, host_ops_per_step, kernels_per_step, layer_utilization
+from cost_models.kernels import (
+    KernelModel,
+    flash_head_dim,
+    host_bound,
+    host_ops_per_step,
+    kernels_per_step,
+    layer_utilization,
+)
 from cost_models.layer_costs import CostModel, CostOptions
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
-from pase.graph import extract
+from pase.graph import extract, extract_model
 from pase.planning import PlanOptions
 from strategies.splits import SplitSpace
 
@@ -39,6 +46,24 @@ def test_split_k_fills_the_machine_when_the_reduction_is_long() -> None:
 def test_attention_tiles_queries_per_stream() -> None:
     # 8 heads x 2 samples x 4,096 / 128 query tiles = 512 tiles: 4 waves of 132, the last 116 full
     assert H100.attention_utilization(np.array([4096.0]), np.array([16.0]))[0] == pytest.approx(512 / 528)
+    # SD-1.5's 40-channel heads run on FlashAttention-2's 64-channel kernel: 40/64 of its work is useful
+    assert H100.attention_utilization(np.array([4096.0]), np.array([16.0]), 40.0)[0] == \
+        pytest.approx(512 / 528 * 40 / 64)
+
+
+def test_flash_kernels_pad_heads_to_their_head_dim() -> None:
+    dims = np.array([8.0, 40.0, 64.0, 80.0, 160.0, 200.0, 256.0, 320.0])
+    assert flash_head_dim(dims).tolist() == [32.0, 64.0, 64.0, 96.0, 160.0, 256.0, 256.0, 320.0]
+
+
+def test_attention_layers_are_priced_at_their_padded_head_dim() -> None:
+    """The layer graph's head dim (role ``reduction``) reaches the utilisation: SD-1.5's first self-attention has
+    40-channel heads."""
+    layer = next(d for _, d in extract_model("sd15-unet", 1, use_cache=True).layers() if d["op"] == "attention")
+    local = {d: np.array([float(e)]) for d, e in layer["dims"].items()}
+    waves = H100.attention_utilization(np.array([4096.0]), np.array([8.0]))
+    assert layer["dims"]["d"] == 40
+    assert layer_utilization(H100, layer, local)[0] == pytest.approx(waves[0] * 40 / 64)
 
 
 def test_kernel_counts() -> None:

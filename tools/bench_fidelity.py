@@ -33,9 +33,9 @@ from rich.console import Console
 from rich.table import Table
 
 POINTS = Path(__file__).parent / "data" / "fidelity_points.json"
-# SD 2's UNet (865M) is SD-1.5's (860M) with 1024-wide text embeddings and 64-channel attention heads: priced as
-# sd15-unet (the same convolutions and attention; only the cross-attention's key and value projections differ)
-ZOO_MODEL = {"sd15": "sd15-unet", "sd1": "sd15-unet", "sd2": "sd15-unet", "sdxl": "sdxl-unet"}
+# SD 2's UNet (865M: SD-1.5's blocks with 64-channel heads and 1024-wide text embeddings) is the zoo's sd2-unet,
+# priced at each point's resolution (MLPerf's SD-2 base at 512 px, the papers' SD-2 at 768)
+ZOO_MODEL = {"sd15": "sd15-unet", "sd1": "sd15-unet", "sd2": "sd2-unet", "sdxl": "sdxl-unet"}
 # the catalog's GPU for a published name (the catalog holds each GPU's figures and their sources)
 GPU_IDS = {"h100": "H100-SXM", "h100-sxm": "H100-SXM", "h100-pcie": "H100-PCIe", "h200": "H200-SXM",
            "b200": "B200", "gb200": "GB200", "a100-80": "A100-80GB-SXM", "a100-40": "A100-40GB-SXM",
@@ -119,7 +119,7 @@ def predict_training(point: dict[str, Any]) -> dict[str, Any]:
 
 
 # sampling points pase's sample planner prices: id -> (sampler, steps, scheduler, GPUs, what the point measured).
-# SD-v2 is priced as sd15-unet at the point's resolution (768 px) under classifier-free guidance (batch 2 per
+# SD-v2 is priced as sd2-unet at the point's resolution (768 px) under classifier-free guidance (batch 2 per
 # step), one sample; speedups are against sequential sampling on one GPU. DistriFusion's patch parallelism is not
 # a sampler pase plans.
 SAMPLING = {"paradigms-sd2-ddpm1000-sequential": ("sequential", 1000, "ddpm", 1, "seconds"),
@@ -146,9 +146,10 @@ def predict_sampling(point: dict[str, Any], points: dict[str, dict[str, Any]]) -
     cluster = f"{gpus}xA100-80GB-SXM"
     latent = int(point["resolution_px"]) // 8 if point.get("resolution_px") else None
     data_parallel = point.get("runtime") == "nn.DataParallel"
-    pricing, devices, where = build_pricing("sd15-unet", None, cluster, steps, scheduler, latent, 7.5, False, None,
-                                            None, "fp16", data_parallel=data_parallel)
-    plan = plan_sampling("sd15-unet", scheduler, steps, devices, 1, pricing, margin=0.0, sources={"devices": where})
+    model = ZOO_MODEL["sd2"]
+    pricing, devices, where = build_pricing(model, None, cluster, steps, scheduler, latent, 7.5, False, None, None,
+                                            "fp16", data_parallel=data_parallel)
+    plan = plan_sampling(model, scheduler, steps, devices, 1, pricing, margin=0.0, sources={"devices": where})
     sequential = next(c.seconds for c in plan.candidates if c.sampler == "sequential")
     run = point.get("run") or {}
     if sampler == "paradigms" and ("passes" in run or "convergence_from" in run):
@@ -285,7 +286,7 @@ def main() -> None:
                       f"{row['plan_images_per_s']:,.1f}")
     console.print(table)
     sampling = Table(title="pase's sample planner against published sampling figures "
-                           "(SD-v2 priced as sd15-unet at 768 px)")
+                           "(SD-v2 as sd2-unet at 768 px)")
     for column in ("point", "cluster", "priced as", "measured", "predicted", "error"):
         sampling.add_column(column, justify="left" if column in ("point", "cluster", "priced as") else "right")
     for row in (r for r in rows if r.get("kind") == "sampling"):
