@@ -63,8 +63,9 @@ class KernelModel:
 def flash_head_dim(head_dim: np.ndarray | float) -> np.ndarray:
     """The head dim a flash-attention kernel computes over for heads of ``head_dim`` channels: FlashAttention-2
     instantiates kernels for 32, 64, ..., 192 and 256 and runs a head on the smallest that holds it, its extra
-    channels zero (flash_api.cpp: ``head_size <= 192 ? round_multiple(head_size, 32) : 256``); SD-1.5's 40-channel
-    heads run on the 64 kernel. Wider heads than 256 are taken as they are (no flash kernel holds them)."""
+    channels zero (static_switch.h ``HEADDIM_SWITCH``: ``d <= 32``, ``<= 64``, ... ``<= 256``; flash_api.cpp rounds
+    ``head_size <= 192 ? round_multiple(head_size, 32) : 256`` alike); SD-1.5's 40-channel heads run on the 64
+    kernel. Wider heads than 256 are taken as they are (no flash kernel holds them)."""
     d = np.maximum(np.asarray(head_dim, dtype=np.float64), 1.0)
     return np.where(d <= 192, np.ceil(d / 32) * 32, np.where(d <= 256, 256.0, d))
 
