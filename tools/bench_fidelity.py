@@ -23,6 +23,7 @@ factor. The run ends with the mean absolute error and the worst row.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -172,20 +173,25 @@ def predict_sampling(point: dict[str, Any], points: dict[str, dict[str, Any]]) -
     return (best if measure == "seconds" else sequential / best), cluster, how
 
 
+@functools.cache
+def inference_graph(model: str, latent: int) -> Any:
+    """The batch-1 layer graph at ``latent`` x ``latent``, loaded once for all the GPUs and batches priced on it."""
+    from pase.graph import extract_model
+
+    return extract_model(model, 1, input_shapes={"sample": (1, 4, latent, latent)}, use_cache=True)
+
+
 def predict_inference(point: dict[str, Any]) -> tuple[float, str]:
     """(denoising steps/s pase predicts for an inference point, the GPU it priced): one UNet call on
     ``unet_batch`` latents at the point's resolution in its precision, on its stack, with the sampler's roofline
     (``pase.sampling.planner.roofline_eval_time``); the scheduler's few elementwise operators are not priced."""
     from cost_models.cluster import load_cluster
     from cost_models.rates import HardwareRates
-    from pase.graph import extract_model
     from pase.sampling.planner import roofline_eval_time
 
     gpu = catalog_gpu(point["gpu"])
     assert gpu is not None
-    latent = int(point["resolution_px"]) // 8
-    graph = extract_model(ZOO_MODEL[point["model"]], 1, input_shapes={"sample": (1, 4, latent, latent)},
-                          use_cache=True)
+    graph = inference_graph(ZOO_MODEL[point["model"]], int(point["resolution_px"]) // 8)
     rates = HardwareRates(load_cluster(f"1x{gpu}"), None, point["precision"])
     seconds = roofline_eval_time(graph, rates, point["precision"], batches=(int(point["unet_batch"]),),
                                  stack=point["stack"]).seconds[0]
@@ -238,14 +244,15 @@ def main() -> None:
             continue
         skipped = why_skipped(point)
         if skipped:
-            rows.append({"id": point["id"], "skipped": skipped})
+            rows.append({"id": point["id"], "kind": "training", "skipped": skipped})
             continue
         measured = measured_images_per_s(point)
         assert measured is not None
         with console.status(f"planning {point['id']} ..."):
             predicted = predict_training(point)
         error = predicted["predicted_images_per_s"] / measured - 1
-        rows.append({"id": point["id"], "gpu": point["gpu"], "gpus": point["gpus"], "measured_images_per_s": measured,
+        rows.append({"id": point["id"], "kind": "training", "gpu": point["gpu"], "gpus": point["gpus"],
+                     "measured_images_per_s": measured,
                      "published": bool(point.get("source_url")),
                      "per_gpu_batch": int(point["global_batch"]) // int(point["gpus"]),
                      "error": error, "source_url": point.get("source_url"), **predicted})
@@ -277,7 +284,7 @@ def main() -> None:
     for column in ("point", "cluster", "per GPU", "measured img/s", "priced as", "predicted img/s", "error",
                    "pase plan img/s"):
         table.add_column(column, justify="left" if column in ("point", "cluster", "priced as") else "right")
-    for row in (r for r in rows if r.get("kind") not in ("sampling", "inference")):
+    for row in (r for r in rows if r["kind"] == "training"):
         if "skipped" in row:
             table.add_row(row["id"], "", "", "", "", "", row["skipped"], "")
             continue
@@ -289,7 +296,7 @@ def main() -> None:
                            "(SD-v2 as sd2-unet at 768 px)")
     for column in ("point", "cluster", "priced as", "measured", "predicted", "error"):
         sampling.add_column(column, justify="left" if column in ("point", "cluster", "priced as") else "right")
-    for row in (r for r in rows if r.get("kind") == "sampling"):
+    for row in (r for r in rows if r["kind"] == "sampling"):
         if "skipped" in row:
             sampling.add_row(row["id"], "", row["skipped"], "", "", "")
             continue
@@ -301,7 +308,7 @@ def main() -> None:
                             "the UNet's batch is twice the images under guidance)")
     for column in ("point", "GPU", "UNet batch", "measured steps/s", "predicted steps/s", "error"):
         inference.add_column(column, justify="left" if column in ("point", "GPU") else "right")
-    for row in (r for r in rows if r.get("kind") == "inference"):
+    for row in (r for r in rows if r["kind"] == "inference"):
         if "skipped" in row:
             inference.add_row(row["id"], "", "", "", "", row["skipped"])
             continue
@@ -309,10 +316,11 @@ def main() -> None:
                           f"{row['predicted']:.2f}", f"{row['error']:+.0%}")
     console.print(inference)
     summary: dict[str, Any] = {}
-    training = [r for r in rows if "error" in r and r.get("kind") not in ("sampling", "inference")]
-    for kind, chosen in (("training", training), ("training (published only)", [r for r in training if r["published"]]),
-                         ("sampling", [r for r in rows if r.get("kind") == "sampling" and "error" in r]),
-                         ("inference", [r for r in rows if r.get("kind") == "inference" and "error" in r])):
+    priced = {kind: [r for r in rows if r["kind"] == kind and "error" in r] for kind in ("training", "sampling",
+                                                                                        "inference")}
+    for kind, chosen in (("training", priced["training"]),
+                         ("training (published only)", [r for r in priced["training"] if r["published"]]),
+                         ("sampling", priced["sampling"]), ("inference", priced["inference"])):
         errors = [abs(row["error"]) for row in chosen]
         summary[kind] = {"points": len(errors), "mean_abs_error": statistics.fmean(errors) if errors else None,
                          "worst_abs_error": max(errors, default=None)}
