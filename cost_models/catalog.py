@@ -63,6 +63,8 @@ class GPUSpec:
     notes: str = ""
     sm_count: int = 0  # streaming multiprocessors (AMD: compute units); 0 = unknown, no wave quantisation
     kernel_floor_us: float = 0.0  # GPU time per kernel no work hides (the catalog's "kernels" section, by arch)
+    # GPU time per kernel of a forward that runs every layer-graph operator as its own kernel ("kernels" section)
+    unfused_kernel_floor_us: float = 0.0
     # host time per operator an eager PyTorch stack dispatches to this GPU (the catalog's "kernels" section)
     host_us_per_op: float = 0.0
     # host time torch.nn.DataParallel takes to copy one module for one replica on every call (the "kernels" section)
@@ -119,6 +121,7 @@ class GPUSpec:
             nvml_names=tuple(entry.get("nvml_names", ())), aliases=tuple(entry.get("aliases", ())),
             sources=tuple(entry.get("sources", ())), notes=entry.get("notes", ""),
             sm_count=int(entry.get("sm_count", 0)), kernel_floor_us=float(entry.get("kernel_floor_us", 0.0)),
+            unfused_kernel_floor_us=float(entry.get("unfused_kernel_floor_us", 0.0)),
             host_us_per_op=float(entry.get("host_us_per_op", 0.0)),
             replicate_us_per_module=float(entry.get("replicate_us_per_module", 0.0)),
         )
@@ -175,6 +178,7 @@ class Catalog:
         entry = self.data["gpus"][gpu_id]
         kernels = self.data.get("kernels", {})
         defaults = {"kernel_floor_us": kernels.get("floor_us", {}).get(entry.get("arch"), 0.0),
+                    "unfused_kernel_floor_us": kernels.get("unfused_floor_us", 0.0),
                     "host_us_per_op": kernels.get("host_us_per_op", 0.0),
                     "replicate_us_per_module": kernels.get("replicate_us_per_module", 0.0)}
         return GPUSpec.from_entry(gpu_id, {**defaults, **entry})

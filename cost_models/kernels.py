@@ -9,14 +9,16 @@ also costs a floor (launch, ramp-up, tail) that no amount of work hides, which i
 batches slow per sample. All of it is vectorised over a layer's split configurations.
 
 An eager PyTorch stack (pase's runtime) also pays the host: every operator is dispatched from Python before its
-kernel can start, ``host_s`` each. The host runs ahead of the GPU only while queued kernels last, so a layer
-takes the longer of its GPU time and its operators' dispatch time (``host_bound``). A CUDA-graphed stack
-(``host_s`` 0) replays the kernels without the host.
+kernel can start, ``host_s`` each. The host runs ahead of the GPU only while queued kernels last
+(``queued_seconds``): a long kernel hides the dispatch of the small ones after it, and a run of small kernels
+waits on the host. A chain priced end to end (the sampler's forward) runs that queue; the training search needs
+a cost per layer and takes the queue's upper bound, the longer of each layer's GPU time and its operators'
+dispatch time (``host_bound``). A CUDA-graphed stack (``host_s`` 0) replays the kernels without the host.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,16 @@ class KernelModel:
         if not gpu.sm_count:
             return None
         return cls(gpu.sm_count, gpu.kernel_floor_us * 1e-6, gpu.host_us_per_op * 1e-6 if stack == "eager" else 0.0)
+
+    @classmethod
+    def for_unfused_forward(cls, gpu: Any, stack: str = "eager") -> KernelModel | None:
+        """``for_gpu``, with the floor of a forward whose every layer-graph operator is its own kernel (an eager
+        module, dispatched or replayed from a CUDA graph: the catalog's ``unfused_floor_us``), where the training
+        stacks' floor is a bare kernel's."""
+        model = cls.for_gpu(gpu, stack)
+        if model is None or not gpu.unfused_kernel_floor_us:
+            return model
+        return replace(model, floor_s=gpu.unfused_kernel_floor_us * 1e-6)
 
     def utilization(self, rows: np.ndarray, cols: np.ndarray, reduction: np.ndarray | float) -> np.ndarray:
         """Share of the SMs' time a GEMM of ``rows`` x ``cols`` outputs over ``reduction`` keeps busy."""
@@ -92,6 +104,20 @@ def host_bound(gpu_seconds: np.ndarray, host_ops: float, model: KernelModel | No
     if model is None or model.host_s <= 0 or host_ops <= 0:
         return gpu_seconds
     return np.maximum(gpu_seconds, host_ops * model.host_s)
+
+
+def queued_seconds(gpu_seconds: Iterable[np.ndarray], host_seconds: Iterable[np.ndarray | float]) -> np.ndarray:
+    """Wall time of layers run in order on one CUDA stream fed by one host thread, given each layer's GPU time
+    and its operators' dispatch time: a layer's kernels start once the GPU has finished the layer before and the
+    host has begun dispatching this one, and end no earlier than the host has dispatched its last operator. So
+    the host's dispatch hides behind queued kernels, and the GPU idles only where the host falls behind. Never
+    more than the sum of ``host_bound``'s per-layer maxima, never less than the larger of the two sums."""
+    end: np.ndarray | float = 0.0
+    dispatched: np.ndarray | float = 0.0
+    for gpu, host in zip(gpu_seconds, host_seconds, strict=True):
+        end = np.maximum(np.maximum(end, dispatched) + gpu, dispatched + host)
+        dispatched = dispatched + host
+    return np.asarray(end, dtype=np.float64)
 
 
 def _product(local: dict[str, np.ndarray], dims: list[str]) -> np.ndarray:

@@ -16,6 +16,7 @@ from cost_models.kernels import (
     host_ops_per_step,
     kernels_per_step,
     layer_utilization,
+    queued_seconds,
 )
 from cost_models.layer_costs import CostModel, CostOptions
 from cost_models.rates import HardwareRates
@@ -140,6 +141,56 @@ def test_an_eager_layer_takes_at_least_its_dispatch_time() -> None:
         CostOptions(stack="compiled")
     with pytest.raises(PaseError, match="stack"):
         PlanOptions(stack="compiled")
+
+
+def test_the_launch_queue_hides_dispatch_behind_long_kernels() -> None:
+    """Hand-computed: layers of (GPU, host) (1, 3), (10, 1), (1, 1), (1, 4) end at 3, 13, 14, 15. The host
+    dispatches layers 3 and 4 while layer 2's long kernel runs, so the chain takes 15 where per-layer maxima sum
+    to 18; a second batch column with the GPU times doubled ends at 3, 23, 25, 27."""
+    gpu = [np.array([1.0, 2.0]), np.array([10.0, 20.0]), np.array([1.0, 2.0]), np.array([1.0, 2.0])]
+    host = [3.0, 1.0, 1.0, 4.0]
+    assert queued_seconds(gpu, host) == pytest.approx([15.0, 27.0])
+    assert queued_seconds(gpu[:1], host[:1]) == pytest.approx([3.0, 3.0])
+    # bounds on random chains: at least either sum, at most the per-layer maxima that host_bound charges
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        g, h = rng.exponential(1.0, (2, 30))
+        total = float(queued_seconds([np.array(x) for x in g], list(h)))
+        assert max(g.sum(), h.sum()) - 1e-9 <= total <= np.maximum(g, h).sum() + 1e-9
+
+
+def test_the_sampler_forward_prices_unfused_kernels_at_their_own_floor() -> None:
+    gpu = Catalog.load().gpu("H200-SXM")
+    assert gpu.unfused_kernel_floor_us > gpu.kernel_floor_us > 0
+    model = KernelModel.for_unfused_forward(gpu, "graphed")
+    assert model is not None and model.floor_s == pytest.approx(gpu.unfused_kernel_floor_us * 1e-6)
+    assert model.host_s == 0 and KernelModel.for_unfused_forward(gpu).host_s > 0
+
+
+@pytest.mark.slow  # captures SD-1.5 (about 10 s from an empty cache)
+def test_the_unfused_floor_is_the_recorded_graph_replay_less_its_work() -> None:
+    """The catalog's unfused floor is the H200 run's SD-1.5 forward replayed from a CUDA graph at batch 1 less
+    the roofline's work, over the layer graph's kernels; priced back, the replays at batches 2 and 8 come out
+    within 5% of their measurements (fitted on batch 1 alone)."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from pase.sampling.planner import roofline_eval_time
+
+    record = json.loads((Path(__file__).parents[1] / "docs/gpu/h200-2026-12-04b-kernels.json").read_text())
+    replays = {r["batch"]: r["seconds_cuda_graph"] for r in record["rows"] if r["op"] == "unet_forward"}
+    graph = extract_model("sd15-unet", 1, use_cache=True)
+    cluster = parse_spec("1xH200-SXM")
+    gpu = cluster.gpu
+    kernels = sum(kernels_per_step(data["op"], len(data.get("fused_ops", ())), training=False)
+                  for _, data in graph.layers() if data["op"] not in ("input", "output"))
+    no_floor = replace(cluster, gpu=replace(gpu, unfused_kernel_floor_us=0.0, kernel_floor_us=0.0))
+    work = roofline_eval_time(graph, HardwareRates(no_floor), batches=(1,), stack="graphed").seconds[0]
+    assert gpu.unfused_kernel_floor_us == pytest.approx((replays[1] - work) / kernels * 1e6, abs=0.05)
+    priced = roofline_eval_time(graph, HardwareRates(cluster), batches=(2, 8), stack="graphed")
+    for batch, seconds in zip((2, 8), priced.seconds, strict=True):
+        assert seconds == pytest.approx(replays[batch], rel=0.05)
 
 
 @pytest.mark.slow  # captures SD-1.5 (about 10 s from an empty cache)

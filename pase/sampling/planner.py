@@ -30,7 +30,13 @@ import numpy as np
 import torch
 
 from cost_models.conventions import bytes_per_element
-from cost_models.kernels import KernelModel, host_bound, host_ops_per_step, kernels_per_step, layer_utilization
+from cost_models.kernels import (
+    KernelModel,
+    host_ops_per_step,
+    kernels_per_step,
+    layer_utilization,
+    queued_seconds,
+)
 from cost_models.layer_costs import COMPUTE_KINDS
 from cost_models.rates import HardwareRates
 from pase.errors import PaseError
@@ -208,20 +214,22 @@ def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
                        stack: str = "eager", host_threads: int = 1) -> EvalTime:
     """Forward time of ``graph`` (captured at batch 1) per batch on one device of ``rates``, with the training
     cost model's kernel physics (``cost_models.kernels``): per layer, max(FLOPs / (rate x wave utilisation at
-    that batch), bytes / memory rate) plus the GPU's floor for each kernel it launches; weights are read once
-    per call, activations scale with the batch. On an ``eager`` stack (pase's sampler, diffusers' pipelines) a
-    layer takes at least its operators' host dispatch time (``cost_models.kernels.host_bound``); a ``graphed``
-    one replays from CUDA graphs. ``host_threads`` threads dispatching a forward each under one interpreter lock
-    pay that many times the host time per operator (``DataParallelCall``). O(layers * batches)."""
+    that batch), bytes / memory rate) plus the floor of each kernel it launches, every operator its own kernel
+    (``KernelModel.for_unfused_forward``); weights are read once per call, activations scale with the batch. On
+    an ``eager`` stack (pase's sampler, diffusers' pipelines) the host dispatches every operator and runs ahead
+    of the GPU through CUDA's queue (``cost_models.kernels.queued_seconds``); a ``graphed`` one replays from
+    CUDA graphs. ``host_threads`` threads dispatching a forward each under one interpreter lock pay that many
+    times the host time per operator (``DataParallelCall``). O(layers * batches)."""
     scale = bytes_per_element(precision) / 4  # the graph was captured in fp32
     memory_rate = rates.memory().value
     gpu = rates.cluster.gpu
-    kernels = KernelModel.for_gpu(gpu, stack)
+    kernels = KernelModel.for_unfused_forward(gpu, stack)
     if kernels is not None and host_threads > 1:
         kernels = replace(kernels, host_s=kernels.host_s * host_threads)
     layers = [data for _, data in graph.layers() if data["op"] not in ("input", "output")]
     sizes = np.array(batches, dtype=np.float64)
-    total = np.zeros(len(batches))
+    gpu_seconds: list[np.ndarray] = []
+    host_seconds: list[float] = []
     for data in layers:
         act = (2 * data["out_bytes"] + 4 * data.get("pointwise_elems", 0)) * scale * sizes
         seconds = (act + data.get("param_bytes", 0) * scale) / memory_rate
@@ -232,14 +240,17 @@ def roofline_eval_time(graph: Any, rates: Any, precision: str = "bf16",
                          for d, e in data["dims"].items()}
                 util = layer_utilization(kernels, data, local)
             seconds = np.maximum(data["flops_fwd"] * sizes / (rates.compute(data["op"]).value * util), seconds)
+        host = 0.0
         if kernels is not None:
             fused = len(data.get("fused_ops", ()))
             seconds = seconds + kernels_per_step(data["op"], fused, training=False) * kernels.floor_s
-            seconds = host_bound(seconds, host_ops_per_step(data["op"], fused, training=False), kernels)
-        total += seconds
-    floor = f"; {gpu.kernel_floor_us:g} us per kernel, waves over {gpu.sm_count} SMs" if kernels else ""
+            host = host_ops_per_step(data["op"], fused, training=False) * kernels.host_s
+        gpu_seconds.append(seconds)
+        host_seconds.append(host)
+    total = queued_seconds(gpu_seconds, host_seconds) if layers else np.zeros(len(batches))
+    floor = f"; {kernels.floor_s * 1e6:g} us per kernel, waves over {gpu.sm_count} SMs" if kernels else ""
     if kernels is not None and kernels.host_s:
-        floor += f"; eager: {gpu.host_us_per_op:g} us of host per operator"
+        floor += f"; eager: {gpu.host_us_per_op:g} us of host per operator, queued ahead of the GPU"
         if host_threads > 1:
             floor += f", dispatched by {host_threads} threads under one interpreter lock"
     source = (f"roofline over {len(layers)} layers of the LayerGraph on {rates.cluster.gpu.id} {precision} "
