@@ -65,6 +65,10 @@ class GPUSpec:
     kernel_floor_us: float = 0.0  # GPU time per kernel no work hides (the catalog's "kernels" section, by arch)
     # GPU time per kernel of a forward that runs every layer-graph operator as its own kernel ("kernels" section)
     unfused_kernel_floor_us: float = 0.0
+    # measured maximum achievable bf16 matmul rate (0: not measured), and the factor it puts on the op kinds'
+    # efficiencies: its share of peak over the reference GPU's (Catalog.gpu; 1.0 without a measurement)
+    matmul_achievable_tflops: float = 0.0
+    achievable_scale: float = 1.0
     # host time per operator an eager PyTorch stack dispatches to this GPU (the catalog's "kernels" section)
     host_us_per_op: float = 0.0
     # host time torch.nn.DataParallel takes to copy one module for one replica on every call (the "kernels" section)
@@ -122,6 +126,8 @@ class GPUSpec:
             sources=tuple(entry.get("sources", ())), notes=entry.get("notes", ""),
             sm_count=int(entry.get("sm_count", 0)), kernel_floor_us=float(entry.get("kernel_floor_us", 0.0)),
             unfused_kernel_floor_us=float(entry.get("unfused_kernel_floor_us", 0.0)),
+            matmul_achievable_tflops=float(entry.get("matmul_achievable_tflops", 0.0)),
+            achievable_scale=float(entry.get("achievable_scale", 1.0)),
             host_us_per_op=float(entry.get("host_us_per_op", 0.0)),
             replicate_us_per_module=float(entry.get("replicate_us_per_module", 0.0)),
         )
@@ -177,11 +183,22 @@ class Catalog:
                                                 "add your own with --gpu-file FILE (a catalog 'gpus' section)"))
         entry = self.data["gpus"][gpu_id]
         kernels = self.data.get("kernels", {})
-        defaults = {"kernel_floor_us": kernels.get("floor_us", {}).get(entry.get("arch"), 0.0),
+        defaults = {"achievable_scale": self.achievable_scale(entry),
+                    "kernel_floor_us": kernels.get("floor_us", {}).get(entry.get("arch"), 0.0),
                     "unfused_kernel_floor_us": kernels.get("unfused_floor_us", 0.0),
                     "host_us_per_op": kernels.get("host_us_per_op", 0.0),
                     "replicate_us_per_module": kernels.get("replicate_us_per_module", 0.0)}
         return GPUSpec.from_entry(gpu_id, {**defaults, **entry})
+
+    def achievable_scale(self, entry: dict[str, Any]) -> float:
+        """The factor on the op kinds' efficiencies for the GPU of catalog ``entry``: its measured achievable bf16
+        matmul rate's share of its peak over the reference GPU's (the efficiency section's
+        ``_achievable_reference``); 1.0 where either is not measured."""
+        reference = self.data["gpus"].get(self.data.get("efficiency", {}).get("_achievable_reference", ""), {})
+        mine, theirs = entry.get("matmul_achievable_tflops", 0), reference.get("matmul_achievable_tflops", 0)
+        if not (is_positive_number(mine) and is_positive_number(theirs)):
+            return 1.0
+        return (float(mine) / float(entry["bf16_tflops"])) / (float(theirs) / float(reference["bf16_tflops"]))
 
     def resolve_gpu_id(self, name: str) -> str | None:
         wanted = _key(name)

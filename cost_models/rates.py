@@ -84,8 +84,13 @@ class HardwareRates:
             return Rate(measured["flops_per_second"], f"measured: {self.profile_name}")
         peak = self.cluster.gpu.peak_tflops(self.precision)
         efficiency = self.cluster.efficiency.get(kind, self.cluster.efficiency.get("matmul", 0.5))
-        return Rate(peak * 1e12 * efficiency,
-                    f"catalog: {self.cluster.gpu.id} {self.precision} peak {peak:g} TFLOPS x efficiency {efficiency:g}")
+        gpu = self.cluster.gpu
+        scale = gpu.achievable_scale if self.precision in ("bf16", "fp16") else 1.0
+        source = f"catalog: {gpu.id} {self.precision} peak {peak:g} TFLOPS x efficiency {efficiency:g}"
+        if scale != 1.0:
+            source += (f" x {scale:.3f} (its measured {gpu.matmul_achievable_tflops:g} TFLOPS matmul ceiling's "
+                       "share of peak over the reference GPU's)")
+        return Rate(peak * 1e12 * efficiency * scale, source)
 
     def memory(self, kind: str = "elementwise") -> Rate:
         measured = (self.profile or {}).get("compute", {}).get(kind, {})

@@ -215,3 +215,30 @@ def test_the_cli_prints_bus_ids_as_written() -> None:
     with console.capture() as captured:
         console.print("0000:ab:00.0")
     assert captured.get().strip() == "0000:ab:00.0"
+
+
+def test_measured_matmul_ceilings_scale_each_architecture_against_the_reference(tmp_path) -> None:
+    """A GPU with a measured achievable bf16 matmul rate runs its compute kinds at the catalog efficiencies times
+    its achievable share of peak over the reference GPU's (H100-SXM); unmeasured GPUs and fp32 are not scaled."""
+    from cost_models.rates import HardwareRates
+
+    catalog = Catalog.load()
+    assert catalog.data["efficiency"]["_achievable_reference"] == "H100-SXM"
+    h100, a100, mi300x = (catalog.gpu(g) for g in ("H100-SXM", "A100-80GB-SXM", "MI300X"))
+    assert h100.achievable_scale == 1.0 and catalog.gpu("RTX4090").achievable_scale == 1.0
+    assert a100.achievable_scale == pytest.approx((271.2 / 312) / (794.5 / 989.4))
+    assert mi300x.achievable_scale == pytest.approx((668.4 / 1307.4) / (794.5 / 989.4))  # 0.64: far below peak
+    for gpu_id in ("A100-80GB-SXM", "H100-SXM", "H200-SXM", "B200", "GB200", "MI300X"):
+        entry = catalog.data["gpus"][gpu_id]
+        assert 0 < entry["matmul_achievable_tflops"] < entry["bf16_tflops"], gpu_id
+        assert "Maximum Achievable Matmul FLOPS" in entry["matmul_achievable_source"], gpu_id
+    cluster = parse_spec("8xA100-80GB-SXM")
+    bf16, fp32 = HardwareRates(cluster), HardwareRates(cluster, None, "fp32")
+    assert bf16.compute("conv").value == pytest.approx(312e12 * 0.5 * a100.achievable_scale)
+    assert "271.2 TFLOPS matmul ceiling" in bf16.compute("conv").source
+    assert fp32.compute("conv").value == pytest.approx(19.5e12 * 0.5)
+    # a user's GPU file may bring its own measurement
+    extra = tmp_path / "gpus.yaml"
+    extra.write_text("gpus:\n  MyGPU: {bf16_tflops: 100, fp32_tflops: 10, memory_gb: 16, memory_bw_gbps: 500,\n"
+                     "          matmul_achievable_tflops: 40}\n")
+    assert Catalog.load([extra]).gpu("MyGPU").achievable_scale == pytest.approx(0.4 / (794.5 / 989.4))
