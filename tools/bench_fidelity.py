@@ -304,8 +304,8 @@ def main() -> None:
         sampling.add_row(row["id"], row["cluster"], row["priced_as"], f"{row['measured']:.2f}{unit}",
                          f"{row['predicted']:.2f}{unit}", f"{row['error']:+.0%}")
     console.print(sampling)
-    inference = Table(title="pase's network call against published inference steps (SD-1.5, 512 px, fp16, eager; "
-                            "the UNet's batch is twice the images under guidance)")
+    inference = Table(title="pase's network call against published inference steps (SD-1.5 at 512 px, SDXL at 1024 "
+                            "px; fp16, eager; the UNet's batch is twice the images under guidance)")
     for column in ("point", "GPU", "UNet batch", "measured steps/s", "predicted steps/s", "error"):
         inference.add_column(column, justify="left" if column in ("point", "GPU") else "right")
     for row in (r for r in rows if r["kind"] == "inference"):
