@@ -13,9 +13,10 @@ switches, which pase's cost model does not price as it ran (no CollNet/SHARP, re
 they are compared with the plan `pase plan` would make (micro-steps, sharding per block, pipelines); that plan's
 images/s is printed for every point. NVIDIA's implementation clips gradients (``gradient_clip_val: 1.0``) and runs no
 EMA, and so are the points priced. Sampling points
-(ParaDiGMS, SRDS) are priced by `sample-plan`'s model. Inference points (diffusers' published denoising steps/s of
-SD-1.5 on one GPU at several batches) price that model's network call alone, on four GPUs of three
-architectures: what the call costs apart from any sampler's pass count. Each point is priced on the stack it ran:
+(ParaDiGMS, SRDS) are priced by `sample-plan`'s model. Inference points (published denoising steps/s of diffusers'
+SD-1.5 and SDXL pipelines on one GPU: the diffusers docs' at several batches, fal.ai's on a stated A100 80G SXM)
+price that model's network call alone, on four GPUs of three architectures: what the call costs apart from any
+sampler's pass count. Each point is priced on the stack it ran:
 MLPerf's implementation replays whole iterations from CUDA graphs ("graphed"); the sampling papers and the
 inference points ran diffusers eagerly. The same cost model and catalog price every row: there is no per-row
 factor. The run ends with the mean absolute error and the worst row.
