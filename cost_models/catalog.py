@@ -78,6 +78,11 @@ class GPUSpec:
     def memory_bytes(self) -> int:
         return int(self.memory_gb * 1e9)
 
+    def efficiency_scale(self, precision: str) -> float:
+        """The factor on the op kinds' efficiencies at ``precision``: ``achievable_scale`` on the tensor cores
+        (bf16, fp16), where the matmul ceiling was measured; 1.0 for fp32."""
+        return self.achievable_scale if precision in ("bf16", "fp16") else 1.0
+
     def peak_tflops(self, precision: str) -> float:
         """Dense peak for ``bf16``/``fp16``/``fp32``; bf16 on a part without BF16 falls back to fp16."""
         if precision == "fp32":

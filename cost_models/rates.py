@@ -85,7 +85,7 @@ class HardwareRates:
         peak = self.cluster.gpu.peak_tflops(self.precision)
         efficiency = self.cluster.efficiency.get(kind, self.cluster.efficiency.get("matmul", 0.5))
         gpu = self.cluster.gpu
-        scale = gpu.achievable_scale if self.precision in ("bf16", "fp16") else 1.0
+        scale = gpu.efficiency_scale(self.precision)
         source = f"catalog: {gpu.id} {self.precision} peak {peak:g} TFLOPS x efficiency {efficiency:g}"
         if scale != 1.0:
             source += (f" x {scale:.3f} (its measured {gpu.matmul_achievable_tflops:g} TFLOPS matmul ceiling's "

@@ -148,7 +148,7 @@ def predict_sampling(point: dict[str, Any], points: dict[str, dict[str, Any]]) -
     cluster = f"{gpus}xA100-80GB-SXM"
     latent = int(point["resolution_px"]) // 8 if point.get("resolution_px") else None
     data_parallel = point.get("runtime") == "nn.DataParallel"
-    model = ZOO_MODEL["sd2"]
+    model = ZOO_MODEL[point["model"]]
     pricing, devices, where = build_pricing(model, None, cluster, steps, scheduler, latent, 7.5, False, None, None,
                                             "fp16", data_parallel=data_parallel)
     plan = plan_sampling(model, scheduler, steps, devices, 1, pricing, margin=0.0, sources={"devices": where})

@@ -227,8 +227,8 @@ def per_kind_rates(profiles: dict[str, Any], cluster: dict[str, Any]) -> list[di
             if "flops_per_second" in entry:
                 rate, share = entry["flops_per_second"], entry["flops_per_second"] / peak
                 catalog = efficiency.get(kind)
-                if catalog is not None and precision in ("bf16", "fp16"):
-                    catalog *= gpu.achievable_scale  # as cost_models.rates prices the kind
+                if catalog is not None:
+                    catalog *= gpu.efficiency_scale(precision)  # as cost_models.rates prices the kind
             else:
                 rate, share = entry["bytes_per_second"], entry["bytes_per_second"] / (gpu.memory_bw_gbps * 1e9)
                 catalog = efficiency.get("memory_bound")
